@@ -1,0 +1,18 @@
+"""geffect_kernels: fast LLM-unlearning losses and their G-effect analysis.
+
+The public API (see README.md): the token primitive, every objective of DESIGN §3, the retain and
+representation losses, and Hugging Face helpers in ``geffect_kernels.hf``.
+"""
+from . import hf
+from .logprobs import token_logprobs, token_logprobs_from_logits
+from .objectives import OBJECTIVES, token_weights, unlearning_loss, unlearning_loss_from_logits
+from .ops.backend import available_backends
+from .retain import kl_loss, rmu_direction, rmu_loss, rr_loss
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "OBJECTIVES", "available_backends", "hf", "kl_loss", "rmu_direction", "rmu_loss", "rr_loss",
+    "token_logprobs", "token_logprobs_from_logits", "token_weights", "unlearning_loss",
+    "unlearning_loss_from_logits",
+]

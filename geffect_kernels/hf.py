@@ -1,0 +1,94 @@
+"""Hugging Face causal LMs without their logits path: final hidden states plus the LM head.
+
+    inputs = hf.head_inputs(model, batch)              # hidden [B, T, H], weight, bias, softcap, labels
+    loss = hf.unlearning_loss("npo", model, batch, ref_logprobs=hf.token_logprobs(ref_model, batch))
+
+Batches are Hugging Face style (``input_ids``, optional ``attention_mask`` and ``labels``; labels
+default to the input ids with padding ignored) and labels are shifted the Hugging Face way.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from .logprobs import token_logprobs as _token_logprobs
+from .objectives import unlearning_loss as _unlearning_loss
+
+# Config fields that change the logits beyond W h + b and soft-capping; we refuse rather than guess.
+_UNSUPPORTED_LOGIT_TRANSFORMS = ("logit_scale", "logits_scaling", "output_multiplier_scale")
+
+
+class LMHead(NamedTuple):
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    softcap: float | None
+
+
+class HeadInputs(NamedTuple):
+    hidden: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    softcap: float | None
+    labels: torch.Tensor
+
+    def as_kwargs(self):
+        """Keyword arguments for the loss functions (``shift=True``: HF labels)."""
+        return dict(bias=self.bias, softcap=self.softcap, shift=True)
+
+
+def lm_head(model) -> LMHead:
+    """The output projection of ``model``: weight (the tied input embedding when tied), bias, soft-cap."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is None or not hasattr(head, "weight"):
+        raise ValueError(f"{type(model).__name__} has no output embedding (is it a causal LM?)")
+    config = model.config
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for field in _UNSUPPORTED_LOGIT_TRANSFORMS:
+        value = getattr(text_config, field, None)
+        if value not in (None, 1, 1.0):
+            raise NotImplementedError(f"{type(model).__name__} scales its logits ({field}={value}); "
+                                      f"not supported yet")
+    softcap = getattr(text_config, "final_logit_softcapping", None)
+    return LMHead(head.weight, getattr(head, "bias", None), float(softcap) if softcap else None)
+
+
+def final_hidden_states(model, input_ids, attention_mask=None, **kwargs) -> torch.Tensor:
+    """The decoder's last hidden states (after the final norm), ``[B, T, H]``, without the LM head."""
+    base = getattr(model, "base_model", None)
+    if base is None or base is model:
+        raise ValueError(f"{type(model).__name__} does not expose a base model under its LM head")
+    out = base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs)
+    return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+
+
+def batch_labels(batch) -> torch.Tensor:
+    """``batch["labels"]``, or the input ids with padded positions set to -100."""
+    if "labels" in batch and batch["labels"] is not None:
+        return batch["labels"]
+    labels = batch["input_ids"].clone()
+    if batch.get("attention_mask") is not None:
+        labels[batch["attention_mask"] == 0] = -100
+    return labels
+
+
+def head_inputs(model, batch) -> HeadInputs:
+    """Run the decoder on ``batch`` and return everything the loss functions need."""
+    if "input_ids" not in batch:
+        raise ValueError("batch needs input_ids")
+    hidden = final_hidden_states(model, batch["input_ids"], batch.get("attention_mask"))
+    head = lm_head(model)
+    return HeadInputs(hidden, head.weight, head.bias, head.softcap, batch_labels(batch))
+
+
+def token_logprobs(model, batch, *, backend="auto") -> torch.Tensor:
+    """ℓ_t of ``model`` on ``batch``: ``[B, T-1]`` (HF shift), 0 at ignored positions."""
+    x = head_inputs(model, batch)
+    return _token_logprobs(x.hidden, x.weight, x.labels, **x.as_kwargs(), backend=backend)
+
+
+def unlearning_loss(name, model, batch, *, ref_logprobs=None, backend="auto", **hparams) -> torch.Tensor:
+    """Objective ``name`` on ``model`` and ``batch``; ``ref_logprobs`` from `token_logprobs` of the reference."""
+    x = head_inputs(model, batch)
+    return _unlearning_loss(name, x.hidden, x.weight, x.labels, ref_logprobs=ref_logprobs, **x.as_kwargs(),
+                            backend=backend, **hparams)

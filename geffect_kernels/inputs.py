@@ -1,0 +1,123 @@
+"""Validation and flattening of user inputs, shared by every public function.
+
+Every check raises ValueError with a message that names the argument, so a bad call fails before
+any kernel runs and no silent wrong number comes out.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+class Prepared(NamedTuple):
+    hidden: torch.Tensor  # [N, H] (or logits [N, V])
+    labels: torch.Tensor  # [N] int64
+    out_shape: torch.Size  # shape of the per-token outputs (labels' shape after the shift)
+
+
+def out_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _require_float(name, t):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in _FLOATS:
+        raise ValueError(f"{name} must be float16/bfloat16/float32/float64, got {t.dtype}")
+
+
+def _require_same(name, t, ref_name, ref):
+    if t.dtype != ref.dtype:
+        raise ValueError(f"{name} has dtype {t.dtype} but {ref_name} has {ref.dtype}; cast one of them")
+    if t.device != ref.device:
+        raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}")
+
+
+def require_finite(**tensors):
+    """NaN/inf in inputs would turn into NaN at best and a finite wrong value at worst: refuse them."""
+    for name, t in tensors.items():
+        if t is not None and not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{name} contains NaN or inf")
+
+
+def check_labels(labels, vocab_size, ignore_index):
+    if labels.dtype.is_floating_point or labels.dtype == torch.bool or labels.is_complex():
+        raise ValueError(f"labels must be an integer tensor, got {labels.dtype}")
+    bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab_size))
+    if bool(bad.any()):
+        value = labels[bad][0].item()
+        raise ValueError(f"labels must be in [0, {vocab_size}) or ignore_index={ignore_index}; found {value}")
+
+
+def prepare_rows(rows, labels, *, feature_name, ignore_index, shift, vocab_size):
+    """Check ``rows`` ([B, T, F] or [N, F]) against ``labels`` ([B, T] or [N]), apply the shift, flatten."""
+    if rows.dim() not in (2, 3):
+        raise ValueError(f"{feature_name} must be [B, T, {feature_name[0].upper()}] or [N, "
+                         f"{feature_name[0].upper()}], got shape {tuple(rows.shape)}")
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
+    if labels.shape != rows.shape[:-1]:
+        raise ValueError(f"labels shape {tuple(labels.shape)} does not match {feature_name} shape "
+                         f"{tuple(rows.shape)} (expected {tuple(rows.shape[:-1])})")
+    if labels.device != rows.device:
+        raise ValueError(f"labels are on {labels.device} but {feature_name} is on {rows.device}")
+    check_labels(labels, vocab_size, ignore_index)
+    if shift:  # Hugging Face convention: position t predicts label t+1
+        rows, labels = rows[..., :-1, :], labels[..., 1:]
+    out_shape = labels.shape
+    return Prepared(rows.reshape(-1, rows.shape[-1]), labels.reshape(-1).long(), out_shape)
+
+
+def prepare_head(hidden, weight, labels, bias, *, ignore_index, shift):
+    _require_float("hidden", hidden)
+    _require_float("weight", weight)
+    _require_same("weight", weight, "hidden", hidden)
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be [V, H], got shape {tuple(weight.shape)}")
+    if weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"weight is [V, H] = {tuple(weight.shape)} but hidden has H = {hidden.shape[-1]}")
+    if bias is not None:
+        _require_float("bias", bias)
+        _require_same("bias", bias, "hidden", hidden)
+        if bias.shape != (weight.shape[0],):
+            raise ValueError(f"bias must be [V] = [{weight.shape[0]}], got {tuple(bias.shape)}")
+    require_finite(hidden=hidden, weight=weight, bias=bias)
+    return prepare_rows(hidden, labels, feature_name="hidden", ignore_index=ignore_index, shift=shift,
+                        vocab_size=weight.shape[0])
+
+
+def prepare_logits(logits, labels, *, ignore_index, shift):
+    _require_float("logits", logits)
+    require_finite(logits=logits)
+    return prepare_rows(logits, labels, feature_name="logits", ignore_index=ignore_index, shift=shift,
+                        vocab_size=logits.shape[-1])
+
+
+def check_softcap(softcap):
+    if softcap is not None and not (softcap > 0):
+        raise ValueError(f"softcap must be a positive number or None, got {softcap}")
+    return float(softcap) if softcap is not None else None
+
+
+def prepare_ref(ref_logprobs, prepared: Prepared, dtype, *, ignore_index, required_by=None):
+    """Flatten ``ref_logprobs`` (shaped like the per-token output) and zero it at ignored positions."""
+    if ref_logprobs is None:
+        if required_by:
+            raise ValueError(f"objective {required_by!r} needs ref_logprobs (the reference model's "
+                             f"token_logprobs on the same batch)")
+        return None
+    if not isinstance(ref_logprobs, torch.Tensor):
+        raise TypeError(f"ref_logprobs must be a torch.Tensor, got {type(ref_logprobs).__name__}")
+    if ref_logprobs.shape != prepared.out_shape:
+        raise ValueError(f"ref_logprobs has shape {tuple(ref_logprobs.shape)}, expected "
+                         f"{tuple(prepared.out_shape)} (the shape token_logprobs returns for these inputs)")
+    if ref_logprobs.device != prepared.labels.device:
+        raise ValueError(f"ref_logprobs are on {ref_logprobs.device} but the inputs are on "
+                         f"{prepared.labels.device}")
+    valid = prepared.labels != ignore_index
+    ref = torch.where(valid, ref_logprobs.detach().reshape(-1).to(dtype), 0)
+    require_finite(ref_logprobs=ref)
+    return ref

@@ -1,0 +1,1 @@
+"""Backend interface, dispatch and the chunked torch backend."""

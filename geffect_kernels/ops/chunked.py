@@ -1,0 +1,215 @@
+"""The ``torch`` backend: plain torch, chunked over tokens so that at most one chunk of logits lives.
+
+- ``token_logprobs``: forward keeps only the LSE per token; backward recomputes each chunk's logits.
+- ``weighted_loss`` (token-level objectives) and ``kl_divergence``: the weights depend only on detached
+  quantities, so the gradients are produced inside the forward pass (three matmuls per chunk, no
+  recomputation) and the backward only scales them by the scalar upstream gradient.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..inputs import out_dtype
+from .backend import Backend
+
+# Budget for one chunk of float32 logits; temporaries in a chunk are a small multiple of it.
+CHUNK_BYTES = 32 * 2**20
+
+
+def _chunks(n_rows: int, vocab: int):
+    step = max(1, CHUNK_BYTES // (4 * vocab))
+    for start in range(0, n_rows, step):
+        yield slice(start, min(start + step, n_rows))
+
+
+def _logits(h, weight, bias, softcap):
+    """Logits of a chunk in the compute dtype, and dz/du of the soft-cap (None without one)."""
+    z = F.linear(h, weight, bias).to(out_dtype(h.dtype))
+    if softcap is None:
+        return z, None
+    t = z.div_(softcap).tanh_()
+    return t.mul(softcap), 1 - t * t
+
+
+def _softcapped(logits, softcap):
+    z = logits.to(out_dtype(logits.dtype))
+    if softcap is None:
+        return z, None
+    t = torch.tanh(z / softcap)
+    return t * softcap, 1 - t * t
+
+
+def _logprobs(z, labels, valid):
+    lse = torch.logsumexp(z, dim=-1)
+    picked = z.gather(1, labels.unsqueeze(1)).squeeze(1)
+    return torch.where(valid, picked - lse, 0), lse
+
+
+def _grad_logits_(z, lse, coef, labels, dtanh):
+    """Overwrite ``z`` with coef_t · ∂ℓ_t/∂u_t = coef_t · (onehot(y_t) − softmax(z_t)) · dz/du."""
+    g = z.sub_(lse.unsqueeze(1)).exp_().mul_(-coef.unsqueeze(1))
+    g.scatter_add_(1, labels.unsqueeze(1), coef.unsqueeze(1))
+    return g.mul_(dtanh) if dtanh is not None else g
+
+
+class _Grads:
+    """Gradient buffers for hidden, weight, bias (None where not wanted); dW/db accumulate in float32+."""
+
+    def __init__(self, hidden, weight, bias, wanted):
+        acc = out_dtype(hidden.dtype)
+        self.dh = torch.empty_like(hidden) if wanted[0] else None
+        self.dw = torch.zeros(weight.shape, dtype=acc, device=weight.device) if wanted[1] else None
+        self.db = torch.zeros(bias.shape, dtype=acc, device=bias.device) if bias is not None and wanted[2] else None
+
+    def add(self, g, sl, hidden, weight):
+        g_in = g.to(hidden.dtype)
+        if self.dh is not None:
+            self.dh[sl] = g_in @ weight
+        if self.dw is not None:
+            self.dw += (g_in.t() @ hidden[sl]).to(self.dw.dtype)
+        if self.db is not None:
+            self.db += g.sum(0)
+
+    def result(self, weight, bias):
+        return [self.dh, None if self.dw is None else self.dw.to(weight.dtype),
+                None if self.db is None else self.db.to(bias.dtype)]
+
+
+def _scaled(grads, grad_out):
+    """Backward of a loss whose gradients the forward already produced: scale by the upstream scalar."""
+    return [None if g is None else g * grad_out.to(g.dtype) for g in grads]
+
+
+class ChunkedLogprobs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, ignore_index, softcap):
+        valid = labels != ignore_index
+        safe = torch.where(valid, labels, 0)
+        out = torch.empty(labels.shape, dtype=out_dtype(hidden.dtype), device=hidden.device)
+        lse = torch.empty_like(out)
+        for sl in _chunks(hidden.shape[0], weight.shape[0]):
+            z, _ = _logits(hidden[sl], weight, bias, softcap)
+            out[sl], lse[sl] = _logprobs(z, safe[sl], valid[sl])
+        ctx.save_for_backward(hidden, weight, bias, safe, valid, lse)
+        ctx.softcap = softcap
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        hidden, weight, bias, safe, valid, lse = ctx.saved_tensors
+        grads = _Grads(hidden, weight, bias, ctx.needs_input_grad)
+        coef_all = torch.where(valid, grad_out, 0)
+        for sl in _chunks(hidden.shape[0], weight.shape[0]):
+            z, dtanh = _logits(hidden[sl], weight, bias, ctx.softcap)
+            grads.add(_grad_logits_(z, lse[sl], coef_all[sl], safe[sl], dtanh), sl, hidden, weight)
+        return (*grads.result(weight, bias), None, None, None)
+
+
+class FusedWeightedLoss(torch.autograd.Function):
+    """scale · Σ_t w_t ℓ_t, gradients computed in the forward pass."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, ref, ignore_index, softcap, weighting, scale, wanted):
+        valid = labels != ignore_index
+        safe = torch.where(valid, labels, 0)
+        grads = _Grads(hidden, weight, bias, wanted)
+        loss = torch.zeros((), dtype=out_dtype(hidden.dtype), device=hidden.device)
+        for sl in _chunks(hidden.shape[0], weight.shape[0]):
+            z, dtanh = _logits(hidden[sl], weight, bias, softcap)
+            logprobs, lse = _logprobs(z, safe[sl], valid[sl])
+            w = weighting.weights(logprobs, None if ref is None else ref[sl])
+            coef = torch.where(valid[sl], w * scale, 0)
+            loss += (coef * logprobs).sum()
+            if any(wanted):
+                grads.add(_grad_logits_(z, lse, coef, safe[sl], dtanh), sl, hidden, weight)
+        ctx.grads = grads.result(weight, bias)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        return (*_scaled(ctx.grads, grad_out), *([None] * 7))
+
+
+class FusedKL(torch.autograd.Function):
+    """scale · Σ_valid KL(p_ref,t ‖ p_θ,t), gradients (θ side only) computed in the forward pass."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, ignore_index,
+                softcap, scale, wanted):
+        valid = labels != ignore_index
+        grads = _Grads(hidden, weight, bias, wanted)
+        loss = torch.zeros((), dtype=out_dtype(hidden.dtype), device=hidden.device)
+        for sl in _chunks(hidden.shape[0], weight.shape[0]):
+            z, dtanh = _logits(hidden[sl], weight, bias, softcap)
+            log_p = z - torch.logsumexp(z, dim=-1, keepdim=True)
+            zr, _ = _logits(ref_hidden[sl], ref_weight, ref_bias, softcap)
+            log_q = zr.sub_(torch.logsumexp(zr, dim=-1, keepdim=True))
+            q = log_q.exp()
+            coef = torch.where(valid[sl], scale, 0.0).to(z.dtype).unsqueeze(1)
+            loss += (coef * q * (log_q - log_p)).sum()
+            if any(wanted):  # ∂KL/∂z = p − q
+                g = log_p.exp_().sub_(q).mul_(coef)
+                grads.add(g.mul_(dtanh) if dtanh is not None else g, sl, hidden, weight)
+        ctx.grads = grads.result(weight, bias)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        return (*_scaled(ctx.grads, grad_out), *([None] * 8))
+
+
+class ChunkedLogitsLogprobs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, labels, ignore_index, softcap):
+        valid = labels != ignore_index
+        safe = torch.where(valid, labels, 0)
+        out = torch.empty(labels.shape, dtype=out_dtype(logits.dtype), device=logits.device)
+        lse = torch.empty_like(out)
+        for sl in _chunks(logits.shape[0], logits.shape[1]):
+            z, _ = _softcapped(logits[sl], softcap)
+            out[sl], lse[sl] = _logprobs(z, safe[sl], valid[sl])
+        ctx.save_for_backward(logits, safe, valid, lse)
+        ctx.softcap = softcap
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        logits, safe, valid, lse = ctx.saved_tensors
+        grad = torch.empty_like(logits)
+        coef_all = torch.where(valid, grad_out, 0)
+        for sl in _chunks(logits.shape[0], logits.shape[1]):
+            z, dtanh = _softcapped(logits[sl], ctx.softcap)
+            grad[sl] = _grad_logits_(z, lse[sl], coef_all[sl], safe[sl], dtanh)
+        return grad, None, None, None
+
+
+def _wanted(*tensors):
+    return tuple(torch.is_grad_enabled() and t is not None and t.requires_grad for t in tensors)
+
+
+class ChunkedBackend(Backend):
+    name = "torch"
+
+    def is_available(self, device):
+        return True
+
+    def token_logprobs(self, hidden, weight, bias, labels, *, ignore_index, softcap):
+        return ChunkedLogprobs.apply(hidden, weight, bias, labels, ignore_index, softcap)
+
+    def weighted_loss(self, hidden, weight, bias, labels, ref_logprobs, *, ignore_index, softcap,
+                      weighting, scale):
+        return FusedWeightedLoss.apply(hidden, weight, bias, labels, ref_logprobs, ignore_index, softcap,
+                                       weighting, scale, _wanted(hidden, weight, bias))
+
+    def kl_divergence(self, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, *,
+                      ignore_index, softcap, scale):
+        return FusedKL.apply(hidden, weight, bias, ref_hidden.detach(), ref_weight.detach(),
+                             None if ref_bias is None else ref_bias.detach(), labels, ignore_index,
+                             softcap, scale, _wanted(hidden, weight, bias))
+
+    def token_logprobs_from_logits(self, logits, labels, *, ignore_index, softcap):
+        return ChunkedLogitsLogprobs.apply(logits, labels, ignore_index, softcap)
+
+
+BACKENDS = {"torch": ChunkedBackend()}
