@@ -1,0 +1,10 @@
+"""Test-wide setup. Without a GPU, Triton kernels run in its interpreter on CPU tensors; that mode
+must be chosen before any kernel is defined, hence here, before the package is imported."""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
