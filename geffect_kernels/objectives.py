@@ -103,8 +103,12 @@ def unlearning_loss(name, hidden, weight, labels, *, ref_logprobs=None, bias=Non
 
 
 def unlearning_loss_from_logits(name, logits, labels, *, ref_logprobs=None, ignore_index=-100, softcap=None,
-                                shift=False, backend="auto", **hparams):
-    """`unlearning_loss` for callers that already hold the logits (``[B, T, V]`` or ``[N, V]``)."""
+                                shift=False, backend="auto", inplace=False, **hparams):
+    """`unlearning_loss` for callers that already hold the logits (``[B, T, V]`` or ``[N, V]``).
+
+    ``inplace=True`` lets a backend overwrite ``logits`` with their gradient (no second N×V buffer);
+    the logits are then unusable after the call. Backends without such a kernel ignore it.
+    """
     spec, hp = resolve(name, hparams)
     prep = prepare_logits(logits, labels, ignore_index=ignore_index, shift=shift)
     softcap = check_softcap(softcap)
@@ -115,7 +119,7 @@ def unlearning_loss_from_logits(name, logits, labels, *, ref_logprobs=None, igno
         name, spec, hp, prep, ref, ignore_index,
         weighted=lambda weighting, scale: impl.weighted_loss_from_logits(
             prep.hidden, prep.labels, ref, ignore_index=ignore_index, softcap=softcap, weighting=weighting,
-            scale=scale),
+            scale=scale, inplace=inplace),
         logprobs=lambda: impl.token_logprobs_from_logits(prep.hidden, prep.labels, ignore_index=ignore_index,
                                                          softcap=softcap))
 

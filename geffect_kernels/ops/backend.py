@@ -45,7 +45,8 @@ class Backend:
         raise NotImplementedError
 
     def weighted_loss_from_logits(self, logits, labels, ref_logprobs, *, ignore_index, softcap,
-                                  weighting: TokenWeighting, scale: float):
+                                  weighting: TokenWeighting, scale: float, inplace: bool = False):
+        """As `weighted_loss`; ``inplace`` allows overwriting ``logits`` with the gradient (ignored here)."""
         logprobs = self.token_logprobs_from_logits(logits, labels, ignore_index=ignore_index,
                                                    softcap=softcap)
         coef = weighting.weights(logprobs.detach(), ref_logprobs) * scale
