@@ -1,0 +1,73 @@
+"""DESIGN §2–§3 written out independently of the package, in float64, for the tests to compare against.
+
+Nothing here imports geffect_kernels: the log-softmax, the weights and the sequence losses are spelled
+out from the formulas, so a shared bug cannot hide in both sides.
+"""
+import torch
+
+IGNORE = -100
+
+
+def logits(h, w, b=None, softcap=None):
+    z = h.double() @ w.double().T
+    if b is not None:
+        z = z + b.double()
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    return z
+
+
+def logprobs(h, w, y, b=None, softcap=None, shift=False):
+    if shift:
+        h, y = h[..., :-1, :], y[..., 1:]
+    z = logits(h, w, b, softcap)
+    m = z.max(-1, keepdim=True).values.detach()
+    lse = m.squeeze(-1) + torch.log(torch.exp(z - m).sum(-1))
+    valid = y != IGNORE
+    zy = torch.gather(z, -1, torch.where(valid, y, 0).unsqueeze(-1)).squeeze(-1)
+    return torch.where(valid, zy - lse, torch.zeros_like(lse)), valid
+
+
+def token_weight(name, lp, ref, hp):
+    p = torch.exp(lp.detach())
+    if name in ("ga", "nll"):
+        return torch.ones_like(p)
+    if name == "wga":
+        return p ** hp.get("alpha", 1.0)
+    if name == "satimp":
+        return p ** hp.get("alpha", 5.0) * (1 - p) ** hp.get("gamma", 1.0)
+    beta = hp.get("beta", 4.0)
+    p_ref = torch.exp(ref.double())
+    tnpo = 2 * p ** beta / (p ** beta + p_ref ** beta)
+    if name == "tnpo":
+        return tnpo
+    return p ** hp.get("alpha", 1.0) * tnpo  # wtnpo
+
+
+def objective(name, lp, valid, ref=None, **hp):
+    """The loss to minimize, from per-token log-probs ``lp`` ([B, T] for sequence objectives)."""
+    if name in ("npo", "simnpo"):
+        n_seq = valid.sum(-1)
+        has = n_seq > 0
+        seq = lp.sum(-1)
+        if name == "npo":
+            beta = hp.get("beta", 0.1)
+            x = seq - ref.double().masked_fill(~valid, 0).sum(-1)
+            per = (2 / beta) * torch.log1p(torch.exp(beta * x))  # −log σ(−βx) = log(1 + e^{βx})
+        else:
+            beta, delta = hp.get("beta", 2.5), hp.get("delta", 0.0)
+            x = seq / n_seq.clamp_min(1)
+            per = (2 / beta) * torch.log1p(torch.exp(beta * x + beta * delta))
+        return (per * has).sum() / max(int(has.sum()), 1)
+    n = max(int(valid.sum()), 1)
+    w = token_weight(name, lp, ref, hp)
+    sign = -1.0 if name == "nll" else 1.0
+    return sign * (w * lp * valid).sum() / n
+
+
+def kl(h, w, h_ref, w_ref, y, b=None, b_ref=None, softcap=None):
+    log_p = torch.log_softmax(logits(h, w, b, softcap), -1)
+    log_q = torch.log_softmax(logits(h_ref, w_ref, b_ref, softcap), -1).detach()
+    per = (log_q.exp() * (log_q - log_p)).sum(-1)
+    valid = y != IGNORE
+    return (per * valid).sum() / max(int(valid.sum()), 1)

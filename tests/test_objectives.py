@@ -1,0 +1,154 @@
+"""Every objective against its DESIGN §3 formula (tests/formulas.py), loss and gradients, per backend."""
+import itertools
+
+import pytest
+import torch
+
+import geffect_kernels as gk
+from formulas import IGNORE, kl, logprobs, objective, token_weight
+
+BACKENDS = ["reference", "torch"]
+NEEDS_REF = {"tnpo", "wtnpo", "npo"}
+HPARAMS = {  # non-default values too, so a hyper-parameter that is silently dropped shows
+    "ga": {}, "nll": {}, "wga": {"alpha": 0.7}, "satimp": {"alpha": 2.0, "gamma": 1.5}, "tnpo": {"beta": 3.0},
+    "wtnpo": {"alpha": 1.3, "beta": 2.0}, "npo": {"beta": 0.5}, "simnpo": {"beta": 2.5, "delta": 0.3},
+}
+
+
+def make_inputs(seed, *, B=3, T=9, H=24, V=101, dtype=torch.float64, bias=True, scale=1.0, ignore_frac=0.3):
+    g = torch.Generator().manual_seed(seed)
+    h = (torch.randn(B, T, H, generator=g, dtype=torch.float64) * scale).to(dtype).requires_grad_()
+    w = (torch.randn(V, H, generator=g, dtype=torch.float64) / H ** 0.5).to(dtype).requires_grad_()
+    b = (torch.randn(V, generator=g, dtype=torch.float64) * 0.2).to(dtype).requires_grad_() if bias else None
+    y = torch.randint(0, V, (B, T), generator=g)
+    y[torch.rand(B, T, generator=g) < ignore_frac] = IGNORE
+    y[0, :] = IGNORE  # a sequence with nothing valid must not count in sequence means
+    y[1, 1] = 3  # and some valid tokens everywhere else
+    return h, w, b, y
+
+
+def fake_ref(lp, valid, seed):
+    """Reference log-probs near the model's own, with garbage where ignored (must not matter)."""
+    g = torch.Generator().manual_seed(seed + 1)
+    noise = torch.randn(lp.shape, generator=g, dtype=torch.float64)
+    return torch.where(valid, lp.detach().double() + 0.5 * noise, 1e3 * noise)
+
+
+def grads(loss, tensors):
+    return torch.autograd.grad(loss, [t for t in tensors if t is not None])
+
+
+def assert_close(a, b, rtol):
+    a, b = a.double(), b.double()
+    scale = b.abs().max().clamp_min(1e-30)
+    assert ((a - b).abs().max() / scale).item() <= rtol, f"max rel err {((a - b).abs().max() / scale).item():.3e}"
+
+
+CASES = list(itertools.product(gk.OBJECTIVES, BACKENDS, [False, True], [None, 7.5]))
+
+
+@pytest.mark.parametrize("name,backend,shift,softcap", CASES)
+def test_objective_matches_formula_float64(name, backend, shift, softcap):
+    seed = hash((name, backend, shift, softcap)) % 1000
+    h, w, b, y = make_inputs(seed, scale=2.0)
+    lp_true, valid = logprobs(h, w, y, b, softcap, shift)
+    ref = fake_ref(lp_true, valid, seed) if name in NEEDS_REF else None
+    expected = objective(name, lp_true, valid, ref, **HPARAMS[name])
+    got = gk.unlearning_loss(name, h, w, y, ref_logprobs=ref, bias=b, softcap=softcap, shift=shift, backend=backend,
+                             **HPARAMS[name])
+    assert got.dtype == torch.float64
+    assert_close(got, expected, 1e-11)
+    for g_got, g_exp in zip(grads(got, [h, w, b]), grads(expected, [h, w, b])):
+        assert_close(g_got, g_exp, 1e-10)
+
+
+@pytest.mark.parametrize("name,backend", itertools.product(gk.OBJECTIVES, BACKENDS))
+def test_objective_float32(name, backend):
+    h64, w64, b64, y = make_inputs(5, B=4, T=13, H=40, V=333)
+    h, w, b = (t.detach().float().requires_grad_() for t in (h64, w64, b64))
+    lp_true, valid = logprobs(h64, w64, y, b64)
+    ref = fake_ref(lp_true, valid, 5) if name in NEEDS_REF else None
+    expected = objective(name, lp_true, valid, ref)
+    got = gk.unlearning_loss(name, h, w, y, ref_logprobs=None if ref is None else ref.float(), bias=b, backend=backend)
+    assert got.dtype == torch.float32
+    assert_close(got, expected, 2e-5)
+    for g_got, g_exp in zip(grads(got, [h, w, b]), grads(expected, [h64, w64, b64])):
+        assert_close(g_got, g_exp, 5e-5)
+
+
+@pytest.mark.parametrize("name,backend", itertools.product(gk.OBJECTIVES, BACKENDS))
+def test_all_ignored_gives_zero_loss_and_zero_gradients(name, backend):
+    h, w, b, y = make_inputs(11)
+    y[:] = IGNORE
+    ref = torch.randn(y.shape, dtype=torch.float64) if name in NEEDS_REF else None
+    loss = gk.unlearning_loss(name, h, w, y, ref_logprobs=ref, bias=b, backend=backend)
+    assert loss.item() == 0.0
+    for g in grads(loss, [h, w, b]):
+        assert torch.all(g == 0)
+
+
+@pytest.mark.parametrize("name", list(gk.OBJECTIVES))
+def test_from_logits_equals_hidden_path(name):
+    h, w, b, y = make_inputs(21, bias=True)
+    z = (h @ w.T + b).detach().requires_grad_()
+    lp_true, valid = logprobs(h, w, y, b, shift=True)
+    ref = fake_ref(lp_true, valid, 21) if name in NEEDS_REF else None
+    expected = objective(name, lp_true, valid, ref, **HPARAMS[name])
+    (g_h,) = grads(expected, [h])
+    for backend in BACKENDS:
+        got = gk.unlearning_loss_from_logits(name, z, y, ref_logprobs=ref, shift=True, backend=backend,
+                                             **HPARAMS[name])
+        assert_close(got, expected, 1e-11)
+        (g_z,) = grads(got, [z])
+        assert_close(g_z @ w, g_h, 1e-10)  # dL/dh = dL/dz · W
+        assert torch.all(g_z[:, -1] == 0)  # the shift drops the last position
+
+
+@pytest.mark.parametrize("name", list(gk.OBJECTIVES))
+def test_token_weights(name):
+    h, w, b, y = make_inputs(31)
+    lp, valid = logprobs(h, w, y, b)
+    ref = fake_ref(lp, valid, 31) if name in NEEDS_REF else None
+    got = gk.token_weights(name, lp, ref, mask=valid, **HPARAMS[name])
+    assert not got.requires_grad
+    assert torch.all(got[~valid] == 0)
+    if name in ("npo", "simnpo"):  # per-sequence weight 2σ(·), broadcast over the sequence
+        hp = HPARAMS[name]
+        seq = lp.detach().sum(-1)
+        if name == "npo":
+            x = hp["beta"] * (seq - ref.masked_fill(~valid, 0).sum(-1))
+        else:
+            x = hp["beta"] * seq / valid.sum(-1).clamp_min(1) + hp["beta"] * hp["delta"]
+        expected = (2 / (1 + torch.exp(-x))).unsqueeze(-1).expand_as(lp)
+    else:
+        expected = token_weight(name, lp, ref, HPARAMS[name])
+    assert_close(got[valid], expected[valid], 1e-12)
+
+
+@pytest.mark.parametrize("backend,softcap", itertools.product(BACKENDS, [None, 5.0]))
+def test_kl_loss(backend, softcap):
+    h, w, b, y = make_inputs(41)
+    h_ref, w_ref, b_ref, _ = make_inputs(42)
+    expected = kl(h, w, h_ref, w_ref, y, b, b_ref, softcap)
+    got = gk.kl_loss(h, w, h_ref, w_ref, y, bias=b, ref_bias=b_ref, softcap=softcap, backend=backend)
+    assert_close(got, expected, 1e-11)
+    for g_got, g_exp in zip(grads(got, [h, w, b]), grads(expected, [h, w, b])):
+        assert_close(g_got, g_exp, 1e-10)
+    same = gk.kl_loss(h, w, h.detach(), w.detach(), y, bias=b, ref_bias=b.detach(), backend=backend)
+    assert abs(same.item()) < 1e-12  # KL of a distribution to itself
+
+
+def test_rmu_and_rr_losses():
+    g = torch.Generator().manual_seed(3)
+    hidden = torch.randn(2, 5, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    mask = torch.rand(2, 5, generator=g) > 0.3
+    u = gk.rmu_direction(8, seed=1, dtype=torch.float64)
+    assert abs(u.norm().item() - 1) < 1e-12
+    expected = sum(((hidden[i, t] - 4.0 * u) ** 2).sum() for i in range(2) for t in range(5) if mask[i, t]) / mask.sum()
+    assert_close(gk.rmu_loss(hidden, u * 3, coeff=4.0, mask=mask), expected, 1e-12)
+    ref = torch.randn(2, 5, 8, generator=g, dtype=torch.float64)
+    expected = ((hidden - ref) ** 2).sum(-1).mean()
+    got = gk.rr_loss(hidden, ref)
+    assert_close(got, expected, 1e-12)
+    (g_h,) = grads(got, [hidden])
+    assert_close(g_h, 2 * (hidden - ref).detach() / 10, 1e-12)
