@@ -1,0 +1,77 @@
+"""Prompt formatting with answer-only labels, and batching.
+
+A pair becomes ``<bos>Question: {q}\\nAnswer: {a}<eos>``. The prompt and the answer are tokenized
+separately and concatenated, so the boundary is exact whatever the tokenizer merges; labels copy the
+answer tokens (and the end-of-sequence token) and are -100 on the prompt and on padding. Labels are
+aligned with ``input_ids`` (Hugging Face convention: the loss functions shift them).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+IGNORE_INDEX = -100
+
+
+def format_prompt(question: str) -> str:
+    return f"Question: {question}\nAnswer:"
+
+
+def prompt_ids(tokenizer, question: str) -> list[int]:
+    """Token ids of the prompt (with the BOS token when the tokenizer has one): what generation starts from."""
+    ids = tokenizer(format_prompt(question), add_special_tokens=False)["input_ids"]
+    return ([tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []) + ids
+
+
+def encode_pair(tokenizer, question: str, answer: str, *, max_length: int | None = None) -> dict:
+    """``input_ids`` and answer-only ``labels`` (lists of ints) for one question and one answer."""
+    prompt = prompt_ids(tokenizer, question)
+    answer_ids = tokenizer(" " + answer, add_special_tokens=False)["input_ids"]
+    if tokenizer.eos_token_id is not None:
+        answer_ids = answer_ids + [tokenizer.eos_token_id]
+    if max_length is not None and len(prompt) + len(answer_ids) > max_length:
+        keep = max_length - len(prompt)
+        if keep < 1:
+            raise ValueError(f"max_length={max_length} leaves no room for the answer to {question!r}")
+        answer_ids = answer_ids[:keep]
+    return {"input_ids": prompt + answer_ids, "labels": [IGNORE_INDEX] * len(prompt) + answer_ids}
+
+
+@dataclass
+class EncodedSet:
+    """Encoded examples plus the padding id: indexable by sample, batchable by index list."""
+
+    examples: list[dict]
+    pad_id: int
+
+    def __len__(self):
+        return len(self.examples)
+
+    def batch(self, indices) -> dict:
+        return collate([self.examples[i] for i in indices], self.pad_id)
+
+
+def encode_pairs(tokenizer, pairs, *, field: str = "answer", max_length: int | None = None) -> EncodedSet:
+    """Encode every pair with the answer taken from ``field`` (``answer`` or ``paraphrased_answer``)."""
+    examples = [encode_pair(tokenizer, p.question, getattr(p, field), max_length=max_length) for p in pairs]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad is None:
+        raise ValueError("the tokenizer has neither a pad nor an eos token")
+    return EncodedSet(examples, pad)
+
+
+def collate(examples, pad_id: int) -> dict:
+    """Right-padded ``input_ids``, ``attention_mask`` and ``labels`` tensors for a list of examples."""
+    if not examples:
+        raise ValueError("cannot collate an empty list of examples")
+    width = max(len(e["input_ids"]) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, e in enumerate(examples):
+        n = len(e["input_ids"])
+        ids[row, :n] = torch.tensor(e["input_ids"])
+        labels[row, :n] = torch.tensor(e["labels"])
+        mask[row, :n] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}

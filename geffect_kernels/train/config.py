@@ -1,0 +1,85 @@
+"""Settings of one training run: what is minimized, how, and where it is written."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..objectives import OBJECTIVES
+
+RETAIN_OBJECTIVES = ("nll", "kl", "none")
+
+
+@dataclass
+class TrainConfig:
+    """The loop minimizes ``forget_weight · L_objective(D_forget) + retain_weight · L_retain(D_retain)``.
+
+    With ``objective="nll"`` and ``retain_objective="none"`` it is plain fine-tuning on the "forget" data.
+    """
+
+    objective: str = "ga"
+    hparams: dict = field(default_factory=dict)  # the objective's alpha/beta/gamma/delta
+    retain_objective: str = "nll"  # nll, kl or none
+    forget_weight: float = 1.0
+    retain_weight: float = 1.0
+    steps: int = 30  # optimizer steps
+    batch_size: int = 8  # samples per micro-batch, per side
+    grad_accum: int = 1  # micro-batches per optimizer step
+    lr: float = 1e-5
+    weight_decay: float = 0.0
+    warmup_steps: int = 0  # linear warm-up, then linear decay to 0 at ``steps``
+    max_grad_norm: float | None = 1.0
+    seed: int = 0
+    geffect_every: int = 0  # profile G-effects every k steps (0: never)
+    geffect_groups: str = "layer"
+    eval_every: int = 0  # call the run's evaluate hook every k steps (0: never)
+    checkpoint_every: int = 10
+    out_dir: str | None = None  # metrics, checkpoints, final model; None: keep nothing on disk
+    backend: str = "auto"
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"unknown objective {self.objective!r}; valid: {', '.join(OBJECTIVES)}")
+        if self.retain_objective not in RETAIN_OBJECTIVES:
+            raise ValueError(f"unknown retain objective {self.retain_objective!r}; valid: "
+                             f"{', '.join(RETAIN_OBJECTIVES)}")
+        for name in ("steps", "batch_size", "grad_accum", "checkpoint_every"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        for name in ("warmup_steps", "geffect_every", "eval_every"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+                raise ValueError(f"{name} must be a non-negative integer, got {getattr(self, name)!r}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be positive, got {self.lr}")
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            raise ValueError(f"max_grad_norm must be positive or None, got {self.max_grad_norm}")
+
+    @property
+    def uses_retain(self) -> bool:
+        return self.retain_objective != "none" and self.retain_weight != 0
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(values) - known
+        if unknown:
+            raise ValueError(f"unknown training setting(s): {', '.join(sorted(unknown))}")
+        return cls(**values)
+
+    @classmethod
+    def from_yaml(cls, path, **overrides) -> TrainConfig:
+        """Settings from a YAML mapping; ``overrides`` (those not None) win."""
+        import yaml
+
+        try:
+            values = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        except (OSError, yaml.YAMLError) as err:
+            raise ValueError(f"{path}: cannot read the YAML config ({err})") from None
+        if not isinstance(values, dict):
+            raise ValueError(f"{path}: the YAML config must be a mapping of settings")
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls.from_dict(values)
