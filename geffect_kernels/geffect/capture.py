@@ -1,0 +1,200 @@
+"""Forward hooks that record what each layer's weight gradient is made of, and the backward that fills it in.
+
+Inside ``with Capture(model, params):`` every call of an ``nn.Linear``, GPT-2 ``Conv1D``, ``nn.Embedding`` or
+elementwise-affine norm that owns a profiled parameter is recorded (its input and its output). `gradient`
+then asks autograd for the gradients of those outputs only, so the weight-gradient matmuls never run, and
+returns each parameter's gradient as a list of uses (`inner`). A parameter used anywhere the hooks did not
+see (counted on the autograd graph) has its gradient taken densely instead, so the result is always exact.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+from torch.func import functional_call
+
+from .inner import Factored, Gathered, Summed
+
+
+def _conv1d_type():
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:
+        return None
+    return Conv1D
+
+
+def _is_affine_norm(module: nn.Module) -> bool:
+    """A norm whose output is elementwise affine in its 1-D ``weight`` (and ``bias``)."""
+    own = dict(module.named_parameters(recurse=False))
+    weight = own.get("weight")
+    return ("norm" in type(module).__name__.lower() and weight is not None and weight.dim() == 1
+            and set(own) <= {"weight", "bias"} and all(p.shape == weight.shape for p in own.values()))
+
+
+def module_kind(module: nn.Module) -> str | None:
+    conv1d = _conv1d_type()
+    if isinstance(module, nn.Linear):
+        return "linear"
+    if conv1d is not None and isinstance(module, conv1d):
+        return "conv1d"
+    if isinstance(module, nn.Embedding) and module.max_norm is None and not module.scale_grad_by_freq \
+            and not module.sparse:
+        return "embedding"
+    if _is_affine_norm(module):
+        return "norm"
+    return None
+
+
+@dataclass
+class _Call:
+    module: nn.Module
+    kind: str
+    args: tuple
+    kwargs: dict
+    output: torch.Tensor
+
+    @property
+    def rows_shape(self):
+        return self.args[0].shape if self.kind == "embedding" else self.args[0].shape[:-1]
+
+
+@dataclass
+class FactoredGradient:
+    """One loss's gradient: per parameter name, a list of uses or (``dense``) a full tensor."""
+    uses: dict[str, list] = field(default_factory=dict)
+    dense: dict[str, torch.Tensor] = field(default_factory=dict)
+    rows_shapes: dict[str, list] = field(default_factory=dict)  # per use: the [B, T, ...] shape of its rows
+
+
+def graph_uses(root: torch.Tensor, params: dict[int, str]) -> Counter:
+    """How many times each parameter (by id) enters the autograd graph of ``root``."""
+    counts: Counter = Counter()
+    seen, stack = set(), [root.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        for child, _ in node.next_functions:
+            if child is None:
+                continue
+            variable = getattr(child, "variable", None)  # AccumulateGrad: a leaf
+            if variable is not None:
+                if id(variable) in params:
+                    counts[id(variable)] += 1
+            else:
+                stack.append(child)
+    return counts
+
+
+class Capture:
+    """Record the layer calls of ``model`` that involve ``params`` (``{name: parameter}``)."""
+
+    def __init__(self, model: nn.Module, params: dict[str, nn.Parameter]):
+        self.params = params
+        self._names = {id(p): n for n, p in params.items()}
+        self._modules = [(m, kind) for m in model.modules() if (kind := module_kind(m)) is not None
+                         and any(id(p) in self._names for p in m.parameters(recurse=False))]
+        self.calls: list[_Call] = []
+        self._handles = []
+        self._batch = None  # batch size of the first embedding lookup
+
+    def __enter__(self):
+        for module, kind in self._modules:
+            self._handles.append(module.register_forward_hook(self._hook(kind), with_kwargs=True))
+        return self
+
+    def __exit__(self, *exc):
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def _hook(self, kind):
+        def record(module, args, kwargs, output):
+            if not args and kwargs:  # called with keyword input: keep a positional view of it
+                args, kwargs = (next(iter(kwargs.values())),), dict(list(kwargs.items())[1:])
+            if not (torch.is_grad_enabled() and isinstance(output, torch.Tensor) and output.requires_grad):
+                return None
+            x = args[0]
+            if kind == "embedding" and x.dim() >= 2:
+                if self._batch is None:
+                    self._batch = x.shape[0]
+                elif x.shape[0] == 1 < self._batch:
+                    # Broadcast over the batch (position embeddings): expand so that its gradient keeps
+                    # one row per sample (per-instance values) instead of arriving summed.
+                    args = (x.expand(self._batch, *x.shape[1:]), *args[1:])
+                    output = output.expand(self._batch, *output.shape[1:])
+            self.calls.append(_Call(module, kind, tuple(args), kwargs, output))
+            return output
+        return record
+
+    def _call_params(self, call):
+        """(name, parameter, role) of the profiled parameters this call uses."""
+        for role in ("weight", "bias"):
+            p = getattr(call.module, role, None)
+            if isinstance(p, nn.Parameter) and id(p) in self._names:
+                yield self._names[id(p)], p, role
+
+    def gradient(self, root, grad_output=None, *, graph_root=None, dense=(), retain_graph=False
+                 ) -> FactoredGradient:
+        """Backpropagate ``grad_output`` from ``root`` and return the profiled parameters' gradient.
+
+        Coverage is checked on the graph of ``graph_root`` (default ``root``): a parameter whose uses there
+        were all recorded is returned as uses, one with unrecorded uses (or named in ``dense``) densely,
+        with its uses anywhere between ``graph_root`` and ``root`` included. Uses that lie only between
+        the two (the fused head) are left to the caller.
+        """
+        captured = Counter(id(p) for call in self.calls for _, p, _ in self._call_params(call))
+        in_graph = graph_uses(graph_root if graph_root is not None else root, self._names)
+        factored = {n for n, p in self.params.items() if captured[id(p)] == in_graph[id(p)] > 0
+                    and n not in dense}
+        dense_names = [n for n, p in self.params.items()
+                       if n in dense or (n not in factored and in_graph[id(p)] > 0)]
+        calls = [c for c in self.calls if any(n in factored for n, _, _ in self._call_params(c))]
+        grads = torch.autograd.grad(root, [c.output for c in calls] + [self.params[n] for n in dense_names],
+                                    grad_output, retain_graph=retain_graph, allow_unused=True)
+        result = FactoredGradient()
+        for name, g in zip(dense_names, grads[len(calls):]):
+            if g is not None:
+                result.dense[name] = g
+        for call, g in zip(calls, grads[:len(calls)]):
+            if g is None:
+                continue
+            for name, param, role in self._call_params(call):
+                if name in factored:
+                    result.uses.setdefault(name, []).append(self._use(call, g, param, role))
+                    result.rows_shapes.setdefault(name, []).append(tuple(call.rows_shape))
+        return result
+
+    @staticmethod
+    def _use(call, g, param, role):
+        x = call.args[0]
+        g_rows = g.reshape(-1, g.shape[-1])
+        if call.kind == "embedding":
+            ids = x.reshape(-1)
+            if call.module.padding_idx is not None:  # that row gets no gradient
+                g_rows = torch.where((ids == call.module.padding_idx).unsqueeze(1), 0, g_rows)
+            return Gathered(ids, g_rows)
+        if role == "bias" and call.kind != "norm":
+            return Summed(g_rows)
+        if call.kind == "linear":
+            return Factored(g_rows, x.reshape(-1, x.shape[-1]))
+        if call.kind == "conv1d":
+            return Factored(x.reshape(-1, x.shape[-1]), g_rows)
+        return Summed(g_rows * _norm_slope(call, param, role).reshape(g_rows.shape))
+
+
+@torch.no_grad()
+def _norm_slope(call, param, role):
+    """∂output/∂param elementwise for an affine norm: output(param=1) − output(param=0), others at 0."""
+    own = dict(call.module.named_parameters(recurse=False))
+
+    def run(value):
+        values = {k: torch.zeros_like(v) for k, v in own.items()}
+        values[role] = torch.full_like(param, value)
+        return functional_call(call.module, values, call.args, call.kwargs)
+
+    return run(1.0) - run(0.0)

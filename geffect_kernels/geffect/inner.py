@@ -1,0 +1,202 @@
+"""Inner products between two gradients without materializing them (DESIGN §4), per row of the first.
+
+A gradient is held per parameter as a list of *uses*, each one call of a layer in the forward pass:
+
+- `Factored`: a linear layer; its weight gradient is ``leftᵀ @ right`` in the weight's own layout
+  (``nn.Linear``: left = output gradients G, right = inputs X; GPT-2's ``Conv1D``: the other way round);
+- `Gathered`: an embedding lookup; row ``rows[i]`` is added to the gradient's row ``ids[i]``;
+- `Summed`: a vector parameter (bias, norm scale); the gradient is the sum of ``rows``;
+- `HeadRows`: the LM head inside a fused loss; its logits gradient is recomputed a chunk at a time.
+
+`row_dots(a, b)` returns, for every row of the use ``a``, that row's share of ⟨∇_a, ∇_b⟩ (float64),
+where ``b`` is another use of the same parameter or a dense gradient. Summing rows gives the inner
+product; summing the rows of one sample gives its per-instance value.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+# Largest Gram tile (elements) and head-logits chunk held at once.
+TILE_ELEMENTS = 1 << 22
+
+
+@dataclass
+class Factored:
+    left: torch.Tensor  # [N, p]
+    right: torch.Tensor  # [N, q]; gradient = leftᵀ @ right, shape [p, q]
+
+    @property
+    def n_rows(self):
+        return self.left.shape[0]
+
+
+@dataclass
+class Gathered:
+    ids: torch.Tensor  # [N] int64
+    rows: torch.Tensor  # [N, q]
+
+    @property
+    def n_rows(self):
+        return self.ids.shape[0]
+
+
+@dataclass
+class Summed:
+    rows: torch.Tensor  # [N, *shape]
+
+    @property
+    def n_rows(self):
+        return self.rows.shape[0]
+
+
+@dataclass
+class HeadRows:
+    """The head ``z = W h + b`` (soft-capped) under a loss with ∂loss/∂ℓ_t = ``coef`` (0 where ignored)."""
+    hidden: torch.Tensor  # [N, H]
+    weight: torch.Tensor  # [V, H]
+    bias: torch.Tensor | None
+    labels: torch.Tensor  # [N], any valid id where coef is 0
+    coef: torch.Tensor  # [N]
+    softcap: float | None
+    part: str  # "weight" or "bias": which parameter this use stands for
+
+    @property
+    def n_rows(self):
+        return self.hidden.shape[0]
+
+
+def compute_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _c(t):
+    return t.to(compute_dtype(t))
+
+
+def _row_sums(t):
+    return t.reshape(t.shape[0], -1).sum(1, dtype=torch.float64)
+
+
+def _ghost_kernel(device):
+    """The csrc fused Gram kernel when it is built for ``device``, else None."""
+    try:
+        from .. import csrc
+    except ImportError:
+        return None
+    available = getattr(csrc, "ghost_available", None)
+    return csrc.ghost_inner_product if available is not None and available(device) else None
+
+
+def _gram_rows(la, ra, lb, rb):
+    """Σ_j (L_a L_bᵀ)_ij (R_a R_bᵀ)_ij for every row i, tiled over i so no N_a×N_b matrix is held."""
+    kernel = _ghost_kernel(la.device)
+    if kernel is not None:
+        rows = torch.arange(la.shape[0], device=la.device)
+        return kernel(la, ra, lb, rb, segment_ids=rows, num_segments=la.shape[0]).to(torch.float64)
+    out = torch.empty(la.shape[0], dtype=torch.float64, device=la.device)
+    tile = max(1, TILE_ELEMENTS // max(1, lb.shape[0]))
+    lb_t, rb_t = _c(lb).t(), _c(rb).t()
+    for s in range(0, la.shape[0], tile):
+        out[s:s + tile] = _row_sums((_c(la[s:s + tile]) @ lb_t) * (_c(ra[s:s + tile]) @ rb_t))
+    return out
+
+
+def _factored_rows_dense(a: Factored, dense):
+    """Row i: left_iᵀ D right_i (projection form)."""
+    return _row_sums((_c(a.left) @ _c(dense)) * _c(a.right))
+
+
+def _factored_rows_factored(a: Factored, b: Factored):
+    n_a, n_b = a.n_rows, b.n_rows
+    p, q = a.left.shape[1], a.right.shape[1]
+    gram_cost = n_a * n_b * (p + q)
+    projection_cost = p * q * (n_a + n_b)
+    if gram_cost <= projection_cost:
+        return _gram_rows(a.left, a.right, b.left, b.right)
+    return _factored_rows_dense(a, _c(b.left).t() @ _c(b.right))
+
+
+def _unique_rows(use):
+    """The gradient rows a use touches, as (sorted unique ids, summed rows [U, q]); uses are Gathered."""
+    ids, inverse = torch.unique(use.ids, return_inverse=True)
+    rows = torch.zeros(ids.shape[0], use.rows.shape[1], dtype=compute_dtype(use.rows), device=use.rows.device)
+    return ids, rows.index_add_(0, inverse, _c(use.rows))
+
+
+def rows_of(b, ids):
+    """Rows ``ids`` (sorted, unique) of the gradient ``b`` (dense, Factored or Gathered), [len(ids), q]."""
+    if isinstance(b, torch.Tensor):
+        return _c(b[ids])
+    if isinstance(b, Factored):
+        return _c(b.left[:, ids]).t() @ _c(b.right)
+    if isinstance(b, Gathered):
+        b_ids, b_rows = _unique_rows(b)
+        pos = torch.searchsorted(b_ids, ids).clamp_max(b_ids.shape[0] - 1)
+        hit = (b_ids[pos] == ids).unsqueeze(1)
+        return torch.where(hit, b_rows[pos], 0)
+    raise TypeError(f"cannot take rows of a {type(b).__name__} gradient")
+
+
+def _gathered_rows(a: Gathered, b):
+    ids, inverse = torch.unique(a.ids, return_inverse=True)
+    return _row_sums(_c(a.rows) * rows_of(b, ids)[inverse])
+
+
+def _factored_rows_gathered(a: Factored, b: Gathered):
+    """Row i: Σ_k left_i[k] ⟨right_i, grad_b[k]⟩ over the rows k that b touches."""
+    ids, rows = _unique_rows(b)
+    return _row_sums(_c(a.left[:, ids]) * (_c(a.right) @ rows.t()))
+
+
+def _head_rows(a: HeadRows, dense):
+    """Row t: g_tᵀ D h_t (weight) or g_tᵀ D (bias), g_t = coef_t (onehot(y_t) − softmax(z_t)) · dz/du."""
+    out = torch.empty(a.n_rows, dtype=torch.float64, device=a.hidden.device)
+    step = max(1, TILE_ELEMENTS // a.weight.shape[0])
+    weight, bias, d = _c(a.weight), None if a.bias is None else _c(a.bias), _c(dense)
+    for s in range(0, a.n_rows, step):
+        h = _c(a.hidden[s:s + step])
+        z = torch.nn.functional.linear(h, weight, bias)
+        if a.softcap is not None:
+            t = torch.tanh(z / a.softcap)
+            z, dtanh = a.softcap * t, 1 - t * t
+        coef = a.coef[s:s + step].to(z.dtype).unsqueeze(1)
+        g = torch.softmax(z, dim=-1).mul_(-coef)
+        g.scatter_add_(1, a.labels[s:s + step].unsqueeze(1), coef)
+        if a.softcap is not None:
+            g.mul_(dtanh)
+        out[s:s + step] = _row_sums(g * (h @ d.t())) if a.part == "weight" else g.to(torch.float64) @ d.to(
+            torch.float64)
+    return out
+
+
+def row_dots(a, b) -> torch.Tensor:
+    """Each row's share of ⟨∇_a, ∇_b⟩, float64 ``[a.n_rows]``; ``b`` is a dense gradient or a use."""
+    if isinstance(b, Summed):
+        b = b.rows.sum(0, dtype=compute_dtype(b.rows))
+    if isinstance(a, Summed):
+        if not isinstance(b, torch.Tensor):
+            raise TypeError(f"a vector parameter cannot pair with a {type(b).__name__} use")
+        return _row_sums(_c(a.rows) * _c(b).unsqueeze(0))
+    if isinstance(a, HeadRows):
+        if not isinstance(b, torch.Tensor):
+            raise TypeError("the head's uses pair with dense gradients only")
+        return _head_rows(a, b)
+    if isinstance(a, Gathered):
+        return _gathered_rows(a, b)
+    if isinstance(a, Factored):
+        if isinstance(b, torch.Tensor):
+            return _factored_rows_dense(a, b)
+        if isinstance(b, Factored):
+            return _factored_rows_factored(a, b)
+        if isinstance(b, Gathered):
+            return _factored_rows_gathered(a, b)
+    raise TypeError(f"no inner product between {type(a).__name__} and {type(b).__name__}")
+
+
+def dense_dot(dense, b) -> torch.Tensor:
+    """⟨D, ∇_b⟩ as a float64 scalar, for a gradient held densely on the first side."""
+    if isinstance(b, torch.Tensor):
+        return (_c(dense) * _c(b)).sum(dtype=torch.float64)
+    return row_dots(b, dense).sum()

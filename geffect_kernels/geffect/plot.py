@@ -1,0 +1,66 @@
+"""The paper's figures as PNG: G-effect per group × step (one heatmap per risk) and cumulative curves."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+
+def _pyplot():
+    import matplotlib
+    matplotlib.use("Agg")  # files only, no display needed
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def plot_heatmap(history, risk: str, path) -> Path:
+    """Groups (rows, model order) × recorded steps (columns); diverging colours centred on 0."""
+    plt = _pyplot()
+    groups = history.groups
+    values = np.array([history.per_step(risk, g) for g in groups])
+    limit = float(np.abs(values).max()) or 1.0
+    fig, ax = plt.subplots(figsize=(min(14, 3 + 0.35 * len(history.steps)), min(12, 1.5 + 0.3 * len(groups))))
+    image = ax.imshow(values, aspect="auto", cmap="RdBu", vmin=-limit, vmax=limit, interpolation="nearest")
+    ax.set_yticks(range(len(groups)), groups, fontsize=7)
+    ticks = np.linspace(0, len(history.steps) - 1, min(len(history.steps), 10)).round().astype(int)
+    ax.set_xticks(ticks, [history.steps[i] for i in ticks])
+    ax.set_xlabel("step")
+    name = f"{history.objective} " if history.objective else ""
+    ax.set_title(f"{name}G-effect on the {risk} risk (blue < 0: that NLL rises)")
+    fig.colorbar(image, ax=ax)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_cumulative(histories: dict, path, risks=None) -> Path:
+    """Cumulative total G-effect over steps, one line per objective (``{label: history}``), one panel per risk."""
+    plt = _pyplot()
+    risks = risks or list(dict.fromkeys(r for h in histories.values() for r in h.risks))
+    fig, axes = plt.subplots(1, len(risks), figsize=(5 * len(risks), 3.8), squeeze=False)
+    for ax, risk in zip(axes[0], risks):
+        for label, history in histories.items():
+            if risk in history.risks:
+                ax.plot(history.steps, history.cumulative(risk), marker=".", label=label)
+        ax.axhline(0, color="grey", lw=0.8)
+        ax.set_xlabel("step")
+        ax.set_ylabel("cumulative G-effect")
+        ax.set_title(f"{risk} risk")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_history(history, out_dir, *, prefix=None) -> list[Path]:
+    """One heatmap per risk and the cumulative curves of ``history`` into ``out_dir``; the PNG paths."""
+    if not len(history):
+        raise ValueError("the history is empty: record results before plotting")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = prefix or history.objective or "geffect"
+    paths = [plot_heatmap(history, risk, out_dir / f"{stem}_heatmap_{risk}.png") for risk in history.risks]
+    paths.append(plot_cumulative({history.objective or "objective": history}, out_dir / f"{stem}_cumulative.png"))
+    return paths
