@@ -1,0 +1,165 @@
+"""Fused KL(p_ref,t ‖ p_θ,t) over two linear heads; neither model's logits reach global memory.
+
+Pass 1 computes both heads' logit tiles on chip and keeps, per token and vocabulary split, the running
+max / sum of exp for each head and T = Σ_v exp(zr_v − max_r)(zr_v − z_v), so that
+KL_t = T / Σ exp(zr − max_r) + LSE_θ − LSE_ref needs no second look at the logits. The gradient
+∂KL_t/∂z_t = p_θ,t − p_ref,t (times dz/du) goes through the chunked passes of `linear_backward`,
+recomputing both tiles; only the θ side gets gradients.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from .config import dot_precision, matmul_tiles
+from .fused_weighted import scaled
+from .linear_backward import head_grads, store_grad_tile
+from .linear_forward import vocab_splits
+from .tiles import add_bias, grouped_pid, logit_tile, soft_cap
+
+
+@triton.jit
+def _both_tiles(h_ptr, w_ptr, b_ptr, hr_ptr, wr_ptr, br_ptr, rows, cols, H, stride_h, stride_w, stride_hr,
+                stride_wr, softcap, HAS_BIAS: tl.constexpr, HAS_REF_BIAS: tl.constexpr, SOFTCAP: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+    """(z, dz/du, zr): the θ and reference logit tiles, soft-capped (dz/du = 1 without a cap)."""
+    z = add_bias(logit_tile(h_ptr, w_ptr, rows, cols, H, stride_h, stride_w, BLOCK_M, BLOCK_N, BLOCK_K,
+                            PRECISION), b_ptr, cols, HAS_BIAS)
+    zr = add_bias(logit_tile(hr_ptr, wr_ptr, rows, cols, H, stride_hr, stride_wr, BLOCK_M, BLOCK_N, BLOCK_K,
+                             PRECISION), br_ptr, cols, HAS_REF_BIAS)
+    dz = tl.full(z.shape, 1.0, tl.float32)
+    if SOFTCAP:
+        z, dz = soft_cap(z, softcap)
+        zr, _ = soft_cap(zr, softcap)
+    return z, dz, zr
+
+
+@triton.jit
+def kl_partials_kernel(h_ptr, w_ptr, b_ptr, hr_ptr, wr_ptr, br_ptr, part_ptr, N, V, H, stride_h, stride_w,
+                       stride_hr, stride_wr, tiles_per_split, n_splits, softcap,
+                       HAS_BIAS: tl.constexpr, HAS_REF_BIAS: tl.constexpr, SOFTCAP: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                       GROUP_M: tl.constexpr, PRECISION: tl.constexpr):
+    """part_ptr: [5, n_splits, N] float32 = (max θ, sum θ, max ref, sum ref, T) per split."""
+    pid_m, pid_s = grouped_pid(tl.program_id(0), tl.cdiv(N, BLOCK_M), n_splits, GROUP_M)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows_in = rows % N
+    m = tl.full((BLOCK_M,), -3.0e38, tl.float32)  # finite: tiles wholly past V add exactly 0
+    s = tl.zeros((BLOCK_M,), tl.float32)
+    m_r = tl.full((BLOCK_M,), -3.0e38, tl.float32)
+    s_r = tl.zeros((BLOCK_M,), tl.float32)
+    t_r = tl.zeros((BLOCK_M,), tl.float32)
+    first_col = pid_s * tiles_per_split * BLOCK_N
+    for t in range(0, tiles_per_split):
+        cols = first_col + t * BLOCK_N + tl.arange(0, BLOCK_N)
+        col_ok = cols[None, :] < V
+        z, _, zr = _both_tiles(h_ptr, w_ptr, b_ptr, hr_ptr, wr_ptr, br_ptr, rows_in, cols % V, H, stride_h,
+                               stride_w, stride_hr, stride_wr, softcap, HAS_BIAS, HAS_REF_BIAS, SOFTCAP,
+                               BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
+        diff = tl.where(col_ok, zr - z, 0.0)
+        z = tl.where(col_ok, z, float("-inf"))
+        zr = tl.where(col_ok, zr, float("-inf"))
+        m_new = tl.maximum(m, tl.max(z, axis=1))
+        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new[:, None]), axis=1)
+        m = m_new
+        m_r_new = tl.maximum(m_r, tl.max(zr, axis=1))
+        rescale = tl.exp(m_r - m_r_new)
+        e_r = tl.exp(zr - m_r_new[:, None])
+        s_r = s_r * rescale + tl.sum(e_r, axis=1)
+        t_r = t_r * rescale + tl.sum(e_r * diff, axis=1)
+        m_r = m_r_new
+    out = pid_s * N + rows
+    ok = rows < N
+    step = n_splits * N
+    tl.store(part_ptr + out, m, mask=ok)
+    tl.store(part_ptr + step + out, s, mask=ok)
+    tl.store(part_ptr + 2 * step + out, m_r, mask=ok)
+    tl.store(part_ptr + 3 * step + out, s_r, mask=ok)
+    tl.store(part_ptr + 4 * step + out, t_r, mask=ok)
+
+
+@triton.jit
+def kl_combine_kernel(part_ptr, coef_ptr, kl_ptr, lse_ptr, lse_ref_ptr, N, n_splits, BLOCK: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = rows < N
+    step = n_splits * N
+    m = tl.full((BLOCK,), -3.0e38, tl.float32)
+    s = tl.zeros((BLOCK,), tl.float32)
+    m_r = tl.full((BLOCK,), -3.0e38, tl.float32)
+    s_r = tl.zeros((BLOCK,), tl.float32)
+    t_r = tl.zeros((BLOCK,), tl.float32)
+    for i in range(0, n_splits):
+        at = part_ptr + i * N + rows
+        m_i = tl.load(at, mask=ok, other=0.0)
+        m_new = tl.maximum(m, m_i)
+        s = s * tl.exp(m - m_new) + tl.load(at + step, mask=ok, other=0.0) * tl.exp(m_i - m_new)
+        m = m_new
+        mr_i = tl.load(at + 2 * step, mask=ok, other=0.0)
+        mr_new = tl.maximum(m_r, mr_i)
+        old, new = tl.exp(m_r - mr_new), tl.exp(mr_i - mr_new)
+        s_r = s_r * old + tl.load(at + 3 * step, mask=ok, other=0.0) * new
+        t_r = t_r * old + tl.load(at + 4 * step, mask=ok, other=0.0) * new
+        m_r = mr_new
+    lse = m + tl.log(s)
+    lse_r = m_r + tl.log(s_r)
+    coef = tl.load(coef_ptr + rows, mask=ok, other=0.0)
+    tl.store(kl_ptr + rows, tl.where(coef != 0, t_r / s_r + lse - lse_r, 0.0), mask=ok)
+    tl.store(lse_ptr + rows, lse, mask=ok)
+    tl.store(lse_ref_ptr + rows, lse_r, mask=ok)
+
+
+@triton.jit
+def kl_grad_kernel(h_ptr, w_ptr, b_ptr, hr_ptr, wr_ptr, br_ptr, lse_ptr, lse_ref_ptr, coef_ptr, g_ptr, db_ptr,
+                   N, V, H, v_start, width, stride_h, stride_w, stride_hr, stride_wr, stride_g, softcap,
+                   HAS_BIAS: tl.constexpr, HAS_REF_BIAS: tl.constexpr, SOFTCAP: tl.constexpr,
+                   NEED_DB: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                   GROUP_M: tl.constexpr, PRECISION: tl.constexpr):
+    pid_m, pid_n = grouped_pid(tl.program_id(0), tl.cdiv(N, BLOCK_M), tl.cdiv(width, BLOCK_N), GROUP_M)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows_in = rows % N
+    local = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = v_start + local
+    z, dz, zr = _both_tiles(h_ptr, w_ptr, b_ptr, hr_ptr, wr_ptr, br_ptr, rows_in, cols % V, H, stride_h, stride_w,
+                            stride_hr, stride_wr, softcap, HAS_BIAS, HAS_REF_BIAS, SOFTCAP, BLOCK_M, BLOCK_N,
+                            BLOCK_K, PRECISION)
+    lse = tl.load(lse_ptr + rows_in)
+    lse_r = tl.load(lse_ref_ptr + rows_in)
+    coef = tl.load(coef_ptr + rows_in)
+    g = coef[:, None] * (tl.exp(z - lse[:, None]) - tl.exp(zr - lse_r[:, None])) * dz
+    store_grad_tile(g, g_ptr, db_ptr, rows, local, cols, rows < N, local < width, stride_g, NEED_DB)
+
+
+class FusedKL(torch.autograd.Function):
+    """scale · Σ_valid KL(p_ref,t ‖ p_θ,t); gradients (θ side) produced in the forward."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, ignore_index, softcap, scale,
+                wanted):
+        n, h = hidden.shape
+        v = weight.shape[0]
+        tiles = matmul_tiles(hidden.dtype, two_products=True)
+        n_m = triton.cdiv(n, tiles.block_m)
+        per, n_splits = vocab_splits(n_m, triton.cdiv(v, tiles.block_n))
+        common = dict(HAS_BIAS=bias is not None, HAS_REF_BIAS=ref_bias is not None, SOFTCAP=softcap is not None,
+                      PRECISION=dot_precision(hidden.dtype), **tiles.launch())
+        heads = (hidden, weight, weight if bias is None else bias,
+                 ref_hidden, ref_weight, ref_weight if ref_bias is None else ref_bias)
+        strides = (hidden.stride(0), weight.stride(0), ref_hidden.stride(0), ref_weight.stride(0))
+        part = torch.empty((5, n_splits, n), dtype=torch.float32, device=hidden.device)
+        kl_partials_kernel[(n_m * n_splits,)](*heads, part, n, v, h, *strides, per, n_splits, softcap or 1.0,
+                                              **common)
+        coef = torch.where(labels != ignore_index, scale, 0.0).to(torch.float32)
+        kl, lse, lse_ref = (torch.empty(n, dtype=torch.float32, device=hidden.device) for _ in range(3))
+        block = 1024 if n >= 1024 else max(16, triton.next_power_of_2(n))
+        kl_combine_kernel[(triton.cdiv(n, block),)](part, coef, kl, lse, lse_ref, n, n_splits, BLOCK=block)
+
+        def fill(g, v_start, width, db):
+            grid = (n_m * triton.cdiv(width, tiles.block_n),)
+            kl_grad_kernel[grid](*heads, lse, lse_ref, coef, g, g if db is None else db, n, v, h, v_start, width,
+                                 *strides, g.stride(0), softcap or 1.0, NEED_DB=db is not None, **common)
+
+        ctx.grads = head_grads(hidden, weight, bias, wanted, fill)
+        return kl.sum() * scale
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        return (*scaled(ctx.grads, grad_out), *([None] * 8))

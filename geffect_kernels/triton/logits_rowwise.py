@@ -1,0 +1,136 @@
+"""Kernels for callers that already hold the logits [N, V]: memory-bound, one program per row.
+
+A row is read once for the running max / sum of exp and the target logit (ℓ_t, LSE, and for the fused
+objectives the weight w_t and c_t = scale · w_t), and, where a gradient is wanted, read a second time to
+write c_t (onehot − softmax) dz/du — into a fresh buffer, or over the logits themselves when the caller
+allows it (no second N×V buffer).
+"""
+import torch
+import triton
+import triton.language as tl
+
+from .config import row_block
+from .fused_weighted import scaled
+from .tiles import soft_cap
+from .weights import token_weight, weight_args
+
+
+@triton.jit
+def _row_lse(x_row, label, V, softcap, SOFTCAP: tl.constexpr, BLOCK: tl.constexpr):
+    """(LSE, target logit) of one row, reading it in BLOCK-wide pieces."""
+    m = -3.0e38
+    s = 0.0
+    target = 0.0
+    for v0 in range(0, V, BLOCK):
+        cols = v0 + tl.arange(0, BLOCK)
+        ok = cols < V
+        z = tl.load(x_row + cols, mask=ok, other=0.0).to(tl.float32)
+        if SOFTCAP:
+            z, _ = soft_cap(z, softcap)
+        z = tl.where(ok, z, float("-inf"))
+        m_new = tl.maximum(m, tl.max(z, axis=0))
+        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), axis=0)
+        m = m_new
+        target += tl.sum(tl.where(cols == label, z, 0.0), axis=0)
+    return m + tl.log(s), target
+
+
+@triton.jit
+def _row_grad(x_row, g_row, label, lse, coef, V, softcap, SOFTCAP: tl.constexpr, BLOCK: tl.constexpr):
+    """g = c (onehot − softmax(z)) dz/du over one row; ``g_row`` may be ``x_row`` (each piece is read first)."""
+    for v0 in range(0, V, BLOCK):
+        cols = v0 + tl.arange(0, BLOCK)
+        ok = cols < V
+        z = tl.load(x_row + cols, mask=ok, other=0.0).to(tl.float32)
+        if SOFTCAP:
+            z, dz = soft_cap(z, softcap)
+        g = coef * (tl.where(cols == label, 1.0, 0.0) - tl.exp(z - lse))
+        if SOFTCAP:
+            g = g * dz
+        tl.store(g_row + cols, g.to(g_row.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def logits_rows_kernel(x_ptr, labels_ptr, ref_ptr, lp_ptr, lse_ptr, coef_ptr, grad_ptr, V, stride_x, stride_g,
+                       ignore_index, softcap, scale, alpha, beta, gamma, KIND: tl.constexpr, HAS_REF: tl.constexpr,
+                       SOFTCAP: tl.constexpr, WRITE_GRAD: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    x_row = x_ptr + row.to(tl.int64) * stride_x
+    label = tl.load(labels_ptr + row)
+    valid = label != ignore_index
+    lse, target = _row_lse(x_row, label, V, softcap, SOFTCAP, BLOCK)
+    lp = tl.where(valid, target - lse, 0.0)
+    tl.store(lp_ptr + row, lp)
+    tl.store(lse_ptr + row, lse)
+    if KIND >= 0:
+        ref = tl.load(ref_ptr + row).to(tl.float32) if HAS_REF else lp
+        coef = tl.where(valid, token_weight(lp, ref, alpha, beta, gamma, KIND) * scale, 0.0)
+        tl.store(coef_ptr + row, coef)
+        if WRITE_GRAD:
+            _row_grad(x_row, grad_ptr + row.to(tl.int64) * stride_g, label, lse, coef, V, softcap, SOFTCAP, BLOCK)
+
+
+@triton.jit
+def logits_grad_kernel(x_ptr, labels_ptr, lse_ptr, coef_ptr, grad_ptr, V, stride_x, stride_g, softcap,
+                       SOFTCAP: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    _row_grad(x_ptr + row.to(tl.int64) * stride_x, grad_ptr + row.to(tl.int64) * stride_g, tl.load(labels_ptr + row),
+              tl.load(lse_ptr + row), tl.load(coef_ptr + row), V, softcap, SOFTCAP, BLOCK)
+
+
+def _rows(logits, labels, ref, grad, *, ignore_index, softcap, weighting=None, scale=1.0):
+    n, v = logits.shape
+    lp = torch.empty(n, dtype=torch.float32, device=logits.device)
+    lse = torch.empty_like(lp)
+    coef = torch.empty_like(lp) if weighting is not None else lp
+    if n:
+        block, warps = row_block(v)
+        logits_rows_kernel[(n,)](
+            logits, labels, lp if ref is None else ref, lp, lse, coef, logits if grad is None else grad, v,
+            logits.stride(0), 0 if grad is None else grad.stride(0), ignore_index, softcap or 1.0, scale,
+            **weight_args(weighting), HAS_REF=ref is not None, SOFTCAP=softcap is not None,
+            WRITE_GRAD=grad is not None, BLOCK=block, num_warps=warps)
+    return lp, lse, coef
+
+
+class LogitsLogprobs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, labels, ignore_index, softcap):
+        lp, lse, _ = _rows(logits, labels, None, None, ignore_index=ignore_index, softcap=softcap)
+        ctx.save_for_backward(logits, labels, lse)
+        ctx.ignore_index, ctx.softcap = ignore_index, softcap
+        return lp
+
+    @staticmethod
+    def backward(ctx, grad_lp):
+        logits, labels, lse = ctx.saved_tensors
+        coef = torch.where(labels != ctx.ignore_index, grad_lp.float(), 0.0).contiguous()
+        grad = torch.empty_like(logits)
+        n, v = logits.shape
+        if n:
+            block, warps = row_block(v)
+            logits_grad_kernel[(n,)](logits, labels, lse, coef, grad, v, logits.stride(0), grad.stride(0),
+                                     ctx.softcap or 1.0, SOFTCAP=ctx.softcap is not None, BLOCK=block,
+                                     num_warps=warps)
+        return grad, None, None, None
+
+
+class LogitsWeightedLoss(torch.autograd.Function):
+    """scale · Σ_t w_t ℓ_t from logits; the gradient is written in the forward (over the logits if ``inplace``)."""
+
+    @staticmethod
+    def forward(ctx, logits, labels, ref, ignore_index, softcap, weighting, scale, wanted, inplace):
+        grad = (logits if inplace else torch.empty_like(logits)) if wanted else None
+        lp, _, coef = _rows(logits, labels, ref, grad, ignore_index=ignore_index, softcap=softcap,
+                            weighting=weighting, scale=scale)
+        ctx.grad, ctx.inplace = grad, inplace
+        return (coef * lp).sum()
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad = ctx.grad
+        if ctx.inplace and grad is not None and not bool(grad_out == 1):
+            grad = grad.mul_(grad_out.to(grad.dtype))  # stay in the caller's buffer
+        else:
+            grad = scaled([grad], grad_out)[0]
+        return grad, *([None] * 8)

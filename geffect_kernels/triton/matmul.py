@@ -1,0 +1,48 @@
+"""C (+)= A · B with float32 accumulation on chip, for the dh and dW products of the backward.
+
+Any strides (a transposed operand is just swapped strides). With ACCUMULATE the float32 tile already
+in C is added before the store, which lets dh be summed over vocabulary chunks in a float32 buffer;
+without it C is written once, in its own dtype (dW of a vocabulary chunk is complete after one product
+over all tokens, so it goes straight into the weight's dtype).
+"""
+import triton
+import triton.language as tl
+
+from .config import dot_precision, matmul_tiles
+from .tiles import grouped_pid
+
+
+@triton.jit
+def matmul_kernel(a_ptr, b_ptr, c_ptr, M, N, K, stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
+                  ACCUMULATE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                  GROUP_M: tl.constexpr, PRECISION: tl.constexpr):
+    pid_m, pid_n = grouped_pid(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + (rows % M).to(tl.int64)[:, None] * stride_am + offs_k.to(tl.int64)[None, :] * stride_ak
+    b_ptrs = b_ptr + offs_k.to(tl.int64)[:, None] * stride_bk + (cols % N).to(tl.int64)[None, :] * stride_bn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, K, BLOCK_K):
+        a = tl.load(a_ptrs, mask=offs_k[None, :] < K - k, other=0.0)
+        b = tl.load(b_ptrs, mask=offs_k[:, None] < K - k, other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+    c_ptrs = c_ptr + rows.to(tl.int64)[:, None] * stride_cm + cols.to(tl.int64)[None, :] * stride_cn
+    mask = (rows[:, None] < M) & (cols[None, :] < N)
+    if ACCUMULATE:
+        acc += tl.load(c_ptrs, mask=mask, other=0.0)
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask)
+
+
+def matmul(a, b, out, *, accumulate=False):
+    """out (+)= a @ b for 2-D tensors of any strides; ``accumulate`` needs a float32 ``out``."""
+    m, k = a.shape
+    n = b.shape[1]
+    tiles = matmul_tiles(a.dtype)
+    grid = (triton.cdiv(m, tiles.block_m) * triton.cdiv(n, tiles.block_n),)
+    matmul_kernel[grid](a, b, out, m, n, k, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
+                        out.stride(0), out.stride(1), ACCUMULATE=accumulate,
+                        PRECISION=dot_precision(a.dtype), **tiles.launch())
+    return out

@@ -1,0 +1,73 @@
+"""Building blocks shared by the kernels: program ordering, the logit tile, the soft-cap.
+
+Index arithmetic that can reach N·V or V·H is done in int64 (row index cast before the stride
+multiply), so tensors past 2^31 elements are addressed correctly.
+"""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def grouped_pid(pid, n_m, n_n, GROUP_M: tl.constexpr):
+    """Map a linear program id to (m, n) tile coordinates, GROUP_M row blocks at a time.
+
+    Programs that run together then share a few row blocks and a few column blocks, so both operands
+    of the running tiles stay in L2 instead of being streamed from HBM once per tile.
+    """
+    width = GROUP_M * n_n
+    group = pid // width
+    first_m = group * GROUP_M
+    size_m = tl.minimum(n_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % size_m
+    pid_n = (pid % width) // size_m
+    return pid_m, pid_n
+
+
+@triton.jit
+def logit_tile(h_ptr, w_ptr, rows, cols, H, stride_h, stride_w,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+    """u = h[rows] · w[cols]ᵀ as a float32 [BLOCK_M, BLOCK_N] tile; ``rows``/``cols`` must be in range.
+
+    The reduction over H runs on tensor cores (`tl.dot`); out-of-range rows and columns are the
+    caller's business (clamp them, mask the results).
+    """
+    offs_k = tl.arange(0, BLOCK_K)
+    h_ptrs = h_ptr + rows.to(tl.int64)[:, None] * stride_h + offs_k[None, :]
+    w_ptrs = w_ptr + cols.to(tl.int64)[:, None] * stride_w + offs_k[None, :]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, H, BLOCK_K):
+        k_ok = offs_k[None, :] < H - k
+        h = tl.load(h_ptrs, mask=k_ok, other=0.0)
+        w = tl.load(w_ptrs, mask=k_ok, other=0.0)
+        acc = tl.dot(h, tl.trans(w), acc, input_precision=PRECISION)
+        h_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+    return acc
+
+
+@triton.jit
+def add_bias(u, b_ptr, cols, HAS_BIAS: tl.constexpr):
+    if HAS_BIAS:
+        u += tl.load(b_ptr + cols).to(tl.float32)[None, :]
+    return u
+
+
+@triton.jit
+def tanh(x):
+    # exp-based: exact limits ±1 (exp overflows to inf → 1), no libdevice needed (runs in the interpreter)
+    return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
+
+
+@triton.jit
+def soft_cap(u, softcap):
+    """(z, dz/du) of z = s·tanh(u/s)."""
+    t = tanh(u / softcap)
+    return softcap * t, 1.0 - t * t
+
+
+@triton.jit
+def online_lse(m, s, z):
+    """Fold a [BLOCK_M, BLOCK_N] tile z (−inf where masked) into the running row max m and sum s of exp(z − m)."""
+    m_new = tl.maximum(m, tl.max(z, axis=1))
+    s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new[:, None]), axis=1)
+    return m_new, s

@@ -1,0 +1,46 @@
+"""In-kernel per-token weights w_t (DESIGN §3), the same formulas as `geffect_kernels.weighting`.
+
+KIND codes are compile-time constants; NO_WEIGHTS marks a launch that only computes log-probabilities.
+"""
+import triton
+import triton.language as tl
+
+from ..weighting import TokenWeighting
+
+NO_WEIGHTS = -1
+KIND_CODES = {"one": 0, "wga": 1, "satimp": 2, "tnpo": 3, "wtnpo": 4}
+
+
+def weight_args(weighting: TokenWeighting | None) -> dict:
+    """Kernel arguments describing ``weighting`` (None: no weights)."""
+    if weighting is None:
+        return {"alpha": 0.0, "beta": 0.0, "gamma": 0.0, "KIND": NO_WEIGHTS}
+    return {"alpha": weighting.alpha, "beta": weighting.beta, "gamma": weighting.gamma,
+            "KIND": KIND_CODES[weighting.kind]}
+
+
+@triton.jit
+def expm1(x):
+    # Taylor series where exp(x) − 1 would cancel; error < 1e-8 relative for |x| < 0.5
+    small = tl.abs(x) < 0.5
+    y = tl.where(small, x, 0.0)
+    poly = y * (1 + y / 2 * (1 + y / 3 * (1 + y / 4 * (1 + y / 5 * (1 + y / 6 * (1 + y / 7 * (1 + y / 8)))))))
+    return tl.where(small, poly, tl.exp(x) - 1.0)
+
+
+@triton.jit
+def token_weight(lp, ref, alpha, beta, gamma, KIND: tl.constexpr):
+    """w_t from the detached ℓ_t (and ℓ_ref,t); float32 in, float32 out."""
+    if KIND == 0:  # one
+        w = tl.full(lp.shape, 1.0, tl.float32)
+    elif KIND == 1:  # wga: p^α
+        w = tl.exp(alpha * lp)
+    elif KIND == 2:  # satimp: p^α (1 − p)^γ, with (1 − p) = −expm1(ℓ) to keep precision as p → 1
+        q = tl.maximum(-expm1(lp), 0.0)
+        q_pow = tl.where(q > 0, tl.exp(gamma * tl.log(tl.maximum(q, 1e-38))), tl.where(gamma == 0, 1.0, 0.0))
+        w = tl.exp(alpha * lp) * q_pow
+    else:  # tnpo / wtnpo: 2σ(β(ℓ − ℓ_ref)), overflow-free (exp → inf gives 0)
+        w = 2.0 / (1.0 + tl.exp(-beta * (lp - ref)))
+        if KIND == 4:
+            w = w * tl.exp(alpha * lp)
+    return w
