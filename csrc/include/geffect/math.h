@@ -1,0 +1,93 @@
+// Math shared by the CPU and CUDA kernels (DESIGN §2–§3): the online log-sum-exp update, the soft-cap,
+// and the detached per-token weights. Every function is scalar and __host__ __device__, so both sides
+// compute exactly the same formulas; T is float or double (the compute type).
+#pragma once
+
+#include <math.h>
+
+#if defined(__CUDACC__)
+#define GEFFECT_HD __host__ __device__ __forceinline__
+#else
+#define GEFFECT_HD inline
+#endif
+
+namespace geffect {
+
+// Overloads so templates pick the float or double libm function on host and device alike.
+GEFFECT_HD float exp_(float x) { return expf(x); }
+GEFFECT_HD double exp_(double x) { return exp(x); }
+GEFFECT_HD float log_(float x) { return logf(x); }
+GEFFECT_HD double log_(double x) { return log(x); }
+GEFFECT_HD float expm1_(float x) { return expm1f(x); }
+GEFFECT_HD double expm1_(double x) { return expm1(x); }
+GEFFECT_HD float tanh_(float x) { return tanhf(x); }
+GEFFECT_HD double tanh_(double x) { return tanh(x); }
+GEFFECT_HD float pow_(float x, float y) { return powf(x, y); }
+GEFFECT_HD double pow_(double x, double y) { return pow(x, y); }
+
+// Running log-sum-exp of a stream of values: max and Σ exp(x − max).
+template <typename T>
+struct Lse {
+  T max;
+  T sum;
+  GEFFECT_HD T value() const { return max + log_(sum); }
+};
+
+// Merge a partial (m, s) into the running state; either side may be empty (s = 0, m = −inf).
+template <typename T>
+GEFFECT_HD Lse<T> lse_merge(Lse<T> a, Lse<T> b) {
+  if (b.sum == T(0)) return a;
+  if (a.sum == T(0)) return b;
+  return a.max >= b.max ? Lse<T>{a.max, a.sum + b.sum * exp_(b.max - a.max)}
+                        : Lse<T>{b.max, b.sum + a.sum * exp_(a.max - b.max)};
+}
+
+// Soft-cap z = s·tanh(x/s); `dzdx` gets 1 − tanh². softcap <= 0 means none.
+template <typename T>
+GEFFECT_HD T softcapped(T x, T softcap, T* dzdx) {
+  if (softcap <= T(0)) {
+    *dzdx = T(1);
+    return x;
+  }
+  const T t = tanh_(x / softcap);
+  *dzdx = T(1) - t * t;
+  return softcap * t;
+}
+
+// Overflow-free logistic sigmoid.
+template <typename T>
+GEFFECT_HD T sigmoid(T x) {
+  if (x >= T(0)) return T(1) / (T(1) + exp_(-x));
+  const T e = exp_(x);
+  return e / (T(1) + e);
+}
+
+// TokenWeighting kinds (geffect_kernels/weighting.py), in this order.
+enum WeightKind : int { kOne = 0, kWga = 1, kSatimp = 2, kTnpo = 3, kWtnpo = 4 };
+
+struct WeightParams {
+  int kind;
+  double alpha, beta, gamma;
+};
+
+// w_t of DESIGN §3 from ℓ_t and ℓ_ref,t. TNPO uses the exact σ form of 2p^β/(p^β + p_ref^β).
+template <typename T>
+GEFFECT_HD T token_weight(const WeightParams& w, T logprob, T ref_logprob) {
+  switch (w.kind) {
+    case kWga:
+      return exp_(T(w.alpha) * logprob);
+    case kSatimp: {
+      T one_minus_p = -expm1_(logprob);  // 1 − p without cancellation as p → 0
+      one_minus_p = one_minus_p > T(0) ? one_minus_p : T(0);
+      return exp_(T(w.alpha) * logprob) * pow_(one_minus_p, T(w.gamma));
+    }
+    case kTnpo:
+      return T(2) * sigmoid(T(w.beta) * (logprob - ref_logprob));
+    case kWtnpo:
+      return exp_(T(w.alpha) * logprob) * T(2) * sigmoid(T(w.beta) * (logprob - ref_logprob));
+    default:
+      return T(1);
+  }
+}
+
+}  // namespace geffect

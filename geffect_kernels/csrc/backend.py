@@ -1,0 +1,226 @@
+"""The ``cpu`` and ``cuda`` backends: the csrc row kernels behind the Backend contract (DESIGN §2–§3).
+
+Hidden-state ops run in chunks of tokens: the chunk's logits by BLAS (torch matmul), then one row-kernel
+call computes ℓ_t, the weight and the gradient of the logits in place in that chunk buffer, and dh, dW
+(db) follow by BLAS: three matmuls per chunk and no N×V buffer. Logits-input ops call the row kernel on
+the caller's logits directly, writing the gradient into them when ``inplace=True``. The CPU kernels take
+float32/float64 (other dtypes are converted chunk by chunk); the CUDA kernels take all four float dtypes.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..inputs import out_dtype
+from ..ops.backend import Backend
+from ..ops.chunked import CHUNK_BYTES, _Grads, _scaled, _wanted
+from . import build
+
+_WEIGHT_CODES = {"one": 0, "wga": 1, "satimp": 2, "tnpo": 3, "wtnpo": 4}  # csrc/include/geffect/math.h
+
+
+def _cap(softcap):
+    return 0.0 if softcap is None else float(softcap)
+
+
+def _weighting_args(weighting, scale):
+    return dict(kind=_WEIGHT_CODES[weighting.kind], alpha=weighting.alpha, beta=weighting.beta,
+                gamma=weighting.gamma, scale=float(scale))
+
+
+def _kernel_dtype(t: torch.Tensor) -> torch.dtype:
+    """The dtype the row kernels read on t's device: CUDA reads every float dtype, CPU float32/float64."""
+    return t.dtype if t.is_cuda else out_dtype(t.dtype)
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _chunks(n_rows: int, vocab: int):
+    step = max(1, CHUNK_BYTES // (4 * max(vocab, 1)))
+    for start in range(0, n_rows, step):
+        yield slice(start, min(start + step, n_rows))
+
+
+def _head_logits(h, weight, bias):
+    """A chunk's logits by BLAS, in the dtype the row kernel reads (a fresh buffer it may overwrite)."""
+    z = F.linear(h, weight, bias)
+    return z.to(_kernel_dtype(z))
+
+
+class _Logprobs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, ext, hidden, weight, bias, labels, ignore_index, softcap):
+        out = torch.empty(labels.shape, dtype=out_dtype(hidden.dtype), device=hidden.device)
+        lse = torch.empty_like(out)
+        for sl in _chunks(hidden.shape[0], weight.shape[0]):
+            out[sl], lse[sl] = ext.row_logprobs(_head_logits(hidden[sl], weight, bias), labels[sl], ignore_index,
+                                                _cap(softcap))
+        ctx.save_for_backward(hidden, weight, bias, labels, lse)
+        ctx.ext, ctx.ignore_index, ctx.softcap = ext, ignore_index, softcap
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        hidden, weight, bias, labels, lse = ctx.saved_tensors
+        grads = _Grads(hidden, weight, bias, ctx.needs_input_grad[1:4])
+        coef = grad_out.to(lse.dtype).contiguous()
+        for sl in _chunks(hidden.shape[0], weight.shape[0]):
+            z = _head_logits(hidden[sl], weight, bias)
+            ctx.ext.row_grad(z, z, labels[sl], lse[sl], coef[sl], ctx.ignore_index, _cap(ctx.softcap))
+            grads.add(z, sl, hidden, weight)
+        return (None, *grads.result(weight, bias), None, None, None)
+
+
+class _WeightedLoss(torch.autograd.Function):
+    """scale · Σ_t w_t ℓ_t; the gradients are produced in the forward pass."""
+
+    @staticmethod
+    def forward(ctx, ext, hidden, weight, bias, labels, ref, ignore_index, softcap, weighting, scale, wanted):
+        grads = _Grads(hidden, weight, bias, wanted)
+        loss = torch.zeros((), dtype=torch.float64, device=hidden.device)
+        for sl in _chunks(hidden.shape[0], weight.shape[0]):
+            z = _head_logits(hidden[sl], weight, bias)
+            logprobs, coef = ext.row_weighted_loss(z, z if any(wanted) else None, labels[sl],
+                                                   None if ref is None else ref[sl], ignore_index, _cap(softcap),
+                                                   **_weighting_args(weighting, scale))
+            loss += (coef.double() * logprobs.double()).sum()
+            if any(wanted):
+                grads.add(z, sl, hidden, weight)
+        ctx.grads = grads.result(weight, bias)
+        return loss.to(out_dtype(hidden.dtype))
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        return (None, *_scaled(ctx.grads, grad_out), *([None] * 7))
+
+
+class _KL(torch.autograd.Function):
+    """scale · Σ_valid KL(p_ref,t ‖ p_θ,t); θ-side gradients produced in the forward pass."""
+
+    @staticmethod
+    def forward(ctx, ext, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, ignore_index, softcap,
+                scale, wanted):
+        grads = _Grads(hidden, weight, bias, wanted)
+        loss = torch.zeros((), dtype=torch.float64, device=hidden.device)
+        for sl in _chunks(hidden.shape[0], weight.shape[0]):
+            z = _head_logits(hidden[sl], weight, bias)
+            z_ref = _head_logits(ref_hidden[sl], ref_weight, ref_bias)
+            kl = ext.row_kl(z, z_ref, z if any(wanted) else None, labels[sl], ignore_index, _cap(softcap), scale)
+            loss += kl.double().sum() * scale
+            if any(wanted):
+                grads.add(z, sl, hidden, weight)
+        ctx.grads = grads.result(weight, bias)
+        return loss.to(out_dtype(hidden.dtype))
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        return (None, *_scaled(ctx.grads, grad_out), *([None] * 8))
+
+
+def _logit_chunks(logits):
+    """(rows, kernel-readable tensor) pairs: the whole tensor when the kernel reads its dtype, else
+    converted copies chunk by chunk."""
+    if _kernel_dtype(logits) == logits.dtype:
+        return [(slice(None), _rows(logits))]
+    return [(sl, logits[sl].to(_kernel_dtype(logits))) for sl in _chunks(*logits.shape)]
+
+
+class _LogitsLogprobs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, ext, logits, labels, ignore_index, softcap):
+        out = torch.empty(labels.shape, dtype=out_dtype(logits.dtype), device=logits.device)
+        lse = torch.empty_like(out)
+        for sl, z in _logit_chunks(logits):
+            out[sl], lse[sl] = ext.row_logprobs(z, labels[sl], ignore_index, _cap(softcap))
+        ctx.save_for_backward(logits, labels, lse)
+        ctx.ext, ctx.ignore_index, ctx.softcap = ext, ignore_index, softcap
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        logits, labels, lse = ctx.saved_tensors
+        coef = grad_out.to(lse.dtype).contiguous()
+        grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
+        for sl, z in _logit_chunks(logits):
+            target = grad[sl] if z.dtype == grad.dtype else z
+            ctx.ext.row_grad(z, target, labels[sl], lse[sl], coef[sl], ctx.ignore_index, _cap(ctx.softcap))
+            if target is z:
+                grad[sl] = z
+        return None, grad, None, None, None
+
+
+class _LogitsWeightedLoss(torch.autograd.Function):
+    """scale · Σ_t w_t ℓ_t from given logits; the gradient goes into ``logits`` itself when ``inplace``."""
+
+    @staticmethod
+    def forward(ctx, ext, logits, labels, ref, ignore_index, softcap, weighting, scale, inplace, wanted):
+        grad = None
+        if wanted:
+            grad = logits if inplace and logits.stride(-1) == 1 else torch.empty_like(
+                logits, memory_format=torch.contiguous_format)
+        loss = torch.zeros((), dtype=torch.float64, device=logits.device)
+        for sl, z in _logit_chunks(logits):
+            direct = grad is not None and z.dtype == grad.dtype
+            logprobs, coef = ext.row_weighted_loss(
+                z, (grad[sl] if direct else z) if grad is not None else None, labels[sl],
+                None if ref is None else ref[sl], ignore_index, _cap(softcap), **_weighting_args(weighting, scale))
+            loss += (coef.double() * logprobs.double()).sum()
+            if grad is not None and not direct:
+                grad[sl] = z
+        ctx.grad = grad
+        return loss.to(out_dtype(logits.dtype))
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        # Hand the buffer over (no reference kept), so autograd can use it without a copy.
+        grad, ctx.grad = ctx.grad, None
+        if grad is None:
+            raise RuntimeError("this loss's backward can run only once: its gradient buffer was handed over")
+        if bool(grad_out != 1):
+            grad = grad.mul_(grad_out.to(grad.dtype))
+        return None, grad, *([None] * 8)
+
+
+class _CsrcBackend(Backend):
+    kind = "abstract"
+
+    def is_available(self, device):
+        return torch.device(device).type == self.kind and build.available(self.kind)
+
+    @property
+    def ext(self):
+        return build.load(self.kind)
+
+    def token_logprobs(self, hidden, weight, bias, labels, *, ignore_index, softcap):
+        return _Logprobs.apply(self.ext, hidden, weight, bias, labels, ignore_index, softcap)
+
+    def weighted_loss(self, hidden, weight, bias, labels, ref_logprobs, *, ignore_index, softcap, weighting, scale):
+        return _WeightedLoss.apply(self.ext, hidden, weight, bias, labels, ref_logprobs, ignore_index, softcap,
+                                   weighting, scale, _wanted(hidden, weight, bias))
+
+    def kl_divergence(self, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, *, ignore_index, softcap,
+                      scale):
+        return _KL.apply(self.ext, hidden, weight, bias, ref_hidden.detach(), ref_weight.detach(),
+                         None if ref_bias is None else ref_bias.detach(), labels, ignore_index, softcap, scale,
+                         _wanted(hidden, weight, bias))
+
+    def token_logprobs_from_logits(self, logits, labels, *, ignore_index, softcap):
+        return _LogitsLogprobs.apply(self.ext, logits, labels, ignore_index, softcap)
+
+    def weighted_loss_from_logits(self, logits, labels, ref_logprobs, *, ignore_index, softcap, weighting, scale,
+                                  inplace=False):
+        return _LogitsWeightedLoss.apply(self.ext, logits, labels, ref_logprobs, ignore_index, softcap, weighting,
+                                         scale, inplace, _wanted(logits)[0])
+
+
+class CpuBackend(_CsrcBackend):
+    name = kind = "cpu"
+
+
+class CudaBackend(_CsrcBackend):
+    name = kind = "cuda"
+
+
+BACKENDS = {"cpu": CpuBackend(), "cuda": CudaBackend()}

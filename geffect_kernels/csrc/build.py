@@ -1,0 +1,134 @@
+"""Builds and loads the C++/CUDA extension: torch.utils.cpp_extension with ninja, on first use, cached.
+
+Two extensions share csrc/binding.cpp: ``cpu`` (the OpenMP kernels) and ``cuda`` (the same plus the
+CUDA kernels, built only where torch has CUDA and nvcc exists). ``setup.py`` can build both ahead of
+time (GEFFECT_BUILD_EXT=1) as ``geffect_kernels.csrc._cpu`` / ``._cuda``; otherwise the first use
+compiles them into torch's extension cache (``TORCH_EXTENSIONS_DIR``, default ~/.cache/torch_extensions),
+and later processes only load the cached library. A failed build is remembered for the process and
+reported by `build_error`; nothing here ever makes ``import geffect_kernels`` fail.
+
+This file imports nothing from the package so that setup.py can load it by path.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import shutil
+import warnings
+from pathlib import Path
+
+SOURCE_DIR = Path(__file__).resolve().parents[2] / "csrc"
+KINDS = ("cpu", "cuda")
+
+_modules: dict[str, object] = {}
+_errors: dict[str, str] = {}
+
+
+def _isa_flags() -> tuple[str, list[str]]:
+    """Vector ISA of this CPU as torch detects it: a name for the cache key and the matching flags.
+
+    Not -march=native: the cached library must not be reused on a CPU that lacks the instructions.
+    """
+    import torch
+
+    capability = torch.backends.cpu.get_cpu_capability()
+    if capability == "AVX512":
+        return "avx512", ["-mavx2", "-mfma", "-mavx512f", "-mavx512dq", "-mavx512bw", "-mavx512vl"]
+    if capability == "AVX2":
+        return "avx2", ["-mavx2", "-mfma"]
+    return "base", []
+
+
+def extension_spec(kind: str) -> dict:
+    """Name, sources and flags of one extension, for `torch.utils.cpp_extension.load` and setup.py alike."""
+    isa, isa_flags = _isa_flags()
+    sources = [SOURCE_DIR / "binding.cpp", *sorted((SOURCE_DIR / "cpu").glob("*.cpp"))]
+    cflags = ["-O3", "-fopenmp", *isa_flags]
+    spec = {"name": f"geffect_{kind}_{isa}", "extra_include_paths": [str(SOURCE_DIR / "include")],
+            "extra_ldflags": ["-fopenmp"]}
+    if kind == "cuda":
+        sources += sorted((SOURCE_DIR / "cuda").glob("*.cu"))
+        cflags.append("-DGEFFECT_WITH_CUDA")
+        spec["extra_cuda_cflags"] = ["-O3", "-std=c++17", "-DGEFFECT_WITH_CUDA"]
+    spec["sources"] = [str(s) for s in sources]
+    spec["extra_cflags"] = cflags
+    return spec
+
+
+def _why_not_buildable(kind: str) -> str | None:
+    import torch
+    from torch.utils import cpp_extension
+
+    if not (SOURCE_DIR / "binding.cpp").exists():
+        return f"the C++ sources are not at {SOURCE_DIR} (install from a source checkout)"
+    if shutil.which("ninja") is None:
+        return "ninja is not installed (pip install ninja)"
+    if shutil.which(os.environ.get("CXX", "c++")) is None:
+        return "no C++ compiler found (set CXX or install g++)"
+    if kind == "cuda":
+        if torch.version.cuda is None:
+            return "this torch build has no CUDA"
+        if cpp_extension.CUDA_HOME is None:
+            return "nvcc / CUDA_HOME not found"
+    return None
+
+
+def _build(kind: str, verbose: bool):
+    try:  # built ahead of time by setup.py
+        return importlib.import_module(f"geffect_kernels.csrc._{kind}")
+    except ImportError:
+        pass
+    reason = _why_not_buildable(kind)
+    if reason:
+        raise RuntimeError(reason)
+    from torch.utils import cpp_extension
+
+    return cpp_extension.load(**extension_spec(kind), verbose=verbose)
+
+
+def load(kind: str, verbose: bool = False):
+    """The extension module for ``kind`` ("cpu" or "cuda"), built if needed; RuntimeError if it cannot be."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown extension kind {kind!r}; valid: {', '.join(KINDS)}")
+    if kind in _modules:
+        return _modules[kind]
+    if kind in _errors:
+        raise RuntimeError(f"the geffect {kind} extension is unavailable: {_errors[kind]}")
+    try:
+        _modules[kind] = _build(kind, verbose)
+    except Exception as exc:  # a compiler error, a missing tool, a bad cache: all mean "unavailable"
+        _errors[kind] = f"{type(exc).__name__}: {exc}".strip()
+        warnings.warn(f"geffect_kernels: building the {kind} extension failed; the '{kind}' backend is "
+                      f"unavailable ({_errors[kind][:500]})", RuntimeWarning, stacklevel=2)
+        raise RuntimeError(f"the geffect {kind} extension is unavailable: {_errors[kind]}") from exc
+    return _modules[kind]
+
+
+def available(kind: str) -> bool:
+    """Whether the extension loads (building it on the first call); never raises."""
+    try:
+        load(kind)
+        return True
+    except RuntimeError:
+        return False
+
+
+def build_error(kind: str) -> str | None:
+    """Why the last build of ``kind`` failed in this process (None if it did not fail or was not tried)."""
+    return _errors.get(kind)
+
+
+def build_extensions(verbose: bool = True) -> list[str]:
+    """Build every extension this machine can build, ahead of first use; returns (and prints) what was built."""
+    built = []
+    for kind in KINDS:
+        reason = _why_not_buildable(kind)
+        if reason is None:
+            try:
+                module = load(kind, verbose=verbose)
+                built.append(module.__file__)
+            except RuntimeError as exc:
+                reason = str(exc)
+        if verbose:
+            print(f"geffect {kind} extension: " + (built[-1] if reason is None else f"not built ({reason})"))
+    return built
