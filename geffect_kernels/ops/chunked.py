@@ -67,7 +67,10 @@ class _Grads:
         if self.dh is not None:
             self.dh[sl] = g_in @ weight
         if self.dw is not None:
-            self.dw += (g_in.t() @ hidden[sl]).to(self.dw.dtype)
+            if g_in.dtype == self.dw.dtype:
+                self.dw.addmm_(g_in.t(), hidden[sl])  # in place: no V×H temporary per chunk
+            else:
+                self.dw += (g_in.t() @ hidden[sl]).to(self.dw.dtype)
         if self.db is not None:
             self.db += g.sum(0)
 
@@ -146,7 +149,7 @@ class FusedKL(torch.autograd.Function):
             zr, _ = _logits(ref_hidden[sl], ref_weight, ref_bias, softcap)
             log_q = zr.sub_(torch.logsumexp(zr, dim=-1, keepdim=True))
             q = log_q.exp()
-            coef = torch.where(valid[sl], scale, 0.0).to(z.dtype).unsqueeze(1)
+            coef = (valid[sl].to(z.dtype) * scale).unsqueeze(1)
             loss += (coef * q * (log_q - log_p)).sum()
             if any(wanted):  # ∂KL/∂z = p − q
                 g = log_p.exp_().sub_(q).mul_(coef)
