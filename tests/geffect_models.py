@@ -1,0 +1,59 @@
+"""Tiny random HF causal LMs and the materialized G-effect (flatten both gradients, dot) for the tests."""
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+VOCAB = 61
+
+
+def tiny_model(kind, dtype=torch.float64, seed=0, **overrides):
+    torch.manual_seed(seed)
+    if kind == "llama":
+        model = LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=24, intermediate_size=40,
+                                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                             pad_token_id=0, **overrides))
+    elif kind == "qwen2":  # q/k/v biases
+        model = Qwen2ForCausalLM(Qwen2Config(vocab_size=VOCAB, hidden_size=24, intermediate_size=40,
+                                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                             **overrides))
+    elif kind == "gpt2":  # Conv1D, biases everywhere, LayerNorm, tied embeddings, position embeddings
+        model = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=24, n_layer=2, n_head=4, n_positions=32,
+                                           bos_token_id=1, eos_token_id=1, **overrides))
+    else:
+        raise ValueError(kind)
+    # Random norms too, so that no parameter's gradient has a special structure.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1:
+                p.add_(0.2 * torch.randn_like(p))
+    return model.to(dtype).eval()
+
+
+def batch(batch_size=3, length=7, seed=1, pad_first=True, prompt=0):
+    """Random ids; the first sample right-padded by 2 (when asked), the first ``prompt`` labels ignored."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(2, VOCAB, (batch_size, length), generator=g)
+    mask = torch.ones_like(ids)
+    if pad_first:
+        mask[0, -2:] = 0
+    labels = torch.where(mask.bool(), ids, -100)
+    labels[:, :prompt] = -100
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def full_gradient(model, loss_fn):
+    """{name: gradient} over the parameters that require grad (zeros where unused)."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    grads = torch.autograd.grad(loss_fn(model), [p for _, p in named], allow_unused=True)
+    return {n: torch.zeros_like(p) if g is None else g for (n, p), g in zip(named, grads)}
+
+
+def materialized(model, objective, risk, groups):
+    """{group: (∇objectiveᵀ∇risk over its parameters, ‖∇objective‖·‖∇risk‖ over them)} in float64."""
+    ga, gb = full_gradient(model, objective), full_gradient(model, risk)
+    out = {}
+    for name in ga:
+        group = groups[name]
+        dot, na, nb = out.get(group, (0.0, 0.0, 0.0))
+        a, b = ga[name].double(), gb[name].double()
+        out[group] = (dot + float((a * b).sum()), na + float((a * a).sum()), nb + float((b * b).sum()))
+    return {g: (dot, (na * nb) ** 0.5) for g, (dot, na, nb) in out.items()}
