@@ -17,20 +17,27 @@ def matmul_kernel(a_ptr, b_ptr, c_ptr, M, N, K, stride_am, stride_ak, stride_bk,
                   ACCUMULATE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                   GROUP_M: tl.constexpr, PRECISION: tl.constexpr):
     pid_m, pid_n = grouped_pid(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    # 64-bit scalar tile origins, 32-bit offsets inside a tile: either operand may be contiguous along M
+    # or N, and the compiler sees contiguity (vector loads, async pipelining) only in 32-bit index vectors
+    # that are neither wrapped (modulo) nor widened; edges are masked instead
+    first_m = pid_m.to(tl.int64) * BLOCK_M
+    first_n = pid_n.to(tl.int64) * BLOCK_N
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
-    a_ptrs = a_ptr + (rows % M).to(tl.int64)[:, None] * stride_am + offs_k.to(tl.int64)[None, :] * stride_ak
-    b_ptrs = b_ptr + offs_k.to(tl.int64)[:, None] * stride_bk + (cols % N).to(tl.int64)[None, :] * stride_bn
+    row_ok = offs_m[:, None] < M - first_m
+    col_ok = offs_n[None, :] < N - first_n
+    a_ptrs = a_ptr + first_m * stride_am + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak
+    b_ptrs = b_ptr + first_n * stride_bn + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k in range(0, K, BLOCK_K):
-        a = tl.load(a_ptrs, mask=offs_k[None, :] < K - k, other=0.0)
-        b = tl.load(b_ptrs, mask=offs_k[:, None] < K - k, other=0.0)
+        a = tl.load(a_ptrs, mask=row_ok & (offs_k[None, :] < K - k), other=0.0)
+        b = tl.load(b_ptrs, mask=(offs_k[:, None] < K - k) & col_ok, other=0.0)
         acc = tl.dot(a, b, acc, input_precision=PRECISION)
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
-    c_ptrs = c_ptr + rows.to(tl.int64)[:, None] * stride_cm + cols.to(tl.int64)[None, :] * stride_cn
-    mask = (rows[:, None] < M) & (cols[None, :] < N)
+    c_ptrs = c_ptr + first_m * stride_cm + first_n * stride_cn + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
+    mask = row_ok & col_ok
     if ACCUMULATE:
         acc += tl.load(c_ptrs, mask=mask, other=0.0)
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask)
