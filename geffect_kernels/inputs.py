@@ -55,8 +55,8 @@ def check_labels(labels, vocab_size, ignore_index):
 def prepare_rows(rows, labels, *, feature_name, ignore_index, shift, vocab_size):
     """Check ``rows`` ([B, T, F] or [N, F]) against ``labels`` ([B, T] or [N]), apply the shift, flatten."""
     if rows.dim() not in (2, 3):
-        raise ValueError(f"{feature_name} must be [B, T, {feature_name[0].upper()}] or [N, "
-                         f"{feature_name[0].upper()}], got shape {tuple(rows.shape)}")
+        dim = "V" if feature_name == "logits" else "H"
+        raise ValueError(f"{feature_name} must be [B, T, {dim}] or [N, {dim}], got shape {tuple(rows.shape)}")
     if not isinstance(labels, torch.Tensor):
         raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
     if labels.shape != rows.shape[:-1]:
