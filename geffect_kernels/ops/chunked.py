@@ -14,7 +14,7 @@ from ..inputs import out_dtype
 from .backend import Backend
 
 # Budget for one chunk of float32 logits; temporaries in a chunk are a small multiple of it.
-CHUNK_BYTES = 32 * 2**20
+CHUNK_BYTES = 64 * 2**20
 
 
 def _chunks(n_rows: int, vocab: int):
@@ -23,34 +23,48 @@ def _chunks(n_rows: int, vocab: int):
         yield slice(start, min(start + step, n_rows))
 
 
-def _logits(h, weight, bias, softcap):
-    """Logits of a chunk in the compute dtype, and dz/du of the soft-cap (None without one)."""
-    z = F.linear(h, weight, bias).to(out_dtype(h.dtype))
+def _capped(z, softcap):
+    """Soft-cap a fresh float buffer in place; returns it and dz/du (None without a cap)."""
     if softcap is None:
         return z, None
     t = z.div_(softcap).tanh_()
-    return t.mul(softcap), 1 - t * t
+    dz_du = 1 - t * t
+    return t.mul_(softcap), dz_du
 
 
-def _softcapped(logits, softcap):
-    z = logits.to(out_dtype(logits.dtype))
-    if softcap is None:
-        return z, None
-    t = torch.tanh(z / softcap)
-    return t * softcap, 1 - t * t
+def _logits(h, weight, bias, softcap):
+    """Logits of a chunk in a fresh compute-dtype buffer, and dz/du of the soft-cap."""
+    return _capped(F.linear(h, weight, bias).to(out_dtype(h.dtype)), softcap)
 
 
-def _logprobs(z, labels, valid):
-    lse = torch.logsumexp(z, dim=-1)
+def _logits_copy(logits, softcap):
+    """A chunk of given logits copied to a scratch buffer (the caller's logits are never written)."""
+    return _capped(logits.to(out_dtype(logits.dtype), copy=True), softcap)
+
+
+def _logprobs_(z, labels, valid):
+    """ℓ_t of a chunk, overwriting the scratch buffer ``z`` with e = exp(z − max).
+
+    Returns ℓ (0 where not valid), the LSE and the row sums s of e, so that softmax = e / s: the
+    gradient is then formed from the same buffer without a second exp pass.
+    """
     picked = z.gather(1, labels.unsqueeze(1)).squeeze(1)
-    return torch.where(valid, picked - lse, 0), lse
+    m = z.amax(1)
+    s = z.sub_(m.unsqueeze(1)).exp_().sum(1)
+    lse = m + s.log()
+    return torch.where(valid, picked - lse, 0), lse, s
 
 
-def _grad_logits_(z, lse, coef, labels, dtanh):
-    """Overwrite ``z`` with coef_t · ∂ℓ_t/∂u_t = coef_t · (onehot(y_t) − softmax(z_t)) · dz/du."""
-    g = z.sub_(lse.unsqueeze(1)).exp_().mul_(-coef.unsqueeze(1))
+def _grad_logits_(e, s, coef, labels, dtanh):
+    """Overwrite e = s · softmax(z) with coef_t · (onehot(y_t) − softmax(z_t)) · dz/du."""
+    g = e.mul_((-coef / s).unsqueeze(1))
     g.scatter_add_(1, labels.unsqueeze(1), coef.unsqueeze(1))
     return g.mul_(dtanh) if dtanh is not None else g
+
+
+def _recomputed_grad_logits(z, lse, coef, labels, dtanh):
+    """Backward of saved LSEs: softmax = exp(z − lse), formed in place."""
+    return _grad_logits_(z.sub_(lse.unsqueeze(1)).exp_(), 1.0, coef, labels, dtanh)
 
 
 class _Grads:
@@ -93,7 +107,7 @@ class ChunkedLogprobs(torch.autograd.Function):
         lse = torch.empty_like(out)
         for sl in _chunks(hidden.shape[0], weight.shape[0]):
             z, _ = _logits(hidden[sl], weight, bias, softcap)
-            out[sl], lse[sl] = _logprobs(z, safe[sl], valid[sl])
+            out[sl], lse[sl], _ = _logprobs_(z, safe[sl], valid[sl])
         ctx.save_for_backward(hidden, weight, bias, safe, valid, lse)
         ctx.softcap = softcap
         return out
@@ -105,7 +119,7 @@ class ChunkedLogprobs(torch.autograd.Function):
         coef_all = torch.where(valid, grad_out, 0)
         for sl in _chunks(hidden.shape[0], weight.shape[0]):
             z, dtanh = _logits(hidden[sl], weight, bias, ctx.softcap)
-            grads.add(_grad_logits_(z, lse[sl], coef_all[sl], safe[sl], dtanh), sl, hidden, weight)
+            grads.add(_recomputed_grad_logits(z, lse[sl], coef_all[sl], safe[sl], dtanh), sl, hidden, weight)
         return (*grads.result(weight, bias), None, None, None)
 
 
@@ -120,12 +134,12 @@ class FusedWeightedLoss(torch.autograd.Function):
         loss = torch.zeros((), dtype=out_dtype(hidden.dtype), device=hidden.device)
         for sl in _chunks(hidden.shape[0], weight.shape[0]):
             z, dtanh = _logits(hidden[sl], weight, bias, softcap)
-            logprobs, lse = _logprobs(z, safe[sl], valid[sl])
+            logprobs, _, row_sums = _logprobs_(z, safe[sl], valid[sl])
             w = weighting.weights(logprobs, None if ref is None else ref[sl])
             coef = torch.where(valid[sl], w * scale, 0)
             loss += (coef * logprobs).sum()
             if any(wanted):
-                grads.add(_grad_logits_(z, lse, coef, safe[sl], dtanh), sl, hidden, weight)
+                grads.add(_grad_logits_(z, row_sums, coef, safe[sl], dtanh), sl, hidden, weight)
         ctx.grads = grads.result(weight, bias)
         return loss
 
@@ -170,8 +184,8 @@ class ChunkedLogitsLogprobs(torch.autograd.Function):
         out = torch.empty(labels.shape, dtype=out_dtype(logits.dtype), device=logits.device)
         lse = torch.empty_like(out)
         for sl in _chunks(logits.shape[0], logits.shape[1]):
-            z, _ = _softcapped(logits[sl], softcap)
-            out[sl], lse[sl] = _logprobs(z, safe[sl], valid[sl])
+            z, _ = _logits_copy(logits[sl], softcap)
+            out[sl], lse[sl], _ = _logprobs_(z, safe[sl], valid[sl])
         ctx.save_for_backward(logits, safe, valid, lse)
         ctx.softcap = softcap
         return out
@@ -182,8 +196,8 @@ class ChunkedLogitsLogprobs(torch.autograd.Function):
         grad = torch.empty_like(logits)
         coef_all = torch.where(valid, grad_out, 0)
         for sl in _chunks(logits.shape[0], logits.shape[1]):
-            z, dtanh = _softcapped(logits[sl], ctx.softcap)
-            grad[sl] = _grad_logits_(z, lse[sl], coef_all[sl], safe[sl], dtanh)
+            z, dtanh = _logits_copy(logits[sl], ctx.softcap)
+            grad[sl] = _recomputed_grad_logits(z, lse[sl], coef_all[sl], safe[sl], dtanh)
         return grad, None, None, None
 
 
