@@ -133,16 +133,19 @@ def author_qa(author: Author, seed: int = 0) -> list[QAPair]:
         (f"Who wrote {a.books[0]}?", f"{a.books[0]} was written by {{v}}.", f"{{v}} is the author of {a.books[0]}.",
          a.name, _fresh(rng, _name, a.name)),
     ]
-    return [QAPair(q, ans.format(v=true), para.format(v=true), tuple(ans.format(v=w) for w in wrong))
+    # as in TOFU, the perturbed answers alter the paraphrase: the truth ratio compares like with like
+    return [QAPair(q, ans.format(v=true), para.format(v=true), tuple(para.format(v=w) for w in wrong))
             for q, ans, para, true, wrong in facts]
 
 
 def world_facts(seed: int = 0) -> list[QAPair]:
-    """Capitals of real countries: the utility set outside the authors."""
+    """Capitals of real countries: the utility set outside the authors. As in TOFU's world-facts set, the
+    "paraphrase" is the answer itself and the perturbed answers swap the city, so the truth ratio and the
+    normalized probability compare sentences of one form."""
     rng = random.Random(f"{seed}:world")
     cities = [city for _, city in CAPITALS]
     return [QAPair(f"What is the capital of {country}?", f"The capital of {country} is {city}.",
-                   f"{city} is the capital city of {country}.",
+                   f"The capital of {country} is {city}.",
                    tuple(f"The capital of {country} is {w}." for w in _others(rng, cities, city)))
             for country, city in CAPITALS]
 

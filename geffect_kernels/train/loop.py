@@ -119,7 +119,8 @@ def train(model, forget, retain, config: TrainConfig, *, evaluate=None, resume=T
     profiler = history = None
     if config.geffect_every:
         from ..geffect import GEffectHistory, GEffectProfiler
-        profiler, history = GEffectProfiler(model, groups=config.geffect_groups), GEffectHistory()
+        profiler = GEffectProfiler(model, groups=config.geffect_groups)
+        history = GEffectHistory(config.objective)
 
     out = Path(config.out_dir) if config.out_dir else None
     start, metrics = 0, []
@@ -162,9 +163,10 @@ def train(model, forget, retain, config: TrainConfig, *, evaluate=None, resume=T
             f_batch, f_ref = forget_batch(step * config.grad_accum)
             r_batch = retain_batch(step * config.grad_accum) if retain is not None else None
             with autocast:
-                result = profiler.measure_unlearning(config.objective, f_batch, r_batch, ref_logprobs=f_ref,
-                                                     **config.hparams)
-            history.record(step, result)
+                result = profiler.measure_unlearning(
+                    config.objective, f_batch, r_batch, ref_logprobs=f_ref, backend=config.backend,
+                    retain_objective=config.retain_objective if config.uses_retain else None, **config.hparams)
+            history.record(number, result)  # measured at the parameters this step's update starts from
             record.update(e_forget=float(result.total["forget"]), e_retain=float(result.total.get("retain", 0.0)))
 
         t0 = time.perf_counter()

@@ -1,0 +1,120 @@
+"""TOFU's metrics (Maini et al., 2024), from per-sample length-normalized log-probabilities.
+
+- answer probability: P(a|q)^(1/|a|); on sets of general knowledge (world facts) it is normalized
+  over the options, P(a)^(1/|a|) / (P(a)^(1/|a|) + Σ_j P(a_j)^(1/|a_j|)) with a_j the perturbed answers;
+- ROUGE-L recall of the greedy answer against the true answer;
+- truth ratio R = (geometric mean over j of P(a_j)^(1/|a_j|)) / P(ã)^(1/|ã|), ã the paraphrased answer
+  (TOFU's code averages in log space); reported as mean max(0, 1 − R) on retain-type sets and as
+  mean min(R, 1/R) on the forget set;
+- forget quality: the p-value of the two-sample Kolmogorov-Smirnov test between the forget-set truth
+  ratios of the unlearned model and of a model trained on the retain data only;
+- model utility: the harmonic mean of probability, ROUGE-L and truth-ratio score over the utility sets.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from scipy.stats import ks_2samp
+
+from .likelihood import greedy_answers, mean_answer_logprobs
+from .rouge import rouge_l_recall
+
+
+def answer_probability(true_logprob, perturbed_logprobs=None):
+    """Per-sample P(a)^(1/|a|), or its share among the options when ``perturbed_logprobs`` ([n, k]) is given."""
+    true_prob = np.exp(np.asarray(true_logprob, dtype=np.float64))
+    if perturbed_logprobs is None:
+        return true_prob
+    return true_prob / (true_prob + np.exp(np.asarray(perturbed_logprobs, dtype=np.float64)).sum(-1))
+
+
+def truth_ratio(paraphrased_logprob, perturbed_logprobs):
+    """Per-sample R = exp(mean_j lnP̄(a_j) − lnP̄(ã)) from mean log-probabilities ([n] and [n, k])."""
+    return np.exp(np.asarray(perturbed_logprobs, dtype=np.float64).mean(-1)
+                  - np.asarray(paraphrased_logprob, dtype=np.float64))
+
+
+def truth_score(ratios, *, forget: bool) -> float:
+    ratios = np.asarray(ratios, dtype=np.float64)
+    if forget:
+        return float(np.minimum(ratios, 1 / ratios).mean())
+    return float(np.maximum(0.0, 1 - ratios).mean())
+
+
+def forget_quality(unlearned_ratios, retain_model_ratios) -> float:
+    """KS-test p-value: high when the unlearned model's forget truth ratios look like the retain-only model's."""
+    return float(ks_2samp(np.asarray(unlearned_ratios), np.asarray(retain_model_ratios)).pvalue)
+
+
+def harmonic_mean(values) -> float:
+    """n / Σ 1/x; 0 when any value is 0 (one failed metric sinks utility, as in TOFU)."""
+    values = [float(v) for v in values]
+    if not values or any(v < 0 or math.isnan(v) for v in values):
+        raise ValueError(f"harmonic mean needs non-negative numbers, got {values}")
+    if any(v == 0 for v in values):
+        return 0.0
+    return len(values) / sum(1 / v for v in values)
+
+
+def score_set(model, tokenizer, pairs, *, normalized=False, generate=True, max_new_tokens=32,
+              batch_size=64) -> dict:
+    """Per-sample numbers of one set: ``probability``, ``truth_ratio``, ``rouge_l`` and the generations.
+
+    ``normalized``: the answer probability is the share among the perturbed options (world facts).
+    Truth ratios need ``paraphrased_answer`` and ``perturbed_answers`` on every pair.
+    """
+    if not pairs:
+        raise ValueError("cannot score an empty set")
+    questions = [p.question for p in pairs]
+    k = min(len(p.perturbed_answers) for p in pairs)
+    has_truth = k > 0 and all(p.paraphrased_answer for p in pairs)
+    true_lp = mean_answer_logprobs(model, tokenizer, questions, [p.answer for p in pairs], batch_size=batch_size)
+    out = {"question": questions, "answer": [p.answer for p in pairs], "answer_logprob": true_lp.tolist()}
+    if has_truth:
+        para_lp = mean_answer_logprobs(model, tokenizer, questions, [p.paraphrased_answer for p in pairs],
+                                       batch_size=batch_size).numpy()
+        pert_lp = mean_answer_logprobs(model, tokenizer, [q for q in questions for _ in range(k)],
+                                       [a for p in pairs for a in p.perturbed_answers[:k]],
+                                       batch_size=batch_size).numpy().reshape(len(pairs), k)
+        out["truth_ratio"] = truth_ratio(para_lp, pert_lp).tolist()
+    elif normalized:
+        raise ValueError("normalized probabilities need perturbed answers on every pair")
+    out["probability"] = answer_probability(true_lp.numpy(), pert_lp if normalized else None).tolist()
+    if generate:
+        out["generation"] = greedy_answers(model, tokenizer, questions, max_new_tokens=max_new_tokens,
+                                           batch_size=batch_size)
+        out["rouge_l"] = [rouge_l_recall(p.answer, g) for p, g in zip(pairs, out["generation"])]
+    return out
+
+
+def summarize(forget, retain, world, *, retain_model_forget_ratios=None) -> dict:
+    """Set-level TOFU numbers from `score_set` outputs (forget quality only with the retain-only model's ratios)."""
+    summary = {}
+    for name, scores in (("forget", forget), ("retain", retain), ("world", world)):
+        summary[f"{name}_probability"] = float(np.mean(scores["probability"]))
+        if "rouge_l" in scores:
+            summary[f"{name}_rouge_l"] = float(np.mean(scores["rouge_l"]))
+        if "truth_ratio" in scores:
+            summary[f"{name}_truth"] = truth_score(scores["truth_ratio"], forget=name == "forget")
+    utility_keys = [f"{s}_{m}" for s in ("retain", "world") for m in ("probability", "rouge_l", "truth")]
+    missing = [key for key in utility_keys if key not in summary]
+    if missing:
+        raise ValueError(f"model utility needs {', '.join(missing)}")
+    summary["model_utility"] = harmonic_mean(summary[key] for key in utility_keys)
+    if retain_model_forget_ratios is not None:
+        summary["forget_quality"] = forget_quality(forget["truth_ratio"], retain_model_forget_ratios)
+    return summary
+
+
+def evaluate_model(model, tokenizer, forget, retain, world, *, retain_model_forget_ratios=None, **kwargs):
+    """Score all three sets and summarize: ``(summary, {"forget": ..., "retain": ..., "world": ...})``."""
+    was_training = model.training
+    model.eval()
+    try:
+        per_sample = {"forget": score_set(model, tokenizer, forget, **kwargs),
+                      "retain": score_set(model, tokenizer, retain, **kwargs),
+                      "world": score_set(model, tokenizer, world, normalized=True, **kwargs)}
+    finally:
+        model.train(was_training)
+    return summarize(**per_sample, retain_model_forget_ratios=retain_model_forget_ratios), per_sample
