@@ -89,5 +89,5 @@ def dot_precision(dtype: torch.dtype) -> str:
 def row_block(vocab: int) -> tuple[int, int]:
     """(vocabulary block, warps) for the row-wise logits kernels."""
     if interpreting():
-        return 256, 1
+        return 1024, 1
     return (4096, 8) if vocab >= 4096 else (max(16, 1 << (vocab - 1).bit_length()), 4)
