@@ -1,13 +1,16 @@
 // The only torch code in csrc/: checks tensors, hands raw pointers to the CPU kernels (csrc/cpu) or,
 // when built with GEFFECT_WITH_CUDA, to the CUDA kernels (csrc/cuda). Per-row outputs are in the
 // compute dtype (float64 for float64 logits, float32 otherwise).
-#include <torch/extension.h>
+// ATen and torch's pybind11 casters only, not <torch/extension.h>: half the compile time.
+#include <ATen/ATen.h>
+#include <pybind11/stl.h>
+#include <torch/csrc/utils/pybind.h>
 
 #include "geffect/kernels.h"
 
 #ifdef GEFFECT_WITH_CUDA
-#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #endif
 
 namespace {
@@ -87,7 +90,7 @@ geffect::cuda::RowBatchAny cuda_batch(const Tensor& logits, const OptTensor& gra
                                       int64_t ignore_index, double softcap) {
   return {logits.data_ptr(), logits.stride(0), grad ? grad->data_ptr() : nullptr, grad ? grad->stride(0) : 0,
           labels.data_ptr<int64_t>(), ignore_index, logits.size(0), logits.size(1), softcap,
-          cuda_dtype(logits.scalar_type()), at::cuda::getCurrentCUDAStream().stream()};
+          cuda_dtype(logits.scalar_type()), c10::cuda::getCurrentCUDAStream().stream()};
 }
 
 const void* data_or_null(const OptTensor& t) { return t ? t->data_ptr() : nullptr; }
@@ -213,7 +216,7 @@ Tensor ghost_inner_product_cuda(const Tensor& grad_a, const Tensor& input_a, con
   geffect::cuda::ghost_inner_product({ga.data_ptr(), xa.data_ptr(), gb.data_ptr(), xb.data_ptr(), ga.size(0),
                                       gb.size(0), ga.size(1), xa.size(1),
                                       segment_ids ? seg.data_ptr<int64_t>() : nullptr, out.data_ptr<double>(),
-                                      cuda_dtype(ga.scalar_type()), at::cuda::getCurrentCUDAStream().stream()});
+                                      cuda_dtype(ga.scalar_type()), c10::cuda::getCurrentCUDAStream().stream()});
   return out;
 }
 #endif

@@ -31,10 +31,22 @@ struct ExpConstants<double> {
   static constexpr int kMantissa = 52, kBias = 1023, kDegree = 13;
 };
 
-constexpr double inverse_factorial_f64(int n) { return n <= 1 ? 1.0 : inverse_factorial_f64(n - 1) / n; }
+// 1/n! for n = 0..degree, computed at compile time.
+template <typename T>
+struct TaylorCoefficients {
+  static constexpr int kDegree = ExpConstants<T>::kDegree;
+  T c[kDegree + 1];
+  constexpr TaylorCoefficients() : c() {
+    double inverse_factorial = 1.0;
+    for (int n = 0; n <= kDegree; ++n) {
+      if (n > 1) inverse_factorial /= n;
+      c[n] = static_cast<T>(inverse_factorial);
+    }
+  }
+};
 
 template <typename T>
-constexpr T inverse_factorial(int n) { return static_cast<T>(inverse_factorial_f64(n)); }
+inline constexpr TaylorCoefficients<T> kTaylor{};
 
 // exp(x); exactly 0 below kLow (inputs here are shifted by the row maximum, so mostly <= 0).
 template <typename T>
@@ -45,8 +57,8 @@ inline T vexp(T x) {
   const T shifted = xc * T(1.4426950408889634) + C::kMagic;  // k + magic, k = round(x / ln2)
   const T k = shifted - C::kMagic;
   const T r = (xc - k * C::kLn2Hi) - k * C::kLn2Lo;
-  T poly = inverse_factorial<T>(C::kDegree);  // Horner on Σ r^n / n!
-  for (int n = C::kDegree - 1; n >= 0; --n) poly = poly * r + inverse_factorial<T>(n);
+  T poly = kTaylor<T>.c[C::kDegree];  // Horner on Σ r^n / n!
+  for (int n = C::kDegree - 1; n >= 0; --n) poly = poly * r + kTaylor<T>.c[n];
   Bits k_bits, magic_bits;
   std::memcpy(&k_bits, &shifted, sizeof(T));
   const T magic = C::kMagic;

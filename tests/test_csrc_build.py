@@ -1,0 +1,84 @@
+"""Building the extension: failures are cached and reported (never raised by import or availability
+checks), the CUDA sources compile with plain nvcc, and the CPU kernel's hot loops vectorize."""
+import re
+import shutil
+import subprocess
+import warnings
+
+import pytest
+import torch
+
+from geffect_kernels.csrc import build
+from geffect_kernels.ops import backend as dispatch
+from csrc_cases import require_extension
+
+
+@pytest.fixture
+def no_sources(monkeypatch, tmp_path):
+    """A fresh build state whose sources are missing, so any build fails."""
+    monkeypatch.setattr(build, "SOURCE_DIR", tmp_path)
+    monkeypatch.setattr(build, "_modules", {})
+    monkeypatch.setattr(build, "_errors", {})
+    monkeypatch.setattr(dispatch, "_loaded", {})
+    attempts = []
+    real_build = build._build
+    monkeypatch.setattr(build, "_build", lambda kind, verbose: attempts.append(kind) or real_build(kind, verbose))
+    return attempts
+
+
+def test_failed_build_is_cached_reported_and_falls_back(no_sources):
+    with pytest.warns(RuntimeWarning, match="cpu extension failed"):
+        assert build.available("cpu") is False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # reported once, not on every call
+        assert build.available("cpu") is False
+        assert dispatch.get_backend("auto", torch.device("cpu")).name == "torch"
+    assert no_sources == ["cpu"]
+    assert "sources are not at" in build.build_error("cpu")
+    with pytest.raises(RuntimeError, match="'cpu' is not available"):
+        dispatch.get_backend("cpu", torch.device("cpu"))
+
+
+def test_cuda_backend_unavailable_without_cuda_is_false_not_an_error():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    assert dispatch.get_backend("auto", torch.device("cpu")).is_available(torch.device("cuda")) is False
+
+
+def test_build_extensions_reports_what_it_built(capsys):
+    require_extension("cpu")
+    built = build.build_extensions(verbose=True)
+    assert any("geffect_cpu" in path for path in built)
+    out = capsys.readouterr().out
+    assert "geffect cpu extension:" in out and "geffect cuda extension:" in out
+
+
+@pytest.mark.parametrize("source", sorted((build.SOURCE_DIR / "cuda").glob("*.cu")), ids=lambda p: p.name)
+def test_cuda_sources_compile_with_plain_nvcc(source, tmp_path):
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        pytest.skip("nvcc is not installed")
+    result = subprocess.run([nvcc, "-std=c++17", "-gencode=arch=compute_90,code=sm_90",
+                             f"-I{build.SOURCE_DIR / 'include'}", "-c", str(source), "-o", str(tmp_path / "k.o")],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-4000:]
+
+
+def test_every_simd_loop_of_the_cpu_kernels_vectorizes(tmp_path):
+    """Each loop marked `#pragma omp simd` must appear in GCC's vectorization report (which names the
+    pragma's line, the loop's, or the first statement of its body)."""
+    compiler = shutil.which("g++")
+    if compiler is None:
+        pytest.skip("g++ is not installed")
+    source = build.SOURCE_DIR / "cpu" / "row_loss.cpp"
+    result = subprocess.run([compiler, "-std=c++17", "-O3", "-fopenmp", "-fno-trapping-math", "-mavx2", "-mfma",
+                             "-fopt-info-vec-optimized",
+                             f"-I{build.SOURCE_DIR / 'include'}", "-c", str(source), "-o", str(tmp_path / "k.o")],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-4000:]
+    lines = source.read_text().splitlines()
+    simd_loops = [i + 1 for i, line in enumerate(lines) if line.strip().startswith("#pragma omp simd")]
+    vectorized = {int(m) for m in re.findall(r"row_loss\.cpp:(\d+):\d+: optimized: loop vectorized", result.stderr)}
+    assert len(simd_loops) >= 6
+    missed = [line for line in simd_loops if not set(range(line, line + 4)) & vectorized]
+    assert not missed, f"loops not vectorized after the pragmas on lines {missed}"

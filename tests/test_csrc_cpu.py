@@ -1,0 +1,172 @@
+"""The ``cpu`` backend (C++ OpenMP row kernels + BLAS) against the float64 ``reference`` backend."""
+import pytest
+import torch
+
+import geffect_kernels as gk
+from geffect_kernels.csrc import backend as csrc_backend
+from geffect_kernels.ops.backend import get_backend
+from csrc_cases import B, IGNORE, N, T, V, assert_close, generator, grads, head_inputs, leaves, require_extension
+
+TOL = {torch.float64: 1e-11, torch.float32: 2e-5}  # float32 kernels vs the float64 truth
+
+
+@pytest.fixture(scope="module")
+def ext():
+    return require_extension("cpu")
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("bias,softcap", [(False, None), (True, 4.0)])
+def test_token_logprobs_and_backward(ext, dtype, bias, softcap):
+    h, w, b, y, _ = head_inputs(1)
+    h, w, b = leaves(h, w, b if bias else None, dtype=torch.float64)
+    expected = gk.token_logprobs(h, w, y, bias=b, softcap=softcap, backend="reference")
+    hc, wc, bc = leaves(h, w, b, dtype=dtype)
+    got = gk.token_logprobs(hc, wc, y, bias=bc, softcap=softcap, backend="cpu")
+    assert got.dtype == dtype and torch.all(got[y == IGNORE] == 0)
+    assert_close(got, expected, TOL[dtype], "logprobs")
+    upstream = torch.randn(N, dtype=torch.float64, generator=generator(2))
+    for name, g_got, g_exp in zip("hWb", grads((got * upstream.to(dtype)).sum(), (hc, wc, bc)),
+                                  grads((expected * upstream).sum(), (h, w, b))):
+        assert_close(g_got, g_exp, TOL[dtype], f"d{name}")
+
+
+@pytest.mark.parametrize("name,dtype,bias,softcap", [
+    ("ga", torch.float64, False, None), ("wga", torch.float32, True, None), ("satimp", torch.float64, True, 4.0),
+    ("satimp", torch.float32, False, None), ("tnpo", torch.float32, True, 4.0), ("wtnpo", torch.float64, False, None),
+    ("wtnpo", torch.float32, True, 4.0), ("nll", torch.float32, False, 4.0), ("npo", torch.float64, True, None),
+    ("simnpo", torch.float32, False, 4.0),
+])
+def test_objectives(ext, name, dtype, bias, softcap):
+    h, w, b, y, ref = head_inputs(3)
+    h3, w, b = leaves(h.reshape(B, T, -1), w, b if bias else None, dtype=torch.float64)
+    y2, ref2 = y.reshape(B, T), ref.reshape(B, T)
+    kw = {"ref_logprobs": ref2} if gk.OBJECTIVES[name].needs_ref else {}
+    expected = gk.unlearning_loss(name, h3, w, y2, bias=b, softcap=softcap, backend="reference", **kw)
+    hc, wc, bc = leaves(h3, w, b, dtype=dtype)
+    kw = {k: v.to(dtype) for k, v in kw.items()}
+    got = gk.unlearning_loss(name, hc, wc, y2, bias=bc, softcap=softcap, backend="cpu", **kw)
+    assert got.dtype == dtype
+    assert_close(got, expected, TOL[dtype], "loss")
+    for label, g_got, g_exp in zip("hWb", grads(got, (hc, wc, bc)), grads(expected, (h3, w, b))):
+        assert_close(g_got, g_exp, TOL[dtype], f"d{label}")
+
+
+def test_weights_vary_in_these_inputs(ext):
+    """The objective tests above mean something only if the per-token weights are far from constant."""
+    h, w, _, y, _ = head_inputs(3)
+    lp = gk.token_logprobs(h, w, y, backend="reference")
+    weights = gk.token_weights("wga", lp, mask=y != IGNORE)[y != IGNORE]
+    assert weights.max() > 10 * weights.min() > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("softcap", [None, 4.0])
+def test_kl(ext, dtype, softcap):
+    h, w, b, y, _ = head_inputs(5)
+    h_ref, w_ref, b_ref, _, _ = head_inputs(6)
+    h, w, b = leaves(h, w, b, dtype=torch.float64)
+    expected = gk.kl_loss(h, w, h_ref, w_ref, y, bias=b, ref_bias=b_ref, softcap=softcap, backend="reference")
+    hc, wc, bc = leaves(h, w, b, dtype=dtype)
+    got = gk.kl_loss(hc, wc, h_ref.to(dtype), w_ref.to(dtype), y, bias=bc, ref_bias=b_ref.to(dtype),
+                     softcap=softcap, backend="cpu")
+    assert expected > 0.1
+    assert_close(got, expected, TOL[dtype], "kl")
+    for label, g_got, g_exp in zip("hWb", grads(got, (hc, wc, bc)), grads(expected, (h, w, b))):
+        assert_close(g_got, g_exp, TOL[dtype], f"d{label}")
+
+
+def logits_inputs(seed):
+    h, w, b, y, ref = head_inputs(seed)
+    return (h @ w.T + b).detach(), y, ref
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("softcap", [None, 4.0])
+def test_token_logprobs_from_logits(ext, dtype, softcap):
+    z, y, _ = logits_inputs(7)
+    z = z.to(dtype).double()  # the reference sees exactly the values the kernel reads
+    expected = gk.token_logprobs_from_logits(z.requires_grad_(), y, softcap=softcap, backend="reference")
+    zc = z.detach().to(dtype).requires_grad_()
+    got = gk.token_logprobs_from_logits(zc, y, softcap=softcap, backend="cpu")
+    upstream = torch.randn(N, dtype=torch.float64, generator=generator(8))
+    tol = TOL.get(dtype, 2e-5)
+    assert_close(got, expected, tol, "logprobs")
+    (g_got,), (g_exp,) = grads((got * upstream.to(got.dtype)).sum(), [zc]), grads((expected * upstream).sum(), [z])
+    assert g_got.dtype == dtype
+    assert_close(g_got, g_exp, 1e-2 if dtype == torch.bfloat16 else tol, "dlogits")
+
+
+@pytest.mark.parametrize("name", ["ga", "wga", "satimp", "tnpo", "wtnpo", "nll"])
+@pytest.mark.parametrize("dtype,inplace,softcap", [
+    (torch.float64, False, None), (torch.float32, True, None), (torch.float32, False, 4.0),
+    (torch.float64, True, 4.0), (torch.bfloat16, True, None),
+])
+def test_weighted_loss_from_logits(ext, name, dtype, inplace, softcap):
+    z, y, ref = logits_inputs(9)
+    z = z.to(dtype).double().requires_grad_()
+    kw = {"ref_logprobs": ref} if gk.OBJECTIVES[name].needs_ref else {}
+    expected = gk.unlearning_loss_from_logits(name, z, y, softcap=softcap, backend="reference", **kw)
+    (g_exp,) = grads(3.0 * expected, [z])
+    leaf = z.detach().to(dtype).requires_grad_()
+    logits = leaf * 1  # a non-leaf, as a model's output would be
+    kw = {k: v.to(torch.float64 if dtype == torch.float64 else torch.float32) for k, v in kw.items()}
+    got = gk.unlearning_loss_from_logits(name, logits, y, softcap=softcap, backend="cpu", inplace=inplace, **kw)
+    (g_got,) = grads(3.0 * got, [leaf])
+    tol = TOL.get(dtype, 2e-5)
+    assert_close(got, expected, tol, "loss")
+    assert_close(g_got, g_exp, 1e-2 if dtype == torch.bfloat16 else tol, "dlogits")
+    if inplace:  # the logits buffer now holds the gradient (scaled by the upstream 3 in the backward)
+        assert_close(logits.detach(), g_exp, 1e-2 if dtype == torch.bfloat16 else tol, "buffer")
+
+
+def test_inplace_on_a_leaf_hands_over_the_buffer(ext):
+    z, y, _ = logits_inputs(10)
+    z.requires_grad_()
+    (expected,) = grads(gk.unlearning_loss_from_logits("ga", z, y, backend="reference"), [z])
+    leaf = z.detach().float().requires_grad_()
+    loss = gk.unlearning_loss_from_logits("ga", leaf, y, backend="cpu", inplace=True)
+    loss.backward()
+    assert leaf.grad.data_ptr() == leaf.data_ptr()  # no second N×V buffer
+    assert_close(leaf.grad, expected, 2e-5, "grad")
+    with pytest.raises(RuntimeError, match="only once"):
+        torch.autograd.backward(loss)
+
+
+def test_many_chunks_and_no_grad(ext, monkeypatch):
+    monkeypatch.setattr(csrc_backend, "CHUNK_BYTES", 4 * V * 7)  # 7-row chunks, the last one partial
+    h, w, b, y, _ = head_inputs(11)
+    h, w, b = leaves(h, w, b, dtype=torch.float64)
+    expected = gk.unlearning_loss("wga", h, w, y, bias=b, backend="reference")
+    hc, wc, bc = leaves(h, w, b, dtype=torch.float64)
+    got = gk.unlearning_loss("wga", hc, wc, y, bias=bc, backend="cpu")
+    assert_close(got, expected, 1e-11, "loss")
+    for label, g_got, g_exp in zip("hWb", grads(got, (hc, wc, bc)), grads(expected, (h, w, b))):
+        assert_close(g_got, g_exp, 1e-11, f"d{label}")
+    with torch.no_grad():
+        assert_close(gk.unlearning_loss("wga", h, w, y, bias=b, backend="cpu"), expected, 1e-11, "no-grad loss")
+
+
+def test_nothing_valid_gives_zero_loss_and_zero_gradients(ext):
+    h, w, _, y, _ = head_inputs(12)
+    hc, wc = leaves(h, w, dtype=torch.float32)
+    loss = gk.unlearning_loss("wga", hc, wc, torch.full_like(y, IGNORE), backend="cpu")
+    assert loss.item() == 0
+    assert all(torch.all(g == 0) for g in grads(loss, (hc, wc)))
+
+
+def test_auto_prefers_cpu_for_cpu_tensors(ext):
+    assert get_backend("auto", torch.device("cpu")).name == "cpu"
+    assert "cpu" in gk.available_backends("cpu")
+
+
+def test_binding_rejects_bad_tensors_clearly(ext):
+    z, y, _ = logits_inputs(13)
+    with pytest.raises(RuntimeError, match="float32 or float64"):
+        ext.row_logprobs(z.half(), y, IGNORE, 0.0)
+    with pytest.raises(RuntimeError, match="labels"):
+        ext.row_logprobs(z, y[:-1], IGNORE, 0.0)
+    with pytest.raises(RuntimeError, match="rows are contiguous"):
+        ext.row_logprobs(z.t(), y, IGNORE, 0.0)
+    with pytest.raises(RuntimeError, match="needs ref_logprobs"):
+        ext.row_weighted_loss(z, None, y, None, IGNORE, 0.0, 3, 1.0, 1.0, 1.0, 1.0)
