@@ -99,10 +99,12 @@ def test_fast_path_equals_generic_path(kind, objective):
     generic = profiler.measure(lambda m: hf.unlearning_loss(objective, m, forget, ref_logprobs=ref),
                                {"forget": lambda m: hf.unlearning_loss("nll", m, forget),
                                 "retain": lambda m: hf.unlearning_loss("nll", m, retain)})
+    dense_head = profiler.measure_unlearning(objective, forget, retain, ref_logprobs=ref)  # head not split by rows
     names = parameter_groups(model, "layer")
     for risk in ("forget", "retain"):
         for group, values in generic.by_group.items():
             assert fast.by_group[group][risk] == pytest.approx(values[risk], rel=1e-9, abs=1e-14)
+            assert dense_head.by_group[group][risk] == pytest.approx(values[risk], rel=1e-9, abs=1e-14)
         assert sum(fast.per_instance[risk]) == pytest.approx(fast.total[risk], rel=1e-9)
         assert len(fast.per_instance[risk]) == 3
     assert fast.losses["forget"] == pytest.approx(float(hf.unlearning_loss("nll", model, forget).detach()), rel=1e-12)

@@ -153,7 +153,9 @@ class GEffectProfiler:
         losses = {}
         forget = _Forward(self.model, forget_batch, params, backend)
         losses["objective"], coef = forget.coefficients(objective, ref_logprobs, **hparams)
-        grad_a = forget.gradient(coef, factored_head=True, retain_graph=True)
+        # The fused backward forms the head's weight gradient anyway: keep it dense (one dot per risk)
+        # unless per-instance values need it split by rows.
+        grad_a = forget.gradient(coef, factored_head=per_instance, retain_graph=True)
         losses["forget"], coef = forget.coefficients("nll")
         risk_grads = {"forget": forget.gradient(coef, factored_head=False, retain_graph=False)}
         del forget
