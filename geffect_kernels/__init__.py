@@ -4,6 +4,7 @@ The public API (see README.md): the token primitive, every objective of DESIGN Â
 representation losses, and Hugging Face helpers in ``geffect_kernels.hf``.
 """
 from . import hf
+from .geffect import GEffectHistory, GEffectProfiler, GEffectResult
 from .logprobs import token_logprobs, token_logprobs_from_logits
 from .objectives import OBJECTIVES, token_weights, unlearning_loss, unlearning_loss_from_logits
 from .ops.backend import available_backends
@@ -12,6 +13,7 @@ from .retain import kl_loss, rmu_direction, rmu_loss, rr_loss
 __version__ = "0.1.0"
 
 __all__ = [
+    "GEffectHistory", "GEffectProfiler", "GEffectResult",
     "OBJECTIVES", "available_backends", "hf", "kl_loss", "rmu_direction", "rmu_loss", "rr_loss",
     "token_logprobs", "token_logprobs_from_logits", "token_weights", "unlearning_loss",
     "unlearning_loss_from_logits",
