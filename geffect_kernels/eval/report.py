@@ -227,3 +227,34 @@ def make_report(run_dir) -> Path:
     report = run_dir / "report.md"
     report.write_text("\n".join(lines))
     return report
+
+
+def write_profile(results: dict, out_dir: Path) -> str:
+    """CSV/JSON and a per-layer bar chart of one G-effect measurement per objective; returns a printed table."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = [{"objective": name, "group": group, "risk": risk, "value": value}
+            for name, r in results.items() for group, risks in [("total", r.total), *r.by_group.items()]
+            for risk, value in risks.items()]
+    _write_csv(out_dir / "profile.csv", rows, ["objective", "group", "risk", "value"])
+    (out_dir / "profile.json").write_text(json.dumps({n: r.to_dict() for n, r in results.items()}, indent=1))
+    risks = list(dict.fromkeys(risk for r in results.values() for risk in r.total))
+    groups = list(dict.fromkeys(g for r in results.values() for g in r.by_group))
+    plt = _pyplot()
+    fig, axes = plt.subplots(len(risks), 1, figsize=(max(6, 0.5 * len(groups) * len(results)), 3.2 * len(risks)),
+                             squeeze=False)
+    width = 0.8 / len(results)
+    for ax, risk in zip(axes[:, 0], risks):
+        for k, (name, r) in enumerate(results.items()):
+            ax.bar(np.arange(len(groups)) + k * width, [r.by_group.get(g, {}).get(risk, 0.0) for g in groups],
+                   width, label=name)
+        ax.set_xticks(np.arange(len(groups)) + 0.4 - width / 2, groups, rotation=45, ha="right", fontsize=7)
+        ax.axhline(0, color="grey", lw=0.8)
+        ax.set(ylabel="G-effect", title=f"{risk} risk")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out_dir / "profile.png", dpi=110)
+    plt.close(fig)
+    lines = ["objective  " + "  ".join(f"{'e_' + risk:>12}" for risk in risks)]
+    lines += [f"{name:<10} " + "  ".join(f"{r.total.get(risk, float('nan')):12.4g}" for risk in risks)
+              for name, r in results.items()]
+    return "\n".join(lines + [f"per-layer values: {out_dir / 'profile.csv'}, plot: {out_dir / 'profile.png'}"])

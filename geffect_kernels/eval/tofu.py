@@ -88,33 +88,39 @@ def score_set(model, tokenizer, pairs, *, normalized=False, generate=True, max_n
     return out
 
 
-def summarize(forget, retain, world, *, retain_model_forget_ratios=None) -> dict:
-    """Set-level TOFU numbers from `score_set` outputs (forget quality only with the retain-only model's ratios)."""
+def summarize(forget, retain=None, world=None, *, retain_model_forget_ratios=None) -> dict:
+    """Set-level TOFU numbers from `score_set` outputs. Model utility needs probability, ROUGE-L and truth
+    ratios on every utility set given (retain, world); forget quality needs the retain-only model's ratios."""
     summary = {}
-    for name, scores in (("forget", forget), ("retain", retain), ("world", world)):
+    sets = {name: scores for name, scores in (("forget", forget), ("retain", retain), ("world", world))
+            if scores is not None}
+    for name, scores in sets.items():
         summary[f"{name}_probability"] = float(np.mean(scores["probability"]))
         if "rouge_l" in scores:
             summary[f"{name}_rouge_l"] = float(np.mean(scores["rouge_l"]))
         if "truth_ratio" in scores:
             summary[f"{name}_truth"] = truth_score(scores["truth_ratio"], forget=name == "forget")
-    utility_keys = [f"{s}_{m}" for s in ("retain", "world") for m in ("probability", "rouge_l", "truth")]
-    missing = [key for key in utility_keys if key not in summary]
-    if missing:
-        raise ValueError(f"model utility needs {', '.join(missing)}")
-    summary["model_utility"] = harmonic_mean(summary[key] for key in utility_keys)
+    utility_keys = [f"{s}_{m}" for s in ("retain", "world") if s in sets for m in ("probability", "rouge_l", "truth")]
+    if utility_keys and all(key in summary for key in utility_keys):
+        summary["model_utility"] = harmonic_mean(summary[key] for key in utility_keys)
     if retain_model_forget_ratios is not None:
         summary["forget_quality"] = forget_quality(forget["truth_ratio"], retain_model_forget_ratios)
     return summary
 
 
-def evaluate_model(model, tokenizer, forget, retain, world, *, retain_model_forget_ratios=None, **kwargs):
-    """Score all three sets and summarize: ``(summary, {"forget": ..., "retain": ..., "world": ...})``."""
+def evaluate_model(model, tokenizer, forget, retain=None, world=None, *, retain_model_forget_ratios=None, **kwargs):
+    """Score the sets given and summarize: ``(summary, {"forget": ..., "retain": ..., "world": ...})``.
+
+    ``world`` is scored with option-normalized probabilities; ``kwargs`` go to `score_set`.
+    """
     was_training = model.training
     model.eval()
     try:
-        per_sample = {"forget": score_set(model, tokenizer, forget, **kwargs),
-                      "retain": score_set(model, tokenizer, retain, **kwargs),
-                      "world": score_set(model, tokenizer, world, normalized=True, **kwargs)}
+        per_sample = {"forget": score_set(model, tokenizer, forget, **kwargs)}
+        if retain:
+            per_sample["retain"] = score_set(model, tokenizer, retain, **kwargs)
+        if world:
+            per_sample["world"] = score_set(model, tokenizer, world, normalized=True, **kwargs)
     finally:
         model.train(was_training)
     return summarize(**per_sample, retain_model_forget_ratios=retain_model_forget_ratios), per_sample

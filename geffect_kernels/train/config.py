@@ -70,16 +70,15 @@ class TrainConfig:
             raise ValueError(f"unknown training setting(s): {', '.join(sorted(unknown))}")
         return cls(**values)
 
-    @classmethod
-    def from_yaml(cls, path, **overrides) -> TrainConfig:
-        """Settings from a YAML mapping; ``overrides`` (those not None) win."""
-        import yaml
 
-        try:
-            values = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-        except (OSError, yaml.YAMLError) as err:
-            raise ValueError(f"{path}: cannot read the YAML config ({err})") from None
-        if not isinstance(values, dict):
-            raise ValueError(f"{path}: the YAML config must be a mapping of settings")
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        return cls.from_dict(values)
+def read_yaml(path) -> dict:
+    """A YAML mapping of settings; ValueError naming the file when it is unreadable or not a mapping."""
+    import yaml
+
+    try:
+        values = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as err:
+        raise ValueError(f"{path}: cannot read the YAML config ({str(err).splitlines()[0]})") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"{path}: the YAML config must be a mapping of settings")
+    return values

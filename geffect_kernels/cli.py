@@ -1,0 +1,255 @@
+"""The ``geffect`` command: demo, train, profile, report, build (``geffect COMMAND --help``).
+
+Bad input ends with one line ``geffect: error: ...`` on stderr and a non-zero exit status.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .objectives import OBJECTIVES
+
+EXIT_ERROR = 1
+
+
+class CLIError(Exception):
+    """A user-facing error: printed as one line."""
+
+
+def _hparams(pairs):
+    """``["beta=0.5", "alpha=2"]`` -> ``{"beta": 0.5, "alpha": 2.0}``."""
+    out = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        try:
+            out[key] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep or not key:
+            raise CLIError(f"--hparam takes NAME=NUMBER, got {pair!r}")
+    return out
+
+
+def _load_model(path, device="cpu"):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise CLIError(f"{path} is not a Hugging Face model directory (no config.json)")
+    try:
+        AutoConfig.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path)
+    except (ValueError, OSError, KeyError) as err:
+        raise CLIError(f"{path} does not hold a causal language model ({str(err).splitlines()[0]})") from None
+    return model.to(device)
+
+
+def _load_tokenizer(path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (ValueError, OSError) as err:
+        raise CLIError(f"no tokenizer in {path} ({str(err).splitlines()[0]}); pass --tokenizer DIR") from None
+
+
+def cmd_demo(args):
+    from .train.demo import run_demo
+
+    run_demo(args.out, quick=args.quick, progress=not args.no_progress)
+
+
+def _train_settings(args):
+    """Files, objectives and TrainConfig fields from the YAML config, overridden by the flags given."""
+    from .train.config import read_yaml
+
+    values = read_yaml(args.config) if args.config else {}
+    flags = {"model": args.model, "forget": args.forget, "retain": args.retain, "objective": args.objective,
+             "steps": args.steps, "lr": args.lr, "batch_size": args.batch_size, "grad_accum": args.grad_accum,
+             "warmup_steps": args.warmup_steps, "seed": args.seed, "geffect_every": args.geffect_every,
+             "retain_objective": args.retain_objective, "hparams": _hparams(args.hparam) or None}
+    values.update({k: v for k, v in flags.items() if v is not None})
+    files = {k: values.pop(k, None) for k in ("model", "forget", "retain")}
+    for key in ("model", "forget"):
+        if not files[key]:
+            raise CLIError(f"--{key} is required (on the command line or in --config)")
+    objectives = values.pop("objective", None) or ["ga"]
+    return files, [objectives] if isinstance(objectives, str) else list(objectives), values
+
+
+def cmd_train(args):
+    import copy
+
+    from .data import encode_pairs, load_qa
+    from .eval import evaluate_model
+    from .eval.report import make_report
+    from .train import TrainConfig, train
+
+    files, objectives, settings = _train_settings(args)
+    configs = {name: TrainConfig.from_dict({**settings, "objective": name, "progress": not args.no_progress,
+                                            "out_dir": str(Path(args.out) / "runs" / name)}) for name in objectives}
+    if any(c.uses_retain for c in configs.values()) and not files["retain"]:
+        raise CLIError("--retain FILE is required unless --retain-objective none")
+    forget_pairs = load_qa(files["forget"])
+    retain_pairs = load_qa(files["retain"]) if files["retain"] else None
+    start = _load_model(files["model"], args.device)
+    tokenizer = _load_tokenizer(args.tokenizer or files["model"])
+    forget = encode_pairs(tokenizer, forget_pairs, max_length=args.max_length)
+    retain = encode_pairs(tokenizer, retain_pairs, max_length=args.max_length) if retain_pairs else None
+    summaries = {}
+    for name, config in configs.items():
+        model = copy.deepcopy(start)
+        result = train(model, forget, retain, config)
+        tokenizer.save_pretrained(Path(config.out_dir) / "model")
+        print(f"{name}: {config.steps} steps (resumed from step {result.resumed_from}), final loss "
+              f"{result.metrics[-1]['loss']:.4f}; model in {config.out_dir}/model")
+        if args.eval:
+            summaries[name], _ = evaluate_model(model, tokenizer, forget_pairs, retain_pairs, None)
+    if summaries:
+        results = Path(args.out) / "results"
+        results.mkdir(parents=True, exist_ok=True)
+        (results / "summary.json").write_text(json.dumps(summaries, indent=1))
+    print(f"report: {make_report(args.out)}")
+
+
+def cmd_profile(args):
+    import torch
+
+    from .data import encode_pairs, load_qa
+    from .eval.report import write_profile
+    from .geffect import GEffectProfiler
+    from . import hf
+
+    hparams = _hparams(args.hparam)
+    needs_ref = [n for n in args.objective if OBJECTIVES[n].needs_ref]
+    if needs_ref and not args.reference:
+        raise CLIError(f"objective {needs_ref[0]!r} needs reference log-probabilities: pass --reference DIR "
+                       f"(the model before unlearning; may be the --model directory itself)")
+    model = _load_model(args.model, args.device)
+    tokenizer = _load_tokenizer(args.tokenizer or args.model)
+    pairs = load_qa(args.forget)[: args.samples]
+    forget = {k: v.to(args.device) for k, v in encode_pairs(tokenizer, pairs).batch(range(len(pairs))).items()}
+    retain = None
+    if args.retain:
+        r_pairs = load_qa(args.retain)[: args.samples]
+        retain = {k: v.to(args.device) for k, v in encode_pairs(tokenizer, r_pairs).batch(range(len(r_pairs))).items()}
+    ref = None
+    if needs_ref:
+        with torch.no_grad():
+            ref = hf.token_logprobs(_load_model(args.reference, args.device).eval(), forget)
+    profiler = GEffectProfiler(model, groups=args.groups)
+    results = {name: profiler.measure_unlearning(name, forget, retain, ref_logprobs=ref,
+                                                 **{k: v for k, v in hparams.items()
+                                                    if k in OBJECTIVES[name].defaults})
+               for name in args.objective}
+    print(write_profile(results, Path(args.out)))
+
+
+def cmd_report(args):
+    from .eval.report import make_report
+
+    print(f"wrote {make_report(args.run_dir)}")
+
+
+def cmd_build(args):
+    try:
+        from . import csrc
+    except ImportError as err:
+        raise CLIError(f"the C++/CUDA extension is unavailable in this install ({err})") from None
+    print(csrc.build_extensions(verbose=True))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="geffect", description="LLM unlearning with G-effect profiling.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("demo", help="offline end-to-end demo on a tiny Llama (CPU, a few minutes)",
+                       description="Fine-tune a tiny Llama on fictitious authors, unlearn 10%% of them with ga, "
+                                   "npo, wga, tnpo and wtnpo while profiling G-effects, evaluate TOFU-style and "
+                                   "write report.md, plots and CSV/JSON.")
+    p.add_argument("--quick", action="store_true", help="smaller data and fewer steps (under a minute)")
+    p.add_argument("--out", default="geffect-demo", help="output folder (default: %(default)s)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_demo)
+
+    objective_help = f"unlearning objective(s): {', '.join(OBJECTIVES)}"
+    p = sub.add_parser("train", help="unlearn on a local HF model and TOFU-format files",
+                       description="One unlearning run per objective on a local Hugging Face causal LM. Settings "
+                                   "come from flags or a YAML --config (flags win); writes OUT/runs/<objective>/ "
+                                   "(metrics.jsonl, checkpoint, model/) and OUT/report.md. A rerun resumes.")
+    p.add_argument("--model", help="Hugging Face model directory (the starting model)")
+    p.add_argument("--forget", help="forget set (TOFU-format .json/.jsonl)")
+    p.add_argument("--retain", help="retain set (TOFU-format .json/.jsonl)")
+    p.add_argument("--objective", nargs="+", choices=list(OBJECTIVES), metavar="NAME", help=objective_help)
+    p.add_argument("--retain-objective", choices=["nll", "kl", "none"], help="retain term (default nll)")
+    p.add_argument("--config", help="YAML file with any of these settings (model, forget, retain, objective, "
+                                    "steps, lr, batch_size, ...)")
+    p.add_argument("--out", default="geffect-run", help="output folder (default: %(default)s)")
+    p.add_argument("--tokenizer", help="tokenizer directory (default: the model directory)")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--grad-accum", type=int)
+    p.add_argument("--warmup-steps", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--geffect-every", type=int, help="record G-effects every k steps (0: never)")
+    p.add_argument("--hparam", nargs="*", metavar="NAME=VALUE", help="objective hyper-parameters, e.g. beta=0.5")
+    p.add_argument("--max-length", type=int, help="truncate examples to this many tokens")
+    p.add_argument("--eval", action="store_true", help="TOFU metrics on the forget and retain sets afterwards")
+    p.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("profile", help="G-effect table and plots for a model, objectives and data (no training)",
+                       description="Measure each objective's G-effects on the forget NLL (and the retain NLL with "
+                                   "--retain), per layer, at the model's current parameters.")
+    p.add_argument("--model", required=True, help="Hugging Face model directory")
+    p.add_argument("--forget", required=True, help="forget set (TOFU-format)")
+    p.add_argument("--retain", help="retain set (TOFU-format)")
+    p.add_argument("--objective", nargs="+", default=["ga"], choices=list(OBJECTIVES), metavar="NAME",
+                   help=objective_help)
+    p.add_argument("--reference", help="reference model directory (tnpo, wtnpo, npo)")
+    p.add_argument("--tokenizer", help="tokenizer directory (default: the model directory)")
+    p.add_argument("--samples", type=int, default=16, help="samples per side (default: %(default)s)")
+    p.add_argument("--groups", default="layer", choices=["layer", "component", "parameter"])
+    p.add_argument("--hparam", nargs="*", metavar="NAME=VALUE")
+    p.add_argument("--out", default="geffect-profile", help="output folder (default: %(default)s)")
+    p.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    p.set_defaults(func=cmd_profile)
+
+    p = sub.add_parser("report", help="re-make report.md and plots from a run folder's logs",
+                       description="Rebuild report.md, plots/ and results/*.csv of a demo or train output folder.")
+    p.add_argument("run_dir", help="a folder written by `geffect demo` or `geffect train`")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("build", help="build the C++/CUDA extension now (otherwise built on first use)",
+                       description="Compile the csrc extension with ninja and print what was built.")
+    p.set_defaults(func=cmd_build)
+    return parser
+
+
+def _cuda():
+    import torch
+    return torch.cuda.is_available()
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    from transformers.utils import logging as hf_logging
+
+    from .data import DataError
+    hf_logging.disable_progress_bar()
+    from .train import TrainingDiverged
+
+    try:
+        args.func(args)
+    except (CLIError, DataError, TrainingDiverged, FileExistsError, FileNotFoundError, ValueError) as err:
+        print(f"geffect: error: {str(err).splitlines()[0] if str(err) else type(err).__name__}", file=sys.stderr)
+        return EXIT_ERROR
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
