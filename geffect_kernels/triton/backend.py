@@ -1,7 +1,8 @@
 """The ``triton`` backend: CUDA tensors in float16/bfloat16/float32; CPU float32 under TRITON_INTERPRET=1.
 
 Inputs the kernels do not take (float64 anywhere; 16-bit types in the CPU interpreter, whose bf16
-arithmetic is not trustworthy) go to the chunked torch backend, which computes the same quantities.
+arithmetic is not trustworthy; empty batches) go to the chunked torch backend, which computes the same
+quantities.
 """
 import torch
 
@@ -15,7 +16,9 @@ from .logits_rowwise import LogitsLogprobs, LogitsWeightedLoss
 _FALLBACK = ChunkedBackend()
 
 
-def _kernel_dtype(t: torch.Tensor) -> bool:
+def _kernels_take(t: torch.Tensor) -> bool:
+    if t.shape[0] == 0:  # nothing to launch
+        return False
     if t.device.type == "cuda":
         return t.dtype in (torch.float16, torch.bfloat16, torch.float32)
     return t.dtype == torch.float32  # the interpreter
@@ -39,13 +42,13 @@ class TritonBackend(Backend):
         return device.type == "cpu" and interpreting()
 
     def token_logprobs(self, hidden, weight, bias, labels, *, ignore_index, softcap):
-        if not _kernel_dtype(hidden):
+        if not _kernels_take(hidden):
             return _FALLBACK.token_logprobs(hidden, weight, bias, labels, ignore_index=ignore_index, softcap=softcap)
         return HeadLogprobs.apply(_rowmajor(hidden), _rowmajor(weight), _rowmajor(bias), labels.contiguous(),
                                   ignore_index, softcap)
 
     def weighted_loss(self, hidden, weight, bias, labels, ref_logprobs, *, ignore_index, softcap, weighting, scale):
-        if not _kernel_dtype(hidden):
+        if not _kernels_take(hidden):
             return _FALLBACK.weighted_loss(hidden, weight, bias, labels, ref_logprobs, ignore_index=ignore_index,
                                            softcap=softcap, weighting=weighting, scale=scale)
         ref = None if ref_logprobs is None else ref_logprobs.float().contiguous()
@@ -54,7 +57,7 @@ class TritonBackend(Backend):
 
     def kl_divergence(self, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, *, ignore_index,
                       softcap, scale):
-        if not _kernel_dtype(hidden):
+        if not _kernels_take(hidden):
             return _FALLBACK.kl_divergence(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels,
                                            ignore_index=ignore_index, softcap=softcap, scale=scale)
         ref_bias = None if ref_bias is None else _rowmajor(ref_bias.detach())
@@ -63,13 +66,13 @@ class TritonBackend(Backend):
                              scale, _wanted(hidden, weight, bias))
 
     def token_logprobs_from_logits(self, logits, labels, *, ignore_index, softcap):
-        if not _kernel_dtype(logits):
+        if not _kernels_take(logits):
             return _FALLBACK.token_logprobs_from_logits(logits, labels, ignore_index=ignore_index, softcap=softcap)
         return LogitsLogprobs.apply(_rowmajor(logits), labels.contiguous(), ignore_index, softcap)
 
     def weighted_loss_from_logits(self, logits, labels, ref_logprobs, *, ignore_index, softcap, weighting, scale,
                                   inplace=False):
-        if not _kernel_dtype(logits):
+        if not _kernels_take(logits):
             return _FALLBACK.weighted_loss_from_logits(logits, labels, ref_logprobs, ignore_index=ignore_index,
                                                        softcap=softcap, weighting=weighting, scale=scale)
         ref = None if ref_logprobs is None else ref_logprobs.float().contiguous()

@@ -14,7 +14,7 @@ from .config import dot_precision, matmul_tiles
 from .fused_weighted import scaled
 from .linear_backward import head_grads, store_grad_tile
 from .linear_forward import vocab_splits
-from .tiles import add_bias, grouped_pid, logit_tile, soft_cap
+from .tiles import add_bias, grouped_pid, logit_tile, online_lse, soft_cap
 
 
 @triton.jit
@@ -58,9 +58,7 @@ def kl_partials_kernel(h_ptr, w_ptr, b_ptr, hr_ptr, wr_ptr, br_ptr, part_ptr, N,
         diff = tl.where(col_ok, zr - z, 0.0)
         z = tl.where(col_ok, z, float("-inf"))
         zr = tl.where(col_ok, zr, float("-inf"))
-        m_new = tl.maximum(m, tl.max(z, axis=1))
-        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new[:, None]), axis=1)
-        m = m_new
+        m, s = online_lse(m, s, z)
         m_r_new = tl.maximum(m_r, tl.max(zr, axis=1))
         rescale = tl.exp(m_r - m_r_new)
         e_r = tl.exp(zr - m_r_new[:, None])

@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .config import matmul_tiles, dot_precision
+from .config import dot_precision, matmul_tiles
 from .tiles import add_bias, grouped_pid, logit_tile, soft_cap
 from .weights import token_weight, weight_args
 
@@ -55,7 +55,8 @@ def lse_partials_kernel(h_ptr, w_ptr, b_ptr, labels_ptr, part_max_ptr, part_sum_
             r64 = rows.to(tl.int64)
             tl.store(exp_ptr + r64[:, None] * stride_e + cols[None, :], e.to(exp_ptr.dtype.element_ty),
                      mask=row_ok[:, None] & (cols[None, :] < V))
-            tl.store(tile_max_ptr + r64 * stride_t + first_tile + t, tile_max, mask=row_ok & (first_col + t * BLOCK_N < V))
+            tile_ok = first_col + t * BLOCK_N < V
+            tl.store(tile_max_ptr + r64 * stride_t + first_tile + t, tile_max, mask=row_ok & tile_ok)
         m_new = tl.maximum(m, tile_max)
         s = s * tl.exp(m - m_new) + tl.sum(e, axis=1) * tl.exp(tile_max - m_new)
         m = m_new
