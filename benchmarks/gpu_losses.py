@@ -152,7 +152,8 @@ def providers(kernel):
                 ("liger token scaling", "wga", lambda: liger_flce(token_scaling=True)),
                 ("cce default", "ga", cce), ("cce exact", "ga", lambda: cce(None))]
         return out
-    return [("naive torch", "kl", lambda: kl_package("reference")), ("torch chunked", "kl", lambda: kl_package("torch")),
+    return [("naive torch", "kl", lambda: kl_package("reference")),
+            ("torch chunked", "kl", lambda: kl_package("torch")),
             ("triton lean", "kl", lambda: kl_ours("lean")), ("triton fast", "kl", lambda: kl_ours("fast")),
             ("liger jsd beta=1", "kl", lambda: liger_jsd(1.0))]
 

@@ -36,7 +36,8 @@ def matmul_kernel(a_ptr, b_ptr, c_ptr, M, N, K, stride_am, stride_ak, stride_bk,
         acc = tl.dot(a, b, acc, input_precision=PRECISION)
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
-    c_ptrs = c_ptr + first_m * stride_cm + first_n * stride_cn + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
+    c_ptrs = (c_ptr + first_m * stride_cm + first_n * stride_cn
+              + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn)
     mask = row_ok & col_ok
     if ACCUMULATE:
         acc += tl.load(c_ptrs, mask=mask, other=0.0)
