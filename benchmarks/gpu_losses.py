@@ -105,11 +105,8 @@ def floor(h, w, y, extra):
     return z @ w, z.T @ h
 
 
-def kl_ours(mode):
-    def run(h, w, y, extra):
-        set_logits_budget(FAST_BUDGET if mode == "fast" else 0)
-        return gk.kl_loss(h, w, extra.ref_hidden, w.detach(), y, backend="triton")
-    return run
+def kl_ours():
+    return lambda h, w, y, extra: gk.kl_loss(h, w, extra.ref_hidden, w.detach(), y, backend="triton")
 
 
 def kl_package(backend):
@@ -154,7 +151,7 @@ def providers(kernel):
         return out
     return [("naive torch", "kl", lambda: kl_package("reference")),
             ("torch chunked", "kl", lambda: kl_package("torch")),
-            ("triton lean", "kl", lambda: kl_ours("lean")), ("triton fast", "kl", lambda: kl_ours("fast")),
+            ("triton lean", "kl", kl_ours),  # KL has the lean mode only
             ("liger jsd beta=1", "kl", lambda: liger_jsd(1.0))]
 
 
