@@ -174,66 +174,50 @@ class GEffectProfiler:
     @torch.no_grad()
     def _result(self, grad_a: FactoredGradient, risk_grads: dict, losses: dict, per_instance: bool
                 ) -> GEffectResult:
-        segments = _samples(grad_a) if per_instance else None
+        n_samples = _batch_size(grad_a) if per_instance else None
+        names = list(self._params())  # every profiled parameter, 0 where a gradient does not reach it
         total, by_group, instance = {}, {}, {}
         for risk, grad_b in risk_grads.items():
             group_sums = {}
-            per_sample = None if segments is None else torch.zeros(segments[1], dtype=torch.float64)
-            for name in self._params():
-                value, rows = _inner(grad_a, grad_b, name, segments)
-                group = self.groups[name]
-                group_sums[group] = group_sums.get(group, 0.0) + value
+            per_sample = torch.zeros(n_samples or 0, dtype=torch.float64)
+            for name in names:
+                value, rows = _inner(grad_a, grad_b, name, n_samples)
+                group_sums[self.groups[name]] = group_sums.get(self.groups[name], 0.0) + value
                 if rows is not None:
-                    per_sample += rows.cpu()
+                    per_sample += rows
             for group, value in group_sums.items():
                 by_group.setdefault(group, {})[risk] = value
             total[risk] = sum(group_sums.values())
-            if per_sample is not None:
-                instance[risk] = per_sample.tolist()
+            instance[risk] = per_sample.tolist()
         return GEffectResult(total, by_group, instance if per_instance else None, losses)
 
 
-def _samples(grad: FactoredGradient):
-    """(per-use sample ids by parameter, number of samples) for per-instance values."""
+def _batch_size(grad: FactoredGradient) -> int:
+    """The number of samples the objective's rows split into (every use's rows are [batch, ...])."""
     if grad.dense:
         raise ValueError("per_instance=True needs every parameter's objective gradient in factored form, but "
                          f"{', '.join(grad.dense)} are used outside the hooked layers (Linear, Conv1D, Embedding, "
                          "affine norms), e.g. by a fused loss: call the model's forward in the objective or use "
                          "measure_unlearning")
-    counts = {shape[0] for shapes in grad.rows_shapes.values() for shape in shapes if len(shape) >= 2}
-    flat = [n for n, shapes in grad.rows_shapes.items() if any(len(s) < 2 for s in shapes)]
-    if len(counts) != 1 or flat:
-        raise ValueError("per_instance=True needs [batch, ...] inputs of one batch size in every layer; "
-                         f"found batch sizes {sorted(counts)}" + (f" and flat inputs in {flat}" if flat else ""))
-    n = counts.pop()
-    ids = {}
-    for name, uses in grad.uses.items():
-        ids[name] = []
-        for use, shape in zip(uses, grad.rows_shapes[name]):
-            per_sample = use.n_rows // n
-            ids[name].append(torch.arange(use.n_rows, device=_device(use)) // per_sample)
-    return ids, n
+    shapes = [shape for shapes in grad.rows_shapes.values() for shape in shapes]
+    sizes = {shape[0] for shape in shapes}
+    if len(sizes) != 1 or any(len(shape) < 2 for shape in shapes):
+        raise ValueError("per_instance=True needs [batch, ...] inputs of one batch size in every layer; found "
+                         f"row shapes {sorted(set(shapes))}")
+    return sizes.pop()
 
 
-def _device(use):
-    return next(v for v in vars(use).values() if isinstance(v, torch.Tensor)).device
-
-
-def _inner(grad_a: FactoredGradient, grad_b: FactoredGradient, name, segments):
-    """⟨∇_a, ∇_b⟩ restricted to parameter ``name``: (float, per-sample float64 tensor or None)."""
+def _inner(grad_a: FactoredGradient, grad_b: FactoredGradient, name, n_samples=None):
+    """⟨∇_a, ∇_b⟩ restricted to parameter ``name``: (float, float64 [n_samples] on the CPU or None)."""
     parts_b = [grad_b.dense[name]] if name in grad_b.dense else grad_b.uses.get(name, [])
     if name in grad_a.dense:
         return float(sum(dense_dot(grad_a.dense[name], b) for b in parts_b)), None
-    uses_a = grad_a.uses.get(name, [])
-    if not uses_a or not parts_b:
-        return 0.0, None if segments is None else torch.zeros(segments[1], dtype=torch.float64)
-    value = 0.0
-    per_sample = None if segments is None else torch.zeros(segments[1], dtype=torch.float64)
-    for i, a in enumerate(uses_a):
+    value, per_sample = 0.0, None
+    for a in grad_a.uses.get(name, []) if parts_b else ():
         rows = sum(row_dots(a, b) for b in parts_b)
         value += float(rows.sum())
-        if per_sample is not None:
-            ids = segments[0][name][i]
-            per_sample += torch.zeros(segments[1], dtype=torch.float64, device=rows.device).index_add_(
-                0, ids, rows).cpu()
+        if n_samples:  # a use's rows are its samples' rows one after the other
+            sample = torch.arange(a.n_rows, device=rows.device) // (a.n_rows // n_samples)
+            part = torch.zeros(n_samples, dtype=torch.float64, device=rows.device).index_add_(0, sample, rows)
+            per_sample = part.cpu() if per_sample is None else per_sample + part.cpu()
     return value, per_sample
