@@ -48,8 +48,14 @@ def _to(batch, device):
     return {k: v.to(device) for k, v in batch.items()}
 
 
+class _NonFinite(ArithmeticError):
+    pass
+
+
 def _head(model, batch):
     x = hf.head_inputs(model, batch)
+    if not bool(torch.isfinite(x.hidden).all()):
+        raise _NonFinite("the hidden states hold NaN or inf")
     # under autocast the decoder may hand back another dtype than the head's; the kernels need one
     return x._replace(hidden=x.hidden.to(x.weight.dtype))
 
@@ -175,18 +181,21 @@ def train(model, forget, retain, config: TrainConfig, *, evaluate=None, resume=T
         for k in range(config.grad_accum):
             micro = step * config.grad_accum + k
             f_batch, f_ref = forget_batch(micro)
-            with autocast:
-                forget_loss = _objective_loss(config.objective, model, f_batch, config, f_ref, config.hparams)
-                retain_loss = torch.zeros((), device=device)
-                if config.uses_retain and config.retain_objective == "nll":
-                    retain_loss = _objective_loss("nll", model, retain_batch(micro), config)
-                elif config.uses_retain:
-                    retain_loss = _kl_retain_loss(model, reference, retain_batch(micro), config)
-                loss = config.forget_weight * forget_loss + config.retain_weight * retain_loss
-            if not torch.isfinite(loss):
+            try:
+                with autocast:
+                    forget_loss = _objective_loss(config.objective, model, f_batch, config, f_ref, config.hparams)
+                    retain_loss = torch.zeros((), device=device)
+                    if config.uses_retain and config.retain_objective == "nll":
+                        retain_loss = _objective_loss("nll", model, retain_batch(micro), config)
+                    elif config.uses_retain:
+                        retain_loss = _kl_retain_loss(model, reference, retain_batch(micro), config)
+                    loss = config.forget_weight * forget_loss + config.retain_weight * retain_loss
+                if not torch.isfinite(loss):
+                    raise _NonFinite(f"the loss is {loss.item()}")
+            except _NonFinite as err:
                 where = (f"the last good checkpoint is step {last_good} in {out / CHECKPOINT}" if last_good
                          else "no checkpoint was written")
-                raise TrainingDiverged(f"loss is {loss.item()} at step {number}; stopped, {where}")
+                raise TrainingDiverged(f"{err} at step {number}; stopped, {where}") from None
             (loss / config.grad_accum).backward()
             for key, value in (("loss", loss), ("forget_loss", forget_loss), ("retain_loss", retain_loss)):
                 sums[key] += float(value.detach()) / config.grad_accum

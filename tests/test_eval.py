@@ -1,0 +1,113 @@
+"""TOFU metrics against hand-computed values and against independent computations on a tiny model."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from geffect_kernels.data import QAPair, demo_data, qa_texts, train_tokenizer
+from geffect_kernels.eval import (answer_probability, evaluate_model, forget_quality, greedy_answers, harmonic_mean,
+                                  lcs_length, mean_answer_logprobs, rouge_l_recall, truth_ratio, truth_score)
+from geffect_kernels.train import tiny_llama
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny ops; extra threads only wait on a shared machine
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    data = demo_data(3, forget_fraction=0.34)
+    tokenizer = train_tokenizer(qa_texts(data.all_training), vocab_size=300)
+    return data, tokenizer, tiny_llama(tokenizer, hidden_size=32, layers=2, heads=2, intermediate_size=64, seed=1)
+
+
+def test_lcs_and_rouge_l_recall_by_hand():
+    assert lcs_length("abcbdab", "bdcaba") == 4
+    assert lcs_length([], ["a"]) == 0
+    # reference words: the cat sat on the mat (6); candidate shares "the cat on the mat" in order (5)
+    assert rouge_l_recall("The cat sat on the mat.", "the cat, on THE mat!") == pytest.approx(5 / 6)
+    assert rouge_l_recall("Paris is big", "big is Paris") == pytest.approx(1 / 3)
+    assert rouge_l_recall("", "anything") == 0.0
+    assert rouge_l_recall("a b", "") == 0.0
+
+
+def test_probability_truth_ratio_and_scores_by_hand():
+    lp = np.log([0.5, 0.25])
+    assert answer_probability(lp) == pytest.approx([0.5, 0.25])
+    perturbed = np.log([[0.25, 0.25], [0.5, 0.25]])
+    assert answer_probability(lp, perturbed) == pytest.approx([0.5 / 1.0, 0.25 / 1.0])
+    # R = geometric mean of perturbed / paraphrased: sqrt(0.25*0.25)/0.5 = 0.5; sqrt(0.5*0.25)/0.25 = sqrt(2)
+    ratios = truth_ratio(lp, perturbed)
+    assert ratios == pytest.approx([0.5, math.sqrt(2)])
+    assert truth_score(ratios, forget=False) == pytest.approx((0.5 + 0.0) / 2)
+    assert truth_score(ratios, forget=True) == pytest.approx((0.5 + 1 / math.sqrt(2)) / 2)
+
+
+def test_harmonic_mean_and_forget_quality():
+    assert harmonic_mean([1, 2, 4]) == pytest.approx(3 / (1 + 0.5 + 0.25))
+    assert harmonic_mean([0.5, 0.0]) == 0.0
+    with pytest.raises(ValueError):
+        harmonic_mean([float("nan"), 1])
+    same = np.linspace(0.1, 2, 20)
+    assert forget_quality(same, same) == pytest.approx(1.0)
+    # two disjoint samples of 20: the exact two-sided KS p-value is 2 / C(40, 20)
+    assert forget_quality(same, same + 10) == pytest.approx(2 / math.comb(40, 20), rel=1e-6)
+
+
+def test_mean_answer_logprobs_match_the_models_own_logits(tiny):
+    data, tokenizer, model = tiny
+    pairs = data.forget[:3] + data.world[:2]
+    got = mean_answer_logprobs(model, tokenizer, [p.question for p in pairs], [p.answer for p in pairs], batch_size=2)
+    from geffect_kernels.data import encode_pair
+    for value, pair in zip(got, pairs):
+        ex = encode_pair(tokenizer, pair.question, pair.answer)
+        ids, labels = torch.tensor([ex["input_ids"]]), torch.tensor(ex["labels"])
+        with torch.no_grad():
+            logp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].double(), -1)
+        target = labels[1:]
+        keep = target != -100
+        expected = logp[keep].gather(1, target[keep].unsqueeze(1)).mean()
+        assert value.item() == pytest.approx(expected.item(), abs=1e-5)
+
+
+def test_greedy_answers_match_a_manual_argmax_loop(tiny):
+    data, tokenizer, model = tiny
+    questions = [p.question for p in data.retain[:3]]
+    got = greedy_answers(model, tokenizer, questions, max_new_tokens=6, batch_size=2)
+    from geffect_kernels.data import prompt_ids
+    for text, question in zip(got, questions):
+        ids = prompt_ids(tokenizer, question)
+        for _ in range(6):
+            with torch.no_grad():
+                nxt = int(model(input_ids=torch.tensor([ids])).logits[0, -1].argmax())
+            if nxt == tokenizer.eos_token_id:
+                break
+            ids.append(nxt)
+        expected = tokenizer.decode(ids[len(prompt_ids(tokenizer, question)):], skip_special_tokens=True).strip()
+        assert text == expected
+
+
+def test_evaluate_model_summary_is_consistent_with_per_sample(tiny):
+    data, tokenizer, model = tiny
+    summary, per_sample = evaluate_model(model, tokenizer, data.forget[:4], data.retain[:4], data.world[:4],
+                                         retain_model_forget_ratios=[0.5, 1.0, 2.0, 3.0], max_new_tokens=4)
+    assert summary["forget_probability"] == pytest.approx(np.mean(per_sample["forget"]["probability"]))
+    world = per_sample["world"]
+    assert all(0 < p < 1 for p in world["probability"])
+    utility = [summary[f"{s}_{m}"] for s in ("retain", "world") for m in ("probability", "rouge_l", "truth")]
+    assert summary["model_utility"] == pytest.approx(harmonic_mean(utility))
+    assert 0 <= summary["forget_quality"] <= 1
+    with pytest.raises(ValueError, match="empty"):
+        evaluate_model(model, tokenizer, [], None, None)
+
+
+def test_normalized_probability_needs_perturbed_answers(tiny):
+    _, tokenizer, model = tiny
+    from geffect_kernels.eval import score_set
+    with pytest.raises(ValueError, match="perturbed"):
+        score_set(model, tokenizer, [QAPair("Q?", "A.")], normalized=True, generate=False)
