@@ -130,18 +130,18 @@ def _observations(summaries, trajectories, histories, layer_rows):
                      f"{negative}/{len(values)} of them.")
     for risk, label in (("forget", "unlearning"), ("retain", "retaining")):
         parts = []
-        for name, h in histories.items():
-            rows = [r for r in layer_rows if r["objective"] == name and r["risk"] == risk
-                    and _layer_index(r["group"]) is not None]
-            if rows:
-                top = max(rows, key=lambda r: abs(r["sum"]))
-                n_layers = len(rows)
-                where = "shallow half" if _layer_index(top["group"]) < n_layers / 2 else "deep half"
-                parts.append(f"{name}: {top['group']} ({where}, {_fmt(top['sum'])})")
+        for name in histories:
+            rows = [r for r in layer_rows if r["objective"] == name and r["risk"] == risk]
+            blocks = [r for r in rows if _layer_index(r["group"]) is not None]
+            if blocks:
+                top, top_block = max(rows, key=lambda r: abs(r["sum"])), max(blocks, key=lambda r: abs(r["sum"]))
+                where = "shallow" if _layer_index(top_block["group"]) < len(blocks) / 2 else "deep"
+                parts.append(f"{name}: {top['group']} overall ({_fmt(top['sum'])}), {top_block['group']} among the "
+                             f"blocks ({where} half, {_fmt(top_block['sum'])})")
         if parts:
-            lines.append(f"- **Which layers carry the largest {label} G-effects** (largest |sum| over transformer "
-                         f"blocks): " + "; ".join(parts) + ". The paper reads the layer-wise G-effects to see where "
-                         "unlearning acts and finds them uneven across depth; compare the heatmaps below.")
+            lines.append(f"- **Which layers carry the largest {label} G-effects** (largest |sum over recorded "
+                         f"steps|): " + "; ".join(parts) + ". The paper uses layer-wise G-effects to locate where "
+                         "unlearning acts; see the heatmaps above.")
     names = list(dict.fromkeys(t["objective"] for t in trajectories))
     if "ga" in names and trajectories:
         start = next(t["probe_forget_probability"] for t in trajectories if t["step"] == 0)
@@ -152,8 +152,9 @@ def _observations(summaries, trajectories, histories, layer_rows):
             others = [n for n in names if n != "ga" and at[n] is not None]
             better = [n for n in others if at[n] > at["ga"]]
             table = ", ".join(f"{n} {_fmt(at[n])}" for n in names if at[n] is not None)
-            verdict = "holds" if others and len(better) == len(others) else \
-                f"holds for {', '.join(better) or 'none'} of {', '.join(others)}"
+            worse = [n for n in others if n not in better]
+            verdict = "holds" if not worse else \
+                f"holds for {', '.join(better) or 'none of them'}, not for {', '.join(worse)}"
             lines.append(f"- **NPO and the token-weighted objectives damage retention less than GA at a matched forget "
                          f"level** — {verdict}: at forget probability {_fmt(level)} (from {_fmt(start)}) the retain "
                          f"probability is {table}.")

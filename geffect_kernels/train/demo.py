@@ -46,7 +46,7 @@ class DemoSettings:
     max_new_tokens: int = 24
 
 
-FULL = DemoSettings(n_authors=20, vocab_size=1024, hidden_size=128, layers=4, finetune_steps=220, unlearn_steps=30)
+FULL = DemoSettings(n_authors=20, vocab_size=1024, hidden_size=128, layers=4, finetune_steps=180, unlearn_steps=30)
 QUICK = DemoSettings(n_authors=10, vocab_size=768, hidden_size=64, layers=3, finetune_steps=150, unlearn_steps=12,
                      batch_size=16)
 

@@ -1,0 +1,45 @@
+"""G-effects during an existing ``transformers.Trainer`` run.
+
+    callback = GEffectCallback(forget_batch, retain_batch, objective="npo", every=10, ref_logprobs=ref)
+    Trainer(model=model, ..., callbacks=[callback]).train()
+    callback.history.to_csv("geffects.csv")
+
+At every ``every``-th step's start the profiler measures the objective's G-effects on the forget and
+retain NLL at the current parameters (fixed probe batches, so steps are comparable).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from transformers import TrainerCallback
+
+from .geffect import GEffectHistory, GEffectProfiler
+
+
+class GEffectCallback(TrainerCallback):
+    def __init__(self, forget_batch, retain_batch=None, *, objective="ga", every=10, ref_logprobs=None,
+                 groups="layer", output_dir=None, **hparams):
+        if every < 1:
+            raise ValueError(f"every must be a positive integer, got {every}")
+        self.forget_batch, self.retain_batch, self.ref_logprobs = forget_batch, retain_batch, ref_logprobs
+        self.objective, self.every, self.groups, self.hparams = objective, every, groups, hparams
+        self.output_dir = Path(output_dir) if output_dir else None
+        self.history = GEffectHistory(objective)
+        self._profiler = None
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        if state.global_step % self.every:
+            return
+        if self._profiler is None:
+            self._profiler = GEffectProfiler(model, groups=self.groups)
+        device = next(model.parameters()).device
+        move = lambda batch: batch and {k: v.to(device) for k, v in batch.items()}
+        ref = self.ref_logprobs.to(device) if self.ref_logprobs is not None else None
+        result = self._profiler.measure_unlearning(self.objective, move(self.forget_batch), move(self.retain_batch),
+                                                   ref_logprobs=ref, **self.hparams)
+        self.history.record(state.global_step, result)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.output_dir is not None and len(self.history):
+            self.history.to_json(self.output_dir / "geffects.json")
+            self.history.to_csv(self.output_dir / "geffects.csv")

@@ -1,0 +1,103 @@
+"""The `geffect` command: --help everywhere, one-line errors with a non-zero exit, and a tiny train -> report."""
+import json
+
+import pytest
+import torch
+
+from geffect_kernels.cli import main
+from geffect_kernels.data import demo_data, qa_texts, save_qa, train_tokenizer
+from geffect_kernels.train import tiny_llama
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    data = demo_data(3, forget_fraction=0.34)
+    tokenizer = train_tokenizer(qa_texts(data.all_training), vocab_size=300)
+    model = tiny_llama(tokenizer, hidden_size=32, layers=2, heads=2, intermediate_size=64)
+    model.save_pretrained(root / "model")
+    tokenizer.save_pretrained(root / "model")
+    save_qa(data.forget, root / "forget.json")
+    save_qa(data.retain, root / "retain.json")
+    return root
+
+
+def run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.mark.parametrize("command", [[], ["demo"], ["train"], ["profile"], ["report"], ["build"]])
+def test_help_on_every_command(capsys, command):
+    with pytest.raises(SystemExit) as exit_info:
+        main(command + ["--help"])
+    assert exit_info.value.code == 0
+    assert "usage: geffect" in capsys.readouterr().out
+
+
+def test_bad_input_gives_one_line_and_non_zero_exit(capsys, workspace, tmp_path):
+    (tmp_path / "empty.json").write_text("[]")
+    (tmp_path / "nofield.json").write_text('[{"question": "Q?"}]')
+    (tmp_path / "notmodel").mkdir()
+    (tmp_path / "notmodel" / "config.json").write_text('{"model_type": "bert", "vocab_size": 10}')
+    m, f, r = workspace / "model", workspace / "forget.json", workspace / "retain.json"
+    cases = [
+        (["train", "--model", m, "--forget", tmp_path / "missing.json", "--retain", r], "no such file"),
+        (["train", "--model", m, "--forget", tmp_path / "empty.json", "--retain", r], "contains no records"),
+        (["train", "--model", m, "--forget", tmp_path / "nofield.json", "--retain", r], "field 'answer' is missing"),
+        (["train", "--model", tmp_path, "--forget", f, "--retain", r], "not a Hugging Face model directory"),
+        (["train", "--model", tmp_path / "notmodel", "--forget", f, "--retain", r], "causal language model"),
+        (["train", "--model", m, "--forget", f], "--retain FILE is required"),
+        (["train", "--forget", f, "--retain", r], "--model is required"),
+        (["train", "--model", m, "--forget", f, "--retain", r, "--steps", "0"], "steps must be a positive"),
+        (["train", "--model", m, "--forget", f, "--retain", r, "--hparam", "beta"], "NAME=NUMBER"),
+        (["profile", "--model", m, "--forget", f, "--objective", "npo"], "needs reference log-probabilities"),
+        (["report", tmp_path], "not a geffect run folder"),
+    ]
+    for argv, message in cases:
+        code, out, err = run(capsys, *argv)
+        assert code != 0 and message in err and err.startswith("geffect: error:"), (argv, err)
+        assert err.count("\n") == 1, err
+    assert not (tmp_path / "geffect-run").exists()
+
+
+def test_demo_refuses_a_foreign_non_empty_folder(capsys, tmp_path):
+    (tmp_path / "precious.txt").write_text("keep me")
+    code, _, err = run(capsys, "demo", "--quick", "--out", tmp_path)
+    assert code == 1 and "not empty" in err and (tmp_path / "precious.txt").read_text() == "keep me"
+
+
+def test_train_profile_and_report_end_to_end(capsys, workspace, tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text(f"model: {workspace / 'model'}\nforget: {workspace / 'forget.json'}\n"
+                      f"retain: {workspace / 'retain.json'}\nobjective: [ga, tnpo]\nsteps: 2\nlr: 0.001\n"
+                      f"batch_size: 4\ngeffect_every: 1\n")
+    out = tmp_path / "run"
+    code, stdout, err = run(capsys, "train", "--config", config, "--out", out, "--steps", 3, "--no-progress")
+    assert code == 0, err
+    for name in ("ga", "tnpo"):
+        metrics = [json.loads(line) for line in (out / "runs" / name / "metrics.jsonl").read_text().splitlines()]
+        assert [m["step"] for m in metrics] == [1, 2, 3]  # the flag overrides the YAML's steps
+        assert (out / "runs" / name / "model" / "tokenizer.json").is_file()
+    report = (out / "report.md").read_text()
+    assert "| ga | 3 |" in report and "| tnpo | 3 |" in report and (out / "plots" / "cumulative_geffects.png").is_file()
+    (out / "report.md").unlink()
+    code, stdout, _ = run(capsys, "report", out)
+    assert code == 0 and (out / "report.md").read_text() == report
+
+    code, stdout, err = run(capsys, "profile", "--model", workspace / "model", "--forget", workspace / "forget.json",
+                            "--retain", workspace / "retain.json", "--objective", "ga", "wtnpo", "--reference",
+                            workspace / "model", "--samples", 4, "--out", tmp_path / "prof")
+    assert code == 0, err
+    rows = (tmp_path / "prof" / "profile.csv").read_text().splitlines()
+    assert rows[0] == "objective,group,risk,value" and any(r.startswith("wtnpo,layer.1,retain,") for r in rows)
+    assert "ga" in stdout and (tmp_path / "prof" / "profile.png").is_file()
