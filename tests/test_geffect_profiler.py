@@ -173,3 +173,19 @@ def test_bad_input_errors():
     model.requires_grad_(False)
     with pytest.raises(ValueError, match="requires_grad"):
         profiler.measure(hf_loss(forget), {"r": hf_loss(forget)})
+
+
+def test_inside_autocast_matches_outside():
+    """The training loop profiles under autocast: captures come in mixed dtypes, inner products stay exact."""
+    model = tiny_model("llama", torch.float32)
+    forget, retain = batch(seed=14), batch(seed=15)
+    profiler = GEffectProfiler(model)
+    plain = profiler.measure_unlearning("ga", forget, retain, per_instance=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = profiler.measure_unlearning("ga", forget, retain, per_instance=True)
+        generic = profiler.measure(hf_loss(forget, -1.0), {"retain": hf_loss(retain)})
+        (dot, scale), = materialized(model, hf_loss(forget, -1.0), hf_loss(retain),
+                                     {n: "all" for n, _ in model.named_parameters()}).values()
+    assert abs(generic.total["retain"] - dot) <= 1e-2 * scale  # same bf16 graph: bf16-level agreement
+    for risk in ("forget", "retain"):
+        assert mixed.total[risk] == pytest.approx(plain.total[risk], rel=5e-2)

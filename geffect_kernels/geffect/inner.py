@@ -92,9 +92,9 @@ def _ghost_kernel(device):
 def _gram_rows(la, ra, lb, rb):
     """Σ_j (L_a L_bᵀ)_ij (R_a R_bᵀ)_ij for every row i, tiled over i so no N_a×N_b matrix is held."""
     kernel = _ghost_kernel(la.device)
-    if kernel is not None:
+    if kernel is not None:  # one dtype for all four (under autocast, inputs and output gradients differ)
         rows = torch.arange(la.shape[0], device=la.device)
-        return kernel(la, ra, lb, rb, segment_ids=rows, num_segments=la.shape[0]).to(torch.float64)
+        return kernel(_c(la), _c(ra), _c(lb), _c(rb), segment_ids=rows, num_segments=la.shape[0])
     out = torch.empty(la.shape[0], dtype=torch.float64, device=la.device)
     tile = max(1, TILE_ELEMENTS // max(1, lb.shape[0]))
     lb_t, rb_t = _c(lb).t(), _c(rb).t()

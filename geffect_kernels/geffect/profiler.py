@@ -12,6 +12,7 @@ Dropout makes every forward different: profile in ``eval()`` mode for exact valu
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from contextlib import ExitStack
 
 import torch
 
@@ -171,9 +172,15 @@ class GEffectProfiler:
         return result
 
     # -- inner products into groups ---------------------------------------------------------------------
-    @torch.no_grad()
     def _result(self, grad_a: FactoredGradient, risk_grads: dict, losses: dict, per_instance: bool
                 ) -> GEffectResult:
+        with ExitStack() as stack:  # inner products in float32/float64 even inside the caller's autocast
+            stack.enter_context(torch.no_grad())
+            for device_type in {p.device.type for p in self.model.parameters()}:
+                stack.enter_context(torch.autocast(device_type, enabled=False))
+            return self._inner_products(grad_a, risk_grads, losses, per_instance)
+
+    def _inner_products(self, grad_a, risk_grads, losses, per_instance):
         n_samples = _batch_size(grad_a) if per_instance else None
         names = list(self._params())  # every profiled parameter, 0 where a gradient does not reach it
         total, by_group, instance = {}, {}, {}
