@@ -28,7 +28,6 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from geffect_kernels import hf
 from geffect_kernels.geffect import GEffectProfiler
 from geffect_kernels.geffect.groups import parameter_groups
 

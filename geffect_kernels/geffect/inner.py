@@ -125,7 +125,7 @@ def _unique_rows(use):
     return ids, rows.index_add_(0, inverse, _c(use.rows))
 
 
-def rows_of(b, ids):
+def _rows_of(b, ids):
     """Rows ``ids`` (sorted, unique) of the gradient ``b`` (dense, Factored or Gathered), [len(ids), q]."""
     if isinstance(b, torch.Tensor):
         return _c(b[ids])
@@ -141,7 +141,7 @@ def rows_of(b, ids):
 
 def _gathered_rows(a: Gathered, b):
     ids, inverse = torch.unique(a.ids, return_inverse=True)
-    return _row_sums(_c(a.rows) * rows_of(b, ids)[inverse])
+    return _row_sums(_c(a.rows) * _rows_of(b, ids)[inverse])
 
 
 def _factored_rows_gathered(a: Factored, b: Gathered):
