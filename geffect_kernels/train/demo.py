@@ -102,6 +102,7 @@ def _run(out_dir, settings, quick, progress, echo):
                              warmup_steps=settings.finetune_steps // 10, out_dir=str(out / "models" / name),
                              checkpoint_every=settings.finetune_steps, progress=progress)
         result = train(model, encode_pairs(tokenizer, pairs), None, config)
+        tokenizer.save_pretrained(Path(config.out_dir) / "model")  # a complete model folder for `geffect profile`
         echo(f"{name}: fine-tuned {settings.finetune_steps} steps, final loss {result.metrics[-1]['loss']:.4f}")
         return model
 
@@ -130,6 +131,7 @@ def _run(out_dir, settings, quick, progress, echo):
                              checkpoint_every=settings.unlearn_steps, out_dir=str(out / "runs" / name),
                              progress=progress)
         result = train(model, forget_set, retain_set, config, evaluate=probe)
+        tokenizer.save_pretrained(Path(config.out_dir) / "model")
         trajectories += [{"objective": name, "step": 0, **start_point}] + [
             {"objective": name, "step": m["step"], **{k: v for k, v in m.items() if k.startswith("probe_")}}
             for m in result.metrics if "probe_forget_probability" in m]
