@@ -61,6 +61,25 @@ def _title(rng):
     return f"The {rng.choice(_TITLE_ADJ)} {rng.choice(_TITLE_NOUN)}"
 
 
+def _others(rng, pool, true_value):
+    """``N_PERTURBED`` distinct wrong values of the same kind as ``true_value``."""
+    return rng.sample([v for v in pool if v != true_value], N_PERTURBED)
+
+
+def _fresh(rng, make, true_value):
+    """``N_PERTURBED`` distinct wrong values drawn from ``make(rng)``."""
+    values = []
+    while len(values) < N_PERTURBED:
+        v = make(rng)
+        if v != true_value and v not in values:
+            values.append(v)
+    return values
+
+
+def _name(rng):
+    return f"{rng.choice(_FIRST)} {rng.choice(_LAST_START)}{rng.choice(_LAST_END)}"
+
+
 def make_authors(n: int, seed: int = 0) -> list[Author]:
     """``n`` distinct fictitious authors, the same for the same ``seed``."""
     rng = random.Random(seed)
@@ -80,25 +99,6 @@ def make_authors(n: int, seed: int = 0) -> list[Author]:
             books=books, first_published=year + rng.randint(20, 35), award=rng.choice(_AWARDS),
             theme=rng.choice(_THEMES), father_job=rng.choice(_JOBS), mother_job=rng.choice(_JOBS)))
     return authors
-
-
-def _others(rng, pool, true_value):
-    """``N_PERTURBED`` distinct wrong values of the same kind as ``true_value``."""
-    return rng.sample([v for v in pool if v != true_value], N_PERTURBED)
-
-
-def _fresh(rng, make, true_value):
-    """``N_PERTURBED`` distinct wrong values drawn from ``make(rng)``."""
-    values = []
-    while len(values) < N_PERTURBED:
-        v = make(rng)
-        if v != true_value and v not in values:
-            values.append(v)
-    return values
-
-
-def _name(rng):
-    return f"{rng.choice(_FIRST)} {rng.choice(_LAST_START)}{rng.choice(_LAST_END)}"
 
 
 def author_qa(author: Author, seed: int = 0) -> list[QAPair]:

@@ -118,7 +118,7 @@ def retain_at_forget_level(trajectories, level):
     return out
 
 
-def _observations(summaries, trajectories, histories, layer_rows):
+def _observations(trajectories, histories, layer_rows):
     lines = []
     ga = histories.get("ga")
     if ga is not None and "retain" in ga.risks:
@@ -218,7 +218,7 @@ def make_report(run_dir) -> Path:
                    ["objective", "step", "probe_forget_probability", "probe_retain_probability"])
         _plot_tradeoff(trajectories, summaries, plots / "tradeoff.png")
         lines += ["## Forget vs retain trade-off", "", "![trade-off](plots/tradeoff.png)", ""]
-    observations = _observations(summaries, trajectories, histories, layer_rows)
+    observations = _observations(trajectories, histories, layer_rows)
     if observations:
         lines += ["## The paper's observations, checked on this run's numbers", "", *observations, ""]
     timing = results / "timing.json"
