@@ -85,15 +85,17 @@ def _plot_cumulative(histories, path):
 def _plot_tradeoff(trajectories, summaries, path):
     plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for name in dict.fromkeys(t["objective"] for t in trajectories):
+    names = list(dict.fromkeys(t["objective"] for t in trajectories))
+    colors = {name: f"C{i}" for i, name in enumerate(names)}  # one colour per objective in both panels
+    for name in names:
         points = [t for t in trajectories if t["objective"] == name]
         axes[0].plot([p["probe_forget_probability"] for p in points], [p["probe_retain_probability"] for p in points],
-                     marker=".", label=name)
+                     marker=".", label=name, color=colors[name])
     axes[0].set(xlabel="forget answer probability", ylabel="retain answer probability",
                 title="during unlearning (start: target model)")
     axes[0].invert_xaxis()
     for name, s in summaries.items():
-        axes[1].scatter(s["forget_probability"], s["model_utility"], label=name)
+        axes[1].scatter(s["forget_probability"], s["model_utility"], color=colors.get(name, "black"))
         axes[1].annotate(name, (s["forget_probability"], s["model_utility"]), fontsize=8)
     axes[1].set(xlabel="forget answer probability", ylabel="model utility", title="final models")
     axes[1].invert_xaxis()
