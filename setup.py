@@ -1,6 +1,32 @@
 """Installs geffect_kernels. The C++/CUDA extension is built on first use (see geffect_kernels/csrc);
-nothing here needs a compiler."""
+nothing here needs a compiler unless GEFFECT_BUILD_EXT=1 asks for an ahead-of-time build of it
+(`GEFFECT_BUILD_EXT=1 pip install --no-build-isolation -e .`; the CUDA part where torch has CUDA)."""
+import importlib.util
+import os
+from pathlib import Path
+
 from setuptools import find_packages, setup
+
+
+def extension_build():
+    """ext_modules and cmdclass for the opt-in ahead-of-time build, from the same spec as the JIT build."""
+    import torch
+    from torch.utils import cpp_extension
+
+    path = Path(__file__).parent / "geffect_kernels" / "csrc" / "build.py"
+    spec = importlib.util.spec_from_file_location("geffect_csrc_build", path)
+    build = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build)
+    kinds = ["cpu"] + (["cuda"] if torch.version.cuda and cpp_extension.CUDA_HOME else [])
+    modules = []
+    for kind in kinds:
+        s = build.extension_spec(kind)
+        make = cpp_extension.CUDAExtension if kind == "cuda" else cpp_extension.CppExtension
+        compile_args = {"cxx": s["extra_cflags"], **({"nvcc": s["extra_cuda_cflags"]} if kind == "cuda" else {})}
+        modules.append(make(f"geffect_kernels.csrc._{kind}", s["sources"], include_dirs=s["extra_include_paths"],
+                            extra_compile_args=compile_args, extra_link_args=s["extra_ldflags"]))
+    return {"ext_modules": modules, "cmdclass": {"build_ext": cpp_extension.BuildExtension}}
+
 
 setup(
     name="geffect_kernels",
@@ -24,4 +50,5 @@ setup(
     ],
     extras_require={"triton": ["triton>=3.0"], "test": ["pytest>=8", "pytest-benchmark>=4"]},
     entry_points={"console_scripts": ["geffect = geffect_kernels.cli:main"]},
+    **(extension_build() if os.environ.get("GEFFECT_BUILD_EXT") == "1" else {}),
 )

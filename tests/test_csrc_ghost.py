@@ -30,7 +30,7 @@ def weight_gradient_products(ga, xa, gb, xb, segment_ids):
     return torch.stack([((ga[segment_ids == s].T @ xa[segment_ids == s]) * grad_b).sum() for s in range(SEGMENTS)])
 
 
-@pytest.mark.parametrize("tile", [1024, 16])  # one tile; several, with partial tiles on both sides
+@pytest.mark.parametrize("tile", [2048, 16])  # one tile; several, with partial tiles on both sides
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 def test_matches_materialized_gradients(monkeypatch, tile, dtype):
     monkeypatch.setattr(ghost, "TILE_ROWS", tile)

@@ -158,7 +158,9 @@ class _LogitsWeightedLoss(torch.autograd.Function):
     def forward(ctx, ext, logits, labels, ref, ignore_index, softcap, weighting, scale, inplace, wanted):
         grad = None
         if wanted:
-            grad = logits if inplace and logits.stride(-1) == 1 else torch.empty_like(
+            # detach(): a new tensor object on the same storage, which autograd can take over as the
+            # gradient without a copy (the input object itself it would copy)
+            grad = logits.detach() if inplace and logits.stride(-1) == 1 else torch.empty_like(
                 logits, memory_format=torch.contiguous_format)
         loss = torch.zeros((), dtype=torch.float64, device=logits.device)
         for sl, z in _logit_chunks(logits):
