@@ -3,8 +3,9 @@
     python -m pytest benchmarks/test_cpu_kernels.py --benchmark-group-by=group
 
 - logits-input token loss (GA), forward+backward, N 4096, V 32000, float32: torch eager (log_softmax +
-  gather + backward) vs the C++ row kernel writing the gradient in place, called through the public
-  API (which validates the input first) and through the backend directly (the kernel alone);
+  gather + backward) and the chunked ``torch`` backend vs the C++ row kernel writing the gradient in
+  place, called through the public API (which validates the input first) and through the backend
+  directly (the kernel alone); with each variant's peak memory beyond its input (fresh process);
 - Gram ("ghost") inner product, Na = Nb = 3072, d_out = d_in = 1024, float32: two torch matmuls and an
   elementwise product vs the tiled kernel;
 - token loss over a linear head (hidden states), N 1024, H 512, V 32000: the ``cpu`` backend vs the
@@ -126,6 +127,13 @@ def api_loss(logits, labels):
     return loss
 
 
+def chunked_loss(logits, labels):
+    logits.requires_grad_()
+    loss = gk.unlearning_loss_from_logits("ga", logits, labels, backend="torch")
+    loss.backward()
+    return loss
+
+
 def kernel_loss(logits, labels):
     logits.requires_grad_()
     loss = BACKENDS["cpu"].weighted_loss_from_logits(logits, labels, None, ignore_index=-100, softcap=None,
@@ -134,8 +142,8 @@ def kernel_loss(logits, labels):
     return loss
 
 
-@pytest.mark.parametrize("variant,fn", [("torch-eager", eager_loss), ("csrc-inplace-api", api_loss),
-                                        ("csrc-inplace-kernel", kernel_loss)])
+@pytest.mark.parametrize("variant,fn", [("torch-eager", eager_loss), ("torch-backend-api", chunked_loss),
+                                        ("csrc-inplace-api", api_loss), ("csrc-inplace-kernel", kernel_loss)])
 def test_logits_loss_fwd_bwd(benchmark, logits_data, variant, fn):
     source, labels, buffer = logits_data
     benchmark.group = f"logits loss N{N} V{V} fp32"

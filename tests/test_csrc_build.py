@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from geffect_kernels.csrc import build
+from geffect_kernels.csrc.backend import BACKENDS
 from geffect_kernels.ops import backend as dispatch
 from csrc_cases import require_extension
 
@@ -26,7 +27,8 @@ def no_sources(monkeypatch, tmp_path):
     return attempts
 
 
-def test_failed_build_is_cached_reported_and_falls_back(no_sources):
+def test_failed_build_is_cached_reported_and_falls_back(no_sources, monkeypatch):
+    monkeypatch.setattr(build, "_why_not_buildable", lambda kind: None)  # a build that should work, then fails
     with pytest.warns(RuntimeWarning, match="cpu extension failed"):
         assert build.available("cpu") is False
     with warnings.catch_warnings():
@@ -34,15 +36,23 @@ def test_failed_build_is_cached_reported_and_falls_back(no_sources):
         assert build.available("cpu") is False
         assert dispatch.get_backend("auto", torch.device("cpu")).name == "torch"
     assert no_sources == ["cpu"]
-    assert "sources are not at" in build.build_error("cpu")
+    assert "binding.cpp" in build.build_error("cpu")
     with pytest.raises(RuntimeError, match="'cpu' is not available"):
         dispatch.get_backend("cpu", torch.device("cpu"))
 
 
-def test_cuda_backend_unavailable_without_cuda_is_false_not_an_error():
+def test_missing_prerequisites_mean_unavailable_quietly(no_sources):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert build.available("cpu") is False
+    assert "sources are not at" in build.build_error("cpu")
+
+
+def test_cuda_backend_without_cuda_is_unavailable_not_an_error():
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
-    assert dispatch.get_backend("auto", torch.device("cpu")).is_available(torch.device("cuda")) is False
+    assert BACKENDS["cuda"].is_available(torch.device("cuda")) is False
+    assert "cuda" not in dispatch.available_backends("cuda")
 
 
 def test_build_extensions_reports_what_it_built(capsys):

@@ -164,12 +164,12 @@ class _LogitsWeightedLoss(torch.autograd.Function):
                 logits, memory_format=torch.contiguous_format)
         loss = torch.zeros((), dtype=torch.float64, device=logits.device)
         for sl, z in _logit_chunks(logits):
-            direct = grad is not None and z.dtype == grad.dtype
-            logprobs, coef = ext.row_weighted_loss(
-                z, (grad[sl] if direct else z) if grad is not None else None, labels[sl],
-                None if ref is None else ref[sl], ignore_index, _cap(softcap), **_weighting_args(weighting, scale))
+            # the kernel writes the gradient straight into `grad`, or into a converted copy `z` first
+            target = None if grad is None else grad[sl] if z.dtype == grad.dtype else z
+            logprobs, coef = ext.row_weighted_loss(z, target, labels[sl], None if ref is None else ref[sl],
+                                                   ignore_index, _cap(softcap), **_weighting_args(weighting, scale))
             loss += (coef.double() * logprobs.double()).sum()
-            if grad is not None and not direct:
+            if target is z:
                 grad[sl] = z
         ctx.grad = grad
         return loss.to(out_dtype(logits.dtype))
@@ -223,6 +223,9 @@ class CpuBackend(_CsrcBackend):
 
 class CudaBackend(_CsrcBackend):
     name = kind = "cuda"
+
+    def is_available(self, device):
+        return torch.cuda.is_available() and super().is_available(device)
 
 
 BACKENDS = {"cpu": CpuBackend(), "cuda": CudaBackend()}

@@ -75,6 +75,10 @@ def _why_not_buildable(kind: str) -> str | None:
     return None
 
 
+class Unbuildable(RuntimeError):
+    """A prerequisite (sources, ninja, a compiler, CUDA) is missing: unavailable, quietly."""
+
+
 def _build(kind: str, verbose: bool):
     try:  # built ahead of time by setup.py
         return importlib.import_module(f"geffect_kernels.csrc._{kind}")
@@ -82,7 +86,7 @@ def _build(kind: str, verbose: bool):
         pass
     reason = _why_not_buildable(kind)
     if reason:
-        raise RuntimeError(reason)
+        raise Unbuildable(reason)
     from torch.utils import cpp_extension
 
     return cpp_extension.load(**extension_spec(kind), verbose=verbose)
@@ -99,9 +103,10 @@ def load(kind: str, verbose: bool = False):
     try:
         _modules[kind] = _build(kind, verbose)
     except Exception as exc:  # a compiler error, a missing tool, a bad cache: all mean "unavailable"
-        _errors[kind] = f"{type(exc).__name__}: {exc}".strip()
-        warnings.warn(f"geffect_kernels: building the {kind} extension failed; the '{kind}' backend is "
-                      f"unavailable ({_errors[kind][:500]})", RuntimeWarning, stacklevel=2)
+        _errors[kind] = str(exc) if isinstance(exc, Unbuildable) else f"{type(exc).__name__}: {exc}".strip()
+        if not isinstance(exc, Unbuildable):  # a build that should have worked: say so, once
+            warnings.warn(f"geffect_kernels: building the {kind} extension failed; the '{kind}' backend is "
+                          f"unavailable ({_errors[kind][:500]})", RuntimeWarning, stacklevel=2)
         raise RuntimeError(f"the geffect {kind} extension is unavailable: {_errors[kind]}") from exc
     return _modules[kind]
 
