@@ -11,12 +11,7 @@ from geffect_kernels.eval import (answer_probability, evaluate_model, forget_qua
 from geffect_kernels.train import tiny_llama
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny ops; extra threads only wait on a shared machine
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -11,12 +11,7 @@ from geffect_kernels.train import (TrainConfig, TrainingDiverged, batch_indices,
 from geffect_kernels.train.checkpoint import atomic_write_text
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny ops; extra threads only wait on a shared machine
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
