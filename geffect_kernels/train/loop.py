@@ -160,8 +160,9 @@ def train(model, forget, retain, config: TrainConfig, *, evaluate=None, resume=T
         return _to(retain.batch(idx), device)
 
     model.train()
-    bar = tqdm(range(start, config.steps), initial=start, total=config.steps, disable=not config.progress,
-               desc=f"{config.objective}", leave=False)
+    # disable=None: a bar on a terminal, none when the output is a log file or a pipe
+    bar = tqdm(range(start, config.steps), initial=start, total=config.steps, desc=f"{config.objective}",
+               disable=None if config.progress else True, leave=False)
     for step in bar:
         number = step + 1  # steps are counted from 1: "step 5" is the fifth update
         record = {"step": number, "lr": scheduler.get_last_lr()[0]}
