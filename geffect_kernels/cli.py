@@ -158,7 +158,8 @@ def cmd_build(args):
         from . import csrc
     except ImportError as err:
         raise CLIError(f"the C++/CUDA extension is unavailable in this install ({err})") from None
-    print(csrc.build_extensions(verbose=True))
+    if not csrc.build_extensions(verbose=True):  # prints one line per extension
+        raise CLIError("no extension could be built here (see the lines above)")
 
 
 def build_parser() -> argparse.ArgumentParser:
