@@ -13,11 +13,12 @@ import argparse
 import csv
 import json
 import pathlib
-import platform
 import statistics
 import subprocess
 import sys
 import time
+
+import provenance
 
 N, H, V = 4096, 512, 32000
 
@@ -92,8 +93,7 @@ def main():
             res = json.loads(out.strip().splitlines()[-1])
             runs[v]["times_ms"] += res["times_ms"]
             runs[v]["peak_mib"].append(res["peak_mib"])
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    machine = f"{platform.processor() or platform.machine()} ({platform.node()}), {__import__('os').cpu_count()} cores"
+    commit, machine = provenance.commit(), provenance.machine()
     naive_ms = statistics.median(runs["naive"]["times_ms"])
     naive_mib = max(runs["naive"]["peak_mib"])
     rows = []
@@ -114,7 +114,8 @@ def main():
         writer.writerows(rows)
     print(f"{'variant':<16} {'ms':>8} {'peak MiB':>9} {'time/naive':>10} {'mem/naive':>9}")
     for r in rows:
-        print(f"{r['provider']:<16} {r['ms_median']:>8} {r['peak_mib']:>9} {r['time_vs_naive']:>10} {r['memory_vs_naive']:>9}")
+        print(f"{r['provider']:<16} {r['ms_median']:>8} {r['peak_mib']:>9} {r['time_vs_naive']:>10} "
+              f"{r['memory_vs_naive']:>9}")
     print(f"-> {path}")
 
 

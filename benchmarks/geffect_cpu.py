@@ -18,12 +18,11 @@ from __future__ import annotations
 import argparse
 import csv
 import os
-import platform
 import statistics
-import subprocess
 import time
 from pathlib import Path
 
+import provenance
 import torch
 from torch.profiler import ProfilerActivity, profile
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -82,13 +81,6 @@ def peak_bytes(fn):
     return peak
 
 
-def commit():
-    try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True).strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="benchmarks/results/geffect_cpu.csv")
@@ -109,11 +101,11 @@ def main():
     rows = [{"method": name, "seconds": statistics.median(times[name]), "peak_mib": peak_bytes(fn) / 2**20,
              "rounds": args.rounds} for name, fn in runs.items()]
     base = {r["method"]: r for r in rows}["materialized"]
-    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
+    machine = provenance.machine()
     for r in rows:
         r.update(time_vs_materialized=r["seconds"] / base["seconds"], memory_vs_materialized=r["peak_mib"] / base["peak_mib"],
                  model=f"llama L{LAYERS} H{HIDDEN} V{VOCAB} fp32", tokens_per_side=f"{BATCH}x{TOKENS}",
-                 machine=machine, commit=commit())
+                 machine=machine, commit=provenance.commit())
         print(f"{r['method']:>20}: {r['seconds'] * 1e3:8.1f} ms ({r['time_vs_materialized']:.2f}x)  "
               f"peak {r['peak_mib']:7.1f} MiB ({r['memory_vs_materialized']:.2f}x)")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -18,9 +18,9 @@ from __future__ import annotations
 import argparse
 import csv
 import statistics
-import subprocess
 from pathlib import Path
 
+import provenance
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -130,7 +130,7 @@ def main():
     args = parser.parse_args()
     if args.check:
         check()
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    commit = provenance.commit()
     rows = []
     for shape in args.shapes.split(","):
         model = build(shape, torch.bfloat16)

@@ -20,12 +20,12 @@ import argparse
 import csv
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+import provenance
 import torch
 
 SMOKE = "--smoke" in sys.argv
@@ -39,14 +39,6 @@ RESULTS = Path(__file__).resolve().parent / "results" / "gpu_losses.csv"
 FIELDS = ["kind", "kernel", "provider", "objective", "shape", "ms_median", "ms_p20", "ms_p80", "peak_mib",
           "loss_rel_err", "grad_rel_err", "gpu", "commit"]
 FAST_BUDGET = 3 * 2**30  # fast mode: logit tiles for up to 3 GiB (N = 8192, V = 128256 fits in one chunk)
-
-
-def commit():
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).parent, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return os.environ.get("GEFFECT_COMMIT", "unknown")
 
 
 # ---------------------------------------------------------------------------------------------- inputs
@@ -210,7 +202,7 @@ def main():
     gpu = "cpu (smoke)" if args.smoke else torch.cuda.get_device_name()
     n, h = (64, 32) if args.smoke else (8192, 4096)
     vocabs = (300,) if args.smoke else ((32000,) if args.quick else (32000, 128256))
-    rev = commit()
+    rev = provenance.commit()
     rows = []
 
     def record(**row):

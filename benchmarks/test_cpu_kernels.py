@@ -16,12 +16,11 @@ benchmarks/results/cpu_kernels.csv with machine and commit. The machine is share
 less disturbed figure.
 """
 import csv
-import os
-import platform
 import subprocess
 import sys
 from pathlib import Path
 
+import provenance
 import pytest
 import torch
 
@@ -43,18 +42,10 @@ def extension_and_csv():
     write_csv(_rows)
 
 
-def machine():
-    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")), platform.machine()) if Path("/proc/cpuinfo").exists() else \
-        platform.machine()
-    return f"{model}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
-
-
 def write_csv(rows):
     if not rows:
         return
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=Path(__file__).parent).stdout.strip()
+    commit = provenance.commit()
     baselines = {r["kernel"]: r for r in rows if r["baseline"]}
     RESULTS.parent.mkdir(exist_ok=True)
     with RESULTS.open("w", newline="") as f:
@@ -67,7 +58,7 @@ def write_csv(rows):
                 "ms_min": round(r["ms_min"], 1), "ms_median": round(r["ms_median"], 1),
                 "speedup_min": round(base["ms_min"] / r["ms_min"], 2) if base else "",
                 "speedup_median": round(base["ms_median"] / r["ms_median"], 2) if base else "",
-                "extra_peak_mib": r.get("extra_peak_mib", ""), "machine": machine(), "commit": commit})
+                "extra_peak_mib": r.get("extra_peak_mib", ""), "machine": provenance.machine(), "commit": commit})
 
 
 def record(benchmark, kernel, variant, shape, baseline, **extra):

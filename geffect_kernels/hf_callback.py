@@ -5,7 +5,10 @@
     callback.history.to_csv("geffects.csv")
 
 At every ``every``-th step's start the profiler measures the objective's G-effects on the forget and
-retain NLL at the current parameters (fixed probe batches, so steps are comparable).
+retain NLL at the current parameters (fixed probe batches, so steps are comparable). It measures in
+``eval()`` mode (no dropout: exact values, and the run's random stream is left alone, so training goes
+exactly as it would without the callback) and restores each module's mode afterwards. A new ``train()``
+(a rerun, or a resume from a checkpoint) drops the records from its starting step on.
 """
 from __future__ import annotations
 
@@ -27,19 +30,31 @@ class GEffectCallback(TrainerCallback):
         self.history = GEffectHistory(objective)
         self._profiler = None
 
+    def on_train_begin(self, args, state, control, **kwargs):
+        # global_step is 0 for a new run and the checkpoint's step for a resumed one: the steps from there on
+        # are measured again (else recording them would fail, as steps must increase)
+        keep = [i for i, step in enumerate(self.history.steps) if step < state.global_step]
+        self.history.steps[:] = [self.history.steps[i] for i in keep]
+        self.history.results[:] = [self.history.results[i] for i in keep]
+
     def on_step_begin(self, args, state, control, model=None, **kwargs):
         if state.global_step % self.every:
             return
-        if self._profiler is None:
+        if self._profiler is None or self._profiler.model is not model:  # a reused callback, a new model
             self._profiler = GEffectProfiler(model, groups=self.groups)
         device = next(model.parameters()).device
         move = lambda batch: batch and {k: v.to(device) for k, v in batch.items()}
         ref = self.ref_logprobs.to(device) if self.ref_logprobs is not None else None
-        result = self._profiler.measure_unlearning(self.objective, move(self.forget_batch), move(self.retain_batch),
-                                                   ref_logprobs=ref, **self.hparams)
+        modes = {module: module.training for module in model.modules()}
+        try:
+            result = self._profiler.measure_unlearning(self.objective, move(self.forget_batch),
+                                                       move(self.retain_batch), ref_logprobs=ref, **self.hparams)
+        finally:
+            for module, training in modes.items():
+                module.training = training
         self.history.record(state.global_step, result)
 
     def on_train_end(self, args, state, control, **kwargs):
-        if self.output_dir is not None and len(self.history):
+        if self.output_dir is not None and len(self.history) and state.is_world_process_zero:
             self.history.to_json(self.output_dir / "geffects.json")
             self.history.to_csv(self.output_dir / "geffects.csv")

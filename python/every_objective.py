@@ -41,9 +41,14 @@ for name in gk.OBJECTIVES:
     weights = gk.token_weights(name, logprobs, ref_logprobs if gk.OBJECTIVES[name].needs_ref else None, mask=mask)
     print(f"{name:<8} {loss.item():>10.4f} {grad_norm.item():>10.4f} {weights[mask].mean().item():>9.2e} {ms:>7.1f}")
 
-hidden = hf.head_inputs(model, batch)
+# Retain and representation losses compare the model with the reference: take one SGD step (on the
+# last objective's gradient) so that the two differ.
 with torch.no_grad():
+    for p in model.parameters():
+        p -= 0.05 * p.grad
     ref_hidden = hf.final_hidden_states(reference, input_ids)
-print(f"kl       {gk.kl_loss(hidden.hidden, hidden.weight, ref_hidden, hidden.weight.detach(), hidden.labels, shift=True).item():>10.4f}")
-print(f"rmu      {gk.rmu_loss(hidden.hidden, gk.rmu_direction(config.hidden_size), coeff=6.5).item():>10.4f}")
-print(f"rr       {gk.rr_loss(hidden.hidden, ref_hidden).item():>10.4f}")
+x = hf.head_inputs(model, batch)
+kl = gk.kl_loss(x.hidden, x.weight, ref_hidden, reference.lm_head.weight, x.labels, shift=True)
+print(f"kl       {kl.item():>10.4f}")
+print(f"rmu      {gk.rmu_loss(x.hidden, gk.rmu_direction(config.hidden_size), coeff=6.5).item():>10.4f}")
+print(f"rr       {gk.rr_loss(x.hidden, ref_hidden).item():>10.4f}")
