@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from ..inputs import out_dtype
 from ..ops.backend import Backend
-from ..ops.chunked import CHUNK_BYTES, _Grads, _scaled, _wanted
+from ..ops.chunked import CHUNK_BYTES, GradBuffers, scaled_grads, grads_wanted
 from . import build
 
 _WEIGHT_CODES = {"one": 0, "wga": 1, "satimp": 2, "tnpo": 3, "wtnpo": 4}  # csrc/include/geffect/math.h
@@ -64,7 +64,7 @@ class _Logprobs(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         hidden, weight, bias, labels, lse = ctx.saved_tensors
-        grads = _Grads(hidden, weight, bias, ctx.needs_input_grad[1:4])
+        grads = GradBuffers(hidden, weight, bias, ctx.needs_input_grad[1:4])
         coef = grad_out.to(lse.dtype).contiguous()
         for sl in _chunks(hidden.shape[0], weight.shape[0]):
             z = _head_logits(hidden[sl], weight, bias)
@@ -78,7 +78,7 @@ class _WeightedLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, ext, hidden, weight, bias, labels, ref, ignore_index, softcap, weighting, scale, wanted):
-        grads = _Grads(hidden, weight, bias, wanted)
+        grads = GradBuffers(hidden, weight, bias, wanted)
         loss = torch.zeros((), dtype=torch.float64, device=hidden.device)
         for sl in _chunks(hidden.shape[0], weight.shape[0]):
             z = _head_logits(hidden[sl], weight, bias)
@@ -93,7 +93,7 @@ class _WeightedLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        return (None, *_scaled(ctx.grads, grad_out), *([None] * 7))
+        return (None, *scaled_grads(ctx.grads, grad_out), *([None] * 7))
 
 
 class _KL(torch.autograd.Function):
@@ -102,7 +102,7 @@ class _KL(torch.autograd.Function):
     @staticmethod
     def forward(ctx, ext, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, ignore_index, softcap,
                 scale, wanted):
-        grads = _Grads(hidden, weight, bias, wanted)
+        grads = GradBuffers(hidden, weight, bias, wanted)
         loss = torch.zeros((), dtype=torch.float64, device=hidden.device)
         for sl in _chunks(hidden.shape[0], weight.shape[0]):
             z = _head_logits(hidden[sl], weight, bias)
@@ -116,7 +116,7 @@ class _KL(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        return (None, *_scaled(ctx.grads, grad_out), *([None] * 8))
+        return (None, *scaled_grads(ctx.grads, grad_out), *([None] * 8))
 
 
 def _logit_chunks(logits):
@@ -200,13 +200,13 @@ class _CsrcBackend(Backend):
 
     def weighted_loss(self, hidden, weight, bias, labels, ref_logprobs, *, ignore_index, softcap, weighting, scale):
         return _WeightedLoss.apply(self.ext, hidden, weight, bias, labels, ref_logprobs, ignore_index, softcap,
-                                   weighting, scale, _wanted(hidden, weight, bias))
+                                   weighting, scale, grads_wanted(hidden, weight, bias))
 
     def kl_divergence(self, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, *, ignore_index, softcap,
                       scale):
         return _KL.apply(self.ext, hidden, weight, bias, ref_hidden.detach(), ref_weight.detach(),
                          None if ref_bias is None else ref_bias.detach(), labels, ignore_index, softcap, scale,
-                         _wanted(hidden, weight, bias))
+                         grads_wanted(hidden, weight, bias))
 
     def token_logprobs_from_logits(self, logits, labels, *, ignore_index, softcap):
         return _LogitsLogprobs.apply(self.ext, logits, labels, ignore_index, softcap)
@@ -214,7 +214,7 @@ class _CsrcBackend(Backend):
     def weighted_loss_from_logits(self, logits, labels, ref_logprobs, *, ignore_index, softcap, weighting, scale,
                                   inplace=False):
         return _LogitsWeightedLoss.apply(self.ext, logits, labels, ref_logprobs, ignore_index, softcap, weighting,
-                                         scale, inplace, _wanted(logits)[0])
+                                         scale, inplace, grads_wanted(logits)[0])
 
 
 class CpuBackend(_CsrcBackend):

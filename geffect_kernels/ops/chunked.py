@@ -67,8 +67,8 @@ def _recomputed_grad_logits(z, lse, coef, labels, dtanh):
     return _grad_logits_(z.sub_(lse.unsqueeze(1)).exp_(), 1.0, coef, labels, dtanh)
 
 
-class _Grads:
-    """Gradient buffers for hidden, weight, bias (None where not wanted); dW/db accumulate in float32+."""
+class GradBuffers:
+    """Shared by the backends that produce gradients chunk by chunk. Gradient buffers for hidden, weight, bias (None where not wanted); dW/db accumulate in float32+."""
 
     def __init__(self, hidden, weight, bias, wanted):
         acc = out_dtype(hidden.dtype)
@@ -93,7 +93,7 @@ class _Grads:
                 None if self.db is None else self.db.to(bias.dtype)]
 
 
-def _scaled(grads, grad_out):
+def scaled_grads(grads, grad_out):
     """Backward of a loss whose gradients the forward already produced: scale by the upstream scalar."""
     return [None if g is None else g * grad_out.to(g.dtype) for g in grads]
 
@@ -115,7 +115,7 @@ class ChunkedLogprobs(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         hidden, weight, bias, safe, valid, lse = ctx.saved_tensors
-        grads = _Grads(hidden, weight, bias, ctx.needs_input_grad)
+        grads = GradBuffers(hidden, weight, bias, ctx.needs_input_grad)
         coef_all = torch.where(valid, grad_out, 0)
         for sl in _chunks(hidden.shape[0], weight.shape[0]):
             z, dtanh = _logits(hidden[sl], weight, bias, ctx.softcap)
@@ -130,7 +130,7 @@ class FusedWeightedLoss(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, labels, ref, ignore_index, softcap, weighting, scale, wanted):
         valid = labels != ignore_index
         safe = torch.where(valid, labels, 0)
-        grads = _Grads(hidden, weight, bias, wanted)
+        grads = GradBuffers(hidden, weight, bias, wanted)
         loss = torch.zeros((), dtype=out_dtype(hidden.dtype), device=hidden.device)
         for sl in _chunks(hidden.shape[0], weight.shape[0]):
             z, dtanh = _logits(hidden[sl], weight, bias, softcap)
@@ -145,7 +145,7 @@ class FusedWeightedLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        return (*_scaled(ctx.grads, grad_out), *([None] * 7))
+        return (*scaled_grads(ctx.grads, grad_out), *([None] * 7))
 
 
 class FusedKL(torch.autograd.Function):
@@ -155,7 +155,7 @@ class FusedKL(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, ignore_index,
                 softcap, scale, wanted):
         valid = labels != ignore_index
-        grads = _Grads(hidden, weight, bias, wanted)
+        grads = GradBuffers(hidden, weight, bias, wanted)
         loss = torch.zeros((), dtype=out_dtype(hidden.dtype), device=hidden.device)
         for sl in _chunks(hidden.shape[0], weight.shape[0]):
             z, dtanh = _logits(hidden[sl], weight, bias, softcap)
@@ -173,7 +173,7 @@ class FusedKL(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        return (*_scaled(ctx.grads, grad_out), *([None] * 8))
+        return (*scaled_grads(ctx.grads, grad_out), *([None] * 8))
 
 
 class ChunkedLogitsLogprobs(torch.autograd.Function):
@@ -201,7 +201,8 @@ class ChunkedLogitsLogprobs(torch.autograd.Function):
         return grad, None, None, None
 
 
-def _wanted(*tensors):
+def grads_wanted(*tensors):
+    """Which of these inputs need a gradient (decided outside the Function, where grad mode is visible)."""
     return tuple(torch.is_grad_enabled() and t is not None and t.requires_grad for t in tensors)
 
 
@@ -217,13 +218,13 @@ class ChunkedBackend(Backend):
     def weighted_loss(self, hidden, weight, bias, labels, ref_logprobs, *, ignore_index, softcap,
                       weighting, scale):
         return FusedWeightedLoss.apply(hidden, weight, bias, labels, ref_logprobs, ignore_index, softcap,
-                                       weighting, scale, _wanted(hidden, weight, bias))
+                                       weighting, scale, grads_wanted(hidden, weight, bias))
 
     def kl_divergence(self, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, *,
                       ignore_index, softcap, scale):
         return FusedKL.apply(hidden, weight, bias, ref_hidden.detach(), ref_weight.detach(),
                              None if ref_bias is None else ref_bias.detach(), labels, ignore_index,
-                             softcap, scale, _wanted(hidden, weight, bias))
+                             softcap, scale, grads_wanted(hidden, weight, bias))
 
     def token_logprobs_from_logits(self, logits, labels, *, ignore_index, softcap):
         return ChunkedLogitsLogprobs.apply(logits, labels, ignore_index, softcap)

@@ -7,7 +7,7 @@ quantities.
 import torch
 
 from ..ops.backend import Backend
-from ..ops.chunked import ChunkedBackend
+from ..ops.chunked import ChunkedBackend, grads_wanted
 from .config import interpreting
 from .fused_weighted import FusedWeightedLoss, HeadLogprobs
 from .kl import FusedKL
@@ -26,10 +26,6 @@ def _kernels_take(t: torch.Tensor) -> bool:
 
 def _rowmajor(t):
     return None if t is None else (t if t.stride(-1) == 1 else t.contiguous())
-
-
-def _wanted(*tensors):
-    return tuple(torch.is_grad_enabled() and t is not None and t.requires_grad for t in tensors)
 
 
 class TritonBackend(Backend):
@@ -53,7 +49,7 @@ class TritonBackend(Backend):
                                            softcap=softcap, weighting=weighting, scale=scale)
         ref = None if ref_logprobs is None else ref_logprobs.float().contiguous()
         return FusedWeightedLoss.apply(_rowmajor(hidden), _rowmajor(weight), _rowmajor(bias), labels.contiguous(),
-                                       ref, ignore_index, softcap, weighting, scale, _wanted(hidden, weight, bias))
+                                       ref, ignore_index, softcap, weighting, scale, grads_wanted(hidden, weight, bias))
 
     def kl_divergence(self, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, *, ignore_index,
                       softcap, scale):
@@ -63,7 +59,7 @@ class TritonBackend(Backend):
         ref_bias = None if ref_bias is None else _rowmajor(ref_bias.detach())
         return FusedKL.apply(_rowmajor(hidden), _rowmajor(weight), _rowmajor(bias), _rowmajor(ref_hidden.detach()),
                              _rowmajor(ref_weight.detach()), ref_bias, labels.contiguous(), ignore_index, softcap,
-                             scale, _wanted(hidden, weight, bias))
+                             scale, grads_wanted(hidden, weight, bias))
 
     def token_logprobs_from_logits(self, logits, labels, *, ignore_index, softcap):
         if not _kernels_take(logits):
@@ -76,7 +72,7 @@ class TritonBackend(Backend):
             return _FALLBACK.weighted_loss_from_logits(logits, labels, ref_logprobs, ignore_index=ignore_index,
                                                        softcap=softcap, weighting=weighting, scale=scale)
         ref = None if ref_logprobs is None else ref_logprobs.float().contiguous()
-        wanted = _wanted(logits)[0]
+        wanted = grads_wanted(logits)[0]
         # in place only where the caller's buffer itself is the gradient's home (not a copy made here)
         inplace = inplace and wanted and logits.stride(-1) == 1
         return LogitsWeightedLoss.apply(_rowmajor(logits), labels.contiguous(), ref, ignore_index, softcap, weighting,
