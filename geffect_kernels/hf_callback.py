@@ -46,6 +46,7 @@ class GEffectCallback(TrainerCallback):
         move = lambda batch: batch and {k: v.to(device) for k, v in batch.items()}
         ref = self.ref_logprobs.to(device) if self.ref_logprobs is not None else None
         modes = {module: module.training for module in model.modules()}
+        model.eval()
         try:
             result = self._profiler.measure_unlearning(self.objective, move(self.forget_batch),
                                                        move(self.retain_batch), ref_logprobs=ref, **self.hparams)

@@ -1,19 +1,17 @@
-"""`GEffectCallback` inside a real `transformers.Trainer` run (needs `accelerate`): what it records, at which
-parameters, and that it leaves the model and the training run as they would be without it."""
+"""`GEffectCallback` inside a real `transformers.Trainer` run (`Trainer` needs `accelerate`): what it records,
+at which parameters, and that it leaves the model and the training run as they would be without it."""
 import copy
 import math
 
 import pytest
 import torch
+from transformers import Trainer, TrainerCallback, TrainingArguments
 
-pytest.importorskip("accelerate")
-from transformers import Trainer, TrainerCallback, TrainingArguments  # noqa: E402
-
-from geffect_kernels import hf  # noqa: E402
-from geffect_kernels.data import collate, demo_data, encode_pairs, qa_texts, train_tokenizer  # noqa: E402
-from geffect_kernels.geffect import GEffectHistory, GEffectProfiler  # noqa: E402
-from geffect_kernels.hf_callback import GEffectCallback  # noqa: E402
-from geffect_kernels.train import tiny_llama  # noqa: E402
+from geffect_kernels import hf
+from geffect_kernels.data import collate, demo_data, encode_pairs, qa_texts, train_tokenizer
+from geffect_kernels.geffect import GEffectHistory, GEffectProfiler
+from geffect_kernels.hf_callback import GEffectCallback
+from geffect_kernels.train import tiny_llama
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

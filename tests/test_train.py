@@ -153,23 +153,3 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
         atomic_write(path, failing)
     assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["f.txt"]
 
-
-def test_trainer_callback_records_geffects(setup, tmp_path):
-    # Trainer itself needs `accelerate` (not in this environment): drive the callback's hooks as Trainer does
-    from transformers import TrainerControl, TrainerState
-
-    from geffect_kernels.hf_callback import GEffectCallback
-    tokenizer, forget, retain = setup
-    model = model_of(tokenizer)
-    callback = GEffectCallback(forget.batch(range(4)), retain.batch(range(4)), objective="ga", every=2,
-                               output_dir=tmp_path)
-    state, control = TrainerState(), TrainerControl()
-    for step in range(4):
-        state.global_step = step
-        callback.on_step_begin(None, state, control, model=model)
-    callback.on_train_end(None, state, control)
-    assert callback.history.steps == [0, 2] and set(callback.history.risks) == {"forget", "retain"}
-    from geffect_kernels.geffect import GEffectProfiler
-    direct = GEffectProfiler(model).measure_unlearning("ga", forget.batch(range(4)), retain.batch(range(4)))
-    assert callback.history.per_step("forget")[-1] == pytest.approx(direct.total["forget"], rel=1e-6)
-    assert (tmp_path / "geffects.csv").is_file()
