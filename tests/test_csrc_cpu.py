@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import geffect_kernels as gk
-from geffect_kernels.csrc import backend as csrc_backend
+from geffect_kernels.ops import chunked
 from geffect_kernels.ops.backend import get_backend
 from csrc_cases import B, IGNORE, N, T, V, assert_close, generator, grads, head_inputs, leaves, require_extension
 
@@ -134,7 +134,7 @@ def test_inplace_on_a_leaf_hands_over_the_buffer(ext):
 
 
 def test_many_chunks_and_no_grad(ext, monkeypatch):
-    monkeypatch.setattr(csrc_backend, "CHUNK_BYTES", 4 * V * 7)  # 7-row chunks, the last one partial
+    monkeypatch.setattr(chunked, "CHUNK_BYTES", 4 * V * 7)  # 7-row chunks, the last one partial
     h, w, b, y, _ = head_inputs(11)
     h, w, b = leaves(h, w, b, dtype=torch.float64)
     expected = gk.unlearning_loss("wga", h, w, y, bias=b, backend="reference")

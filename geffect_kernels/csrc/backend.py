@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from ..inputs import out_dtype
 from ..ops.backend import Backend
-from ..ops.chunked import CHUNK_BYTES, GradBuffers, scaled_grads, grads_wanted
+from ..ops.chunked import GradBuffers, grads_wanted, row_chunks, scaled_grads
 from . import build
 
 _WEIGHT_CODES = {"one": 0, "wga": 1, "satimp": 2, "tnpo": 3, "wtnpo": 4}  # csrc/include/geffect/math.h
@@ -37,12 +37,6 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _chunks(n_rows: int, vocab: int):
-    step = max(1, CHUNK_BYTES // (4 * max(vocab, 1)))
-    for start in range(0, n_rows, step):
-        yield slice(start, min(start + step, n_rows))
-
-
 def _head_logits(h, weight, bias):
     """A chunk's logits by BLAS, in the dtype the row kernel reads (a fresh buffer it may overwrite)."""
     z = F.linear(h, weight, bias)
@@ -54,7 +48,7 @@ class _Logprobs(torch.autograd.Function):
     def forward(ctx, ext, hidden, weight, bias, labels, ignore_index, softcap):
         out = torch.empty(labels.shape, dtype=out_dtype(hidden.dtype), device=hidden.device)
         lse = torch.empty_like(out)
-        for sl in _chunks(hidden.shape[0], weight.shape[0]):
+        for sl in row_chunks(hidden.shape[0], weight.shape[0]):
             out[sl], lse[sl] = ext.row_logprobs(_head_logits(hidden[sl], weight, bias), labels[sl], ignore_index,
                                                 _cap(softcap))
         ctx.save_for_backward(hidden, weight, bias, labels, lse)
@@ -66,7 +60,7 @@ class _Logprobs(torch.autograd.Function):
         hidden, weight, bias, labels, lse = ctx.saved_tensors
         grads = GradBuffers(hidden, weight, bias, ctx.needs_input_grad[1:4])
         coef = grad_out.to(lse.dtype).contiguous()
-        for sl in _chunks(hidden.shape[0], weight.shape[0]):
+        for sl in row_chunks(hidden.shape[0], weight.shape[0]):
             z = _head_logits(hidden[sl], weight, bias)
             ctx.ext.row_grad(z, z, labels[sl], lse[sl], coef[sl], ctx.ignore_index, _cap(ctx.softcap))
             grads.add(z, sl, hidden, weight)
@@ -80,7 +74,7 @@ class _WeightedLoss(torch.autograd.Function):
     def forward(ctx, ext, hidden, weight, bias, labels, ref, ignore_index, softcap, weighting, scale, wanted):
         grads = GradBuffers(hidden, weight, bias, wanted)
         loss = torch.zeros((), dtype=torch.float64, device=hidden.device)
-        for sl in _chunks(hidden.shape[0], weight.shape[0]):
+        for sl in row_chunks(hidden.shape[0], weight.shape[0]):
             z = _head_logits(hidden[sl], weight, bias)
             logprobs, coef = ext.row_weighted_loss(z, z if any(wanted) else None, labels[sl],
                                                    None if ref is None else ref[sl], ignore_index, _cap(softcap),
@@ -104,7 +98,7 @@ class _KL(torch.autograd.Function):
                 scale, wanted):
         grads = GradBuffers(hidden, weight, bias, wanted)
         loss = torch.zeros((), dtype=torch.float64, device=hidden.device)
-        for sl in _chunks(hidden.shape[0], weight.shape[0]):
+        for sl in row_chunks(hidden.shape[0], weight.shape[0]):
             z = _head_logits(hidden[sl], weight, bias)
             z_ref = _head_logits(ref_hidden[sl], ref_weight, ref_bias)
             kl = ext.row_kl(z, z_ref, z if any(wanted) else None, labels[sl], ignore_index, _cap(softcap), scale)
@@ -124,7 +118,7 @@ def _logit_chunks(logits):
     converted copies chunk by chunk."""
     if _kernel_dtype(logits) == logits.dtype:
         return [(slice(None), _rows(logits))]
-    return [(sl, logits[sl].to(_kernel_dtype(logits))) for sl in _chunks(*logits.shape)]
+    return [(sl, logits[sl].to(_kernel_dtype(logits))) for sl in row_chunks(*logits.shape)]
 
 
 class _LogitsLogprobs(torch.autograd.Function):

@@ -17,8 +17,9 @@ from .backend import Backend
 CHUNK_BYTES = 64 * 2**20
 
 
-def _chunks(n_rows: int, vocab: int):
-    step = max(1, CHUNK_BYTES // (4 * vocab))
+def row_chunks(n_rows: int, vocab: int):
+    """Slices of rows whose float32 logits fit in CHUNK_BYTES."""
+    step = max(1, CHUNK_BYTES // (4 * max(vocab, 1)))
     for start in range(0, n_rows, step):
         yield slice(start, min(start + step, n_rows))
 
@@ -105,7 +106,7 @@ class ChunkedLogprobs(torch.autograd.Function):
         safe = torch.where(valid, labels, 0)
         out = torch.empty(labels.shape, dtype=out_dtype(hidden.dtype), device=hidden.device)
         lse = torch.empty_like(out)
-        for sl in _chunks(hidden.shape[0], weight.shape[0]):
+        for sl in row_chunks(hidden.shape[0], weight.shape[0]):
             z, _ = _logits(hidden[sl], weight, bias, softcap)
             out[sl], lse[sl], _ = _logprobs_(z, safe[sl], valid[sl])
         ctx.save_for_backward(hidden, weight, bias, safe, valid, lse)
@@ -117,7 +118,7 @@ class ChunkedLogprobs(torch.autograd.Function):
         hidden, weight, bias, safe, valid, lse = ctx.saved_tensors
         grads = GradBuffers(hidden, weight, bias, ctx.needs_input_grad)
         coef_all = torch.where(valid, grad_out, 0)
-        for sl in _chunks(hidden.shape[0], weight.shape[0]):
+        for sl in row_chunks(hidden.shape[0], weight.shape[0]):
             z, dtanh = _logits(hidden[sl], weight, bias, ctx.softcap)
             grads.add(_recomputed_grad_logits(z, lse[sl], coef_all[sl], safe[sl], dtanh), sl, hidden, weight)
         return (*grads.result(weight, bias), None, None, None)
@@ -132,7 +133,7 @@ class FusedWeightedLoss(torch.autograd.Function):
         safe = torch.where(valid, labels, 0)
         grads = GradBuffers(hidden, weight, bias, wanted)
         loss = torch.zeros((), dtype=out_dtype(hidden.dtype), device=hidden.device)
-        for sl in _chunks(hidden.shape[0], weight.shape[0]):
+        for sl in row_chunks(hidden.shape[0], weight.shape[0]):
             z, dtanh = _logits(hidden[sl], weight, bias, softcap)
             logprobs, _, row_sums = _logprobs_(z, safe[sl], valid[sl])
             w = weighting.weights(logprobs, None if ref is None else ref[sl])
@@ -157,7 +158,7 @@ class FusedKL(torch.autograd.Function):
         valid = labels != ignore_index
         grads = GradBuffers(hidden, weight, bias, wanted)
         loss = torch.zeros((), dtype=out_dtype(hidden.dtype), device=hidden.device)
-        for sl in _chunks(hidden.shape[0], weight.shape[0]):
+        for sl in row_chunks(hidden.shape[0], weight.shape[0]):
             z, dtanh = _logits(hidden[sl], weight, bias, softcap)
             log_p = z - torch.logsumexp(z, dim=-1, keepdim=True)
             zr, _ = _logits(ref_hidden[sl], ref_weight, ref_bias, softcap)
@@ -183,7 +184,7 @@ class ChunkedLogitsLogprobs(torch.autograd.Function):
         safe = torch.where(valid, labels, 0)
         out = torch.empty(labels.shape, dtype=out_dtype(logits.dtype), device=logits.device)
         lse = torch.empty_like(out)
-        for sl in _chunks(logits.shape[0], logits.shape[1]):
+        for sl in row_chunks(logits.shape[0], logits.shape[1]):
             z, _ = _logits_copy(logits[sl], softcap)
             out[sl], lse[sl], _ = _logprobs_(z, safe[sl], valid[sl])
         ctx.save_for_backward(logits, safe, valid, lse)
@@ -195,7 +196,7 @@ class ChunkedLogitsLogprobs(torch.autograd.Function):
         logits, safe, valid, lse = ctx.saved_tensors
         grad = torch.empty_like(logits)
         coef_all = torch.where(valid, grad_out, 0)
-        for sl in _chunks(logits.shape[0], logits.shape[1]):
+        for sl in row_chunks(logits.shape[0], logits.shape[1]):
             z, dtanh = _logits_copy(logits[sl], ctx.softcap)
             grad[sl] = _recomputed_grad_logits(z, lse[sl], coef_all[sl], safe[sl], dtanh)
         return grad, None, None, None
