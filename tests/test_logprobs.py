@@ -86,3 +86,22 @@ def test_backend_selection():
     h, w, _, y = make_inputs(1, bias=False)
     auto = gk.token_logprobs(h, w, y)  # auto picks something that works on CPU
     assert_close(auto, gk.token_logprobs(h, w, y, backend="reference"), 1e-12)
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_from_logits_weighted_loss_gradient_and_inplace(inplace):
+    h, w, b, y = make_inputs(17)
+    logits = (h @ w.T + b).detach().reshape(-1, w.shape[0])
+    labels = y.reshape(-1)
+    expected_z = logits.clone().requires_grad_()
+    expected = gk.unlearning_loss_from_logits("wga", expected_z, labels, softcap=9.0, backend="reference")
+    (3 * expected).backward()
+    z = logits.clone().requires_grad_()
+    loss = gk.unlearning_loss_from_logits("wga", z, labels, softcap=9.0, backend="torch", inplace=inplace)
+    assert_close(loss, expected, 1e-12)
+    (3 * loss).backward()  # an upstream gradient other than 1
+    assert_close(z.grad, expected_z.grad, 1e-11)
+    if inplace:  # the gradient lives in the logits' own storage: no second N×V buffer
+        assert z.grad.data_ptr() == z.data_ptr()
+    else:
+        assert torch.equal(z.detach(), logits)

@@ -1,9 +1,10 @@
 """The ``torch`` backend: plain torch, chunked over tokens so that at most one chunk of logits lives.
 
 - ``token_logprobs``: forward keeps only the LSE per token; backward recomputes each chunk's logits.
-- ``weighted_loss`` (token-level objectives) and ``kl_divergence``: the weights depend only on detached
-  quantities, so the gradients are produced inside the forward pass (three matmuls per chunk, no
-  recomputation) and the backward only scales them by the scalar upstream gradient.
+- ``weighted_loss`` (token-level objectives), ``kl_divergence`` and ``weighted_loss_from_logits``: the
+  weights depend only on detached quantities, so the gradients are produced inside the forward pass
+  (three matmuls per chunk, no recomputation; one pass over given logits) and the backward only scales
+  them by the scalar upstream gradient.
 """
 from __future__ import annotations
 
@@ -202,6 +203,38 @@ class ChunkedLogitsLogprobs(torch.autograd.Function):
         return grad, None, None, None
 
 
+class FusedLogitsWeightedLoss(torch.autograd.Function):
+    """scale · Σ_t w_t ℓ_t from given logits in one pass: the gradient is formed in the forward, into a
+    new buffer or, with ``inplace``, into the caller's logits (each chunk is copied before it is overwritten)."""
+
+    @staticmethod
+    def forward(ctx, logits, labels, ref, ignore_index, softcap, weighting, scale, wanted, inplace):
+        valid = labels != ignore_index
+        safe = torch.where(valid, labels, 0)
+        grad = None
+        if wanted:  # detach(): the same storage under a new tensor object, which autograd takes without a copy
+            grad = logits.detach() if inplace and logits.is_contiguous() else torch.empty_like(logits)
+        loss = torch.zeros((), dtype=out_dtype(logits.dtype), device=logits.device)
+        for sl in row_chunks(logits.shape[0], logits.shape[1]):
+            z, dtanh = _logits_copy(logits[sl], softcap)
+            logprobs, _, row_sums = _logprobs_(z, safe[sl], valid[sl])
+            coef = torch.where(valid[sl], weighting.weights(logprobs, None if ref is None else ref[sl]) * scale, 0)
+            loss += (coef * logprobs).sum()
+            if grad is not None:
+                grad[sl] = _grad_logits_(z, row_sums, coef, safe[sl], dtanh)
+        ctx.grad = grad
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad, ctx.grad = ctx.grad, None  # hand the buffer over: no reference kept, so no copy
+        if grad is None:
+            raise RuntimeError("this loss's backward can run only once: its gradient buffer was handed over")
+        if bool(grad_out != 1):
+            grad = grad.mul_(grad_out.to(grad.dtype))
+        return grad, *([None] * 8)
+
+
 def grads_wanted(*tensors):
     """Which of these inputs need a gradient (decided outside the Function, where grad mode is visible)."""
     return tuple(torch.is_grad_enabled() and t is not None and t.requires_grad for t in tensors)
@@ -229,6 +262,11 @@ class ChunkedBackend(Backend):
 
     def token_logprobs_from_logits(self, logits, labels, *, ignore_index, softcap):
         return ChunkedLogitsLogprobs.apply(logits, labels, ignore_index, softcap)
+
+    def weighted_loss_from_logits(self, logits, labels, ref_logprobs, *, ignore_index, softcap, weighting, scale,
+                                  inplace=False):
+        return FusedLogitsWeightedLoss.apply(logits, labels, ref_logprobs, ignore_index, softcap, weighting, scale,
+                                             grads_wanted(logits)[0], inplace)
 
 
 BACKENDS = {"torch": ChunkedBackend()}
