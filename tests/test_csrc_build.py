@@ -7,6 +7,7 @@ import warnings
 
 import pytest
 import torch
+from torch.utils import cpp_extension
 
 from geffect_kernels.csrc import build
 from geffect_kernels.csrc.backend import BACKENDS
@@ -68,10 +69,48 @@ def test_cuda_sources_compile_with_plain_nvcc(source, tmp_path):
     nvcc = shutil.which("nvcc")
     if nvcc is None:
         pytest.skip("nvcc is not installed")
-    result = subprocess.run([nvcc, "-std=c++17", "-gencode=arch=compute_90,code=sm_90",
-                             f"-I{build.SOURCE_DIR / 'include'}", "-c", str(source), "-o", str(tmp_path / "k.o")],
+    # with the flags torch's build adds (-D__CUDA_NO_HALF_OPERATORS__ and the like, --expt-relaxed-constexpr)
+    result = subprocess.run([nvcc, *cpp_extension.COMMON_NVCC_FLAGS, *build.extension_spec("cuda")["extra_cuda_cflags"],
+                             "-gencode=arch=compute_90,code=sm_90", f"-I{build.SOURCE_DIR / 'include'}", "-c",
+                             str(source), "-o", str(tmp_path / "k.o")],
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-4000:]
+
+
+def _fake_toolkit(root, headers=True):
+    (root / "bin").mkdir(parents=True)
+    (root / "bin" / "nvcc").touch()
+    if headers:
+        (root / "include").mkdir()
+        (root / "include" / "cuda_runtime.h").touch()
+    return str(root)
+
+
+def test_cuda_home_falls_back_when_torchs_guess_has_no_headers(tmp_path, monkeypatch):
+    """torch guesses CUDA_HOME as the parent of the nvcc on PATH; a wrapper nvcc (/usr/local/bin/nvcc)
+    makes that /usr/local, where cuda_runtime.h is missing and every CUDA compile would fail."""
+    monkeypatch.delenv("CUDA_HOME", raising=False)
+    monkeypatch.delenv("CUDA_PATH", raising=False)
+    wrapper_home = _fake_toolkit(tmp_path / "local", headers=False)
+    _fake_toolkit(tmp_path / "cuda-12.4")
+    _fake_toolkit(tmp_path / "cuda-13.0")
+    monkeypatch.setattr(build, "CUDA_HOME_FALLBACKS", (str(tmp_path / "cuda"), str(tmp_path / "cuda-{cuda}"),
+                                                       str(tmp_path / "cuda-*")))
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", wrapper_home)
+    monkeypatch.setattr(torch.version, "cuda", "12.4")  # the toolkit torch was built with comes first
+    assert build._cuda_home() == str(tmp_path / "cuda-12.4")
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", wrapper_home)
+    monkeypatch.setattr(torch.version, "cuda", "12.8")  # else the newest
+    assert build._cuda_home() == str(tmp_path / "cuda-13.0")
+    assert cpp_extension.CUDA_HOME == build._cuda_home()
+    # a usable guess, an explicit CUDA_HOME and no guess at all are left as they are
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", str(tmp_path / "cuda-12.4"))
+    assert build._cuda_home() == str(tmp_path / "cuda-12.4")
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", wrapper_home)
+    monkeypatch.setenv("CUDA_HOME", wrapper_home)
+    assert build._cuda_home() == wrapper_home
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", None)
+    assert build._cuda_home() is None
 
 
 def test_every_simd_loop_of_the_cpu_kernels_vectorizes(tmp_path):

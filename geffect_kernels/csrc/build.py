@@ -7,10 +7,14 @@ compiles them into torch's extension cache (``TORCH_EXTENSIONS_DIR``, default ~/
 and later processes only load the cached library. A failed build is remembered for the process and
 reported by `build_error`; nothing here ever makes ``import geffect_kernels`` fail.
 
+csrc/check_cuda_build.sh checks by hand (not in CI) that the cuda extension compiles, links and imports
+against a CUDA build of torch on a machine with nvcc but no GPU.
+
 This file imports nothing from the package so that setup.py can load it by path.
 """
 from __future__ import annotations
 
+import glob
 import importlib
 import os
 import shutil
@@ -49,6 +53,7 @@ def extension_spec(kind: str) -> dict:
     spec = {"name": f"geffect_{kind}_{isa}", "extra_include_paths": [str(SOURCE_DIR / "include")],
             "extra_ldflags": ["-fopenmp"]}
     if kind == "cuda":
+        _cuda_home()  # settles torch's CUDA_HOME before setup.py's CUDAExtension or load() reads it
         sources += sorted((SOURCE_DIR / "cuda").glob("*.cu"))
         cflags.append("-DGEFFECT_WITH_CUDA")
         spec["extra_cuda_cflags"] = ["-O3", "-std=c++17", "-DGEFFECT_WITH_CUDA"]
@@ -57,9 +62,40 @@ def extension_spec(kind: str) -> dict:
     return spec
 
 
-def _why_not_buildable(kind: str) -> str | None:
+# Where to look for the CUDA toolkit when torch's guess has no headers (see _cuda_home); {cuda} is
+# torch.version.cuda, so the toolkit torch was built with is preferred over other versions.
+CUDA_HOME_FALLBACKS = ("/usr/local/cuda", "/usr/local/cuda-{cuda}", "/usr/local/cuda-*")
+
+
+def _is_cuda_toolkit(path: str | None) -> bool:
+    return bool(path) and all((Path(path) / part).exists() for part in ("bin/nvcc", "include/cuda_runtime.h"))
+
+
+def _cuda_home() -> str | None:
+    """The CUDA toolkit the cuda extension builds with: torch's ``cpp_extension.CUDA_HOME``, corrected if needed.
+
+    Without CUDA_HOME/CUDA_PATH set, torch takes the parent of the ``nvcc`` on PATH. Where that nvcc is a
+    wrapper script outside the toolkit (e.g. /usr/local/bin/nvcc exec'ing /usr/local/cuda-13.0/bin/nvcc)
+    the guess (/usr/local) has no headers and every compile fails on ``cuda_runtime.h``. Then, and only
+    when the user set neither variable, the first toolkit in CUDA_HOME_FALLBACKS replaces the guess in
+    ``cpp_extension.CUDA_HOME``, which torch reads for nvcc, the include path and the library path.
+    """
     import torch
     from torch.utils import cpp_extension
+
+    home = cpp_extension.CUDA_HOME
+    if home is None or _is_cuda_toolkit(home) or os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
+        return home
+    for pattern in CUDA_HOME_FALLBACKS:
+        for candidate in sorted(glob.glob(pattern.format(cuda=torch.version.cuda)), reverse=True):
+            if _is_cuda_toolkit(candidate):
+                cpp_extension.CUDA_HOME = candidate
+                return candidate
+    return home
+
+
+def _why_not_buildable(kind: str) -> str | None:
+    import torch
 
     if not (SOURCE_DIR / "binding.cpp").exists():
         return f"the C++ sources are not at {SOURCE_DIR} (install from a source checkout)"
@@ -70,7 +106,7 @@ def _why_not_buildable(kind: str) -> str | None:
     if kind == "cuda":
         if torch.version.cuda is None:
             return "this torch build has no CUDA"
-        if cpp_extension.CUDA_HOME is None:
+        if _cuda_home() is None:
             return "nvcc / CUDA_HOME not found"
     return None
 
