@@ -6,7 +6,8 @@ A gradient is held per parameter as a list of *uses*, each one call of a layer i
   (``nn.Linear``: left = output gradients G, right = inputs X; GPT-2's ``Conv1D``: the other way round);
 - `Gathered`: an embedding lookup; row ``rows[i]`` is added to the gradient's row ``ids[i]``;
 - `Summed`: a vector parameter (bias, norm scale); the gradient is the sum of ``rows``;
-- `HeadRows`: the LM head inside a fused loss; its logits gradient is recomputed a chunk at a time.
+- `HeadRows`: the LM head inside a fused loss; its logits gradient is recomputed a chunk at a time, or,
+  when two uses share a `head.HeadGram` that holds their pair, read from its Gram matrices (no recompute).
 
 `row_dots(a, b)` returns, for every row of the use ``a``, that row's share of ⟨∇_a, ∇_b⟩ (float64),
 where ``b`` is another use of the same parameter or a dense gradient. Summing rows gives the inner
@@ -61,6 +62,9 @@ class HeadRows:
     coef: torch.Tensor  # [N]
     softcap: float | None
     part: str  # "weight" or "bias": which parameter this use stands for
+    gram: object = None  # a `head.HeadGram` holding this use's side (and M_x M_yᵀ for some pairs)
+    side: str | None = None
+    _dense: torch.Tensor | None = None  # this use's gradient, once materialized (projection fallback)
 
     @property
     def n_rows(self):
@@ -131,6 +135,8 @@ def _rows_of(b, ids):
         return _c(b[ids])
     if isinstance(b, Factored):
         return _c(b.left[:, ids]).t() @ _c(b.right)
+    if isinstance(b, HeadRows) and b.gram is not None and b.part == "weight":
+        return _head_weight_rows(b, ids)
     if isinstance(b, Gathered):
         b_ids, b_rows = _unique_rows(b)
         pos = torch.searchsorted(b_ids, ids).clamp_max(b_ids.shape[0] - 1)
@@ -157,18 +163,80 @@ def _head_rows(a: HeadRows, dense):
     weight, bias, d = _c(a.weight), None if a.bias is None else _c(a.bias), _c(dense)
     for s in range(0, a.n_rows, step):
         h = _c(a.hidden[s:s + step])
-        z = torch.nn.functional.linear(h, weight, bias)
-        if a.softcap is not None:
-            t = torch.tanh(z / a.softcap)
-            z, dtanh = a.softcap * t, 1 - t * t
-        coef = a.coef[s:s + step].to(z.dtype).unsqueeze(1)
-        g = torch.softmax(z, dim=-1).mul_(-coef)
-        g.scatter_add_(1, a.labels[s:s + step].unsqueeze(1), coef)
-        if a.softcap is not None:
-            g.mul_(dtanh)
+        g = _logits_cotangent(a, h, weight, bias, s, step)
         out[s:s + step] = _row_sums(g * (h @ d.t())) if a.part == "weight" else g.to(torch.float64) @ d.to(
             torch.float64)
     return out
+
+
+def _valid(use, values):
+    """Values on a `HeadGram` use's valid rows scattered into all of its rows (0 elsewhere), float64."""
+    out = torch.zeros(use.n_rows, dtype=torch.float64, device=values.device)
+    return out.index_copy_(0, use.gram.rows[use.side], values.to(torch.float64))
+
+
+def _valid_coef(use):
+    return use.coef.reshape(-1)[use.gram.rows[use.side]].to(use.gram.hidden[use.side].dtype)
+
+
+def _head_weight_rows(b: HeadRows, ids):
+    """Rows ``ids`` of the head use ``b``'s weight gradient: Σ_t c_t m_t[ids] h_t, ``[len(ids), H]``."""
+    g = b.gram
+    return (g.columns(b.side, ids) * _valid_coef(b).unsqueeze(1)).t() @ g.hidden[b.side]
+
+
+def _head_rows_head(a: HeadRows, b: HeadRows):
+    """Row t of a: c_t Σ_j c_j (m_t·m_j) [(h_t·h_j)] from the pass's M_a M_bᵀ; else by projection."""
+    g = a.gram
+    if g is not None and g is b.gram and a.part == b.part:
+        mm = g.mm.get((a.side, b.side))
+        if mm is None and (b.side, a.side) in g.mm:
+            mm = g.mm[(b.side, a.side)].t()
+        if mm is not None:
+            if a.part == "weight":
+                mm = mm * (g.hidden[a.side] @ g.hidden[b.side].t())
+            return _valid(a, _valid_coef(a) * (mm @ _valid_coef(b)))
+    if b._dense is None:  # projection form: b's gradient once, then a's rows against it
+        b._dense = _head_dense(b)
+    return _head_rows(a, b._dense)
+
+
+def _head_rows_gathered(a: HeadRows, b: Gathered):
+    """Row t of a (weight, tied to an embedding): c_t Σ_k m_t[k] ⟨h_t, grad_b[k]⟩ over the rows k b touches."""
+    ids, rows = _unique_rows(b)
+    g = a.gram
+    cols = g.columns(a.side, ids)  # [n, U]
+    return _valid(a, _valid_coef(a) * (cols * (g.hidden[a.side] @ rows.t())).sum(1))
+
+
+def _head_dense(a: HeadRows):
+    """The head use's own gradient (weight [V, H] or bias [V]), a chunk of rows at a time."""
+    weight, bias = _c(a.weight), None if a.bias is None else _c(a.bias)
+    out = torch.zeros(weight.shape if a.part == "weight" else weight.shape[:1], dtype=weight.dtype,
+                      device=weight.device)
+    step = max(1, TILE_ELEMENTS // weight.shape[0])
+    for s in range(0, a.n_rows, step):
+        h = _c(a.hidden[s:s + step])
+        g = _logits_cotangent(a, h, weight, bias, s, step)
+        if a.part == "weight":
+            out.addmm_(g.t(), h)
+        else:
+            out += g.sum(0)
+    return out
+
+
+def _logits_cotangent(a: HeadRows, h, weight, bias, s, step):
+    """coef_t (onehot(y_t) − softmax(z_t)) · dz/du for the rows s:s+step of ``a``."""
+    z = torch.nn.functional.linear(h, weight, bias)
+    if a.softcap is not None:
+        t = torch.tanh(z / a.softcap)
+        z, dtanh = a.softcap * t, 1 - t * t
+    coef = a.coef.reshape(-1)[s:s + step].to(z.dtype).unsqueeze(1)
+    g = torch.softmax(z, dim=-1).mul_(-coef)
+    g.scatter_add_(1, a.labels.reshape(-1)[s:s + step].unsqueeze(1), coef)
+    if a.softcap is not None:
+        g.mul_(dtanh)
+    return g
 
 
 def row_dots(a, b) -> torch.Tensor:
@@ -180,9 +248,13 @@ def row_dots(a, b) -> torch.Tensor:
             raise TypeError(f"a vector parameter cannot pair with a {type(b).__name__} use")
         return _row_sums(_c(a.rows) * _c(b).unsqueeze(0))
     if isinstance(a, HeadRows):
-        if not isinstance(b, torch.Tensor):
-            raise TypeError("the head's uses pair with dense gradients only")
-        return _head_rows(a, b)
+        if isinstance(b, torch.Tensor):
+            return _head_rows(a, b)
+        if isinstance(b, HeadRows):
+            return _head_rows_head(a, b)
+        if isinstance(b, Gathered) and a.gram is not None and a.part == "weight":
+            return _head_rows_gathered(a, b)
+        raise TypeError(f"the head's uses pair with dense gradients and head uses, not {type(b).__name__}")
     if isinstance(a, Gathered):
         return _gathered_rows(a, b)
     if isinstance(a, Factored):

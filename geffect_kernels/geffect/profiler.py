@@ -18,10 +18,10 @@ import torch
 
 from .. import hf
 from ..inputs import Prepared, prepare_ref
-from ..logprobs import token_logprobs
 from ..objectives import _loss, resolve
 from .capture import Capture, FactoredGradient
 from .groups import parameter_groups
+from .head import gram_pays, head_pass
 from .inner import HeadRows, dense_dot, row_dots
 from .result import GEffectResult
 
@@ -41,48 +41,59 @@ def objective_from_logprobs(name, logprobs, labels, ref_logprobs=None, **hparams
                  logprobs=lambda: flat)
 
 
-class _Forward:
-    """One decoder forward through the fused head: hooks' records, log-probabilities, HF-shifted labels."""
+class _Side:
+    """One batch's decoder forward (hooks recording), its hidden states and HF-shifted labels; after the
+    head pass (`head.head_pass`), its log-probabilities and the gradients of token objectives on it."""
 
-    def __init__(self, model, batch, params, backend):
+    def __init__(self, model, batch, params, name):
         if not isinstance(batch, Mapping) or "input_ids" not in batch:
             raise ValueError("batches must be dicts with input_ids (and optionally attention_mask, labels)")
+        self.name = name
         self.capture = Capture(model, params)
         with self.capture:
             self.hidden = hf.final_hidden_states(model, batch["input_ids"], batch.get("attention_mask"))
-        self.head = hf.lm_head(model)
-        labels = hf.batch_labels(batch)
-        self.logprobs = token_logprobs(self.hidden, self.head.weight, labels, bias=self.head.bias,
-                                       softcap=self.head.softcap, shift=True, backend=backend)
-        self.labels = labels[:, 1:]
+        self.labels = hf.batch_labels(batch)[:, 1:]
         self.valid = self.labels != IGNORE_INDEX
-        names = {id(p): n for n, p in params.items()}
-        self.head_params = {role: names[id(p)] for role, p in (("weight", self.head.weight),
-                                                               ("bias", self.head.bias)) if id(p) in names}
+        self.gram = None
+
+    def head_rows(self):
+        """(hidden rows, labels, valid) of the positions the head scores, for `head.head_pass`."""
+        hidden = self.hidden[:, :-1].detach()
+        return hidden.reshape(-1, hidden.shape[-1]), self.labels.reshape(-1), self.valid.reshape(-1)
+
+    @property
+    def logprobs(self):
+        g = self.gram
+        flat = torch.zeros(self.labels.numel(), dtype=g.logprobs[self.name].dtype, device=self.labels.device)
+        return flat.index_copy_(0, g.rows[self.name], g.logprobs[self.name]).reshape(self.labels.shape)
 
     def coefficients(self, name, ref_logprobs=None, **hparams):
         """(loss value, ∂loss/∂ℓ_t), zero at ignored positions."""
-        lp = self.logprobs.detach().requires_grad_()
+        lp = self.logprobs.requires_grad_()
         with torch.enable_grad():
             loss = objective_from_logprobs(name, lp, self.labels, ref_logprobs, **hparams)
             coef, = torch.autograd.grad(loss, lp)
         return float(loss.detach()), torch.where(self.valid, coef, 0)
 
-    def gradient(self, coef, *, factored_head, retain_graph) -> FactoredGradient:
-        """The gradient of Σ_t coef_t ℓ_t; the head's weight and bias as `HeadRows` uses or densely."""
-        dense = () if factored_head else tuple(self.head_params.values())
-        grad = self.capture.gradient(self.logprobs, coef, graph_root=self.hidden, dense=dense,
-                                     retain_graph=retain_graph)
-        if factored_head:
-            hidden = self.hidden[:, :-1].detach()
-            rows = dict(hidden=hidden.reshape(-1, hidden.shape[-1]), weight=self.head.weight.detach(),
-                        bias=None if self.head.bias is None else self.head.bias.detach(),
-                        labels=torch.where(self.valid, self.labels, 0).reshape(-1), coef=coef.reshape(-1),
-                        softcap=self.head.softcap)
-            for role, name in self.head_params.items():
-                if name not in grad.dense:  # else autograd already included the head in the dense gradient
-                    grad.uses.setdefault(name, []).append(HeadRows(**rows, part=role))
-                    grad.rows_shapes.setdefault(name, []).append(tuple(self.labels.shape))
+    def gradient(self, coef, head_params, *, retain_graph) -> FactoredGradient:
+        """The gradient of Σ_t coef_t ℓ_t: the decoder's backward from dh_t = coef_t d_t, the head as uses."""
+        g, hidden = self.gram, self.hidden
+        rows = g.rows[self.name]
+        flat_coef = coef.reshape(-1)
+        dh = torch.zeros(self.labels.numel(), hidden.shape[-1], dtype=hidden.dtype, device=hidden.device)
+        dh.index_copy_(0, rows, (flat_coef[rows].to(g.direction[self.name].dtype).unsqueeze(1)
+                                 * g.direction[self.name]).to(hidden.dtype))
+        dh = torch.cat([dh.reshape(*self.labels.shape, -1), torch.zeros_like(hidden[:, -1:])], dim=1)
+        if hidden.requires_grad:
+            grad = self.capture.gradient(hidden, dh, retain_graph=retain_graph)
+        else:  # nothing profiled below the head
+            grad = FactoredGradient()
+        head_hidden, labels, _ = self.head_rows()
+        for role, (name, param) in head_params.items():
+            use = HeadRows(head_hidden, g.weight, g.bias, torch.where(self.valid, self.labels, 0).reshape(-1),
+                           flat_coef, g.softcap, role, gram=g, side=self.name)
+            grad.uses.setdefault(name, []).append(use)
+            grad.rows_shapes.setdefault(name, []).append(tuple(self.labels.shape))
         return grad
 
 
@@ -151,20 +162,42 @@ class GEffectProfiler:
         if retain_objective not in RETAIN_OBJECTIVES:
             raise ValueError(f"retain_objective must be one of {RETAIN_OBJECTIVES}, got {retain_objective!r}")
         params = self._params()
-        losses = {}
-        forget = _Forward(self.model, forget_batch, params, backend)
-        losses["objective"], coef = forget.coefficients(objective, ref_logprobs, **hparams)
-        # The fused backward forms the head's weight gradient anyway: keep it dense (one dot per risk)
-        # unless per-instance values need it split by rows.
-        grad_a = forget.gradient(coef, factored_head=per_instance, retain_graph=True)
-        losses["forget"], coef = forget.coefficients("nll")
-        risk_grads = {"forget": forget.gradient(coef, factored_head=False, retain_graph=False)}
-        del forget
+        sides = {"forget": _Side(self.model, forget_batch, params, "forget")}
         if retain_batch is not None:
-            retain = _Forward(self.model, retain_batch, params, backend)
+            sides["retain"] = _Side(self.model, retain_batch, params, "retain")
+        head = hf.lm_head(self.model)
+        names = {id(p): n for n, p in params.items()}
+        head_params = {role: (names[id(p)], p) for role, p in (("weight", head.weight), ("bias", head.bias))
+                       if p is not None and id(p) in names}
+        # One pass over the vocabulary for both sides: log-probabilities, hidden-state cotangents and, where
+        # the Gram form pays, the M_x M_yᵀ that the head's inner products need (`head`).
+        rows = {name: side.head_rows() for name, side in sides.items()}
+        counts = {name: int(valid.sum()) for name, (_, _, valid) in rows.items()}
+        wanted = [("forget", "forget")]
+        if retain_batch is not None:
+            wanted.append(("forget", "retain"))
+            if retain_objective == "nll":
+                wanted.append(("retain", "retain"))
+        pairs = [(x, y) for x, y in wanted if head_params
+                 and gram_pays(counts[x], counts[y], head.weight.shape[0], head.weight.shape[1])]
+        with ExitStack() as stack:
+            for device_type in {p.device.type for p in self.model.parameters()}:
+                stack.enter_context(torch.autocast(device_type, enabled=False))
+            gram = head_pass(head.weight, head.bias, head.softcap, rows, pairs)
+        for side in sides.values():
+            side.gram = gram
+        del rows
+        forget = sides["forget"]
+        losses = {}
+        losses["objective"], coef = forget.coefficients(objective, ref_logprobs, **hparams)
+        grad_a = forget.gradient(coef, head_params, retain_graph=True)
+        losses["forget"], coef = forget.coefficients("nll")
+        risk_grads = {"forget": forget.gradient(coef, head_params, retain_graph=False)}
+        if retain_batch is not None:
+            retain = sides["retain"]
             losses["retain"], coef = retain.coefficients("nll")
-            risk_grads["retain"] = retain.gradient(coef, factored_head=False, retain_graph=False)
-            del retain
+            risk_grads["retain"] = retain.gradient(coef, head_params, retain_graph=False)
+        del sides, forget, coef
         result = self._result(grad_a, risk_grads, losses, per_instance)
         if retain_batch is not None and retain_objective == "nll":  # its gradient is the retain risk's
             result.retain_term = self._result(risk_grads["retain"], risk_grads,
@@ -214,13 +247,19 @@ def _batch_size(grad: FactoredGradient) -> int:
     return sizes.pop()
 
 
+def _parts(grad: FactoredGradient, name):
+    """Parameter ``name``'s gradient as a list of parts that sum to it: a dense tensor and/or uses."""
+    return ([grad.dense[name]] if name in grad.dense else []) + grad.uses.get(name, [])
+
+
 def _inner(grad_a: FactoredGradient, grad_b: FactoredGradient, name, n_samples=None):
     """⟨∇_a, ∇_b⟩ restricted to parameter ``name``: (float, float64 [n_samples] on the CPU or None)."""
-    parts_b = [grad_b.dense[name]] if name in grad_b.dense else grad_b.uses.get(name, [])
-    if name in grad_a.dense:
-        return float(sum(dense_dot(grad_a.dense[name], b) for b in parts_b)), None
+    parts_b = _parts(grad_b, name)
     value, per_sample = 0.0, None
-    for a in grad_a.uses.get(name, []) if parts_b else ():
+    for a in _parts(grad_a, name) if parts_b else ():
+        if isinstance(a, torch.Tensor):
+            value += float(sum(dense_dot(a, b) for b in parts_b))
+            continue
         rows = sum(row_dots(a, b) for b in parts_b)
         value += float(rows.sum())
         if n_samples:  # a use's rows are its samples' rows one after the other

@@ -1,0 +1,145 @@
+"""The profiler's one-pass LM head (`geffect.head`) against the plain-torch definitions, and the fast path
+through it (Gram pairs, projection fallback, several vocabulary chunks) against the materialized G-effect."""
+import pytest
+import torch
+
+from geffect_kernels import hf
+from geffect_kernels.geffect import GEffectProfiler, head, inner
+from geffect_kernels.geffect.groups import parameter_groups
+from geffect_kernels.geffect.inner import Gathered, HeadRows, row_dots
+
+from geffect_models import batch, materialized, tiny_model
+
+
+def rand(*shape, scale=1.0):
+    return scale * torch.randn(*shape, dtype=torch.float64)
+
+
+def definition(hidden, weight, bias, softcap, labels):
+    """(ℓ, M = (onehot − softmax) ⊙ dz/du) from the full logits."""
+    u = hidden @ weight.t() + (0 if bias is None else bias)
+    z = u if softcap is None else softcap * torch.tanh(u / softcap)
+    logp = torch.log_softmax(z, -1)
+    m = torch.nn.functional.one_hot(labels, weight.shape[0]) - logp.exp()
+    if softcap is not None:
+        m = m * (1 - torch.tanh(u / softcap) ** 2)
+    return logp.gather(1, labels[:, None]).squeeze(1), m
+
+
+@pytest.mark.parametrize("softcap", [None, 2.5])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_head_pass_equals_full_logits(softcap, with_bias, monkeypatch):
+    monkeypatch.setattr(inner, "TILE_ELEMENTS", 64)  # a few vocabulary columns per chunk: many rescalings
+    torch.manual_seed(0)
+    v, h = 37, 6
+    weight, bias = rand(v, h), rand(v) if with_bias else None
+    sides = {}
+    for name, n in (("f", 11), ("r", 8)):
+        hidden = rand(n, h, scale=3.0)  # peaky rows: the running max moves
+        labels = torch.randint(0, v, (n,))
+        labels[1] = labels[0]  # equal labels on one side and across sides
+        valid = torch.rand(n) > 0.25
+        valid[:2] = True
+        sides[name] = (hidden, torch.where(valid, labels, -100), valid)
+    sides["r"][1][0] = sides["f"][1][0]
+    pairs = [("f", "f"), ("f", "r"), ("r", "r")]
+    g = head.head_pass(weight, bias, softcap, sides, pairs)
+    ms = {}
+    for name, (hidden, labels, valid) in sides.items():
+        lp, m = definition(hidden[valid], weight, bias, softcap, labels[valid])
+        ms[name] = m
+        torch.testing.assert_close(g.logprobs[name], lp, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(g.direction[name], m @ weight, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(g.hidden[name], hidden[valid])
+    for x, y in pairs:
+        torch.testing.assert_close(g.mm[(x, y)], ms[x] @ ms[y].t(), rtol=1e-12, atol=1e-12)
+    ids = torch.tensor([0, 3, int(sides["f"][1][0]), v - 1])
+    torch.testing.assert_close(g.columns("f", ids), ms["f"][:, ids], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("part", ["weight", "bias"])
+def test_head_uses_pair_by_gram_projection_and_gathered_rows(part):
+    torch.manual_seed(1)
+    v, h, n = 23, 5, 9
+    weight, bias, softcap = rand(v, h), rand(v), 3.0
+    hid = {s: rand(n, h, scale=2.0) for s in "ab"}
+    labels = {s: torch.randint(0, v, (n,)) for s in "ab"}
+    valid = {s: torch.rand(n) > 0.3 for s in "ab"}
+    coef = {s: torch.where(valid[s], rand(n), 0) for s in "ab"}
+    dense = {}
+    for s in "ab":
+        _, m = definition(hid[s], weight, bias, softcap, labels[s])
+        gz = coef[s][:, None] * m  # logits cotangent
+        dense[s] = gz.t() @ hid[s] if part == "weight" else gz.sum(0)
+    sides = {s: (hid[s], torch.where(valid[s], labels[s], -100), valid[s]) for s in "ab"}
+    uses = {}
+    for pairs in ([("a", "b")], []):  # Gram form from the pass, then the projection fallback
+        g = head.head_pass(weight, bias, softcap, sides, pairs)
+        uses = {s: HeadRows(hid[s], weight, bias, torch.where(valid[s], labels[s], 0), coef[s], softcap, part,
+                            gram=g, side=s) for s in "ab"}
+        rows = row_dots(uses["a"], uses["b"])
+        assert float(rows.sum()) == pytest.approx(float((dense["a"] * dense["b"]).sum()), rel=1e-12)
+        assert torch.all(rows[~valid["a"]] == 0)
+        torch.testing.assert_close(rows, row_dots(uses["a"], dense["b"]), rtol=1e-10, atol=1e-13)
+    if part == "weight":  # tied to an embedding: lookups of some rows
+        emb = Gathered(torch.tensor([4, 1, 4, 7, 0]), rand(5, h))
+        emb_dense = torch.zeros(v, h, dtype=torch.float64).index_add_(0, emb.ids, emb.rows)
+        expected = float((emb_dense * dense["a"]).sum())
+        assert float(row_dots(uses["a"], emb).sum()) == pytest.approx(expected, rel=1e-12)
+        assert float(row_dots(emb, uses["a"]).sum()) == pytest.approx(expected, rel=1e-12)
+
+
+def nll(b, sign=1.0):
+    return lambda m: sign * hf.unlearning_loss("nll", m, b)
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "gpt2"])
+@pytest.mark.parametrize("route", ["gram", "projection", "chunks"])
+def test_fast_path_matches_definition_every_route(kind, route, monkeypatch):
+    if route == "projection":
+        monkeypatch.setattr("geffect_kernels.geffect.profiler.gram_pays", lambda *a: False)
+    if route == "chunks":
+        monkeypatch.setattr(inner, "TILE_ELEMENTS", 100)
+    model = tiny_model(kind)
+    forget, retain = batch(seed=21, prompt=2), batch(batch_size=2, length=8, seed=22, pad_first=False)
+    result = GEffectProfiler(model, groups="parameter").measure_unlearning("ga", forget, retain, per_instance=True)
+    names = {n: n for n, _ in model.named_parameters()}
+    for risk, b in (("forget", forget), ("retain", retain)):
+        expected = materialized(model, lambda m: hf.unlearning_loss("ga", m, forget), nll(b), names)
+        for name, (dot, scale) in expected.items():
+            assert abs(result.by_group[name][risk] - dot) <= 1e-9 * abs(dot) + 1e-12 * scale, (risk, name)
+        assert sum(result.per_instance[risk]) == pytest.approx(result.total[risk], rel=1e-9)
+    # the nll retain term from the same pass: ∇R_rᵀ∇R_u and ‖∇R_r‖²
+    for risk, b in (("forget", forget), ("retain", retain)):
+        (dot, _), = materialized(model, nll(retain), nll(b), {n: "all" for n in names}).values()
+        assert result.retain_term.total[risk] == pytest.approx(dot, rel=1e-9)
+
+
+def test_fast_path_float32_matches_definition():
+    model = tiny_model("llama", torch.float32)
+    forget, retain = batch(seed=23), batch(seed=24, pad_first=False)
+    result = GEffectProfiler(model, groups="layer").measure_unlearning("ga", forget, retain)
+    model64 = tiny_model("llama")
+    groups = parameter_groups(model64, "layer")
+    for risk, b in (("forget", forget), ("retain", retain)):
+        expected = materialized(model64, lambda m: hf.unlearning_loss("ga", m, forget), nll(b), groups)
+        for group, (dot, scale) in expected.items():
+            assert abs(result.by_group[group][risk] - dot) <= 1e-5 * abs(dot) + 1e-6 * scale, (risk, group)
+
+
+def test_frozen_head_or_frozen_decoder():
+    model = tiny_model("llama")
+    forget, retain = batch(seed=25), batch(seed=26)
+    for frozen in ("lm_head", "model"):
+        model.requires_grad_(True)
+        getattr(model, frozen).requires_grad_(False)
+        names = {n: "all" for n, p in model.named_parameters() if p.requires_grad}
+        result = GEffectProfiler(model, groups=lambda n: "all").measure_unlearning("ga", forget, retain)
+        for risk, b in (("forget", forget), ("retain", retain)):
+            named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+            ga = torch.autograd.grad(hf.unlearning_loss("ga", model, forget), [p for _, p in named])
+            gb = torch.autograd.grad(hf.unlearning_loss("nll", model, b), [p for _, p in named])
+            dot = sum(float((x * y).sum()) for x, y in zip(ga, gb))
+            assert result.total[risk] == pytest.approx(dot, rel=1e-9), (frozen, risk)
+        assert set(result.by_group) == set(names.values())
+    model.requires_grad_(True)
