@@ -8,7 +8,9 @@ the call and alive at once: gradients, captures, temporaries; the model itself e
 - ``materialized``: the definition; three full gradients (objective, forget NLL, retain NLL), flattened per
   layer and dotted;
 - ``measure``: `GEffectProfiler.measure` with both risks (three forward/backward passes, factored gradients);
-- ``measure_unlearning``: the fused fast path (objective and forget risk share one forward);
+- ``measure_unlearning``: the fused fast path (objective and forget risk share one forward) for GA, whose
+  gradient is −1 × the forget NLL's (one decoder backward fewer); ``measure_unlearning_npo``: the same for NPO
+  (against the model's own log-probabilities as reference), which needs the objective's own backward;
 - ``train_step``: forward + backward of the objective on the forget batch, for scale.
 
     python benchmarks/geffect_cpu.py [--out benchmarks/results/geffect_cpu.csv]
@@ -27,6 +29,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from geffect_kernels import hf
 from geffect_kernels.geffect import GEffectProfiler
 from geffect_kernels.geffect.groups import parameter_groups
 
@@ -46,6 +49,8 @@ def methods(model, forget, retain):
     objective = lambda m: -m(**forget).loss  # gradient ascent
     risks = {"forget": lambda m: m(**forget).loss, "retain": lambda m: m(**retain).loss}
     profiler = GEffectProfiler(model, groups="layer")
+    with torch.no_grad():
+        ref = hf.token_logprobs(model, forget)  # the reference model: the model itself before unlearning
     groups = parameter_groups(model, "layer")
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
@@ -66,6 +71,9 @@ def methods(model, forget, retain):
         "materialized": materialized,
         "measure": lambda: profiler.measure(objective, risks),
         "measure_unlearning": lambda: profiler.measure_unlearning("ga", forget, retain, retain_objective=None),
+        # NPO's coefficients are not a multiple of the NLL's: the objective needs its own decoder backward.
+        "measure_unlearning_npo": lambda: profiler.measure_unlearning("npo", forget, retain, ref_logprobs=ref,
+                                                                      retain_objective=None),
     }
 
 
@@ -106,7 +114,7 @@ def main():
         r.update(time_vs_materialized=r["seconds"] / base["seconds"], memory_vs_materialized=r["peak_mib"] / base["peak_mib"],
                  model=f"llama L{LAYERS} H{HIDDEN} V{VOCAB} fp32", tokens_per_side=f"{BATCH}x{TOKENS}",
                  machine=machine, commit=provenance.commit())
-        print(f"{r['method']:>20}: {r['seconds'] * 1e3:8.1f} ms ({r['time_vs_materialized']:.2f}x)  "
+        print(f"{r['method']:>22}: {r['seconds'] * 1e3:8.1f} ms ({r['time_vs_materialized']:.2f}x)  "
               f"peak {r['peak_mib']:7.1f} MiB ({r['memory_vs_materialized']:.2f}x)")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     with open(args.out, "w", newline="") as f:

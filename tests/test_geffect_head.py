@@ -143,3 +143,25 @@ def test_frozen_head_or_frozen_decoder():
             assert result.total[risk] == pytest.approx(dot, rel=1e-9), (frozen, risk)
         assert set(result.by_group) == set(names.values())
     model.requires_grad_(True)
+
+
+def test_objective_proportional_to_nll_skips_a_backward(monkeypatch):
+    """ga's coefficients are −1 × the forget NLL's: one decoder backward fewer, same values as without."""
+    from geffect_kernels.geffect import profiler
+    model = tiny_model("gpt2")
+    forget, retain = batch(seed=27), batch(seed=28)
+    calls = []
+    original = profiler._Side.gradient
+    monkeypatch.setattr(profiler._Side, "gradient", lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
+    fast = GEffectProfiler(model).measure_unlearning("ga", forget, retain, per_instance=True)
+    assert len(calls) == 2  # forget risk, retain risk
+    monkeypatch.setattr(profiler, "_multiple", lambda a, b: None)
+    full = GEffectProfiler(model).measure_unlearning("ga", forget, retain, per_instance=True)
+    assert len(calls) == 5
+    for risk in ("forget", "retain"):
+        assert fast.per_instance[risk] == pytest.approx(full.per_instance[risk], rel=1e-12)
+        for group, values in full.by_group.items():
+            assert fast.by_group[group][risk] == pytest.approx(values[risk], rel=1e-12)
+    ref = hf.token_logprobs(model, forget).detach()
+    GEffectProfiler(model).measure_unlearning("wga", forget, retain, ref_logprobs=ref)
+    assert len(calls) == 8  # weighted: its own backward

@@ -99,8 +99,23 @@ def head_pass(weight, bias, softcap, sides: dict, pairs=()) -> HeadGram:
     m = torch.full((n,), -torch.inf, dtype=cd, device=w.device)
     s = torch.zeros(n, dtype=cd, device=w.device)
     acc = torch.zeros(n, w.shape[1], dtype=cd, device=w.device)
-    accs = {pair: torch.zeros(span[pair[0]].stop - span[pair[0]].start, span[pair[1]].stop - span[pair[1]].start,
-                              dtype=cd, device=w.device) for pair in pairs}
+    # One accumulator per first side over a contiguous run of second sides (one larger matmul per chunk).
+    blocks_of = {}
+    for x, y in pairs:
+        blocks_of.setdefault(x, []).append(y)
+    accs = {}
+    for x, ys in blocks_of.items():
+        ys = sorted(set(ys), key=names.index)
+        runs = [[ys[0]]]
+        for y in ys[1:]:
+            if names.index(y) == names.index(runs[-1][-1]) + 1:
+                runs[-1].append(y)
+            else:
+                runs.append([y])
+        for run in runs:
+            cols = slice(span[run[0]].start, span[run[-1]].stop)
+            accs[(x, tuple(run))] = (cols, torch.zeros(span[x].stop - span[x].start, cols.stop - cols.start,
+                                                       dtype=cd, device=w.device))
     chunk = max(1, min(vocab, inner.TILE_ELEMENTS // max(1, n)))
     for v0 in range(0, vocab, chunk):
         wc = w[v0:v0 + chunk]
@@ -124,8 +139,8 @@ def head_pass(weight, bias, softcap, sides: dict, pairs=()) -> HeadGram:
             acc.addmm_(e, wc)
         else:
             acc += (e.to(wc.dtype) @ wc).to(cd)
-        for (x, y), a in accs.items():
-            a.mul_(alpha[span[x]].unsqueeze(1) * alpha[span[y]].unsqueeze(0)).addmm_(e[span[x]], e[span[y]].t())
+        for (x, _), (cols, a) in accs.items():
+            a.mul_(alpha[span[x]].unsqueeze(1) * alpha[cols].unsqueeze(0)).addmm_(e[span[x]], e[cols].t())
         del z, e, slope
 
     lse = m + torch.log(s)
@@ -142,7 +157,9 @@ def head_pass(weight, bias, softcap, sides: dict, pairs=()) -> HeadGram:
         # d = m W = slope_y W[y] − (P ⊙ slope) W
         gram.direction[name] = label_slope[name].unsqueeze(1) * w[y].to(cd) - acc[span[name]] * inv_s[span[name]
                                                                                                      ].unsqueeze(1)
-    for (x, y), a in accs.items():
+    for (x, y) in pairs:
+        (cols, block), = [(c, a) for (x2, run), (c, a) in accs.items() if x2 == x and y in run]
+        a = block[:, span[y].start - cols.start:span[y].stop - cols.start]
         # M_x M_yᵀ = [y_i = y_j] σ_i σ_j − σ_i P_y[j, y_i] − P_x[i, y_j] σ_j + P_x P_yᵀ  (σ: slope at the label,
         # P: softmax ⊙ slope)
         sx, sy = label_slope[x], label_slope[y]

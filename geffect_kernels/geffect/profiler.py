@@ -189,31 +189,37 @@ class GEffectProfiler:
         del rows
         forget = sides["forget"]
         losses = {}
-        losses["objective"], coef = forget.coefficients(objective, ref_logprobs, **hparams)
-        grad_a = forget.gradient(coef, head_params, retain_graph=True)
+        losses["objective"], coef_a = forget.coefficients(objective, ref_logprobs, **hparams)
         losses["forget"], coef = forget.coefficients("nll")
+        # When the objective's coefficients are a multiple of the NLL's (ga; nll itself), its gradient is
+        # that multiple of the forget risk's: one decoder backward fewer, values scaled (exactly).
+        scale = _multiple(coef_a, coef)
+        grad_a = None if scale is not None else forget.gradient(coef_a, head_params, retain_graph=True)
         risk_grads = {"forget": forget.gradient(coef, head_params, retain_graph=False)}
         if retain_batch is not None:
             retain = sides["retain"]
             losses["retain"], coef = retain.coefficients("nll")
             risk_grads["retain"] = retain.gradient(coef, head_params, retain_graph=False)
-        del sides, forget, coef
-        result = self._result(grad_a, risk_grads, losses, per_instance)
+        del sides, forget, coef, coef_a
+        if grad_a is None:
+            grad_a = risk_grads["forget"]
+        result = self._result(grad_a, risk_grads, losses, per_instance, scale=scale or 1.0)
         if retain_batch is not None and retain_objective == "nll":  # its gradient is the retain risk's
             result.retain_term = self._result(risk_grads["retain"], risk_grads,
                                               {"objective": losses["retain"]}, False)
         return result
 
     # -- inner products into groups ---------------------------------------------------------------------
-    def _result(self, grad_a: FactoredGradient, risk_grads: dict, losses: dict, per_instance: bool
-                ) -> GEffectResult:
+    def _result(self, grad_a: FactoredGradient, risk_grads: dict, losses: dict, per_instance: bool,
+                scale: float = 1.0) -> GEffectResult:
+        """Inner products of ``scale`` · ``grad_a`` with each risk's gradient, per group."""
         with ExitStack() as stack:  # inner products in float32/float64 even inside the caller's autocast
             stack.enter_context(torch.no_grad())
             for device_type in {p.device.type for p in self.model.parameters()}:
                 stack.enter_context(torch.autocast(device_type, enabled=False))
-            return self._inner_products(grad_a, risk_grads, losses, per_instance)
+            return self._inner_products(grad_a, risk_grads, losses, per_instance, scale)
 
-    def _inner_products(self, grad_a, risk_grads, losses, per_instance):
+    def _inner_products(self, grad_a, risk_grads, losses, per_instance, scale=1.0):
         n_samples = _batch_size(grad_a) if per_instance else None
         names = list(self._params())  # every profiled parameter, 0 where a gradient does not reach it
         total, by_group, instance = {}, {}, {}
@@ -222,6 +228,8 @@ class GEffectProfiler:
             per_sample = torch.zeros(n_samples or 0, dtype=torch.float64)
             for name in names:
                 value, rows = _inner(grad_a, grad_b, name, n_samples)
+                if scale != 1.0:
+                    value, rows = scale * value, None if rows is None else scale * rows
                 group_sums[self.groups[name]] = group_sums.get(self.groups[name], 0.0) + value
                 if rows is not None:
                     per_sample += rows
@@ -230,6 +238,16 @@ class GEffectProfiler:
             total[risk] = sum(group_sums.values())
             instance[risk] = per_sample.tolist()
         return GEffectResult(total, by_group, instance if per_instance else None, losses)
+
+
+def _multiple(coef_a: torch.Tensor, coef_b: torch.Tensor) -> float | None:
+    """λ with coef_a == λ·coef_b exactly (elementwise), or None."""
+    nonzero = coef_b.reshape(-1).nonzero()
+    if nonzero.numel() == 0:
+        return None
+    i = int(nonzero[0, 0])
+    scale = float(coef_a.reshape(-1)[i] / coef_b.reshape(-1)[i])
+    return scale if torch.equal(coef_a, scale * coef_b) else None
 
 
 def _batch_size(grad: FactoredGradient) -> int:
