@@ -10,7 +10,7 @@ the call and alive at once: gradients, captures, temporaries; the model itself e
 - ``measure``: `GEffectProfiler.measure` with both risks (three forward/backward passes, factored gradients);
 - ``measure_unlearning``: the fused fast path (objective and forget risk share one forward) for GA, whose
   gradient is −1 × the forget NLL's (one decoder backward fewer); ``measure_unlearning_npo``: the same for NPO
-  (against the model's own log-probabilities as reference), which needs the objective's own backward;
+  (reference log-probabilities: the model's own plus noise), which needs the objective's own backward;
 - ``train_step``: forward + backward of the objective on the forget batch, for scale.
 
     python benchmarks/geffect_cpu.py [--out benchmarks/results/geffect_cpu.csv]
@@ -49,8 +49,10 @@ def methods(model, forget, retain):
     objective = lambda m: -m(**forget).loss  # gradient ascent
     risks = {"forget": lambda m: m(**forget).loss, "retain": lambda m: m(**retain).loss}
     profiler = GEffectProfiler(model, groups="layer")
-    with torch.no_grad():
-        ref = hf.token_logprobs(model, forget)  # the reference model: the model itself before unlearning
+    with torch.no_grad():  # the reference model's log-probabilities, as after a few unlearning steps (at the
+        # reference point itself NPO's per-sequence weights are all 1 and its gradient is GA's)
+        g = torch.Generator().manual_seed(2)
+        ref = hf.token_logprobs(model, forget) + 0.5 * torch.randn(BATCH, TOKENS - 1, generator=g)
     groups = parameter_groups(model, "layer")
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 

@@ -24,6 +24,11 @@ import torch
 from . import inner
 
 
+# Logits per vocabulary chunk on the CPU: a cache-sized chunk, whose exp two matmuls then read (D and the Gram),
+# runs ~20% faster than a 4M-element one (2 cores, H 256, V 32000, 2×126 rows).
+CPU_CHUNK_ELEMENTS = 1 << 20
+
+
 @dataclass
 class HeadGram:
     """One head pass's results, shared by the `inner.HeadRows` uses that point at it (per side)."""
@@ -116,7 +121,8 @@ def head_pass(weight, bias, softcap, sides: dict, pairs=()) -> HeadGram:
             cols = slice(span[run[0]].start, span[run[-1]].stop)
             accs[(x, tuple(run))] = (cols, torch.zeros(span[x].stop - span[x].start, cols.stop - cols.start,
                                                        dtype=cd, device=w.device))
-    chunk = max(1, min(vocab, inner.TILE_ELEMENTS // max(1, n)))
+    chunk_elements = min(inner.TILE_ELEMENTS, CPU_CHUNK_ELEMENTS if w.device.type == "cpu" else inner.TILE_ELEMENTS)
+    chunk = max(1, min(vocab, chunk_elements // max(1, n)))
     for v0 in range(0, vocab, chunk):
         wc = w[v0:v0 + chunk]
         z = (h @ wc.t()).to(cd)

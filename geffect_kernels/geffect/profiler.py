@@ -149,9 +149,13 @@ class GEffectProfiler:
         """G-effects of unlearning objective ``objective`` (DESIGN §3, with ``hparams``) on the risks
         ``"forget"`` (e_u: NLL on ``forget_batch``) and ``"retain"`` (e_r: NLL on ``retain_batch``).
 
-        Batches are HF-style dicts (``input_ids``, optional ``attention_mask`` and ``labels``); losses go
-        through the fused head (``geffect_kernels.hf``, shifted labels); ``ref_logprobs`` as for
-        `hf.unlearning_loss`. The objective and the forget risk share one forward. ``retain_objective``
+        Batches are HF-style dicts (``input_ids``, optional ``attention_mask`` and ``labels``; HF-shifted
+        labels); ``ref_logprobs`` as for `hf.unlearning_loss`. The objective and the forget risk share one
+        forward, and the LM head runs once for both batches (`head.head_pass`: log-probabilities, each
+        token's hidden-state cotangent per unit coefficient, and the Gram matrices that give the head's inner
+        products without its V×H gradients); the decoder's backward then starts from the hidden states, one
+        per gradient (none for an objective that is a multiple of the forget NLL, e.g. ``"ga"``). The head
+        pass is plain torch whatever ``backend`` (kept for compatibility) says. ``retain_objective``
         names the training step's retain term (the risks are NLL whatever it is); with ``"nll"`` (the
         default) that term's gradient *is* the retain risk's, so ``result.retain_term`` also gets the retain
         term's own G-effects on both risks from gradients already computed (no extra backward).
