@@ -151,17 +151,68 @@ def test_objective_proportional_to_nll_skips_a_backward(monkeypatch):
     model = tiny_model("gpt2")
     forget, retain = batch(seed=27), batch(seed=28)
     calls = []
-    original = profiler._Side.gradient
-    monkeypatch.setattr(profiler._Side, "gradient", lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
+    original = profiler._Forward.gradients
+    monkeypatch.setattr(profiler._Forward, "gradients",
+                        lambda self, coefs, *a, **k: calls.append(sorted(coefs)) or original(self, coefs, *a, **k))
     fast = GEffectProfiler(model).measure_unlearning("ga", forget, retain, per_instance=True)
-    assert len(calls) == 2  # forget risk, retain risk
+    assert calls == [["forget", "retain"]]  # one stacked backward: forget risk and retain risk
     monkeypatch.setattr(profiler, "_multiple", lambda a, b: None)
     full = GEffectProfiler(model).measure_unlearning("ga", forget, retain, per_instance=True)
-    assert len(calls) == 5
+    assert calls[1:] == [["forget", "retain"], ["forget"]]  # objective with retain risk, then forget risk
     for risk in ("forget", "retain"):
         assert fast.per_instance[risk] == pytest.approx(full.per_instance[risk], rel=1e-12)
         for group, values in full.by_group.items():
             assert fast.by_group[group][risk] == pytest.approx(values[risk], rel=1e-12)
-    ref = hf.token_logprobs(model, forget).detach()
-    GEffectProfiler(model).measure_unlearning("wga", forget, retain, ref_logprobs=ref)
-    assert len(calls) == 8  # weighted: its own backward
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_stacked_forward_equals_separate_forwards(kind, monkeypatch):
+    """Forget and retain batches of one length run as one forward and backward; the values are the same as
+    with a forward each (different lengths, or a parameter used outside the hooks, take that route)."""
+    from geffect_kernels.geffect import profiler
+    model = tiny_model(kind)
+    forget, retain = batch(seed=29, prompt=2), batch(batch_size=2, seed=30, pad_first=False)
+    del retain["attention_mask"]
+    ref = hf.token_logprobs(model, forget).detach() + 0.3
+    stacked = GEffectProfiler(model).measure_unlearning("npo", forget, retain, ref_logprobs=ref, per_instance=True)
+    monkeypatch.setattr(profiler, "_stackable", lambda a, b: False)
+    separate = GEffectProfiler(model).measure_unlearning("npo", forget, retain, ref_logprobs=ref,
+                                                         per_instance=True)
+    assert stacked.losses == pytest.approx(separate.losses, rel=1e-12)
+    for risk in ("forget", "retain"):
+        assert stacked.per_instance[risk] == pytest.approx(separate.per_instance[risk], rel=1e-10)
+        for group, values in separate.by_group.items():
+            assert stacked.by_group[group][risk] == pytest.approx(values[risk], rel=1e-10, abs=1e-15)
+        assert stacked.retain_term.total[risk] == pytest.approx(separate.retain_term.total[risk], rel=1e-10)
+    assert profiler._stackable.__name__ == "<lambda>"
+    monkeypatch.undo()
+    assert not profiler._stackable(forget, batch(length=9))
+    assert profiler._stackable(forget, retain)
+
+
+def test_parameter_used_outside_hooks_takes_separate_forwards(monkeypatch):
+    """A dense gradient cannot be split by samples: such a model runs a forward per batch, still exact."""
+    from geffect_kernels.geffect import profiler
+
+    class Rescale(torch.nn.Module):  # not a recognised layer: its weight's gradient is taken densely
+        def __init__(self, n):
+            super().__init__()
+            self.weight = torch.nn.Parameter(1 + 0.2 * torch.randn(n, dtype=torch.float64))
+
+        def forward(self, x):
+            return x * self.weight
+
+    model = tiny_model("llama")
+    model.model.norm = Rescale(model.config.hidden_size)
+    forget, retain = batch(seed=31), batch(seed=32)
+    forwards = []
+    original = profiler._Forward.__init__
+    monkeypatch.setattr(profiler._Forward, "__init__",
+                        lambda self, m, batches, p: forwards.append(list(batches)) or original(self, m, batches, p))
+    result = GEffectProfiler(model, groups="parameter").measure_unlearning("ga", forget, retain)
+    assert forwards == [["forget", "retain"], ["forget"], ["retain"]]
+    names = {n: n for n, _ in model.named_parameters()}
+    for risk, b in (("forget", forget), ("retain", retain)):
+        expected = materialized(model, lambda m: hf.unlearning_loss("ga", m, forget), nll(b), names)
+        for name, (dot, scale) in expected.items():
+            assert abs(result.by_group[name][risk] - dot) <= 1e-9 * abs(dot) + 1e-12 * scale, (risk, name)

@@ -138,6 +138,12 @@ class Capture:
             if isinstance(p, nn.Parameter) and id(p) in self._names:
                 yield self._names[id(p)], p, role
 
+    def fully_captured(self, root) -> bool:
+        """Whether every profiled parameter in ``root``'s graph is used there through recorded calls only."""
+        captured = Counter(id(p) for call in self.calls for _, p, _ in self._call_params(call))
+        in_graph = graph_uses(root, self._names)
+        return all(captured[key] == count for key, count in in_graph.items())
+
     def gradient(self, root, grad_output=None, *, graph_root=None, dense=(), retain_graph=False
                  ) -> FactoredGradient:
         """Backpropagate ``grad_output`` from ``root`` and return the profiled parameters' gradient.

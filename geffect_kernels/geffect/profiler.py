@@ -22,7 +22,7 @@ from ..objectives import _loss, resolve
 from .capture import Capture, FactoredGradient
 from .groups import parameter_groups
 from .head import gram_pays, head_pass
-from .inner import HeadRows, dense_dot, row_dots
+from .inner import Factored, Gathered, HeadRows, Summed, dense_dot, row_dots
 from .result import GEffectResult
 
 IGNORE_INDEX = -100  # Hugging Face labels
@@ -41,24 +41,96 @@ def objective_from_logprobs(name, logprobs, labels, ref_logprobs=None, **hparams
                  logprobs=lambda: flat)
 
 
-class _Side:
-    """One batch's decoder forward (hooks recording), its hidden states and HF-shifted labels; after the
-    head pass (`head.head_pass`), its log-probabilities and the gradients of token objectives on it."""
+class _Forward:
+    """One decoder forward (hooks recording) over one or more batches stacked along the batch dimension.
 
-    def __init__(self, model, batch, params, name):
-        if not isinstance(batch, Mapping) or "input_ids" not in batch:
-            raise ValueError("batches must be dicts with input_ids (and optionally attention_mask, labels)")
-        self.name = name
+    Stacked batches (*sides*) share the forward and each backward: the captured rows of a side are its
+    samples' rows, so one backward from the sides' stacked hidden-state cotangents gives every side's
+    gradient at once (`split`). Rows of different samples never mix in a causal LM's forward.
+    """
+
+    def __init__(self, model, batches: dict, params):
+        for batch in batches.values():
+            if not isinstance(batch, Mapping) or "input_ids" not in batch:
+                raise ValueError("batches must be dicts with input_ids (and optionally attention_mask, labels)")
+        ids = torch.cat([b["input_ids"] for b in batches.values()])
+        masks = [b.get("attention_mask") for b in batches.values()]
+        mask = None if all(m is None for m in masks) else torch.cat(
+            [torch.ones_like(b["input_ids"]) if m is None else m for b, m in zip(batches.values(), masks)])
         self.capture = Capture(model, params)
         with self.capture:
-            self.hidden = hf.final_hidden_states(model, batch["input_ids"], batch.get("attention_mask"))
-        self.labels = hf.batch_labels(batch)[:, 1:]
+            self.hidden = hf.final_hidden_states(model, ids, mask)
+        self.sides, start = {}, 0
+        for name, batch in batches.items():
+            n = batch["input_ids"].shape[0]
+            self.sides[name] = _Side(self, name, (start, start + n), hf.batch_labels(batch)[:, 1:])
+            start += n
+
+    def splittable(self) -> bool:
+        """Whether each side's gradient can be read off a stacked backward: every profiled parameter in the
+        graph is used through hooked layers only, each use with one row block per sample."""
+        if len(self.sides) == 1:
+            return True
+        n = self.hidden.shape[0]
+        return self.capture.fully_captured(self.hidden) and all(
+            call.rows_shape and call.rows_shape[0] == n for call in self.capture.calls)
+
+    def gradients(self, coefs: dict, head_params, retain_graph) -> dict:
+        """{side: gradient of Σ_t coef_t ℓ_t on that side} from one backward (sides not named: no gradient)."""
+        hidden = self.hidden
+        dh = torch.zeros_like(hidden)
+        for name, coef in coefs.items():
+            b0, b1 = self.sides[name].batch
+            dh[b0:b1] = self.sides[name].cotangent(coef)
+        if hidden.requires_grad:
+            grad = self.capture.gradient(hidden, dh, retain_graph=retain_graph)
+        else:  # nothing profiled below the head
+            grad = FactoredGradient()
+        out = {}
+        for name, coef in coefs.items():
+            side = self.sides[name]
+            part = grad if len(self.sides) == 1 else _batch_rows(grad, side.batch, hidden.shape[0])
+            out[name] = side.add_head(part, coef, head_params)
+        return out
+
+
+def _batch_rows(grad: FactoredGradient, batch, n_batch) -> FactoredGradient:
+    """The part of a stacked gradient that samples ``batch`` = (start, stop) contributed (uses only)."""
+    b0, b1 = batch
+    out = FactoredGradient()
+    for name, uses in grad.uses.items():
+        for use, shape in zip(uses, grad.rows_shapes[name]):
+            per = use.n_rows // n_batch
+            rows = slice(b0 * per, b1 * per)
+            if isinstance(use, Factored):
+                use = Factored(use.left[rows], use.right[rows])
+            elif isinstance(use, Gathered):
+                use = Gathered(use.ids[rows], use.rows[rows])
+            elif isinstance(use, Summed):
+                use = Summed(use.rows[rows])
+            else:
+                raise TypeError(f"cannot split a {type(use).__name__} use by samples")
+            out.uses.setdefault(name, []).append(use)
+            out.rows_shapes.setdefault(name, []).append((b1 - b0, *shape[1:]))
+    if grad.dense:
+        raise ValueError("a stacked backward cannot split dense gradients by samples")
+    return out
+
+
+class _Side:
+    """One batch within a `_Forward`: its rows, HF-shifted labels and, after the head pass
+    (`head.head_pass`), its log-probabilities and the head's part of token objectives' gradients."""
+
+    def __init__(self, forward, name, batch, labels):
+        self.forward, self.name, self.batch = forward, name, batch
+        self.labels = labels
         self.valid = self.labels != IGNORE_INDEX
         self.gram = None
 
     def head_rows(self):
         """(hidden rows, labels, valid) of the positions the head scores, for `head.head_pass`."""
-        hidden = self.hidden[:, :-1].detach()
+        b0, b1 = self.batch
+        hidden = self.forward.hidden[b0:b1, :-1].detach()
         return hidden.reshape(-1, hidden.shape[-1]), self.labels.reshape(-1), self.valid.reshape(-1)
 
     @property
@@ -75,23 +147,24 @@ class _Side:
             coef, = torch.autograd.grad(loss, lp)
         return float(loss.detach()), torch.where(self.valid, coef, 0)
 
-    def gradient(self, coef, head_params, *, retain_graph) -> FactoredGradient:
-        """The gradient of Σ_t coef_t ℓ_t: the decoder's backward from dh_t = coef_t d_t, the head as uses."""
-        g, hidden = self.gram, self.hidden
+    def cotangent(self, coef):
+        """dh_t = coef_t d_t on this side's hidden states ``[B, T, H]`` (0 at the last position)."""
+        g, hidden = self.gram, self.forward.hidden
         rows = g.rows[self.name]
-        flat_coef = coef.reshape(-1)
         dh = torch.zeros(self.labels.numel(), hidden.shape[-1], dtype=hidden.dtype, device=hidden.device)
-        dh.index_copy_(0, rows, (flat_coef[rows].to(g.direction[self.name].dtype).unsqueeze(1)
+        dh.index_copy_(0, rows, (coef.reshape(-1)[rows].to(g.direction[self.name].dtype).unsqueeze(1)
                                  * g.direction[self.name]).to(hidden.dtype))
-        dh = torch.cat([dh.reshape(*self.labels.shape, -1), torch.zeros_like(hidden[:, -1:])], dim=1)
-        if hidden.requires_grad:
-            grad = self.capture.gradient(hidden, dh, retain_graph=retain_graph)
-        else:  # nothing profiled below the head
-            grad = FactoredGradient()
-        head_hidden, labels, _ = self.head_rows()
-        for role, (name, param) in head_params.items():
+        return torch.cat([dh.reshape(*self.labels.shape, -1),
+                          torch.zeros(self.labels.shape[0], 1, hidden.shape[-1], dtype=hidden.dtype,
+                                      device=hidden.device)], dim=1)
+
+    def add_head(self, grad: FactoredGradient, coef, head_params) -> FactoredGradient:
+        """``grad`` (the decoder's part) plus the head's uses, which read the head pass's Gram matrices."""
+        g = self.gram
+        head_hidden, _, _ = self.head_rows()
+        for role, (name, _) in head_params.items():
             use = HeadRows(head_hidden, g.weight, g.bias, torch.where(self.valid, self.labels, 0).reshape(-1),
-                           flat_coef, g.softcap, role, gram=g, side=self.name)
+                           coef.reshape(-1), g.softcap, role, gram=g, side=self.name)
             grad.uses.setdefault(name, []).append(use)
             grad.rows_shapes.setdefault(name, []).append(tuple(self.labels.shape))
         return grad
@@ -166,9 +239,16 @@ class GEffectProfiler:
         if retain_objective not in RETAIN_OBJECTIVES:
             raise ValueError(f"retain_objective must be one of {RETAIN_OBJECTIVES}, got {retain_objective!r}")
         params = self._params()
-        sides = {"forget": _Side(self.model, forget_batch, params, "forget")}
-        if retain_batch is not None:
-            sides["retain"] = _Side(self.model, retain_batch, params, "retain")
+        batches = {"forget": forget_batch} if retain_batch is None else {"forget": forget_batch,
+                                                                          "retain": retain_batch}
+        forwards = []
+        if len(batches) == 2 and _stackable(forget_batch, retain_batch):
+            forwards = [_Forward(self.model, batches, params)]  # one forward (and backward) for both
+            if not forwards[0].splittable():
+                forwards = []
+        if not forwards:
+            forwards = [_Forward(self.model, {name: b}, params) for name, b in batches.items()]
+        sides = {name: side for fw in forwards for name, side in fw.sides.items()}
         head = hf.lm_head(self.model)
         names = {id(p): n for n, p in params.items()}
         head_params = {role: (names[id(p)], p) for role, p in (("weight", head.weight), ("bias", head.bias))
@@ -191,20 +271,31 @@ class GEffectProfiler:
         for side in sides.values():
             side.gram = gram
         del rows
-        forget = sides["forget"]
-        losses = {}
-        losses["objective"], coef_a = forget.coefficients(objective, ref_logprobs, **hparams)
-        losses["forget"], coef = forget.coefficients("nll")
+        losses, coefs = {}, {}
+        losses["objective"], coef_a = sides["forget"].coefficients(objective, ref_logprobs, **hparams)
+        for name, side in sides.items():
+            losses[name], coefs[name] = side.coefficients("nll")
         # When the objective's coefficients are a multiple of the NLL's (ga; nll itself), its gradient is
         # that multiple of the forget risk's: one decoder backward fewer, values scaled (exactly).
-        scale = _multiple(coef_a, coef)
-        grad_a = None if scale is not None else forget.gradient(coef_a, head_params, retain_graph=True)
-        risk_grads = {"forget": forget.gradient(coef, head_params, retain_graph=False)}
-        if retain_batch is not None:
-            retain = sides["retain"]
-            losses["retain"], coef = retain.coefficients("nll")
-            risk_grads["retain"] = retain.gradient(coef, head_params, retain_graph=False)
-        del sides, forget, coef, coef_a
+        scale = _multiple(coef_a, coefs["forget"])
+        # Backward passes: each takes at most one gradient per side of a forward.
+        rounds = [coefs] if scale is not None else [{"objective": coef_a, **{k: v for k, v in coefs.items()
+                                                                              if k != "forget"}},
+                                                    {"forget": coefs["forget"]}]
+        grads = {}
+        for i, requests in enumerate(rounds):
+            for fw in forwards:
+                mine = {("forget" if key == "objective" else key): (key, coef) for key, coef in requests.items()
+                        if ("forget" if key == "objective" else key) in fw.sides}
+                if not mine:
+                    continue
+                later = any(("forget" if k == "objective" else k) in fw.sides for r in rounds[i + 1:] for k in r)
+                got = fw.gradients({side: coef for side, (_, coef) in mine.items()}, head_params,
+                                   retain_graph=later)
+                grads.update({key: got[side] for side, (key, _) in mine.items()})
+        del forwards, sides, coefs, coef_a
+        grad_a = grads.pop("objective", None)
+        risk_grads = {name: grads[name] for name in batches}
         if grad_a is None:
             grad_a = risk_grads["forget"]
         result = self._result(grad_a, risk_grads, losses, per_instance, scale=scale or 1.0)
@@ -242,6 +333,13 @@ class GEffectProfiler:
             total[risk] = sum(group_sums.values())
             instance[risk] = per_sample.tolist()
         return GEffectResult(total, by_group, instance if per_instance else None, losses)
+
+
+def _stackable(a, b) -> bool:
+    """Whether two batches can run as one (same sequence length, device and id dtype)."""
+    return (isinstance(a, Mapping) and isinstance(b, Mapping) and "input_ids" in a and "input_ids" in b
+            and a["input_ids"].shape[1:] == b["input_ids"].shape[1:] and a["input_ids"].device == b["input_ids"].device
+            and set(a) - {"attention_mask", "labels"} == set(b) - {"attention_mask", "labels"} == {"input_ids"})
 
 
 def _multiple(coef_a: torch.Tensor, coef_b: torch.Tensor) -> float | None:
