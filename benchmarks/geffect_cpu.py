@@ -8,9 +8,10 @@ the call and alive at once: gradients, captures, temporaries; the model itself e
 - ``materialized``: the definition; three full gradients (objective, forget NLL, retain NLL), flattened per
   layer and dotted;
 - ``measure``: `GEffectProfiler.measure` with both risks (three forward/backward passes, factored gradients);
-- ``measure_unlearning``: the fused fast path (objective and forget risk share one forward) for GA, whose
-  gradient is −1 × the forget NLL's (one decoder backward fewer); ``measure_unlearning_npo``: the same for NPO
-  (reference log-probabilities: the model's own plus noise), which needs the objective's own backward;
+- ``measure_unlearning``: the structured fast path for GA (forget and retain batches in one stacked decoder
+  forward, one pass of the LM head over the vocabulary, head inner products in Gram form; GA's gradient is
+  −1 × the forget NLL's, so one stacked backward serves all three gradients); ``measure_unlearning_npo``: the
+  same for NPO (reference log-probabilities: the model's own plus noise), which needs a second backward;
 - ``train_step``: forward + backward of the objective on the forget batch, for scale.
 
     python benchmarks/geffect_cpu.py [--out benchmarks/results/geffect_cpu.csv]

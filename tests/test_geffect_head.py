@@ -216,3 +216,21 @@ def test_parameter_used_outside_hooks_takes_separate_forwards(monkeypatch):
         expected = materialized(model, lambda m: hf.unlearning_loss("ga", m, forget), nll(b), names)
         for name, (dot, scale) in expected.items():
             assert abs(result.by_group[name][risk] - dot) <= 1e-9 * abs(dot) + 1e-12 * scale, (risk, name)
+
+
+def test_bfloat16_model_within_bf16_tolerance():
+    """Half-precision weights: the head pass's matmuls run in bf16 (float32 accumulators); within the
+    issue's 5e-3 of a float32 materialized reference on the same weights (relative to ‖∇a‖‖∇b‖)."""
+    model16 = tiny_model("llama", torch.float32).to(torch.bfloat16)
+    model32 = tiny_model("llama", torch.float32)
+    with torch.no_grad():
+        for p32, p16 in zip(model32.parameters(), model16.parameters()):
+            p32.copy_(p16.float())
+    forget, retain = batch(seed=33, batch_size=4, length=12), batch(seed=34, batch_size=4, length=12)
+    ref = hf.token_logprobs(model32, forget).detach() + 0.2
+    result = GEffectProfiler(model16).measure_unlearning("npo", forget, retain, ref_logprobs=ref)
+    names = {n: "all" for n, _ in model32.named_parameters()}
+    for risk, b in (("forget", forget), ("retain", retain)):
+        (dot, scale), = materialized(model32, lambda m: hf.unlearning_loss("npo", m, forget, ref_logprobs=ref),
+                                     nll(b), names).values()
+        assert abs(result.total[risk] - dot) <= 5e-3 * scale, risk

@@ -141,13 +141,19 @@ def head_pass(weight, bias, softcap, sides: dict, pairs=()) -> HeadGram:
         if slope is not None:
             e.mul_(slope)
         acc.mul_(alpha.unsqueeze(1))
-        if wc.dtype == cd:
+        # Half-precision weights: the matmuls at their speed, into float32 accumulators.
+        e_low = None if wc.dtype == cd else e.to(wc.dtype)
+        if e_low is None:
             acc.addmm_(e, wc)
         else:
-            acc += (e.to(wc.dtype) @ wc).to(cd)
+            acc += (e_low @ wc).to(cd)
         for (x, _), (cols, a) in accs.items():
-            a.mul_(alpha[span[x]].unsqueeze(1) * alpha[cols].unsqueeze(0)).addmm_(e[span[x]], e[cols].t())
-        del z, e, slope
+            a.mul_(alpha[span[x]].unsqueeze(1) * alpha[cols].unsqueeze(0))
+            if e_low is None:
+                a.addmm_(e[span[x]], e[cols].t())
+            else:
+                a += (e_low[span[x]] @ e_low[cols].t()).to(cd)
+        del z, e, e_low, slope
 
     lse = m + torch.log(s)
     inv_s = 1 / s
