@@ -56,6 +56,14 @@ def batches():
     return {"input_ids": ids[0]}, {"input_ids": ids[1]}
 
 
+def reference(model, forget):
+    """Reference log-probabilities as after some unlearning: the model's own, shifted and perturbed per token
+    (a uniform shift would give every sequence the same NPO weight, making NPO's gradient GA's)."""
+    g = torch.Generator(device="cuda").manual_seed(2)
+    lp = hf.token_logprobs(model, forget).detach()
+    return lp - 0.5 + 0.5 * torch.randn(lp.shape, device=lp.device, generator=g, dtype=lp.dtype)
+
+
 def methods(model, forget, retain, ref):
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     groups = parameter_groups(model, "layer")
@@ -112,7 +120,7 @@ def check():
     forget, retain = batches()
     model32 = build("1.1b", torch.float32, layers=4)
     model16 = build("1.1b", torch.bfloat16, layers=4)
-    ref = hf.token_logprobs(model32, forget).detach() - 0.5
+    ref = reference(model32, forget)
     want = methods(model32, forget, retain, ref)["materialized"]()
     got = GEffectProfiler(model16).measure_unlearning("npo", forget, retain, ref_logprobs=ref)
     for risk, values in want.items():
@@ -135,7 +143,7 @@ def main():
     for shape in args.shapes.split(","):
         model = build(shape, torch.bfloat16)
         forget, retain = batches()
-        ref = hf.token_logprobs(model, forget).detach() - 0.5
+        ref = reference(model, forget)
         base = None
         for name, fn in methods(model, forget, retain, ref).items():
             try:
