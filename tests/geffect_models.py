@@ -1,6 +1,7 @@
 """Tiny random HF causal LMs and the materialized G-effect (flatten both gradients, dot) for the tests."""
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import (Gemma2Config, Gemma2ForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM,
+                          Qwen2Config, Qwen2ForCausalLM)
 
 VOCAB = 61
 
@@ -18,6 +19,11 @@ def tiny_model(kind, dtype=torch.float64, seed=0, **overrides):
     elif kind == "gpt2":  # Conv1D, biases everywhere, LayerNorm, tied embeddings, position embeddings
         model = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=24, n_layer=2, n_head=4, n_positions=32,
                                            bos_token_id=1, eos_token_id=1, **overrides))
+    elif kind == "gemma2":  # embedding scaled inside its forward, tied to the head; final-logit soft-cap
+        model = Gemma2ForCausalLM(Gemma2Config(vocab_size=VOCAB, hidden_size=24, intermediate_size=40,
+                                               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                               head_dim=8, final_logit_softcapping=3.0, pad_token_id=0,
+                                               **overrides))
     else:
         raise ValueError(kind)
     # Random norms too, so that no parameter's gradient has a special structure.

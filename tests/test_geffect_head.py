@@ -234,3 +234,45 @@ def test_bfloat16_model_within_bf16_tolerance():
         (dot, scale), = materialized(model32, lambda m: hf.unlearning_loss("npo", m, forget, ref_logprobs=ref),
                                      nll(b), names).values()
         assert abs(result.total[risk] - dot) <= 5e-3 * scale, risk
+
+
+def test_scaled_embedding_and_softcap_gemma2():
+    """Gemma 2: the embedding scales its lookup inside its own forward and is tied to a soft-capped head."""
+    model = tiny_model("gemma2")
+    forget, retain = batch(seed=35, prompt=1), batch(seed=36, pad_first=False)
+    wga = lambda m: hf.unlearning_loss("wga", m, forget)
+    own = lambda b, sign=1.0: lambda m: sign * m(**b).loss  # the model's own logits: a hooked (tied) head
+    profiler = GEffectProfiler(model, groups="layer")
+    fast = profiler.measure_unlearning("wga", forget, retain)
+    generic = profiler.measure(own(forget, -1.0), {"forget": own(forget), "retain": own(retain)})
+    groups = parameter_groups(model, "layer")
+    for risk, b in (("forget", forget), ("retain", retain)):
+        for result, objective, fn in ((fast, wga, nll(b)), (generic, own(forget, -1.0), own(b))):
+            expected = materialized(model, objective, fn, groups)
+            for group, (dot, scale) in expected.items():  # Gemma's norms compute in float32 even in float64
+                assert abs(result.by_group[group][risk] - dot) <= 1e-9 * abs(dot) + 1e-7 * scale, (risk, group)
+            assert result.by_group["embedding"][risk] == pytest.approx(expected["embedding"][0], rel=1e-12)
+
+
+def test_linear_subclass_with_its_own_forward_is_not_trusted():
+    """A Linear subclass may do more than x Wᵀ + b in its forward: its weight goes to the dense fallback."""
+    from geffect_kernels.geffect.capture import module_kind
+
+    class Doubled(torch.nn.Linear):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    assert module_kind(torch.nn.Linear(3, 4)) == "linear" and module_kind(Doubled(3, 4)) is None
+    model = tiny_model("llama")
+    old = model.model.layers[0].mlp.up_proj
+    new = Doubled(old.in_features, old.out_features, bias=False, dtype=old.weight.dtype)
+    with torch.no_grad():
+        new.weight.copy_(old.weight)
+    model.model.layers[0].mlp.up_proj = new
+    forget, retain = batch(seed=37), batch(seed=38)
+    result = GEffectProfiler(model, groups="parameter").measure_unlearning("ga", forget, retain)
+    names = {n: n for n, _ in model.named_parameters()}
+    for risk, b in (("forget", forget), ("retain", retain)):
+        expected = materialized(model, lambda m: hf.unlearning_loss("ga", m, forget), nll(b), names)
+        for name, (dot, scale) in expected.items():
+            assert abs(result.by_group[name][risk] - dot) <= 1e-9 * abs(dot) + 1e-12 * scale, (risk, name)

@@ -35,11 +35,17 @@ def _is_affine_norm(module: nn.Module) -> bool:
 
 
 def module_kind(module: nn.Module) -> str | None:
+    """The kind of layer whose weight gradient `Capture` can rebuild from its call, or None.
+
+    A subclass that overrides ``forward`` is only trusted for embeddings, whose output is checked per call
+    against a scalar multiple of the lookup (Gemma's scaled embedding); other overrides are left to the
+    dense fallback.
+    """
     conv1d = _conv1d_type()
     if isinstance(module, nn.Linear):
-        return "linear"
+        return "linear" if type(module).forward is nn.Linear.forward else None
     if conv1d is not None and isinstance(module, conv1d):
-        return "conv1d"
+        return "conv1d" if type(module).forward is conv1d.forward else None
     if isinstance(module, nn.Embedding) and module.max_norm is None and not module.scale_grad_by_freq \
             and not module.sparse:
         return "embedding"
@@ -55,6 +61,7 @@ class _Call:
     args: tuple
     kwargs: dict
     output: torch.Tensor
+    scale: torch.Tensor | None = None  # an embedding whose output is scale × the lookup
 
     @property
     def rows_shape(self):
@@ -119,6 +126,11 @@ class Capture:
             if not (torch.is_grad_enabled() and isinstance(output, torch.Tensor) and output.requires_grad):
                 return None
             x = args[0]
+            scale = None
+            if kind == "embedding" and type(module).forward is not nn.Embedding.forward:
+                scale = _embedding_scale(module, x, output)
+                if scale is None:  # not a scaled lookup: leave this use to the dense fallback
+                    return None
             if kind == "embedding" and x.dim() >= 2:
                 if self._batch is None:
                     self._batch = x.shape[0]
@@ -127,7 +139,7 @@ class Capture:
                     # one row per sample (per-instance values) instead of arriving summed.
                     args = (x.expand(self._batch, *x.shape[1:]), *args[1:])
                     output = output.expand(self._batch, *output.shape[1:])
-            self.calls.append(_Call(module, kind, tuple(args), kwargs, output))
+            self.calls.append(_Call(module, kind, tuple(args), kwargs, output, scale))
             return output
         return record
 
@@ -181,6 +193,8 @@ class Capture:
         g_rows = g.reshape(-1, g.shape[-1])
         if call.kind == "embedding":
             ids = x.reshape(-1)
+            if call.scale is not None:
+                g_rows = g_rows * call.scale.to(g_rows.dtype)
             if call.module.padding_idx is not None:  # that row gets no gradient
                 g_rows = torch.where((ids == call.module.padding_idx).unsqueeze(1), 0, g_rows)
             return Gathered(ids, g_rows)
@@ -191,6 +205,23 @@ class Capture:
         if call.kind == "conv1d":
             return Factored(x.reshape(-1, x.shape[-1]), g_rows)
         return Summed(g_rows * _norm_slope(call, param, role).reshape(g_rows.shape))
+
+
+@torch.no_grad()
+def _embedding_scale(module, ids, output):
+    """s with output = s · weight[ids] (a scalar, as a 0-d tensor), or None when the output is not that."""
+    if not isinstance(output, torch.Tensor):
+        return None
+    base = torch.nn.functional.embedding(ids, module.weight)
+    out = output.detach()
+    if out.shape != base.shape or base.numel() == 0:
+        return None
+    k = base.abs().argmax()
+    if base.reshape(-1)[k] == 0:
+        return None
+    scale = out.reshape(-1)[k] / base.reshape(-1)[k]
+    eps = torch.finfo(out.dtype).eps if out.is_floating_point() else 0
+    return scale if torch.allclose(out, base * scale, rtol=8 * eps, atol=0) else None
 
 
 @torch.no_grad()
