@@ -46,7 +46,7 @@ class _Forward:
 
     Stacked batches (*sides*) share the forward and each backward: the captured rows of a side are its
     samples' rows, so one backward from the sides' stacked hidden-state cotangents gives every side's
-    gradient at once (`split`). Rows of different samples never mix in a causal LM's forward.
+    gradient at once (`_batch_rows`). Rows of different samples never mix in a causal LM's forward.
     """
 
     def __init__(self, model, batches: dict, params):
