@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from ..inputs import out_dtype
 from ..ops.backend import Backend
-from ..ops.chunked import GradBuffers, grads_wanted, row_chunks, scaled_grads
+from ..ops.chunked import GradBuffers, grads_wanted, handed_over_grad, row_chunks, scaled_grads
 from . import build
 
 _WEIGHT_CODES = {"one": 0, "wga": 1, "satimp": 2, "tnpo": 3, "wtnpo": 4}  # csrc/include/geffect/math.h
@@ -170,13 +170,7 @@ class _LogitsWeightedLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        # Hand the buffer over (no reference kept), so autograd can use it without a copy.
-        grad, ctx.grad = ctx.grad, None
-        if grad is None:
-            raise RuntimeError("this loss's backward can run only once: its gradient buffer was handed over")
-        if bool(grad_out != 1):
-            grad = grad.mul_(grad_out.to(grad.dtype))
-        return None, grad, *([None] * 8)
+        return None, handed_over_grad(ctx, grad_out), *([None] * 8)
 
 
 class _CsrcBackend(Backend):

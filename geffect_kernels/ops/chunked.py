@@ -96,7 +96,10 @@ class GradBuffers:
 
 
 def scaled_grads(grads, grad_out):
-    """Backward of a loss whose gradients the forward already produced: scale by the upstream scalar."""
+    """Backward of a loss whose gradients the forward already produced: scale by the upstream scalar
+    (the common ``loss.backward()`` passes 1: then no gradient-sized copy)."""
+    if bool(grad_out == 1):
+        return list(grads)
     return [None if g is None else g * grad_out.to(g.dtype) for g in grads]
 
 
@@ -203,6 +206,15 @@ class ChunkedLogitsLogprobs(torch.autograd.Function):
         return grad, None, None, None
 
 
+def handed_over_grad(ctx, grad_out):
+    """Backward of a logits loss whose forward wrote the gradient into ``ctx.grad``: hand that buffer to
+    autograd (no reference kept, so it is not copied), scaled in place by the upstream scalar."""
+    grad, ctx.grad = ctx.grad, None
+    if grad is None:
+        raise RuntimeError("this loss's backward can run only once: its gradient buffer was handed over")
+    return grad.mul_(grad_out.to(grad.dtype)) if bool(grad_out != 1) else grad
+
+
 class FusedLogitsWeightedLoss(torch.autograd.Function):
     """scale · Σ_t w_t ℓ_t from given logits in one pass: the gradient is formed in the forward, into a
     new buffer or, with ``inplace``, into the caller's logits (each chunk is copied before it is overwritten)."""
@@ -227,12 +239,7 @@ class FusedLogitsWeightedLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        grad, ctx.grad = ctx.grad, None  # hand the buffer over: no reference kept, so no copy
-        if grad is None:
-            raise RuntimeError("this loss's backward can run only once: its gradient buffer was handed over")
-        if bool(grad_out != 1):
-            grad = grad.mul_(grad_out.to(grad.dtype))
-        return grad, *([None] * 8)
+        return handed_over_grad(ctx, grad_out), *([None] * 8)
 
 
 def grads_wanted(*tensors):

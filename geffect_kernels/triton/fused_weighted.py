@@ -8,17 +8,11 @@
 """
 import torch
 
+from ..ops.chunked import scaled_grads
 from .config import logits_budget
 from .fast_path import fast_head_grads, fast_rows
 from .linear_backward import head_grads, token_grad_filler
 from .linear_forward import head_logprobs
-
-
-def scaled(grads, grad_out):
-    """Backward of a loss whose gradients the forward produced: multiply by the upstream scalar."""
-    if bool(grad_out == 1):
-        return list(grads)
-    return [None if g is None else g * grad_out.to(g.dtype) for g in grads]
 
 
 class HeadLogprobs(torch.autograd.Function):
@@ -54,4 +48,4 @@ class FusedWeightedLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        return (*scaled(ctx.grads, grad_out), *([None] * 7))
+        return (*scaled_grads(ctx.grads, grad_out), *([None] * 7))

@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 from .config import dot_precision, matmul_tiles
-from .fused_weighted import scaled
+from ..ops.chunked import scaled_grads
 from .linear_backward import head_grads, store_grad_tile
 from .linear_forward import vocab_splits
 from .tiles import add_bias, grouped_pid, logit_tile, online_lse, soft_cap
@@ -160,4 +160,4 @@ class FusedKL(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        return (*scaled(ctx.grads, grad_out), *([None] * 8))
+        return (*scaled_grads(ctx.grads, grad_out), *([None] * 8))

@@ -9,8 +9,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..ops.chunked import handed_over_grad
 from .config import row_block
-from .fused_weighted import scaled
 from .tiles import soft_cap
 from .weights import token_weight, weight_args
 
@@ -120,17 +120,13 @@ class LogitsWeightedLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, labels, ref, ignore_index, softcap, weighting, scale, wanted, inplace):
-        grad = (logits if inplace else torch.empty_like(logits)) if wanted else None
+        # detach(): the caller's storage under a new tensor object, which autograd takes without a copy
+        grad = (logits.detach() if inplace else torch.empty_like(logits)) if wanted else None
         lp, _, coef = _rows(logits, labels, ref, grad, ignore_index=ignore_index, softcap=softcap,
                             weighting=weighting, scale=scale)
-        ctx.grad, ctx.inplace = grad, inplace
+        ctx.grad = grad
         return (coef * lp).sum()
 
     @staticmethod
     def backward(ctx, grad_out):
-        grad = ctx.grad
-        if ctx.inplace and grad is not None and not bool(grad_out == 1):
-            grad = grad.mul_(grad_out.to(grad.dtype))  # stay in the caller's buffer
-        else:
-            grad = scaled([grad], grad_out)[0]
-        return grad, *([None] * 8)
+        return handed_over_grad(ctx, grad_out), *([None] * 8)
