@@ -62,7 +62,9 @@ def _weighting(spec, hp):
     return TokenWeighting(spec.weighting, **{k: float(v) for k, v in hp.items() if k in ("alpha", "beta", "gamma")})
 
 
-def _loss(name, spec, hp, prep, ref, ignore_index, *, weighted, logprobs):
+def objective_loss(name, spec, hp, prep, ref, ignore_index, *, weighted, logprobs):
+    """The loss of a resolved objective from the backend's two entry points (shared with the profiler):
+    ``weighted(weighting, scale)`` for token-level objectives, ``logprobs()`` for per-sequence ones."""
     valid = prep.labels != ignore_index
     if spec.level == "token":
         n_valid = int(valid.sum())
@@ -95,7 +97,7 @@ def unlearning_loss(name, hidden, weight, labels, *, ref_logprobs=None, bias=Non
                       required_by=name if spec.needs_ref else None)
     impl = get_backend(backend, hidden.device)
     args = (prep.hidden, weight, bias, prep.labels)
-    return _loss(
+    return objective_loss(
         name, spec, hp, prep, ref, ignore_index,
         weighted=lambda weighting, scale: impl.weighted_loss(
             *args, ref, ignore_index=ignore_index, softcap=softcap, weighting=weighting, scale=scale),
@@ -115,7 +117,7 @@ def unlearning_loss_from_logits(name, logits, labels, *, ref_logprobs=None, igno
     ref = prepare_ref(ref_logprobs, prep, out_dtype(logits.dtype), ignore_index=ignore_index,
                       required_by=name if spec.needs_ref else None)
     impl = get_backend(backend, logits.device)
-    return _loss(
+    return objective_loss(
         name, spec, hp, prep, ref, ignore_index,
         weighted=lambda weighting, scale: impl.weighted_loss_from_logits(
             prep.hidden, prep.labels, ref, ignore_index=ignore_index, softcap=softcap, weighting=weighting,

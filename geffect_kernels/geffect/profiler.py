@@ -18,7 +18,7 @@ import torch
 
 from .. import hf
 from ..inputs import Prepared, prepare_ref
-from ..objectives import _loss, resolve
+from ..objectives import objective_loss, resolve
 from .capture import Capture, FactoredGradient
 from .groups import parameter_groups
 from .head import gram_pays, head_pass
@@ -36,7 +36,7 @@ def objective_from_logprobs(name, logprobs, labels, ref_logprobs=None, **hparams
     ref = prepare_ref(ref_logprobs, prep, logprobs.dtype, ignore_index=IGNORE_INDEX,
                       required_by=name if spec.needs_ref else None)
     flat = logprobs.reshape(-1)
-    return _loss(name, spec, hp, prep, ref, IGNORE_INDEX,
+    return objective_loss(name, spec, hp, prep, ref, IGNORE_INDEX,
                  weighted=lambda weighting, scale: (weighting.weights(flat.detach(), ref) * scale * flat).sum(),
                  logprobs=lambda: flat)
 
