@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from ..inputs import out_dtype
 from ..ops.backend import Backend
-from ..ops.chunked import GradBuffers, grads_wanted, handed_over_grad, row_chunks, scaled_grads
+from ..ops.chunked import GradBuffers, fused_head_pass, grads_wanted, handed_over_grad, row_chunks, scaled_grads
 from . import build
 
 _WEIGHT_CODES = {"one": 0, "wga": 1, "satimp": 2, "tnpo": 3, "wtnpo": 4}  # csrc/include/geffect/math.h
@@ -72,17 +72,14 @@ class _WeightedLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, ext, hidden, weight, bias, labels, ref, ignore_index, softcap, weighting, scale, wanted):
-        grads = GradBuffers(hidden, weight, bias, wanted)
-        loss = torch.zeros((), dtype=torch.float64, device=hidden.device)
-        for sl in row_chunks(hidden.shape[0], weight.shape[0]):
+        def chunk_loss(sl, want_grad):  # the kernel overwrites the chunk's logits with their gradient
             z = _head_logits(hidden[sl], weight, bias)
-            logprobs, coef = ext.row_weighted_loss(z, z if any(wanted) else None, labels[sl],
+            logprobs, coef = ext.row_weighted_loss(z, z if want_grad else None, labels[sl],
                                                    None if ref is None else ref[sl], ignore_index, _cap(softcap),
                                                    **_weighting_args(weighting, scale))
-            loss += (coef.double() * logprobs.double()).sum()
-            if any(wanted):
-                grads.add(z, sl, hidden, weight)
-        ctx.grads = grads.result(weight, bias)
+            return (coef.double() * logprobs.double()).sum(), z if want_grad else None
+
+        loss, ctx.grads = fused_head_pass(hidden, weight, bias, wanted, chunk_loss, torch.float64)
         return loss.to(out_dtype(hidden.dtype))
 
     @staticmethod
@@ -96,16 +93,13 @@ class _KL(torch.autograd.Function):
     @staticmethod
     def forward(ctx, ext, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, ignore_index, softcap,
                 scale, wanted):
-        grads = GradBuffers(hidden, weight, bias, wanted)
-        loss = torch.zeros((), dtype=torch.float64, device=hidden.device)
-        for sl in row_chunks(hidden.shape[0], weight.shape[0]):
+        def chunk_loss(sl, want_grad):  # the kernel overwrites the chunk's logits with their gradient
             z = _head_logits(hidden[sl], weight, bias)
             z_ref = _head_logits(ref_hidden[sl], ref_weight, ref_bias)
-            kl = ext.row_kl(z, z_ref, z if any(wanted) else None, labels[sl], ignore_index, _cap(softcap), scale)
-            loss += kl.double().sum() * scale
-            if any(wanted):
-                grads.add(z, sl, hidden, weight)
-        ctx.grads = grads.result(weight, bias)
+            kl = ext.row_kl(z, z_ref, z if want_grad else None, labels[sl], ignore_index, _cap(softcap), scale)
+            return kl.double().sum() * scale, z if want_grad else None
+
+        loss, ctx.grads = fused_head_pass(hidden, weight, bias, wanted, chunk_loss, torch.float64)
         return loss.to(out_dtype(hidden.dtype))
 
     @staticmethod

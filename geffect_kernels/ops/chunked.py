@@ -70,7 +70,8 @@ def _recomputed_grad_logits(z, lse, coef, labels, dtanh):
 
 
 class GradBuffers:
-    """Shared by the backends that produce gradients chunk by chunk. Gradient buffers for hidden, weight, bias (None where not wanted); dW/db accumulate in float32+."""
+    """Gradient buffers for hidden, weight, bias (None where not wanted), filled chunk by chunk; dW and db
+    accumulate in float32 (float64 for float64 inputs). Shared by the torch and csrc backends."""
 
     def __init__(self, hidden, weight, bias, wanted):
         acc = out_dtype(hidden.dtype)
@@ -101,6 +102,20 @@ def scaled_grads(grads, grad_out):
     if bool(grad_out == 1):
         return list(grads)
     return [None if g is None else g * grad_out.to(g.dtype) for g in grads]
+
+
+def fused_head_pass(hidden, weight, bias, wanted, chunk_loss, loss_dtype):
+    """Σ over row chunks of ``chunk_loss(rows, want_grad) -> (loss, gradient of the chunk's logits or None)``,
+    folding each chunk's logits gradient into dh, dW, db as it goes: the forward pass of a loss whose
+    gradients need no second look at the logits. Returns the loss and the gradients [dh, dW, db]."""
+    grads = GradBuffers(hidden, weight, bias, wanted)
+    loss = torch.zeros((), dtype=loss_dtype, device=hidden.device)
+    for sl in row_chunks(hidden.shape[0], weight.shape[0]):
+        part, grad_logits = chunk_loss(sl, any(wanted))
+        loss += part
+        if grad_logits is not None:
+            grads.add(grad_logits, sl, hidden, weight)
+    return loss, grads.result(weight, bias)
 
 
 class ChunkedLogprobs(torch.autograd.Function):
@@ -135,17 +150,15 @@ class FusedWeightedLoss(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, labels, ref, ignore_index, softcap, weighting, scale, wanted):
         valid = labels != ignore_index
         safe = torch.where(valid, labels, 0)
-        grads = GradBuffers(hidden, weight, bias, wanted)
-        loss = torch.zeros((), dtype=out_dtype(hidden.dtype), device=hidden.device)
-        for sl in row_chunks(hidden.shape[0], weight.shape[0]):
+
+        def chunk_loss(sl, want_grad):
             z, dtanh = _logits(hidden[sl], weight, bias, softcap)
             logprobs, _, row_sums = _logprobs_(z, safe[sl], valid[sl])
             w = weighting.weights(logprobs, None if ref is None else ref[sl])
             coef = torch.where(valid[sl], w * scale, 0)
-            loss += (coef * logprobs).sum()
-            if any(wanted):
-                grads.add(_grad_logits_(z, row_sums, coef, safe[sl], dtanh), sl, hidden, weight)
-        ctx.grads = grads.result(weight, bias)
+            return (coef * logprobs).sum(), _grad_logits_(z, row_sums, coef, safe[sl], dtanh) if want_grad else None
+
+        loss, ctx.grads = fused_head_pass(hidden, weight, bias, wanted, chunk_loss, out_dtype(hidden.dtype))
         return loss
 
     @staticmethod
@@ -160,20 +173,21 @@ class FusedKL(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, ignore_index,
                 softcap, scale, wanted):
         valid = labels != ignore_index
-        grads = GradBuffers(hidden, weight, bias, wanted)
-        loss = torch.zeros((), dtype=out_dtype(hidden.dtype), device=hidden.device)
-        for sl in row_chunks(hidden.shape[0], weight.shape[0]):
+
+        def chunk_loss(sl, want_grad):
             z, dtanh = _logits(hidden[sl], weight, bias, softcap)
             log_p = z - torch.logsumexp(z, dim=-1, keepdim=True)
             zr, _ = _logits(ref_hidden[sl], ref_weight, ref_bias, softcap)
             log_q = zr.sub_(torch.logsumexp(zr, dim=-1, keepdim=True))
             q = log_q.exp()
             coef = (valid[sl].to(z.dtype) * scale).unsqueeze(1)
-            loss += (coef * q * (log_q - log_p)).sum()
-            if any(wanted):  # ∂KL/∂z = p − q
-                g = log_p.exp_().sub_(q).mul_(coef)
-                grads.add(g.mul_(dtanh) if dtanh is not None else g, sl, hidden, weight)
-        ctx.grads = grads.result(weight, bias)
+            part = (coef * q * (log_q - log_p)).sum()
+            if not want_grad:
+                return part, None
+            g = log_p.exp_().sub_(q).mul_(coef)  # ∂KL/∂z = p − q
+            return part, g.mul_(dtanh) if dtanh is not None else g
+
+        loss, ctx.grads = fused_head_pass(hidden, weight, bias, wanted, chunk_loss, out_dtype(hidden.dtype))
         return loss
 
     @staticmethod
