@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..ops.chunked import soft_cap_
 from . import inner
 
 
@@ -53,10 +54,7 @@ class HeadGram:
             z = self.hidden[side] @ w.t()
         if self.bias is not None:
             z = z + self.bias[ids].to(z.dtype)
-        if self.softcap is None:
-            return z, None
-        t = torch.tanh(z / self.softcap)
-        return self.softcap * t, 1 - t * t
+        return soft_cap_(z, self.softcap)
 
     def columns(self, side, ids):
         """M_side[:, ids] (``[n, U]``), ``ids`` a 1-D tensor of vocabulary entries."""
@@ -128,11 +126,7 @@ def head_pass(weight, bias, softcap, sides: dict, pairs=()) -> HeadGram:
         z = (h @ wc.t()).to(cd)
         if b is not None:
             z += b[v0:v0 + chunk]
-        slope = None
-        if softcap is not None:
-            z.div_(softcap).tanh_()
-            slope = 1 - z * z
-            z.mul_(softcap)
+        z, slope = soft_cap_(z, softcap)
         m_new = torch.maximum(m, z.amax(1))
         alpha = torch.exp(m - m_new)  # 0 on the first chunk (m = -inf)
         m = m_new

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..ops.chunked import soft_cap_
+
 # Largest Gram tile (elements) and head-logits chunk held at once.
 TILE_ELEMENTS = 1 << 22
 
@@ -227,16 +229,11 @@ def _head_dense(a: HeadRows):
 
 def _logits_cotangent(a: HeadRows, h, weight, bias, s, step):
     """coef_t (onehot(y_t) − softmax(z_t)) · dz/du for the rows s:s+step of ``a``."""
-    z = torch.nn.functional.linear(h, weight, bias)
-    if a.softcap is not None:
-        t = torch.tanh(z / a.softcap)
-        z, dtanh = a.softcap * t, 1 - t * t
+    z, dtanh = soft_cap_(torch.nn.functional.linear(h, weight, bias), a.softcap)
     coef = a.coef.reshape(-1)[s:s + step].to(z.dtype).unsqueeze(1)
     g = torch.softmax(z, dim=-1).mul_(-coef)
     g.scatter_add_(1, a.labels.reshape(-1)[s:s + step].unsqueeze(1), coef)
-    if a.softcap is not None:
-        g.mul_(dtanh)
-    return g
+    return g.mul_(dtanh) if dtanh is not None else g
 
 
 def row_dots(a, b) -> torch.Tensor:

@@ -25,8 +25,8 @@ def row_chunks(n_rows: int, vocab: int):
         yield slice(start, min(start + step, n_rows))
 
 
-def _capped(z, softcap):
-    """Soft-cap a fresh float buffer in place; returns it and dz/du (None without a cap)."""
+def soft_cap_(z, softcap):
+    """z ← s·tanh(z/s) in place on a fresh float buffer; returns it and dz/du (None without a cap)."""
     if softcap is None:
         return z, None
     t = z.div_(softcap).tanh_()
@@ -36,12 +36,12 @@ def _capped(z, softcap):
 
 def _logits(h, weight, bias, softcap):
     """Logits of a chunk in a fresh compute-dtype buffer, and dz/du of the soft-cap."""
-    return _capped(F.linear(h, weight, bias).to(out_dtype(h.dtype)), softcap)
+    return soft_cap_(F.linear(h, weight, bias).to(out_dtype(h.dtype)), softcap)
 
 
 def _logits_copy(logits, softcap):
     """A chunk of given logits copied to a scratch buffer (the caller's logits are never written)."""
-    return _capped(logits.to(out_dtype(logits.dtype), copy=True), softcap)
+    return soft_cap_(logits.to(out_dtype(logits.dtype), copy=True), softcap)
 
 
 def _logprobs_(z, labels, valid):
