@@ -18,10 +18,6 @@ class Prepared(NamedTuple):
     out_shape: torch.Size  # shape of the per-token outputs (labels' shape after the shift)
 
 
-def out_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _require_float(name, t):
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -109,8 +105,9 @@ def check_softcap(softcap):
     return float(softcap) if softcap is not None else None
 
 
-def prepare_ref(ref_logprobs, prepared: Prepared, dtype, *, ignore_index, required_by=None):
-    """Flatten ``ref_logprobs`` (shaped like the per-token output) and zero it at ignored positions."""
+def prepare_ref(ref_logprobs, labels, out_shape, dtype, *, ignore_index, required_by=None):
+    """Flatten ``ref_logprobs`` (shaped like the per-token output ``out_shape``) and zero it where the
+    flattened ``labels`` are ``ignore_index``."""
     if ref_logprobs is None:
         if required_by:
             raise ValueError(f"objective {required_by!r} needs ref_logprobs (the reference model's "
@@ -118,13 +115,12 @@ def prepare_ref(ref_logprobs, prepared: Prepared, dtype, *, ignore_index, requir
         return None
     if not isinstance(ref_logprobs, torch.Tensor):
         raise TypeError(f"ref_logprobs must be a torch.Tensor, got {type(ref_logprobs).__name__}")
-    if ref_logprobs.shape != prepared.out_shape:
+    if ref_logprobs.shape != out_shape:
         raise ValueError(f"ref_logprobs has shape {tuple(ref_logprobs.shape)}, expected "
-                         f"{tuple(prepared.out_shape)} (the shape token_logprobs returns for these inputs)")
-    if ref_logprobs.device != prepared.labels.device:
-        raise ValueError(f"ref_logprobs are on {ref_logprobs.device} but the inputs are on "
-                         f"{prepared.labels.device}")
-    valid = prepared.labels != ignore_index
+                         f"{tuple(out_shape)} (the shape token_logprobs returns for these inputs)")
+    if ref_logprobs.device != labels.device:
+        raise ValueError(f"ref_logprobs are on {ref_logprobs.device} but the inputs are on {labels.device}")
+    valid = labels != ignore_index
     ref = torch.where(valid, ref_logprobs.detach().reshape(-1).to(dtype), 0)
     require_finite(ref_logprobs=ref)
     return ref

@@ -1,8 +1,8 @@
 """The one primitive (DESIGN §2): per-token log-probabilities ℓ_t = log p_θ(y_t | y_<t)."""
 from __future__ import annotations
 
-
 from .inputs import check_softcap, prepare_head, prepare_logits
+from .backends.interface import LossOptions
 from .backends.registry import get_backend
 
 
@@ -26,8 +26,8 @@ def token_logprobs(hidden, weight, labels, *, bias=None, ignore_index=-100, soft
     """
     prep = prepare_head(hidden, weight, labels, bias, ignore_index=ignore_index, shift=shift)
     impl = get_backend(backend, prep.hidden)
-    out = impl.token_logprobs(prep.hidden, weight, bias, prep.labels, ignore_index=ignore_index,
-                              softcap=check_softcap(softcap))
+    out = impl.token_logprobs(prep.hidden, weight, bias, prep.labels,
+                              LossOptions(ignore_index=ignore_index, softcap=check_softcap(softcap)))
     return out.reshape(prep.out_shape)
 
 
@@ -36,8 +36,8 @@ def token_logprobs_from_logits(logits, labels, *, ignore_index=-100, softcap=Non
     """ℓ_t from logits the caller already holds (``[B, T, V]`` or ``[N, V]``); see `token_logprobs`."""
     prep = prepare_logits(logits, labels, ignore_index=ignore_index, shift=shift)
     impl = get_backend(backend, prep.hidden)
-    out = impl.token_logprobs_from_logits(prep.hidden, prep.labels, ignore_index=ignore_index,
-                                          softcap=check_softcap(softcap))
+    out = impl.token_logprobs_from_logits(prep.hidden, prep.labels,
+                                          LossOptions(ignore_index=ignore_index, softcap=check_softcap(softcap)))
     return out.reshape(prep.out_shape)
 
 

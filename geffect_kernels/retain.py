@@ -3,18 +3,29 @@ from __future__ import annotations
 
 import torch
 
-from .inputs import check_softcap, prepare_head
+from .backends.interface import LossOptions
 from .backends.registry import get_backend
+from .inputs import check_softcap, prepare_head
+
+# How kl_loss averages the per-position KL: "mean_valid" over the positions whose label is not ignored (the
+# answer tokens: this project's default); "official" over every position, prompt and padding included, as
+# the official G-effect code and TOFU compute it (kl_div(..., reduction="batchmean") on [B·T, V] log-probs).
+KL_REDUCTIONS = ("mean_valid", "official")
 
 
 def kl_loss(hidden, weight, ref_hidden, ref_weight, labels, *, bias=None, ref_bias=None, ignore_index=-100,
-            softcap=None, shift=False, backend="auto"):
-    """Mean over valid positions of KL(p_ref,t ‖ p_θ,t) over the full vocabulary.
+            softcap=None, shift=False, backend="auto", reduction="mean_valid"):
+    """Mean of KL(p_ref,t ‖ p_θ,t) over the full vocabulary, per position, averaged as ``reduction`` says.
 
-    The reference side (``ref_hidden``, ``ref_weight``, ``ref_bias``: the frozen original model) gets
-    no gradient. Both heads share the vocabulary, the soft-cap and the dtype; chunked so that neither
-    model's N×V logits exist at once. ``labels`` only mark which positions count.
+    ``reduction="mean_valid"`` (default): over the positions whose label is not ``ignore_index``;
+    ``"official"``: over every position, ignored ones included (then ``labels`` only give the shape; with
+    ``shift=False`` on whole sequences this is the official code's and TOFU's batch-mean KL). The reference
+    side (``ref_hidden``, ``ref_weight``, ``ref_bias``: the frozen original model) gets no gradient. Both
+    heads share the vocabulary, the soft-cap and the dtype; chunked so that neither model's N×V logits exist
+    at once.
     """
+    if reduction not in KL_REDUCTIONS:
+        raise ValueError(f"unknown KL reduction {reduction!r}; valid: {', '.join(KL_REDUCTIONS)}")
     prep = prepare_head(hidden, weight, labels, bias, ignore_index=ignore_index, shift=shift)
     ref = prepare_head(ref_hidden, ref_weight, labels, ref_bias, ignore_index=ignore_index, shift=shift)
     if ref_weight.shape[0] != weight.shape[0]:
@@ -22,10 +33,13 @@ def kl_loss(hidden, weight, ref_hidden, ref_weight, labels, *, bias=None, ref_bi
     if ref_hidden.dtype != hidden.dtype or ref_hidden.device != hidden.device:
         raise ValueError(f"ref_hidden ({ref_hidden.dtype}, {ref_hidden.device}) must match hidden "
                          f"({hidden.dtype}, {hidden.device})")
-    n_valid = int((prep.labels != ignore_index).sum())
+    positions = prep.labels
+    if reduction == "official":  # every position counts: labels no backend ignores
+        positions, ignore_index = torch.zeros_like(prep.labels), -1
+    n = int((positions != ignore_index).sum())
     impl = get_backend(backend, prep.hidden)
-    return impl.kl_divergence(prep.hidden, weight, bias, ref.hidden, ref_weight, ref_bias, prep.labels,
-                              ignore_index=ignore_index, softcap=check_softcap(softcap), scale=1.0 / max(n_valid, 1))
+    opts = LossOptions(ignore_index=ignore_index, softcap=check_softcap(softcap), scale=1.0 / max(n, 1))
+    return impl.kl_divergence(prep.hidden, weight, bias, ref.hidden, ref_weight, ref_bias, positions, opts)
 
 
 def _masked_mean_sq_norm(diff, mask):
