@@ -14,6 +14,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from .ranges import check_hparams
+
 
 def _sigmoid_weight(lp, ref, hp):
     """2p^β / (p^β + p_ref^β + ε): with ε = 0 the exact, overflow-free 2σ(β(ℓ − ℓ_ref)); with ε > 0 (the
@@ -168,12 +170,4 @@ def resolve(name, hparams) -> Resolved:
         valid = ", ".join(objective.defaults) or "none"
         raise ValueError(f"objective {name!r} takes no hyper-parameter {', '.join(sorted(unknown))}; "
                          f"valid: {valid}")
-    values = {**objective.defaults, **hparams}
-    for key, value in values.items():
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
-            raise ValueError(f"hyper-parameter {key} must be a number, got {value!r}")
-    if values.get("beta", 1.0) <= 0:
-        raise ValueError(f"beta must be positive, got {values['beta']}")
-    if values.get("eps", 0.0) < 0:
-        raise ValueError(f"eps must be >= 0 (0: the exact σ form; 1e-5: the official code), got {values['eps']}")
-    return Resolved(objective, values)
+    return Resolved(objective, check_hparams({**objective.defaults, **hparams}))

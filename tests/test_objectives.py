@@ -212,7 +212,7 @@ def test_official_eps_on_every_backend(name):
 def test_negative_eps_is_refused():
     h, w, b, y = make_inputs(3)
     ref = torch.zeros(y.shape, dtype=torch.float64)
-    with pytest.raises(ValueError, match="eps must be >= 0"):
+    with pytest.raises(ValueError, match="hyper-parameter eps must be a finite number ≥ 0"):
         gk.unlearning_loss("tnpo", h, w, y, ref_logprobs=ref, eps=-1e-5)
     with pytest.raises(ValueError, match="takes no hyper-parameter eps"):
         gk.unlearning_loss("wga", h, w, y, eps=1e-5)
