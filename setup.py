@@ -36,7 +36,9 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["geffect_kernels", "geffect_kernels.*"]),
-    package_data={"geffect_kernels": ["py.typed"]},
+    # the C++/CUDA sources travel inside the package, so an installed wheel builds the extension on first use
+    package_data={"geffect_kernels": ["py.typed"],
+                  "geffect_kernels.backends.cpp": ["csrc/*.cpp", "csrc/cpu/*", "csrc/cuda/*", "csrc/include/geffect/*"]},
     include_package_data=True,
     install_requires=[
         "torch>=2.4",

@@ -1,7 +1,7 @@
 """Every objective, defined once: its loss, its source, its defaults and its weight or sequence function.
 
 Token-level objectives are ``sign · mean_t w_t ℓ_t`` with detached weights w_t = ``token_weight(ℓ_t, ℓ_ref,t)``;
-the kernels implement the same weight formulas under ``kernel_code`` (csrc/include/geffect/math.h and
+the kernels implement the same weight formulas under ``kernel_code`` (backends/cpp/csrc/include/geffect/math.h and
 backends/triton/weights.py). Sequence-level objectives are ``mean_seq sequence_loss(ℓ_seq, ℓ_ref,seq, n_seq)``.
 Adding an objective means one entry here, plus the kernels' formula for a new token weight. Every backend,
 the profiler and `token_weights` read these entries; nothing else lists objectives.

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..geffect.groups import MODES as GROUPINGS
-from ..objectives import OBJECTIVES, resolve
+from ..catalog import OBJECTIVES, resolve
 from ..ranges import NON_NEGATIVE, POSITIVE, check_number
 
 RETAIN_OBJECTIVES = ("nll", "kl", "none")
