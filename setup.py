@@ -23,8 +23,9 @@ def extension_build():
         s = build.extension_spec(kind)
         make = cpp_extension.CUDAExtension if kind == "cuda" else cpp_extension.CppExtension
         compile_args = {"cxx": s["extra_cflags"], **({"nvcc": s["extra_cuda_cflags"]} if kind == "cuda" else {})}
-        modules.append(make(f"geffect_kernels.backends.cpp._{kind}", s["sources"], include_dirs=s["extra_include_paths"],
-                            extra_compile_args=compile_args, extra_link_args=s["extra_ldflags"]))
+        modules.append(make(f"geffect_kernels.backends.cpp._{kind}", s["sources"],
+                            include_dirs=s["extra_include_paths"], extra_compile_args=compile_args,
+                            extra_link_args=s["extra_ldflags"]))
     return {"ext_modules": modules, "cmdclass": {"build_ext": cpp_extension.BuildExtension}}
 
 

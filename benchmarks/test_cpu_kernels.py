@@ -25,7 +25,8 @@ import pytest
 import torch
 
 import geffect_kernels as gk
-from geffect_kernels.backends.cpp import build, ghost_inner_product
+from geffect_kernels.backends.cpp import build
+from geffect_kernels.backends.cpp.ghost import ghost_inner_product
 from geffect_kernels.backends.cpp.backend import BACKENDS
 from geffect_kernels.backends.interface import LossOptions
 from geffect_kernels.catalog import resolve

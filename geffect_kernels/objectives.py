@@ -12,16 +12,14 @@ from dataclasses import replace
 
 import torch
 
-from .backends.autograd import compute_dtype
-from .backends.interface import LossOptions
-from .backends.registry import get_backend
 from .catalog import OBJECTIVES, resolve
-from .inputs import check_softcap, prepare_head, prepare_logits, prepare_ref
+from .inputs import prepare_head, prepare_logits
 
 
-def _loss(objective, prep, ref, opts, *, weighted, logprobs):
+def _loss(objective, prep, ref, *, weighted, logprobs):
     """A token-level objective through the backend's fused ``weighted(opts)``; a sequence-level one from
     the backend's ``logprobs(opts)`` and `catalog.Resolved.loss_from_logprobs`."""
+    opts = prep.opts
     valid = prep.labels != opts.ignore_index
     if objective.objective.level == "token":
         n_valid = int(valid.sum())
@@ -40,14 +38,12 @@ def unlearning_loss(name, hidden, weight, labels, *, ref_logprobs=None, bias=Non
     ``delta``, ``eps`` as the objective takes them. Returns float64 for float64 inputs, else float32.
     """
     objective = resolve(name, hparams)
-    prep = prepare_head(hidden, weight, labels, bias, ignore_index=ignore_index, shift=shift)
-    opts = LossOptions(ignore_index, check_softcap(softcap))
-    ref = prepare_ref(ref_logprobs, prep.labels, prep.out_shape, compute_dtype(hidden.dtype),
-                      ignore_index=ignore_index, required_by=name if objective.objective.needs_ref else None)
-    impl = get_backend(backend, prep.hidden)
+    prep = prepare_head(hidden, weight, labels, bias, ignore_index=ignore_index, shift=shift, softcap=softcap,
+                        backend=backend)
+    ref = prep.reference(ref_logprobs, required_by=name if objective.objective.needs_ref else None)
     args = (prep.hidden, weight, bias, prep.labels)
-    return _loss(objective, prep, ref, opts, weighted=lambda o: impl.weighted_loss(*args, ref, o),
-                 logprobs=lambda o: impl.token_logprobs(*args, o))
+    return _loss(objective, prep, ref, weighted=lambda o: prep.backend.weighted_loss(*args, ref, o),
+                 logprobs=lambda o: prep.backend.token_logprobs(*args, o))
 
 
 def unlearning_loss_from_logits(name, logits, labels, *, ref_logprobs=None, ignore_index=-100, softcap=None,
@@ -58,14 +54,12 @@ def unlearning_loss_from_logits(name, logits, labels, *, ref_logprobs=None, igno
     the logits are then unusable after the call. Backends without such a kernel ignore it.
     """
     objective = resolve(name, hparams)
-    prep = prepare_logits(logits, labels, ignore_index=ignore_index, shift=shift)
-    opts = LossOptions(ignore_index, check_softcap(softcap), inplace=inplace)
-    ref = prepare_ref(ref_logprobs, prep.labels, prep.out_shape, compute_dtype(logits.dtype),
-                      ignore_index=ignore_index, required_by=name if objective.objective.needs_ref else None)
-    impl = get_backend(backend, prep.hidden)
-    return _loss(objective, prep, ref, opts,
-                 weighted=lambda o: impl.weighted_loss_from_logits(prep.hidden, prep.labels, ref, o),
-                 logprobs=lambda o: impl.token_logprobs_from_logits(prep.hidden, prep.labels, o))
+    prep = prepare_logits(logits, labels, ignore_index=ignore_index, shift=shift, softcap=softcap, backend=backend,
+                          inplace=inplace)
+    ref = prep.reference(ref_logprobs, required_by=name if objective.objective.needs_ref else None)
+    return _loss(objective, prep, ref,
+                 weighted=lambda o: prep.backend.weighted_loss_from_logits(prep.hidden, prep.labels, ref, o),
+                 logprobs=lambda o: prep.backend.token_logprobs_from_logits(prep.hidden, prep.labels, o))
 
 
 def token_weights(name, logprobs, ref_logprobs=None, *, mask=None, **hparams):

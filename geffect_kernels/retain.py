@@ -1,11 +1,11 @@
 """Retain and representation objectives (DESIGN §3): KL to a reference model, RMU, RR."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
-from .backends.interface import LossOptions
-from .backends.registry import get_backend
-from .inputs import check_softcap, prepare_head
+from .inputs import prepare_head
 
 # How kl_loss averages the per-position KL: "mean_valid" over the positions whose label is not ignored (the
 # answer tokens: this project's default); "official" over every position, prompt and padding included, as
@@ -26,20 +26,20 @@ def kl_loss(hidden, weight, ref_hidden, ref_weight, labels, *, bias=None, ref_bi
     """
     if reduction not in KL_REDUCTIONS:
         raise ValueError(f"unknown KL reduction {reduction!r}; valid: {', '.join(KL_REDUCTIONS)}")
-    prep = prepare_head(hidden, weight, labels, bias, ignore_index=ignore_index, shift=shift)
+    prep = prepare_head(hidden, weight, labels, bias, ignore_index=ignore_index, shift=shift, softcap=softcap,
+                        backend=backend)
     ref = prepare_head(ref_hidden, ref_weight, labels, ref_bias, ignore_index=ignore_index, shift=shift)
     if ref_weight.shape[0] != weight.shape[0]:
         raise ValueError(f"the two heads have different vocabularies: {weight.shape[0]} vs {ref_weight.shape[0]}")
     if ref_hidden.dtype != hidden.dtype or ref_hidden.device != hidden.device:
         raise ValueError(f"ref_hidden ({ref_hidden.dtype}, {ref_hidden.device}) must match hidden "
                          f"({hidden.dtype}, {hidden.device})")
-    positions = prep.labels
+    positions, opts = prep.labels, prep.opts
     if reduction == "official":  # every position counts: labels no backend ignores
-        positions, ignore_index = torch.zeros_like(prep.labels), -1
-    n = int((positions != ignore_index).sum())
-    impl = get_backend(backend, prep.hidden)
-    opts = LossOptions(ignore_index=ignore_index, softcap=check_softcap(softcap), scale=1.0 / max(n, 1))
-    return impl.kl_divergence(prep.hidden, weight, bias, ref.hidden, ref_weight, ref_bias, positions, opts)
+        positions, opts = torch.zeros_like(prep.labels), replace(opts, ignore_index=-1)
+    n = int((positions != opts.ignore_index).sum())
+    return prep.backend.kl_divergence(prep.hidden, weight, bias, ref.hidden, ref_weight, ref_bias, positions,
+                                      replace(opts, scale=1.0 / max(n, 1)))
 
 
 def _masked_mean_sq_norm(diff, mask):

@@ -8,13 +8,16 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .autograd import compute_dtype
 from .interface import Backend
+
+
+def _compute_dtype(dtype):
+    return torch.promote_types(dtype, torch.float32)  # float64 stays, 16-bit types go to float32
 
 
 def logits(hidden, weight, bias=None, softcap=None):
     """z = W h + b, soft-capped, upcast to the float32/float64 compute dtype."""
-    z = F.linear(hidden, weight, bias).to(compute_dtype(hidden.dtype))
+    z = F.linear(hidden, weight, bias).to(_compute_dtype(hidden.dtype))
     if softcap is not None:
         z = softcap * torch.tanh(z / softcap)
     return z
@@ -37,7 +40,7 @@ class OracleBackend(Backend):
         return logprobs_from_logits(logits(hidden, weight, bias, opts.softcap), labels, opts.ignore_index)
 
     def token_logprobs_from_logits(self, logits_, labels, opts):
-        z = logits_.to(compute_dtype(logits_.dtype))
+        z = logits_.to(_compute_dtype(logits_.dtype))
         if opts.softcap is not None:
             z = opts.softcap * torch.tanh(z / opts.softcap)
         return logprobs_from_logits(z, labels, opts.ignore_index)
