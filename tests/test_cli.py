@@ -89,7 +89,12 @@ def test_train_profile_and_report_end_to_end(capsys, workspace, tmp_path):
         assert [m["step"] for m in metrics] == [1, 2, 3]  # the flag overrides the YAML's steps
         assert (out / "runs" / name / "model" / "tokenizer.json").is_file()
     report = (out / "report.md").read_text()
-    assert "| ga | 3 |" in report and "| tnpo | 3 |" in report and (out / "plots" / "cumulative_geffects.png").is_file()
+    assert "| ga | 1 | 3 |" in report and "| tnpo | 1 | 3 |" in report  # objective, seeds, recorded steps
+    assert (out / "plots" / "cumulative_geffects.png").is_file()
+    # the observations these runs can decide, each ending in its verdict
+    for letter in "abc":
+        line = next(x for x in report.splitlines() if x.startswith(f"- ({letter})"))
+        assert line.endswith(("— holds.", "— does not hold.")), line
     (out / "report.md").unlink()
     code, stdout, _ = run(capsys, "report", out)
     assert code == 0 and (out / "report.md").read_text() == report
