@@ -58,7 +58,7 @@ def _load_tokenizer(path):
 def cmd_demo(args):
     from .train.run_demo import run_demo
 
-    run_demo(args.out, quick=args.quick, progress=not args.no_progress)
+    run_demo(args.out, quick=args.quick, seeds=args.seeds, progress=not args.no_progress)
 
 
 def _train_settings(args):
@@ -171,6 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "npo, wga, tnpo and wtnpo while profiling G-effects, evaluate TOFU-style and "
                                    "write report.md, plots and CSV/JSON.")
     p.add_argument("--quick", action="store_true", help="smaller data and fewer steps (under a minute)")
+    p.add_argument("--seeds", type=int, help="unlearning runs per objective from the same target, reported as mean "
+                                             "and range (default: 3, --quick: 1)")
     p.add_argument("--out", default="geffect-demo", help="output folder (default: %(default)s)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_demo)

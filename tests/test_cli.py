@@ -70,6 +70,12 @@ def test_bad_input_gives_one_line_and_non_zero_exit(capsys, workspace, tmp_path)
     assert not (tmp_path / "geffect-run").exists()
 
 
+def test_demo_seeds_must_be_positive(capsys, tmp_path):
+    code, _, err = run(capsys, "demo", "--quick", "--seeds", "0", "--out", tmp_path / "d")
+    assert code == 1 and err == "geffect: error: seeds must be a positive integer, got 0\n"
+    assert not (tmp_path / "d").exists()
+
+
 def test_demo_refuses_a_foreign_non_empty_folder(capsys, tmp_path):
     (tmp_path / "precious.txt").write_text("keep me")
     code, _, err = run(capsys, "demo", "--quick", "--out", tmp_path)

@@ -104,6 +104,8 @@ def _plot_tradeoff(trajectories, summaries, path):
     for name, s in summaries.items():
         model = split_run_name(name)[0]
         y = s.get(utility) if utility else s.get("retain_probability")
+        if y is None or "forget_probability" not in s:
+            continue
         axes[1].scatter(s["forget_probability"], y, color=colors.get(model, "black"))
         if split_run_name(name)[1] in (None, 0):
             axes[1].annotate(model, (s["forget_probability"], y), fontsize=8)
