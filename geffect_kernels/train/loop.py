@@ -27,6 +27,7 @@ from .. import hf
 from ..objectives import OBJECTIVES, unlearning_loss
 from ..retain import kl_loss
 from .checkpoint import CHECKPOINT, atomic_write_json, atomic_write_text, load_checkpoint, save_checkpoint
+from .presets import resolve as resolve_preset
 from .train_config import TrainConfig
 from .frozen_model import RefLogprobCache, frozen_copy
 from .schedule import batch_indices, warmup_linear_decay
@@ -91,6 +92,7 @@ def train(model, forget, retain, config: TrainConfig, *, evaluate=None, resume=T
         resume: continue from ``config.out_dir``'s checkpoint when one exists.
     """
     _check_data(forget, retain, config)
+    config = resolve_preset(config, model, len(forget))
     run = _setup(model, forget, retain, config)
     _resume(run, resume)
 
@@ -260,6 +262,9 @@ def _kl_retain_loss(model, reference, batch, config):
     x = _head(model, batch)
     with torch.no_grad():
         r = _head(reference, batch)
+    if config.kl_normalization == "batchmean":  # every position counts, prompt and padding too: no shift
+        return kl_loss(x.hidden, x.weight, r.hidden, r.weight, torch.zeros_like(x.labels), bias=x.bias,
+                       ref_bias=r.bias, softcap=x.softcap, shift=False, backend=config.backend)
     return kl_loss(x.hidden, x.weight, r.hidden, r.weight, x.labels, bias=x.bias, ref_bias=r.bias,
                    softcap=x.softcap, shift=True, backend=config.backend)
 
