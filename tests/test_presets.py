@@ -39,7 +39,7 @@ def test_preset_resolves_epochs_warmup_and_the_learning_rate_of_the_model_family
     def model(family):
         return SimpleNamespace(config=SimpleNamespace(model_type=family))
 
-    c = TrainConfig(objective="tnpo", preset="official")
+    c = TrainConfig(objective="npo", preset="official")
     llama = resolve(c, model("llama"), n_forget=200)  # TOFU forget05: 200 samples
     assert (llama.steps, llama.warmup_steps, llama.lr) == (62, 12, 1e-5)  # 5·200 // 16 = 62, as basher2.py's cap
     assert resolve(c, model("phi"), n_forget=400).steps == 125 and resolve(c, model("phi"), 400).lr == 2e-5
