@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from geffect_kernels.data import demo_data, encode_pairs, qa_texts, train_tokenizer
-from geffect_kernels.eval.report import make_report, split_run_name
+from geffect_kernels.eval.report import headline, make_report, split_run_name
 from geffect_kernels.train import TrainConfig, tiny_llama, train
 from geffect_kernels.train.demo_probes import NPOProbe, probability_probe
 from geffect_kernels.weighting import npo_sequence_weights
@@ -72,10 +72,16 @@ def test_report_gives_mean_and_range_over_seeds_and_seed_verdicts(two_seed_runs)
         assert sum(r["model"] == "ga" for r in csv.DictReader(f)) == 2
     geffect_rows = [line for line in report.splitlines() if line.startswith("| ga | 2 | 3 |")]
     assert len(geffect_rows) == 1 and geffect_rows[0].count("[") == 3  # each sum with its range
+    verdicts = json.loads((out / "results" / "observations.json").read_text())
+    assert sorted(verdicts) == list("abcde")  # (f) needs the token-weighted objectives too
     for letter in "abcde":
         line = next(x for x in report.splitlines() if x.startswith(f"- ({letter})"))
         assert "seed 0:" in line and "seed 1:" in line, line
-        assert line.endswith(("— holds.", "— does not hold.", "(holds for 1 of 2).")), line
+        assert line.endswith(f"— {verdicts[letter]}.") and verdicts[letter] in (
+            "holds", "does not hold", "depends on the seed (holds for 1 of 2)"), line
+    lines = headline(out)
+    assert lines[0].startswith("ga: forget quality –, model utility 0.500 [0.500, 0.500], forget probability 0.150")
+    assert lines[2] == f"(a) GA's retaining G-effect is negative: {verdicts['a']}" and len(lines) == 2 + 5
 
 
 def test_run_names_carry_the_seed():

@@ -152,7 +152,8 @@ def _seed_checks(seed_runs, histories, trajectories):
 
 
 def _observations(runs, histories, trajectories):
-    """One bullet per observation: the claim, each seed's numbers, and the verdict over seeds at the end."""
+    """One bullet per observation (the claim, each seed's numbers, the verdict over seeds at the end) and
+    ``{letter: verdict}``."""
     from .observations import CLAIMS, verdict
 
     seeds = {}
@@ -161,15 +162,16 @@ def _observations(runs, histories, trajectories):
         seeds.setdefault(seed, {})[objective] = name
     per_seed = {seed: _seed_checks(seed_runs, histories, [t for t in trajectories if t.get("seed") == seed])
                 for seed, seed_runs in seeds.items()}
-    lines = []
+    lines, verdicts = [], {}
     for letter in "abcdef":
         checks = {seed: c[letter] for seed, c in per_seed.items() if letter in c}
         if not checks:
             continue
+        verdicts[letter] = verdict(list(checks.values()))
         evidence = "; ".join(c.evidence if seed is None or len(checks) == 1 else f"seed {seed}: {c.evidence}"
                              for seed, c in checks.items())
-        lines.append(f"- ({letter}) **{CLAIMS[letter]}**: {evidence} — {verdict(list(checks.values()))}.")
-    return lines
+        lines.append(f"- ({letter}) **{CLAIMS[letter]}**: {evidence} — {verdicts[letter]}.")
+    return lines, verdicts
 
 
 def _summary_section(summaries, results):
@@ -239,6 +241,24 @@ def _timing_line(timing):
     return f"Wall-clock: {timing['seconds']:.0f} s{machine}, {timing['torch_threads']} torch threads{load}."
 
 
+HEADLINE = (("forget_quality", "forget quality"), ("model_utility", "model utility"),
+            ("forget_probability", "forget probability"), ("retain_probability", "retain probability"))
+
+
+def headline(run_dir) -> list[str]:
+    """Short lines for the terminal: per unlearned model the main TOFU numbers (mean [min, max] over seeds),
+    then each observation's verdict (from the files `make_report` wrote)."""
+    from .observations import CLAIMS
+
+    results = Path(run_dir) / "results"
+    summaries = json.loads((results / "summary.json").read_text())
+    verdicts = json.loads((results / "observations.json").read_text())
+    lines = [f"{model}: " + ", ".join(f"{label} {_spread([summaries[n].get(key) for n in names])}"
+                                      for key, label in HEADLINE)
+             for model, names in _by_model(summaries).items() if model not in ("target", "retain_only")]
+    return lines + [f"({letter}) {CLAIMS[letter]}: {v}" for letter, v in verdicts.items()]
+
+
 def make_report(run_dir) -> Path:
     """Write ``report.md``, ``plots/*.png`` and ``results/*.csv`` for ``run_dir``; return the report's path."""
     run_dir = Path(run_dir)
@@ -264,7 +284,8 @@ def make_report(run_dir) -> Path:
                    ["objective", "seed", "step", "probe_forget_probability", "probe_retain_probability"])
         _plot_tradeoff(trajectories, summaries, plots / "tradeoff.png")
         lines += ["## Forget vs retain trade-off", "", "![trade-off](plots/tradeoff.png)", ""]
-    observations = _observations(runs, histories, trajectories)
+    observations, verdicts = _observations(runs, histories, trajectories)
+    (results / "observations.json").write_text(json.dumps(verdicts, indent=1))
     if observations:
         lines += ["## The paper's observations, checked on this run's numbers", "",
                   "Each ends with its verdict from this run's numbers; with several seeds an observation holds only "

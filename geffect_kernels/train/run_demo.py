@@ -174,8 +174,10 @@ def _run(out_dir, settings, quick, progress, echo):
     (results / "timing.json").write_text(json.dumps({
         "seconds": time.perf_counter() - started, "torch_threads": torch.get_num_threads(), "machine": _machine(),
         "load_before": load_before, "load_after": os.getloadavg()[0], "seeds": settings.seeds}))
-    from ..eval.report import make_report
+    from ..eval.report import headline, make_report
     report = make_report(out)
+    for line in headline(out):
+        echo(line)
     echo(f"wrote {report} ({time.perf_counter() - started:.0f} s)")
     return report
 
