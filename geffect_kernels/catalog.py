@@ -88,10 +88,10 @@ OBJECTIVES = {o.name: o for o in [
               token_weight=_satimp, kernel_code=2),
     Objective("tnpo", "mean_t 2p^β / (p^β + p_ref^β + ε) ℓ_t", _G_EFFECT, {"beta": 4.0, "eps": 0.0},
               needs_ref=True, token_weight=_sigmoid_weight, kernel_code=3),
-    Objective("wtnpo", "mean_t p^α 2p^β / (p^β + p_ref^β + ε) ℓ_t", _G_EFFECT, {"alpha": 1.0, "beta": 4.0, "eps": 0.0},
-              needs_ref=True, token_weight=_wtnpo, kernel_code=4),
-    Objective("npo", "−(2/β) mean_seq log σ(−β(ℓ_seq − ℓ_ref,seq))", "Zhang et al., COLM 2024, NPO", {"beta": 0.1},
-              needs_ref=True, sequence_loss=_npo_loss, sequence_weight=_npo_weight),
+    Objective("wtnpo", "mean_t p^α 2p^β / (p^β + p_ref^β + ε) ℓ_t", _G_EFFECT,
+              {"alpha": 1.0, "beta": 4.0, "eps": 0.0}, needs_ref=True, token_weight=_wtnpo, kernel_code=4),
+    Objective("npo", "−(2/β) mean_seq log σ(−β(ℓ_seq − ℓ_ref,seq))", "Zhang et al., COLM 2024, NPO",
+              {"beta": 0.1}, needs_ref=True, sequence_loss=_npo_loss, sequence_weight=_npo_weight),
     Objective("simnpo", "−(2/β) mean_seq log σ(−β ℓ_seq/n_seq − βδ)", "Fan et al., 2024, SimNPO",
               {"beta": 2.5, "delta": 0.0}, sequence_loss=_simnpo_loss, sequence_weight=_simnpo_weight),
     Objective("nll", "−mean_t ℓ_t", "maximum likelihood (GD's retain term; PO/IdkPO on substitute answers)",
@@ -101,6 +101,9 @@ OBJECTIVES = {o.name: o for o in [
 # Retain terms of a training step, one vocabulary for the loop, the profiler and the command line
 # ("none": no retain term). `retain.py` holds kl_loss, rmu_loss, rr_loss.
 RETAIN_OBJECTIVES = ("nll", "kl", "rmu", "rr", "none")
+
+
+_WEIGHT_HPARAMS = ("alpha", "beta", "gamma", "eps")  # what the token-weight formulas (and kernels) read
 
 
 @dataclass(frozen=True)
@@ -141,7 +144,7 @@ class Resolved:
 
     @property
     def weighting(self) -> TokenWeighting:
-        return TokenWeighting(self.objective, **{k: float(v) for k, v in self.hparams.items() if k != "delta"})
+        return TokenWeighting(self.objective, **{k: float(v) for k, v in self.hparams.items() if k in _WEIGHT_HPARAMS})
 
     def loss_from_logprobs(self, logprobs, valid, ref=None):
         """The objective from per-token log-probabilities (``[B, T]`` for sequence objectives; 0 and no

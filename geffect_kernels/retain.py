@@ -7,18 +7,18 @@ import torch
 
 from .inputs import prepare_head
 
-# How kl_loss averages the per-position KL: "mean_valid" over the positions whose label is not ignored (the
-# answer tokens: this project's default); "official" over every position, prompt and padding included, as
-# the official G-effect code and TOFU compute it (kl_div(..., reduction="batchmean") on [B·T, V] log-probs).
-KL_REDUCTIONS = ("mean_valid", "official")
+# How kl_loss averages the per-position KL: "tokens" over the positions whose label is not ignored (the answer
+# tokens: this project's default); "batchmean" over every position, prompt and padding included, as the official
+# G-effect code and TOFU compute it (kl_div(..., reduction="batchmean") on [B·T, V] log-probabilities).
+KL_REDUCTIONS = ("tokens", "batchmean")
 
 
 def kl_loss(hidden, weight, ref_hidden, ref_weight, labels, *, bias=None, ref_bias=None, ignore_index=-100,
-            softcap=None, shift=False, backend="auto", reduction="mean_valid"):
+            softcap=None, shift=False, backend="auto", reduction="tokens"):
     """Mean of KL(p_ref,t ‖ p_θ,t) over the full vocabulary, per position, averaged as ``reduction`` says.
 
-    ``reduction="mean_valid"`` (default): over the positions whose label is not ``ignore_index``;
-    ``"official"``: over every position, ignored ones included (then ``labels`` only give the shape; with
+    ``reduction="tokens"`` (default): over the positions whose label is not ``ignore_index``;
+    ``"batchmean"``: over every position, ignored ones included (then ``labels`` only give the shape; with
     ``shift=False`` on whole sequences this is the official code's and TOFU's batch-mean KL). The reference
     side (``ref_hidden``, ``ref_weight``, ``ref_bias``: the frozen original model) gets no gradient. Both
     heads share the vocabulary, the soft-cap and the dtype; chunked so that neither model's N×V logits exist
@@ -35,7 +35,7 @@ def kl_loss(hidden, weight, ref_hidden, ref_weight, labels, *, bias=None, ref_bi
         raise ValueError(f"ref_hidden ({ref_hidden.dtype}, {ref_hidden.device}) must match hidden "
                          f"({hidden.dtype}, {hidden.device})")
     positions, opts = prep.labels, prep.opts
-    if reduction == "official":  # every position counts: labels no backend ignores
+    if reduction == "batchmean":  # every position counts: labels no backend ignores
         positions, opts = torch.zeros_like(prep.labels), replace(opts, ignore_index=-1)
     n = int((positions != opts.ignore_index).sum())
     return prep.backend.kl_divergence(prep.hidden, weight, bias, ref.hidden, ref_weight, ref_bias, positions,
