@@ -5,8 +5,8 @@ the methods run in interleaved rounds (median time per method; a shared machine'
 alike), and once more under the torch profiler for the peak of extra tensor memory (allocations made during
 the call and alive at once: gradients, captures, temporaries; the model itself excluded):
 
-- ``materialized``: the definition; three full gradients (objective, forget NLL, retain NLL), flattened per
-  layer and dotted;
+- ``materialized``: the definition as plain torch computes it: three full gradients (objective, forget NLL, retain
+  NLL; two alive at once), dotted parameter by parameter;
 - ``measure``: `GEffectProfiler.measure` with both risks (three forward/backward passes, factored gradients);
 - ``measure_unlearning``: the structured fast path for GA (forget and retain batches in one stacked decoder
   forward, one pass of the LM head over the vocabulary, head inner products in Gram form; GA's gradient is
@@ -58,13 +58,19 @@ def methods(model, forget, retain):
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
     def materialized():
-        def flat_by_group(fn):
-            grads = torch.autograd.grad(fn(model), [p for _, p in named])
-            return {group: torch.cat([grad.reshape(-1) for (n, _), grad in zip(named, grads) if groups[n] == group])
-                    for group in dict.fromkeys(groups.values())}
-        grad_a = flat_by_group(objective)
-        return {risk: {group: float(grad_a[group] @ grad_b) for group, grad_b in flat_by_group(fn).items()}
-                for risk, fn in risks.items()}
+        # What plain torch does without this package: each gradient in full, dotted parameter by parameter (no
+        # flattened copy); the objective's gradient and one risk's are alive at once.
+        params = [p for _, p in named]
+        grad_a = torch.autograd.grad(objective(model), params)
+        result = {}
+        for risk, fn in risks.items():
+            grad_b = torch.autograd.grad(fn(model), params)
+            sums = dict.fromkeys(groups.values(), 0.0)
+            for (name, _), a, b in zip(named, grad_a, grad_b):
+                sums[groups[name]] += float(torch.dot(a.reshape(-1), b.reshape(-1)))
+            result[risk] = sums
+            del grad_b
+        return result
 
     def train_step():
         torch.autograd.grad(objective(model), [p for _, p in named])
@@ -109,15 +115,15 @@ def main():
             start = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - start)
-    rows = [{"method": name, "seconds": statistics.median(times[name]), "peak_mib": peak_bytes(fn) / 2**20,
-             "rounds": args.rounds} for name, fn in runs.items()]
-    base = {r["method"]: r for r in rows}["materialized"]
-    machine = provenance.machine()
+    measured = {name: (statistics.median(times[name]) * 1e3, peak_bytes(fn) / 2**20) for name, fn in runs.items()}
+    base_ms, base_mib = measured["materialized"]
+    stamp = provenance.stamp()
+    rows = [{"method": name, "ms_median": round(ms, 1), "peak_mib": round(mib, 1), "rounds": args.rounds,
+             "time_vs_materialized": round(ms / base_ms, 3), "memory_vs_materialized": round(mib / base_mib, 3),
+             "model": f"llama L{LAYERS} H{HIDDEN} V{VOCAB} fp32", "tokens_per_side": f"{BATCH}x{TOKENS}", **stamp}
+            for name, (ms, mib) in measured.items()]
     for r in rows:
-        r.update(time_vs_materialized=r["seconds"] / base["seconds"], memory_vs_materialized=r["peak_mib"] / base["peak_mib"],
-                 model=f"llama L{LAYERS} H{HIDDEN} V{VOCAB} fp32", tokens_per_side=f"{BATCH}x{TOKENS}",
-                 machine=machine, commit=provenance.commit())
-        print(f"{r['method']:>22}: {r['seconds'] * 1e3:8.1f} ms ({r['time_vs_materialized']:.2f}x)  "
+        print(f"{r['method']:>22}: {r['ms_median']:8.1f} ms ({r['time_vs_materialized']:.2f}x)  "
               f"peak {r['peak_mib']:7.1f} MiB ({r['memory_vs_materialized']:.2f}x)")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     with open(args.out, "w", newline="") as f:
