@@ -10,7 +10,7 @@
   cheaper (Na = Nb = 3072, d_out = d_in = 1024) and one where the Gram form is (Na = Nb = 512, d = 4096):
   plain torch in both forms vs the tiled kernel;
 - token loss over a linear head (hidden states, WGA), N 1024, H 512, V 32000: naive torch
-  (log_softmax(h Wᵀ)) and the chunked ``torch`` backend vs the ``cpu`` backend.
+  (log_softmax(h Wᵀ)) and the chunked ``torch`` backend vs the ``cpp_cpu`` backend.
 
 Minimum and median times go to benchmarks/results/cpu_kernels.csv, every row stamped with machine, instruction
 set, load and commit (provenance.stamp()). A speedup is against the fastest plain-torch variant of the same
@@ -27,8 +27,8 @@ import pytest
 import torch
 
 import geffect_kernels as gk
-from geffect_kernels.csrc import build, ghost_inner_product
-from geffect_kernels.csrc.backend import BACKENDS
+from geffect_kernels.backends.cpp import build, ghost_inner_product
+from geffect_kernels.backends.cpp.backend import BACKENDS
 from geffect_kernels.weighting import TokenWeighting
 
 RESULTS = Path(__file__).parent / "results" / "cpu_kernels.csv"
@@ -124,7 +124,7 @@ def eager_loss(logits, labels):
 
 def api_loss(logits, labels):
     logits.requires_grad_()
-    loss = gk.unlearning_loss_from_logits("ga", logits, labels, backend="cpu", inplace=True)
+    loss = gk.unlearning_loss_from_logits("ga", logits, labels, backend="cpp_cpu", inplace=True)
     loss.backward()
     return loss
 
@@ -138,7 +138,7 @@ def chunked_loss(logits, labels):
 
 def kernel_loss(logits, labels):
     logits.requires_grad_()
-    loss = BACKENDS["cpu"].weighted_loss_from_logits(logits, labels, None, ignore_index=-100, softcap=None,
+    loss = BACKENDS["cpp_cpu"].weighted_loss_from_logits(logits, labels, None, ignore_index=-100, softcap=None,
                                                      weighting=TokenWeighting("one"), scale=1.0 / N, inplace=True)
     loss.backward()
     return loss
@@ -214,7 +214,7 @@ def naive_wga(hidden, weight, labels):
     return (logprobs.detach().exp() * logprobs).mean()
 
 
-@pytest.mark.parametrize("variant", ["torch-naive", "torch-backend", "cpu-backend"])
+@pytest.mark.parametrize("variant", ["torch-naive", "torch-backend", "cpp_cpu-backend"])
 def test_head_loss_fwd_bwd(benchmark, head_data, variant):
     hidden, weight, labels = head_data
     benchmark.group = f"head loss N{HN} H{HH} V{V} fp32"
@@ -225,7 +225,7 @@ def test_head_loss_fwd_bwd(benchmark, head_data, variant):
         if variant == "torch-naive":
             loss = naive_wga(hidden, weight, labels)
         else:
-            loss = gk.unlearning_loss("wga", hidden, weight, labels, backend=variant.split("-")[0])
+            loss = gk.unlearning_loss("wga", hidden, weight, labels, backend=variant.removesuffix("-backend"))
         loss.backward()
         return loss
 
