@@ -27,6 +27,7 @@ from pathlib import Path
 
 import provenance
 import torch
+from materialized import materialized_geffects
 from torch.profiler import ProfilerActivity, profile
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -57,27 +58,12 @@ def methods(model, forget, retain):
     groups = parameter_groups(model, "layer")
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
-    def materialized():
-        # What plain torch does without this package: each gradient in full, dotted parameter by parameter (no
-        # flattened copy); the objective's gradient and one risk's are alive at once.
-        params = [p for _, p in named]
-        grad_a = torch.autograd.grad(objective(model), params)
-        result = {}
-        for risk, fn in risks.items():
-            grad_b = torch.autograd.grad(fn(model), params)
-            sums = dict.fromkeys(groups.values(), 0.0)
-            for (name, _), a, b in zip(named, grad_a, grad_b):
-                sums[groups[name]] += float(torch.dot(a.reshape(-1), b.reshape(-1)))
-            result[risk] = sums
-            del grad_b
-        return result
-
     def train_step():
         torch.autograd.grad(objective(model), [p for _, p in named])
 
     return {
         "train_step": train_step,
-        "materialized": materialized,
+        "materialized": lambda: materialized_geffects(model, objective, risks, groups),
         "measure": lambda: profiler.measure(objective, risks),
         "measure_unlearning": lambda: profiler.measure_unlearning("ga", forget, retain, retain_objective=None),
         # NPO's coefficients are not a multiple of the NLL's: the objective needs its own decoder backward.
