@@ -68,7 +68,7 @@ def test_low_precision_logprobs_are_float32_within_the_rounding_bound_of_their_l
 
 def test_rounding_bound_rejects_a_log_sum_exp_in_bfloat16():
     """The bound above is tight enough to catch a half-precision log-sum-exp (here float32 logits, then the LSE
-    rounded to bfloat16: its rounding alone, up to 2⁻⁹ |lse|, exceeds the bound for some tokens)."""
+    rounded to bfloat16: that rounding alone, up to 2⁻⁸ |lse|, exceeds the bound for some tokens)."""
     h64, w64, _, y = make_inputs(9, bias=False)
     h, w = h64.detach().to(torch.bfloat16), w64.detach().to(torch.bfloat16)
     expected, valid = logprobs(h.double(), w.double(), y)
