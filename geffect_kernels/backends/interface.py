@@ -20,7 +20,7 @@ class LossOptions:
 
     ignore_index: int = -100
     softcap: float | None = None  # final-logit soft-cap s: z ← s·tanh(z/s)
-    weighting: object = None  # the objective's detached per-token weights (`weighting.TokenWeighting`)
+    weighting: object = None  # the objective's detached per-token weights (`catalog.TokenWeighting`)
     scale: float = 1.0  # the loss is scale · Σ_t w_t ℓ_t (scale · Σ_valid KL_t)
     inplace: bool = False  # a logits loss may overwrite the caller's logits with their gradient
 
