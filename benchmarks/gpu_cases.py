@@ -11,9 +11,9 @@ from dataclasses import dataclass, replace
 import torch
 
 import geffect_kernels as gk
-from geffect_kernels.triton import config as triton_config
+from geffect_kernels.backends.triton import config as triton_config
 from geffect_kernels.triton import set_logits_budget
-from geffect_kernels.triton.fast_path import fast_rows
+from geffect_kernels.backends.triton.fast_path import fast_rows
 
 BF16, FP16, FP32 = torch.bfloat16, torch.float16, torch.float32
 NAMES = {BF16: "bf16", FP16: "fp16", FP32: "fp32", torch.float64: "fp64"}
@@ -127,9 +127,9 @@ def correctness_checks():
         Check("N*V>2^31 lean", "triton", "ga", BF16, **big),
         Check("N*V>2^31 fast", "triton", "wga", BF16, **big, budget=8 * GiB),
         Check("torch chunked float16", "torch", "ga", FP16, n=2048),
-        Check("csrc cuda bf16", "cuda", "wga", BF16),
-        Check("csrc cuda float16", "cuda", "ga", FP16, n=2048),
-        Check("csrc cuda kl softcap", "cuda", "kl", BF16, softcap=30.0),
+        Check("csrc cuda bf16", "cpp_cuda", "wga", BF16),
+        Check("csrc cuda float16", "cpp_cuda", "ga", FP16, n=2048),
+        Check("csrc cuda kl softcap", "cpp_cuda", "kl", BF16, softcap=30.0),
     ]
 
 
@@ -239,7 +239,7 @@ def speed_providers(full_list=True):
             ("triton fast", "wga", ours("wga", "triton", FAST_BUDGET)),
             ("triton lean", "npo", ours("npo", "triton")),
             ("torch chunked", "ga", ours("ga", "torch")),
-            ("naive torch", "ga", ours("ga", "reference")),
+            ("naive torch", "ga", ours("ga", "oracle")),
             ("liger bf16 acc", "ga", package(liger_flce)),
             ("liger fp32 acc", "ga", package(lambda: liger_flce(torch.float32))),
             ("liger token scaling", "wga", package(lambda: liger_flce(token_scaling=True))),
@@ -247,7 +247,7 @@ def speed_providers(full_list=True):
             ("cce exact", "ga", package(lambda: cce(None))),
             ("triton lean", "kl", ours("kl", "triton")),
             ("torch chunked", "kl", ours("kl", "torch")),
-            ("naive torch", "kl", ours("kl", "reference")),
+            ("naive torch", "kl", ours("kl", "oracle")),
             ("liger jsd beta=1", "kl", package(liger_jsd))]
     return out
 

@@ -29,7 +29,7 @@ import torch  # noqa: E402
 import gpu_cases as cases  # noqa: E402
 from suite_report import Recorder, read_rows, table  # noqa: E402
 
-from geffect_kernels.ops.backend import get_backend  # noqa: E402
+from geffect_kernels.backends.registry import ALIASES, _load  # noqa: E402
 from geffect_kernels.triton import set_logits_budget  # noqa: E402
 
 
@@ -39,11 +39,8 @@ def device():
 
 def skipped_backend(check, dev):
     """Why ``check.backend`` cannot run here (None if it can); asks only that backend (no other builds)."""
-    try:
-        get_backend(check.backend, dev)
-    except RuntimeError as exc:
-        return str(exc)[:200]
-    return None
+    backend = _load(ALIASES.get(check.backend, check.backend))
+    return None if backend is not None and backend.is_available(dev) else f"{check.backend} not available on {dev}"
 
 
 # ------------------------------------------------------------------------------------------------ correctness

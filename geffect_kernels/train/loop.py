@@ -24,8 +24,8 @@ from .. import hf
 from ..objectives import OBJECTIVES, unlearning_loss
 from ..retain import kl_loss
 from .checkpoint import CHECKPOINT, atomic_write_json, atomic_write_text, load_checkpoint, save_checkpoint
-from .config import TrainConfig
-from .reference import RefLogprobCache, frozen_copy
+from .train_config import TrainConfig
+from .frozen_model import RefLogprobCache, frozen_copy
 from .schedule import batch_indices, warmup_linear_decay
 
 METRICS = "metrics.jsonl"
