@@ -37,7 +37,7 @@ def check_correctness(rec, backends, dev, dtypes):
                 labels = torch.randint(0, v, (n,), device=dev, generator=g)
                 labels[::7] = -100
                 z64 = logits.double().requires_grad_()
-                ref = gk.unlearning_loss_from_logits("wga", z64, labels, softcap=30.0, backend="reference")
+                ref = gk.unlearning_loss_from_logits("wga", z64, labels, softcap=30.0, backend="oracle")
                 ref.backward()
                 z = logits.clone().requires_grad_()
                 loss = gk.unlearning_loss_from_logits("wga", z, labels, softcap=30.0, backend=backend)

@@ -66,9 +66,8 @@ def objective_loss(name, spec, hp, prep, ref, ignore_index, *, weighted, logprob
     """The loss of a resolved objective from the backend's two entry points (shared with the profiler):
     ``weighted(weighting, scale)`` for token-level objectives, ``logprobs()`` for per-sequence ones."""
     valid = prep.labels != ignore_index
-    if spec.level == "token":
-        n_valid = int(valid.sum())
-        return weighted(_weighting(spec, hp), spec.sign / max(n_valid, 1))
+    if spec.level == "token":  # 1/n_valid stays on the device: no synchronization
+        return weighted(_weighting(spec, hp), spec.sign / valid.sum().clamp_min(1).double())
     if len(prep.out_shape) != 2:
         raise ValueError(f"objective {name!r} averages over sequences and needs batched input "
                          f"([B, T, H] hidden or [B, T, V] logits)")

@@ -22,10 +22,10 @@ def kl_loss(hidden, weight, ref_hidden, ref_weight, labels, *, bias=None, ref_bi
     if ref_hidden.dtype != hidden.dtype or ref_hidden.device != hidden.device:
         raise ValueError(f"ref_hidden ({ref_hidden.dtype}, {ref_hidden.device}) must match hidden "
                          f"({hidden.dtype}, {hidden.device})")
-    n_valid = int((prep.labels != ignore_index).sum())
+    n_valid = (prep.labels != ignore_index).sum().clamp_min(1).double()  # on the device: no sync
     impl = get_backend(backend, prep.hidden)
     return impl.kl_divergence(prep.hidden, weight, bias, ref.hidden, ref_weight, ref_bias, prep.labels,
-                              ignore_index=ignore_index, softcap=check_softcap(softcap), scale=1.0 / max(n_valid, 1))
+                              ignore_index=ignore_index, softcap=check_softcap(softcap), scale=1.0 / n_valid)
 
 
 def _masked_mean_sq_norm(diff, mask):

@@ -26,9 +26,19 @@ def soft_cap_(z, softcap):
     return t.mul_(softcap), dz_du
 
 
+# Vocabulary rows of the head upcast at a time for the float32 products of float16 inputs (see GradBuffers.add).
+UPCAST_ROWS = 4096
+
+
 class GradBuffers:
     """Gradient buffers for hidden, weight, bias (None where not wanted), filled chunk by chunk; dW and db
-    accumulate in float32 (float64 for float64 inputs). Shared by the torch and csrc backends."""
+    accumulate in float32 (float64 for float64 inputs). Shared by the torch and csrc backends.
+
+    A chunk's logits gradient g carries c_t = w_t / n_valid, so in float16 most of its entries (c_t · p, with
+    p ~ 1/V) fall below the smallest float16 subnormal and would flush to zero: float16 inputs therefore go
+    into float32 products (g stays float32; the head is upcast UPCAST_ROWS rows at a time for dh, the chunk's
+    hidden states for dW). bfloat16 has float32's range and keeps the 16-bit products.
+    """
 
     def __init__(self, hidden, weight, bias, wanted):
         acc = out_dtype(hidden.dtype)
@@ -37,28 +47,52 @@ class GradBuffers:
         self.db = torch.zeros(bias.shape, dtype=acc, device=bias.device) if bias is not None and wanted[2] else None
 
     def add(self, g, sl, hidden, weight):
-        g_in = g.to(hidden.dtype)
-        if self.dh is not None:
-            self.dh[sl] = g_in @ weight
-        if self.dw is not None:
-            if g_in.dtype == self.dw.dtype:
-                self.dw.addmm_(g_in.t(), hidden[sl])  # in place: no V×H temporary per chunk
-            else:
-                self.dw += (g_in.t() @ hidden[sl]).to(self.dw.dtype)
+        if hidden.dtype == torch.float16:
+            self._add_float32(g.float(), sl, hidden, weight)
+        else:
+            self._add(g.to(hidden.dtype), sl, hidden, weight)
         if self.db is not None:
             self.db += g.sum(0)
+
+    def _add(self, g, sl, hidden, weight):
+        if self.dh is not None:
+            self.dh[sl] = g @ weight
+        if self.dw is not None:
+            if g.dtype == self.dw.dtype:
+                self.dw.addmm_(g.t(), hidden[sl])  # in place: no V×H temporary per chunk
+            else:
+                self.dw += (g.t() @ hidden[sl]).to(self.dw.dtype)
+
+    def _add_float32(self, g, sl, hidden, weight):
+        if self.dh is not None:
+            dh = torch.zeros((g.shape[0], weight.shape[1]), dtype=torch.float32, device=g.device)
+            for v0 in range(0, weight.shape[0], UPCAST_ROWS):
+                dh.addmm_(g[:, v0:v0 + UPCAST_ROWS], weight[v0:v0 + UPCAST_ROWS].float())
+            self.dh[sl] = dh
+        if self.dw is not None:
+            self.dw.addmm_(g.t(), hidden[sl].float())
 
     def result(self, weight, bias):
         return [self.dh, None if self.dw is None else self.dw.to(weight.dtype),
                 None if self.db is None else self.db.to(bias.dtype)]
 
 
-def scaled_grads(grads, grad_out):
-    """Backward of a loss whose gradients the forward already produced: scale by the upstream scalar
-    (the common ``loss.backward()`` passes 1: then no gradient-sized copy)."""
-    if bool(grad_out == 1):
+def _is_one(grad_out):
+    """Whether the upstream scalar is 1, asked only where the answer costs no device synchronization."""
+    return grad_out.device.type == "cpu" and bool(grad_out == 1)
+
+
+def scaled_grads(ctx, grad_out):
+    """Backward of a loss whose forward already produced its gradients (``ctx.grads``): hand them to autograd,
+    scaled in place by the upstream scalar. On the CPU a 1 (the common ``loss.backward()``) skips the pass; on
+    a GPU the multiply is always done, since testing the device value would make the host wait for the whole
+    forward. Handed over, they are gone from ``ctx``: a second backward raises instead of scaling them twice."""
+    grads, ctx.grads = ctx.grads, None
+    if grads is None:
+        raise RuntimeError("this loss's backward can run only once: its gradients were handed over")
+    if _is_one(grad_out):
         return list(grads)
-    return [None if g is None else g * grad_out.to(g.dtype) for g in grads]
+    return [None if g is None else g.mul_(grad_out.to(g.dtype)) for g in grads]
 
 
 def fused_head_pass(hidden, weight, bias, wanted, chunk_loss, loss_dtype):
@@ -81,7 +115,7 @@ def handed_over_grad(ctx, grad_out):
     grad, ctx.grad = ctx.grad, None
     if grad is None:
         raise RuntimeError("this loss's backward can run only once: its gradient buffer was handed over")
-    return grad.mul_(grad_out.to(grad.dtype)) if bool(grad_out != 1) else grad
+    return grad if _is_one(grad_out) else grad.mul_(grad_out.to(grad.dtype))
 
 
 def grads_wanted(*tensors):

@@ -96,7 +96,7 @@ class FusedWeightedLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        return (*scaled_grads(ctx.grads, grad_out), *([None] * 7))
+        return (*scaled_grads(ctx, grad_out), *([None] * 7))
 
 
 class FusedKL(torch.autograd.Function):
@@ -125,7 +125,7 @@ class FusedKL(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        return (*scaled_grads(ctx.grads, grad_out), *([None] * 8))
+        return (*scaled_grads(ctx, grad_out), *([None] * 8))
 
 
 class ChunkedLogitsLogprobs(torch.autograd.Function):

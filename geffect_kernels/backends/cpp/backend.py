@@ -23,9 +23,15 @@ def _cap(softcap):
     return 0.0 if softcap is None else float(softcap)
 
 
+def _host_scale(scale) -> float:
+    """The C++ kernels take the scale by value: a device scalar (1/n_valid) is read here, which on CUDA waits
+    for the device (the triton backend, first for CUDA tensors, keeps it on the device instead)."""
+    return float(scale)
+
+
 def _weighting_args(weighting, scale):
     return dict(kind=_WEIGHT_CODES[weighting.kind], alpha=weighting.alpha, beta=weighting.beta,
-                gamma=weighting.gamma, scale=float(scale))
+                gamma=weighting.gamma, scale=_host_scale(scale))
 
 
 def _kernel_dtype(t: torch.Tensor) -> torch.dtype:
@@ -38,9 +44,10 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
 
 
 def _head_logits(h, weight, bias):
-    """A chunk's logits by BLAS, in the dtype the row kernel reads (a fresh buffer it may overwrite)."""
+    """A chunk's logits by BLAS, in the dtype the row kernel reads (a fresh buffer it may overwrite with their
+    gradient); float32 for float16 inputs, whose gradient entries would flush to zero (see GradBuffers)."""
     z = F.linear(h, weight, bias)
-    return z.to(_kernel_dtype(z))
+    return z.float() if z.dtype == torch.float16 else z.to(_kernel_dtype(z))
 
 
 class _Logprobs(torch.autograd.Function):
@@ -84,7 +91,7 @@ class _WeightedLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        return (None, *scaled_grads(ctx.grads, grad_out), *([None] * 7))
+        return (None, *scaled_grads(ctx, grad_out), *([None] * 7))
 
 
 class _KL(torch.autograd.Function):
@@ -96,7 +103,8 @@ class _KL(torch.autograd.Function):
         def chunk_loss(sl, want_grad):  # the kernel overwrites the chunk's logits with their gradient
             z = _head_logits(hidden[sl], weight, bias)
             z_ref = _head_logits(ref_hidden[sl], ref_weight, ref_bias)
-            kl = ext.row_kl(z, z_ref, z if want_grad else None, labels[sl], ignore_index, _cap(softcap), scale)
+            kl = ext.row_kl(z, z_ref, z if want_grad else None, labels[sl], ignore_index, _cap(softcap),
+                            _host_scale(scale))
             return kl.double().sum() * scale, z if want_grad else None
 
         loss, ctx.grads = fused_head_pass(hidden, weight, bias, wanted, chunk_loss, torch.float64)
@@ -104,7 +112,7 @@ class _KL(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        return (None, *scaled_grads(ctx.grads, grad_out), *([None] * 8))
+        return (None, *scaled_grads(ctx, grad_out), *([None] * 8))
 
 
 def _logit_chunks(logits):

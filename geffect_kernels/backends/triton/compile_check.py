@@ -15,9 +15,9 @@ from concurrent.futures import ProcessPoolExecutor
 import torch
 
 H100_SHARED_BYTES = 232448  # 227 KiB per block (opt-in maximum on sm_90)
-_FLOAT_ARGS = {"softcap", "scale", "alpha", "beta", "gamma"}
+_FLOAT_ARGS = {"softcap", "alpha", "beta", "gamma"}
 _FLOAT32_BUFFERS = {"part_max_ptr", "part_sum_ptr", "target_ptr", "lse_ptr", "lse_ref_ptr", "coef_ptr", "lp_ptr",
-                    "db_ptr", "tile_max_ptr", "ref_ptr", "kl_ptr", "part_ptr"}
+                    "db_ptr", "tile_max_ptr", "ref_ptr", "kl_ptr", "part_ptr", "scale_ptr", "valid_ptr"}
 _COUNTS = {"ignore_index", "tiles_per_split", "n_splits"}
 _TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 

@@ -11,7 +11,7 @@ import torch
 from ..autograd import scaled_grads
 from .config import logits_budget
 from .fast_path import fast_head_grads, fast_rows
-from .linear_backward import head_grads, token_grad_filler
+from .linear_backward import head_grads, normalized, token_grad_filler
 from .linear_forward import head_logprobs
 
 
@@ -26,26 +26,29 @@ class HeadLogprobs(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_lp):
         hidden, weight, bias, labels, lse = ctx.saved_tensors
-        coef = torch.where(labels != ctx.ignore_index, grad_lp.float(), 0.0).contiguous()
+        coef = torch.where(labels != ctx.ignore_index, grad_lp.float(), 0.0)
+        coef, unscale = normalized(coef, hidden.dtype)
         fill = token_grad_filler(hidden, weight, bias, labels, lse, coef, ctx.softcap)
-        return (*head_grads(hidden, weight, bias, ctx.needs_input_grad[:3], fill), None, None, None)
+        return (*head_grads(hidden, weight, bias, ctx.needs_input_grad[:3], fill, unscale), None, None, None)
 
 
 class FusedWeightedLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, ref, ignore_index, softcap, weighting, scale, wanted):
-        args = dict(ignore_index=ignore_index, softcap=softcap, weighting=weighting, scale=scale)
+        args = dict(ignore_index=ignore_index, softcap=softcap, weighting=weighting)
         rows = fast_rows(hidden, weight, logits_budget()) if any(wanted) else 0
         if rows:
-            loss, grads = fast_head_grads(hidden, weight, bias, labels, ref, wanted, rows, **args)
+            loss, grads = fast_head_grads(hidden, weight, bias, labels, ref, wanted, rows, scale=scale, **args)
         else:
-            lp, lse, coef = head_logprobs(hidden, weight, bias, labels, ref, **args)
+            lp, lse, w = head_logprobs(hidden, weight, bias, labels, ref, **args)
+            coef = w * scale  # scale may be a device scalar (1/n_valid): no synchronization
             loss = (coef * lp).sum()
+            coef, unscale = normalized(coef, hidden.dtype)
             grads = head_grads(hidden, weight, bias, wanted,
-                               token_grad_filler(hidden, weight, bias, labels, lse, coef, softcap))
+                               token_grad_filler(hidden, weight, bias, labels, lse, coef, softcap), unscale)
         ctx.grads = grads
         return loss
 
     @staticmethod
     def backward(ctx, grad_out):
-        return (*scaled_grads(ctx.grads, grad_out), *([None] * 7))
+        return (*scaled_grads(ctx, grad_out), *([None] * 7))

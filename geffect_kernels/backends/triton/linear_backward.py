@@ -53,6 +53,26 @@ def token_grad_kernel(h_ptr, w_ptr, b_ptr, labels_ptr, lse_ptr, coef_ptr, g_ptr,
     store_grad_tile(g, g_ptr, db_ptr, rows, local, cols, row_ok, col_ok, stride_g, NEED_DB)
 
 
+# Largest entry of a normalized 16-bit logit-gradient tile (below float16's 65504): the tile's small entries
+# c_t · p then stay far above float16's smallest subnormal (6e-8) instead of flushing to zero.
+GRAD_UNIT = 2.0**14
+
+
+def normalized(coef, dtype):
+    """(k · c, 1/k) with k = GRAD_UNIT / max |c| for 16-bit inputs, (c, None) for float32.
+
+    The logit gradient c_t (onehot − softmax) dz/du is stored in the input dtype between the passes, and
+    c_t carries w_t / n_valid: in float16 its entries c_t · p would mostly flush to zero (issue 10.2). Stored
+    as k·G instead, with the matmuls multiplying by 1/k in float32 before their store, nothing is lost
+    beyond tokens whose c_t is ~1e-9 of the largest. k stays on the device (no synchronization).
+    """
+    if dtype == torch.float32:
+        return coef, None
+    top = coef.abs().amax()
+    k = torch.where(top > 0, GRAD_UNIT / top.clamp_min(1e-30), 1.0)
+    return (coef * k).contiguous(), (1.0 / k).reshape(1).float()
+
+
 def chunk_width(n_rows, vocab, dtype, budget=LEAN_CHUNK_BYTES):
     """Vocabulary columns per chunk: the chunk's G fits ``budget`` (at least one tile, at most V)."""
     block = matmul_tiles(dtype).block_n
@@ -60,11 +80,12 @@ def chunk_width(n_rows, vocab, dtype, budget=LEAN_CHUNK_BYTES):
     return min(max(width, block), triton.cdiv(vocab, block) * block)
 
 
-def head_grads(hidden, weight, bias, wanted, fill_chunk):
+def head_grads(hidden, weight, bias, wanted, fill_chunk, unscale=None):
     """[dh, dW, db] (None where not ``wanted``) from G produced one vocabulary chunk at a time.
 
     ``fill_chunk(g, v_start, width, db)`` writes G[:, v_start:v_start+width] into ``g`` ([N, width]
-    view) and adds its column sums to ``db`` (float32, or None).
+    view) and adds its column sums to ``db`` (float32, or None); G is k times the gradient of the logits
+    where ``unscale`` (1/k, from `normalized`) is given.
     """
     want_h, want_w, want_b = wanted[0], wanted[1], wanted[2] and bias is not None
     if not (want_h or want_w or want_b):
@@ -84,11 +105,13 @@ def head_grads(hidden, weight, bias, wanted, fill_chunk):
         g_here = g[:, :w_here]
         fill_chunk(g_here, v0, w_here, db)
         if want_w:
-            matmul(g_here.t(), hidden, dw[v0:v0 + w_here])
+            matmul(g_here.t(), hidden, dw[v0:v0 + w_here], scale=unscale)
         if want_h:
-            matmul(g_here, weight[v0:v0 + w_here], dh_acc, accumulate=v0 > 0)
+            matmul(g_here, weight[v0:v0 + w_here], dh_acc, accumulate=v0 > 0, scale=unscale)
     if want_h and dh_acc is not dh:
         dh.copy_(dh_acc)
+    if db is not None and unscale is not None:
+        db *= unscale
     return [dh, dw, None if db is None else db.to(bias.dtype)]
 
 
