@@ -1,11 +1,17 @@
 """Validation and flattening of user inputs, shared by every public function.
 
 Every check raises ValueError with a message that names the argument, so a bad call fails before
-any kernel runs and no silent wrong number comes out.
+any kernel runs. Shapes, dtypes and devices are always checked (they cost nothing). Values (NaN/inf in the
+inputs, labels outside ``[0, V)``) are read only when asked: ``check_values=True`` or the environment
+variable GEFFECT_CHECK_VALUES=1, since reading a GPU tensor's values makes the host wait for the device (and
+the NaN check reads the whole head). Labels on the CPU are range-checked always: that costs no
+synchronization, and the C++ kernels index rows by label.
 """
 from __future__ import annotations
 
 from typing import NamedTuple
+
+import os
 
 import torch
 
@@ -36,6 +42,13 @@ def _require_same(name, t, ref_name, ref):
         raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}")
 
 
+def values_checked(check_values: bool | None) -> bool:
+    """The caller's ``check_values``, or GEFFECT_CHECK_VALUES=1 when it is None."""
+    if check_values is None:
+        return os.environ.get("GEFFECT_CHECK_VALUES", "0") == "1"
+    return bool(check_values)
+
+
 def require_finite(**tensors):
     """NaN/inf in inputs would turn into NaN at best and a finite wrong value at worst: refuse them.
 
@@ -50,16 +63,18 @@ def require_finite(**tensors):
             raise ValueError(f"{name} contains NaN or inf")
 
 
-def check_labels(labels, vocab_size, ignore_index):
+def check_labels(labels, vocab_size, ignore_index, *, values=True):
     if labels.dtype.is_floating_point or labels.dtype == torch.bool or labels.is_complex():
         raise ValueError(f"labels must be an integer tensor, got {labels.dtype}")
+    if not (values or labels.device.type == "cpu"):
+        return
     bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab_size))
     if bool(bad.any()):
         value = labels[bad][0].item()
         raise ValueError(f"labels must be in [0, {vocab_size}) or ignore_index={ignore_index}; found {value}")
 
 
-def prepare_rows(rows, labels, *, feature_name, ignore_index, shift, vocab_size):
+def prepare_rows(rows, labels, *, feature_name, ignore_index, shift, vocab_size, check_values=None):
     """Check ``rows`` ([B, T, F] or [N, F]) against ``labels`` ([B, T] or [N]), apply the shift, flatten."""
     if rows.dim() not in (2, 3):
         dim = "V" if feature_name == "logits" else "H"
@@ -71,14 +86,14 @@ def prepare_rows(rows, labels, *, feature_name, ignore_index, shift, vocab_size)
                          f"{tuple(rows.shape)} (expected {tuple(rows.shape[:-1])})")
     if labels.device != rows.device:
         raise ValueError(f"labels are on {labels.device} but {feature_name} is on {rows.device}")
-    check_labels(labels, vocab_size, ignore_index)
+    check_labels(labels, vocab_size, ignore_index, values=values_checked(check_values))
     if shift:  # Hugging Face convention: position t predicts label t+1
         rows, labels = rows[..., :-1, :], labels[..., 1:]
     out_shape = labels.shape
     return Prepared(rows.reshape(-1, rows.shape[-1]), labels.reshape(-1).long(), out_shape)
 
 
-def prepare_head(hidden, weight, labels, bias, *, ignore_index, shift):
+def prepare_head(hidden, weight, labels, bias, *, ignore_index, shift, check_values=None):
     _require_float("hidden", hidden)
     _require_float("weight", weight)
     _require_same("weight", weight, "hidden", hidden)
@@ -91,16 +106,18 @@ def prepare_head(hidden, weight, labels, bias, *, ignore_index, shift):
         _require_same("bias", bias, "hidden", hidden)
         if bias.shape != (weight.shape[0],):
             raise ValueError(f"bias must be [V] = [{weight.shape[0]}], got {tuple(bias.shape)}")
-    require_finite(hidden=hidden, weight=weight, bias=bias)
+    if values_checked(check_values):
+        require_finite(hidden=hidden, weight=weight, bias=bias)
     return prepare_rows(hidden, labels, feature_name="hidden", ignore_index=ignore_index, shift=shift,
-                        vocab_size=weight.shape[0])
+                        vocab_size=weight.shape[0], check_values=check_values)
 
 
-def prepare_logits(logits, labels, *, ignore_index, shift):
+def prepare_logits(logits, labels, *, ignore_index, shift, check_values=None):
     _require_float("logits", logits)
-    require_finite(logits=logits)
+    if values_checked(check_values):
+        require_finite(logits=logits)
     return prepare_rows(logits, labels, feature_name="logits", ignore_index=ignore_index, shift=shift,
-                        vocab_size=logits.shape[-1])
+                        vocab_size=logits.shape[-1], check_values=check_values)
 
 
 def check_softcap(softcap):
@@ -109,7 +126,7 @@ def check_softcap(softcap):
     return float(softcap) if softcap is not None else None
 
 
-def prepare_ref(ref_logprobs, prepared: Prepared, dtype, *, ignore_index, required_by=None):
+def prepare_ref(ref_logprobs, prepared: Prepared, dtype, *, ignore_index, required_by=None, check_values=None):
     """Flatten ``ref_logprobs`` (shaped like the per-token output) and zero it at ignored positions."""
     if ref_logprobs is None:
         if required_by:
@@ -126,5 +143,6 @@ def prepare_ref(ref_logprobs, prepared: Prepared, dtype, *, ignore_index, requir
                          f"{prepared.labels.device}")
     valid = prepared.labels != ignore_index
     ref = torch.where(valid, ref_logprobs.detach().reshape(-1).to(dtype), 0)
-    require_finite(ref_logprobs=ref)
+    if values_checked(check_values):
+        require_finite(ref_logprobs=ref)
     return ref

@@ -82,18 +82,21 @@ def objective_loss(name, spec, hp, prep, ref, ignore_index, *, weighted, logprob
 
 
 def unlearning_loss(name, hidden, weight, labels, *, ref_logprobs=None, bias=None, ignore_index=-100,
-                    softcap=None, shift=False, backend="auto", **hparams):
+                    softcap=None, shift=False, backend="auto", check_values=None, **hparams):
     """The scalar loss of objective ``name`` (DESIGN §3) over a linear LM head.
 
     ``ref_logprobs`` are the reference model's `token_logprobs` on the same batch (same arguments),
     required by ``tnpo``, ``wtnpo`` and ``npo``. Hyper-parameters: ``alpha``, ``beta``, ``gamma``,
     ``delta`` as the objective takes them. Returns float64 for float64 inputs, else float32.
+    ``check_values=True`` (or GEFFECT_CHECK_VALUES=1) also refuses NaN/inf inputs and out-of-range labels,
+    at the price of a host-device synchronization; by default a call never waits for the device.
     """
     spec, hp = resolve(name, hparams)
-    prep = prepare_head(hidden, weight, labels, bias, ignore_index=ignore_index, shift=shift)
+    prep = prepare_head(hidden, weight, labels, bias, ignore_index=ignore_index, shift=shift,
+                        check_values=check_values)
     softcap = check_softcap(softcap)
     ref = prepare_ref(ref_logprobs, prep, out_dtype(hidden.dtype), ignore_index=ignore_index,
-                      required_by=name if spec.needs_ref else None)
+                      required_by=name if spec.needs_ref else None, check_values=check_values)
     impl = get_backend(backend, prep.hidden)
     args = (prep.hidden, weight, bias, prep.labels)
     return objective_loss(
@@ -104,17 +107,17 @@ def unlearning_loss(name, hidden, weight, labels, *, ref_logprobs=None, bias=Non
 
 
 def unlearning_loss_from_logits(name, logits, labels, *, ref_logprobs=None, ignore_index=-100, softcap=None,
-                                shift=False, backend="auto", inplace=False, **hparams):
+                                shift=False, backend="auto", inplace=False, check_values=None, **hparams):
     """`unlearning_loss` for callers that already hold the logits (``[B, T, V]`` or ``[N, V]``).
 
     ``inplace=True`` lets a backend overwrite ``logits`` with their gradient (no second N×V buffer);
     the logits are then unusable after the call. Backends without such a kernel ignore it.
     """
     spec, hp = resolve(name, hparams)
-    prep = prepare_logits(logits, labels, ignore_index=ignore_index, shift=shift)
+    prep = prepare_logits(logits, labels, ignore_index=ignore_index, shift=shift, check_values=check_values)
     softcap = check_softcap(softcap)
     ref = prepare_ref(ref_logprobs, prep, out_dtype(logits.dtype), ignore_index=ignore_index,
-                      required_by=name if spec.needs_ref else None)
+                      required_by=name if spec.needs_ref else None, check_values=check_values)
     impl = get_backend(backend, prep.hidden)
     return objective_loss(
         name, spec, hp, prep, ref, ignore_index,

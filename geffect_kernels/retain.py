@@ -8,15 +8,18 @@ from .backends.registry import get_backend
 
 
 def kl_loss(hidden, weight, ref_hidden, ref_weight, labels, *, bias=None, ref_bias=None, ignore_index=-100,
-            softcap=None, shift=False, backend="auto"):
+            softcap=None, shift=False, backend="auto", check_values=None):
     """Mean over valid positions of KL(p_ref,t ‖ p_θ,t) over the full vocabulary.
 
     The reference side (``ref_hidden``, ``ref_weight``, ``ref_bias``: the frozen original model) gets
     no gradient. Both heads share the vocabulary, the soft-cap and the dtype; chunked so that neither
-    model's N×V logits exist at once. ``labels`` only mark which positions count.
+    model's N×V logits exist at once. ``labels`` only mark which positions count. ``check_values``: as in
+    `unlearning_loss`.
     """
-    prep = prepare_head(hidden, weight, labels, bias, ignore_index=ignore_index, shift=shift)
-    ref = prepare_head(ref_hidden, ref_weight, labels, ref_bias, ignore_index=ignore_index, shift=shift)
+    prep = prepare_head(hidden, weight, labels, bias, ignore_index=ignore_index, shift=shift,
+                        check_values=check_values)
+    ref = prepare_head(ref_hidden, ref_weight, labels, ref_bias, ignore_index=ignore_index, shift=shift,
+                       check_values=check_values)
     if ref_weight.shape[0] != weight.shape[0]:
         raise ValueError(f"the two heads have different vocabularies: {weight.shape[0]} vs {ref_weight.shape[0]}")
     if ref_hidden.dtype != hidden.dtype or ref_hidden.device != hidden.device:

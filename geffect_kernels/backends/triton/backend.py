@@ -4,6 +4,8 @@
 whose bf16 arithmetic is not trustworthy; empty batches): the registry sends those to the chunked torch
 backend, which computes the same quantities.
 """
+import functools
+
 import torch
 
 from ..autograd import grads_wanted
@@ -16,6 +18,19 @@ from .logits_rowwise import LogitsLogprobs, LogitsWeightedLoss
 
 def _rowmajor(t):
     return None if t is None else (t if t.stride(-1) == 1 else t.contiguous())
+
+
+def _on_inputs_device(method):
+    """Run ``method`` under its inputs' CUDA device guard: Triton launches on the *current* device, so cuda:1
+    tensors with cuda:0 current would otherwise be handed to kernels running on the wrong GPU. (Backward
+    passes run on autograd's worker thread for the tensors' device, which sets it.)"""
+    @functools.wraps(method)
+    def guarded(self, rows, *args, **kwargs):
+        if not rows.is_cuda:
+            return method(self, rows, *args, **kwargs)
+        with torch.cuda.device(rows.device):
+            return method(self, rows, *args, **kwargs)
+    return guarded
 
 
 class TritonBackend(Backend):
@@ -34,15 +49,18 @@ class TritonBackend(Backend):
             return rows.dtype in (torch.float16, torch.bfloat16, torch.float32)
         return rows.dtype == torch.float32  # the interpreter
 
+    @_on_inputs_device
     def token_logprobs(self, hidden, weight, bias, labels, *, ignore_index, softcap):
         return HeadLogprobs.apply(_rowmajor(hidden), _rowmajor(weight), _rowmajor(bias), labels.contiguous(),
                                   ignore_index, softcap)
 
+    @_on_inputs_device
     def weighted_loss(self, hidden, weight, bias, labels, ref_logprobs, *, ignore_index, softcap, weighting, scale):
         ref = None if ref_logprobs is None else ref_logprobs.float().contiguous()
         return FusedWeightedLoss.apply(_rowmajor(hidden), _rowmajor(weight), _rowmajor(bias), labels.contiguous(),
                                        ref, ignore_index, softcap, weighting, scale, grads_wanted(hidden, weight, bias))
 
+    @_on_inputs_device
     def kl_divergence(self, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, *, ignore_index,
                       softcap, scale):
         ref_bias = None if ref_bias is None else _rowmajor(ref_bias.detach())
@@ -50,9 +68,11 @@ class TritonBackend(Backend):
                              _rowmajor(ref_weight.detach()), ref_bias, labels.contiguous(), ignore_index, softcap,
                              scale, grads_wanted(hidden, weight, bias))
 
+    @_on_inputs_device
     def token_logprobs_from_logits(self, logits, labels, *, ignore_index, softcap):
         return LogitsLogprobs.apply(_rowmajor(logits), labels.contiguous(), ignore_index, softcap)
 
+    @_on_inputs_device
     def weighted_loss_from_logits(self, logits, labels, ref_logprobs, *, ignore_index, softcap, weighting, scale,
                                   inplace=False):
         ref = None if ref_logprobs is None else ref_logprobs.float().contiguous()

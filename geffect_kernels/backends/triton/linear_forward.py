@@ -49,6 +49,8 @@ def lse_partials_kernel(h_ptr, w_ptr, b_ptr, labels_ptr, part_max_ptr, part_sum_
         if SOFTCAP:
             z, _ = soft_cap(z, softcap)
         z = tl.where(cols[None, :] < V, z, float("-inf"))
+        # the target logit first: z is then dead once e exists (two live 128×256 tiles would spill)
+        target += tl.sum(tl.where(cols[None, :] == label[:, None], z, 0.0), axis=1)
         tile_max = tl.maximum(tl.max(z, axis=1), -3.0e38)
         e = tl.exp(z - tile_max[:, None])
         if STORE_EXP:
@@ -60,7 +62,6 @@ def lse_partials_kernel(h_ptr, w_ptr, b_ptr, labels_ptr, part_max_ptr, part_sum_
         m_new = tl.maximum(m, tile_max)
         s = s * tl.exp(m - m_new) + tl.sum(e, axis=1) * tl.exp(tile_max - m_new)
         m = m_new
-        target += tl.sum(tl.where(cols[None, :] == label[:, None], z, 0.0), axis=1)
     out = pid_s * N + rows
     tl.store(part_max_ptr + out, m, mask=row_ok)
     tl.store(part_sum_ptr + out, s, mask=row_ok)
