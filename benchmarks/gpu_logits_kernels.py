@@ -7,7 +7,8 @@
    and subtracted. The fewest bytes such a kernel can move: read the logits once and write the gradient once
    (2·N·V·2 bytes); its bandwidth is compared with a device-to-device copy measured in the same run, and its
    time with naive torch and Liger's in-place cross-entropy (when liger-kernel is importable).
-3. Gram inner product: csrc `ghost_inner_product` against two matmuls and an elementwise product.
+3. Gram inner product: the csrc kernel and the Triton tensor-core kernel against float64, timed with two matmuls
+   and an elementwise product for scale, and the one `fastest_gram` keeps.
 
 Run as ``python benchmarks/gpu_suite.py logits --csv FILE [--smoke]``.
 """
@@ -100,26 +101,28 @@ def speed(rec, backends):
                          f"{copy_ms / kernel_ms:.2f} of copy bandwidth")
 
 
-def gram(rec, dev, rows=2048, timed=True):
-    """The Gram form Σ (G_a G_bᵀ) ∘ (X_a X_bᵀ): csrc kernel (error vs float64) and two matmuls, timed."""
-    from geffect_kernels.csrc import ghost_available, ghost_inner_product
-    ids = dict(case="gram", provider="csrc ghost", objective="-", shape=f"{rows}x4096 per side")
-    if not ghost_available(dev):
-        rec.row(**ids, status="skipped", note="the csrc extension is not available here")
-        return
-    with rec.case(**ids):
-        torch.manual_seed(0)
-        dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
-        ga, xa, gb, xb = (torch.randn(rows, 4096, device=dev).to(dtype) for _ in range(4))
-        expected = ((ga.double() @ gb.double().T) * (xa.double() @ xb.double().T)).sum().item()
-        err = abs(ghost_inner_product(ga, xa, gb, xb).item() - expected) / abs(expected)
-        ms = time_ms(lambda: ghost_inner_product(ga, xa, gb, xb)) if timed else (float("nan"),) * 3
-        rec.row(**ids, dtype=str(dtype)[6:], status="ok" if err <= 5e-3 else "FAIL", loss_rel_err=err,
-                ms_median=ms[0], ms_p20=ms[1], ms_p80=ms[2])
-        if timed:
-            ms = time_ms(lambda: ((ga @ gb.T).float() * (xa @ xb.T).float()).sum())
-            rec.row(case="gram", provider="two matmuls + product", objective="-", dtype=str(dtype)[6:],
-                    shape=ids["shape"], status="ok", ms_median=ms[0], ms_p20=ms[1], ms_p80=ms[2])
+def gram(rec, dev, rows=2048):
+    """The Gram form Σ (G_a G_bᵀ) ∘ (X_a X_bᵀ): every implementation (csrc on CUDA cores, Triton on tensor cores)
+    against float64 and timed, two matmuls + product for scale, and which one `fastest_gram` keeps."""
+    from geffect_kernels.backends.cpp.ghost import fastest_gram, gram_implementations
+    torch.manual_seed(0)
+    dtype = torch.bfloat16
+    shape = f"{rows}x4096 per side, bf16"
+    ga, xa, gb, xb = (torch.randn(rows, 4096, device=dev).to(dtype) for _ in range(4))
+    expected = ((ga.double() @ gb.double().T) * (xa.double() @ xb.double().T)).sum().item()
+    for name, fn in gram_implementations(dev, dtype).items():
+        ids = dict(case="gram", provider=name, objective="-", dtype="bf16", shape=shape)
+        with rec.case(**ids):
+            err = abs(fn(ga, xa, gb, xb).item() - expected) / abs(expected)
+            ms = time_ms(lambda: fn(ga, xa, gb, xb))
+            rec.row(**ids, status="ok" if err <= 5e-3 else "FAIL", loss_rel_err=err, ms_median=ms[0], ms_p20=ms[1],
+                    ms_p80=ms[2])
+    ms = time_ms(lambda: ((ga @ gb.T).float() * (xa @ xb.T).float()).sum())
+    rec.row(case="gram", provider="two matmuls + product", objective="-", dtype="bf16", shape=shape, status="ok",
+            ms_median=ms[0], ms_p20=ms[1], ms_p80=ms[2])
+    with rec.case(case="gram", provider="fastest_gram", objective="-", shape=shape):
+        rec.row(case="gram", provider="fastest_gram", objective="-", shape=shape, status="ok",
+                note=f"chose {fastest_gram(ga, xa, gb, xb)[0]}")
 
 
 def run(rec, dev, smoke=False):

@@ -73,7 +73,7 @@ def variants():
     """(label, kernel, dtype, constexprs, launch options, pointer-type overrides): every kernel with every
     combination of compile-time flags its launcher can pass, for 16-bit (bf16; fp16 gets the same tiles) and
     float32 inputs."""
-    from . import fast_path, kl, linear_backward, linear_forward, logits_rowwise, matmul
+    from . import fast_path, gram, kl, linear_backward, linear_forward, logits_rowwise, matmul
     from .config import dot_precision, matmul_tiles, row_block
     from .weights import KIND_CODES, NO_WEIGHTS
 
@@ -104,6 +104,10 @@ def variants():
         for flags in _flag_sets(("HAS_BIAS", "HAS_REF_BIAS", "SOFTCAP", "NEED_DB"), needs=(("NEED_DB", "HAS_BIAS"),)):
             yield (_label("kl_grad", dtype, flags), kl.kl_grad_kernel, dtype, {**flags, **prec, **blocks2}, opts2,
                    {})
+        block_a, block_b, block_k, warps, stages = gram.gram_tiles(dtype)
+        yield (f"gram {_TYPES[dtype]}", gram.gram_kernel, dtype,
+               {"BLOCK_A": block_a, "BLOCK_B": block_b, "BLOCK_K": block_k, **prec},
+               {"num_warps": warps, "num_stages": stages}, {})
     bf16, fp32 = torch.bfloat16, torch.float32
     for kind in (NO_WEIGHTS, *KIND_CODES.values()):
         has_ref = kind in (KIND_CODES["tnpo"], KIND_CODES["wtnpo"])
