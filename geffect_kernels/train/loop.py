@@ -32,6 +32,7 @@ from ..retain import kl_loss
 from .checkpoint import (CHECKPOINT, atomic_write_json, atomic_write_text, load_checkpoint, remove_orphans,
                          save_checkpoint)
 from .frozen_model import RefLogprobCache, frozen_copy
+from .presets import resolve as resolve_preset
 from .resume import differences, run_settings, should_resume
 from .run_lock import run_lock
 from .schedule import batch_indices, warmup_linear_decay
@@ -103,6 +104,7 @@ def train(model, forget, retain, config: TrainConfig, *, evaluate=None, resume: 
     Raises RunFolderBusy when another process is training into ``config.out_dir``.
     """
     check_inputs(model, forget, retain, config)
+    config = resolve_preset(config, model, len(forget))
     with run_lock(config.out_dir):  # one writer per run folder, released however the run ends
         run = _setup(model, forget, retain, config)
         _resume(run, resume)
@@ -295,6 +297,9 @@ def _kl_retain_loss(model, reference, batch, config):
     x = _head(model, batch)
     with torch.no_grad():
         r = _head(reference, batch)
+    if config.kl_normalization == "batchmean":  # every position counts, prompt and padding too: no shift
+        return kl_loss(x.hidden, x.weight, r.hidden, r.weight, torch.zeros_like(x.labels), bias=x.bias,
+                       ref_bias=r.bias, softcap=x.softcap, shift=False, backend=config.backend)
     return kl_loss(x.hidden, x.weight, r.hidden, r.weight, x.labels, bias=x.bias, ref_bias=r.bias,
                    softcap=x.softcap, shift=True, backend=config.backend)
 
