@@ -18,7 +18,8 @@ import torch
 
 import geffect_kernels as gk
 from geffect_kernels.backends.registry import get_backend
-from geffect_kernels.weighting import TokenWeighting
+from geffect_kernels.backends.interface import LossOptions
+from geffect_kernels.catalog import resolve
 
 RESULTS = pathlib.Path(__file__).parent / "results" / "api_overhead.csv"
 
@@ -45,8 +46,8 @@ def calls(backend, hidden, weight, labels):
     n_valid = int((labels != -100).sum())
 
     def raw():
-        impl.weighted_loss(hidden, weight, None, labels, None, ignore_index=-100, softcap=None,
-                           weighting=TokenWeighting("one"), scale=1.0 / n_valid).backward()
+        impl.weighted_loss(hidden, weight, None, labels, None,
+                           LossOptions(-100, None, resolve("ga", {}).weighting, 1.0 / n_valid)).backward()
 
     def api(**kw):
         return lambda: gk.unlearning_loss("ga", hidden, weight, labels, backend=backend, **kw).backward()

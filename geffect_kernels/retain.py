@@ -1,23 +1,33 @@
 """Retain and representation objectives (DESIGN §3): KL to a reference model, RMU, RR."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
-from .inputs import check_softcap, prepare_head
-from .backends.registry import get_backend
+from .inputs import prepare_head
+
+# How kl_loss averages the per-position KL: "tokens" over the positions whose label is not ignored (the answer
+# tokens: this project's default); "batchmean" over every position, prompt and padding included, as the official
+# G-effect code and TOFU compute it (kl_div(..., reduction="batchmean") on [B·T, V] log-probabilities).
+KL_REDUCTIONS = ("tokens", "batchmean")
 
 
 def kl_loss(hidden, weight, ref_hidden, ref_weight, labels, *, bias=None, ref_bias=None, ignore_index=-100,
-            softcap=None, shift=False, backend="auto", check_values=None):
-    """Mean over valid positions of KL(p_ref,t ‖ p_θ,t) over the full vocabulary.
+            softcap=None, shift=False, backend="auto", reduction="tokens", check_values=None):
+    """Mean of KL(p_ref,t ‖ p_θ,t) over the full vocabulary, per position, averaged as ``reduction`` says.
 
-    The reference side (``ref_hidden``, ``ref_weight``, ``ref_bias``: the frozen original model) gets
-    no gradient. Both heads share the vocabulary, the soft-cap and the dtype; chunked so that neither
-    model's N×V logits exist at once. ``labels`` only mark which positions count. ``check_values``: as in
-    `unlearning_loss`.
+    ``reduction="tokens"`` (default): over the positions whose label is not ``ignore_index``;
+    ``"batchmean"``: over every position, ignored ones included (then ``labels`` only give the shape; with
+    ``shift=False`` on whole sequences this is the official code's and TOFU's batch-mean KL). The reference
+    side (``ref_hidden``, ``ref_weight``, ``ref_bias``: the frozen original model) gets no gradient. Both
+    heads share the vocabulary, the soft-cap and the dtype; chunked so that neither model's N×V logits exist
+    at once. ``check_values``: as in `unlearning_loss`.
     """
-    prep = prepare_head(hidden, weight, labels, bias, ignore_index=ignore_index, shift=shift,
-                        check_values=check_values)
+    if reduction not in KL_REDUCTIONS:
+        raise ValueError(f"unknown KL reduction {reduction!r}; valid: {', '.join(KL_REDUCTIONS)}")
+    prep = prepare_head(hidden, weight, labels, bias, ignore_index=ignore_index, shift=shift, softcap=softcap,
+                        backend=backend, check_values=check_values)
     ref = prepare_head(ref_hidden, ref_weight, labels, ref_bias, ignore_index=ignore_index, shift=shift,
                        check_values=check_values)
     if ref_weight.shape[0] != weight.shape[0]:
@@ -25,10 +35,12 @@ def kl_loss(hidden, weight, ref_hidden, ref_weight, labels, *, bias=None, ref_bi
     if ref_hidden.dtype != hidden.dtype or ref_hidden.device != hidden.device:
         raise ValueError(f"ref_hidden ({ref_hidden.dtype}, {ref_hidden.device}) must match hidden "
                          f"({hidden.dtype}, {hidden.device})")
-    n_valid = (prep.labels != ignore_index).sum().clamp_min(1).double()  # on the device: no sync
-    impl = get_backend(backend, prep.hidden)
-    return impl.kl_divergence(prep.hidden, weight, bias, ref.hidden, ref_weight, ref_bias, prep.labels,
-                              ignore_index=ignore_index, softcap=check_softcap(softcap), scale=1.0 / n_valid)
+    positions, opts = prep.labels, prep.opts
+    if reduction == "batchmean":  # every position counts: labels no backend ignores
+        positions, opts = torch.zeros_like(prep.labels), replace(opts, ignore_index=-1)
+    n = (positions != opts.ignore_index).sum().clamp_min(1).double()  # on the device: no synchronization
+    return prep.backend.kl_divergence(prep.hidden, weight, bias, ref.hidden, ref_weight, ref_bias, positions,
+                                      replace(opts, scale=1.0 / n))
 
 
 def _masked_mean_squared_error(diff, mask):

@@ -66,8 +66,9 @@ def test_triton_float16_gradient_tiles_keep_small_entries():
     2^14, undone in the matmuls' float32 epilogue) its small entries survive float16. TNPO weights ~2e-3 make
     c_t · p ~ 1e-8: stored as they were, d hidden came out 3.8e-2 off float64 here, now 4.7e-4. dW itself is
     mostly below float16's normal range at this shape, so it is held to what float16 can represent."""
-    from geffect_kernels.backends.triton.fused_weighted import FusedWeightedLoss
-    from geffect_kernels.weighting import TokenWeighting
+    from geffect_kernels.backends.interface import LossOptions
+    from geffect_kernels.backends.triton.fused_weighted import weighted_head_loss
+    from geffect_kernels.catalog import resolve
 
     n, h, v = 128, 16, 2048
     g = torch.Generator().manual_seed(0)
@@ -77,9 +78,9 @@ def test_triton_float16_gradient_tiles_keep_small_entries():
     labels[::9] = -100
     ref = gk.token_logprobs(hidden.double(), weight.double(), labels, backend="torch") + 1.5
     h16, w16 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
-    FusedWeightedLoss.apply(h16, w16, None, labels, ref.float(), -100, None, TokenWeighting("tnpo", beta=4.0),
-                            torch.tensor(1.0 / int((labels != -100).sum()), dtype=torch.float64),
-                            (True, True, False)).backward()
+    opts = LossOptions(-100, None, resolve("tnpo", {"beta": 4.0}).weighting,
+                       torch.tensor(1.0 / int((labels != -100).sum()), dtype=torch.float64))
+    weighted_head_loss(h16, w16, None, labels, ref.float(), opts).backward()
     dh_exact, dw_exact = gradients("tnpo", hidden.double(), weight.double(), labels, ref, "torch")
     rel = lambda a, b: ((a.double() - b).norm() / b.norm()).item()  # noqa: E731
     assert rel(h16.grad, dh_exact) <= 3e-3
