@@ -75,7 +75,11 @@ def variants():
     float32 inputs."""
     from . import fast_path, gram, kl, linear_backward, linear_forward, logits_rowwise, matmul
     from .config import dot_precision, matmul_tiles, row_block
-    from .weights import KIND_CODES, NO_WEIGHTS
+    from ...catalog import OBJECTIVES
+    from .weights import NO_WEIGHTS
+
+    # every kernel code of the catalog, with whether its objective reads reference log-probabilities
+    codes = {o.kernel_code: o.needs_ref for o in OBJECTIVES.values() if o.kernel_code is not None}
 
     def split(tiles):
         launch = tiles.launch()
@@ -109,13 +113,13 @@ def variants():
                {"BLOCK_A": block_a, "BLOCK_B": block_b, "BLOCK_K": block_k, **prec},
                {"num_warps": warps, "num_stages": stages}, {})
     bf16, fp32 = torch.bfloat16, torch.float32
-    for kind in (NO_WEIGHTS, *KIND_CODES.values()):
-        has_ref = kind in (KIND_CODES["tnpo"], KIND_CODES["wtnpo"])
+    for kind in (NO_WEIGHTS, *sorted(codes)):
+        has_ref = codes.get(kind, False)
         yield (_label("combine", fp32, {"KIND": kind}), linear_forward.combine_kernel, fp32,
                {"KIND": kind, "HAS_REF": has_ref, "BLOCK": 1024}, {"num_warps": 4}, {})
     block, warps = row_block(128256)
-    for kind in (NO_WEIGHTS, *KIND_CODES.values()):
-        has_ref = kind in (KIND_CODES["tnpo"], KIND_CODES["wtnpo"])
+    for kind in (NO_WEIGHTS, *sorted(codes)):
+        has_ref = codes.get(kind, False)
         for flags in _flag_sets(("SOFTCAP", "WRITE_GRAD")):
             if flags["WRITE_GRAD"] and kind == NO_WEIGHTS:
                 continue
