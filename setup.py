@@ -53,7 +53,7 @@ setup(
         "rouge-score>=0.1.2",  # TOFU's ROUGE-L (Porter stemming)
     ],
     extras_require={"triton": ["triton>=3.0"], "hf": ["accelerate>=1.1"],
-                    "test": ["pytest>=8", "pytest-benchmark>=4", "accelerate>=1.1"]},
+                    "test": ["pytest>=8", "pytest-benchmark>=4", "accelerate>=1.1", "setuptools>=70.1"]},
     entry_points={"console_scripts": ["geffect = geffect_kernels.cli:main"]},
     **(extension_build() if os.environ.get("GEFFECT_BUILD_EXT") == "1" else {}),
 )
