@@ -37,11 +37,31 @@ class HeadInputs(NamedTuple):
         return dict(bias=self.bias, softcap=self.softcap, shift=True)
 
 
+def causal_lm(model):
+    """The Hugging Face causal LM of ``model``: itself, or the one a ``peft.PeftModel`` wraps.
+
+    Adapters that live inside the layers (LoRA, IA³, ...) are part of that model's modules, so its decoder
+    runs them; prompt-learning adapters add virtual tokens in the wrapper's forward and are refused.
+    """
+    if not (hasattr(model, "peft_config") and callable(getattr(model, "get_base_model", None))):
+        return model
+    config = getattr(model, "active_peft_config", None)
+    if getattr(config, "is_prompt_learning", False):
+        raise NotImplementedError(f"{type(config).__name__} adds virtual tokens outside the layers; "
+                                  "only adapters inside the layers (LoRA, IA3, ...) are supported")
+    return model.get_base_model()
+
+
 def lm_head(model) -> LMHead:
     """The output projection of ``model``: weight (the tied input embedding when tied), bias, soft-cap."""
+    model = causal_lm(model)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if head is None or not hasattr(head, "weight"):
         raise ValueError(f"{type(model).__name__} has no output embedding (is it a causal LM?)")
+    if hasattr(head, "base_layer"):  # a peft adapter layer: its weight would be the base's, without the adapter
+        raise NotImplementedError("an adapter on the LM head is not supported (the head's logits are computed "
+                                  "from its weight); adapt the decoder's layers, or train the head itself "
+                                  "(peft modules_to_save)")
     config = model.config
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
     for field in _UNSUPPORTED_LOGIT_TRANSFORMS:
@@ -55,6 +75,7 @@ def lm_head(model) -> LMHead:
 
 def final_hidden_states(model, input_ids, attention_mask=None, **kwargs) -> torch.Tensor:
     """The decoder's last hidden states (after the final norm), ``[B, T, H]``, without the LM head."""
+    model = causal_lm(model)
     base = getattr(model, "base_model", None)
     if base is None or base is model:
         raise ValueError(f"{type(model).__name__} does not expose a base model under its LM head")
