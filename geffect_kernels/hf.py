@@ -74,13 +74,40 @@ def lm_head(model) -> LMHead:
 
 
 def final_hidden_states(model, input_ids, attention_mask=None, **kwargs) -> torch.Tensor:
-    """The decoder's last hidden states (after the final norm), ``[B, T, H]``, without the LM head."""
-    model = causal_lm(model)
-    base = getattr(model, "base_model", None)
-    if base is None or base is model:
-        raise ValueError(f"{type(model).__name__} does not expose a base model under its LM head")
-    out = base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs)
-    return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+    """The decoder's last hidden states (after the final norm), ``[B, T, H]``, without the LM head.
+
+    A model sharded with FSDP2 (``fully_shard``) is run through its root's forward, which gathers the
+    root's parameters (embedding, final norm, head) and reduce-scatters their gradients; the head then
+    scores the last position only, and the hidden states are read off the decoder's output.
+    """
+    lm = causal_lm(model)
+    base = getattr(lm, "base_model", None)
+    if base is None or base is lm:
+        raise ValueError(f"{type(lm).__name__} does not expose a base model under its LM head")
+    root = _fsdp_root(model)
+    if root is None:
+        out = base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs)
+        return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+    seen = []
+    handle = base.register_forward_hook(
+        lambda module, args, out: seen.append(out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]))
+    try:
+        root(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, logits_to_keep=1, **kwargs)
+    finally:
+        handle.remove()
+    return seen[-1]
+
+
+def _fsdp_root(model):
+    """The outermost FSDP2-sharded module of ``model`` (itself or its causal LM), or None when not sharded."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        return None
+    for candidate in (model, causal_lm(model)):
+        if isinstance(candidate, FSDPModule):
+            return candidate
+    return None
 
 
 def batch_labels(batch) -> torch.Tensor:
