@@ -1,4 +1,4 @@
-"""Installs geffect_kernels. The C++/CUDA extension is built on first use (see geffect_kernels/csrc);
+"""Installs geffect_kernels. The C++/CUDA extension is built on first use (see geffect_kernels/backends/cpp);
 nothing here needs a compiler unless GEFFECT_BUILD_EXT=1 asks for an ahead-of-time build of it
 (`GEFFECT_BUILD_EXT=1 pip install --no-build-isolation -e .`; the CUDA part where torch has CUDA)."""
 import importlib.util
@@ -13,7 +13,7 @@ def extension_build():
     import torch
     from torch.utils import cpp_extension
 
-    path = Path(__file__).parent / "geffect_kernels" / "csrc" / "build.py"
+    path = Path(__file__).parent / "geffect_kernels" / "backends" / "cpp" / "build.py"
     spec = importlib.util.spec_from_file_location("geffect_csrc_build", path)
     build = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(build)
@@ -23,7 +23,7 @@ def extension_build():
         s = build.extension_spec(kind)
         make = cpp_extension.CUDAExtension if kind == "cuda" else cpp_extension.CppExtension
         compile_args = {"cxx": s["extra_cflags"], **({"nvcc": s["extra_cuda_cflags"]} if kind == "cuda" else {})}
-        modules.append(make(f"geffect_kernels.csrc._{kind}", s["sources"], include_dirs=s["extra_include_paths"],
+        modules.append(make(f"geffect_kernels.backends.cpp._{kind}", s["sources"], include_dirs=s["extra_include_paths"],
                             extra_compile_args=compile_args, extra_link_args=s["extra_ldflags"]))
     return {"ext_modules": modules, "cmdclass": {"build_ext": cpp_extension.BuildExtension}}
 

@@ -25,7 +25,7 @@ import torch
 import triton.testing
 
 import geffect_kernels as gk
-from geffect_kernels.ops.backend import available_backends
+from geffect_kernels.backends.registry import available_backends
 
 N, V = 8192, 128256
 RESULTS = pathlib.Path(__file__).parent / "results" / "gpu_logits_kernels.csv"

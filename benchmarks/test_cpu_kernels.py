@@ -25,8 +25,8 @@ import pytest
 import torch
 
 import geffect_kernels as gk
-from geffect_kernels.csrc import build, ghost_inner_product
-from geffect_kernels.csrc.backend import BACKENDS
+from geffect_kernels.backends.cpp import build, ghost_inner_product
+from geffect_kernels.backends.cpp.backend import BACKENDS
 from geffect_kernels.weighting import TokenWeighting
 
 RESULTS = Path(__file__).parent / "results" / "cpu_kernels.csv"
@@ -127,7 +127,7 @@ def chunked_loss(logits, labels):
 
 def kernel_loss(logits, labels):
     logits.requires_grad_()
-    loss = BACKENDS["cpu"].weighted_loss_from_logits(logits, labels, None, ignore_index=-100, softcap=None,
+    loss = BACKENDS["cpp_cpu"].weighted_loss_from_logits(logits, labels, None, ignore_index=-100, softcap=None,
                                                      weighting=TokenWeighting("one"), scale=1.0 / N, inplace=True)
     loss.backward()
     return loss

@@ -22,7 +22,7 @@ export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-2}
 echo "== build.load('cuda') =="
 TORCH_EXTENSIONS_DIR="$WORK/ext" PYTHONPATH="$REPO" "$WORK/venv/bin/python" - <<'EOF'
 import torch
-from geffect_kernels.csrc import build
+from geffect_kernels.backends.cpp import build
 
 print("torch", torch.__version__, "CUDA", torch.version.cuda)
 cuda, cpu = build.load("cuda", verbose=True), build.load("cpu")
@@ -41,4 +41,4 @@ rm -rf "$WORK/src" && mkdir "$WORK/src"
 (cd "$REPO" && git ls-files -z | xargs -0 cp --parents -t "$WORK/src")
 (cd "$WORK/src" && GEFFECT_BUILD_EXT=1 "$WORK/venv/bin/python" setup.py -q build_ext --inplace)
 (cd "$WORK/src" && PYTHONPATH=. "$WORK/venv/bin/python" -c \
-  "import torch, geffect_kernels.csrc._cuda as m; assert m.has_cuda(); print('OK:', m.__file__)")
+  "import torch, geffect_kernels.backends.cpp._cuda as m; assert m.has_cuda(); print('OK:', m.__file__)")

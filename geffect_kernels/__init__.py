@@ -7,7 +7,7 @@ from . import hf
 from .geffect import GEffectHistory, GEffectProfiler, GEffectResult
 from .logprobs import token_logprobs, token_logprobs_from_logits
 from .objectives import OBJECTIVES, token_weights, unlearning_loss, unlearning_loss_from_logits
-from .ops.backend import available_backends
+from .backends.registry import available_backends
 from .retain import kl_loss, rmu_direction, rmu_loss, rr_loss
 
 __version__ = "0.1.0"

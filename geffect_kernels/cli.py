@@ -56,14 +56,14 @@ def _load_tokenizer(path):
 
 
 def cmd_demo(args):
-    from .train.demo import run_demo
+    from .train.run_demo import run_demo
 
     run_demo(args.out, quick=args.quick, progress=not args.no_progress)
 
 
 def _train_settings(args):
     """Files, objectives and TrainConfig fields from the YAML config, overridden by the flags given."""
-    from .train.config import read_yaml
+    from .train.train_config import read_yaml
 
     values = read_yaml(args.config) if args.config else {}
     flags = {"model": args.model, "forget": args.forget, "retain": args.retain, "objective": args.objective,
@@ -155,10 +155,10 @@ def cmd_report(args):
 
 def cmd_build(args):
     try:
-        from . import csrc
+        from .backends.cpp import build_extensions
     except ImportError as err:
         raise CLIError(f"the C++/CUDA extension is unavailable in this install ({err})") from None
-    if not csrc.build_extensions(verbose=True):  # prints one line per extension
+    if not build_extensions(verbose=True):  # prints one line per extension
         raise CLIError("no extension could be built here (see the lines above)")
 
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 
 from .inputs import check_softcap, prepare_head, prepare_logits
-from .ops.backend import get_backend
+from .backends.registry import get_backend
 
 
 def token_logprobs(hidden, weight, labels, *, bias=None, ignore_index=-100, softcap=None, shift=False,
@@ -25,7 +25,7 @@ def token_logprobs(hidden, weight, labels, *, bias=None, ignore_index=-100, soft
         differentiable with respect to ``hidden``, ``weight`` and ``bias``.
     """
     prep = prepare_head(hidden, weight, labels, bias, ignore_index=ignore_index, shift=shift)
-    impl = get_backend(backend, hidden.device)
+    impl = get_backend(backend, prep.hidden)
     out = impl.token_logprobs(prep.hidden, weight, bias, prep.labels, ignore_index=ignore_index,
                               softcap=check_softcap(softcap))
     return out.reshape(prep.out_shape)
@@ -35,7 +35,7 @@ def token_logprobs_from_logits(logits, labels, *, ignore_index=-100, softcap=Non
                                backend="auto"):
     """ℓ_t from logits the caller already holds (``[B, T, V]`` or ``[N, V]``); see `token_logprobs`."""
     prep = prepare_logits(logits, labels, ignore_index=ignore_index, shift=shift)
-    impl = get_backend(backend, logits.device)
+    impl = get_backend(backend, prep.hidden)
     out = impl.token_logprobs_from_logits(prep.hidden, prep.labels, ignore_index=ignore_index,
                                           softcap=check_softcap(softcap))
     return out.reshape(prep.out_shape)

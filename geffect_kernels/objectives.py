@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from .inputs import check_softcap, out_dtype, prepare_head, prepare_logits, prepare_ref
-from .ops.backend import get_backend
+from .backends.registry import get_backend
 from .weighting import (TokenWeighting, npo_sequence_losses, npo_sequence_weights, simnpo_sequence_losses,
                         simnpo_sequence_weights)
 
@@ -95,7 +95,7 @@ def unlearning_loss(name, hidden, weight, labels, *, ref_logprobs=None, bias=Non
     softcap = check_softcap(softcap)
     ref = prepare_ref(ref_logprobs, prep, out_dtype(hidden.dtype), ignore_index=ignore_index,
                       required_by=name if spec.needs_ref else None)
-    impl = get_backend(backend, hidden.device)
+    impl = get_backend(backend, prep.hidden)
     args = (prep.hidden, weight, bias, prep.labels)
     return objective_loss(
         name, spec, hp, prep, ref, ignore_index,
@@ -116,7 +116,7 @@ def unlearning_loss_from_logits(name, logits, labels, *, ref_logprobs=None, igno
     softcap = check_softcap(softcap)
     ref = prepare_ref(ref_logprobs, prep, out_dtype(logits.dtype), ignore_index=ignore_index,
                       required_by=name if spec.needs_ref else None)
-    impl = get_backend(backend, logits.device)
+    impl = get_backend(backend, prep.hidden)
     return objective_loss(
         name, spec, hp, prep, ref, ignore_index,
         weighted=lambda weighting, scale: impl.weighted_loss_from_logits(

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from .inputs import check_softcap, prepare_head
-from .ops.backend import get_backend
+from .backends.registry import get_backend
 
 
 def kl_loss(hidden, weight, ref_hidden, ref_weight, labels, *, bias=None, ref_bias=None, ignore_index=-100,
@@ -23,7 +23,7 @@ def kl_loss(hidden, weight, ref_hidden, ref_weight, labels, *, bias=None, ref_bi
         raise ValueError(f"ref_hidden ({ref_hidden.dtype}, {ref_hidden.device}) must match hidden "
                          f"({hidden.dtype}, {hidden.device})")
     n_valid = int((prep.labels != ignore_index).sum())
-    impl = get_backend(backend, hidden.device)
+    impl = get_backend(backend, prep.hidden)
     return impl.kl_divergence(prep.hidden, weight, bias, ref.hidden, ref_weight, ref_bias, prep.labels,
                               ignore_index=ignore_index, softcap=check_softcap(softcap), scale=1.0 / max(n_valid, 1))
 

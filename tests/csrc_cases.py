@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from geffect_kernels.csrc import build
+from geffect_kernels.backends.cpp import build
 
 IGNORE = -100
 B, T, H = 3, 15, 24

@@ -9,9 +9,9 @@ import pytest
 import torch
 from torch.utils import cpp_extension
 
-from geffect_kernels.csrc import build
-from geffect_kernels.csrc.backend import BACKENDS
-from geffect_kernels.ops import backend as dispatch
+from geffect_kernels.backends.cpp import build
+from geffect_kernels.backends.cpp.backend import BACKENDS
+from geffect_kernels.backends import registry as dispatch
 from csrc_cases import require_extension
 
 
@@ -35,11 +35,11 @@ def test_failed_build_is_cached_reported_and_falls_back(no_sources, monkeypatch)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # reported once, not on every call
         assert build.available("cpu") is False
-        assert dispatch.get_backend("auto", torch.device("cpu")).name == "torch"
+        assert dispatch.get_backend("auto", torch.zeros(1, 1)).name == "torch"
     assert no_sources == ["cpu"]
     assert "binding.cpp" in build.build_error("cpu")
-    with pytest.raises(RuntimeError, match="'cpu' is not available"):
-        dispatch.get_backend("cpu", torch.device("cpu"))
+    with pytest.raises(RuntimeError, match="'cpp_cpu' is not available"):
+        dispatch.get_backend("cpu", torch.zeros(1, 1))  # the alias of cpp_cpu
 
 
 def test_missing_prerequisites_mean_unavailable_quietly(no_sources):
@@ -52,8 +52,8 @@ def test_missing_prerequisites_mean_unavailable_quietly(no_sources):
 def test_cuda_backend_without_cuda_is_unavailable_not_an_error():
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
-    assert BACKENDS["cuda"].is_available(torch.device("cuda")) is False
-    assert "cuda" not in dispatch.available_backends("cuda")
+    assert BACKENDS["cpp_cuda"].is_available(torch.device("cuda")) is False
+    assert "cpp_cuda" not in dispatch.available_backends("cuda")
 
 
 def test_build_extensions_reports_what_it_built(capsys):

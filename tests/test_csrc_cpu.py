@@ -3,8 +3,8 @@ import pytest
 import torch
 
 import geffect_kernels as gk
-from geffect_kernels.ops import chunked
-from geffect_kernels.ops.backend import get_backend
+from geffect_kernels.backends import autograd
+from geffect_kernels.backends.registry import get_backend
 from csrc_cases import B, IGNORE, N, T, V, assert_close, generator, grads, head_inputs, leaves, require_extension
 
 TOL = {torch.float64: 1e-11, torch.float32: 2e-5}  # float32 kernels vs the float64 truth
@@ -20,9 +20,9 @@ def ext():
 def test_token_logprobs_and_backward(ext, dtype, bias, softcap):
     h, w, b, y, _ = head_inputs(1)
     h, w, b = leaves(h, w, b if bias else None, dtype=torch.float64)
-    expected = gk.token_logprobs(h, w, y, bias=b, softcap=softcap, backend="reference")
+    expected = gk.token_logprobs(h, w, y, bias=b, softcap=softcap, backend="oracle")
     hc, wc, bc = leaves(h, w, b, dtype=dtype)
-    got = gk.token_logprobs(hc, wc, y, bias=bc, softcap=softcap, backend="cpu")
+    got = gk.token_logprobs(hc, wc, y, bias=bc, softcap=softcap, backend="cpp_cpu")
     assert got.dtype == dtype and torch.all(got[y == IGNORE] == 0)
     assert_close(got, expected, TOL[dtype], "logprobs")
     upstream = torch.randn(N, dtype=torch.float64, generator=generator(2))
@@ -42,10 +42,10 @@ def test_objectives(ext, name, dtype, bias, softcap):
     h3, w, b = leaves(h.reshape(B, T, -1), w, b if bias else None, dtype=torch.float64)
     y2, ref2 = y.reshape(B, T), ref.reshape(B, T)
     kw = {"ref_logprobs": ref2} if gk.OBJECTIVES[name].needs_ref else {}
-    expected = gk.unlearning_loss(name, h3, w, y2, bias=b, softcap=softcap, backend="reference", **kw)
+    expected = gk.unlearning_loss(name, h3, w, y2, bias=b, softcap=softcap, backend="oracle", **kw)
     hc, wc, bc = leaves(h3, w, b, dtype=dtype)
     kw = {k: v.to(dtype) for k, v in kw.items()}
-    got = gk.unlearning_loss(name, hc, wc, y2, bias=bc, softcap=softcap, backend="cpu", **kw)
+    got = gk.unlearning_loss(name, hc, wc, y2, bias=bc, softcap=softcap, backend="cpp_cpu", **kw)
     assert got.dtype == dtype
     assert_close(got, expected, TOL[dtype], "loss")
     for label, g_got, g_exp in zip("hWb", grads(got, (hc, wc, bc)), grads(expected, (h3, w, b))):
@@ -55,7 +55,7 @@ def test_objectives(ext, name, dtype, bias, softcap):
 def test_weights_vary_in_these_inputs(ext):
     """The objective tests above mean something only if the per-token weights are far from constant."""
     h, w, _, y, _ = head_inputs(3)
-    lp = gk.token_logprobs(h, w, y, backend="reference")
+    lp = gk.token_logprobs(h, w, y, backend="oracle")
     weights = gk.token_weights("wga", lp, mask=y != IGNORE)[y != IGNORE]
     assert weights.max() > 10 * weights.min() > 0
 
@@ -66,10 +66,10 @@ def test_kl(ext, dtype, softcap):
     h, w, b, y, _ = head_inputs(5)
     h_ref, w_ref, b_ref, _, _ = head_inputs(6)
     h, w, b = leaves(h, w, b, dtype=torch.float64)
-    expected = gk.kl_loss(h, w, h_ref, w_ref, y, bias=b, ref_bias=b_ref, softcap=softcap, backend="reference")
+    expected = gk.kl_loss(h, w, h_ref, w_ref, y, bias=b, ref_bias=b_ref, softcap=softcap, backend="oracle")
     hc, wc, bc = leaves(h, w, b, dtype=dtype)
     got = gk.kl_loss(hc, wc, h_ref.to(dtype), w_ref.to(dtype), y, bias=bc, ref_bias=b_ref.to(dtype),
-                     softcap=softcap, backend="cpu")
+                     softcap=softcap, backend="cpp_cpu")
     assert expected > 0.1
     assert_close(got, expected, TOL[dtype], "kl")
     for label, g_got, g_exp in zip("hWb", grads(got, (hc, wc, bc)), grads(expected, (h, w, b))):
@@ -86,9 +86,9 @@ def logits_inputs(seed):
 def test_token_logprobs_from_logits(ext, dtype, softcap):
     z, y, _ = logits_inputs(7)
     z = z.to(dtype).double()  # the reference sees exactly the values the kernel reads
-    expected = gk.token_logprobs_from_logits(z.requires_grad_(), y, softcap=softcap, backend="reference")
+    expected = gk.token_logprobs_from_logits(z.requires_grad_(), y, softcap=softcap, backend="oracle")
     zc = z.detach().to(dtype).requires_grad_()
-    got = gk.token_logprobs_from_logits(zc, y, softcap=softcap, backend="cpu")
+    got = gk.token_logprobs_from_logits(zc, y, softcap=softcap, backend="cpp_cpu")
     upstream = torch.randn(N, dtype=torch.float64, generator=generator(8))
     tol = TOL.get(dtype, 2e-5)
     assert_close(got, expected, tol, "logprobs")
@@ -106,12 +106,12 @@ def test_weighted_loss_from_logits(ext, name, dtype, inplace, softcap):
     z, y, ref = logits_inputs(9)
     z = z.to(dtype).double().requires_grad_()
     kw = {"ref_logprobs": ref} if gk.OBJECTIVES[name].needs_ref else {}
-    expected = gk.unlearning_loss_from_logits(name, z, y, softcap=softcap, backend="reference", **kw)
+    expected = gk.unlearning_loss_from_logits(name, z, y, softcap=softcap, backend="oracle", **kw)
     (g_exp,) = grads(3.0 * expected, [z])
     leaf = z.detach().to(dtype).requires_grad_()
     logits = leaf * 1  # a non-leaf, as a model's output would be
     kw = {k: v.to(torch.float64 if dtype == torch.float64 else torch.float32) for k, v in kw.items()}
-    got = gk.unlearning_loss_from_logits(name, logits, y, softcap=softcap, backend="cpu", inplace=inplace, **kw)
+    got = gk.unlearning_loss_from_logits(name, logits, y, softcap=softcap, backend="cpp_cpu", inplace=inplace, **kw)
     (g_got,) = grads(3.0 * got, [leaf])
     tol = TOL.get(dtype, 2e-5)
     assert_close(got, expected, tol, "loss")
@@ -123,9 +123,9 @@ def test_weighted_loss_from_logits(ext, name, dtype, inplace, softcap):
 def test_inplace_on_a_leaf_hands_over_the_buffer(ext):
     z, y, _ = logits_inputs(10)
     z.requires_grad_()
-    (expected,) = grads(gk.unlearning_loss_from_logits("ga", z, y, backend="reference"), [z])
+    (expected,) = grads(gk.unlearning_loss_from_logits("ga", z, y, backend="oracle"), [z])
     leaf = z.detach().float().requires_grad_()
-    loss = gk.unlearning_loss_from_logits("ga", leaf, y, backend="cpu", inplace=True)
+    loss = gk.unlearning_loss_from_logits("ga", leaf, y, backend="cpp_cpu", inplace=True)
     loss.backward()
     assert leaf.grad.data_ptr() == leaf.data_ptr()  # no second N×V buffer
     assert_close(leaf.grad, expected, 2e-5, "grad")
@@ -134,30 +134,31 @@ def test_inplace_on_a_leaf_hands_over_the_buffer(ext):
 
 
 def test_many_chunks_and_no_grad(ext, monkeypatch):
-    monkeypatch.setattr(chunked, "CHUNK_BYTES", 4 * V * 7)  # 7-row chunks, the last one partial
+    monkeypatch.setattr(autograd, "CHUNK_BYTES", 4 * V * 7)  # 7-row chunks, the last one partial
     h, w, b, y, _ = head_inputs(11)
     h, w, b = leaves(h, w, b, dtype=torch.float64)
-    expected = gk.unlearning_loss("wga", h, w, y, bias=b, backend="reference")
+    expected = gk.unlearning_loss("wga", h, w, y, bias=b, backend="oracle")
     hc, wc, bc = leaves(h, w, b, dtype=torch.float64)
-    got = gk.unlearning_loss("wga", hc, wc, y, bias=bc, backend="cpu")
+    got = gk.unlearning_loss("wga", hc, wc, y, bias=bc, backend="cpp_cpu")
     assert_close(got, expected, 1e-11, "loss")
     for label, g_got, g_exp in zip("hWb", grads(got, (hc, wc, bc)), grads(expected, (h, w, b))):
         assert_close(g_got, g_exp, 1e-11, f"d{label}")
     with torch.no_grad():
-        assert_close(gk.unlearning_loss("wga", h, w, y, bias=b, backend="cpu"), expected, 1e-11, "no-grad loss")
+        assert_close(gk.unlearning_loss("wga", h, w, y, bias=b, backend="cpp_cpu"), expected, 1e-11, "no-grad loss")
 
 
 def test_nothing_valid_gives_zero_loss_and_zero_gradients(ext):
     h, w, _, y, _ = head_inputs(12)
     hc, wc = leaves(h, w, dtype=torch.float32)
-    loss = gk.unlearning_loss("wga", hc, wc, torch.full_like(y, IGNORE), backend="cpu")
+    loss = gk.unlearning_loss("wga", hc, wc, torch.full_like(y, IGNORE), backend="cpp_cpu")
     assert loss.item() == 0
     assert all(torch.all(g == 0) for g in grads(loss, (hc, wc)))
 
 
-def test_auto_prefers_cpu_for_cpu_tensors(ext):
-    assert get_backend("auto", torch.device("cpu")).name == "cpu"
-    assert "cpu" in gk.available_backends("cpu")
+def test_auto_prefers_cpp_cpu_for_cpu_tensors(ext):
+    assert get_backend("auto", torch.zeros(1, 1)).name == "cpp_cpu"
+    assert "cpp_cpu" in gk.available_backends("cpu")
+    assert get_backend("cpu", torch.zeros(1, 1)) is get_backend("cpp_cpu", torch.zeros(1, 1))  # the former name
 
 
 def test_binding_rejects_bad_tensors_clearly(ext):

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from geffect_kernels.csrc import ghost, ghost_available, ghost_inner_product
+from geffect_kernels.backends.cpp import ghost, ghost_available, ghost_inner_product
 from csrc_cases import assert_close, generator, require_extension
 
 NA, NB, D_OUT, D_IN, SEGMENTS = 37, 53, 19, 23, 4

@@ -83,7 +83,7 @@ def test_head_rows_recompute_the_logits_gradient(softcap, monkeypatch):
 def test_csrc_kernel_when_built():
     kernel = inner._ghost_kernel(torch.device("cpu"))
     if kernel is None:
-        pytest.skip("geffect_kernels.csrc ghost kernel not built here")
+        pytest.skip("the C++ ghost kernel not built here")
     la, ra, lb, rb = rand(6, 10), rand(6, 7), rand(8, 10), rand(8, 7)
     expected = ((la @ lb.t()) * (ra @ rb.t())).sum(1)
     torch.testing.assert_close(inner._gram_rows(la, ra, lb, rb), expected, rtol=1e-10, atol=1e-12)

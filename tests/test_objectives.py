@@ -7,7 +7,7 @@ import torch
 import geffect_kernels as gk
 from formulas import IGNORE, kl, logprobs, objective, token_weight
 
-BACKENDS = ["reference", "torch"]
+BACKENDS = ["oracle", "torch"]
 NEEDS_REF = {"tnpo", "wtnpo", "npo"}
 HPARAMS = {  # non-default values too, so a hyper-parameter that is silently dropped shows
     "ga": {}, "nll": {}, "wga": {"alpha": 0.7}, "satimp": {"alpha": 2.0, "gamma": 1.5}, "tnpo": {"beta": 3.0},

@@ -93,7 +93,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(setup, tmp_path):
 
 def test_reference_logprobs_computed_once_per_sample(setup, monkeypatch):
     tokenizer, forget, retain = setup
-    from geffect_kernels.train import reference
+    from geffect_kernels.train import frozen_model as reference
     seen = []
     original = reference.hf.token_logprobs
 

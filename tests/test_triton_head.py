@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import geffect_kernels as gk
-from geffect_kernels.triton import config, fast_path, fused_weighted, set_logits_budget
+from geffect_kernels.backends.triton import config, fast_path, fused_weighted, set_logits_budget
 from triton_cases import H, IGNORE, N, V, as_float32, assert_close, grads, head_inputs
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning")  # masked interpreter lanes
@@ -20,7 +20,7 @@ def lean_mode():
 @pytest.mark.parametrize("bias,softcap", [(False, None), (True, 7.0)])
 def test_token_logprobs_and_generic_backward(bias, softcap):
     h, w, b, y, _ = head_inputs(1, bias=bias)
-    expected = gk.token_logprobs(h, w, y, bias=b, softcap=softcap, backend="reference")
+    expected = gk.token_logprobs(h, w, y, bias=b, softcap=softcap, backend="oracle")
     h32, w32, b32 = as_float32(h, w, b)
     got = gk.token_logprobs(h32, w32, y, bias=b32, softcap=softcap, backend="triton")
     assert got.dtype == torch.float32
@@ -42,7 +42,7 @@ def test_objectives(name, bias, softcap):
     shape = (1, N) if batched else (N,)
     hv = (lambda t: t.reshape(1, N, H)) if batched else (lambda t: t)
     kwargs = {"ref_logprobs": ref.reshape(shape)} if gk.OBJECTIVES[name].needs_ref else {}
-    expected = gk.unlearning_loss(name, hv(h), w, y.reshape(shape), bias=b, softcap=softcap, backend="reference",
+    expected = gk.unlearning_loss(name, hv(h), w, y.reshape(shape), bias=b, softcap=softcap, backend="oracle",
                                   **kwargs)
     h32, w32, b32 = as_float32(h, w, b)
     kwargs = {k: v.float() for k, v in kwargs.items()}
@@ -66,7 +66,7 @@ def test_upstream_gradient_scales_fused_gradients():
 def test_fast_mode(monkeypatch, chunk_rows):
     """Budget for one chunk of all tokens, and for chunks of 10 (dW then summed over chunks)."""
     h, w, b, y, ref = head_inputs(5, scale=2.0)
-    expected = gk.unlearning_loss("wtnpo", h, w, y, ref_logprobs=ref, bias=b, softcap=7.0, backend="reference")
+    expected = gk.unlearning_loss("wtnpo", h, w, y, ref_logprobs=ref, bias=b, softcap=7.0, backend="oracle")
     h32, w32, b32 = as_float32(h, w, b)
     monkeypatch.setattr(config, "FAST_MIN_ROWS", 1)
     tiles = -(-V // config.matmul_tiles(torch.float32).block_n)
@@ -89,7 +89,7 @@ def test_fast_mode(monkeypatch, chunk_rows):
 def test_kl(bias, softcap):
     h, w, b, y, _ = head_inputs(6, bias=bias)
     hr, wr, br, _, _ = head_inputs(7, bias=bias)
-    expected = gk.kl_loss(h, w, hr, wr, y, bias=b, ref_bias=br, softcap=softcap, backend="reference")
+    expected = gk.kl_loss(h, w, hr, wr, y, bias=b, ref_bias=br, softcap=softcap, backend="oracle")
     h32, w32, b32, hr32, wr32, br32 = as_float32(h, w, b, hr, wr, br)
     got = gk.kl_loss(h32, w32, hr32, wr32, y, bias=b32, ref_bias=br32, softcap=softcap, backend="triton")
     assert got.item() > 0.1  # distinct heads: a KL far from 0, so the relative check means something

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..ops.chunked import soft_cap_
+from ..backends.autograd import soft_cap_
 from . import inner
 
 

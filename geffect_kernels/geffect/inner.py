@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..ops.chunked import soft_cap_
+from ..backends.autograd import soft_cap_
 
 # Largest Gram tile (elements) and head-logits chunk held at once.
 TILE_ELEMENTS = 1 << 22
@@ -87,12 +87,9 @@ def _row_sums(t):
 
 def _ghost_kernel(device):
     """The csrc fused Gram kernel when it is built for ``device``, else None."""
-    try:
-        from .. import csrc
-    except ImportError:
-        return None
-    available = getattr(csrc, "ghost_available", None)
-    return csrc.ghost_inner_product if available is not None and available(device) else None
+    from ..backends.cpp import ghost
+
+    return ghost.ghost_inner_product if ghost.ghost_available(device) else None
 
 
 def _gram_rows(la, ra, lb, rb):

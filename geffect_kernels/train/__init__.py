@@ -1,6 +1,6 @@
 """The minimal unlearning loop: `train(model, forget, retain, TrainConfig(...))`."""
 from .checkpoint import load_checkpoint
-from .config import RETAIN_OBJECTIVES, TrainConfig
+from .train_config import RETAIN_OBJECTIVES, TrainConfig
 from .loop import TrainingDiverged, TrainResult, train
 from .schedule import batch_indices, warmup_linear_decay
 from .tiny_model import tiny_llama

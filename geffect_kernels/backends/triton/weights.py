@@ -5,7 +5,7 @@ KIND codes are compile-time constants; NO_WEIGHTS marks a launch that only compu
 import triton
 import triton.language as tl
 
-from ..weighting import TokenWeighting
+from ...weighting import TokenWeighting
 
 NO_WEIGHTS = -1
 KIND_CODES = {"one": 0, "wga": 1, "satimp": 2, "tnpo": 3, "wtnpo": 4}

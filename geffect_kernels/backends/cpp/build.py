@@ -2,7 +2,7 @@
 
 Two extensions share csrc/binding.cpp: ``cpu`` (the OpenMP kernels) and ``cuda`` (the same plus the
 CUDA kernels, built only where torch has CUDA and nvcc exists). ``setup.py`` can build both ahead of
-time (GEFFECT_BUILD_EXT=1) as ``geffect_kernels.csrc._cpu`` / ``._cuda``; otherwise the first use
+time (GEFFECT_BUILD_EXT=1) as ``geffect_kernels.backends.cpp._cpu`` / ``._cuda``; otherwise the first use
 compiles them into torch's extension cache (``TORCH_EXTENSIONS_DIR``, default ~/.cache/torch_extensions),
 and later processes only load the cached library. A failed build is remembered for the process and
 reported by `build_error`; nothing here ever makes ``import geffect_kernels`` fail.
@@ -21,7 +21,7 @@ import shutil
 import warnings
 from pathlib import Path
 
-SOURCE_DIR = Path(__file__).resolve().parents[2] / "csrc"
+SOURCE_DIR = Path(__file__).resolve().parents[3] / "csrc"
 KINDS = ("cpu", "cuda")
 
 _modules: dict[str, object] = {}
@@ -117,7 +117,7 @@ class Unbuildable(RuntimeError):
 
 def _build(kind: str, verbose: bool):
     try:  # built ahead of time by setup.py
-        return importlib.import_module(f"geffect_kernels.csrc._{kind}")
+        return importlib.import_module(f"geffect_kernels.backends.cpp._{kind}")
     except ImportError:
         pass
     reason = _why_not_buildable(kind)

@@ -21,7 +21,7 @@ import torch
 
 from ..data import demo_data, encode_pairs, qa_texts, save_qa, train_tokenizer
 from ..eval import evaluate_model, mean_answer_logprobs
-from .config import TrainConfig
+from .train_config import TrainConfig
 from .loop import train
 from .tiny_model import tiny_llama
 

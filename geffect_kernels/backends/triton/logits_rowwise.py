@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..ops.chunked import handed_over_grad
+from ..autograd import handed_over_grad
 from .config import row_block
 from .tiles import soft_cap
 from .weights import token_weight, weight_args

@@ -8,8 +8,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .inputs import out_dtype
-from .ops.backend import Backend
+from ..inputs import out_dtype
+from .interface import Backend
 
 
 def logits(hidden, weight, bias=None, softcap=None):
@@ -27,8 +27,8 @@ def logprobs_from_logits(z, labels, ignore_index):
     return torch.where(valid, picked, 0)
 
 
-class ReferenceBackend(Backend):
-    name = "reference"
+class OracleBackend(Backend):
+    name = "oracle"
 
     def is_available(self, device):
         return True
@@ -51,4 +51,4 @@ class ReferenceBackend(Backend):
         return torch.where(labels != ignore_index, kl, 0).sum() * scale
 
 
-BACKENDS = {"reference": ReferenceBackend()}
+BACKENDS = {"oracle": OracleBackend()}

@@ -1,4 +1,4 @@
-"""The ``cpu`` and ``cuda`` backends: the csrc row kernels behind the Backend contract (DESIGN §2–§3).
+"""The ``cpp_cpu`` and ``cpp_cuda`` backends (aliases ``cpu``, ``cuda``): the csrc row kernels behind the Backend contract (DESIGN §2–§3).
 
 Hidden-state ops run in chunks of tokens: the chunk's logits by BLAS (torch matmul), then one row-kernel
 call computes ℓ_t, the weight and the gradient of the logits in place in that chunk buffer, and dh, dW
@@ -11,9 +11,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..inputs import out_dtype
-from ..ops.backend import Backend
-from ..ops.chunked import GradBuffers, fused_head_pass, grads_wanted, handed_over_grad, row_chunks, scaled_grads
+from ...inputs import out_dtype
+from ..autograd import GradBuffers, fused_head_pass, grads_wanted, handed_over_grad, row_chunks, scaled_grads
+from ..interface import Backend
 from . import build
 
 _WEIGHT_CODES = {"one": 0, "wga": 1, "satimp": 2, "tnpo": 3, "wtnpo": 4}  # csrc/include/geffect/math.h
@@ -200,14 +200,14 @@ class _CsrcBackend(Backend):
 
 
 class CpuBackend(_CsrcBackend):
-    name = kind = "cpu"
+    name, kind = "cpp_cpu", "cpu"
 
 
 class CudaBackend(_CsrcBackend):
-    name = kind = "cuda"
+    name, kind = "cpp_cuda", "cuda"
 
     def is_available(self, device):
         return torch.cuda.is_available() and super().is_available(device)
 
 
-BACKENDS = {"cpu": CpuBackend(), "cuda": CudaBackend()}
+BACKENDS = {"cpp_cpu": CpuBackend(), "cpp_cuda": CudaBackend()}

@@ -1,4 +1,4 @@
-"""Compile every kernel for sm_90 (H100) without a GPU: ``python -m geffect_kernels.triton.compile_check``.
+"""Compile every kernel for sm_90 (H100) without a GPU: ``python -m geffect_kernels.backends.triton.compile_check``.
 
 A kernel that only breaks in real compilation (the interpreter runs Python, not the compiler), needs
 more shared memory than an H100 block has, or whose matmul loop is not pipelined into wgmma (Hopper

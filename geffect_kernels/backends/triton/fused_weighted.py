@@ -8,7 +8,7 @@
 """
 import torch
 
-from ..ops.chunked import scaled_grads
+from ..autograd import scaled_grads
 from .config import logits_budget
 from .fast_path import fast_head_grads, fast_rows
 from .linear_backward import head_grads, token_grad_filler

@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 from .config import dot_precision, matmul_tiles
-from ..ops.chunked import scaled_grads
+from ..autograd import scaled_grads
 from .linear_backward import head_grads, store_grad_tile
 from .linear_forward import vocab_splits
 from .tiles import add_bias, grouped_pid, logit_tile, online_lse, soft_cap

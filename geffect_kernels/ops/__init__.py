@@ -1,1 +1,0 @@
-"""Backend interface, dispatch and the chunked torch backend."""
