@@ -48,8 +48,8 @@ setup(
         "tqdm>=4.60",
         "pyyaml>=6.0",
     ],
-    extras_require={"triton": ["triton>=3.0"], "hf": ["accelerate>=1.1"],
-                    "test": ["pytest>=8", "pytest-benchmark>=4", "accelerate>=1.1"]},
+    extras_require={"triton": ["triton>=3.0"], "hf": ["accelerate>=1.1"], "peft": ["peft>=0.13"],
+                    "test": ["pytest>=8", "pytest-benchmark>=4", "accelerate>=1.1", "peft>=0.13"]},
     entry_points={"console_scripts": ["geffect = geffect_kernels.cli:main"]},
     **(extension_build() if os.environ.get("GEFFECT_BUILD_EXT") == "1" else {}),
 )
