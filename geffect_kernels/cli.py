@@ -35,7 +35,11 @@ def _hparams(pairs):
 def _load_model(path, device="cpu"):
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from .train.lora import is_adapter_dir, load_adapter
+
     path = Path(path)
+    if is_adapter_dir(path):  # a LoRA adapter written by `geffect train --lora-r`: its base model plus it
+        return load_adapter(path, lambda base: _load_model(base, device)).to(device)
     if not (path / "config.json").is_file():
         raise CLIError(f"{path} is not a Hugging Face model directory (no config.json)")
     try:
@@ -86,8 +90,11 @@ def cmd_train(args):
     from .eval import evaluate_model
     from .eval.report import make_report
     from .train import TrainConfig, train
+    from .train.lora import add_lora
 
     files, objectives, settings = _train_settings(args)
+    if (args.lora_alpha is not None or args.lora_targets) and not args.lora_r:
+        raise CLIError("--lora-alpha and --lora-targets need --lora-r RANK")
     configs = {name: TrainConfig.from_dict({**settings, "objective": name, "progress": not args.no_progress,
                                             "out_dir": str(Path(args.out) / "runs" / name)}) for name in objectives}
     if any(c.uses_retain for c in configs.values()) and not files["retain"]:
@@ -101,6 +108,8 @@ def cmd_train(args):
     summaries = {}
     for name, config in configs.items():
         model = copy.deepcopy(start)
+        if args.lora_r:
+            model = add_lora(model, args.lora_r, args.lora_alpha, args.lora_targets, base_path=files["model"])
         result = train(model, forget, retain, config)
         tokenizer.save_pretrained(Path(config.out_dir) / "model")
         print(f"{name}: {config.steps} steps (resumed from step {result.resumed_from}), final loss "
@@ -198,6 +207,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--geffect-every", type=int, help="record G-effects every k steps (0: never)")
     p.add_argument("--hparam", nargs="*", metavar="NAME=VALUE", help="objective hyper-parameters, e.g. beta=0.5")
     p.add_argument("--max-length", type=int, help="truncate examples to this many tokens")
+    p.add_argument("--lora-r", type=int, help="train rank-R LoRA adapters instead of all weights; saves the adapter")
+    p.add_argument("--lora-alpha", type=float, help="LoRA scaling numerator (default: 2 × rank)")
+    p.add_argument("--lora-targets", type=lambda s: [t for t in s.split(",") if t], metavar="NAME,NAME",
+                   help="modules that get adapters, e.g. q_proj,v_proj (default: peft's for the architecture)")
     p.add_argument("--eval", action="store_true", help="TOFU metrics on the forget and retain sets afterwards")
     p.add_argument("--device", default="cuda" if _cuda() else "cpu")
     p.add_argument("--no-progress", action="store_true")

@@ -16,12 +16,15 @@ and every weight, are exactly one process's), and each rank backpropagates R·Σ
 Communication per measurement: the B·T log-probabilities (and labels, reference log-probabilities),
 one all-reduce of groups × pairs float64 numbers, plus the gradients' usual reduce-scatter.
 
-Memory per rank (P trainable parameters, gradient dtype of b bytes, k gradients held: 2 for the
-forget risk only, 3 with a retain batch):
+Memory per rank (`memory_per_rank`; P parameters of which P_t trainable, P_blk in the largest block, P_root
+in the root's own modules (embedding, final norm, head), R ranks, k gradients held: 2 for the forget risk
+only, 3 with a retain batch; float32 shards and gradients, compute dtype of c bytes, 2 for bf16):
 
-    k · P · b / R          (sharded gradients, kept until the dot products)
-    + FSDP2's working set  (one decoder block unsharded: its parameters in the compute dtype and their
-                            gradient before the reduce-scatter, plus the prefetched next block's parameters)
+    4·P/R                            the parameter shards
+    + 4·k·P_t/R                      the k sharded gradients, kept until the dot products
+    + c·(2·P_blk + P_root)           FSDP2's unsharded parameters: the running block, the prefetched next one,
+                                     the root's (kept unsharded between its forward and backward)
+    + (c + 4)·max(P_blk, P_root)     one unsharded gradient before its float32 reduce-scatter
     + activations of the rank's slice
 
 No rank ever holds a full gradient: each block's unsharded gradient lives only until its reduce-scatter.
@@ -135,3 +138,11 @@ def _geffects(profiler, fns: dict, pairs: list, retain_term_of: str | None) -> G
 def _local(grad):
     """The rank's shard of a (DTensor) gradient as a plain tensor."""
     return grad.to_local() if hasattr(grad, "to_local") else grad
+
+
+def memory_per_rank(params, block_params, root_params, world, *, trainable=None, gradients=3, compute_bytes=2):
+    """Bytes per rank of `measure_unlearning` on a sharded model, activations aside (the formula above)."""
+    trainable = params if trainable is None else trainable
+    return (4 * params / world + 4 * gradients * trainable / world
+            + compute_bytes * (2 * block_params + root_params)
+            + (compute_bytes + 4) * max(block_params, root_params))
