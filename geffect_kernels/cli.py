@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -89,7 +90,12 @@ def cmd_train(args):
     from .data import encode_pairs, load_qa
     from .eval import evaluate_model
     from .eval.report import make_report
+    import torch
+
     from .train import TrainConfig, train
+    from .train import distributed
+    from .train.distributed import check_resume, check_world
+    from .train.launch import is_rank_zero, launch, world_size
     from .train.lora import add_lora
 
     files, objectives, settings = _train_settings(args)
@@ -101,7 +107,16 @@ def cmd_train(args):
         raise CLIError("--retain FILE is required unless --retain-objective none")
     forget_pairs = load_qa(files["forget"])
     retain_pairs = load_qa(files["retain"]) if files["retain"] else None
-    start = _load_model(files["model"], args.device)
+    world = args.nproc or world_size()
+    for config in configs.values():  # before anything runs or is written
+        check_world(world, config, forget_pairs, retain_pairs if config.uses_retain else None)
+        check_resume(config.out_dir, world, args.allow_reshard)
+    if world > 1 and args.eval:
+        raise CLIError("--eval runs in one process: evaluate the saved model afterwards")
+    if args.nproc and args.nproc > 1:
+        raise SystemExit(launch(args.argv, args.nproc))
+    device = distributed.init(args.device) if world > 1 else args.device
+    start = _load_model(files["model"], device)
     tokenizer = _load_tokenizer(args.tokenizer or files["model"])
     forget = encode_pairs(tokenizer, forget_pairs, max_length=args.max_length)
     retain = encode_pairs(tokenizer, retain_pairs, max_length=args.max_length) if retain_pairs else None
@@ -109,8 +124,14 @@ def cmd_train(args):
     for name, config in configs.items():
         model = copy.deepcopy(start)
         if args.lora_r:
+            torch.manual_seed(config.seed)  # the same adapters on every rank
             model = add_lora(model, args.lora_r, args.lora_alpha, args.lora_targets, base_path=files["model"])
-        result = train(model, forget, retain, config)
+        if world > 1:
+            result = distributed.train_sharded(model, forget, retain, config, allow_reshard=args.allow_reshard)
+        else:
+            result = train(model, forget, retain, config)
+        if not is_rank_zero():
+            continue
         tokenizer.save_pretrained(Path(config.out_dir) / "model")
         print(f"{name}: {config.steps} steps (resumed from step {result.resumed_from}), final loss "
               f"{result.metrics[-1]['loss']:.4f}; model in {config.out_dir}/model")
@@ -120,7 +141,10 @@ def cmd_train(args):
         results = Path(args.out) / "results"
         results.mkdir(parents=True, exist_ok=True)
         (results / "summary.json").write_text(json.dumps(summaries, indent=1))
-    print(f"report: {make_report(args.out)}")
+    if is_rank_zero():
+        print(f"report: {make_report(args.out)}")
+    if world > 1:
+        distributed.finish()
 
 
 def cmd_profile(args):
@@ -207,6 +231,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--geffect-every", type=int, help="record G-effects every k steps (0: never)")
     p.add_argument("--hparam", nargs="*", metavar="NAME=VALUE", help="objective hyper-parameters, e.g. beta=0.5")
     p.add_argument("--max-length", type=int, help="truncate examples to this many tokens")
+    p.add_argument("--nproc", type=int, help="shard over N local processes (FSDP2; launches torchrun); "
+                                             "--batch-size stays the global batch")
+    p.add_argument("--allow-reshard", action="store_true",
+                   help="resume a checkpoint written by another number of processes")
     p.add_argument("--lora-r", type=int, help="train rank-R LoRA adapters instead of all weights; saves the adapter")
     p.add_argument("--lora-alpha", type=float, help="LoRA scaling numerator (default: 2 × rank)")
     p.add_argument("--lora-targets", type=lambda s: [t for t in s.split(",") if t], metavar="NAME,NAME",
@@ -250,7 +278,9 @@ def _cuda():
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv  # `train --nproc` relaunches the same command under torchrun
     from transformers.utils import logging as hf_logging
 
     from .data import DataError
@@ -260,7 +290,8 @@ def main(argv=None) -> int:
     try:
         args.func(args)
     except (CLIError, DataError, TrainingDiverged, FileExistsError, FileNotFoundError, ValueError) as err:
-        print(f"geffect: error: {str(err).splitlines()[0] if str(err) else type(err).__name__}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank meets the same bad input: say it once
+            print(f"geffect: error: {str(err).splitlines()[0] if str(err) else type(err).__name__}", file=sys.stderr)
         return EXIT_ERROR
     return 0
 

@@ -50,13 +50,14 @@ def wait_all(procs, timeout, what) -> list[str]:
     return [out for out, _ in outputs]
 
 
-def run_ranks(script, args=(), world=2, timeout=120) -> list[str]:
-    """Run ``python script args`` as ranks 0..world-1 of one gloo group; their stdout."""
+def run_ranks(args, world=2, timeout=120) -> list[str]:
+    """Run ``python *args`` as ranks 0..world-1 of one gloo group (as torchrun would); their stdout."""
     port = free_port()
-    procs = [subprocess.Popen([sys.executable, str(script), *map(str, args)], env=rank_env(rank, world, port),
-                              cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    args = [str(a) for a in args]
+    procs = [subprocess.Popen([sys.executable, *args], env=rank_env(rank, world, port), cwd=ROOT,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for rank in range(world)]
-    return wait_all(procs, timeout, f"{Path(script).name} on {world} ranks")
+    return wait_all(procs, timeout, f"python {' '.join(args[:3])} ... on {world} ranks")
 
 
 def _tail(text, lines=15):

@@ -19,7 +19,7 @@ def close(got, want, scale):
 
 @pytest.mark.parametrize("case", ["full", "lora"])
 def test_sharded_profiler_equals_one_process(case, tmp_path):
-    run_ranks(TESTS / "distributed" / "sharded_geffects.py", [tmp_path, case], world=2, timeout=150)
+    run_ranks([TESTS / "distributed" / "sharded_geffects.py", tmp_path, case], world=2, timeout=150)
     model = sharded_cases.model(case)
     forget, retain, ref = sharded_cases.batches()
     profiler = GEffectProfiler(model, groups="component")

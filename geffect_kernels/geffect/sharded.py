@@ -47,6 +47,15 @@ def is_sharded(model: torch.nn.Module) -> bool:
     return any(isinstance(p, DTensor) for p in model.parameters())
 
 
+def reshard(model: torch.nn.Module):
+    """Free every FSDP2 module's unsharded parameters; ``named_parameters`` then gives the DTensor shards."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
 def measure(profiler, objective: Callable, risks: Mapping[str, Callable]) -> GEffectResult:
     """`GEffectProfiler.measure` on a sharded model: each callable returns the rank's part of a loss whose
     global value is the mean of the ranks' parts (the data-parallel convention FSDP2's averaging assumes)."""
@@ -93,6 +102,7 @@ def _geffects(profiler, fns: dict, pairs: list, retain_term_of: str | None) -> G
     dot them per group for ``pairs`` (a, b) and all-reduce; the model's ``.grad`` is left as found."""
     from torch.distributed.tensor import DTensor
 
+    reshard(profiler.model)  # a forward without backward leaves the root's parameters unsharded
     params = profiler._params()
     unsharded = [name for name, p in params.items() if not isinstance(p, DTensor)]
     if unsharded:  # their gradients would be per-rank, not shards of the global one
@@ -115,7 +125,7 @@ def _geffects(profiler, fns: dict, pairs: list, retain_term_of: str | None) -> G
     dots = torch.zeros(len(groups), len(pairs), dtype=torch.float64, device=device)
     with torch.no_grad():
         for j, (a, b) in enumerate(pairs):
-            for name in grads[a].keys() & grads[b].keys():
+            for name in [n for n in grads[a] if n in grads[b]]:  # one summation order on every run
                 dots[index[profiler.groups[name]], j] += torch.sum(grads[a][name] * grads[b][name],
                                                                    dtype=torch.float64)
     del grads
