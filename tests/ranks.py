@@ -1,6 +1,7 @@
 """Run a script on several ranks (gloo, CPU) for the distributed tests: a timeout for the whole group, and on
 failure an error naming each rank that failed, its exit status and the end of its own stderr."""
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -19,7 +20,8 @@ def free_port() -> int:
 
 def rank_env(rank=None, world=None, port=None) -> dict:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(TESTS), os.environ.get("PYTHONPATH", "")]),
-           "OMP_NUM_THREADS": "1", "TRANSFORMERS_VERBOSITY": "error"}
+           "OMP_NUM_THREADS": "1", "TRANSFORMERS_VERBOSITY": "error",
+           "PYTHONFAULTHANDLER": "1"}
     if rank is not None:
         env.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
                    MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -37,10 +39,17 @@ def wait_all(procs, timeout, what) -> list[str]:
         except subprocess.TimeoutExpired:
             timed_out = True
             break
-    if timed_out:
+    if timed_out:  # SIGABRT first: faulthandler prints where each rank was stuck
         for proc in procs:
-            proc.kill()
-        outputs = [proc.communicate() for proc in procs]
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGABRT)
+        outputs = []
+        for proc in procs:
+            try:
+                outputs.append(proc.communicate(timeout=10))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                outputs.append(proc.communicate())
     failures = [f"rank {rank}: {'killed after the timeout' if timed_out and proc.returncode < 0 else f'exit {proc.returncode}'}"
                 f"\n{_tail(err)}" for rank, (proc, (_, err)) in enumerate(zip(procs, outputs))
                 if proc.returncode != 0]
