@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -34,6 +35,9 @@ from ..retain import kl_loss
 from . import loop
 from .checkpoint import atomic_write_json, atomic_write_text
 from .frozen_model import frozen_copy
+from .presets import resolve as resolve_preset
+from .resume import differences, run_settings, should_resume
+from .run_lock import run_lock
 from .schedule import batch_indices, warmup_linear_decay
 from .sharding import shard
 
@@ -157,31 +161,32 @@ class _Precomputed:
         return out.to(device)
 
 
-def train_sharded(model, forget, retain, config, *, resume=True, allow_reshard=False) -> loop.TrainResult:
+def train_sharded(model, forget, retain, config, *, resume=None, allow_reshard=False) -> loop.TrainResult:
     """`loop.train` on the torchrun group: ``model`` (unsharded, the same starting weights on every rank) is
-    sharded in place; returns the metrics on every rank (identical)."""
-    loop._check_data(forget, retain, config)
+    sharded in place; returns the metrics on every rank (identical). ``resume`` as for `loop.train`."""
+    loop.check_inputs(model, forget, retain, config)
+    config = resolve_preset(config, model, len(forget))
     world = dist.get_world_size()
     check_world(world, config, forget, retain if config.uses_retain else None)
-    if config.out_dir and resume:
+    if config.out_dir and resume is not False:
         check_resume(config.out_dir, world, allow_reshard)
-    run = _setup(model, forget, retain, config)
-    _resume(run, resume)
-    run.model.train()
-    for step in range(run.start, config.steps):
-        number = step + 1
-        record = {"step": number, "lr": run.scheduler.get_last_lr()[0]}
-        if run.profiler is not None and step % config.geffect_every == 0:
-            record.update(loop._profile(run, step, number))
-        record.update(loop._optimizer_step(run, step, number))
-        record["grad_norm"] = float(record["grad_norm"])
-        if dist.get_rank() == 0:
-            loop._log(run, record)
-        else:
-            run.metrics.append(record)
-        if run.out is not None and (number % config.checkpoint_every == 0 or number == config.steps):
-            _checkpoint(run, number)
-    return _finish(run)
+    with run_lock(config.out_dir) if dist.get_rank() == 0 else nullcontext():  # rank 0 writes the folder
+        run = _setup(model, forget, retain, config)
+        _resume(run, resume)
+        run.model.train()
+        for step in range(run.start, config.steps):
+            number = step + 1
+            record = {"step": number, "lr": loop._set_lr(run, step)}
+            if run.profiler is not None and step % config.geffect_every == 0:
+                record.update(loop._profile(run, step, number))
+            record.update(loop._optimizer_step(run, step, number))
+            if dist.get_rank() == 0:
+                loop._log(run, record)
+            else:
+                run.metrics.append(record)
+            if run.out is not None and (number % config.checkpoint_every == 0 or number == config.steps):
+                _checkpoint(run, number)
+        return _finish(run)
 
 
 def _setup(model, forget, retain, config) -> _ShardedRun:
@@ -194,14 +199,13 @@ def _setup(model, forget, retain, config) -> _ShardedRun:
     ref_cache = (_Precomputed(model, forget, config.batch_size, config.backend)
                  if OBJECTIVES[config.objective].needs_ref else None)  # the starting model is the reference
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     run = _ShardedRun(
         model=model, forget=forget, retain=retain, config=config, device=device,
         autocast=torch.autocast(device.type, enabled=False),  # FSDP2's policy sets the compute dtype
-        reference=reference, ref_cache=ref_cache, params=params, optimizer=optimizer,
-        scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_linear_decay(config.warmup_steps,
-                                                                                         config.steps)),
-        out=Path(config.out_dir) if config.out_dir else None)
+        reference=reference, ref_cache=ref_cache, params=params,
+        optimizer=torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay),
+        lr_factor=warmup_linear_decay(config.warmup_steps, config.steps),
+        settings=run_settings(config, forget, retain), out=Path(config.out_dir) if config.out_dir else None)
     if config.geffect_every:
         from ..geffect import GEffectHistory, GEffectProfiler
         run.profiler = GEffectProfiler(model, groups=config.geffect_groups)
@@ -229,7 +233,8 @@ def _checkpoint(run, number):
                 "cuda_rng": torch.cuda.get_rng_state() if run.device.type == "cuda" else None},
                step_dir / f"rng-{rank}.pt")
     if rank == 0:
-        torch.save({"scheduler": run.scheduler.state_dict(), "geffects": run.history}, step_dir / "loop.pt")
+        torch.save({"step": number, "settings": run.settings, "setting_changes": run.setting_changes,
+                    "geffects": run.history.to_dict() if run.history is not None else None}, step_dir / "loop.pt")
     dist.barrier()  # every rank's files are on disk: now the step becomes the latest
     if rank == 0:
         previous = json.loads((root / LATEST).read_text())["step"] if (root / LATEST).is_file() else None
@@ -240,28 +245,36 @@ def _checkpoint(run, number):
 
 
 def _resume(run, resume):
-    """Load the latest complete checkpoint (when ``resume``) and trim rank 0's metrics log to it."""
+    """Continue the latest complete checkpoint (as `loop._resume` decides: same settings, or ``resume=True``)
+    or start over (``resume=False``); rank 0 trims the metrics log to its step."""
     if run.out is None:
         return
-    rank = dist.get_rank()
+    rank, root = dist.get_rank(), run.out / CHECKPOINTS
     if rank == 0:
         run.out.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(run.out / "config.json", run.config.to_dict())
-    latest = run.out / CHECKPOINTS / LATEST
-    if resume and latest.is_file():
+        if resume is False:
+            shutil.rmtree(root, ignore_errors=True)
+            for name in (loop.METRICS, loop.GEFFECTS):
+                (run.out / name).unlink(missing_ok=True)
+            shutil.rmtree(run.out / "model", ignore_errors=True)
+    dist.barrier()
+    info = json.loads((root / LATEST).read_text()) if (root / LATEST).is_file() else None
+    step_dir = info and root / f"step-{info['step']}"
+    extra = torch.load(step_dir / "loop.pt", weights_only=False) if info else None
+    if should_resume(run.out, extra, run.settings, resume):
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import set_state_dict
 
-        info = json.loads(latest.read_text())
-        step_dir = run.out / CHECKPOINTS / f"step-{info['step']}"
         state = _state(run)
         dcp.load(state, checkpoint_id=str(step_dir))
         set_state_dict(run.model, run.optimizer, model_state_dict=state["model"],
                        optim_state_dict=state["optimizer"])
-        extra = torch.load(step_dir / "loop.pt", weights_only=False)
-        run.scheduler.load_state_dict(extra["scheduler"])
-        if run.history is not None:
-            run.history = extra["geffects"]
+        run.setting_changes = list(extra.get("setting_changes", []))
+        changed = differences(extra["settings"], run.settings)
+        if changed:
+            run.setting_changes.append({"step": info["step"], "before": {k: old for k, (old, _) in changed.items()}})
+        if run.history is not None and extra.get("geffects") is not None:
+            run.history = type(run.history).from_dict(extra["geffects"])
         rng_file = step_dir / f"rng-{rank}.pt"
         if info["world_size"] == dist.get_world_size() and rng_file.is_file():
             rng = torch.load(rng_file, weights_only=False)
@@ -271,6 +284,10 @@ def _resume(run, resume):
         run.start = run.last_good = info["step"]
     run.metrics = loop._read_metrics(run.out / loop.METRICS, run.start)
     if rank == 0:
+        config = run.config.to_dict()
+        if run.setting_changes:
+            config["setting_changes"] = run.setting_changes
+        atomic_write_json(run.out / "config.json", config)
         atomic_write_text(run.out / loop.METRICS, "".join(json.dumps(m) + "\n" for m in run.metrics))
     dist.barrier()
 
@@ -289,7 +306,7 @@ def _finish(run) -> loop.TrainResult:
             shutil.rmtree(final, ignore_errors=True)
             tmp.rename(final)
             if run.history is not None:
-                run.history.to_json(run.out / loop.GEFFECTS)
+                atomic_write_json(run.out / loop.GEFFECTS, run.history.to_dict())
         dist.barrier()
     return loop.TrainResult(steps=run.config.steps, metrics=run.metrics, geffects=run.history,
                             resumed_from=run.start)

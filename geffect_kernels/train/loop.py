@@ -2,15 +2,17 @@
 
     loss = forget_weight · L_objective(D_forget) + retain_weight · L_retain(D_retain)
 
-`train` reads as its stages: set up (reference copy, optimizer, profiler), resume, then per step:
-profile G-effects, the micro-steps (with the stop on a NaN loss), evaluate, log, checkpoint.
+`train` reads as its stages: check the inputs (before any file is written), lock the run folder, set up
+(reference copy, optimizer, profiler), resume, then per step: learning rate, profile G-effects, the
+micro-steps (with the stop on a NaN loss), evaluate, log, checkpoint.
 
 Losses come from the fused functions on the decoder's final hidden states and the LM head (the
 model's logits are never formed). Reference log-probabilities (TNPO, WTNPO, NPO) come from a frozen
 copy of the *starting* model, once per sample. Every ``checkpoint_every`` steps the model, optimizer,
-scheduler and RNG state are written atomically; a rerun with the same ``out_dir`` resumes from there
-and, because batches and the schedule are functions of the step number, ends bit-identical to a run
-that was never interrupted.
+RNG state, G-effect history and the settings that shape the run are written atomically; a rerun with the
+same ``out_dir`` and settings resumes from there and, because batches and the learning rate are functions
+of the step number, ends bit-identical to a run that was never interrupted (`resume` says when other
+settings may continue a checkpoint).
 """
 from __future__ import annotations
 
@@ -24,12 +26,17 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import hf
+from ..backends.registry import check_backend
 from ..objectives import OBJECTIVES, unlearning_loss
 from ..retain import kl_loss
-from .checkpoint import CHECKPOINT, atomic_write_json, atomic_write_text, load_checkpoint, save_checkpoint
-from .train_config import TrainConfig
+from .checkpoint import (CHECKPOINT, atomic_write_json, atomic_write_text, load_checkpoint, remove_orphans,
+                         save_checkpoint)
 from .frozen_model import RefLogprobCache, frozen_copy
+from .presets import resolve as resolve_preset
+from .resume import differences, run_settings, should_resume
+from .run_lock import run_lock
 from .schedule import batch_indices, warmup_linear_decay
+from .train_config import TrainConfig
 
 METRICS = "metrics.jsonl"
 GEFFECTS = "geffects.json"
@@ -60,13 +67,15 @@ class _Run:
     ref_cache: RefLogprobCache | None
     params: list
     optimizer: torch.optim.Optimizer
-    scheduler: object
+    lr_factor: object  # step -> factor of config.lr
+    settings: dict  # what shapes the run (`resume.run_settings`), stored in every checkpoint
     profiler: object = None
     history: object = None
     out: Path | None = None
     start: int = 0  # the step the loop starts from (the checkpoint's, when resuming)
     metrics: list = field(default_factory=list)
     last_good: int | None = None  # the step of the last checkpoint written or resumed from
+    setting_changes: list = field(default_factory=list)  # settings changed by resume=True: {"step", "before"}
 
     def forget_batch(self, micro):
         idx = batch_indices(len(self.forget), self.config.batch_size, self.config.seed, micro)
@@ -86,7 +95,8 @@ class _Run:
         return _kl_retain_loss(self.model, self.reference, batch, self.config)
 
 
-def train(model, forget, retain, config: TrainConfig, *, evaluate=None, resume=True) -> TrainResult:
+def train(model, forget, retain, config: TrainConfig, *, evaluate=None, resume: bool | None = None
+          ) -> TrainResult:
     """Run ``config.steps`` optimizer steps on ``model`` (in place) and return the logged metrics.
 
     Args:
@@ -95,19 +105,29 @@ def train(model, forget, retain, config: TrainConfig, *, evaluate=None, resume=T
         forget, retain: `EncodedSet`s (``retain`` may be None with ``retain_objective="none"``).
         evaluate: optional ``evaluate(model) -> dict`` called every ``config.eval_every`` steps; its
             numbers go into the metrics log.
-        resume: continue from ``config.out_dir``'s checkpoint when one exists.
+        resume: what to do with a checkpoint in ``config.out_dir``. None (default): continue it when it was
+            trained with the same settings, ResumeMismatch otherwise; True: continue it under the new
+            settings; False: start over (the folder's checkpoint, log, G-effects and model are replaced).
+    Raises RunFolderBusy when another process is training into ``config.out_dir``.
     """
-    _check_data(forget, retain, config)
-    run = _setup(model, forget, retain, config)
-    _resume(run, resume)
+    check_inputs(model, forget, retain, config)
+    config = resolve_preset(config, model, len(forget))
+    with run_lock(config.out_dir):  # one writer per run folder, released however the run ends
+        run = _setup(model, forget, retain, config)
+        _resume(run, resume)
+        _loop(run, evaluate)
+        return _finish(run)
 
-    model.train()
+
+def _loop(run: _Run, evaluate):
+    config = run.config
+    run.model.train()
     # disable=None: a bar on a terminal, none when the output is a log file or a pipe
     bar = tqdm(range(run.start, config.steps), initial=run.start, total=config.steps, desc=config.objective,
                disable=None if config.progress else True, leave=False)
     for step in bar:
         number = step + 1  # steps are counted from 1: "step 5" is the fifth update
-        record = {"step": number, "lr": run.scheduler.get_last_lr()[0]}
+        record = {"step": number, "lr": _set_lr(run, step)}
         if run.profiler is not None and step % config.geffect_every == 0:
             record.update(_profile(run, step, number))
         record.update(_optimizer_step(run, step, number))
@@ -118,16 +138,18 @@ def train(model, forget, retain, config: TrainConfig, *, evaluate=None, resume=T
         if run.out is not None and (number % config.checkpoint_every == 0 or number == config.steps):
             _checkpoint(run, number)
     bar.close()
-    return _finish(run)
 
 
 # -- setup and resume ----------------------------------------------------------------------------------
 
-def _check_data(forget, retain, config):
+def check_inputs(model, forget, retain, config):
+    """Everything `train` can check before it writes a file: the data and the backend on the model's device
+    (`TrainConfig` checked the settings when it was made)."""
     if len(forget) == 0:
         raise ValueError("the forget set is empty")
     if config.uses_retain and (retain is None or len(retain) == 0):
         raise ValueError(f"retain objective {config.retain_objective!r} needs a non-empty retain set")
+    check_backend(config.backend, next(model.parameters()).device)
 
 
 def _setup(model, forget, retain, config) -> _Run:
@@ -138,16 +160,14 @@ def _setup(model, forget, retain, config) -> _Run:
     reference = frozen_copy(model) if needs_ref or (config.uses_retain and config.retain_objective == "kl") \
         else None
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     run = _Run(
         model=model, forget=forget, retain=retain, config=config, device=device,
         autocast=torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"),
         reference=reference,
         ref_cache=RefLogprobCache(reference, forget, backend=config.backend) if needs_ref else None,
-        params=params, optimizer=optimizer,
-        scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer,
-                                                    warmup_linear_decay(config.warmup_steps, config.steps)),
-        out=Path(config.out_dir) if config.out_dir else None)
+        params=params, optimizer=torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay),
+        lr_factor=warmup_linear_decay(config.warmup_steps, config.steps),
+        settings=run_settings(config, forget, retain), out=Path(config.out_dir) if config.out_dir else None)
     if config.geffect_every:
         from ..geffect import GEffectHistory, GEffectProfiler
         run.profiler = GEffectProfiler(model, groups=config.geffect_groups)
@@ -155,24 +175,34 @@ def _setup(model, forget, retain, config) -> _Run:
     return run
 
 
-def _resume(run: _Run, resume: bool):
-    """Load the run folder's checkpoint (when ``resume`` and there is one) and trim the metrics log to it."""
+def _resume(run: _Run, resume: bool | None):
+    """Clear what a killed run left, then continue the folder's checkpoint (`should_resume`) or start over;
+    the metrics log is trimmed to the checkpoint's step (later lines are steps that run again)."""
     if run.out is None:
         return
-    run.out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(run.out / "config.json", run.config.to_dict())
-    state = load_checkpoint(run.out) if resume else None
-    if state is not None:
+    remove_orphans(run.out)
+    if resume is False:
+        for name in (CHECKPOINT, METRICS, GEFFECTS):
+            (run.out / name).unlink(missing_ok=True)
+        shutil.rmtree(run.out / "model", ignore_errors=True)
+    state = load_checkpoint(run.out)
+    if should_resume(run.out, state, run.settings, resume):
         run.model.load_state_dict(state["model"])
         run.optimizer.load_state_dict(state["optimizer"])
-        run.scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"])
         if state.get("cuda_rng") is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda_rng"])
         run.start = run.last_good = state["step"]
-        if run.history is not None:
-            run.history = state["geffects"]
-    # drop whatever was logged after the checkpoint: those steps run again
+        run.setting_changes = list(state.get("setting_changes", []))
+        changed = differences(state["settings"], run.settings)
+        if changed:
+            run.setting_changes.append({"step": run.start, "before": {k: old for k, (old, _) in changed.items()}})
+        if run.history is not None and state.get("geffects") is not None:
+            run.history = type(run.history).from_dict(state["geffects"])
+    config = run.config.to_dict()
+    if run.setting_changes:  # what the weights were also trained with (resume=True with other settings)
+        config["setting_changes"] = run.setting_changes
+    atomic_write_json(run.out / "config.json", config)
     run.metrics = _read_metrics(run.out / METRICS, run.start)
     atomic_write_text(run.out / METRICS, "".join(json.dumps(m) + "\n" for m in run.metrics))
 
@@ -192,6 +222,14 @@ def _read_metrics(path: Path, up_to_step: int) -> list[dict]:
 
 
 # -- one step --------------------------------------------------------------------------------------------
+
+def _set_lr(run: _Run, step) -> float:
+    """The step's learning rate, a function of the step and the settings alone (nothing to restore on resume)."""
+    lr = run.config.lr * run.lr_factor(step)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    return lr
+
 
 def _profile(run: _Run, step, number) -> dict:
     """G-effects at the parameters this step's update starts from, on the step's first micro-batches."""
@@ -224,7 +262,6 @@ def _optimizer_step(run: _Run, step, number) -> dict:
             sums[key] += float(value.detach()) / config.grad_accum
     norm = torch.nn.utils.clip_grad_norm_(run.params, config.max_grad_norm or float("inf"))
     run.optimizer.step()
-    run.scheduler.step()
     return {**sums, "grad_norm": float(norm), "seconds": time.perf_counter() - t0}
 
 
@@ -267,6 +304,9 @@ def _kl_retain_loss(model, reference, batch, config):
     x = _head(model, batch)
     with torch.no_grad():
         r = _head(reference, batch)
+    if config.kl_normalization == "batchmean":  # every position counts, prompt and padding too: no shift
+        return kl_loss(x.hidden, x.weight, r.hidden, r.weight, torch.zeros_like(x.labels), bias=x.bias,
+                       ref_bias=r.bias, softcap=x.softcap, shift=False, backend=config.backend)
     return kl_loss(x.hidden, x.weight, r.hidden, r.weight, x.labels, bias=x.bias, ref_bias=r.bias,
                    softcap=x.softcap, shift=True, backend=config.backend)
 
@@ -296,9 +336,10 @@ def _checkpoint(run: _Run, number):
     # the history rides in the checkpoint so that both always describe the same step
     save_checkpoint(run.out, {
         "step": number, "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
-        "scheduler": run.scheduler.state_dict(), "rng": torch.get_rng_state(),
+        "rng": torch.get_rng_state(),
         "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-        "geffects": run.history,
+        "geffects": run.history.to_dict() if run.history is not None else None,
+        "settings": run.settings, "setting_changes": run.setting_changes,
     })
     run.last_good = number
 
@@ -308,7 +349,7 @@ def _finish(run: _Run) -> TrainResult:
     if run.out is not None:
         _save_model(run.model, run.out)
         if run.history is not None:
-            run.history.to_json(run.out / GEFFECTS)
+            atomic_write_json(run.out / GEFFECTS, run.history.to_dict())
     return TrainResult(steps=run.config.steps, metrics=run.metrics, geffects=run.history, resumed_from=run.start)
 
 
