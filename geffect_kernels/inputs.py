@@ -1,11 +1,16 @@
 """Validation and flattening of user inputs, shared by every public function, and what runs the call.
 
 Every check raises ValueError with a message that names the argument, so a bad call fails before
-any kernel runs and no silent wrong number comes out. `prepare_head` and `prepare_logits` also resolve,
+any kernel runs. Shapes, dtypes and devices are always checked (they cost nothing). Values (NaN/inf in the
+inputs, labels outside ``[0, V)``) are read only when asked: ``check_values=True`` or the environment
+variable GEFFECT_CHECK_VALUES=1, since reading a GPU tensor's values makes the host wait for the device (and
+the NaN check reads the whole head). Labels on the CPU are range-checked always: that costs no
+synchronization, and the C++ kernels index rows by label. `prepare_head` and `prepare_logits` also resolve,
 once per call, the backend and the `LossOptions` it receives.
 """
 from __future__ import annotations
 
+import os
 from typing import NamedTuple
 
 import torch
@@ -24,11 +29,13 @@ class Prepared(NamedTuple):
     out_shape: torch.Size  # shape of the per-token outputs (labels' shape after the shift)
     backend: Backend | None = None  # what runs the call (None: not asked for)
     opts: LossOptions | None = None
+    check_values: bool = False  # values read too (`values_checked`)
 
     def reference(self, ref_logprobs, required_by=None):
         """``ref_logprobs`` checked against this call, flattened, in its compute dtype (`prepare_ref`)."""
         return prepare_ref(ref_logprobs, self.labels, self.out_shape, compute_dtype(self.hidden.dtype),
-                           ignore_index=self.opts.ignore_index, required_by=required_by)
+                           ignore_index=self.opts.ignore_index, required_by=required_by,
+                           check_values=self.check_values)
 
 
 def _require_float(name, t):
@@ -45,6 +52,13 @@ def _require_same(name, t, ref_name, ref):
         raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}")
 
 
+def values_checked(check_values: bool | None) -> bool:
+    """The caller's ``check_values``, or GEFFECT_CHECK_VALUES=1 when it is None."""
+    if check_values is None:
+        return os.environ.get("GEFFECT_CHECK_VALUES", "0") == "1"
+    return bool(check_values)
+
+
 def require_finite(**tensors):
     """NaN/inf in inputs would turn into NaN at best and a finite wrong value at worst: refuse them.
 
@@ -59,18 +73,20 @@ def require_finite(**tensors):
             raise ValueError(f"{name} contains NaN or inf")
 
 
-def check_labels(labels, vocab_size, ignore_index):
+def check_labels(labels, vocab_size, ignore_index, *, values=True):
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise ValueError(f"ignore_index must be an integer, got {ignore_index!r}")
     if labels.dtype.is_floating_point or labels.dtype == torch.bool or labels.is_complex():
         raise ValueError(f"labels must be an integer tensor, got {labels.dtype}")
+    if not (values or labels.device.type == "cpu"):
+        return
     bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab_size))
     if bool(bad.any()):
         value = labels[bad][0].item()
         raise ValueError(f"labels must be in [0, {vocab_size}) or ignore_index={ignore_index}; found {value}")
 
 
-def prepare_rows(rows, labels, *, feature_name, ignore_index, shift, vocab_size):
+def prepare_rows(rows, labels, *, feature_name, ignore_index, shift, vocab_size, check_values=False):
     """Check ``rows`` ([B, T, F] or [N, F]) against ``labels`` ([B, T] or [N]), apply the shift, flatten."""
     if rows.dim() not in (2, 3):
         dim = "V" if feature_name == "logits" else "H"
@@ -82,11 +98,12 @@ def prepare_rows(rows, labels, *, feature_name, ignore_index, shift, vocab_size)
                          f"{tuple(rows.shape)} (expected {tuple(rows.shape[:-1])})")
     if labels.device != rows.device:
         raise ValueError(f"labels are on {labels.device} but {feature_name} is on {rows.device}")
-    check_labels(labels, vocab_size, ignore_index)
+    check_labels(labels, vocab_size, ignore_index, values=check_values)
     if shift:  # Hugging Face convention: position t predicts label t+1
         rows, labels = rows[..., :-1, :], labels[..., 1:]
     out_shape = labels.shape
-    return Prepared(rows.reshape(-1, rows.shape[-1]), labels.reshape(-1).long(), out_shape)
+    return Prepared(rows.reshape(-1, rows.shape[-1]), labels.reshape(-1).long(), out_shape,
+                    check_values=check_values)
 
 
 def _with_backend(prep, backend, ignore_index, softcap, inplace=False):
@@ -96,7 +113,8 @@ def _with_backend(prep, backend, ignore_index, softcap, inplace=False):
     return prep._replace(backend=get_backend(backend, prep.hidden), opts=opts)
 
 
-def prepare_head(hidden, weight, labels, bias, *, ignore_index, shift, softcap=None, backend=None):
+def prepare_head(hidden, weight, labels, bias, *, ignore_index, shift, softcap=None, backend=None,
+                 check_values=None):
     _require_float("hidden", hidden)
     _require_float("weight", weight)
     _require_same("weight", weight, "hidden", hidden)
@@ -109,17 +127,22 @@ def prepare_head(hidden, weight, labels, bias, *, ignore_index, shift, softcap=N
         _require_same("bias", bias, "hidden", hidden)
         if bias.shape != (weight.shape[0],):
             raise ValueError(f"bias must be [V] = [{weight.shape[0]}], got {tuple(bias.shape)}")
-    require_finite(hidden=hidden, weight=weight, bias=bias)
+    check_values = values_checked(check_values)
+    if check_values:
+        require_finite(hidden=hidden, weight=weight, bias=bias)
     prep = prepare_rows(hidden, labels, feature_name="hidden", ignore_index=ignore_index, shift=shift,
-                        vocab_size=weight.shape[0])
+                        vocab_size=weight.shape[0], check_values=check_values)
     return _with_backend(prep, backend, ignore_index, softcap)
 
 
-def prepare_logits(logits, labels, *, ignore_index, shift, softcap=None, backend=None, inplace=False):
+def prepare_logits(logits, labels, *, ignore_index, shift, softcap=None, backend=None, inplace=False,
+                   check_values=None):
     _require_float("logits", logits)
-    require_finite(logits=logits)
+    check_values = values_checked(check_values)
+    if check_values:
+        require_finite(logits=logits)
     prep = prepare_rows(logits, labels, feature_name="logits", ignore_index=ignore_index, shift=shift,
-                        vocab_size=logits.shape[-1])
+                        vocab_size=logits.shape[-1], check_values=check_values)
     return _with_backend(prep, backend, ignore_index, softcap, inplace)
 
 
@@ -127,7 +150,7 @@ def check_softcap(softcap):
     return None if softcap is None else check_number("softcap", softcap, POSITIVE)
 
 
-def prepare_ref(ref_logprobs, labels, out_shape, dtype, *, ignore_index, required_by=None):
+def prepare_ref(ref_logprobs, labels, out_shape, dtype, *, ignore_index, required_by=None, check_values=None):
     """Flatten ``ref_logprobs`` (shaped like the per-token output ``out_shape``) and zero it where the
     flattened ``labels`` are ``ignore_index``."""
     if ref_logprobs is None:
@@ -144,5 +167,6 @@ def prepare_ref(ref_logprobs, labels, out_shape, dtype, *, ignore_index, require
         raise ValueError(f"ref_logprobs are on {ref_logprobs.device} but the inputs are on {labels.device}")
     valid = labels != ignore_index
     ref = torch.where(valid, ref_logprobs.detach().reshape(-1).to(dtype), 0)
-    require_finite(ref_logprobs=ref)
+    if values_checked(check_values):
+        require_finite(ref_logprobs=ref)
     return ref

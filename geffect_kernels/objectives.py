@@ -22,24 +22,27 @@ def _loss(objective, prep, ref, *, weighted, logprobs):
     opts = prep.opts
     valid = prep.labels != opts.ignore_index
     if objective.objective.level == "token":
-        n_valid = int(valid.sum())
-        return weighted(replace(opts, weighting=objective.weighting, scale=objective.objective.sign / max(n_valid, 1)))
+        # 1/n_valid stays on the device (a 0-d tensor): no synchronization
+        scale = objective.objective.sign / valid.sum().clamp_min(1).double()
+        return weighted(replace(opts, weighting=objective.weighting, scale=scale))
     shape = prep.out_shape
     return objective.loss_from_logprobs(logprobs(opts).reshape(shape), valid.reshape(shape),
                                         None if ref is None else ref.reshape(shape))
 
 
 def unlearning_loss(name, hidden, weight, labels, *, ref_logprobs=None, bias=None, ignore_index=-100,
-                    softcap=None, shift=False, backend="auto", **hparams):
+                    softcap=None, shift=False, backend="auto", check_values=None, **hparams):
     """The scalar loss of objective ``name`` (`catalog.OBJECTIVES`) over a linear LM head.
 
     ``ref_logprobs`` are the reference model's `token_logprobs` on the same batch (same arguments),
     required by ``tnpo``, ``wtnpo`` and ``npo``. Hyper-parameters: ``alpha``, ``beta``, ``gamma``,
     ``delta``, ``eps`` as the objective takes them. Returns float64 for float64 inputs, else float32.
+    ``check_values=True`` (or GEFFECT_CHECK_VALUES=1) also refuses NaN/inf inputs and out-of-range labels,
+    at the price of a host-device synchronization; by default a call never waits for the device.
     """
     objective = resolve(name, hparams)
     prep = prepare_head(hidden, weight, labels, bias, ignore_index=ignore_index, shift=shift, softcap=softcap,
-                        backend=backend)
+                        backend=backend, check_values=check_values)
     ref = prep.reference(ref_logprobs, required_by=name if objective.objective.needs_ref else None)
     args = (prep.hidden, weight, bias, prep.labels)
     return _loss(objective, prep, ref, weighted=lambda o: prep.backend.weighted_loss(*args, ref, o),
@@ -47,7 +50,7 @@ def unlearning_loss(name, hidden, weight, labels, *, ref_logprobs=None, bias=Non
 
 
 def unlearning_loss_from_logits(name, logits, labels, *, ref_logprobs=None, ignore_index=-100, softcap=None,
-                                shift=False, backend="auto", inplace=False, **hparams):
+                                shift=False, backend="auto", inplace=False, check_values=None, **hparams):
     """`unlearning_loss` for callers that already hold the logits (``[B, T, V]`` or ``[N, V]``).
 
     ``inplace=True`` lets a backend overwrite ``logits`` with their gradient (no second N×V buffer);
@@ -55,7 +58,7 @@ def unlearning_loss_from_logits(name, logits, labels, *, ref_logprobs=None, igno
     """
     objective = resolve(name, hparams)
     prep = prepare_logits(logits, labels, ignore_index=ignore_index, shift=shift, softcap=softcap, backend=backend,
-                          inplace=inplace)
+                          inplace=inplace, check_values=check_values)
     ref = prep.reference(ref_logprobs, required_by=name if objective.objective.needs_ref else None)
     return _loss(objective, prep, ref,
                  weighted=lambda o: prep.backend.weighted_loss_from_logits(prep.hidden, prep.labels, ref, o),

@@ -14,7 +14,7 @@ KL_REDUCTIONS = ("tokens", "batchmean")
 
 
 def kl_loss(hidden, weight, ref_hidden, ref_weight, labels, *, bias=None, ref_bias=None, ignore_index=-100,
-            softcap=None, shift=False, backend="auto", reduction="tokens"):
+            softcap=None, shift=False, backend="auto", reduction="tokens", check_values=None):
     """Mean of KL(p_ref,t ‖ p_θ,t) over the full vocabulary, per position, averaged as ``reduction`` says.
 
     ``reduction="tokens"`` (default): over the positions whose label is not ``ignore_index``;
@@ -22,13 +22,14 @@ def kl_loss(hidden, weight, ref_hidden, ref_weight, labels, *, bias=None, ref_bi
     ``shift=False`` on whole sequences this is the official code's and TOFU's batch-mean KL). The reference
     side (``ref_hidden``, ``ref_weight``, ``ref_bias``: the frozen original model) gets no gradient. Both
     heads share the vocabulary, the soft-cap and the dtype; chunked so that neither model's N×V logits exist
-    at once.
+    at once. ``check_values``: as in `unlearning_loss`.
     """
     if reduction not in KL_REDUCTIONS:
         raise ValueError(f"unknown KL reduction {reduction!r}; valid: {', '.join(KL_REDUCTIONS)}")
     prep = prepare_head(hidden, weight, labels, bias, ignore_index=ignore_index, shift=shift, softcap=softcap,
-                        backend=backend)
-    ref = prepare_head(ref_hidden, ref_weight, labels, ref_bias, ignore_index=ignore_index, shift=shift)
+                        backend=backend, check_values=check_values)
+    ref = prepare_head(ref_hidden, ref_weight, labels, ref_bias, ignore_index=ignore_index, shift=shift,
+                       check_values=check_values)
     if ref_weight.shape[0] != weight.shape[0]:
         raise ValueError(f"the two heads have different vocabularies: {weight.shape[0]} vs {ref_weight.shape[0]}")
     if ref_hidden.dtype != hidden.dtype or ref_hidden.device != hidden.device:
@@ -37,9 +38,9 @@ def kl_loss(hidden, weight, ref_hidden, ref_weight, labels, *, bias=None, ref_bi
     positions, opts = prep.labels, prep.opts
     if reduction == "batchmean":  # every position counts: labels no backend ignores
         positions, opts = torch.zeros_like(prep.labels), replace(opts, ignore_index=-1)
-    n = int((positions != opts.ignore_index).sum())
+    n = (positions != opts.ignore_index).sum().clamp_min(1).double()  # on the device: no synchronization
     return prep.backend.kl_divergence(prep.hidden, weight, bias, ref.hidden, ref_weight, ref_bias, positions,
-                                      replace(opts, scale=1.0 / max(n, 1)))
+                                      replace(opts, scale=1.0 / n))
 
 
 def _masked_mean_squared_error(diff, mask):

@@ -41,6 +41,7 @@ def test_shape_mismatches(inputs):
 
 
 def test_labels_out_of_range(inputs):
+    """Checked always for CPU labels (no device to wait for; the C++ kernels index rows by label)."""
     h, w, _, y = inputs
     for bad in (w.shape[0], -1, -99):
         y2 = y.clone()
@@ -72,7 +73,7 @@ def test_missing_ref_logprobs(inputs):
 
 @pytest.mark.parametrize("where", ["hidden", "weight", "bias", "ref", "logits"])
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
-def test_non_finite_inputs_raise(inputs, where, value):
+def test_non_finite_inputs_raise_when_values_are_checked(inputs, where, value):
     h, w, b, y = (t.clone() for t in inputs)
     ref = torch.randn(y.shape, dtype=h.dtype)
     target = {"hidden": h, "weight": w, "bias": b, "ref": ref}.get(where)
@@ -80,14 +81,29 @@ def test_non_finite_inputs_raise(inputs, where, value):
         z = h @ w.T
         z[1, 2, 3] = value
         with pytest.raises(ValueError, match="logits contains NaN or inf"):
-            gk.unlearning_loss_from_logits("ga", z, y)
+            gk.unlearning_loss_from_logits("ga", z, y, check_values=True)
         return
     if where == "ref":
         target[1, 1] = value  # a valid position (make_inputs keeps [1, 1] valid)
     else:
         target.view(-1)[5] = value
     with pytest.raises(ValueError, match="NaN or inf"):
-        gk.unlearning_loss("tnpo", h, w, y, bias=b, ref_logprobs=ref)
+        gk.unlearning_loss("tnpo", h, w, y, bias=b, ref_logprobs=ref, check_values=True)
+
+
+def test_value_checks_are_opt_in(inputs, monkeypatch):
+    """By default nothing reads the inputs' values (on a GPU that would wait for the device): NaN passes
+    through as NaN; GEFFECT_CHECK_VALUES=1 turns the checks on for calls that do not say otherwise."""
+    h, w, _, y = (t.clone() for t in inputs)
+    w.view(-1)[5] = float("nan")
+    monkeypatch.delenv("GEFFECT_CHECK_VALUES", raising=False)
+    assert torch.isnan(gk.unlearning_loss("ga", h, w, y))
+    monkeypatch.setenv("GEFFECT_CHECK_VALUES", "1")
+    with pytest.raises(ValueError, match="weight contains NaN or inf"):
+        gk.token_logprobs(h, w, y)
+    assert torch.isnan(gk.token_logprobs(h, w, y, check_values=False)).any()
+    with pytest.raises(ValueError, match="NaN or inf"):
+        gk.kl_loss(h, w, h, w.detach(), y)
 
 
 def test_non_finite_reference_at_ignored_positions_does_not_change_the_loss(inputs):

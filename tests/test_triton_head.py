@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import geffect_kernels as gk
-from geffect_kernels.backends.triton import config, fast_path, fused_weighted, set_logits_budget
+from geffect_kernels.backends.triton import config, fast_path, fused_weighted, linear_backward, set_logits_budget
 from triton_cases import H, IGNORE, N, V, as_float32, assert_close, grads, head_inputs
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning")  # masked interpreter lanes
@@ -94,5 +94,35 @@ def test_kl(bias, softcap):
     got = gk.kl_loss(h32, w32, hr32, wr32, y, bias=b32, ref_bias=br32, softcap=softcap, backend="triton")
     assert got.item() > 0.1  # distinct heads: a KL far from 0, so the relative check means something
     assert_close(got, expected, FP32, "kl")
+    for label, g_got, g_exp in zip("hWb", grads(got, (h32, w32, b32)), grads(expected, (h, w, b))):
+        assert_close(g_got, g_exp, FP32, f"d{label}")
+
+
+def test_lean_chunk_width_from_vocabulary_and_sms(monkeypatch):
+    """H100 tiles (128×256): 4096 columns at N 8192 as before, and no longer fewer as N grows (a 64 MiB budget
+    alone gave 1024 at N 32768 and 512 at N 65536); a narrow head widens the chunk until its dW product gives
+    every SM two tiles; a small vocabulary is one chunk."""
+    monkeypatch.setattr(config, "interpreting", lambda: False)
+    width = lambda n, v=128256, h=4096: linear_backward.lean_chunk_width(n, v, h, torch.bfloat16, 132)  # noqa: E731
+    assert width(8192) == width(32768) == width(65536) == 4096
+    assert width(8192, h=1024) == 8192  # ≥ 8448 asked (66 × 4 tiles), 16 chunks of 8192 then cover V
+    assert width(512, v=3000) == 3072
+    assert width(8192, v=32000) == 4096  # 8 chunks, the last 3328 columns
+
+
+def test_lean_mode_over_several_vocabulary_chunks(monkeypatch):
+    """Chunks of 64 columns (16 over V): dh summed over chunks in float32, dW written chunk by chunk, db."""
+    monkeypatch.setattr(config, "LEAN_CHUNK_BYTES", 1)
+    monkeypatch.setattr(config, "LEAN_MIN_WIDTH", 1)
+    monkeypatch.setattr(config, "DEFAULT_SMS", 1)
+    widths = []
+    original = linear_backward.lean_chunk_width
+    monkeypatch.setattr(linear_backward, "lean_chunk_width", lambda *a: widths.append(original(*a)) or widths[-1])
+    h, w, b, y, ref = head_inputs(8, scale=2.0)
+    expected = gk.unlearning_loss("tnpo", h, w, y, ref_logprobs=ref, bias=b, softcap=7.0, backend="oracle")
+    h32, w32, b32 = as_float32(h, w, b)
+    got = gk.unlearning_loss("tnpo", h32, w32, y, ref_logprobs=ref.float(), bias=b32, softcap=7.0, backend="triton")
+    assert widths and widths[0] < V
+    assert_close(got, expected, FP32, "loss")
     for label, g_got, g_exp in zip("hWb", grads(got, (h32, w32, b32)), grads(expected, (h, w, b))):
         assert_close(g_got, g_exp, FP32, f"d{label}")

@@ -45,9 +45,19 @@ def logits_grad_(e, labels, coef, slope=None, row_sums=None):
     return g.mul_(slope) if slope is not None else g
 
 
+# Vocabulary rows of the head upcast at a time for the float32 products of float16 inputs (see GradBuffers.add).
+UPCAST_ROWS = 4096
+
+
 class GradBuffers:
     """Gradient buffers for hidden, weight, bias (None where not wanted), filled chunk by chunk from the
-    chunk's logits gradient; dW and db accumulate in float32 (float64 for float64 inputs)."""
+    chunk's logits gradient; dW and db accumulate in float32 (float64 for float64 inputs).
+
+    A chunk's logits gradient g carries c_t = w_t / n_valid, so in float16 most of its entries (c_t · p, with
+    p ~ 1/V) fall below the smallest float16 subnormal and would flush to zero: float16 inputs therefore go
+    into float32 products (g stays float32; the head is upcast UPCAST_ROWS rows at a time for dh, the chunk's
+    hidden states for dW). bfloat16 has float32's range and keeps the 16-bit products.
+    """
 
     def __init__(self, hidden, weight, bias, wanted):
         acc = compute_dtype(hidden.dtype)
@@ -56,16 +66,30 @@ class GradBuffers:
         self.db = torch.zeros(bias.shape, dtype=acc, device=bias.device) if bias is not None and wanted[2] else None
 
     def add(self, g, sl, hidden, weight):
-        g_in = g.to(hidden.dtype)
-        if self.dh is not None:
-            self.dh[sl] = g_in @ weight
-        if self.dw is not None:
-            if g_in.dtype == self.dw.dtype:
-                self.dw.addmm_(g_in.t(), hidden[sl])  # in place: no V×H temporary per chunk
-            else:
-                self.dw += (g_in.t() @ hidden[sl]).to(self.dw.dtype)
+        if hidden.dtype == torch.float16:
+            self._add_float32(g.float(), sl, hidden, weight)
+        else:
+            self._add(g.to(hidden.dtype), sl, hidden, weight)
         if self.db is not None:
             self.db += g.sum(0)
+
+    def _add(self, g, sl, hidden, weight):
+        if self.dh is not None:
+            self.dh[sl] = g @ weight
+        if self.dw is not None:
+            if g.dtype == self.dw.dtype:
+                self.dw.addmm_(g.t(), hidden[sl])  # in place: no V×H temporary per chunk
+            else:
+                self.dw += (g.t() @ hidden[sl]).to(self.dw.dtype)
+
+    def _add_float32(self, g, sl, hidden, weight):
+        if self.dh is not None:
+            dh = torch.zeros((g.shape[0], weight.shape[1]), dtype=torch.float32, device=g.device)
+            for v0 in range(0, weight.shape[0], UPCAST_ROWS):
+                dh.addmm_(g[:, v0:v0 + UPCAST_ROWS], weight[v0:v0 + UPCAST_ROWS].float())
+            self.dh[sl] = dh
+        if self.dw is not None:
+            self.dw.addmm_(g.t(), hidden[sl].float())
 
     def result(self, weight, bias):
         return [self.dh, None if self.dw is None else self.dw.to(weight.dtype),
@@ -110,6 +134,11 @@ def token_logprobs(kernels, *inputs):
     return _TokenLogprobs.apply(kernels, *inputs)
 
 
+def _is_one(grad_out):
+    """Whether the upstream scalar is 1, asked only where the answer costs no device synchronization."""
+    return grad_out.device.type == "cpu" and bool(grad_out == 1)
+
+
 class _FusedLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, compute, wanted, *inputs):
@@ -118,9 +147,13 @@ class _FusedLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        # the common loss.backward() passes 1: then no gradient-sized copy
-        grads = ctx.grads if bool(grad_out == 1) else [None if g is None else g * grad_out.to(g.dtype)
-                                                       for g in ctx.grads]
+        # hand the gradients over, scaled in place; the common loss.backward() passes 1, which is tested only
+        # where that costs no synchronization (on a GPU the host would wait for the whole forward)
+        grads, ctx.grads = ctx.grads, None
+        if grads is None:
+            raise RuntimeError("this loss's backward can run only once: its gradients were handed over")
+        if not _is_one(grad_out):
+            grads = [None if g is None else g.mul_(grad_out.to(g.dtype)) for g in grads]
         return None, None, *grads
 
 
@@ -142,7 +175,7 @@ class _FusedLogitsLoss(torch.autograd.Function):
         grad, ctx.grad = ctx.grad, None
         if grad is None:
             raise RuntimeError("this loss's backward can run only once: its gradient buffer was handed over")
-        return None, None, grad.mul_(grad_out.to(grad.dtype)) if bool(grad_out != 1) else grad
+        return None, None, grad if _is_one(grad_out) else grad.mul_(grad_out.to(grad.dtype))
 
 
 def fused_logits_loss(compute, logits):

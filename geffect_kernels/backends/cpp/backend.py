@@ -21,9 +21,15 @@ def _cap(softcap):
     return 0.0 if softcap is None else float(softcap)
 
 
+def _host_scale(scale) -> float:
+    """The C++ kernels take the scale by value: a device scalar (1/n_valid) is read here, which on CUDA waits
+    for the device (the triton backend, first for CUDA tensors, keeps it on the device instead)."""
+    return float(scale)
+
+
 def _weighting_args(opts):
     w = opts.weighting  # its code is the formula's in csrc/include/geffect/math.h
-    return dict(kind=w.code, alpha=w.alpha, beta=w.beta, gamma=w.gamma, eps=w.eps, scale=float(opts.scale))
+    return dict(kind=w.code, alpha=w.alpha, beta=w.beta, gamma=w.gamma, eps=w.eps, scale=_host_scale(opts.scale))
 
 
 def _kernel_dtype(t: torch.Tensor) -> torch.dtype:
@@ -36,9 +42,10 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
 
 
 def _head_logits(h, weight, bias):
-    """A chunk's logits by BLAS, in the dtype the row kernel reads (a fresh buffer it may overwrite)."""
+    """A chunk's logits by BLAS, in the dtype the row kernel reads (a fresh buffer it may overwrite with their
+    gradient); float32 for float16 inputs, whose gradient entries would flush to zero (see GradBuffers)."""
     z = F.linear(h, weight, bias)
-    return z.to(_kernel_dtype(z))
+    return z.float() if z.dtype == torch.float16 else z.to(_kernel_dtype(z))
 
 
 def _logit_chunks(logits):
@@ -121,7 +128,7 @@ class _CsrcBackend(Backend):
             z = _head_logits(hidden[sl], weight, bias)
             z_ref = _head_logits(ref_hidden[sl], ref_weight, ref_bias)
             kl = ext.row_kl(z, z_ref, z if want_grad else None, labels[sl], opts.ignore_index, _cap(opts.softcap),
-                            opts.scale)
+                            _host_scale(opts.scale))
             return kl.double().sum() * opts.scale, z if want_grad else None
 
         return fused_loss(lambda wanted, *head: _in_compute_dtype(fused_head_pass(*head, wanted, chunk_loss,

@@ -8,6 +8,8 @@ partial sums (per-instance G-effects) at no extra cost.
 """
 from __future__ import annotations
 
+import time
+
 import torch
 
 from . import build
@@ -95,3 +97,63 @@ def ghost_inner_product(grad_a, input_a, grad_b, input_b, segment_ids=None, num_
     else:
         out = _cpu(build.load("cpu"), grad_a, input_a, grad_b, input_b, segment_ids, num_segments)
     return out if segment_ids is not None else out[0]
+
+
+_CHOSEN: dict = {}  # (device, dtype, sizes rounded up to powers of two) -> (name, function), measured once
+
+
+def gram_implementations(device, dtype) -> dict:
+    """name -> function with `ghost_inner_product`'s contract, for tensors of ``device`` and ``dtype``: the
+    csrc kernel (CUDA cores on a GPU, BLAS tiles on a CPU) where it builds, and on CUDA (or the Triton
+    interpreter, float32) the Triton kernel on tensor cores."""
+    from ..triton.config import interpreting
+    device = torch.device(device)
+    out = {}
+    if ghost_available(device):
+        out["csrc"] = ghost_inner_product
+    triton_takes = (dtype in (torch.float16, torch.bfloat16, torch.float32) if device.type == "cuda"
+                    else interpreting() and dtype == torch.float32)
+    if triton_takes:
+        from ..triton.gram import gram_inner_product
+
+        def triton_gram(grad_a, input_a, grad_b, input_b, segment_ids=None, num_segments=None):
+            _check(grad_a, input_a, grad_b, input_b, segment_ids, num_segments)
+            return gram_inner_product(grad_a, input_a, grad_b, input_b, segment_ids,
+                                      None if segment_ids is None else int(num_segments))
+        out["triton"] = triton_gram
+    return out
+
+
+def _bucket(n):
+    return 1 << max(int(n) - 1, 0).bit_length()
+
+
+def _time(fn, args, device):
+    fn(*args)  # compile, warm caches
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    for _ in range(3):
+        fn(*args)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
+def fastest_gram(grad_a, input_a, grad_b, input_b):
+    """(name, function) of the Gram implementation to use for inputs like these, picked by measured crossover
+    rather than by availability: where more than one runs, each is timed once on these very inputs (three
+    calls after a warm-up; the one synchronization is paid once per dtype and power-of-two size class) and
+    the faster is kept for the class. For the profiler: ``name, gram = fastest_gram(...)`` then
+    ``gram(...)`` as `ghost_inner_product`. RuntimeError where none runs."""
+    device = grad_a.device
+    key = (str(device), grad_a.dtype, *(_bucket(n) for n in (grad_a.shape[0], grad_b.shape[0], grad_a.shape[1],
+                                                            input_a.shape[1])))
+    if key not in _CHOSEN:
+        found = gram_implementations(device, grad_a.dtype)
+        if not found:
+            raise RuntimeError(f"no Gram inner product runs on {device.type} {grad_a.dtype} tensors here")
+        args = (grad_a, input_a, grad_b, input_b)
+        _CHOSEN[key] = min(found.items(), key=lambda item: _time(item[1], args, device)) if len(found) > 1 \
+            else next(iter(found.items()))
+    return _CHOSEN[key]

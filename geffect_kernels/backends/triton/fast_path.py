@@ -12,6 +12,7 @@ import triton
 import triton.language as tl
 
 from . import config
+from .linear_backward import normalized
 from .linear_forward import forward_tile_width, head_logprobs
 from .matmul import matmul
 
@@ -63,7 +64,8 @@ def fast_rows(hidden, weight, budget):
 
 
 def fast_head_grads(hidden, weight, bias, labels, ref, wanted, rows, *, ignore_index, softcap, weighting, scale):
-    """(loss, [dh, dW, db]) of scale · Σ_t w_t ℓ_t in chunks of ``rows`` tokens."""
+    """(loss, [dh, dW, db]) of scale · Σ_t w_t ℓ_t in chunks of ``rows`` tokens (``scale``: a number or a
+    device scalar). Each chunk's G is stored normalized (`normalized`); the matmuls undo it."""
     n, v = hidden.shape[0], weight.shape[0]
     tile = forward_tile_width(hidden.dtype)
     want_h, want_w, want_b = wanted[0], wanted[1], wanted[2] and bias is not None
@@ -75,23 +77,30 @@ def fast_head_grads(hidden, weight, bias, labels, ref, wanted, rows, *, ignore_i
     dw_acc = dw if one_chunk or weight.dtype == torch.float32 or dw is None else torch.empty(
         weight.shape, dtype=torch.float32, device=weight.device)
     db = torch.zeros(v, dtype=torch.float32, device=hidden.device) if want_b else None
+    db_chunk = torch.empty_like(db) if db is not None else None
     loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
     for r0 in range(0, n, rows):
         r1 = min(n, r0 + rows)
         h_part, lab = hidden[r0:r1], labels[r0:r1]
-        lp, lse, coef = head_logprobs(h_part, weight, bias, lab, None if ref is None else ref[r0:r1],
-                                      ignore_index=ignore_index, softcap=softcap, weighting=weighting,
-                                      scale=scale, exps=exps, tile_max=tile_max)
+        lp, lse, w = head_logprobs(h_part, weight, bias, lab, None if ref is None else ref[r0:r1],
+                                   ignore_index=ignore_index, softcap=softcap, weighting=weighting,
+                                   exps=exps, tile_max=tile_max)
+        coef = w * scale
         loss += (coef * lp).sum()
+        coef, unscale = normalized(coef, hidden.dtype)
+        if db_chunk is not None:
+            db_chunk.zero_()
         g = exps[:r1 - r0, :v]
         exp_to_grad_kernel[(triton.cdiv(r1 - r0, _ROWS), tile_max.shape[1])](
-            g, tile_max, lab, lse, coef, db if db is not None else lse, r1 - r0, v, g.stride(0), tile_max.stride(0),
-            softcap or 1.0, SOFTCAP=softcap is not None, NEED_DB=db is not None, ROWS=_ROWS, TILE=tile,
-            num_warps=4)
+            g, tile_max, lab, lse, coef, db_chunk if db_chunk is not None else lse, r1 - r0, v, g.stride(0),
+            tile_max.stride(0), softcap or 1.0, SOFTCAP=softcap is not None, NEED_DB=db is not None, ROWS=_ROWS,
+            TILE=tile, num_warps=4)
+        if db is not None:
+            db += db_chunk if unscale is None else db_chunk * unscale
         if want_h:
-            matmul(g, weight, dh[r0:r1])
+            matmul(g, weight, dh[r0:r1], scale=unscale)
         if want_w:
-            matmul(g.t(), h_part, dw_acc, accumulate=r0 > 0)
+            matmul(g.t(), h_part, dw_acc, accumulate=r0 > 0, scale=unscale)
     if dw_acc is not dw:
         dw.copy_(dw_acc)
     return loss, [dh, dw, None if db is None else db.to(bias.dtype)]

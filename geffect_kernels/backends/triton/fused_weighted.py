@@ -11,7 +11,7 @@ import torch
 from ..autograd import fused_loss, token_logprobs
 from .config import logits_budget
 from .fast_path import fast_head_grads, fast_rows
-from .linear_backward import head_grads, token_grad_filler
+from .linear_backward import head_grads, normalized, token_grad_filler
 from .linear_forward import head_logprobs
 
 
@@ -26,9 +26,10 @@ class _HeadLogprobs:
 
     def backward(self, saved, grad_lp, wanted):
         hidden, weight, bias, labels, lse = saved
-        coef = torch.where(labels != self.opts.ignore_index, grad_lp.float(), 0.0).contiguous()
+        coef = torch.where(labels != self.opts.ignore_index, grad_lp.float(), 0.0)
+        coef, unscale = normalized(coef, hidden.dtype)
         fill = token_grad_filler(hidden, weight, bias, labels, lse, coef, self.opts.softcap)
-        return (*head_grads(hidden, weight, bias, wanted[:3], fill), None)
+        return (*head_grads(hidden, weight, bias, wanted[:3], fill, unscale), None)
 
 
 def head_logprobs_op(hidden, weight, bias, labels, opts):
@@ -36,14 +37,17 @@ def head_logprobs_op(hidden, weight, bias, labels, opts):
 
 
 def weighted_head_loss(hidden, weight, bias, labels, ref, opts):
-    args = dict(ignore_index=opts.ignore_index, softcap=opts.softcap, weighting=opts.weighting, scale=opts.scale)
+    args = dict(ignore_index=opts.ignore_index, softcap=opts.softcap, weighting=opts.weighting)
 
     def compute(wanted, hidden, weight, bias):
         rows = fast_rows(hidden, weight, logits_budget()) if any(wanted) else 0
         if rows:
-            return fast_head_grads(hidden, weight, bias, labels, ref, wanted, rows, **args)
-        lp, lse, coef = head_logprobs(hidden, weight, bias, labels, ref, **args)
+            return fast_head_grads(hidden, weight, bias, labels, ref, wanted, rows, scale=opts.scale, **args)
+        lp, lse, w = head_logprobs(hidden, weight, bias, labels, ref, **args)
+        coef = w * opts.scale  # the scale may be a device scalar (1/n_valid): no synchronization
+        loss = (coef * lp).sum()
+        coef, unscale = normalized(coef, hidden.dtype)
         fill = token_grad_filler(hidden, weight, bias, labels, lse, coef, opts.softcap)
-        return (coef * lp).sum(), head_grads(hidden, weight, bias, wanted, fill)
+        return loss, head_grads(hidden, weight, bias, wanted, fill, unscale)
 
     return fused_loss(compute, hidden, weight, bias)

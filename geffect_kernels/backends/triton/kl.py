@@ -12,7 +12,7 @@ import triton.language as tl
 
 from .config import dot_precision, matmul_tiles
 from ..autograd import fused_loss
-from .linear_backward import head_grads, store_grad_tile
+from .linear_backward import head_grads, normalized, store_grad_tile
 from .linear_forward import vocab_splits
 from .tiles import add_bias, grouped_pid, logit_tile, online_lse, soft_cap
 
@@ -76,7 +76,7 @@ def kl_partials_kernel(h_ptr, w_ptr, b_ptr, hr_ptr, wr_ptr, br_ptr, part_ptr, N,
 
 
 @triton.jit
-def kl_combine_kernel(part_ptr, coef_ptr, kl_ptr, lse_ptr, lse_ref_ptr, N, n_splits, BLOCK: tl.constexpr):
+def kl_combine_kernel(part_ptr, valid_ptr, kl_ptr, lse_ptr, lse_ref_ptr, N, n_splits, BLOCK: tl.constexpr):
     rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = rows < N
     step = n_splits * N
@@ -99,8 +99,8 @@ def kl_combine_kernel(part_ptr, coef_ptr, kl_ptr, lse_ptr, lse_ref_ptr, N, n_spl
         m_r = mr_new
     lse = m + tl.log(s)
     lse_r = m_r + tl.log(s_r)
-    coef = tl.load(coef_ptr + rows, mask=ok, other=0.0)
-    tl.store(kl_ptr + rows, tl.where(coef != 0, t_r / s_r + lse - lse_r, 0.0), mask=ok)
+    valid = tl.load(valid_ptr + rows, mask=ok, other=0.0)
+    tl.store(kl_ptr + rows, tl.where(valid != 0, t_r / s_r + lse - lse_r, 0.0), mask=ok)
     tl.store(lse_ptr + rows, lse, mask=ok)
     tl.store(lse_ref_ptr + rows, lse_r, mask=ok)
 
@@ -144,16 +144,19 @@ def fused_kl(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, opt
         part = torch.empty((5, n_splits, n), dtype=torch.float32, device=hidden.device)
         kl_partials_kernel[(n_m * n_splits,)](*heads, part, n, v, h, *strides, per, n_splits, softcap or 1.0,
                                               **common)
-        coef = torch.where(labels != opts.ignore_index, opts.scale, 0.0).to(torch.float32)
+        valid = (labels != opts.ignore_index).to(torch.float32)
         kl, lse, lse_ref = (torch.empty(n, dtype=torch.float32, device=hidden.device) for _ in range(3))
         block = 1024 if n >= 1024 else max(16, triton.next_power_of_2(n))
-        kl_combine_kernel[(triton.cdiv(n, block),)](part, coef, kl, lse, lse_ref, n, n_splits, BLOCK=block)
+        kl_combine_kernel[(triton.cdiv(n, block),)](part, valid, kl, lse, lse_ref, n, n_splits, BLOCK=block)
+        coef = valid * opts.scale  # scale may be a device scalar (1/n_valid): no synchronization
+        loss = (kl * coef).sum()  # kl is 0 where ignored
+        coef, unscale = normalized(coef, hidden.dtype)
 
         def fill(g, v_start, width, db):
             grid = (n_m * triton.cdiv(width, tiles.block_n),)
             kl_grad_kernel[grid](*heads, lse, lse_ref, coef, g, g if db is None else db, n, v, h, v_start, width,
                                  *strides, g.stride(0), softcap or 1.0, NEED_DB=db is not None, **common)
 
-        return kl.sum() * opts.scale, head_grads(hidden, weight, bias, wanted, fill)
+        return loss, head_grads(hidden, weight, bias, wanted, fill, unscale)
 
     return fused_loss(compute, hidden, weight, bias)

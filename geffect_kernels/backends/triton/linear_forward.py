@@ -3,7 +3,7 @@
 A program owns BLOCK_M tokens and a split of consecutive vocabulary tiles; it computes each logit tile
 on tensor cores, folds it into a running max / sum-of-exponentials and picks up the target logit, and
 writes one partial (max, sum) per token and split. A small row-wise kernel then merges the partials into
-the LSE, ℓ_t = z_t[y_t] − LSE_t and, for the fused objectives, c_t = scale · w_t(ℓ_t, ℓ_ref,t).
+the LSE, ℓ_t = z_t[y_t] − LSE_t and, for the fused objectives, the weight w_t(ℓ_t, ℓ_ref,t) (0 where ignored).
 The N×V logits never reach global memory.
 """
 import torch
@@ -49,6 +49,8 @@ def lse_partials_kernel(h_ptr, w_ptr, b_ptr, labels_ptr, part_max_ptr, part_sum_
         if SOFTCAP:
             z, _ = soft_cap(z, softcap)
         z = tl.where(cols[None, :] < V, z, float("-inf"))
+        # the target logit first: z is then dead once e exists (two live 128×256 tiles would spill)
+        target += tl.sum(tl.where(cols[None, :] == label[:, None], z, 0.0), axis=1)
         tile_max = tl.maximum(tl.max(z, axis=1), -3.0e38)
         e = tl.exp(z - tile_max[:, None])
         if STORE_EXP:
@@ -60,7 +62,6 @@ def lse_partials_kernel(h_ptr, w_ptr, b_ptr, labels_ptr, part_max_ptr, part_sum_
         m_new = tl.maximum(m, tile_max)
         s = s * tl.exp(m - m_new) + tl.sum(e, axis=1) * tl.exp(tile_max - m_new)
         m = m_new
-        target += tl.sum(tl.where(cols[None, :] == label[:, None], z, 0.0), axis=1)
     out = pid_s * N + rows
     tl.store(part_max_ptr + out, m, mask=row_ok)
     tl.store(part_sum_ptr + out, s, mask=row_ok)
@@ -70,7 +71,7 @@ def lse_partials_kernel(h_ptr, w_ptr, b_ptr, labels_ptr, part_max_ptr, part_sum_
 
 @triton.jit
 def combine_kernel(part_max_ptr, part_sum_ptr, target_ptr, labels_ptr, ref_ptr, lp_ptr, lse_ptr, coef_ptr,
-                   N, n_splits, ignore_index, scale, alpha, beta, gamma, eps,
+                   N, n_splits, ignore_index, alpha, beta, gamma, eps,
                    KIND: tl.constexpr, HAS_REF: tl.constexpr, BLOCK: tl.constexpr):
     rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = rows < N
@@ -90,7 +91,7 @@ def combine_kernel(part_max_ptr, part_sum_ptr, target_ptr, labels_ptr, ref_ptr, 
     if KIND >= 0:
         ref = tl.load(ref_ptr + rows, mask=ok, other=0.0).to(tl.float32) if HAS_REF else lp
         w = token_weight(lp, ref, alpha, beta, gamma, eps, KIND)
-        tl.store(coef_ptr + rows, tl.where(valid, w * scale, 0.0), mask=ok)
+        tl.store(coef_ptr + rows, tl.where(valid, w, 0.0), mask=ok)
 
 
 def forward_tile_width(dtype):
@@ -103,8 +104,8 @@ def vocab_splits(n_row_blocks, n_col_tiles):
     return per, triton.cdiv(n_col_tiles, per)
 
 
-def merge_partials(part_max, part_sum, target, labels, ref, *, ignore_index, weighting, scale):
-    """ℓ_t, LSE_t and (with a weighting) c_t = scale · w_t from per-split partial maxima and sums."""
+def merge_partials(part_max, part_sum, target, labels, ref, *, ignore_index, weighting):
+    """ℓ_t, LSE_t and (with a weighting) w_t from per-split partial maxima and sums."""
     n = labels.shape[0]
     lp = torch.empty(n, dtype=torch.float32, device=labels.device)
     lse = torch.empty_like(lp)
@@ -112,14 +113,14 @@ def merge_partials(part_max, part_sum, target, labels, ref, *, ignore_index, wei
     block = 1024 if n >= 1024 else max(16, triton.next_power_of_2(n))
     combine_kernel[(triton.cdiv(n, block),)](
         part_max, part_sum, target, labels, lp if ref is None else ref, lp, lse, coef,
-        n, part_max.shape[0], ignore_index, scale, **weight_args(weighting), HAS_REF=ref is not None,
+        n, part_max.shape[0], ignore_index, **weight_args(weighting), HAS_REF=ref is not None,
         BLOCK=block)
     return lp, lse, (coef if weighting is not None else None)
 
 
-def head_logprobs(hidden, weight, bias, labels, ref=None, *, ignore_index, softcap, weighting=None, scale=1.0,
+def head_logprobs(hidden, weight, bias, labels, ref=None, *, ignore_index, softcap, weighting=None,
                   exps=None, tile_max=None):
-    """(ℓ [N], LSE [N], c [N] or None), float32, for hidden [N, H] over the head weight [V, H] (+ bias).
+    """(ℓ [N], LSE [N], w [N] or None), float32, for hidden [N, H] over the head weight [V, H] (+ bias).
 
     With ``exps`` ([N, ≥V], input dtype) and ``tile_max`` ([N, ⌈V / tile⌉] float32) given, the kernel
     also stores exp(z − tile max) and the tile maxima there (fast mode; see `forward_tile_width`).
@@ -141,4 +142,4 @@ def head_logprobs(hidden, weight, bias, labels, ref=None, *, ignore_index, softc
         PRECISION=dot_precision(hidden.dtype),
         **tiles.launch())
     return merge_partials(part_max, part_sum, target, labels, ref, ignore_index=ignore_index,
-                          weighting=weighting, scale=scale)
+                          weighting=weighting)

@@ -52,7 +52,8 @@ def _row_grad(x_row, g_row, label, lse, coef, V, softcap, SOFTCAP: tl.constexpr,
 
 @triton.jit
 def logits_rows_kernel(x_ptr, labels_ptr, ref_ptr, lp_ptr, lse_ptr, coef_ptr, grad_ptr, V, stride_x, stride_g,
-                       ignore_index, softcap, scale, alpha, beta, gamma, eps, KIND: tl.constexpr, HAS_REF: tl.constexpr,
+                       ignore_index, softcap, scale_ptr, alpha, beta, gamma, eps, KIND: tl.constexpr,
+                       HAS_REF: tl.constexpr,
                        SOFTCAP: tl.constexpr, WRITE_GRAD: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0)
     x_row = x_ptr + row.to(tl.int64) * stride_x
@@ -64,7 +65,7 @@ def logits_rows_kernel(x_ptr, labels_ptr, ref_ptr, lp_ptr, lse_ptr, coef_ptr, gr
     tl.store(lse_ptr + row, lse)
     if KIND >= 0:
         ref = tl.load(ref_ptr + row).to(tl.float32) if HAS_REF else lp
-        coef = tl.where(valid, token_weight(lp, ref, alpha, beta, gamma, eps, KIND) * scale, 0.0)
+        coef = tl.where(valid, token_weight(lp, ref, alpha, beta, gamma, eps, KIND) * tl.load(scale_ptr), 0.0)
         tl.store(coef_ptr + row, coef)
         if WRITE_GRAD:
             _row_grad(x_row, grad_ptr + row.to(tl.int64) * stride_g, label, lse, coef, V, softcap, SOFTCAP, BLOCK)
@@ -78,6 +79,13 @@ def logits_grad_kernel(x_ptr, labels_ptr, lse_ptr, coef_ptr, grad_ptr, V, stride
               tl.load(lse_ptr + row), tl.load(coef_ptr + row), V, softcap, SOFTCAP, BLOCK)
 
 
+def _device_scalar(value, device):
+    """A number or a 0-d tensor (1/n_valid, kept on the device) as a float32 tensor of one element."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device=device, dtype=torch.float32).reshape(1)
+    return torch.full((1,), float(value), dtype=torch.float32, device=device)
+
+
 def _rows(logits, labels, ref, grad, *, ignore_index, softcap, weighting=None, scale=1.0):
     n, v = logits.shape
     lp = torch.empty(n, dtype=torch.float32, device=logits.device)
@@ -87,7 +95,8 @@ def _rows(logits, labels, ref, grad, *, ignore_index, softcap, weighting=None, s
         block, warps = row_block(v)
         logits_rows_kernel[(n,)](
             logits, labels, lp if ref is None else ref, lp, lse, coef, logits if grad is None else grad, v,
-            logits.stride(0), 0 if grad is None else grad.stride(0), ignore_index, softcap or 1.0, scale,
+            logits.stride(0), 0 if grad is None else grad.stride(0), ignore_index, softcap or 1.0,
+            _device_scalar(scale, logits.device),
             **weight_args(weighting), HAS_REF=ref is not None, SOFTCAP=softcap is not None,
             WRITE_GRAD=grad is not None, BLOCK=block, num_warps=warps)
     return lp, lse, coef

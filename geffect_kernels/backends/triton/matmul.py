@@ -3,8 +3,10 @@
 Any strides (a transposed operand is just swapped strides). With ACCUMULATE the float32 tile already
 in C is added before the store, which lets dh be summed over vocabulary chunks in a float32 buffer;
 without it C is written once, in its own dtype (dW of a vocabulary chunk is complete after one product
-over all tokens, so it goes straight into the weight's dtype).
+over all tokens, so it goes straight into the weight's dtype). The product is multiplied by a float32 device
+scalar before that (`scale_ptr`): the undoing of a 16-bit operand's normalization (see `normalized`).
 """
+import torch
 import triton
 import triton.language as tl
 
@@ -13,7 +15,7 @@ from .tiles import grouped_pid
 
 
 @triton.jit
-def matmul_kernel(a_ptr, b_ptr, c_ptr, M, N, K, stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
+def matmul_kernel(a_ptr, b_ptr, c_ptr, scale_ptr, M, N, K, stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
                   ACCUMULATE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                   GROUP_M: tl.constexpr, PRECISION: tl.constexpr):
     pid_m, pid_n = grouped_pid(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
@@ -39,18 +41,22 @@ def matmul_kernel(a_ptr, b_ptr, c_ptr, M, N, K, stride_am, stride_ak, stride_bk,
     c_ptrs = (c_ptr + first_m * stride_cm + first_n * stride_cn
               + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn)
     mask = row_ok & col_ok
+    acc = acc * tl.load(scale_ptr)
     if ACCUMULATE:
         acc += tl.load(c_ptrs, mask=mask, other=0.0)
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask)
 
 
-def matmul(a, b, out, *, accumulate=False):
-    """out (+)= a @ b for 2-D tensors of any strides; ``accumulate`` needs a float32 ``out``."""
+def matmul(a, b, out, *, accumulate=False, scale=None):
+    """out (+)= scale · a @ b for 2-D tensors of any strides; ``accumulate`` needs a float32 ``out``; ``scale``
+    a float32 device tensor of one element (None: 1)."""
     m, k = a.shape
     n = b.shape[1]
     tiles = matmul_tiles(a.dtype)
     grid = (triton.cdiv(m, tiles.block_m) * triton.cdiv(n, tiles.block_n),)
-    matmul_kernel[grid](a, b, out, m, n, k, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
+    if scale is None:
+        scale = torch.ones(1, dtype=torch.float32, device=out.device)
+    matmul_kernel[grid](a, b, out, scale, m, n, k, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
                         out.stride(0), out.stride(1), ACCUMULATE=accumulate,
                         PRECISION=dot_precision(a.dtype), **tiles.launch())
     return out
