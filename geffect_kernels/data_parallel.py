@@ -51,12 +51,15 @@ def gather_rows(tensors: list[torch.Tensor], pads: list) -> tuple[list[torch.Ten
 
 
 def objective_part(name, model, batch, *, ref_logprobs=None, backend="auto", **hparams):
-    """(R · this rank's part of objective ``name`` on the global batch, to backpropagate; L's value, a float).
+    """(R · this rank's part of objective ``name`` (or a `catalog.resolve`d one) on the global batch, to
+    backpropagate; L's value, a float).
 
     ``batch`` and ``ref_logprobs`` are this rank's slices (HF-style batch, HF-shifted log-probabilities).
     """
+    from .catalog import resolve
     from .geffect.profiler import objective_from_logprobs
 
+    objective = resolve(name, hparams) if isinstance(name, str) else name  # a name, or already resolved
     logprobs = hf.token_logprobs(model, batch, backend=backend)
     labels = hf.batch_labels(batch)[:, 1:]
     tensors, pads = [logprobs.detach().double(), labels], [0.0, IGNORE_INDEX]
@@ -66,8 +69,7 @@ def objective_part(name, model, batch, *, ref_logprobs=None, backend="auto", **h
     gathered, mine = gather_rows(tensors, pads)
     flat = gathered[0].requires_grad_()
     with torch.enable_grad():
-        loss = objective_from_logprobs(name, flat, gathered[1], gathered[2] if ref_logprobs is not None else None,
-                                       **hparams)
+        loss = objective_from_logprobs(objective, flat, gathered[1], gathered[2] if ref_logprobs is not None else None)
         coef, = torch.autograd.grad(loss, flat)
     coef = torch.where(labels != IGNORE_INDEX, coef[mine, : logprobs.shape[1]], 0).to(logprobs.dtype)
     return dist.get_world_size() * (coef * logprobs).sum(), float(loss.detach())

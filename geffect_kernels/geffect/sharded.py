@@ -38,7 +38,6 @@ import torch
 import torch.distributed as dist
 
 from ..data_parallel import objective_part
-from ..objectives import resolve
 from .result import GEffectResult
 
 def is_sharded(model: torch.nn.Module) -> bool:
@@ -78,10 +77,9 @@ def measure(profiler, objective: Callable, risks: Mapping[str, Callable]) -> GEf
 
 def measure_unlearning(profiler, objective: str, forget_batch, retain_batch=None, *, ref_logprobs=None,
                        retain_objective="nll", backend="auto", **hparams) -> GEffectResult:
-    """`GEffectProfiler.measure_unlearning` on a sharded model, each rank passing its slice of the batches
-    (and of ``ref_logprobs``); returns on every rank the G-effects of the global batches."""
-    resolve(objective, hparams)
-    fns = {"objective": _global_loss(profiler.model, objective, forget_batch, ref_logprobs, backend, hparams),
+    """`GEffectProfiler.measure_unlearning` on a sharded model (``objective`` resolved by it), each rank passing
+    its slice of the batches (and of ``ref_logprobs``); returns on every rank the G-effects of the global batches."""
+    fns = {"objective": _global_loss(profiler.model, objective, forget_batch, ref_logprobs, backend, {}),
            "forget": _global_loss(profiler.model, "nll", forget_batch, None, backend, {})}
     pairs = [("objective", "forget")]
     if retain_batch is not None:
