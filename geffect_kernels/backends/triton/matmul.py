@@ -1,7 +1,7 @@
 """C (+)= A · B with float32 accumulation on chip, for the dh and dW products of the backward.
 
 Any strides (a transposed operand is just swapped strides). With ACCUMULATE the float32 tile already
-in C is added before the store, which lets dh be summed over vocabulary chunks in a float32 buffer;
+in C is added (the accumulator starts from it), which lets dh be summed over vocabulary chunks in a float32 buffer;
 without it C is written once, in its own dtype (dW of a vocabulary chunk is complete after one product
 over all tokens, so it goes straight into the weight's dtype). The product is multiplied by a float32 device
 scalar before that (`scale_ptr`): the undoing of a 16-bit operand's normalization (see `normalized`).
@@ -31,19 +31,21 @@ def matmul_kernel(a_ptr, b_ptr, c_ptr, scale_ptr, M, N, K, stride_am, stride_ak,
     col_ok = offs_n[None, :] < N - first_n
     a_ptrs = a_ptr + first_m * stride_am + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak
     b_ptrs = b_ptr + first_n * stride_bn + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    c_ptrs = (c_ptr + first_m * stride_cm + first_n * stride_cn
+              + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn)
+    mask = row_ok & col_ok
+    scale = tl.load(scale_ptr)
+    if ACCUMULATE:  # start from C / scale: C is then never a second tile beside the accumulator (that spilled)
+        acc = tl.load(c_ptrs, mask=mask, other=0.0) / scale
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k in range(0, K, BLOCK_K):
         a = tl.load(a_ptrs, mask=row_ok & (offs_k[None, :] < K - k), other=0.0)
         b = tl.load(b_ptrs, mask=(offs_k[:, None] < K - k) & col_ok, other=0.0)
         acc = tl.dot(a, b, acc, input_precision=PRECISION)
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
-    c_ptrs = (c_ptr + first_m * stride_cm + first_n * stride_cn
-              + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn)
-    mask = row_ok & col_ok
-    acc = acc * tl.load(scale_ptr)
-    if ACCUMULATE:
-        acc += tl.load(c_ptrs, mask=mask, other=0.0)
+    acc = acc * scale
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask)
 
 
