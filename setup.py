@@ -52,8 +52,9 @@ setup(
         "pyyaml>=6.0",
         "rouge-score>=0.1.2",  # TOFU's ROUGE-L (Porter stemming)
     ],
-    extras_require={"triton": ["triton>=3.0"], "hf": ["accelerate>=1.1"],
-                    "test": ["pytest>=8", "pytest-benchmark>=4", "accelerate>=1.1", "setuptools>=70.1"]},
+    extras_require={"triton": ["triton>=3.0"], "hf": ["accelerate>=1.1"], "peft": ["peft>=0.13"],
+                    "test": ["pytest>=8", "pytest-benchmark>=4", "accelerate>=1.1", "setuptools>=70.1",
+                             "peft>=0.13"]},
     entry_points={"console_scripts": ["geffect = geffect_kernels.cli:main"]},
     **(extension_build() if os.environ.get("GEFFECT_BUILD_EXT") == "1" else {}),
 )

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -35,7 +36,11 @@ def _hparams(pairs):
 def _load_model(path, device="cpu"):
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from .train.lora import is_adapter_dir, load_adapter
+
     path = Path(path)
+    if is_adapter_dir(path):  # a LoRA adapter written by `geffect train --lora-r`: its base model plus it
+        return load_adapter(path, lambda base: _load_model(base, device)).to(device)
     if not (path / "config.json").is_file():
         raise CLIError(f"{path} is not a Hugging Face model directory (no config.json)")
     try:
@@ -83,14 +88,22 @@ def _train_settings(args):
 def cmd_train(args):
     import copy
 
+    import torch
+
     from .data import encode_pairs, load_qa
     from .eval import evaluate_model
     from .eval.report import make_report
     from .train import TrainConfig, train
+    from .train import distributed
+    from .train.distributed import check_resume, check_world
+    from .train.launch import is_rank_zero, launch, world_size
+    from .train.lora import add_lora
 
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
         raise CLIError(f"--max-new-tokens must be a positive integer, got {args.max_new_tokens}")
     files, objectives, settings = _train_settings(args)
+    if (args.lora_alpha is not None or args.lora_targets) and not args.lora_r:
+        raise CLIError("--lora-alpha and --lora-targets need --lora-r RANK")
     configs = {name: TrainConfig.from_dict({**settings, "objective": name, "progress": not args.no_progress,
                                             "out_dir": str(Path(args.out) / "runs" / name)}) for name in objectives}
     if any(c.uses_retain for c in configs.values()) and not files["retain"]:
@@ -99,14 +112,31 @@ def cmd_train(args):
     retain_pairs = load_qa(files["retain"]) if files["retain"] else None
     utility_sets = {name: load_qa(path) for name, path in (("real_authors", args.real_authors), ("world", args.world))
                     if path}
-    start = _load_model(files["model"], args.device)
+    world = args.nproc or world_size()
+    for config in configs.values():  # before anything runs or is written
+        check_world(world, config, forget_pairs, retain_pairs if config.uses_retain else None)
+        check_resume(config.out_dir, world, args.allow_reshard)
+    if world > 1 and args.eval:
+        raise CLIError("--eval runs in one process: evaluate the saved model afterwards")
+    if args.nproc and args.nproc > 1:
+        raise SystemExit(launch(args.argv, args.nproc))
+    device = distributed.init(args.device) if world > 1 else args.device
+    start = _load_model(files["model"], device)
     tokenizer = _load_tokenizer(args.tokenizer or files["model"])
     forget = encode_pairs(tokenizer, forget_pairs, max_length=args.max_length)
     retain = encode_pairs(tokenizer, retain_pairs, max_length=args.max_length) if retain_pairs else None
     summaries = {}
     for name, config in configs.items():
         model = copy.deepcopy(start)
-        result = train(model, forget, retain, config)
+        if args.lora_r:
+            torch.manual_seed(config.seed)  # the same adapters on every rank
+            model = add_lora(model, args.lora_r, args.lora_alpha, args.lora_targets, base_path=files["model"])
+        if world > 1:
+            result = distributed.train_sharded(model, forget, retain, config, allow_reshard=args.allow_reshard)
+        else:
+            result = train(model, forget, retain, config)
+        if not is_rank_zero():
+            continue
         tokenizer.save_pretrained(Path(config.out_dir) / "model")
         print(f"{name}: {config.steps} steps (resumed from step {result.resumed_from}), final loss "
               f"{result.metrics[-1]['loss']:.4f}; model in {config.out_dir}/model")
@@ -119,7 +149,10 @@ def cmd_train(args):
         results = Path(args.out) / "results"
         results.mkdir(parents=True, exist_ok=True)
         (results / "summary.json").write_text(json.dumps(summaries, indent=1))
-    print(f"report: {make_report(args.out)}")
+    if is_rank_zero():
+        print(f"report: {make_report(args.out)}")
+    if world > 1:
+        distributed.finish()
 
 
 def cmd_profile(args):
@@ -208,6 +241,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--geffect-every", type=int, help="record G-effects every k steps (0: never)")
     p.add_argument("--hparam", nargs="*", metavar="NAME=VALUE", help="objective hyper-parameters, e.g. beta=0.5")
     p.add_argument("--max-length", type=int, help="truncate examples to this many tokens")
+    p.add_argument("--nproc", type=int, help="shard over N local processes (FSDP2; launches torchrun); "
+                                             "--batch-size stays the global batch")
+    p.add_argument("--allow-reshard", action="store_true",
+                   help="resume a checkpoint written by another number of processes")
+    p.add_argument("--lora-r", type=int, help="train rank-R LoRA adapters instead of all weights; saves the adapter")
+    p.add_argument("--lora-alpha", type=float, help="LoRA scaling numerator (default: 2 × rank)")
+    p.add_argument("--lora-targets", type=lambda s: [t for t in s.split(",") if t], metavar="NAME,NAME",
+                   help="modules that get adapters, e.g. q_proj,v_proj (default: peft's for the architecture)")
     p.add_argument("--eval", action="store_true",
                    help="TOFU metrics afterwards on the forget and retain sets (and --real-authors, --world); "
                         "model_utility needs all three utility sets, else the harmonic mean is named after the sets")
@@ -255,7 +296,9 @@ def _cuda():
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv  # `train --nproc` relaunches the same command under torchrun
     from transformers.utils import logging as hf_logging
 
     from .data import DataError
@@ -265,7 +308,8 @@ def main(argv=None) -> int:
     try:
         args.func(args)
     except (CLIError, DataError, TrainingDiverged, FileExistsError, FileNotFoundError, ValueError) as err:
-        print(f"geffect: error: {str(err).splitlines()[0] if str(err) else type(err).__name__}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank meets the same bad input: say it once
+            print(f"geffect: error: {str(err).splitlines()[0] if str(err) else type(err).__name__}", file=sys.stderr)
         return EXIT_ERROR
     return 0
 

@@ -37,11 +37,31 @@ class HeadInputs(NamedTuple):
         return dict(bias=self.bias, softcap=self.softcap, shift=True)
 
 
+def causal_lm(model):
+    """The Hugging Face causal LM of ``model``: itself, or the one a ``peft.PeftModel`` wraps.
+
+    Adapters that live inside the layers (LoRA, IA³, ...) are part of that model's modules, so its decoder
+    runs them; prompt-learning adapters add virtual tokens in the wrapper's forward and are refused.
+    """
+    if not (hasattr(model, "peft_config") and callable(getattr(model, "get_base_model", None))):
+        return model
+    config = getattr(model, "active_peft_config", None)
+    if getattr(config, "is_prompt_learning", False):
+        raise NotImplementedError(f"{type(config).__name__} adds virtual tokens outside the layers; "
+                                  "only adapters inside the layers (LoRA, IA3, ...) are supported")
+    return model.get_base_model()
+
+
 def lm_head(model) -> LMHead:
     """The output projection of ``model``: weight (the tied input embedding when tied), bias, soft-cap."""
+    model = causal_lm(model)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if head is None or not hasattr(head, "weight"):
         raise ValueError(f"{type(model).__name__} has no output embedding (is it a causal LM?)")
+    if hasattr(head, "base_layer"):  # a peft adapter layer: its weight would be the base's, without the adapter
+        raise NotImplementedError("an adapter on the LM head is not supported (the head's logits are computed "
+                                  "from its weight); adapt the decoder's layers, or train the head itself "
+                                  "(peft modules_to_save)")
     config = model.config
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
     for field in _UNSUPPORTED_LOGIT_TRANSFORMS:
@@ -54,12 +74,40 @@ def lm_head(model) -> LMHead:
 
 
 def final_hidden_states(model, input_ids, attention_mask=None, **kwargs) -> torch.Tensor:
-    """The decoder's last hidden states (after the final norm), ``[B, T, H]``, without the LM head."""
-    base = getattr(model, "base_model", None)
-    if base is None or base is model:
-        raise ValueError(f"{type(model).__name__} does not expose a base model under its LM head")
-    out = base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs)
-    return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+    """The decoder's last hidden states (after the final norm), ``[B, T, H]``, without the LM head.
+
+    A model sharded with FSDP2 (``fully_shard``) is run through its root's forward, which gathers the
+    root's parameters (embedding, final norm, head) and reduce-scatters their gradients; the head then
+    scores the last position only, and the hidden states are read off the decoder's output.
+    """
+    lm = causal_lm(model)
+    base = getattr(lm, "base_model", None)
+    if base is None or base is lm:
+        raise ValueError(f"{type(lm).__name__} does not expose a base model under its LM head")
+    root = _fsdp_root(model)
+    if root is None:
+        out = base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs)
+        return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+    seen = []
+    handle = base.register_forward_hook(
+        lambda module, args, out: seen.append(out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]))
+    try:
+        root(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, logits_to_keep=1, **kwargs)
+    finally:
+        handle.remove()
+    return seen[-1]
+
+
+def _fsdp_root(model):
+    """The outermost FSDP2-sharded module of ``model`` (itself or its causal LM), or None when not sharded."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        return None
+    for candidate in (model, causal_lm(model)):
+        if isinstance(candidate, FSDPModule):
+            return candidate
+    return None
 
 
 def batch_labels(batch) -> torch.Tensor:

@@ -9,6 +9,11 @@ retain NLL at the current parameters (fixed probe batches, so steps are comparab
 ``eval()`` mode (no dropout: exact values, and the run's random stream is left alone, so training goes
 exactly as it would without the callback) and restores each module's mode afterwards. A new ``train()``
 (a rerun, or a resume from a checkpoint) drops the records from its starting step on.
+
+On a model sharded with FSDP2 (accelerate's FSDP2 plugin) every rank passes its slice of the probe batches
+and records the G-effects of the whole batches (`geffect.sharded`). accelerate 1.15 turns FSDP on for GPU
+and other accelerator processes only: on CPU processes (gloo) the Trainer runs DDP, which the callback
+measures like one process.
 """
 from __future__ import annotations
 
@@ -43,13 +48,15 @@ class GEffectCallback(TrainerCallback):
         if self._profiler is None or self._profiler.model is not model:  # a reused callback, a new model
             self._profiler = GEffectProfiler(model, groups=self.groups)
         device = next(model.parameters()).device
-        move = lambda batch: batch and {k: v.to(device) for k, v in batch.items()}
-        ref = self.ref_logprobs.to(device) if self.ref_logprobs is not None else None
+        rows = _rank_rows(model, self.forget_batch, self.retain_batch)
+        move = lambda batch, side: batch and {k: v[rows[side]].to(device) for k, v in batch.items()}
+        ref = self.ref_logprobs[rows["forget"]].to(device) if self.ref_logprobs is not None else None
         modes = {module: module.training for module in model.modules()}
         model.eval()
         try:
-            result = self._profiler.measure_unlearning(self.objective, move(self.forget_batch),
-                                                       move(self.retain_batch), ref_logprobs=ref, **self.hparams)
+            result = self._profiler.measure_unlearning(self.objective, move(self.forget_batch, "forget"),
+                                                       move(self.retain_batch, "retain"), ref_logprobs=ref,
+                                                       **self.hparams)
         finally:
             for module, training in modes.items():
                 module.training = training
@@ -59,3 +66,21 @@ class GEffectCallback(TrainerCallback):
         if self.output_dir is not None and len(self.history) and state.is_world_process_zero:
             self.history.to_json(self.output_dir / "geffects.json")
             self.history.to_csv(self.output_dir / "geffects.csv")
+
+
+def _rank_rows(model, forget_batch, retain_batch) -> dict:
+    """The samples of each probe batch this process measures: all of them, or on a sharded (FSDP2) model
+    this rank's slice (the profiler then returns the G-effects of the whole batches on every rank)."""
+    from .geffect.sharded import is_sharded
+
+    everything = {"forget": slice(None), "retain": slice(None)}
+    if not is_sharded(model):
+        return everything
+    import torch.distributed as dist
+
+    from .data_parallel import rank_rows
+    rank, world = dist.get_rank(), dist.get_world_size()
+    for side, batch in (("forget", forget_batch), ("retain", retain_batch)):
+        if batch is not None:
+            everything[side] = rank_rows(batch["input_ids"].shape[0], rank, world)
+    return everything

@@ -24,6 +24,7 @@ from .groups import parameter_groups
 from .head import gram_pays, head_pass
 from .inner import Factored, Gathered, HeadRows, Summed, dense_dot, row_dots
 from .result import GEffectResult
+from . import sharded
 
 IGNORE_INDEX = -100  # Hugging Face labels
 NLL = resolve("nll", {})
@@ -195,6 +196,9 @@ class GEffectProfiler:
                 or not all(callable(r) for r in risks.values()):
             raise TypeError("measure(objective, risks): objective is a callable fn(model) -> loss and risks a "
                             "non-empty dict of such callables")
+        if sharded.is_sharded(self.model):  # FSDP2: per-shard dot products of the reduce-scattered gradients
+            _refuse_per_instance_when_sharded(per_instance)
+            return sharded.measure(self, objective, risks)
         params = self._params()
         losses = {}
         grad_a, losses["objective"] = self._gradient_of(objective, params, "objective")
@@ -235,6 +239,10 @@ class GEffectProfiler:
         retain_objective = "none" if retain_objective is None else retain_objective
         if retain_objective not in RETAIN_OBJECTIVES:
             raise ValueError(f"retain_objective must be one of {RETAIN_OBJECTIVES}, got {retain_objective!r}")
+        if sharded.is_sharded(self.model):  # FSDP2: each rank passes its slice of the batches
+            _refuse_per_instance_when_sharded(per_instance)
+            return sharded.measure_unlearning(self, objective, forget_batch, retain_batch, ref_logprobs=ref_logprobs,
+                                              retain_objective=retain_objective, backend=backend, **hparams)
         params = self._params()
         batches = {"forget": forget_batch} if retain_batch is None else {"forget": forget_batch,
                                                                           "retain": retain_batch}
@@ -330,6 +338,11 @@ class GEffectProfiler:
             total[risk] = sum(group_sums.values())
             instance[risk] = per_sample.tolist()
         return GEffectResult(total, by_group, instance if per_instance else None, losses)
+
+
+def _refuse_per_instance_when_sharded(per_instance):
+    if per_instance:
+        raise NotImplementedError("per_instance=True is not available on a sharded (FSDP2) model")
 
 
 def _stackable(a, b) -> bool:

@@ -87,6 +87,13 @@ class _Run:
         idx = batch_indices(len(self.retain), self.config.batch_size, self.config.seed + 1, micro)
         return _to(self.retain.batch(idx), self.device)
 
+    # the losses of a micro-step (a sharded run's are its global batch's: `distributed`)
+    def objective_loss(self, name, batch, ref_logprobs=None, hparams=None):
+        return _objective_loss(name, self.model, batch, self.config, ref_logprobs, hparams)
+
+    def kl_retain_loss(self, batch):
+        return _kl_retain_loss(self.model, self.reference, batch, self.config)
+
 
 def train(model, forget, retain, config: TrainConfig, *, evaluate=None, resume: bool | None = None
           ) -> TrainResult:
@@ -267,12 +274,12 @@ def _micro_step_losses(run: _Run, micro) -> dict:
     config = run.config
     f_batch, f_ref = run.forget_batch(micro)
     with run.autocast:
-        forget_loss = _objective_loss(config.objective, run.model, f_batch, config, f_ref, config.hparams)
+        forget_loss = run.objective_loss(config.objective, f_batch, f_ref, config.hparams)
         retain_loss = torch.zeros((), device=run.device)
         if config.uses_retain and config.retain_objective == "nll":
-            retain_loss = _objective_loss("nll", run.model, run.retain_batch(micro), config)
+            retain_loss = run.objective_loss("nll", run.retain_batch(micro))
         elif config.uses_retain:
-            retain_loss = _kl_retain_loss(run.model, run.reference, run.retain_batch(micro), config)
+            retain_loss = run.kl_retain_loss(run.retain_batch(micro))
         loss = config.forget_weight * forget_loss + config.retain_weight * retain_loss
     if not torch.isfinite(loss):
         raise _NonFinite(f"the loss is {loss.item()}")

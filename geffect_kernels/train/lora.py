@@ -1,0 +1,56 @@
+"""LoRA adapters (peft) for a training run, and loading a saved adapter back onto its base model.
+
+Only the adapters train: the optimizer, the G-effects and the saved model (``save_pretrained`` of a
+``PeftModel`` writes the adapter alone) cover the trainable parameters.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+def add_lora(model, r: int, alpha: float | None = None, targets: list[str] | None = None, base_path=None):
+    """``model`` wrapped in rank-``r`` LoRA adapters on the modules named ``targets`` (peft's default for
+    the architecture when None); ``alpha`` defaults to 2r. ValueError (one line) when no module matches."""
+    from peft import LoraConfig, get_peft_model
+
+    if not isinstance(r, int) or r < 1:
+        raise ValueError(f"the LoRA rank must be a positive integer, got {r!r}")
+    config = LoraConfig(r=r, lora_alpha=2 * r if alpha is None else alpha, lora_dropout=0.0,
+                        target_modules=list(targets) if targets else None, task_type="CAUSAL_LM")
+    if targets:
+        _check_targets(model, targets)
+    try:
+        peft_model = get_peft_model(model, config)
+    except ValueError as err:
+        raise ValueError(f"LoRA: {str(err).splitlines()[0]}") from None
+    if base_path is not None:  # an adapter folder then names where its base model lives
+        peft_model.peft_config["default"].base_model_name_or_path = str(Path(base_path).resolve())
+    return peft_model
+
+
+def _check_targets(model, targets):
+    names = [name for name, _ in model.named_modules() if name]
+    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]  # peft's matching
+    if missing:
+        import torch.nn as nn
+        linear = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, nn.Linear)})
+        raise ValueError(f"LoRA target(s) {', '.join(missing)} match no module of {type(model).__name__}; "
+                         f"its linear layers are {', '.join(linear)}")
+
+
+def is_adapter_dir(path) -> bool:
+    return (Path(path) / ADAPTER_CONFIG).is_file()
+
+
+def load_adapter(path, load_base, trainable=True):
+    """The ``PeftModel`` saved in ``path``: its base model from ``load_base(base_path)`` plus the adapter,
+    trainable by default (G-effects are taken over the trainable parameters: here the adapter's)."""
+    from peft import PeftModel
+
+    base_path = json.loads((Path(path) / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
+    if not base_path:
+        raise ValueError(f"{path}/{ADAPTER_CONFIG} names no base model (base_model_name_or_path)")
+    return PeftModel.from_pretrained(load_base(base_path), path, is_trainable=trainable)

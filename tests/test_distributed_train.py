@@ -1,0 +1,129 @@
+"""`geffect train` on two gloo ranks (FSDP2): the losses and G-effects of one process, a run killed under torchrun
+resumes bit-identically, and bad input (too many processes, another world size) is one line with nothing written."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from geffect_kernels.cli import main
+from geffect_kernels.data import demo_data, qa_texts, save_qa, train_tokenizer
+from geffect_kernels.train import tiny_llama
+
+from ranks import ROOT, rank_env, run_ranks
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+TIMEOUT = 600  # a hang, not a slow machine: CI shares its cores
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dist")
+    data = demo_data(3, forget_fraction=0.34)
+    tokenizer = train_tokenizer(qa_texts(data.all_training), vocab_size=300)
+    model = tiny_llama(tokenizer, hidden_size=32, layers=2, heads=2, intermediate_size=64)
+    model.save_pretrained(root / "model")
+    tokenizer.save_pretrained(root / "model")
+    save_qa(data.forget, root / "forget.json")
+    save_qa(data.retain, root / "retain.json")
+    (root / "run.yaml").write_text(f"model: {root / 'model'}\nforget: {root / 'forget.json'}\n"
+                                   f"retain: {root / 'retain.json'}\nobjective: npo\nsteps: 6\nlr: 0.01\n"
+                                   f"batch_size: 5\ngeffect_every: 2\ncheckpoint_every: 2\nbackend: torch\n")
+    return root
+
+
+def train_args(workspace, out):
+    return ["train", "--config", workspace / "run.yaml", "--out", out, "--no-progress"]
+
+
+def metrics(out):
+    return [json.loads(line) for line in (out / "runs" / "npo" / "metrics.jsonl").read_text().splitlines()]
+
+
+def run_cli(capsys, *argv):
+    code = main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    return code, err
+
+
+@pytest.fixture(scope="module")
+def two_ranks(workspace, tmp_path_factory):
+    out = tmp_path_factory.mktemp("two") / "run"
+    run_ranks(["-m", "geffect_kernels", *train_args(workspace, out)], world=2, timeout=TIMEOUT)
+    return out
+
+
+def test_two_ranks_log_the_losses_and_geffects_of_one_process(capsys, workspace, two_ranks, tmp_path):
+    code, err = run_cli(capsys, *train_args(workspace, tmp_path / "one"))
+    assert code == 0, err
+    one, two = metrics(tmp_path / "one"), metrics(two_ranks)
+    assert [m["step"] for m in two] == list(range(1, 7))
+    for a, b in zip(one, two):
+        for key in ("loss", "forget_loss", "retain_loss", "grad_norm", "e_forget", "e_retain"):
+            if key in a:
+                assert b[key] == pytest.approx(a[key], rel=2e-5), (a["step"], key)
+    assert one[-1]["loss"] != one[0]["loss"]
+    history = json.loads((two_ranks / "runs" / "npo" / "geffects.json").read_text())["records"]
+    assert [r["step"] for r in history] == [1, 3, 5] and set(history[0]["by_group"]) >= {"layer.0", "layer.1"}
+    weights = lambda run: load_file(run / "runs" / "npo" / "model" / "model.safetensors")
+    expected, got = weights(tmp_path / "one"), weights(two_ranks)  # gathered to rank 0 and saved there
+    assert set(got) == set(expected)
+    for name, value in expected.items():
+        assert torch.allclose(got[name], value, rtol=1e-4, atol=1e-6), name
+
+
+def test_killed_run_resumes_bit_identically_under_torchrun(workspace, two_ranks, tmp_path):
+    out = tmp_path / "run"
+    logs = tmp_path / "logs"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               "--log-dir", str(logs), "--redirects", "3", "-m", "geffect_kernels",
+               *map(str, train_args(workspace, out))]
+    latest = out / "runs" / "npo" / "checkpoint" / "latest.json"
+    proc = subprocess.Popen(command, env=rank_env(), cwd=ROOT, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + TIMEOUT
+    try:
+        while not latest.is_file() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # torchrun and both ranks, mid-run
+        _, err = proc.communicate()
+    assert latest.is_file(), f"no checkpoint before the kill (exit {proc.returncode}):\n{_rank_logs(logs, err)}"
+    assert len(metrics(out)) < 6 and not (out / "runs" / "npo" / "model").exists(), "the run ended before the kill"
+    resumed = subprocess.run([sys.executable, "-m", "geffect_kernels", *map(str, train_args(workspace, out)),
+                              "--nproc", "2"], env=rank_env(), cwd=ROOT, capture_output=True, text=True,
+                             timeout=TIMEOUT)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from step" in resumed.stdout and "resumed from step 0" not in resumed.stdout
+    untimed = lambda run: [{k: v for k, v in m.items() if k != "seconds"} for m in metrics(run)]
+    assert untimed(out) == untimed(two_ranks)
+    model = lambda run: (run / "runs" / "npo" / "model" / "model.safetensors").read_bytes()
+    assert model(out) == model(two_ranks)
+    geffects = lambda run: json.loads((run / "runs" / "npo" / "geffects.json").read_text())
+    assert geffects(out) == geffects(two_ranks)
+
+
+def test_too_many_processes_and_another_world_size_are_one_line_errors(capsys, workspace, two_ranks, tmp_path):
+    code, err = run_cli(capsys, *train_args(workspace, tmp_path / "run"), "--nproc", 6)
+    assert code == 1 and err.count("\n") == 1 and "6 processes but a global batch holds 5 samples" in err
+    assert not (tmp_path / "run").exists()
+    before = {p: p.read_bytes() for p in two_ranks.rglob("*") if p.is_file()}
+    for extra in ([], ["--nproc", 3], ["--allow-reshard"]):
+        code, err = run_cli(capsys, *train_args(workspace, two_ranks), *extra)
+        assert code == 1 and err.count("\n") == 1, (extra, err)
+        assert "written by 2 process(es)" in err or "between one process and several" in err, err
+    # (--allow-reshard lets 2 -> 3 ranks through; 2 -> 1 never: one process keeps a single-file checkpoint)
+    assert {p: p.read_bytes() for p in two_ranks.rglob("*") if p.is_file()} == before
+
+
+def _rank_logs(logs, launcher_err):
+    """Each rank's captured stderr (torchrun --redirects), else the launcher's."""
+    found = sorted(logs.rglob("stderr.log"))
+    text = "\n".join(f"--- {path.parent.name}:\n{path.read_text()[-2000:]}" for path in found)
+    return text or launcher_err[-3000:]
+
