@@ -297,7 +297,7 @@ def _kl_retain_loss(model, reference, batch, config):
     x = _head(model, batch)
     with torch.no_grad():
         r = _head(reference, batch)
-    if config.kl_normalization == "batchmean":  # every position counts, prompt and padding too: no shift
+    if config.kl_reduction == "official":  # every position counts, prompt and padding too: no shift
         return kl_loss(x.hidden, x.weight, r.hidden, r.weight, torch.zeros_like(x.labels), bias=x.bias,
                        ref_bias=r.bias, softcap=x.softcap, shift=False, backend=config.backend)
     return kl_loss(x.hidden, x.weight, r.hidden, r.weight, x.labels, bias=x.bias, ref_bias=r.bias,
