@@ -20,19 +20,21 @@ def test_official_preset_fills_the_defaults_and_leaves_given_values():
     c = TrainConfig(objective="npo", preset="official")
     assert c.hparams == {"beta": 0.5}
     assert (c.batch_size, c.grad_accum, c.checkpoint_every, c.seed, c.weight_decay) == (4, 4, 5, 42, 0.0)
-    assert c.max_grad_norm is None and c.retain_objective == "kl" and c.kl_reduction == "official"
+    assert c.max_grad_norm is None and c.retain_objective == "kl" and c.kl_normalization == "batchmean"
     assert TrainConfig(objective="wga", preset="official").hparams == {"alpha": 5.0}
+    assert TrainConfig(objective="tnpo", preset="official").hparams == {"beta": 4.0, "eps": 1e-5}
+    assert TrainConfig(objective="wtnpo", preset="official").hparams == {"alpha": 1.5, "beta": 4.0, "eps": 1e-5}
     given = TrainConfig(objective="npo", preset="official", batch_size=2, hparams={"beta": 0.2},
                         retain_objective="none")
     assert (given.batch_size, given.hparams, given.retain_objective) == (2, {"beta": 0.2}, "none")
-    assert TrainConfig(objective="npo").hparams == {} and TrainConfig().kl_reduction == "mean_valid"
+    assert TrainConfig(objective="npo").hparams == {} and TrainConfig().kl_normalization == "tokens"
 
 
 def test_unknown_preset_and_normalization_are_one_line_errors():
     with pytest.raises(ValueError, match=r"^unknown preset 'paper'; valid: official$"):
         TrainConfig(preset="paper")
-    with pytest.raises(ValueError, match=r"^unknown kl_reduction 'sum'; valid: mean_valid, official$"):
-        TrainConfig(kl_reduction="sum")
+    with pytest.raises(ValueError, match=r"^unknown kl_normalization 'sum'; valid: tokens, batchmean$"):
+        TrainConfig(kl_normalization="sum")
 
 
 def test_preset_resolves_epochs_warmup_and_the_learning_rate_of_the_model_family():
@@ -57,13 +59,13 @@ def tiny():
     return data, tokenizer
 
 
-def test_official_kl_reduction_is_kl_div_batchmean_over_every_position(tiny):
+def test_batchmean_kl_is_the_official_kl_div_over_every_position(tiny):
     data, tokenizer = tiny
     model = tiny_llama(tokenizer, hidden_size=32, layers=2, heads=2, intermediate_size=64, seed=0).double()
     reference = tiny_llama(tokenizer, hidden_size=32, layers=2, heads=2, intermediate_size=64, seed=1).double()
     batch = encode_pairs(tokenizer, data.retain[:3]).batch([0, 1, 2])  # padded: lengths differ
     assert (batch["attention_mask"] == 0).any()
-    config = TrainConfig(kl_reduction="official", backend="torch")
+    config = TrainConfig(kl_normalization="batchmean", backend="torch")
     got = _kl_retain_loss(model, reference, batch, config)
     # dataloader.py: kl_div(log p_θ, log p_ref, reduction="batchmean", log_target=True) on the [B·T, V] rows
     current = F.log_softmax(model(**batch).logits, -1).flatten(0, 1)

@@ -26,7 +26,7 @@ PRESETS = {
         # basher1.py (save_steps 5); dataloader.py (`*_kl` losses: KL retain term, weight 1, batchmean)
         settings={"batch_size": 4, "grad_accum": 4, "weight_decay": 0.0, "seed": 42, "max_grad_norm": None,
                   "checkpoint_every": 5, "retain_objective": "kl", "retain_weight": 1.0,
-                  "kl_reduction": "official"},
+                  "kl_normalization": "batchmean"},
         # dataloader.py: the values used when --hyper is not given
         hparams={"npo": {"beta": 0.5}, "wga": {"alpha": 5.0}, "tnpo": {"beta": 4.0, "eps": 1e-5},
                  "wtnpo": {"alpha": 1.5, "beta": 4.0, "eps": 1e-5}},

@@ -6,14 +6,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..geffect.groups import MODES as GROUPINGS
-from ..objectives import OBJECTIVES, resolve
+from .. import catalog
+from ..catalog import OBJECTIVES, resolve
 from ..ranges import NON_NEGATIVE, POSITIVE, check_number
+from ..retain import KL_REDUCTIONS
 from .presets import check_preset, fill_settings
 
-RETAIN_OBJECTIVES = ("nll", "kl", "none")
+# The retain terms this loop trains with, in the one vocabulary of catalog.RETAIN_OBJECTIVES (rmu and rr act on a
+# chosen layer's activations, which the loop does not capture).
+RETAIN_OBJECTIVES = tuple(name for name in catalog.RETAIN_OBJECTIVES if name not in ("rmu", "rr"))
 # KL retain term: mean over the answer tokens, or the official code's kl_div(reduction="batchmean") over every
-# position of the batch (prompt and padding included)
-KL_REDUCTIONS = ("mean_valid", "official")
+# position of the batch (prompt and padding included): kl_loss's reductions
+KL_NORMALIZATIONS = KL_REDUCTIONS
 
 
 @dataclass
@@ -43,7 +47,7 @@ class TrainConfig:
     out_dir: str | None = None  # metrics, checkpoints, final model; None: keep nothing on disk
     backend: str = "auto"
     progress: bool = True
-    kl_reduction: str = "mean_valid"  # see KL_REDUCTIONS
+    kl_normalization: str = "tokens"  # see KL_NORMALIZATIONS
     preset: str | None = None  # "official": the G-effect code's settings for those left at default (presets.py)
 
     def __post_init__(self):
@@ -53,8 +57,9 @@ class TrainConfig:
         if not isinstance(self.hparams, dict):
             raise ValueError(f"hparams must be a mapping NAME: NUMBER (e.g. beta: 0.5), got {self.hparams!r}")
         fill_settings(self)
-        if self.kl_reduction not in KL_REDUCTIONS:
-            raise ValueError(f"unknown kl_reduction {self.kl_reduction!r}; valid: {', '.join(KL_REDUCTIONS)}")
+        if self.kl_normalization not in KL_NORMALIZATIONS:
+            raise ValueError(f"unknown kl_normalization {self.kl_normalization!r}; valid: "
+                             f"{', '.join(KL_NORMALIZATIONS)}")
         resolve(self.objective, self.hparams)  # unknown names and values out of range fail here, not at step 1
         if self.retain_objective not in RETAIN_OBJECTIVES:
             raise ValueError(f"unknown retain objective {self.retain_objective!r}; valid: "
