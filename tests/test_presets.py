@@ -22,6 +22,8 @@ def test_official_preset_fills_the_defaults_and_leaves_given_values():
     assert (c.batch_size, c.grad_accum, c.checkpoint_every, c.seed, c.weight_decay) == (4, 4, 5, 42, 0.0)
     assert c.max_grad_norm is None and c.retain_objective == "kl" and c.kl_normalization == "batchmean"
     assert TrainConfig(objective="wga", preset="official").hparams == {"alpha": 5.0}
+    assert TrainConfig(objective="tnpo", preset="official").hparams == {"beta": 4.0, "eps": 1e-5}
+    assert TrainConfig(objective="wtnpo", preset="official").hparams == {"alpha": 1.5, "beta": 4.0, "eps": 1e-5}
     given = TrainConfig(objective="npo", preset="official", batch_size=2, hparams={"beta": 0.2},
                         retain_objective="none")
     assert (given.batch_size, given.hparams, given.retain_objective) == (2, {"beta": 0.2}, "none")

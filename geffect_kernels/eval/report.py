@@ -238,7 +238,8 @@ def _timing_line(timing):
     machine = f" on {timing['machine']}" if timing.get("machine") else ""
     load = (f"; load average {timing['load_before']:.2f} before, {timing['load_after']:.2f} after"
             if "load_before" in timing else "")
-    return f"Wall-clock: {timing['seconds']:.0f} s{machine}, {timing['torch_threads']} torch threads{load}."
+    cpu = f" (CPU time {timing['cpu_seconds']:.0f} s)" if "cpu_seconds" in timing else ""
+    return f"Wall-clock: {timing['seconds']:.0f} s{cpu}{machine}, {timing['torch_threads']} torch threads{load}."
 
 
 HEADLINE = (("forget_quality", "forget quality"), ("model_utility", "model utility"),
