@@ -171,7 +171,7 @@ def train(model, forget, retain, config: TrainConfig, *, evaluate=None, resume=T
             r_batch = retain_batch(step * config.grad_accum) if retain is not None else None
             with autocast:
                 result = profiler.measure_unlearning(
-                    config.objective, f_batch, r_batch, ref_logprobs=f_ref, backend=config.backend,
+                    config.objective, f_batch, r_batch, ref_logprobs=f_ref,
                     retain_objective=config.retain_objective if config.uses_retain else None, **config.hparams)
             history.record(number, result)  # measured at the parameters this step's update starts from
             record.update(e_forget=float(result.total["forget"]), e_retain=float(result.total.get("retain", 0.0)))
