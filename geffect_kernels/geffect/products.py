@@ -91,41 +91,62 @@ def plan_parameter(name, group, parts: dict, pairs, numel, per_sample: dict, hea
 
 
 class _Materialized:
-    """One parameter's dense gradients, each use materialized once (per sample where asked)."""
+    """One parameter's dense gradients, each use materialized once (per sample where that is held)."""
 
-    def __init__(self, shape, per_sample_fits):
-        self.shape, self.fits, self.memo = shape, per_sample_fits, {}
+    def __init__(self, shape):
+        self.shape, self.memo = shape, {}
+        self.fits = lambda n: n * _numel(shape) <= SAMPLE_ELEMENTS
 
-    def use(self, use, n_samples):
+    def use(self, use, n_samples) -> torch.Tensor:
+        """The use's gradient ``[n_samples, numel]``; a use already held per sample is summed, not redone."""
         key = (id(use), n_samples)
         if key not in self.memo:
-            if isinstance(use, SampleScaled) and self.fits(use.scale.shape[0]):
-                k = use.scale.shape[0]
-                base = self.use(use.base, k)  # shared with the gradient it scales
-                scaled = base * use.scale.to(base.dtype).reshape(-1, *([1] * len(self.shape)))
-                self.memo[key] = scaled if n_samples == k else scaled.sum(0, keepdim=True)
-            elif n_samples == 1 and isinstance(use, (Factored, Gathered, Summed)) and any(
-                    k[0] == id(use) for k in self.memo):  # already held per sample: sum it
-                self.memo[key] = next(v for k, v in self.memo.items() if k[0] == id(use)).sum(0, keepdim=True)
+            held = [v for k, v in self.memo.items() if k[0] == id(use)]
+            if n_samples == 1 and held:
+                self.memo[key] = held[0].sum(0, keepdim=True)
             elif isinstance(use, SampleScaled):
-                self.memo[key] = sample_dense(use.explicit(), n_samples, self.shape)
+                self.memo[key] = sample_dense(use.explicit(), n_samples, self.shape).reshape(n_samples, -1)
             else:
-                self.memo[key] = sample_dense(use, n_samples, self.shape)
+                self.memo[key] = sample_dense(use, n_samples, self.shape).reshape(n_samples, -1)
         return self.memo[key]
 
-    def gradient(self, parts, n_samples):
-        return sum(self.use(u, n_samples) for u in parts)
+    def _scaled(self, use):
+        """(base held per sample [k, numel], scale [k]) of a per-sample multiple that fits, else None."""
+        if isinstance(use, SampleScaled) and self.fits(use.scale.shape[0]):
+            base = self.use(use.base, use.scale.shape[0])  # shared with the gradient it scales
+            return base, use.scale.to(base.dtype)
+        return None
+
+    def whole(self, parts) -> torch.Tensor:
+        """The gradient ``[numel]``."""
+        total = 0
+        for use in parts:
+            scaled = self._scaled(use)
+            total = total + (scaled[1] @ scaled[0] if scaled is not None else self.use(use, 1)[0])
+        return total
+
+    def sample_dots(self, parts, n_samples, other) -> torch.Tensor:
+        """⟨gradient of sample s, ``other``⟩ for each of ``n_samples`` samples (1: the whole), float64."""
+        rows = torch.zeros(n_samples, dtype=torch.float64, device=other.device)
+        for use in parts:
+            scaled = self._scaled(use)
+            if scaled is not None:  # λ_s ⟨base_s, other⟩: no scaled copy of the base
+                dots = (scaled[0] @ other) * scaled[1]
+                rows += (dots if n_samples == dots.shape[0] else dots.sum(0, keepdim=True)).double()
+            else:
+                rows += (self.use(use, n_samples) @ other).double()
+        return rows
 
 
 def _projection(parts, pairs, shape, per_sample):
-    mat = _Materialized(shape, lambda n: n * _numel(shape) <= SAMPLE_ELEMENTS)
-    out = {}
+    mat, wholes, out = _Materialized(shape), {}, {}
     for a, b in pairs:
         if not parts[a] or not parts[b]:
             out[(a, b)] = (0.0, None)
             continue
-        n = per_sample.get(a, 1)
-        rows = (mat.gradient(parts[a], n) * mat.gradient(parts[b], 1)).reshape(n, -1).sum(1, dtype=torch.float64)
+        if b not in wholes:
+            wholes[b] = mat.whole(parts[b])
+        rows = mat.sample_dots(parts[a], per_sample.get(a, 1), wholes[b])
         out[(a, b)] = (float(rows.sum()), rows.cpu() if a in per_sample else None)
     return out
 
