@@ -135,13 +135,13 @@ def unit_cotangent(h, weight, bias, softcap, labels, lse=None):
     z_y = z.gather(1, labels.unsqueeze(1)).squeeze(1)
     if lse is None:
         top = z.amax(1, keepdim=True)
-        p = z.sub_(top).exp_()
-        total = p.sum(1, keepdim=True)
-        p.div_(total)
+        e = z.sub_(top).exp_()
+        total = e.sum(1, keepdim=True)
+        neg_p = e.mul_(-1 / total)  # −softmax in one pass
         lse = (top + total.log()).squeeze(1)
     else:
-        p = z.sub_(lse.unsqueeze(1)).exp_()
-    m = p.neg_().scatter_add_(1, labels.unsqueeze(1), torch.ones_like(z_y).unsqueeze(1))
+        neg_p = z.sub_(lse.unsqueeze(1)).exp_().neg_()
+    m = neg_p.scatter_add_(1, labels.unsqueeze(1), torch.ones_like(z_y).unsqueeze(1))
     return (m if slope is None else m.mul_(slope)), lse, z_y
 
 
