@@ -8,7 +8,7 @@ them alike; the ratios within one run are what counts):
 - ``step``: one fused training step: NPO on the forget batch + NLL on the retain batch, forward and backward
   (the default backend);
 - ``materialized``: three full gradients (NPO, forget NLL, retain NLL) and per-parameter dot products summed
-  per layer (no concatenated gradient: the fair baseline);
+  per layer (`materialized.py`: no concatenated gradient, the fair baseline);
 - ``profiler``: `GEffectProfiler.measure_unlearning` (e_u, e_r per layer, and the nll retain term's).
 
 CPU (default): T ∈ {64, 128, 256, 512, 1024} tokens per sequence × H ∈ {256, 512}, 4 layers, V 32000, float32;
@@ -31,6 +31,7 @@ from pathlib import Path
 
 import provenance
 import torch
+from materialized import materialized_geffects
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from geffect_kernels import hf
@@ -63,8 +64,7 @@ def methods(model, tokens):
     with torch.no_grad():
         lp = hf.token_logprobs(model, forget)
         ref = lp - 0.5 + 0.5 * torch.randn(lp.shape, device=device, generator=g, dtype=lp.dtype)
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    params = [p for _, p in named]
+    params = [p for p in model.parameters() if p.requires_grad]
     groups = parameter_groups(model, "layer")
     npo = lambda m: hf.unlearning_loss("npo", m, forget, ref_logprobs=ref)
     nll = lambda b: lambda m: hf.unlearning_loss("nll", m, b)
@@ -74,15 +74,7 @@ def methods(model, tokens):
         torch.autograd.grad(npo(model) + nll(retain)(model), params)
 
     def materialized():
-        grad_a = torch.autograd.grad(npo(model), params)
-        out = {}
-        for risk, fn in (("forget", nll(forget)), ("retain", nll(retain))):
-            grad_b = torch.autograd.grad(fn(model), params)
-            by_group = {}
-            for (name, _), a, b in zip(named, grad_a, grad_b):  # per parameter: no concatenated copy
-                by_group[groups[name]] = by_group.get(groups[name], 0.0) + float((a.float() * b.float()).sum())
-            out[risk] = by_group
-        return out
+        return materialized_geffects(model, npo, {"forget": nll(forget), "retain": nll(retain)}, groups)
 
     return {"step": step, "materialized": materialized,
             "profiler": lambda: profiler.measure_unlearning("npo", forget, retain, ref_logprobs=ref)}
@@ -100,13 +92,6 @@ def timed_rounds(runs, rounds, sync):
             sync()
             times[name].append(time.perf_counter() - start)
     return {name: statistics.median(t) for name, t in times.items()}
-
-
-def load() -> str:
-    try:
-        return "load average " + " ".join(f"{x:.2f}" for x in os.getloadavg())
-    except OSError:
-        return "unknown"
 
 
 def configurations(args):
@@ -140,8 +125,6 @@ def main():
         torch.set_num_threads(os.cpu_count() or 1)
     sync = torch.cuda.synchronize if args.gpu else (lambda: None)
     started, rows = time.perf_counter(), []
-    machine, commit = provenance.machine(), provenance.commit()
-    isa = "cuda" if args.gpu else torch.backends.cpu.get_cpu_capability()
     for label, shape, tokens, dtype, device in configurations(args):
         if time.perf_counter() - started > args.budget:
             print(f"skipped (budget): {label} T {tokens}")
@@ -151,15 +134,14 @@ def main():
             seconds = timed_rounds(methods(model, tokens), args.rounds, sync)
         except torch.OutOfMemoryError:
             seconds = {name: float("nan") for name in METHODS}
-        before = load()
+        stamp = provenance.stamp()
         for name in METHODS:
             rows.append({"model": label, "hidden": shape[1], "tokens_per_seq": tokens, "tokens_per_side": BATCH * tokens,
                          "method": name, "seconds": seconds[name], "vs_step": seconds[name] / seconds["step"],
-                         "vs_materialized": seconds[name] / seconds["materialized"], "rounds": args.rounds,
-                         "load": before, "machine": machine, "isa": isa, "commit": commit})
+                         "vs_materialized": seconds[name] / seconds["materialized"], "rounds": args.rounds, **stamp})
         print(f"{label} T {tokens:5d}: step {seconds['step']:.3f}s, materialized {seconds['materialized']:.3f}s, "
               f"profiler {seconds['profiler']:.3f}s = {seconds['profiler'] / seconds['step']:.2f}x step, "
-              f"{seconds['profiler'] / seconds['materialized']:.2f}x materialized ({before})", flush=True)
+              f"{seconds['profiler'] / seconds['materialized']:.2f}x materialized (load {stamp['load_avg']})", flush=True)
         del model
         if args.gpu:
             torch.cuda.empty_cache()

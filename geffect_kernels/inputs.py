@@ -9,6 +9,8 @@ from typing import NamedTuple
 
 import torch
 
+from .ranges import POSITIVE, check_number
+
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -51,6 +53,8 @@ def require_finite(**tensors):
 
 
 def check_labels(labels, vocab_size, ignore_index):
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise ValueError(f"ignore_index must be an integer, got {ignore_index!r}")
     if labels.dtype.is_floating_point or labels.dtype == torch.bool or labels.is_complex():
         raise ValueError(f"labels must be an integer tensor, got {labels.dtype}")
     bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab_size))
@@ -104,9 +108,7 @@ def prepare_logits(logits, labels, *, ignore_index, shift):
 
 
 def check_softcap(softcap):
-    if softcap is not None and not (softcap > 0):
-        raise ValueError(f"softcap must be a positive number or None, got {softcap}")
-    return float(softcap) if softcap is not None else None
+    return None if softcap is None else check_number("softcap", softcap, POSITIVE)
 
 
 def prepare_ref(ref_logprobs, prepared: Prepared, dtype, *, ignore_index, required_by=None):

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from .inputs import check_softcap, out_dtype, prepare_head, prepare_logits, prepare_ref
+from .ranges import check_hparams
 from .backends.registry import get_backend
 from .weighting import (TokenWeighting, npo_sequence_losses, npo_sequence_weights, simnpo_sequence_losses,
                         simnpo_sequence_weights)
@@ -49,13 +50,7 @@ def resolve(name, hparams):
         valid = ", ".join(spec.defaults) or "none"
         raise ValueError(f"objective {name!r} takes no hyper-parameter {', '.join(sorted(unknown))}; "
                          f"valid: {valid}")
-    values = {**spec.defaults, **hparams}
-    for key, value in values.items():
-        if not isinstance(value, (int, float)) or value != value:
-            raise ValueError(f"hyper-parameter {key} must be a number, got {value!r}")
-    if values.get("beta", 1.0) <= 0:
-        raise ValueError(f"beta must be positive, got {values['beta']}")
-    return spec, values
+    return spec, check_hparams({**spec.defaults, **hparams})
 
 
 def _weighting(spec, hp):

@@ -34,6 +34,10 @@ FALLBACK = "torch"
 _loaded: dict[str, Backend | None] = {}
 
 
+class BackendUnavailable(RuntimeError):
+    """A backend that exists but cannot run here (no GPU, no compiler, a missing package)."""
+
+
 def _load(name: str) -> Backend | None:
     if name not in _loaded:
         try:
@@ -56,7 +60,7 @@ def _named(name: str, device: torch.device) -> Backend:
         raise ValueError(f"unknown backend {name!r}; valid: 'auto', " + ", ".join(map(repr, [*_MODULES, *ALIASES])))
     backend = _load(name)
     if backend is None or not backend.is_available(device):
-        raise RuntimeError(f"backend {name!r} is not available for {device.type} tensors here; "
+        raise BackendUnavailable(f"backend {name!r} is not available for {device.type} tensors here; "
                            f"available: {available_backends(device)}")
     return backend
 
@@ -65,7 +69,8 @@ def get_backend(name: str, rows: torch.Tensor) -> Backend:
     """The backend that runs a call on ``rows`` (the flattened hidden states or logits) for ``name``
     (a name, an alias or ``"auto"``, which ``GEFFECT_BACKEND`` overrides); raises where it cannot run."""
     device = rows.device
-    if name == "auto" and os.environ.get("GEFFECT_BACKEND"):
+    from_env = name == "auto" and os.environ.get("GEFFECT_BACKEND", "auto") != "auto"  # "auto" there: default
+    if from_env:
         name = os.environ["GEFFECT_BACKEND"]
     if name == "auto":
         for candidate in AUTO_ORDER.get(device.type, (FALLBACK,)):
@@ -73,5 +78,15 @@ def get_backend(name: str, rows: torch.Tensor) -> Backend:
             if backend is not None and backend.is_available(device) and backend.accepts(rows):
                 return backend
         return _load("oracle")
-    backend = _named(name, device)
+    try:
+        backend = _named(name, device)
+    except (ValueError, BackendUnavailable) as err:
+        if from_env:
+            raise type(err)(f"GEFFECT_BACKEND={name}: {err}") from None
+        raise
     return backend if backend.accepts(rows) else _load(FALLBACK)
+
+
+def check_backend(name: str, device) -> None:
+    """Raise now when ``name`` cannot run on ``device``: for callers that check everything before they start."""
+    get_backend(name, torch.empty(0, 1, device=device))

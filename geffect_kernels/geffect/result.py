@@ -117,21 +117,30 @@ class GEffectHistory:
             writer.writerows(self.rows())
         return path
 
-    def to_json(self, path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        data = {"objective": self.objective,
+    def to_dict(self) -> dict:
+        """Plain data (JSON types only): what `to_json` writes and a training checkpoint carries."""
+        return {"objective": self.objective,
                 "records": [{"step": s, **r.to_dict()} for s, r in zip(self.steps, self.results)]}
-        path.write_text(json.dumps(data, indent=1))
-        return path
 
     @classmethod
-    def from_json(cls, path) -> GEffectHistory:
-        data = json.loads(Path(path).read_text())
+    def from_dict(cls, data: dict) -> GEffectHistory:
         history = cls(data.get("objective"))
         for record in data["records"]:
             history.record(record["step"], GEffectResult.from_dict(record))
         return history
+
+    def to_json(self, path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_dict(), indent=1))
+        return path
+
+    @classmethod
+    def from_json(cls, path) -> GEffectHistory:
+        try:
+            return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
+        except (ValueError, KeyError, TypeError, AttributeError) as err:  # JSON, UTF-8, or not a history
+            raise ValueError(f"{path}: not a G-effect history ({type(err).__name__}: {err})") from None
 
     def plot(self, out_dir, *, prefix: str | None = None) -> list[Path]:
         """PNG figures in ``out_dir``: a group × step heatmap per risk and the cumulative curves."""

@@ -1,9 +1,12 @@
 """The minimal unlearning loop: `train(model, forget, retain, TrainConfig(...))`."""
-from .checkpoint import load_checkpoint
-from .train_config import RETAIN_OBJECTIVES, TrainConfig
-from .loop import TrainingDiverged, TrainResult, train
+from .checkpoint import CheckpointError, load_checkpoint
+from .loop import TrainingDiverged, TrainResult, check_inputs, train
+from .resume import ResumeMismatch, check_resumable
+from .run_lock import RunFolderBusy
 from .schedule import batch_indices, warmup_linear_decay
 from .tiny_model import tiny_llama
+from .train_config import RETAIN_OBJECTIVES, TrainConfig
 
-__all__ = ["RETAIN_OBJECTIVES", "TrainConfig", "TrainResult", "TrainingDiverged", "batch_indices",
-           "load_checkpoint", "tiny_llama", "train", "warmup_linear_decay"]
+__all__ = ["CheckpointError", "RETAIN_OBJECTIVES", "ResumeMismatch", "RunFolderBusy", "TrainConfig", "TrainResult",
+           "TrainingDiverged", "batch_indices", "check_inputs", "check_resumable", "load_checkpoint", "tiny_llama",
+           "train", "warmup_linear_decay"]

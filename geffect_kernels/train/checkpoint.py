@@ -1,15 +1,27 @@
-"""Atomic files: a checkpoint (or log) is either the old complete file or the new complete file, never
-half of one, whenever the process is killed."""
+"""Atomic files and the run folder's checkpoint.
+
+A file written here is either the old complete file or the new complete file, never half of one, whenever
+the process is killed; what a kill can leave is a temporary ``.NAME.*.tmp`` beside it, which the next run
+in the folder removes (`remove_orphans`). A checkpoint is loaded as tensors and plain data only
+(``weights_only``): a crafted file in a run folder is refused, never executed.
+"""
 from __future__ import annotations
 
 import json
 import os
+import pickle
+import shutil
 import tempfile
 from pathlib import Path
 
 import torch
 
 CHECKPOINT = "checkpoint.pt"
+KEYS = ("step", "model", "optimizer", "rng", "settings")  # what every checkpoint holds
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used; the message names the file."""
 
 
 def atomic_write(path, write) -> None:
@@ -36,6 +48,16 @@ def atomic_write_json(path, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=1))
 
 
+def remove_orphans(folder) -> list[Path]:
+    """Delete the temporary files (and the temporary model folder) a killed run left in ``folder``.
+
+    Only safe while holding the folder's lock (`run_lock`): another writer's are in flight otherwise."""
+    orphans = sorted(Path(folder).glob(".*.tmp"))
+    for path in orphans:
+        shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+    return orphans
+
+
 def save_checkpoint(out_dir, state: dict) -> Path:
     path = Path(out_dir) / CHECKPOINT
     atomic_write(path, lambda f: torch.save(state, f))
@@ -43,8 +65,26 @@ def save_checkpoint(out_dir, state: dict) -> Path:
 
 
 def load_checkpoint(out_dir) -> dict | None:
-    """The last checkpoint in ``out_dir``, or None when there is none."""
+    """The last checkpoint in ``out_dir``, or None when there is none; CheckpointError when it is not one.
+
+    Tensors are memory-mapped, not read: looking at a checkpoint's step and settings costs little."""
     path = Path(out_dir) / CHECKPOINT
     if not path.is_file():
         return None
-    return torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError:
+        raise CheckpointError(f"{path} holds objects other than tensors and plain data: not loaded (loading it "
+                              f"could run code); delete it or pass --overwrite (resume=False)") from None
+    except Exception as err:  # truncated, corrupt, not a torch file: torch raises many kinds
+        raise CheckpointError(f"{path} cannot be read ({type(err).__name__}: {_first_line(err)}); delete it or "
+                              f"pass --overwrite (resume=False)") from None
+    missing = [key for key in KEYS if key not in state] if isinstance(state, dict) else list(KEYS)
+    if missing:
+        raise CheckpointError(f"{path} is not a geffect checkpoint (no {', '.join(missing)}); delete it or pass "
+                              f"--overwrite (resume=False)")
+    return state
+
+
+def _first_line(err) -> str:
+    return (str(err).strip().splitlines() or [""])[0]

@@ -2,12 +2,17 @@
 
     loss = forget_weight · L_objective(D_forget) + retain_weight · L_retain(D_retain)
 
+`train` reads as its stages: check the inputs (before any file is written), lock the run folder, set up
+(reference copy, optimizer, profiler), resume, then per step: learning rate, profile G-effects, the
+micro-steps (with the stop on a NaN loss), evaluate, log, checkpoint.
+
 Losses come from the fused functions on the decoder's final hidden states and the LM head (the
 model's logits are never formed). Reference log-probabilities (TNPO, WTNPO, NPO) come from a frozen
 copy of the *starting* model, once per sample. Every ``checkpoint_every`` steps the model, optimizer,
-scheduler and RNG state are written atomically; a rerun with the same ``out_dir`` resumes from there
-and, because batches and the schedule are functions of the step number, ends bit-identical to a run
-that was never interrupted.
+RNG state, G-effect history and the settings that shape the run are written atomically; a rerun with the
+same ``out_dir`` and settings resumes from there and, because batches and the learning rate are functions
+of the step number, ends bit-identical to a run that was never interrupted (`resume` says when other
+settings may continue a checkpoint).
 """
 from __future__ import annotations
 
@@ -21,12 +26,17 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import hf
+from ..backends.registry import check_backend
 from ..objectives import OBJECTIVES, unlearning_loss
 from ..retain import kl_loss
-from .checkpoint import CHECKPOINT, atomic_write_json, atomic_write_text, load_checkpoint, save_checkpoint
-from .train_config import TrainConfig
+from .checkpoint import (CHECKPOINT, atomic_write_json, atomic_write_text, load_checkpoint, remove_orphans,
+                         save_checkpoint)
 from .frozen_model import RefLogprobCache, frozen_copy
+from .presets import resolve as resolve_preset
+from .resume import differences, run_settings, should_resume
+from .run_lock import run_lock
 from .schedule import batch_indices, warmup_linear_decay
+from .train_config import TrainConfig
 
 METRICS = "metrics.jsonl"
 GEFFECTS = "geffects.json"
@@ -44,12 +54,229 @@ class TrainResult:
     resumed_from: int = 0
 
 
-def _to(batch, device):
-    return {k: v.to(device) for k, v in batch.items()}
+@dataclass
+class _Run:
+    """What the stages share: the model and its optimizer, the data, the profiler and the run folder."""
+    model: torch.nn.Module
+    forget: object
+    retain: object
+    config: TrainConfig
+    device: torch.device
+    autocast: object
+    reference: torch.nn.Module | None
+    ref_cache: RefLogprobCache | None
+    params: list
+    optimizer: torch.optim.Optimizer
+    lr_factor: object  # step -> factor of config.lr
+    settings: dict  # what shapes the run (`resume.run_settings`), stored in every checkpoint
+    profiler: object = None
+    history: object = None
+    out: Path | None = None
+    start: int = 0  # the step the loop starts from (the checkpoint's, when resuming)
+    metrics: list = field(default_factory=list)
+    last_good: int | None = None  # the step of the last checkpoint written or resumed from
+    setting_changes: list = field(default_factory=list)  # settings changed by resume=True: {"step", "before"}
+
+    def forget_batch(self, micro):
+        idx = batch_indices(len(self.forget), self.config.batch_size, self.config.seed, micro)
+        batch = _to(self.forget.batch(idx), self.device)
+        ref = self.ref_cache.batch(idx, batch["input_ids"].shape[1], self.device) if self.ref_cache else None
+        return batch, ref
+
+    def retain_batch(self, micro):
+        idx = batch_indices(len(self.retain), self.config.batch_size, self.config.seed + 1, micro)
+        return _to(self.retain.batch(idx), self.device)
+
+
+def train(model, forget, retain, config: TrainConfig, *, evaluate=None, resume: bool | None = None
+          ) -> TrainResult:
+    """Run ``config.steps`` optimizer steps on ``model`` (in place) and return the logged metrics.
+
+    Args:
+        model: a Hugging Face causal LM in its *starting* state (the reference copy is taken from it,
+            also when resuming: the checkpoint's weights are loaded afterwards).
+        forget, retain: `EncodedSet`s (``retain`` may be None with ``retain_objective="none"``).
+        evaluate: optional ``evaluate(model) -> dict`` called every ``config.eval_every`` steps; its
+            numbers go into the metrics log.
+        resume: what to do with a checkpoint in ``config.out_dir``. None (default): continue it when it was
+            trained with the same settings, ResumeMismatch otherwise; True: continue it under the new
+            settings; False: start over (the folder's checkpoint, log, G-effects and model are replaced).
+    Raises RunFolderBusy when another process is training into ``config.out_dir``.
+    """
+    check_inputs(model, forget, retain, config)
+    config = resolve_preset(config, model, len(forget))
+    with run_lock(config.out_dir):  # one writer per run folder, released however the run ends
+        run = _setup(model, forget, retain, config)
+        _resume(run, resume)
+        _loop(run, evaluate)
+        return _finish(run)
+
+
+def _loop(run: _Run, evaluate):
+    config = run.config
+    run.model.train()
+    # disable=None: a bar on a terminal, none when the output is a log file or a pipe
+    bar = tqdm(range(run.start, config.steps), initial=run.start, total=config.steps, desc=config.objective,
+               disable=None if config.progress else True, leave=False)
+    for step in bar:
+        number = step + 1  # steps are counted from 1: "step 5" is the fifth update
+        record = {"step": number, "lr": _set_lr(run, step)}
+        if run.profiler is not None and step % config.geffect_every == 0:
+            record.update(_profile(run, step, number))
+        record.update(_optimizer_step(run, step, number))
+        if evaluate is not None and config.eval_every and number % config.eval_every == 0:
+            record.update(_evaluate(run, evaluate))
+        _log(run, record)
+        bar.set_postfix(loss=f"{record['loss']:.4f}")
+        if run.out is not None and (number % config.checkpoint_every == 0 or number == config.steps):
+            _checkpoint(run, number)
+    bar.close()
+
+
+# -- setup and resume ----------------------------------------------------------------------------------
+
+def check_inputs(model, forget, retain, config):
+    """Everything `train` can check before it writes a file: the data and the backend on the model's device
+    (`TrainConfig` checked the settings when it was made)."""
+    if len(forget) == 0:
+        raise ValueError("the forget set is empty")
+    if config.uses_retain and (retain is None or len(retain) == 0):
+        raise ValueError(f"retain objective {config.retain_objective!r} needs a non-empty retain set")
+    check_backend(config.backend, next(model.parameters()).device)
+
+
+def _setup(model, forget, retain, config) -> _Run:
+    """The reference copy and its cache, the optimizer and LR schedule, the G-effect profiler."""
+    torch.manual_seed(config.seed)
+    device = next(model.parameters()).device
+    needs_ref = OBJECTIVES[config.objective].needs_ref
+    reference = frozen_copy(model) if needs_ref or (config.uses_retain and config.retain_objective == "kl") \
+        else None
+    params = [p for p in model.parameters() if p.requires_grad]
+    run = _Run(
+        model=model, forget=forget, retain=retain, config=config, device=device,
+        autocast=torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"),
+        reference=reference,
+        ref_cache=RefLogprobCache(reference, forget, backend=config.backend) if needs_ref else None,
+        params=params, optimizer=torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay),
+        lr_factor=warmup_linear_decay(config.warmup_steps, config.steps),
+        settings=run_settings(config, forget, retain), out=Path(config.out_dir) if config.out_dir else None)
+    if config.geffect_every:
+        from ..geffect import GEffectHistory, GEffectProfiler
+        run.profiler = GEffectProfiler(model, groups=config.geffect_groups)
+        run.history = GEffectHistory(config.objective)
+    return run
+
+
+def _resume(run: _Run, resume: bool | None):
+    """Clear what a killed run left, then continue the folder's checkpoint (`should_resume`) or start over;
+    the metrics log is trimmed to the checkpoint's step (later lines are steps that run again)."""
+    if run.out is None:
+        return
+    remove_orphans(run.out)
+    if resume is False:
+        for name in (CHECKPOINT, METRICS, GEFFECTS):
+            (run.out / name).unlink(missing_ok=True)
+        shutil.rmtree(run.out / "model", ignore_errors=True)
+    state = load_checkpoint(run.out)
+    if should_resume(run.out, state, run.settings, resume):
+        run.model.load_state_dict(state["model"])
+        run.optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng"])
+        if state.get("cuda_rng") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        run.start = run.last_good = state["step"]
+        run.setting_changes = list(state.get("setting_changes", []))
+        changed = differences(state["settings"], run.settings)
+        if changed:
+            run.setting_changes.append({"step": run.start, "before": {k: old for k, (old, _) in changed.items()}})
+        if run.history is not None and state.get("geffects") is not None:
+            run.history = type(run.history).from_dict(state["geffects"])
+    config = run.config.to_dict()
+    if run.setting_changes:  # what the weights were also trained with (resume=True with other settings)
+        config["setting_changes"] = run.setting_changes
+    atomic_write_json(run.out / "config.json", config)
+    run.metrics = _read_metrics(run.out / METRICS, run.start)
+    atomic_write_text(run.out / METRICS, "".join(json.dumps(m) + "\n" for m in run.metrics))
+
+
+def _read_metrics(path: Path, up_to_step: int) -> list[dict]:
+    """Logged lines of steps ≤ ``up_to_step`` (what the checkpoint covers); a torn last line is dropped."""
+    lines = []
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if record.get("step", 0) <= up_to_step:
+                lines.append(record)
+    return lines
+
+
+# -- one step --------------------------------------------------------------------------------------------
+
+def _set_lr(run: _Run, step) -> float:
+    """The step's learning rate, a function of the step and the settings alone (nothing to restore on resume)."""
+    lr = run.config.lr * run.lr_factor(step)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    return lr
+
+
+def _profile(run: _Run, step, number) -> dict:
+    """G-effects at the parameters this step's update starts from, on the step's first micro-batches."""
+    config = run.config
+    f_batch, f_ref = run.forget_batch(step * config.grad_accum)
+    r_batch = run.retain_batch(step * config.grad_accum) if run.retain is not None else None
+    with run.autocast:
+        result = run.profiler.measure_unlearning(
+            config.objective, f_batch, r_batch, ref_logprobs=f_ref,
+            retain_objective=config.retain_objective if config.uses_retain else None, **config.hparams)
+    run.history.record(number, result)
+    return {"e_forget": float(result.total["forget"]), "e_retain": float(result.total.get("retain", 0.0))}
+
+
+def _optimizer_step(run: _Run, step, number) -> dict:
+    """``grad_accum`` micro-steps, clipping, one AdamW update; TrainingDiverged on a NaN or inf loss."""
+    config = run.config
+    t0 = time.perf_counter()
+    run.optimizer.zero_grad(set_to_none=True)
+    sums = {"loss": 0.0, "forget_loss": 0.0, "retain_loss": 0.0}
+    for k in range(config.grad_accum):
+        try:
+            losses = _micro_step_losses(run, step * config.grad_accum + k)
+        except _NonFinite as err:
+            where = (f"the last good checkpoint is step {run.last_good} in {run.out / CHECKPOINT}" if run.last_good
+                     else "no checkpoint was written")
+            raise TrainingDiverged(f"{err} at step {number}; stopped, {where}") from None
+        (losses["loss"] / config.grad_accum).backward()
+        for key, value in losses.items():
+            sums[key] += float(value.detach()) / config.grad_accum
+    norm = torch.nn.utils.clip_grad_norm_(run.params, config.max_grad_norm or float("inf"))
+    run.optimizer.step()
+    return {**sums, "grad_norm": float(norm), "seconds": time.perf_counter() - t0}
 
 
 class _NonFinite(ArithmeticError):
     pass
+
+
+def _micro_step_losses(run: _Run, micro) -> dict:
+    """The weighted total and its two terms on micro-batch ``micro`` (forward only)."""
+    config = run.config
+    f_batch, f_ref = run.forget_batch(micro)
+    with run.autocast:
+        forget_loss = _objective_loss(config.objective, run.model, f_batch, config, f_ref, config.hparams)
+        retain_loss = torch.zeros((), device=run.device)
+        if config.uses_retain and config.retain_objective == "nll":
+            retain_loss = _objective_loss("nll", run.model, run.retain_batch(micro), config)
+        elif config.uses_retain:
+            retain_loss = _kl_retain_loss(run.model, run.reference, run.retain_batch(micro), config)
+        loss = config.forget_weight * forget_loss + config.retain_weight * retain_loss
+    if not torch.isfinite(loss):
+        raise _NonFinite(f"the loss is {loss.item()}")
+    return {"loss": loss, "forget_loss": forget_loss, "retain_loss": retain_loss}
 
 
 def _head(model, batch):
@@ -70,22 +297,53 @@ def _kl_retain_loss(model, reference, batch, config):
     x = _head(model, batch)
     with torch.no_grad():
         r = _head(reference, batch)
+    if config.kl_normalization == "batchmean":  # every position counts, prompt and padding too: no shift
+        return kl_loss(x.hidden, x.weight, r.hidden, r.weight, torch.zeros_like(x.labels), bias=x.bias,
+                       ref_bias=r.bias, softcap=x.softcap, shift=False, backend=config.backend)
     return kl_loss(x.hidden, x.weight, r.hidden, r.weight, x.labels, bias=x.bias, ref_bias=r.bias,
                    softcap=x.softcap, shift=True, backend=config.backend)
 
 
-def _read_metrics(path: Path, up_to_step: int) -> list[dict]:
-    """Logged lines of steps ≤ ``up_to_step`` (what the checkpoint covers); a torn last line is dropped."""
-    lines = []
-    if path.is_file():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if record.get("step", 0) <= up_to_step:
-                lines.append(record)
-    return lines
+def _to(batch, device):
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def _evaluate(run: _Run, evaluate) -> dict:
+    run.model.eval()
+    try:
+        return evaluate(run.model)
+    finally:
+        run.model.train()
+
+
+# -- logging, checkpoints, the end -----------------------------------------------------------------------
+
+def _log(run: _Run, record: dict):
+    run.metrics.append(record)
+    if run.out is not None:
+        with open(run.out / METRICS, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def _checkpoint(run: _Run, number):
+    # the history rides in the checkpoint so that both always describe the same step
+    save_checkpoint(run.out, {
+        "step": number, "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
+        "rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        "geffects": run.history.to_dict() if run.history is not None else None,
+        "settings": run.settings, "setting_changes": run.setting_changes,
+    })
+    run.last_good = number
+
+
+def _finish(run: _Run) -> TrainResult:
+    run.model.eval()
+    if run.out is not None:
+        _save_model(run.model, run.out)
+        if run.history is not None:
+            atomic_write_json(run.out / GEFFECTS, run.history.to_dict())
+    return TrainResult(steps=run.config.steps, metrics=run.metrics, geffects=run.history, resumed_from=run.start)
 
 
 def _save_model(model, out_dir: Path):
@@ -94,139 +352,3 @@ def _save_model(model, out_dir: Path):
     model.save_pretrained(tmp)
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
-
-
-def train(model, forget, retain, config: TrainConfig, *, evaluate=None, resume=True) -> TrainResult:
-    """Run ``config.steps`` optimizer steps on ``model`` (in place) and return the logged metrics.
-
-    Args:
-        model: a Hugging Face causal LM in its *starting* state (the reference copy is taken from it,
-            also when resuming: the checkpoint's weights are loaded afterwards).
-        forget, retain: `EncodedSet`s (``retain`` may be None with ``retain_objective="none"``).
-        evaluate: optional ``evaluate(model) -> dict`` called every ``config.eval_every`` steps; its
-            numbers go into the metrics log.
-        resume: continue from ``config.out_dir``'s checkpoint when one exists.
-    """
-    spec = OBJECTIVES[config.objective]
-    if len(forget) == 0:
-        raise ValueError("the forget set is empty")
-    if config.uses_retain and (retain is None or len(retain) == 0):
-        raise ValueError(f"retain objective {config.retain_objective!r} needs a non-empty retain set")
-    torch.manual_seed(config.seed)
-    device = next(model.parameters()).device
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
-
-    reference = frozen_copy(model) if spec.needs_ref or (config.uses_retain and config.retain_objective == "kl") \
-        else None
-    ref_cache = RefLogprobCache(reference, forget, backend=config.backend) if spec.needs_ref else None
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_linear_decay(config.warmup_steps, config.steps))
-    profiler = history = None
-    if config.geffect_every:
-        from ..geffect import GEffectHistory, GEffectProfiler
-        profiler = GEffectProfiler(model, groups=config.geffect_groups)
-        history = GEffectHistory(config.objective)
-
-    out = Path(config.out_dir) if config.out_dir else None
-    start, metrics = 0, []
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(out / "config.json", config.to_dict())
-        state = load_checkpoint(out) if resume else None
-        if state is not None:
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            torch.set_rng_state(state["rng"])
-            if state.get("cuda_rng") is not None and torch.cuda.is_available():
-                torch.cuda.set_rng_state_all(state["cuda_rng"])
-            start = state["step"]
-            if history is not None:
-                history = state["geffects"]
-        # drop whatever was logged after the checkpoint: those steps run again
-        metrics = _read_metrics(out / METRICS, start)
-        atomic_write_text(out / METRICS, "".join(json.dumps(m) + "\n" for m in metrics))
-    last_good = start if (out is not None and start > 0) else None
-
-    def forget_batch(micro):
-        idx = batch_indices(len(forget), config.batch_size, config.seed, micro)
-        batch = _to(forget.batch(idx), device)
-        ref = ref_cache.batch(idx, batch["input_ids"].shape[1], device) if ref_cache else None
-        return batch, ref
-
-    def retain_batch(micro):
-        idx = batch_indices(len(retain), config.batch_size, config.seed + 1, micro)
-        return _to(retain.batch(idx), device)
-
-    model.train()
-    # disable=None: a bar on a terminal, none when the output is a log file or a pipe
-    bar = tqdm(range(start, config.steps), initial=start, total=config.steps, desc=f"{config.objective}",
-               disable=None if config.progress else True, leave=False)
-    for step in bar:
-        number = step + 1  # steps are counted from 1: "step 5" is the fifth update
-        record = {"step": number, "lr": scheduler.get_last_lr()[0]}
-        if profiler is not None and step % config.geffect_every == 0:
-            f_batch, f_ref = forget_batch(step * config.grad_accum)
-            r_batch = retain_batch(step * config.grad_accum) if retain is not None else None
-            with autocast:
-                result = profiler.measure_unlearning(
-                    config.objective, f_batch, r_batch, ref_logprobs=f_ref,
-                    retain_objective=config.retain_objective if config.uses_retain else None, **config.hparams)
-            history.record(number, result)  # measured at the parameters this step's update starts from
-            record.update(e_forget=float(result.total["forget"]), e_retain=float(result.total.get("retain", 0.0)))
-
-        t0 = time.perf_counter()
-        optimizer.zero_grad(set_to_none=True)
-        sums = {"loss": 0.0, "forget_loss": 0.0, "retain_loss": 0.0}
-        for k in range(config.grad_accum):
-            micro = step * config.grad_accum + k
-            f_batch, f_ref = forget_batch(micro)
-            try:
-                with autocast:
-                    forget_loss = _objective_loss(config.objective, model, f_batch, config, f_ref, config.hparams)
-                    retain_loss = torch.zeros((), device=device)
-                    if config.uses_retain and config.retain_objective == "nll":
-                        retain_loss = _objective_loss("nll", model, retain_batch(micro), config)
-                    elif config.uses_retain:
-                        retain_loss = _kl_retain_loss(model, reference, retain_batch(micro), config)
-                    loss = config.forget_weight * forget_loss + config.retain_weight * retain_loss
-                if not torch.isfinite(loss):
-                    raise _NonFinite(f"the loss is {loss.item()}")
-            except _NonFinite as err:
-                where = (f"the last good checkpoint is step {last_good} in {out / CHECKPOINT}" if last_good
-                         else "no checkpoint was written")
-                raise TrainingDiverged(f"{err} at step {number}; stopped, {where}") from None
-            (loss / config.grad_accum).backward()
-            for key, value in (("loss", loss), ("forget_loss", forget_loss), ("retain_loss", retain_loss)):
-                sums[key] += float(value.detach()) / config.grad_accum
-        norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm or float("inf"))
-        optimizer.step()
-        scheduler.step()
-        record.update(sums, grad_norm=float(norm), seconds=time.perf_counter() - t0)
-        if evaluate is not None and config.eval_every and number % config.eval_every == 0:
-            model.eval()
-            record.update(evaluate(model))
-            model.train()
-        metrics.append(record)
-        bar.set_postfix(loss=f"{sums['loss']:.4f}")
-
-        if out is not None:
-            with open(out / METRICS, "a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
-            if number % config.checkpoint_every == 0 or number == config.steps:
-                # the history rides in the checkpoint so that both always describe the same step
-                save_checkpoint(out, {
-                    "step": number, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(),
-                    "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-                    "geffects": history,
-                })
-                last_good = number
-    bar.close()
-    model.eval()
-    if out is not None:
-        _save_model(model, out)
-        if history is not None:
-            history.to_json(out / GEFFECTS)
-    return TrainResult(steps=config.steps, metrics=metrics, geffects=history, resumed_from=start)

@@ -5,9 +5,15 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..objectives import OBJECTIVES
+from ..geffect.groups import MODES as GROUPINGS
+from ..objectives import OBJECTIVES, resolve
+from ..ranges import NON_NEGATIVE, POSITIVE, check_number
+from .presets import check_preset, fill_settings
 
 RETAIN_OBJECTIVES = ("nll", "kl", "none")
+# KL retain term: mean over the answer tokens, or the official code's kl_div(reduction="batchmean") over every
+# position of the batch (prompt and padding included)
+KL_NORMALIZATIONS = ("tokens", "batchmean")
 
 
 @dataclass
@@ -37,23 +43,36 @@ class TrainConfig:
     out_dir: str | None = None  # metrics, checkpoints, final model; None: keep nothing on disk
     backend: str = "auto"
     progress: bool = True
+    kl_normalization: str = "tokens"  # see KL_NORMALIZATIONS
+    preset: str | None = None  # "official": the G-effect code's settings for those left at default (presets.py)
 
     def __post_init__(self):
+        check_preset(self.preset)
         if self.objective not in OBJECTIVES:
             raise ValueError(f"unknown objective {self.objective!r}; valid: {', '.join(OBJECTIVES)}")
+        if not isinstance(self.hparams, dict):
+            raise ValueError(f"hparams must be a mapping NAME: NUMBER (e.g. beta: 0.5), got {self.hparams!r}")
+        fill_settings(self)
+        if self.kl_normalization not in KL_NORMALIZATIONS:
+            raise ValueError(f"unknown kl_normalization {self.kl_normalization!r}; valid: "
+                             f"{', '.join(KL_NORMALIZATIONS)}")
+        resolve(self.objective, self.hparams)  # unknown names and values out of range fail here, not at step 1
         if self.retain_objective not in RETAIN_OBJECTIVES:
             raise ValueError(f"unknown retain objective {self.retain_objective!r}; valid: "
                              f"{', '.join(RETAIN_OBJECTIVES)}")
+        if self.geffect_groups not in GROUPINGS:
+            raise ValueError(f"unknown geffect_groups {self.geffect_groups!r}; valid: {', '.join(GROUPINGS)}")
         for name in ("steps", "batch_size", "grad_accum", "checkpoint_every"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+            if not _is_int(getattr(self, name)) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
-        for name in ("warmup_steps", "geffect_every", "eval_every"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+        for name in ("warmup_steps", "geffect_every", "eval_every", "seed"):
+            if not _is_int(getattr(self, name)) or getattr(self, name) < 0:
                 raise ValueError(f"{name} must be a non-negative integer, got {getattr(self, name)!r}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be positive, got {self.lr}")
-        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
-            raise ValueError(f"max_grad_norm must be positive or None, got {self.max_grad_norm}")
+        check_number("lr", self.lr, POSITIVE)
+        for name in ("weight_decay", "forget_weight", "retain_weight"):
+            check_number(name, getattr(self, name), NON_NEGATIVE)
+        if self.max_grad_norm is not None:
+            check_number("max_grad_norm (or None)", self.max_grad_norm, POSITIVE)
 
     @property
     def uses_retain(self) -> bool:
@@ -69,6 +88,10 @@ class TrainConfig:
         if unknown:
             raise ValueError(f"unknown training setting(s): {', '.join(sorted(unknown))}")
         return cls(**values)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def read_yaml(path) -> dict:

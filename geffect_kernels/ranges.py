@@ -1,0 +1,44 @@
+"""The allowed values of every number a user sets, and the one check that enforces them.
+
+Read wherever a number enters: the loss API (hyper-parameters, softcap), `TrainConfig` (which the CLI
+and YAML settings go through). NaN and ±inf never pass: an infinite learning rate or β trains a model of
+NaN without a word. Each message names the setting, the allowed range and the value given.
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+
+class Range(NamedTuple):
+    low: float = -math.inf
+    high: float = math.inf
+    low_open: bool = False  # (low, high] instead of [low, high]
+
+    def __str__(self):
+        if self.low == -math.inf:
+            return "a finite number"
+        return f"a finite number {'>' if self.low_open else '≥'} {self.low:g}"
+
+
+POSITIVE, NON_NEGATIVE, FINITE = Range(0, low_open=True), Range(0), Range()
+
+# the objectives' hyper-parameters (DESIGN §3): p^α, σ(β·), (1−p)^γ, SimNPO's margin δ
+HPARAMS = {"alpha": NON_NEGATIVE, "beta": POSITIVE, "gamma": NON_NEGATIVE, "delta": FINITE}
+
+
+def check_number(name: str, value, allowed: Range = FINITE) -> float:
+    """``value`` as a float when it is a real number in ``allowed``; ValueError naming ``name`` otherwise."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be {allowed}, got {value!r}")
+    number = float(value)
+    inside = number > allowed.low if allowed.low_open else number >= allowed.low
+    if not (math.isfinite(number) and inside and number <= allowed.high):
+        raise ValueError(f"{name} must be {allowed}, got {value!r}")
+    return number
+
+
+def check_hparams(values: dict) -> dict:
+    """Every hyper-parameter of ``values`` checked against its range (`HPARAMS`)."""
+    return {key: check_number(f"hyper-parameter {key}", value, HPARAMS.get(key, FINITE))
+            for key, value in values.items()}
