@@ -145,16 +145,18 @@ def main():
         del model
         if args.gpu:
             torch.cuda.empty_cache()
-    if not rows:
-        return
+        write(rows, out)  # after every configuration: a run cut short keeps what it measured
+        if not args.gpu and args.plot:
+            plot(rows, Path(args.plot))
+    print(f"wrote {out}" + ("" if args.gpu or not args.plot else f" and {args.plot}"))
+
+
+def write(rows, out: Path):
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    print(f"wrote {out}")
-    if not args.gpu and args.plot:
-        print(f"wrote {plot(rows, Path(args.plot))}")
 
 
 def plot(rows, path: Path) -> Path:

@@ -160,10 +160,12 @@ def test_fast_path_matches_definition_every_route(kind, route, monkeypatch):
 def _sample_loss(model, objective, batch_, ref, i):
     """Σ_{t in sample i} c_t ℓ_t with the objective's coefficients c_t (from the whole batch) held fixed: its
     gradient is sample i's share of the objective's."""
+    from geffect_kernels.catalog import resolve
     from geffect_kernels.geffect.profiler import objective_from_logprobs
     lp = hf.token_logprobs(model, batch_)
     leaf = lp.detach().requires_grad_()
-    coef, = torch.autograd.grad(objective_from_logprobs(objective, leaf, hf.batch_labels(batch_)[:, 1:], ref), leaf)
+    coef, = torch.autograd.grad(objective_from_logprobs(resolve(objective, {}), leaf, hf.batch_labels(batch_)[:, 1:], ref),
+                                leaf)
     return (coef * lp)[i].sum()
 
 

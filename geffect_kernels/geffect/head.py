@@ -25,8 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..backends.autograd import soft_cap_
-from ..inputs import out_dtype
+from ..backends.autograd import compute_dtype, logits_grad_, soft_cap_
 from . import inner
 
 # Logits per vocabulary chunk on the CPU: a cache-sized chunk, whose exp two matmuls then read (D and the Gram),
@@ -127,22 +126,20 @@ def _row_chunks(n_rows, vocab):
 def unit_cotangent(h, weight, bias, softcap, labels, lse=None):
     """m = (onehot(y) − softmax(z)) ⊙ dz/du for the rows ``h`` over the whole vocabulary, in place of one
     fresh logits buffer (compute dtype); also the rows' LSE (computed when not given) and label logits."""
-    cd = out_dtype(weight.dtype)
+    cd = compute_dtype(weight.dtype)
     z = (h.to(weight.dtype) @ weight.t()).to(cd)
     if bias is not None:
         z += bias.to(cd)
     z, slope = soft_cap_(z, softcap)
     z_y = z.gather(1, labels.unsqueeze(1)).squeeze(1)
+    ones = torch.ones_like(z_y)
     if lse is None:
         top = z.amax(1, keepdim=True)
         e = z.sub_(top).exp_()
-        total = e.sum(1, keepdim=True)
-        neg_p = e.mul_(-1 / total)  # −softmax in one pass
-        lse = (top + total.log()).squeeze(1)
-    else:
-        neg_p = z.sub_(lse.unsqueeze(1)).exp_().neg_()
-    m = neg_p.scatter_add_(1, labels.unsqueeze(1), torch.ones_like(z_y).unsqueeze(1))
-    return (m if slope is None else m.mul_(slope)), lse, z_y
+        total = e.sum(1)
+        lse = top.squeeze(1) + total.log()
+        return logits_grad_(e, labels, ones, slope, row_sums=total), lse, z_y
+    return logits_grad_(z.sub_(lse.unsqueeze(1)).exp_(), labels, ones, slope), lse, z_y
 
 
 def _accumulate(gram, targets, record=False):
@@ -152,7 +149,7 @@ def _accumulate(gram, targets, record=False):
     With ``record`` (the projection pass) the sides are all of ``gram``'s, whose LSE, log-probabilities and
     hidden-state directions d_t = m_t W are filled in on the way; otherwise the LSE is read."""
     w = gram.weight
-    cd = out_dtype(w.dtype)
+    cd = compute_dtype(w.dtype)
     out = {}
     for side, (coef, n_samples) in targets.items():
         shape = (n_samples, *w.shape)
@@ -207,7 +204,7 @@ def head_projection_pass(weight, bias, softcap, sides: dict, risk_coefs: dict, p
     log-probabilities, directions, and the dense head gradients of ``risk_coefs`` ({name: coefficients
     [B, T], known before the pass}), per sample for the sides in ``per_sample``, whole for the others."""
     w = weight.detach()
-    cd = out_dtype(w.dtype)
+    cd = compute_dtype(w.dtype)
     gram = HeadGram(w, None if bias is None else bias.detach().to(cd), softcap)
     for name, block in zip(sides, _valid_rows(gram, sides, cd)):
         gram.hidden[name] = block
@@ -251,7 +248,7 @@ def head_pass(weight, bias, softcap, sides: dict, pairs=()) -> HeadGram:
     Matmuls run in the weight's dtype, the softmax and the accumulators in float32 (float64 for float64).
     """
     w = weight.detach()
-    cd = out_dtype(w.dtype)
+    cd = compute_dtype(w.dtype)
     b = None if bias is None else bias.detach().to(cd)
     gram = HeadGram(w, None if bias is None else bias.detach(), softcap)
     names, blocks = list(sides), _valid_rows(gram, sides, w.dtype)

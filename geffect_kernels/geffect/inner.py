@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..inputs import out_dtype
+from ..backends.autograd import compute_dtype
 
 # Largest Gram tile (elements) held at once.
 TILE_ELEMENTS = 1 << 22
@@ -109,7 +109,7 @@ class SampleScaled:
 
 
 def _c(t):
-    return t.to(out_dtype(t.dtype))
+    return t.to(compute_dtype(t.dtype))
 
 
 def _row_sums(t):
@@ -142,7 +142,7 @@ def gram_rows(la, ra, lb, rb):
 def _unique_rows(use):
     """The gradient rows a use touches, as (sorted unique ids, summed rows [U, q]); uses are Gathered."""
     ids, inverse = torch.unique(use.ids, return_inverse=True)
-    rows = torch.zeros(ids.shape[0], use.rows.shape[1], dtype=out_dtype(use.rows.dtype), device=use.rows.device)
+    rows = torch.zeros(ids.shape[0], use.rows.shape[1], dtype=compute_dtype(use.rows.dtype), device=use.rows.device)
     return ids, rows.index_add_(0, inverse, _c(use.rows))
 
 
@@ -199,7 +199,7 @@ def _head_rows_head(a: HeadRows, b: HeadRows):
 def row_dots(a, b) -> torch.Tensor:
     """Each row's share of ⟨∇_a, ∇_b⟩, float64 ``[a.n_rows]``; ``b`` is a dense gradient or a use."""
     if isinstance(b, Summed):
-        b = b.rows.sum(0, dtype=out_dtype(b.rows.dtype))
+        b = b.rows.sum(0, dtype=compute_dtype(b.rows.dtype))
     if isinstance(b, SampleGrads):
         b = b.grads.sum(0)
     if isinstance(a, SampleScaled):
@@ -265,7 +265,7 @@ def sample_dense(use, n_samples: int, shape) -> torch.Tensor:
     if isinstance(use, Gathered):
         vocab = shape[0]
         sample = torch.arange(use.n_rows, device=use.ids.device) // per
-        out = torch.zeros(n_samples * vocab, use.rows.shape[1], dtype=out_dtype(use.rows.dtype),
+        out = torch.zeros(n_samples * vocab, use.rows.shape[1], dtype=compute_dtype(use.rows.dtype),
                           device=use.rows.device)
         return out.index_add_(0, sample * vocab + use.ids, _c(use.rows)).reshape(n_samples, vocab, -1)
     if isinstance(use, Summed):

@@ -19,8 +19,9 @@ from contextlib import ExitStack
 import torch
 
 from .. import hf
-from ..inputs import Prepared, out_dtype, prepare_ref
-from ..objectives import objective_loss, resolve
+from ..backends.autograd import compute_dtype
+from ..catalog import RETAIN_OBJECTIVES, resolve
+from ..inputs import prepare_ref
 from . import products
 from .capture import Capture, FactoredGradient
 from .groups import parameter_groups
@@ -29,20 +30,16 @@ from .inner import Factored, Gathered, HeadRows, SampleGrads, SampleScaled, Summ
 from .result import GEffectResult
 
 IGNORE_INDEX = -100  # Hugging Face labels
-RETAIN_OBJECTIVES = ("nll", "kl", "rmu", "rr", None)
+NLL = resolve("nll", {})
 OBJECTIVE = ("objective",)  # the key of the objective's gradient (risks are keyed by their names)
 
 
-def objective_from_logprobs(name, logprobs, labels, ref_logprobs=None, **hparams):
-    """Objective ``name`` (DESIGN §3) as a function of the per-token log-probabilities ``[B, T]``."""
-    spec, hp = resolve(name, hparams)
-    prep = Prepared(None, labels.reshape(-1), logprobs.shape)
-    ref = prepare_ref(ref_logprobs, prep, logprobs.dtype, ignore_index=IGNORE_INDEX,
-                      required_by=name if spec.needs_ref else None)
-    flat = logprobs.reshape(-1)
-    return objective_loss(name, spec, hp, prep, ref, IGNORE_INDEX,
-                 weighted=lambda weighting, scale: (weighting.weights(flat.detach(), ref) * scale * flat).sum(),
-                 logprobs=lambda: flat)
+def objective_from_logprobs(objective, logprobs, labels, ref_logprobs=None):
+    """A resolved objective (`catalog.resolve`) as a function of the per-token log-probabilities ``[B, T]``."""
+    ref = prepare_ref(ref_logprobs, labels.reshape(-1), logprobs.shape, logprobs.dtype, ignore_index=IGNORE_INDEX,
+                      required_by=objective.name if objective.objective.needs_ref else None)
+    return objective.loss_from_logprobs(logprobs, labels != IGNORE_INDEX,
+                                        None if ref is None else ref.reshape(logprobs.shape))
 
 
 class _Forward:
@@ -146,17 +143,18 @@ class _Side:
         flat = torch.zeros(self.labels.numel(), dtype=g.logprobs[self.name].dtype, device=self.labels.device)
         return flat.index_copy_(0, g.rows[self.name], g.logprobs[self.name]).reshape(self.labels.shape)
 
-    def coefficients(self, name, ref_logprobs=None, logprobs=None, **hparams):
-        """(loss value, ∂loss/∂ℓ_t), zero at ignored positions; at ``logprobs`` (default: the head pass's)."""
+    def coefficients(self, objective, ref_logprobs=None, logprobs=None):
+        """(loss value, ∂loss/∂ℓ_t) of a resolved objective, zero at ignored positions; at ``logprobs``
+        (default: the head pass's)."""
         lp = (self.logprobs if logprobs is None else logprobs).requires_grad_()
         with torch.enable_grad():
-            loss = objective_from_logprobs(name, lp, self.labels, ref_logprobs, **hparams)
+            loss = objective_from_logprobs(objective, lp, self.labels, ref_logprobs)
             coef, = torch.autograd.grad(loss, lp)
         return float(loss.detach()), torch.where(self.valid, coef, 0)
 
     def nll_coefficients(self, dtype):
         """The NLL's coefficients, known before the head pass (they do not depend on ℓ)."""
-        return self.coefficients("nll", logprobs=torch.zeros(self.labels.shape, dtype=dtype))[1]
+        return self.coefficients(NLL, logprobs=torch.zeros(self.labels.shape, dtype=dtype))[1]
 
     def cotangent(self, coef):
         """dh_t = coef_t d_t on this side's hidden states ``[B, T, H]`` (0 at the last position)."""
@@ -245,7 +243,8 @@ class GEffectProfiler:
         backward). ``retain_batch=None`` measures the forget risk only. ``per_instance=True`` adds values
         per forget sample.
         """
-        spec, _ = resolve(objective, hparams)  # fail on a bad name before any compute
+        objective = resolve(objective, hparams)  # once, and before any compute
+        retain_objective = "none" if retain_objective is None else retain_objective
         if retain_objective not in RETAIN_OBJECTIVES:
             raise ValueError(f"retain_objective must be one of {RETAIN_OBJECTIVES}, got {retain_objective!r}")
         params = self._params()
@@ -255,15 +254,15 @@ class GEffectProfiler:
         sides = {name: side for fw in forwards for name, side in fw.sides.items()}
         retain_term = retain_batch is not None and retain_objective == "nll"
         head_params = self._head_params(params)
-        dtype = out_dtype(forwards[0].hidden.dtype)
+        dtype = compute_dtype(forwards[0].hidden.dtype)
         losses, coefs = {}, {name: side.nll_coefficients(dtype) for name, side in sides.items()}
         # An objective whose coefficients are a per-sample multiple of the forget NLL's (predicted from its
         # kind; checked on the coefficients below) needs no gradient of its own.
-        multiple_expected = spec.level == "sequence" or objective in ("ga", "nll")
+        multiple_expected = objective.objective.level == "sequence" or objective.name in ("ga", "nll")
         head_entry = self._head_pass(sides, coefs, head_params, retain_term, multiple_expected)
-        losses["objective"], coef_a = sides["forget"].coefficients(objective, ref_logprobs, **hparams)
+        losses["objective"], coef_a = sides["forget"].coefficients(objective, ref_logprobs)
         for name, side in sides.items():
-            losses[name] = side.coefficients("nll")[0]
+            losses[name] = side.coefficients(NLL)[0]
         scale = _sample_multiples(coef_a, coefs["forget"]) if all(fw.by_samples() for fw in forwards) else None
         grads = self._backwards(forwards, coefs, None if scale is not None else coef_a)
         del forwards
