@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from geffect_kernels import hf
-from geffect_kernels.geffect import GEffectProfiler, head, inner
+from geffect_kernels.geffect import GEffectProfiler, head, inner, products
 from geffect_kernels.geffect.groups import parameter_groups
 from geffect_kernels.geffect.inner import Gathered, HeadRows, row_dots
 
@@ -72,15 +72,32 @@ def test_head_uses_pair_by_gram_projection_and_gathered_rows(part):
         gz = coef[s][:, None] * m  # logits cotangent
         dense[s] = gz.t() @ hid[s] if part == "weight" else gz.sum(0)
     sides = {s: (hid[s], torch.where(valid[s], labels[s], -100), valid[s]) for s in "ab"}
-    uses = {}
-    for pairs in ([("a", "b")], []):  # Gram form from the pass, then the projection fallback
-        g = head.head_pass(weight, bias, softcap, sides, pairs)
-        uses = {s: HeadRows(hid[s], weight, bias, torch.where(valid[s], labels[s], 0), coef[s], softcap, part,
-                            gram=g, side=s) for s in "ab"}
-        rows = row_dots(uses["a"], uses["b"])
-        assert float(rows.sum()) == pytest.approx(float((dense["a"] * dense["b"]).sum()), rel=1e-12)
-        assert torch.all(rows[~valid["a"]] == 0)
-        torch.testing.assert_close(rows, row_dots(uses["a"], dense["b"]), rtol=1e-10, atol=1e-13)
+    g = head.head_pass(weight, bias, softcap, sides, [("a", "b")])  # Gram form from the pass
+    uses = {s: HeadRows(g, s, coef[s], part) for s in "ab"}
+    rows = row_dots(uses["a"], uses["b"])
+    assert float(rows.sum()) == pytest.approx(float((dense["a"] * dense["b"]).sum()), rel=1e-12)
+    assert torch.all(rows[~valid["a"]] == 0)
+    torch.testing.assert_close(rows, row_dots(uses["a"], dense["b"]), rtol=1e-10, atol=1e-13)
+    for s in "ab":  # a head use's dense gradient (one more pass over its rows)
+        torch.testing.assert_close(inner.sample_dense(uses[s], 1, dense[s].shape)[0], dense[s], rtol=1e-12,
+                                   atol=1e-12)
+    # Projection form: the pass accumulates the dense gradients of coefficients known up front (per sample:
+    # 3 samples of 3 rows on side a).
+    shaped = {s: tuple(t.reshape(3, 3, *t.shape[1:]) for t in sides[s]) for s in "ab"}
+    p = head.head_projection_pass(weight, bias, softcap, shaped, {s: coef[s].reshape(3, 3) for s in "ab"},
+                                  per_sample=("a",))
+    for s in "ab":
+        torch.testing.assert_close(p.logprobs[s], g.logprobs[s], rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(p.direction[s], g.direction[s], rtol=1e-12, atol=1e-12)
+        held = p.risk_grads[s][0 if part == "weight" else 1]
+        torch.testing.assert_close(held.sum(0), dense[s], rtol=1e-12, atol=1e-12)
+    for k in range(3):
+        one = torch.zeros(n, dtype=torch.bool)
+        one[3 * k:3 * k + 3] = True
+        _, m = definition(hid["a"], weight, bias, softcap, labels["a"])
+        gz = (coef["a"] * one)[:, None] * m
+        want = gz.t() @ hid["a"] if part == "weight" else gz.sum(0)
+        torch.testing.assert_close(p.risk_grads["a"][0 if part == "weight" else 1][k], want, rtol=1e-12, atol=1e-12)
     if part == "weight":  # tied to an embedding: lookups of some rows
         emb = Gathered(torch.tensor([4, 1, 4, 7, 0]), rand(5, h))
         emb_dense = torch.zeros(v, h, dtype=torch.float64).index_add_(0, emb.ids, emb.rows)
@@ -93,26 +110,63 @@ def nll(b, sign=1.0):
     return lambda m: sign * hf.unlearning_loss("nll", m, b)
 
 
+def force(monkeypatch, form):
+    """Every parameter (and the head pass) in ``form`` wherever that form is possible."""
+    monkeypatch.setattr(products, "choose", lambda costs: form if costs.get(form, float("inf")) < float("inf")
+                        else min(costs, key=costs.get))
+
+
+# The objective per model: llama wga (its own backward and head gradient), qwen2 ga, gpt2 npo (scaled per sample).
+OBJECTIVE_OF = {"llama": "wga", "qwen2": "ga", "gpt2": "npo"}
+
+
 @pytest.mark.parametrize("kind", ["llama", "qwen2", "gpt2"])
 @pytest.mark.parametrize("route", ["gram", "projection", "chunks"])
 def test_fast_path_matches_definition_every_route(kind, route, monkeypatch):
-    if route == "projection":
-        monkeypatch.setattr("geffect_kernels.geffect.profiler.gram_pays", lambda *a: False)
+    """Each parameter kind (linear weights and biases, norms, embeddings, tied or not, the head) in each form,
+    forced, per group and per instance, against the materialized definition."""
+    force(monkeypatch, "projection" if route == "projection" else "gram")
     if route == "chunks":
         monkeypatch.setattr(inner, "TILE_ELEMENTS", 100)
+        monkeypatch.setattr(head, "ROW_CHUNK_ELEMENTS", 100)
     model = tiny_model(kind)
+    objective = OBJECTIVE_OF[kind]
     forget, retain = batch(seed=21, prompt=2), batch(batch_size=2, length=8, seed=22, pad_first=False)
-    result = GEffectProfiler(model, groups="parameter").measure_unlearning("ga", forget, retain, per_instance=True)
+    ref = hf.token_logprobs(model, forget).detach() + 0.3 * torch.randn(3, 6, dtype=torch.float64)
+    result = GEffectProfiler(model, groups="parameter").measure_unlearning(objective, forget, retain,
+                                                                           ref_logprobs=ref, per_instance=True)
+    forms = {e.parameter: e.form for e in result.plan}
+    assert forms["(head pass)"] == ("projection" if route == "projection" else "gram")
+    linear = [n for n, p in model.named_parameters() if p.dim() == 2 and "emb" not in n and "wte" not in n
+              and "wpe" not in n and "lm_head" not in n]
+    assert {forms[n] for n in linear} == {"projection" if route == "projection" else "gram"}
+    assert result.plan[0].form in result.explain()
     names = {n: n for n, _ in model.named_parameters()}
+    loss = lambda m: hf.unlearning_loss(objective, m, forget, ref_logprobs=ref)
     for risk, b in (("forget", forget), ("retain", retain)):
-        expected = materialized(model, lambda m: hf.unlearning_loss("ga", m, forget), nll(b), names)
+        expected = materialized(model, loss, nll(b), names)
         for name, (dot, scale) in expected.items():
             assert abs(result.by_group[name][risk] - dot) <= 1e-9 * abs(dot) + 1e-12 * scale, (risk, name)
-        assert sum(result.per_instance[risk]) == pytest.approx(result.total[risk], rel=1e-9)
+        for i, value in enumerate(result.per_instance[risk]):  # sample i's share: its tokens' coefficients only
+            sample = lambda m, i=i: _sample_loss(m, objective, forget, ref, i)
+            (dot, scale), = materialized(model, sample, nll(b), {n: "all" for n in names}).values()
+            assert abs(value - dot) <= 1e-9 * abs(dot) + 1e-12 * scale, (risk, i)
     # the nll retain term from the same pass: ∇R_rᵀ∇R_u and ‖∇R_r‖²
     for risk, b in (("forget", forget), ("retain", retain)):
         (dot, _), = materialized(model, nll(retain), nll(b), {n: "all" for n in names}).values()
         assert result.retain_term.total[risk] == pytest.approx(dot, rel=1e-9)
+
+
+def _sample_loss(model, objective, batch_, ref, i):
+    """Σ_{t in sample i} c_t ℓ_t with the objective's coefficients c_t (from the whole batch) held fixed: its
+    gradient is sample i's share of the objective's."""
+    from geffect_kernels.catalog import resolve
+    from geffect_kernels.geffect.profiler import objective_from_logprobs
+    lp = hf.token_logprobs(model, batch_)
+    leaf = lp.detach().requires_grad_()
+    coef, = torch.autograd.grad(objective_from_logprobs(resolve(objective, {}), leaf, hf.batch_labels(batch_)[:, 1:], ref),
+                                leaf)
+    return (coef * lp)[i].sum()
 
 
 def test_fast_path_float32_matches_definition():
@@ -145,19 +199,24 @@ def test_frozen_head_or_frozen_decoder():
     model.requires_grad_(True)
 
 
-def test_objective_proportional_to_nll_skips_a_backward(monkeypatch):
-    """ga's coefficients are −1 × the forget NLL's: one decoder backward fewer, same values as without."""
+@pytest.mark.parametrize("objective", ["ga", "npo"])
+def test_objective_multiple_of_nll_per_sample_skips_a_backward(objective, monkeypatch):
+    """ga's coefficients are −1 × the forget NLL's, NPO's a per-sample multiple of them: one decoder backward
+    fewer (the forget risk's, scaled sample by sample), same values as with the objective's own backward."""
     from geffect_kernels.geffect import profiler
     model = tiny_model("gpt2")
     forget, retain = batch(seed=27), batch(seed=28)
+    ref = hf.token_logprobs(model, forget).detach() + 0.3 * torch.randn(3, 6, dtype=torch.float64)
     calls = []
     original = profiler._Forward.gradients
     monkeypatch.setattr(profiler._Forward, "gradients",
                         lambda self, coefs, *a, **k: calls.append(sorted(coefs)) or original(self, coefs, *a, **k))
-    fast = GEffectProfiler(model).measure_unlearning("ga", forget, retain, per_instance=True)
+    run = lambda: GEffectProfiler(model).measure_unlearning(objective, forget, retain, ref_logprobs=ref,
+                                                            per_instance=True)
+    fast = run()
     assert calls == [["forget", "retain"]]  # one stacked backward: forget risk and retain risk
-    monkeypatch.setattr(profiler, "_multiple", lambda a, b: None)
-    full = GEffectProfiler(model).measure_unlearning("ga", forget, retain, per_instance=True)
+    monkeypatch.setattr(profiler, "_sample_multiples", lambda a, b: None)
+    full = run()
     assert calls[1:] == [["forget", "retain"], ["forget"]]  # objective with retain risk, then forget risk
     for risk in ("forget", "retain"):
         assert fast.per_instance[risk] == pytest.approx(full.per_instance[risk], rel=1e-12)

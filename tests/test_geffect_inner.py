@@ -28,16 +28,36 @@ def check_rows(a, b, shape):
     assert float(rows.sum()) == pytest.approx(float((dense(a, shape) * dense(b, shape)).sum()), rel=1e-10)
 
 
-@pytest.mark.parametrize("n_a, n_b, p, q", [(5, 7, 40, 30), (90, 70, 3, 5)])  # Gram form; projection form
-def test_factored_pairs_both_forms(n_a, n_b, p, q, monkeypatch):
+@pytest.mark.parametrize("torch_tiles", [False, True])
+def test_factored_gram_rows_csrc_or_torch_tiles(torch_tiles, monkeypatch):
+    """Gram rows of two linear-layer uses, through the C++ kernel when built and the torch tiles (its fallback
+    where the extension is absent) forced."""
     monkeypatch.setattr(inner, "TILE_ELEMENTS", 16)  # several Gram tiles
-    calls = []
-    monkeypatch.setattr(inner, "_gram_rows", lambda *args: calls.append(1) or _gram(*args))
-    check_rows(Factored(rand(n_a, p), rand(n_a, q)), Factored(rand(n_b, p), rand(n_b, q)), (p, q))
-    assert bool(calls) == (n_a * n_b * (p + q) <= p * q * (n_a + n_b))
+    if torch_tiles:
+        monkeypatch.setattr(inner, "_ghost_kernel", lambda device: None)
+    check_rows(Factored(rand(5, 40), rand(5, 30)), Factored(rand(7, 40), rand(7, 30)), (40, 30))
 
 
-_gram = inner._gram_rows
+def test_sample_dense_every_kind():
+    """Per-sample dense gradients (the projection form's factor) against the definition sample by sample."""
+    n_samples, per, vocab, h = 3, 4, 11, 6
+    uses = [Factored(rand(12, 5), rand(12, h)), Gathered(torch.randint(0, vocab, (12,)), rand(12, h)),
+            Summed(rand(12, h))]
+    for use, shape in zip(uses, [(5, h), (vocab, h), (h,)]):
+        got = inner.sample_dense(use, n_samples, shape)
+        for s in range(n_samples):
+            one = type(use)(*(f[s * per:(s + 1) * per] for f in vars(use).values()))
+            torch.testing.assert_close(got[s], dense(one, shape), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(inner.sample_dense(use, 1, shape)[0], dense(use, shape), rtol=1e-12, atol=1e-12)
+        scale = rand(n_samples)
+        scaled = inner.sample_dense(inner.SampleScaled(use, scale), n_samples, shape)
+        torch.testing.assert_close(scaled, got * scale.reshape(-1, *([1] * len(shape))), rtol=1e-12, atol=1e-12)
+        explicit = inner.sample_dense(inner.SampleScaled(use, scale).explicit(), n_samples, shape)
+        torch.testing.assert_close(explicit, scaled, rtol=1e-12, atol=1e-12)
+        b = Factored(rand(7, 5), rand(7, h)) if isinstance(use, Factored) else Summed(rand(3, h)) \
+            if isinstance(use, Summed) else Gathered(torch.randint(0, vocab, (5,)), rand(5, h))
+        rows = row_dots(inner.SampleScaled(use, scale), b)
+        torch.testing.assert_close(rows, row_dots(use, b) * scale.repeat_interleave(per), rtol=1e-12, atol=1e-12)
 
 
 def test_embedding_rows_against_every_kind():
@@ -63,8 +83,9 @@ def test_vectors_and_dense():
 
 
 @pytest.mark.parametrize("softcap", [None, 3.0])
-def test_head_rows_recompute_the_logits_gradient(softcap, monkeypatch):
-    monkeypatch.setattr(inner, "TILE_ELEMENTS", 40)  # several chunks of rows
+def test_head_rows_against_a_dense_gradient(softcap, monkeypatch):
+    from geffect_kernels.geffect import head
+    monkeypatch.setattr(head, "ROW_CHUNK_ELEMENTS", 40)  # several chunks of rows
     n, h, v = 9, 5, 13
     hidden, weight, bias = rand(n, h), rand(v, h), rand(v)
     labels, coef = torch.randint(0, v, (n,)), rand(n)
@@ -75,9 +96,12 @@ def test_head_rows_recompute_the_logits_gradient(softcap, monkeypatch):
     if softcap:
         dz = dz * (1 - torch.tanh((hidden @ weight.t() + bias) / softcap) ** 2)
     d_w, d_b = rand(v, h), rand(v)
-    for part, expected in (("weight", ((dz @ d_w) * hidden).sum(1)), ("bias", dz @ d_b)):
-        use = HeadRows(hidden, weight, bias, labels, coef, softcap, part)
-        torch.testing.assert_close(row_dots(use, d_w if part == "weight" else d_b), expected, rtol=1e-12, atol=1e-12)
+    g = head.head_pass(weight, bias, softcap, {"x": (hidden, labels, torch.ones(n, dtype=torch.bool))})
+    for part, expected, d in (("weight", ((dz @ d_w) * hidden).sum(1), d_w), ("bias", dz @ d_b, d_b)):
+        use = HeadRows(g, "x", coef, part)
+        torch.testing.assert_close(row_dots(use, d), expected, rtol=1e-12, atol=1e-12)
+        full = dz.t() @ hidden if part == "weight" else dz.sum(0)
+        torch.testing.assert_close(inner.sample_dense(use, 1, full.shape)[0], full, rtol=1e-12, atol=1e-12)
 
 
 def test_csrc_kernel_when_built():
@@ -86,4 +110,4 @@ def test_csrc_kernel_when_built():
         pytest.skip("the C++ ghost kernel not built here")
     la, ra, lb, rb = rand(6, 10), rand(6, 7), rand(8, 10), rand(8, 7)
     expected = ((la @ lb.t()) * (ra @ rb.t())).sum(1)
-    torch.testing.assert_close(inner._gram_rows(la, ra, lb, rb), expected, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(inner.gram_rows(la, ra, lb, rb), expected, rtol=1e-10, atol=1e-12)

@@ -101,10 +101,14 @@ def test_fast_path_equals_generic_path(kind, objective):
                                 "retain": lambda m: hf.unlearning_loss("nll", m, retain)})
     dense_head = profiler.measure_unlearning(objective, forget, retain, ref_logprobs=ref)  # head not split by rows
     names = parameter_groups(model, "layer")
+    # NPO and SimNPO reuse the forget NLL's backward scaled per sample; HF's Llama RMSNorm computes in float32
+    # even in a float64 model, so two backward passes whose cotangents differ by a per-sample factor agree
+    # to float32 rounding there (GPT-2's LayerNorm stays in float64: exact).
+    rel = 1e-6 if kind == "llama" and objective in ("npo", "simnpo") else 1e-9
     for risk in ("forget", "retain"):
         for group, values in generic.by_group.items():
-            assert fast.by_group[group][risk] == pytest.approx(values[risk], rel=1e-9, abs=1e-14)
-            assert dense_head.by_group[group][risk] == pytest.approx(values[risk], rel=1e-9, abs=1e-14)
+            assert fast.by_group[group][risk] == pytest.approx(values[risk], rel=rel, abs=1e-14)
+            assert dense_head.by_group[group][risk] == pytest.approx(values[risk], rel=rel, abs=1e-14)
         assert sum(fast.per_instance[risk]) == pytest.approx(fast.total[risk], rel=1e-9)
         assert len(fast.per_instance[risk]) == 3
     assert fast.losses["forget"] == pytest.approx(float(hf.unlearning_loss("nll", model, forget).detach()), rel=1e-12)

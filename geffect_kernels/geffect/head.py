@@ -1,19 +1,23 @@
-"""The LM head of `GEffectProfiler.measure_unlearning` in one pass over the vocabulary.
+"""The LM head of `GEffectProfiler.measure_unlearning`: one pass over the head for both batches.
 
 For the rows ``h_t`` of one or more *sides* (the forget batch, the retain batch) and the head
 ``z = softcap(W h + b)``, every token objective's logits cotangent is ``c_t · m_t`` with
 ``m_t = (onehot(y_t) − softmax(z_t)) ⊙ dz/du`` (DESIGN §2) and a coefficient ``c_t`` known only once the
-log-probabilities are. So one pass, before any coefficient is known, gives everything:
+log-probabilities are. Either pass gives ``lse_t`` and ``ℓ_t`` (hence the coefficients) and
+``d_t = m_t W``, the hidden-state cotangent per unit coefficient (an objective's ``dh_t = c_t d_t``: the
+decoder's backward starts there). For the head's own inner products (DESIGN §4) the two passes differ:
 
-- ``lse_t`` and ``ℓ_t`` (the log-probabilities, hence the coefficients);
-- ``d_t = m_t W``, the hidden-state cotangent per unit coefficient: an objective's ``dh_t = c_t d_t`` (the
-  decoder's backward starts there; neither the logits' backward nor the dense head gradient runs);
-- ``(M_x M_yᵀ)`` for the requested pairs of sides, so that two head gradients' inner product is the Gram
-  form of DESIGN §4 without the V×H gradients: ⟨∇W_a, ∇W_b⟩ = Σ_ij c_a,i c_b,j (m_i·m_j)(h_i·h_j).
+- `head_pass` (Gram form): vocabulary chunks with an online softmax (running max per row, accumulators
+  rescaled as it grows) accumulate ``M_x M_yᵀ`` for pairs of sides, so that
+  ⟨∇W_a, ∇W_b⟩ = Σ_ij c_a,i c_b,j (m_i·m_j)(h_i·h_j) without any V×H gradient; the onehot parts of ``m`` are
+  added afterwards from the label logits. Cost ∝ n_x n_y V per pair: cheap for short batches.
+- `head_projection_pass` (projection form): row chunks over the whole vocabulary (exact softmax) also
+  accumulate the risks' dense head gradients ``Σ_t c_t m_t h_tᵀ`` (coefficients known up front: the NLL's),
+  per sample on the forget side, so that an objective whose coefficients are a per-sample multiple of the
+  forget NLL's (GA, NPO, SimNPO) gets its head gradient by scaling. Cost ∝ N V H: a training step's.
 
-The pass walks the vocabulary in chunks with an online softmax (running max per row, accumulators rescaled
-as it grows), so the logits are computed once and no buffer larger than one chunk of logits is held.
-The onehot parts of ``m`` are added afterwards from the label logits (``h · W[y]``).
+`head_costs` is the cost model that picks one; `HeadGram.gradient` is the dense head gradient of any
+coefficients (one more pass over that side's rows), for objectives with their own token weights.
 """
 from __future__ import annotations
 
@@ -21,13 +25,16 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..backends.autograd import compute_dtype, soft_cap_
+from ..backends.autograd import compute_dtype, logits_grad_, soft_cap_
 from . import inner
-
 
 # Logits per vocabulary chunk on the CPU: a cache-sized chunk, whose exp two matmuls then read (D and the Gram),
 # runs ~20% faster than a 4M-element one (2 cores, H 256, V 32000, 2×126 rows).
 CPU_CHUNK_ELEMENTS = 1 << 20
+# Logits per row chunk of the projection pass (16 MiB of float32).
+ROW_CHUNK_ELEMENTS = 1 << 22
+# Largest per-sample dense head gradient held (elements): beyond it the forget side's is held whole.
+SAMPLE_GRAD_ELEMENTS = 1 << 29
 
 
 @dataclass
@@ -38,11 +45,14 @@ class HeadGram:
     softcap: float | None
     hidden: dict = field(default_factory=dict)  # side -> [n, H] valid rows, compute dtype
     rows: dict = field(default_factory=dict)  # side -> [n] positions of those rows among the side's rows
+    samples: dict = field(default_factory=dict)  # side -> (number of samples, positions per sample)
     labels: dict = field(default_factory=dict)  # side -> [n]
     lse: dict = field(default_factory=dict)  # side -> [n]
     logprobs: dict = field(default_factory=dict)  # side -> [n]
     direction: dict = field(default_factory=dict)  # side -> [n, H]: d_t = m_t W
-    mm: dict = field(default_factory=dict)  # (side, side) -> [n_x, n_y]: M_x M_yᵀ
+    mm: dict = field(default_factory=dict)  # (side, side) -> [n_x, n_y]: M_x M_yᵀ (Gram form)
+    risk_grads: dict = field(default_factory=dict)  # side -> (weight [S, V, H], bias [S, V] | None) (projection)
+    _grads: dict = field(default_factory=dict)  # gradient() cache: (side, id(coef), n_samples) -> (w, b)
 
     def logits(self, side, ids, per_row=False):
         """(z, dz/du or None) of ``side``'s rows at vocabulary entries ``ids``: ``[n, U]``, or ``[n]`` with
@@ -63,22 +73,176 @@ class HeadGram:
             z - self.lse[side].unsqueeze(1))
         return m if slope is None else m * slope
 
+    def valid_coef(self, side, coef):
+        """``coef`` (over all the side's positions) on its valid rows, in the compute dtype."""
+        return coef.reshape(-1)[self.rows[side]].to(self.hidden[side].dtype)
 
-def gram_pays(n_a: int, n_b: int, vocab: int, hidden: int) -> bool:
-    """Whether the pair's head inner product is cheaper in the pass (Gram form) than by projection.
+    def scatter_valid(self, side, values):
+        """Values on the side's valid rows scattered into all of its positions (0 elsewhere), float64."""
+        out = torch.zeros(self.samples[side][0] * self.samples[side][1], dtype=torch.float64,
+                          device=values.device)
+        return out.index_copy_(0, self.rows[side], values.to(torch.float64))
 
-    Gram: the pass's ``e_x e_yᵀ`` and the hidden Gram, 2 n_a n_b (V + H) flops and an n_a×n_b accumulator.
-    Projection (`inner.row_dots` falls back to it): the b side's dense V×H gradient (logits again, Mᵀh) and
-    a's rows against it (logits again, h Dᵀ), about 4 (n_a + n_b) V H flops and a V×H buffer.
+    def weight_rows(self, side, coef, ids):
+        """Rows ``ids`` of the weight gradient with coefficients ``coef``: Σ_t c_t m_t[ids] h_t, ``[len(ids), H]``."""
+        return (self.columns(side, ids) * self.valid_coef(side, coef).unsqueeze(1)).t() @ self.hidden[side]
+
+    def rows_against(self, side, coef, part, dense):
+        """Row t: c_t m_tᵀ D h_t (weight) or c_t m_tᵀ D (bias), a chunk of rows at a time."""
+        h, c = self.hidden[side], self.valid_coef(side, coef)
+        out = torch.empty(h.shape[0], dtype=torch.float64, device=h.device)
+        for rows in _row_chunks(h.shape[0], self.weight.shape[0]):
+            m, _, _ = unit_cotangent(h[rows], self.weight, self.bias, self.softcap, self.labels[side][rows],
+                                     self.lse[side][rows])
+            proj = h[rows] @ dense.t() if part == "weight" else dense.unsqueeze(0)
+            out[rows] = _row_sums_f64(m * proj) * c[rows].to(torch.float64)
+        return self.scatter_valid(side, out)
+
+    def gradient(self, side, coef, part, n_samples):
+        """The head gradient with coefficients ``coef`` on ``side``, ``[n_samples, V, H]`` (weight) or
+        ``[n_samples, V]`` (bias): one pass over the side's rows (cached for the other part)."""
+        key = (side, id(coef), n_samples)
+        if key not in self._grads:
+            self._grads[key] = _accumulate(self, {side: (self.valid_coef(side, coef), n_samples)})[side]
+        weight, bias = self._grads[key]
+        return weight if part == "weight" else bias
+
+    def sample_ids(self, side, n_samples):
+        """The sample (of ``n_samples`` splitting the side's positions) of each valid row."""
+        per = self.samples[side][0] * self.samples[side][1] // n_samples
+        return self.rows[side] // per
+
+
+def _row_sums_f64(t):
+    return t.reshape(t.shape[0], -1).sum(1, dtype=torch.float64)
+
+
+def _row_chunks(n_rows, vocab):
+    step = max(1, ROW_CHUNK_ELEMENTS // max(1, vocab))
+    for start in range(0, n_rows, step):
+        yield slice(start, min(start + step, n_rows))
+
+
+def unit_cotangent(h, weight, bias, softcap, labels, lse=None):
+    """m = (onehot(y) − softmax(z)) ⊙ dz/du for the rows ``h`` over the whole vocabulary, in place of one
+    fresh logits buffer (compute dtype); also the rows' LSE (computed when not given) and label logits."""
+    cd = compute_dtype(weight.dtype)
+    z = (h.to(weight.dtype) @ weight.t()).to(cd)
+    if bias is not None:
+        z += bias.to(cd)
+    z, slope = soft_cap_(z, softcap)
+    z_y = z.gather(1, labels.unsqueeze(1)).squeeze(1)
+    ones = torch.ones_like(z_y)
+    if lse is None:
+        top = z.amax(1, keepdim=True)
+        e = z.sub_(top).exp_()
+        total = e.sum(1)
+        lse = top.squeeze(1) + total.log()
+        return logits_grad_(e, labels, ones, slope, row_sums=total), lse, z_y
+    return logits_grad_(z.sub_(lse.unsqueeze(1)).exp_(), labels, ones, slope), lse, z_y
+
+
+def _accumulate(gram, targets, record=False):
+    """Dense head gradients Σ_t c_t m_t h_tᵀ (and Σ_t c_t m_t for a bias) per sample, for ``targets``
+    ``{side: (coefficients on its valid rows, n_samples)}``, in row chunks over the whole vocabulary.
+
+    With ``record`` (the projection pass) the sides are all of ``gram``'s, whose LSE, log-probabilities and
+    hidden-state directions d_t = m_t W are filled in on the way; otherwise the LSE is read."""
+    w = gram.weight
+    cd = compute_dtype(w.dtype)
+    out = {}
+    for side, (coef, n_samples) in targets.items():
+        shape = (n_samples, *w.shape)
+        out[side] = (torch.zeros(shape, dtype=cd, device=w.device),
+                     None if gram.bias is None else torch.zeros(shape[:2], dtype=cd, device=w.device))
+    for side in (gram.hidden if record else targets):
+        h, labels = gram.hidden[side], gram.labels[side]
+        if record:
+            gram.lse[side] = torch.empty(h.shape[0], dtype=cd, device=w.device)
+            gram.logprobs[side] = torch.empty_like(gram.lse[side])
+            gram.direction[side] = torch.empty(h.shape, dtype=cd, device=w.device)
+        if side in targets:
+            coef, n_samples = targets[side]
+            sample = gram.sample_ids(side, n_samples)
+        for rows in _row_chunks(h.shape[0], w.shape[0]):
+            m, lse, z_y = unit_cotangent(h[rows], w, gram.bias, gram.softcap, labels[rows],
+                                         None if record else gram.lse[side][rows])
+            m_low = m if m.dtype == w.dtype else m.to(w.dtype)
+            if record:
+                gram.lse[side][rows], gram.logprobs[side][rows] = lse, z_y - lse
+                gram.direction[side][rows] = (m_low @ w).to(cd)
+            if side not in targets:
+                continue
+            weighted = h[rows] * coef[rows].unsqueeze(1)
+            ids, counts = torch.unique_consecutive(sample[rows], return_counts=True)
+            start = 0
+            for k, n in zip(ids.tolist(), counts.tolist()):  # the chunk's rows of each sample
+                seg = slice(start, start + n)
+                start += n
+                grad_w, grad_b = out[side]
+                grad_w[k] += (m_low[seg].t() @ weighted[seg].to(w.dtype)).to(cd)
+                if grad_b is not None:
+                    grad_b[k] += m[seg].t() @ coef[rows][seg]
+    return out
+
+
+def _valid_rows(gram, sides, dtype):
+    """Fill ``gram``'s rows, samples, labels and hidden rows from ``sides``; returns the rows as blocks."""
+    blocks = []
+    for name, (hidden, labels, valid) in sides.items():
+        rows = valid.reshape(-1).nonzero().squeeze(1)
+        gram.rows[name] = rows
+        gram.samples[name] = tuple(valid.shape) if valid.dim() == 2 else (1, valid.numel())
+        gram.labels[name] = labels.reshape(-1)[rows]
+        blocks.append(hidden.reshape(-1, hidden.shape[-1])[rows].to(dtype))
+    return blocks
+
+
+@torch.no_grad()
+def head_projection_pass(weight, bias, softcap, sides: dict, risk_coefs: dict, per_sample=()) -> HeadGram:
+    """The projection-form pass for ``sides`` ({name: (hidden rows [B, T, H], labels [B, T], valid [B, T])}):
+    log-probabilities, directions, and the dense head gradients of ``risk_coefs`` ({name: coefficients
+    [B, T], known before the pass}), per sample for the sides in ``per_sample``, whole for the others."""
+    w = weight.detach()
+    cd = compute_dtype(w.dtype)
+    gram = HeadGram(w, None if bias is None else bias.detach().to(cd), softcap)
+    for name, block in zip(sides, _valid_rows(gram, sides, cd)):
+        gram.hidden[name] = block
+    targets = {name: (gram.valid_coef(name, coef), gram.samples[name][0] if name in per_sample else 1)
+               for name, coef in risk_coefs.items()}
+    gram.risk_grads = _accumulate(gram, targets, record=True)
+    return gram
+
+
+def per_sample_fits(n_samples, vocab, hidden) -> bool:
+    """Whether a side's head gradient can be held per sample (`SAMPLE_GRAD_ELEMENTS`)."""
+    return n_samples * vocab * hidden <= SAMPLE_GRAD_ELEMENTS
+
+
+def head_costs(counts: dict, pairs, vocab: int, hidden: int, objective_rows: int) -> dict:
+    """Estimated flops of the head's share of a measurement in each form: ``{"gram": ..., "projection": ...}``.
+
+    ``counts``: valid rows per side; ``pairs``: the (side, side) pairs whose inner products are wanted;
+    ``objective_rows``: rows of a second pass over the forget side that the projection form needs for an
+    objective whose coefficients are not a per-sample multiple of the forget NLL's (0 otherwise).
+    Both passes compute the logits and d = M W (2 matmuls over all rows); the Gram form adds, per pair,
+    the e_x e_yᵀ product and the hidden-state and label-column Gram matrices; the projection form adds the
+    risks' gradients (one matmul over all rows) and the objective's (logits again and its gradient). A pair
+    whose Gram matrix would exceed 4 `inner.TILE_ELEMENTS` is not held: the Gram form is then ruled out.
     """
-    if n_a * n_b > 4 * inner.TILE_ELEMENTS:
-        return False
-    return n_a * n_b * (vocab + hidden) <= 2 * (n_a + n_b) * vocab * hidden
+    unit = 2 * vocab * hidden  # flops of one row through one V×H matmul
+    rows = sum(counts.values())
+    gram = 2 * rows * unit + sum(2 * counts[x] * counts[y] * (vocab + 3 * hidden) for x, y in pairs)
+    if any(counts[x] * counts[y] > 4 * inner.TILE_ELEMENTS for x, y in pairs):
+        gram = float("inf")
+    projection = 3 * rows * unit + 2 * objective_rows * unit
+    return {"gram": gram, "projection": projection}
 
 
 @torch.no_grad()
 def head_pass(weight, bias, softcap, sides: dict, pairs=()) -> HeadGram:
-    """Run the pass for ``sides`` ({name: (hidden rows [N, H], labels [N], valid [N] bool)}).
+    """The Gram-form pass for ``sides`` ({name: (hidden rows [B, T, H], labels [B, T], valid [B, T] bool)};
+    ``[N, H]``, ``[N]``, ``[N]`` for one sample).
 
     Only valid rows enter; ``pairs`` lists the (side, side) pairs whose ``M_x M_yᵀ`` to accumulate.
     Matmuls run in the weight's dtype, the softmax and the accumulators in float32 (float64 for float64).
@@ -87,13 +251,7 @@ def head_pass(weight, bias, softcap, sides: dict, pairs=()) -> HeadGram:
     cd = compute_dtype(w.dtype)
     b = None if bias is None else bias.detach().to(cd)
     gram = HeadGram(w, None if bias is None else bias.detach(), softcap)
-    names, blocks = list(sides), []
-    for name in names:
-        hidden, labels, valid = sides[name]
-        rows = valid.reshape(-1).nonzero().squeeze(1)
-        gram.rows[name] = rows
-        gram.labels[name] = labels.reshape(-1)[rows]
-        blocks.append(hidden.reshape(-1, hidden.shape[-1])[rows].to(w.dtype))
+    names, blocks = list(sides), _valid_rows(gram, sides, w.dtype)
     h = torch.cat(blocks)
     offsets = dict(zip(names, torch.tensor([0] + [x.shape[0] for x in blocks]).cumsum(0).tolist()))
     span = {name: slice(offsets[name], offsets[name] + block.shape[0]) for name, block in zip(names, blocks)}

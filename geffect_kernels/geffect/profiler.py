@@ -3,9 +3,11 @@
     profiler = GEffectProfiler(model, groups="layer")
     result = profiler.measure(lambda m: my_loss(m), {"forget": forget_nll, "retain": retain_nll})
     result = profiler.measure_unlearning("npo", forget_batch, retain_batch, ref_logprobs=ref)
+    print(result.explain())  # which form each parameter's inner products took, and its estimated cost
 
 G-effect = ∇objectiveᵀ∇risk with risk = NLL (see `result` for the sign convention). Only parameters with
-``requires_grad`` take part. Each gradient is held in factored form (`capture`, `inner`); the model is left
+``requires_grad`` take part. Each gradient is held in factored form (`capture`, `inner`) and every parameter's
+inner products are taken in the cheaper of the Gram and projection forms (`products`); the model is left
 as found: no hooks, no ``.grad``, ``requires_grad`` untouched (gradients come from ``torch.autograd.grad``).
 Dropout makes every forward different: profile in ``eval()`` mode for exact values.
 """
@@ -17,17 +19,20 @@ from contextlib import ExitStack
 import torch
 
 from .. import hf
+from ..backends.autograd import compute_dtype
 from ..catalog import RETAIN_OBJECTIVES, resolve
 from ..inputs import prepare_ref
+from . import products
 from .capture import Capture, FactoredGradient
 from .groups import parameter_groups
-from .head import gram_pays, head_pass
-from .inner import Factored, Gathered, HeadRows, Summed, dense_dot, row_dots
+from .head import head_costs, head_pass, head_projection_pass, per_sample_fits
+from .inner import Factored, Gathered, HeadRows, SampleGrads, SampleScaled, Summed
 from .result import GEffectResult
 from . import sharded
 
 IGNORE_INDEX = -100  # Hugging Face labels
 NLL = resolve("nll", {})
+OBJECTIVE = ("objective",)  # the key of the objective's gradient (risks are keyed by their names)
 
 
 def objective_from_logprobs(objective, logprobs, labels, ref_logprobs=None):
@@ -63,17 +68,16 @@ class _Forward:
             self.sides[name] = _Side(self, name, (start, start + n), hf.batch_labels(batch)[:, 1:])
             start += n
 
-    def splittable(self) -> bool:
-        """Whether each side's gradient can be read off a stacked backward: every profiled parameter in the
-        graph is used through hooked layers only, each use with one row block per sample."""
-        if len(self.sides) == 1:
-            return True
+    def by_samples(self) -> bool:
+        """Whether the gradients split by samples: every profiled parameter in the graph is used through
+        hooked layers only, each use with one row block per sample (needed to read each side's gradient off
+        a stacked backward, and to scale a gradient sample by sample)."""
         n = self.hidden.shape[0]
         return self.capture.fully_captured(self.hidden) and all(
             call.rows_shape and call.rows_shape[0] == n for call in self.capture.calls)
 
-    def gradients(self, coefs: dict, head_params, retain_graph) -> dict:
-        """{side: gradient of Σ_t coef_t ℓ_t on that side} from one backward (sides not named: no gradient)."""
+    def gradients(self, coefs: dict, retain_graph) -> dict:
+        """{side: the decoder's part of the gradient of Σ_t coef_t ℓ_t on that side} from one backward."""
         hidden = self.hidden
         dh = torch.zeros_like(hidden)
         for name, coef in coefs.items():
@@ -83,12 +87,9 @@ class _Forward:
             grad = self.capture.gradient(hidden, dh, retain_graph=retain_graph)
         else:  # nothing profiled below the head
             grad = FactoredGradient()
-        out = {}
-        for name, coef in coefs.items():
-            side = self.sides[name]
-            part = grad if len(self.sides) == 1 else _batch_rows(grad, side.batch, hidden.shape[0])
-            out[name] = side.add_head(part, coef, head_params)
-        return out
+        if len(self.sides) == 1:
+            return {name: grad for name in coefs}
+        return {name: _batch_rows(grad, self.sides[name].batch, hidden.shape[0]) for name in coefs}
 
 
 def _batch_rows(grad: FactoredGradient, batch, n_batch) -> FactoredGradient:
@@ -114,9 +115,17 @@ def _batch_rows(grad: FactoredGradient, batch, n_batch) -> FactoredGradient:
     return out
 
 
+def _scaled_by_sample(grad: FactoredGradient, scale) -> FactoredGradient:
+    """``grad`` with sample s's rows times ``scale[s]`` in every use (the uses themselves are shared)."""
+    out = FactoredGradient(rows_shapes={k: list(v) for k, v in grad.rows_shapes.items()})
+    for name, uses in grad.uses.items():
+        out.uses[name] = [SampleScaled(use, scale) for use in uses]
+    return out
+
+
 class _Side:
     """One batch within a `_Forward`: its rows, HF-shifted labels and, after the head pass
-    (`head.head_pass`), its log-probabilities and the head's part of token objectives' gradients."""
+    (`head`), its log-probabilities and the hidden-state direction of each token."""
 
     def __init__(self, forward, name, batch, labels):
         self.forward, self.name, self.batch = forward, name, batch
@@ -125,10 +134,9 @@ class _Side:
         self.gram = None
 
     def head_rows(self):
-        """(hidden rows, labels, valid) of the positions the head scores, for `head.head_pass`."""
+        """(hidden rows [B, T-1, H], labels, valid) of the positions the head scores, for the head pass."""
         b0, b1 = self.batch
-        hidden = self.forward.hidden[b0:b1, :-1].detach()
-        return hidden.reshape(-1, hidden.shape[-1]), self.labels.reshape(-1), self.valid.reshape(-1)
+        return self.forward.hidden[b0:b1, :-1].detach(), self.labels, self.valid
 
     @property
     def logprobs(self):
@@ -136,13 +144,18 @@ class _Side:
         flat = torch.zeros(self.labels.numel(), dtype=g.logprobs[self.name].dtype, device=self.labels.device)
         return flat.index_copy_(0, g.rows[self.name], g.logprobs[self.name]).reshape(self.labels.shape)
 
-    def coefficients(self, objective, ref_logprobs=None):
-        """(loss value, ∂loss/∂ℓ_t) of a resolved objective, zero at ignored positions."""
-        lp = self.logprobs.requires_grad_()
+    def coefficients(self, objective, ref_logprobs=None, logprobs=None):
+        """(loss value, ∂loss/∂ℓ_t) of a resolved objective, zero at ignored positions; at ``logprobs``
+        (default: the head pass's)."""
+        lp = (self.logprobs if logprobs is None else logprobs).requires_grad_()
         with torch.enable_grad():
             loss = objective_from_logprobs(objective, lp, self.labels, ref_logprobs)
             coef, = torch.autograd.grad(loss, lp)
         return float(loss.detach()), torch.where(self.valid, coef, 0)
+
+    def nll_coefficients(self, dtype):
+        """The NLL's coefficients, known before the head pass (they do not depend on ℓ)."""
+        return self.coefficients(NLL, logprobs=torch.zeros(self.labels.shape, dtype=dtype))[1]
 
     def cotangent(self, coef):
         """dh_t = coef_t d_t on this side's hidden states ``[B, T, H]`` (0 at the last position)."""
@@ -155,27 +168,26 @@ class _Side:
                           torch.zeros(self.labels.shape[0], 1, hidden.shape[-1], dtype=hidden.dtype,
                                       device=hidden.device)], dim=1)
 
-    def add_head(self, grad: FactoredGradient, coef, head_params) -> FactoredGradient:
-        """``grad`` (the decoder's part) plus the head's uses, which read the head pass's Gram matrices."""
-        g = self.gram
-        head_hidden, _, _ = self.head_rows()
-        for role, (name, _) in head_params.items():
-            use = HeadRows(head_hidden, g.weight, g.bias, torch.where(self.valid, self.labels, 0).reshape(-1),
-                           coef.reshape(-1), g.softcap, role, gram=g, side=self.name)
-            grad.uses.setdefault(name, []).append(use)
-            grad.rows_shapes.setdefault(name, []).append(tuple(self.labels.shape))
-        return grad
+
+def _add_uses(grad: FactoredGradient, uses: dict, rows_shape) -> FactoredGradient:
+    for name, use in uses.items():
+        grad.uses.setdefault(name, []).append(use)
+        grad.rows_shapes.setdefault(name, []).append(tuple(rows_shape))
+    return grad
 
 
 class GEffectProfiler:
     """Per-group G-effects of objectives on risks for ``model`` (any HF causal LM or ``nn.Module``).
 
     ``groups``: ``"parameter"``, ``"layer"``, ``"component"`` or a callable name -> group (see `groups`).
+    ``explain=True`` prints each measurement's plan (`GEffectResult.explain`): the form each parameter's
+    inner products took and the estimated flops of each form; it is in ``result.plan`` either way.
     """
 
-    def __init__(self, model: torch.nn.Module, groups: str | Callable[[str], str] = "layer"):
+    def __init__(self, model: torch.nn.Module, groups: str | Callable[[str], str] = "layer", explain: bool = False):
         self.model = model
         self.groups = parameter_groups(model, groups)
+        self.explain = explain
 
     def _params(self):
         params = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
@@ -200,12 +212,11 @@ class GEffectProfiler:
             _refuse_per_instance_when_sharded(per_instance)
             return sharded.measure(self, objective, risks)
         params = self._params()
-        losses = {}
-        grad_a, losses["objective"] = self._gradient_of(objective, params, "objective")
-        risk_grads = {}
+        grads, losses = {}, {}
+        grads[OBJECTIVE], losses["objective"] = self._gradient_of(objective, params, "objective")
         for name, risk in risks.items():
-            risk_grads[name], losses[name] = self._gradient_of(risk, params, f"risk {name!r}")
-        return self._result(grad_a, risk_grads, losses, per_instance)
+            grads[name], losses[name] = self._gradient_of(risk, params, f"risk {name!r}")
+        return self._results(grads, {"objective": (OBJECTIVE, list(risks))}, losses, per_instance)
 
     def _gradient_of(self, fn, params, what):
         capture = Capture(self.model, params)
@@ -218,22 +229,23 @@ class GEffectProfiler:
     # -- the structured fast path ---------------------------------------------------------------------
     def measure_unlearning(self, objective: str, forget_batch, retain_batch=None, *, ref_logprobs=None,
                            retain_objective: str | None = "nll", per_instance: bool = False,
-                           backend: str = "auto", **hparams) -> GEffectResult:
+                           **hparams) -> GEffectResult:
         """G-effects of unlearning objective ``objective`` (DESIGN §3, with ``hparams``) on the risks
         ``"forget"`` (e_u: NLL on ``forget_batch``) and ``"retain"`` (e_r: NLL on ``retain_batch``).
 
         Batches are HF-style dicts (``input_ids``, optional ``attention_mask`` and ``labels``; HF-shifted
         labels); ``ref_logprobs`` as for `hf.unlearning_loss`. The objective and the forget risk share one
-        forward, and the LM head runs once for both batches (`head.head_pass`: log-probabilities, each
-        token's hidden-state cotangent per unit coefficient, and the Gram matrices that give the head's inner
-        products without its V×H gradients); the decoder's backward then starts from the hidden states, one
-        per gradient (none for an objective that is a multiple of the forget NLL, e.g. ``"ga"``). The head
-        pass is plain torch whatever ``backend`` (kept for compatibility) says. ``retain_objective``
-        names the training step's retain term (the risks are NLL whatever it is); with ``"nll"`` (the
-        default) that term's gradient *is* the retain risk's, so ``result.retain_term`` also gets the retain
-        term's own G-effects on both risks from gradients already computed (no extra backward).
-        ``retain_batch=None`` measures the forget risk only. ``per_instance=True`` adds values per forget
-        sample.
+        forward (with the retain batch too when the lengths agree), and the LM head runs once for both
+        batches (`head`: log-probabilities, each token's hidden-state cotangent per unit coefficient, and
+        the head's inner products in the Gram or the projection form, whichever its cost model finds
+        cheaper); the decoder's backward then starts from the hidden states: one backward for every risk,
+        and one more for the objective unless its coefficients are a per-sample multiple of the forget NLL's
+        (GA, NPO, SimNPO), whose gradient is then the forget risk's scaled sample by sample.
+        ``retain_objective`` names the training step's retain term (the risks are NLL whatever it is); with
+        ``"nll"`` (the default) that term's gradient *is* the retain risk's, so ``result.retain_term`` also
+        gets the retain term's own G-effects on both risks from gradients already computed (no extra
+        backward). ``retain_batch=None`` measures the forget risk only. ``per_instance=True`` adds values
+        per forget sample.
         """
         objective = resolve(objective, hparams)  # once, and before any compute
         retain_objective = "none" if retain_objective is None else retain_objective
@@ -246,98 +258,148 @@ class GEffectProfiler:
         params = self._params()
         batches = {"forget": forget_batch} if retain_batch is None else {"forget": forget_batch,
                                                                           "retain": retain_batch}
-        forwards = []
-        if len(batches) == 2 and _stackable(forget_batch, retain_batch):
-            forwards = [_Forward(self.model, batches, params)]  # one forward (and backward) for both
-            if not forwards[0].splittable():
-                forwards = []
-        if not forwards:
-            forwards = [_Forward(self.model, {name: b}, params) for name, b in batches.items()]
+        forwards = self._forwards(batches, params)
         sides = {name: side for fw in forwards for name, side in fw.sides.items()}
+        retain_term = retain_batch is not None and retain_objective == "nll"
+        head_params = self._head_params(params)
+        dtype = compute_dtype(forwards[0].hidden.dtype)
+        losses, coefs = {}, {name: side.nll_coefficients(dtype) for name, side in sides.items()}
+        # An objective whose coefficients are a per-sample multiple of the forget NLL's (predicted from its
+        # kind; checked on the coefficients below) needs no gradient of its own.
+        multiple_expected = objective.objective.level == "sequence" or objective.name in ("ga", "nll")
+        head_entry = self._head_pass(sides, coefs, head_params, retain_term, multiple_expected)
+        losses["objective"], coef_a = sides["forget"].coefficients(objective, ref_logprobs)
+        for name, side in sides.items():
+            losses[name] = side.coefficients(NLL)[0]
+        scale = _sample_multiples(coef_a, coefs["forget"]) if all(fw.by_samples() for fw in forwards) else None
+        grads = self._backwards(forwards, coefs, None if scale is not None else coef_a)
+        del forwards
+        grads[OBJECTIVE] = _scaled_by_sample(grads["forget"], scale) if scale is not None else grads.pop(OBJECTIVE)
+        self._add_head(grads, sides, coefs, coef_a, scale, head_params)
+        products_of = {"objective": (OBJECTIVE, list(batches))}
+        if retain_term:  # its gradient is the retain risk's
+            products_of["retain_term"] = ("retain", list(batches))
+        return self._results(grads, products_of, losses, per_instance, head_entry)
+
+    def _forwards(self, batches, params):
+        """One stacked forward for both batches where they fit together and split by samples; else one each."""
+        if len(batches) == 2 and _stackable(*batches.values()):
+            forward = _Forward(self.model, batches, params)
+            if forward.by_samples():
+                return [forward]
+        return [_Forward(self.model, {name: b}, params) for name, b in batches.items()]
+
+    def _head_params(self, params):
+        """{"weight"/"bias": (name, parameter)} of the LM head's profiled parameters."""
         head = hf.lm_head(self.model)
         names = {id(p): n for n, p in params.items()}
-        head_params = {role: (names[id(p)], p) for role, p in (("weight", head.weight), ("bias", head.bias))
-                       if p is not None and id(p) in names}
-        # One pass over the vocabulary for both sides: log-probabilities, hidden-state cotangents and, where
-        # the Gram form pays, the M_x M_yᵀ that the head's inner products need (`head`).
+        return {role: (names[id(p)], p) for role, p in (("weight", head.weight), ("bias", head.bias))
+                if p is not None and id(p) in names}
+
+    def _head_pass(self, sides, coefs, head_params, retain_term, multiple_expected) -> products.PlanEntry:
+        """Run the head pass for every side in the form its cost model picks; returns that plan entry."""
+        head = hf.lm_head(self.model)
+        vocab, width = head.weight.shape
         rows = {name: side.head_rows() for name, side in sides.items()}
         counts = {name: int(valid.sum()) for name, (_, _, valid) in rows.items()}
-        wanted = [("forget", "forget")]
-        if retain_batch is not None:
-            wanted.append(("forget", "retain"))
-            if retain_objective == "nll":
-                wanted.append(("retain", "retain"))
-        pairs = [(x, y) for x, y in wanted if head_params
-                 and gram_pays(counts[x], counts[y], head.weight.shape[0], head.weight.shape[1])]
+        pairs = [("forget", "forget")] + [("forget", "retain")] * ("retain" in sides) + \
+            [("retain", "retain")] * retain_term
+        per_sample = per_sample_fits(sides["forget"].labels.shape[0], vocab, width)
+        costs = head_costs(counts, pairs if head_params else [], vocab, width,
+                           0 if multiple_expected and per_sample else counts["forget"])
+        form = products.choose(costs) if head_params else "gram"
         with ExitStack() as stack:
             for device_type in {p.device.type for p in self.model.parameters()}:
                 stack.enter_context(torch.autocast(device_type, enabled=False))
-            gram = head_pass(head.weight, head.bias, head.softcap, rows, pairs)
+            if form == "gram":
+                gram = head_pass(head.weight, head.bias, head.softcap, rows, pairs if head_params else [])
+            else:
+                gram = head_projection_pass(head.weight, head.bias, head.softcap, rows, coefs,
+                                            per_sample=("forget",) if per_sample else ())
         for side in sides.values():
             side.gram = gram
-        del rows
-        losses, coefs = {}, {}
-        losses["objective"], coef_a = sides["forget"].coefficients(objective, ref_logprobs)
-        for name, side in sides.items():
-            losses[name], coefs[name] = side.coefficients(NLL)
-        # When the objective's coefficients are a multiple of the NLL's (ga; nll itself), its gradient is
-        # that multiple of the forget risk's: one decoder backward fewer, values scaled (exactly).
-        scale = _multiple(coef_a, coefs["forget"])
-        # Backward passes: each takes at most one gradient per side of a forward.
-        rounds = [coefs] if scale is not None else [{"objective": coef_a, **{k: v for k, v in coefs.items()
-                                                                              if k != "forget"}},
-                                                    {"forget": coefs["forget"]}]
+        return products.PlanEntry("(head pass)", "head", form, costs[form], costs)
+
+    def _backwards(self, forwards, coefs, coef_a=None) -> dict:
+        """The decoder's part of each risk's gradient (and of the objective's, for ``coef_a``): at most one
+        gradient per side of a forward per backward."""
+        rounds = [coefs] if coef_a is None else [
+            {OBJECTIVE: coef_a, **{k: v for k, v in coefs.items() if k != "forget"}}, {"forget": coefs["forget"]}]
+        side_of = lambda key: "forget" if key == OBJECTIVE else key
         grads = {}
         for i, requests in enumerate(rounds):
             for fw in forwards:
-                mine = {("forget" if key == "objective" else key): (key, coef) for key, coef in requests.items()
-                        if ("forget" if key == "objective" else key) in fw.sides}
+                mine = {side_of(key): (key, coef) for key, coef in requests.items() if side_of(key) in fw.sides}
                 if not mine:
                     continue
-                later = any(("forget" if k == "objective" else k) in fw.sides for r in rounds[i + 1:] for k in r)
-                got = fw.gradients({side: coef for side, (_, coef) in mine.items()}, head_params,
-                                   retain_graph=later)
+                later = any(side_of(k) in fw.sides for r in rounds[i + 1:] for k in r)
+                got = fw.gradients({side: coef for side, (_, coef) in mine.items()}, retain_graph=later)
                 grads.update({key: got[side] for side, (key, _) in mine.items()})
-        del forwards, sides, coefs, coef_a
-        grad_a = grads.pop("objective", None)
-        risk_grads = {name: grads[name] for name in batches}
-        if grad_a is None:
-            grad_a = risk_grads["forget"]
-        result = self._result(grad_a, risk_grads, losses, per_instance, scale=scale or 1.0)
-        if retain_batch is not None and retain_objective == "nll":  # its gradient is the retain risk's
-            result.retain_term = self._result(risk_grads["retain"], risk_grads,
-                                              {"objective": losses["retain"]}, False)
-        return result
+        return grads
+
+    def _add_head(self, grads, sides, coefs, coef_a, scale, head_params):
+        """The head's uses in every gradient: Gram-form rows, or the projection pass's dense gradients."""
+        gram = sides["forget"].gram
+        for key, side, coef in [(OBJECTIVE, "forget", coef_a), *[(n, n, c) for n, c in coefs.items()]]:
+            uses = {}
+            for role, (name, _) in head_params.items():
+                held = gram.risk_grads.get(side)
+                if key != OBJECTIVE and held is not None:
+                    uses[name] = SampleGrads(held[0] if role == "weight" else held[1])
+                elif key == OBJECTIVE and held is not None and scale is not None and held[0].shape[0] == scale.shape[0]:
+                    uses[name] = SampleScaled(SampleGrads(held[0] if role == "weight" else held[1]), scale)
+                else:
+                    uses[name] = HeadRows(gram, side, coef.reshape(-1), role)
+            _add_uses(grads[key], uses, sides[side].labels.shape)
 
     # -- inner products into groups ---------------------------------------------------------------------
-    def _result(self, grad_a: FactoredGradient, risk_grads: dict, losses: dict, per_instance: bool,
-                scale: float = 1.0) -> GEffectResult:
-        """Inner products of ``scale`` · ``grad_a`` with each risk's gradient, per group."""
+    def _results(self, grads: dict, products_of: dict, losses: dict, per_instance: bool, head_entry=None
+                 ) -> GEffectResult:
+        """A result per entry of ``products_of`` ({result: (key of its first gradient, [risk keys])}); the
+        first is returned, the others are attached to it under their names (``retain_term``)."""
         with ExitStack() as stack:  # inner products in float32/float64 even inside the caller's autocast
             stack.enter_context(torch.no_grad())
             for device_type in {p.device.type for p in self.model.parameters()}:
                 stack.enter_context(torch.autocast(device_type, enabled=False))
-            return self._inner_products(grad_a, risk_grads, losses, per_instance, scale)
+            per_sample = {OBJECTIVE: _batch_size(grads[OBJECTIVE])} if per_instance else {}
+            pairs = [(a, risk) for a, risks in products_of.values() for risk in risks]
+            values, plan = self._inner_products(grads, pairs, per_sample, head_entry)
+        results = {}
+        for result_name, (a, risks) in products_of.items():
+            total, by_group, instance = {}, {}, {}
+            for risk in risks:
+                group_sums = {}
+                n = per_sample.get(a, 0)
+                instance[risk] = torch.zeros(n, dtype=torch.float64)
+                for name, (value, samples) in values[(a, risk)].items():
+                    group_sums[self.groups[name]] = group_sums.get(self.groups[name], 0.0) + value
+                    if samples is not None and n:
+                        instance[risk] += samples
+                for group, value in group_sums.items():
+                    by_group.setdefault(group, {})[risk] = value
+                total[risk] = sum(group_sums.values())
+                instance[risk] = instance[risk].tolist()
+            loss_values = losses if a == OBJECTIVE else {"objective": losses[a]}
+            results[result_name] = GEffectResult(total, by_group, instance if a in per_sample else None,
+                                                 loss_values, plan=plan if result_name == "objective" else None)
+        result = results.pop("objective")
+        result.retain_term = results.pop("retain_term", None)
+        if self.explain:
+            print(result.explain())
+        return result
 
-    def _inner_products(self, grad_a, risk_grads, losses, per_instance, scale=1.0):
-        n_samples = _batch_size(grad_a) if per_instance else None
-        names = list(self._params())  # every profiled parameter, 0 where a gradient does not reach it
-        total, by_group, instance = {}, {}, {}
-        for risk, grad_b in risk_grads.items():
-            group_sums = {}
-            per_sample = torch.zeros(n_samples or 0, dtype=torch.float64)
-            for name in names:
-                value, rows = _inner(grad_a, grad_b, name, n_samples)
-                if scale != 1.0:
-                    value, rows = scale * value, None if rows is None else scale * rows
-                group_sums[self.groups[name]] = group_sums.get(self.groups[name], 0.0) + value
-                if rows is not None:
-                    per_sample += rows
-            for group, value in group_sums.items():
-                by_group.setdefault(group, {})[risk] = value
-            total[risk] = sum(group_sums.values())
-            instance[risk] = per_sample.tolist()
-        return GEffectResult(total, by_group, instance if per_instance else None, losses)
+    def _inner_products(self, grads, pairs, per_sample, head_entry):
+        """{(a, risk): {parameter: (value, per-sample values or None)}} and the plan, parameter by parameter."""
+        values = {pair: {} for pair in pairs}
+        plan = [head_entry] if head_entry is not None else []
+        for name, param in self._params().items():  # every profiled parameter, 0 where no gradient reaches
+            parts = {key: _parts(grads[key], name) for key in dict.fromkeys(k for pair in pairs for k in pair)}
+            entry = products.plan_parameter(name, self.groups[name], parts, pairs, param.numel(),
+                                            per_sample, head_entry)
+            plan.append(entry)
+            for pair, value in products.parameter_products(entry, parts, pairs, param.shape, per_sample).items():
+                values[pair][name] = value
+        return values, plan
 
 
 def _refuse_per_instance_when_sharded(per_instance):
@@ -352,14 +414,20 @@ def _stackable(a, b) -> bool:
             and set(a) - {"attention_mask", "labels"} == set(b) - {"attention_mask", "labels"} == {"input_ids"})
 
 
-def _multiple(coef_a: torch.Tensor, coef_b: torch.Tensor) -> float | None:
-    """λ with coef_a == λ·coef_b exactly (elementwise), or None."""
-    nonzero = coef_b.reshape(-1).nonzero()
-    if nonzero.numel() == 0:
-        return None
-    i = int(nonzero[0, 0])
-    scale = float(coef_a.reshape(-1)[i] / coef_b.reshape(-1)[i])
-    return scale if torch.equal(coef_a, scale * coef_b) else None
+def _sample_multiples(coef_a: torch.Tensor, coef_b: torch.Tensor) -> torch.Tensor | None:
+    """λ (float64, one per sample) with coef_a[s] == λ_s·coef_b[s] for every sample s, or None.
+
+    Exact up to the rounding of λ_s itself (a few ulps of each coefficient): λ is read at each sample's first
+    nonzero coef_b; a sample where coef_b is all 0 needs coef_a all 0 there (λ = 0).
+    """
+    a, b = coef_a.reshape(coef_a.shape[0], -1).double(), coef_b.reshape(coef_b.shape[0], -1).double()
+    nonzero = b != 0
+    first = nonzero.to(torch.int8).argmax(1, keepdim=True)
+    scale = torch.where(nonzero.any(1), (a.gather(1, first) / b.gather(1, first).where(nonzero.any(1, keepdim=True),
+                                                                                    1.0)).squeeze(1), 0.0)
+    eps = torch.finfo(coef_a.dtype).eps
+    ok = ((a - scale.unsqueeze(1) * b).abs() <= 4 * eps * a.abs()).all()
+    return scale if bool(ok) else None
 
 
 def _batch_size(grad: FactoredGradient) -> int:
@@ -380,20 +448,3 @@ def _batch_size(grad: FactoredGradient) -> int:
 def _parts(grad: FactoredGradient, name):
     """Parameter ``name``'s gradient as a list of parts that sum to it: a dense tensor and/or uses."""
     return ([grad.dense[name]] if name in grad.dense else []) + grad.uses.get(name, [])
-
-
-def _inner(grad_a: FactoredGradient, grad_b: FactoredGradient, name, n_samples=None):
-    """⟨∇_a, ∇_b⟩ restricted to parameter ``name``: (float, float64 [n_samples] on the CPU or None)."""
-    parts_b = _parts(grad_b, name)
-    value, per_sample = 0.0, None
-    for a in _parts(grad_a, name) if parts_b else ():
-        if isinstance(a, torch.Tensor):
-            value += float(sum(dense_dot(a, b) for b in parts_b))
-            continue
-        rows = sum(row_dots(a, b) for b in parts_b)
-        value += float(rows.sum())
-        if n_samples:  # a use's rows are its samples' rows one after the other
-            sample = torch.arange(a.n_rows, device=rows.device) // (a.n_rows // n_samples)
-            part = torch.zeros(n_samples, dtype=torch.float64, device=rows.device).index_add_(0, sample, rows)
-            per_sample = part.cpu() if per_sample is None else per_sample + part.cpu()
-    return value, per_sample

@@ -23,6 +23,21 @@ class GEffectResult:
     per_instance: dict[str, list[float]] | None = None
     losses: dict[str, float] = field(default_factory=dict)
     retain_term: GEffectResult | None = None  # the G-effects of an nll retain term (`measure_unlearning`)
+    plan: list | None = None  # `products.PlanEntry` per parameter (and the head pass): the form and its cost
+
+    def explain(self) -> str:
+        """The plan as a table: each parameter's form (gram, projection, sparse, direct, dense), the
+        estimated flops of the form used and of the alternative, and the totals per form."""
+        if not self.plan:
+            return "no plan recorded"
+        lines = [f"{'parameter':48s} {'group':16s} {'form':10s} {'GFLOP':>9s}  alternatives (GFLOP)"]
+        by_form = {}
+        for e in self.plan:
+            others = ", ".join(f"{form} {flops / 1e9:.3g}" for form, flops in e.costs.items() if form != e.form)
+            lines.append(f"{e.parameter:48s} {e.group:16s} {e.form:10s} {e.flops / 1e9:9.3g}  {others}")
+            by_form[e.form] = by_form.get(e.form, 0.0) + e.flops
+        lines.append("total: " + ", ".join(f"{form} {flops / 1e9:.3g} GFLOP" for form, flops in by_form.items()))
+        return "\n".join(lines)
 
     @property
     def risks(self) -> list[str]:

@@ -238,7 +238,7 @@ def _profile(run: _Run, step, number) -> dict:
     r_batch = run.retain_batch(step * config.grad_accum) if run.retain is not None else None
     with run.autocast:
         result = run.profiler.measure_unlearning(
-            config.objective, f_batch, r_batch, ref_logprobs=f_ref, backend=config.backend,
+            config.objective, f_batch, r_batch, ref_logprobs=f_ref,
             retain_objective=config.retain_objective if config.uses_retain else None, **config.hparams)
     run.history.record(number, result)
     return {"e_forget": float(result.total["forget"]), "e_retain": float(result.total.get("retain", 0.0))}

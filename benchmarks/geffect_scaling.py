@@ -1,0 +1,188 @@
+"""How the G-effect profiler's cost grows with tokens, against a training step and materialized gradients.
+
+Llama-shaped model (random weights), NPO objective (reference log-probabilities: the model's own plus noise,
+so that NPO is not GA), 4 sequences per side, `measure_unlearning` with layer groups. Per configuration,
+after a warm-up, the methods run in interleaved rounds (median per method; a shared machine's load then hits
+them alike; the ratios within one run are what counts):
+
+- ``step``: one fused training step: NPO on the forget batch + NLL on the retain batch, forward and backward
+  (the default backend);
+- ``materialized``: three full gradients (NPO, forget NLL, retain NLL) and per-parameter dot products summed
+  per layer (`materialized.py`: no concatenated gradient, the fair baseline);
+- ``profiler``: `GEffectProfiler.measure_unlearning` (e_u, e_r per layer, and the nll retain term's).
+
+CPU (default): T ∈ {64, 128, 256, 512, 1024} tokens per sequence × H ∈ {256, 512}, 4 layers, V 32000, float32;
+CSV under benchmarks/results/ (machine with its instruction set, load, commit) and a plot in docs/.
+GPU (``--gpu``): the 1.1B and 6.7B Llama shapes in bf16 at 512 and 2048 tokens per side (4 sequences of 128 and
+512 tokens); ``--smoke`` runs one tiny configuration; ``--budget`` bounds the run (configurations that would
+start past it are skipped and reported as such).
+
+    python benchmarks/geffect_scaling.py [--tokens 64,128] [--hidden 256] [--rounds 3]
+    python benchmarks/geffect_scaling.py --gpu [--smoke] [--budget 240] --out $OUT/geffect_scaling_gpu.csv
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import statistics
+import time
+from pathlib import Path
+
+import provenance
+import torch
+from materialized import materialized_geffects
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from geffect_kernels import hf
+from geffect_kernels.geffect import GEffectProfiler
+from geffect_kernels.geffect.groups import parameter_groups
+
+VOCAB, BATCH, LAYERS = 32000, 4, 4
+GPU_SHAPES = {"1.1b": (22, 2048, 5632, 32, 4), "6.7b": (32, 4096, 11008, 32, 32)}  # layers, H, I, heads, kv
+METHODS = ("step", "materialized", "profiler")
+
+
+def build(layers, hidden, inter, heads, kv, dtype, device):
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                         num_attention_heads=heads, num_key_value_heads=kv)
+    torch.manual_seed(0)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            return LlamaForCausalLM(config).eval()
+    finally:
+        torch.set_default_dtype(default)
+
+
+def methods(model, tokens):
+    device = next(model.parameters()).device
+    g = torch.Generator(device=device).manual_seed(1)
+    ids = torch.randint(0, VOCAB, (2, BATCH, tokens), device=device, generator=g)
+    forget, retain = {"input_ids": ids[0]}, {"input_ids": ids[1]}
+    with torch.no_grad():
+        lp = hf.token_logprobs(model, forget)
+        ref = lp - 0.5 + 0.5 * torch.randn(lp.shape, device=device, generator=g, dtype=lp.dtype)
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = parameter_groups(model, "layer")
+    npo = lambda m: hf.unlearning_loss("npo", m, forget, ref_logprobs=ref)
+    nll = lambda b: lambda m: hf.unlearning_loss("nll", m, b)
+    profiler = GEffectProfiler(model, groups="layer")
+
+    def step():
+        torch.autograd.grad(npo(model) + nll(retain)(model), params)
+
+    def materialized():
+        return materialized_geffects(model, npo, {"forget": nll(forget), "retain": nll(retain)}, groups)
+
+    return {"step": step, "materialized": materialized,
+            "profiler": lambda: profiler.measure_unlearning("npo", forget, retain, ref_logprobs=ref)}
+
+
+def timed_rounds(runs, rounds, sync):
+    for fn in runs.values():  # warm-up: lazy initialisation out of the timed runs
+        fn()
+    times = {name: [] for name in runs}
+    for _ in range(rounds):  # interleaved: load from other processes hits every method alike
+        for name, fn in runs.items():
+            sync()
+            start = time.perf_counter()
+            fn()
+            sync()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def configurations(args):
+    if not args.gpu:
+        for hidden in map(int, args.hidden.split(",")):
+            for tokens in map(int, args.tokens.split(",")):
+                yield (f"llama L{LAYERS} H{hidden} V{VOCAB} fp32", (LAYERS, hidden, hidden * 43 // 16, 4, 4),
+                       tokens, torch.float32, "cpu")
+    elif args.smoke:
+        yield "llama L2 H256 V32000 bf16 (smoke)", (2, 256, 688, 4, 4), 64, torch.bfloat16, "cuda"
+    else:
+        for shape in args.shapes.split(","):
+            for per_side in (512, 2048):
+                yield f"llama {shape} bf16", GPU_SHAPES[shape], per_side // BATCH, torch.bfloat16, "cuda"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", default="64,128,256,512,1024", help="tokens per sequence (CPU)")
+    parser.add_argument("--hidden", default="256,512", help="hidden sizes (CPU)")
+    parser.add_argument("--rounds", type=int, default=3, help="timed rounds per configuration (median reported)")
+    parser.add_argument("--gpu", action="store_true", help="the GPU sweep (1.1B/6.7B shapes, bf16)")
+    parser.add_argument("--shapes", default="1.1b,6.7b", help="GPU shapes")
+    parser.add_argument("--smoke", action="store_true", help="GPU: one tiny configuration")
+    parser.add_argument("--budget", type=float, default=float("inf"), help="seconds; later configurations skipped")
+    parser.add_argument("--out", default=None, help="CSV path (default benchmarks/results/geffect_scaling[_gpu].csv)")
+    parser.add_argument("--plot", default="docs/geffect_scaling.png", help="PNG of time against tokens (CPU)")
+    args = parser.parse_args()
+    out = Path(args.out or f"benchmarks/results/geffect_scaling{'_gpu' if args.gpu else ''}.csv")
+    if not args.gpu:
+        torch.set_num_threads(os.cpu_count() or 1)
+    sync = torch.cuda.synchronize if args.gpu else (lambda: None)
+    started, rows = time.perf_counter(), []
+    for label, shape, tokens, dtype, device in configurations(args):
+        if time.perf_counter() - started > args.budget:
+            print(f"skipped (budget): {label} T {tokens}")
+            continue
+        model = build(*shape, dtype, device)
+        try:
+            seconds = timed_rounds(methods(model, tokens), args.rounds, sync)
+        except torch.OutOfMemoryError:
+            seconds = {name: float("nan") for name in METHODS}
+        stamp = provenance.stamp()
+        for name in METHODS:
+            rows.append({"model": label, "hidden": shape[1], "tokens_per_seq": tokens, "tokens_per_side": BATCH * tokens,
+                         "method": name, "seconds": seconds[name], "vs_step": seconds[name] / seconds["step"],
+                         "vs_materialized": seconds[name] / seconds["materialized"], "rounds": args.rounds, **stamp})
+        print(f"{label} T {tokens:5d}: step {seconds['step']:.3f}s, materialized {seconds['materialized']:.3f}s, "
+              f"profiler {seconds['profiler']:.3f}s = {seconds['profiler'] / seconds['step']:.2f}x step, "
+              f"{seconds['profiler'] / seconds['materialized']:.2f}x materialized (load {stamp['load_avg']})", flush=True)
+        del model
+        if args.gpu:
+            torch.cuda.empty_cache()
+        write(rows, out)  # after every configuration: a run cut short keeps what it measured
+        if not args.gpu and args.plot:
+            plot(rows, Path(args.plot))
+    print(f"wrote {out}" + ("" if args.gpu or not args.plot else f" and {args.plot}"))
+
+
+def write(rows, out: Path):
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def plot(rows, path: Path) -> Path:
+    """Time against tokens per side, one panel per hidden size, one line per method (log-log)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    hiddens = sorted({r["hidden"] for r in rows})
+    fig, axes = plt.subplots(1, len(hiddens), figsize=(5 * len(hiddens), 4), squeeze=False)
+    for ax, hidden in zip(axes[0], hiddens):
+        for method in METHODS:
+            points = sorted((r["tokens_per_side"], r["seconds"]) for r in rows
+                            if r["hidden"] == hidden and r["method"] == method)
+            ax.plot(*zip(*points), marker="o", label=method)
+        ax.set(xscale="log", yscale="log", xlabel="tokens per side (4 sequences)", ylabel="seconds",
+               title=f"Llama 4 layers, H {hidden}, V {VOCAB}, NPO")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+    fig.suptitle(f"G-effect cost vs tokens ({rows[0]['machine']}, {rows[0]['isa']}, {rows[0]['commit']})",
+                 fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+if __name__ == "__main__":
+    main()
