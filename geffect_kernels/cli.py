@@ -1,15 +1,18 @@
 """The ``geffect`` command: demo, train, profile, report, build (``geffect COMMAND --help``).
 
-Bad input ends with one line ``geffect: error: ...`` on stderr and a non-zero exit status.
+Bad input ends with one line ``geffect: error: ...`` on stderr and exit status 1; ``--debug`` (or
+``GEFFECT_DEBUG=1``) prints the full traceback before it.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import traceback
 from pathlib import Path
 
-from .objectives import OBJECTIVES
+from .objectives import OBJECTIVES, resolve
 
 EXIT_ERROR = 1
 
@@ -18,8 +21,12 @@ class CLIError(Exception):
     """A user-facing error: printed as one line."""
 
 
+def _first_line(err) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
+
+
 def _hparams(pairs):
-    """``["beta=0.5", "alpha=2"]`` -> ``{"beta": 0.5, "alpha": 2.0}``."""
+    """``["beta=0.5", "alpha=2"]`` -> ``{"beta": 0.5, "alpha": 2.0}`` (ranges are checked by the objectives)."""
     out = {}
     for pair in pairs or []:
         key, sep, value = pair.partition("=")
@@ -32,6 +39,41 @@ def _hparams(pairs):
     return out
 
 
+def _hparams_per_objective(objectives, hparams) -> dict:
+    """Each hyper-parameter goes to the objectives that take it; one that none of them takes is an error
+    (the same rule for train and profile)."""
+    if not isinstance(hparams, dict):
+        raise CLIError(f"hparams must be a mapping NAME: NUMBER (e.g. beta: 0.5), got {hparams!r}")
+    unused = [k for k in hparams if not any(k in OBJECTIVES[name].defaults for name in objectives)]
+    if unused:
+        takes = "; ".join(f"{name}: {', '.join(OBJECTIVES[name].defaults) or 'none'}" for name in objectives)
+        raise CLIError(f"hyper-parameter {unused[0]!r} is taken by none of the objectives ({takes})")
+    return {name: {k: v for k, v in hparams.items() if k in OBJECTIVES[name].defaults} for name in objectives}
+
+
+def _device(name):
+    """``--device`` as a torch device that works here (``cuda`` without a GPU does not)."""
+    import torch
+
+    try:
+        device = torch.device(name)
+        torch.empty(0, device=device)
+    except Exception as err:  # torch raises RuntimeError, AssertionError, ... by device type
+        raise CLIError(f"--device {name}: not usable here ({_first_line(err)})") from err
+    return device
+
+
+def _out_dir(path) -> Path:
+    """``--out`` checked before anything is computed: a folder (or a path that can become one) we may write."""
+    path = Path(path)
+    existing = next(p for p in (path, *path.parents) if p.exists() or p == Path(p.anchor))
+    if not existing.is_dir():
+        raise CLIError(f"--out {path}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise CLIError(f"--out {path}: {existing} is not writable")
+    return path
+
+
 def _load_model(path, device="cpu"):
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -41,8 +83,9 @@ def _load_model(path, device="cpu"):
     try:
         AutoConfig.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path)
-    except (ValueError, OSError, KeyError) as err:
-        raise CLIError(f"{path} does not hold a causal language model ({str(err).splitlines()[0]})") from None
+    except Exception as err:  # a corrupt or truncated weights file, pickled weights, a foreign config...
+        raise CLIError(f"{path} does not hold a loadable causal language model "
+                       f"({type(err).__name__}: {_first_line(err)})") from err
     return model.to(device)
 
 
@@ -58,7 +101,7 @@ def _load_tokenizer(path):
 def cmd_demo(args):
     from .train.run_demo import run_demo
 
-    run_demo(args.out, quick=args.quick, progress=not args.no_progress)
+    run_demo(_out_dir(args.out), quick=args.quick, progress=not args.no_progress)
 
 
 def _train_settings(args):
@@ -82,26 +125,35 @@ def _train_settings(args):
 def cmd_train(args):
     import copy
 
+    from .backends.registry import check_backend
     from .data import encode_pairs, load_qa
     from .eval import evaluate_model
     from .eval.report import make_report
-    from .train import TrainConfig, train
+    from .train import TrainConfig, check_resumable, train
 
+    # everything that can be checked is checked before the model loads and before any file is written
     files, objectives, settings = _train_settings(args)
-    configs = {name: TrainConfig.from_dict({**settings, "objective": name, "progress": not args.no_progress,
-                                            "out_dir": str(Path(args.out) / "runs" / name)}) for name in objectives}
+    out, device = _out_dir(args.out), _device(args.device)
+    resume = True if args.resume else False if args.overwrite else None
+    hparams = _hparams_per_objective(objectives, settings.pop("hparams", None) or {})
+    configs = {name: TrainConfig.from_dict({**settings, "objective": name, "hparams": hparams[name],
+                                            "progress": not args.no_progress,
+                                            "out_dir": str(out / "runs" / name)}) for name in objectives}
     if any(c.uses_retain for c in configs.values()) and not files["retain"]:
         raise CLIError("--retain FILE is required unless --retain-objective none")
+    check_backend("auto", device)
     forget_pairs = load_qa(files["forget"])
     retain_pairs = load_qa(files["retain"]) if files["retain"] else None
-    start = _load_model(files["model"], args.device)
+    start = _load_model(files["model"], device)
     tokenizer = _load_tokenizer(args.tokenizer or files["model"])
     forget = encode_pairs(tokenizer, forget_pairs, max_length=args.max_length)
     retain = encode_pairs(tokenizer, retain_pairs, max_length=args.max_length) if retain_pairs else None
+    for config in configs.values():
+        check_resumable(config, forget, retain, resume)
     summaries = {}
     for name, config in configs.items():
         model = copy.deepcopy(start)
-        result = train(model, forget, retain, config)
+        result = train(model, forget, retain, config, resume=resume)
         tokenizer.save_pretrained(Path(config.out_dir) / "model")
         print(f"{name}: {config.steps} steps (resumed from step {result.resumed_from}), final loss "
               f"{result.metrics[-1]['loss']:.4f}; model in {config.out_dir}/model")
@@ -122,29 +174,35 @@ def cmd_profile(args):
     from .geffect import GEffectProfiler
     from . import hf
 
-    hparams = _hparams(args.hparam)
+    from .backends.registry import check_backend
+
+    hparams = _hparams_per_objective(args.objective, _hparams(args.hparam))
+    for name in args.objective:
+        resolve(name, hparams[name])
+    if args.samples < 1:
+        raise CLIError(f"--samples must be a positive integer, got {args.samples}")
     needs_ref = [n for n in args.objective if OBJECTIVES[n].needs_ref]
     if needs_ref and not args.reference:
         raise CLIError(f"objective {needs_ref[0]!r} needs reference log-probabilities: pass --reference DIR "
                        f"(the model before unlearning; may be the --model directory itself)")
-    model = _load_model(args.model, args.device)
+    out, device = _out_dir(args.out), _device(args.device)
+    check_backend("auto", device)
+    model = _load_model(args.model, device)
     tokenizer = _load_tokenizer(args.tokenizer or args.model)
     pairs = load_qa(args.forget)[: args.samples]
-    forget = {k: v.to(args.device) for k, v in encode_pairs(tokenizer, pairs).batch(range(len(pairs))).items()}
+    forget = {k: v.to(device) for k, v in encode_pairs(tokenizer, pairs).batch(range(len(pairs))).items()}
     retain = None
     if args.retain:
         r_pairs = load_qa(args.retain)[: args.samples]
-        retain = {k: v.to(args.device) for k, v in encode_pairs(tokenizer, r_pairs).batch(range(len(r_pairs))).items()}
+        retain = {k: v.to(device) for k, v in encode_pairs(tokenizer, r_pairs).batch(range(len(r_pairs))).items()}
     ref = None
     if needs_ref:
         with torch.no_grad():
-            ref = hf.token_logprobs(_load_model(args.reference, args.device).eval(), forget)
+            ref = hf.token_logprobs(_load_model(args.reference, device).eval(), forget)
     profiler = GEffectProfiler(model, groups=args.groups)
-    results = {name: profiler.measure_unlearning(name, forget, retain, ref_logprobs=ref,
-                                                 **{k: v for k, v in hparams.items()
-                                                    if k in OBJECTIVES[name].defaults})
+    results = {name: profiler.measure_unlearning(name, forget, retain, ref_logprobs=ref, **hparams[name])
                for name in args.objective}
-    print(write_profile(results, Path(args.out)))
+    print(write_profile(results, out))
 
 
 def cmd_report(args):
@@ -201,6 +259,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval", action="store_true", help="TOFU metrics on the forget and retain sets afterwards")
     p.add_argument("--device", default="cuda" if _cuda() else "cpu")
     p.add_argument("--no-progress", action="store_true")
+    choice = p.add_mutually_exclusive_group()
+    choice.add_argument("--resume", action="store_true",
+                        help="continue a run's checkpoint even under other settings (the learning rate follows "
+                             "the new schedule from the next step; a larger --steps extends the run)")
+    choice.add_argument("--overwrite", action="store_true", help="start over, replacing the runs' checkpoints, "
+                                                                 "logs and models")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("profile", help="G-effect table and plots for a model, objectives and data (no training)",
@@ -228,6 +292,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("build", help="build the C++/CUDA extension now (otherwise built on first use)",
                        description="Compile the csrc extension with ninja and print what was built.")
     p.set_defaults(func=cmd_build)
+    for p in sub.choices.values():
+        p.add_argument("--debug", action="store_true",
+                       help="on an error, print the full traceback too (also: GEFFECT_DEBUG=1)")
     return parser
 
 
@@ -240,14 +307,17 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from transformers.utils import logging as hf_logging
 
-    from .data import DataError
+    from .backends.registry import BackendUnavailable
+    from .train import RunFolderBusy, TrainingDiverged
     hf_logging.disable_progress_bar()
-    from .train import TrainingDiverged
 
     try:
         args.func(args)
-    except (CLIError, DataError, TrainingDiverged, FileExistsError, FileNotFoundError, ValueError) as err:
-        print(f"geffect: error: {str(err).splitlines()[0] if str(err) else type(err).__name__}", file=sys.stderr)
+    except (CLIError, ValueError, OSError, TrainingDiverged, RunFolderBusy, BackendUnavailable) as err:
+        # ValueError covers bad data (DataError), settings, checkpoints (CheckpointError, ResumeMismatch)
+        if args.debug or os.environ.get("GEFFECT_DEBUG", "0") not in ("", "0"):
+            traceback.print_exc()
+        print(f"geffect: error: {_first_line(err)}", file=sys.stderr)
         return EXIT_ERROR
     return 0
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .inputs import check_softcap, out_dtype, prepare_head, prepare_logits, prepare_ref
+from .inputs import check_mask, check_softcap, check_tensor, out_dtype, prepare_head, prepare_logits, prepare_ref
 from .ranges import check_hparams
 from .backends.registry import get_backend
 from .weighting import (TokenWeighting, npo_sequence_losses, npo_sequence_weights, simnpo_sequence_losses,
@@ -131,17 +131,18 @@ def token_weights(name, logprobs, ref_logprobs=None, *, mask=None, **hparams):
     loss carries the sign −1).
     """
     spec, hp = resolve(name, hparams)
+    check_tensor("logprobs", logprobs)
     lp = logprobs.detach()
-    valid = torch.ones_like(lp, dtype=torch.bool) if mask is None else mask.to(torch.bool)
-    if valid.shape != lp.shape:
-        raise ValueError(f"mask shape {tuple(valid.shape)} does not match logprobs {tuple(lp.shape)}")
+    valid = check_mask(mask, lp.shape, "logprobs")
+    valid = torch.ones_like(lp, dtype=torch.bool) if valid is None else valid
     if spec.needs_ref:
         if ref_logprobs is None:
             raise ValueError(f"objective {name!r} needs ref_logprobs")
+        check_tensor("ref_logprobs", ref_logprobs, where=valid)
         if ref_logprobs.shape != lp.shape:
             raise ValueError(f"ref_logprobs shape {tuple(ref_logprobs.shape)} does not match logprobs "
                              f"{tuple(lp.shape)}")
-        ref = torch.where(valid, ref_logprobs.detach(), 0)
+        ref = torch.where(valid, ref_logprobs.detach().to(lp.dtype), 0)  # the weights take logprobs' dtype
     lp = torch.where(valid, lp, 0)
     if spec.level == "token":
         w = _weighting(spec, hp).weights(lp, ref if spec.needs_ref else None)

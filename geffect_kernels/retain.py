@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import torch
 
-from .inputs import check_softcap, prepare_head
 from .backends.registry import get_backend
+from .inputs import check_mask, check_softcap, check_tensor, prepare_head
+from .ranges import check_number
 
 
 def kl_loss(hidden, weight, ref_hidden, ref_weight, labels, *, bias=None, ref_bias=None, ignore_index=-100,
@@ -51,14 +52,22 @@ def rmu_loss(hidden, direction, *, coeff=6.5, mask=None):
     ``direction`` is u (normalized here); ``mask`` (shaped like ``hidden`` without its last
     dimension) marks the positions that count, e.g. the attention mask.
     """
-    if direction.shape != hidden.shape[-1:]:
-        raise ValueError(f"direction must be [H] = [{hidden.shape[-1]}], got {tuple(direction.shape)}")
+    check_tensor("hidden", hidden)
+    check_tensor("direction", direction)
+    if direction.shape != hidden.shape[-1:] or direction.device != hidden.device:
+        raise ValueError(f"direction must be [H] = [{hidden.shape[-1]}] on {hidden.device}, got "
+                         f"{tuple(direction.shape)} on {direction.device}")
+    if not bool(direction.any()):
+        raise ValueError("direction must be non-zero (RMU's random unit vector u; see rmu_direction)")
+    coeff = check_number("coeff", coeff)
+    mask = check_mask(mask, hidden.shape[:-1], "hidden positions")
     u = direction.to(hidden.dtype) / direction.norm()
     return _masked_mean_sq_norm(hidden - coeff * u, mask)
 
 
 def rr_loss(hidden, ref_hidden, *, mask=None):
     """Representation retention: mean over valid positions of ‖h_t − h_ref,t‖² (no gradient to the reference)."""
-    if ref_hidden.shape != hidden.shape:
-        raise ValueError(f"ref_hidden shape {tuple(ref_hidden.shape)} does not match hidden {tuple(hidden.shape)}")
+    check_tensor("hidden", hidden)
+    check_tensor("ref_hidden", ref_hidden, like=hidden, like_name="hidden")
+    mask = check_mask(mask, hidden.shape[:-1], "hidden positions")
     return _masked_mean_sq_norm(hidden - ref_hidden.detach(), mask)

@@ -11,6 +11,7 @@ Dropout makes every forward different: profile in ``eval()`` mode for exact valu
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from contextlib import ExitStack
 
@@ -236,6 +237,9 @@ class GEffectProfiler:
         sample.
         """
         resolve(objective, hparams)  # fail on a bad name before any compute
+        for name, batch in (("forget_batch", forget_batch), ("retain_batch", retain_batch)):
+            if batch is not None:
+                hf.check_batch(name, batch, hf.lm_head(self.model).weight.shape[0])
         if retain_objective not in RETAIN_OBJECTIVES:
             raise ValueError(f"retain_objective must be one of {RETAIN_OBJECTIVES}, got {retain_objective!r}")
         params = self._params()
@@ -275,6 +279,9 @@ class GEffectProfiler:
         losses["objective"], coef_a = sides["forget"].coefficients(objective, ref_logprobs, **hparams)
         for name, side in sides.items():
             losses[name], coefs[name] = side.coefficients("nll")
+        not_finite = {k: v for k, v in losses.items() if not math.isfinite(v)}
+        if not_finite:
+            raise ValueError(f"{not_finite} at these parameters (objective {objective!r}): no G-effect to measure")
         # When the objective's coefficients are a multiple of the NLL's (ga; nll itself), its gradient is
         # that multiple of the forget risk's: one decoder backward fewer, values scaled (exactly).
         scale = _multiple(coef_a, coefs["forget"])
