@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from .. import hf
 from ..backends.registry import check_backend
+from ..geffect import GEffectHistory, GEffectProfiler
 from ..objectives import OBJECTIVES, unlearning_loss
 from ..retain import kl_loss
 from .checkpoint import (CHECKPOINT, atomic_write_json, atomic_write_text, load_checkpoint, remove_orphans,
@@ -160,7 +161,6 @@ def _setup(model, forget, retain, config) -> _Run:
         lr_factor=warmup_linear_decay(config.warmup_steps, config.steps),
         settings=run_settings(config, forget, retain), out=Path(config.out_dir) if config.out_dir else None)
     if config.geffect_every:
-        from ..geffect import GEffectHistory, GEffectProfiler
         run.profiler = GEffectProfiler(model, groups=config.geffect_groups)
         run.history = GEffectHistory(config.objective)
     return run
@@ -189,7 +189,7 @@ def _resume(run: _Run, resume: bool | None):
         if changed:
             run.setting_changes.append({"step": run.start, "before": {k: old for k, (old, _) in changed.items()}})
         if run.history is not None and state.get("geffects") is not None:
-            run.history = type(run.history).from_dict(state["geffects"])
+            run.history = GEffectHistory.from_dict(state["geffects"])
     config = run.config.to_dict()
     if run.setting_changes:  # what the weights were also trained with (resume=True with other settings)
         config["setting_changes"] = run.setting_changes
