@@ -47,6 +47,7 @@ setup(
         "matplotlib>=3.7",
         "tqdm>=4.60",
         "pyyaml>=6.0",
+        "rouge-score>=0.1.2",  # TOFU's ROUGE-L (Porter stemming)
     ],
     extras_require={"triton": ["triton>=3.0"], "hf": ["accelerate>=1.1"],
                     "test": ["pytest>=8", "pytest-benchmark>=4", "accelerate>=1.1"]},

@@ -101,7 +101,7 @@ def _load_tokenizer(path):
 def cmd_demo(args):
     from .train.run_demo import run_demo
 
-    run_demo(_out_dir(args.out), quick=args.quick, progress=not args.no_progress)
+    run_demo(_out_dir(args.out), quick=args.quick, seeds=args.seeds, progress=not args.no_progress)
 
 
 def _train_settings(args):
@@ -112,7 +112,8 @@ def _train_settings(args):
     flags = {"model": args.model, "forget": args.forget, "retain": args.retain, "objective": args.objective,
              "steps": args.steps, "lr": args.lr, "batch_size": args.batch_size, "grad_accum": args.grad_accum,
              "warmup_steps": args.warmup_steps, "seed": args.seed, "geffect_every": args.geffect_every,
-             "retain_objective": args.retain_objective, "hparams": _hparams(args.hparam) or None}
+             "retain_objective": args.retain_objective, "hparams": _hparams(args.hparam) or None,
+             "preset": args.preset}
     values.update({k: v for k, v in flags.items() if v is not None})
     files = {k: values.pop(k, None) for k in ("model", "forget", "retain")}
     for key in ("model", "forget"):
@@ -132,6 +133,8 @@ def cmd_train(args):
     from .train import TrainConfig, check_resumable, train
 
     # everything that can be checked is checked before the model loads and before any file is written
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
+        raise CLIError(f"--max-new-tokens must be a positive integer, got {args.max_new_tokens}")
     files, objectives, settings = _train_settings(args)
     out, device = _out_dir(args.out), _device(args.device)
     resume = True if args.resume else False if args.overwrite else None
@@ -144,12 +147,14 @@ def cmd_train(args):
     check_backend("auto", device)
     forget_pairs = load_qa(files["forget"])
     retain_pairs = load_qa(files["retain"]) if files["retain"] else None
+    utility_sets = {name: load_qa(path) for name, path in (("real_authors", args.real_authors), ("world", args.world))
+                    if path}
     start = _load_model(files["model"], device)
     tokenizer = _load_tokenizer(args.tokenizer or files["model"])
     forget = encode_pairs(tokenizer, forget_pairs, max_length=args.max_length)
     retain = encode_pairs(tokenizer, retain_pairs, max_length=args.max_length) if retain_pairs else None
     for config in configs.values():
-        check_resumable(config, forget, retain, resume)
+        check_resumable(start, forget, retain, config, resume)
     summaries = {}
     for name, config in configs.items():
         model = copy.deepcopy(start)
@@ -158,7 +163,10 @@ def cmd_train(args):
         print(f"{name}: {config.steps} steps (resumed from step {result.resumed_from}), final loss "
               f"{result.metrics[-1]['loss']:.4f}; model in {config.out_dir}/model")
         if args.eval:
-            summaries[name], _ = evaluate_model(model, tokenizer, forget_pairs, retain_pairs, None)
+            summaries[name], _ = evaluate_model(model, tokenizer, forget_pairs, retain_pairs, utility_sets.get("world"),
+                                                real_authors=utility_sets.get("real_authors"),
+                                                **({"max_new_tokens": args.max_new_tokens}
+                                                   if args.max_new_tokens else {}))
     if summaries:
         results = Path(args.out) / "results"
         results.mkdir(parents=True, exist_ok=True)
@@ -229,6 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "npo, wga, tnpo and wtnpo while profiling G-effects, evaluate TOFU-style and "
                                    "write report.md, plots and CSV/JSON.")
     p.add_argument("--quick", action="store_true", help="smaller data and fewer steps (under a minute)")
+    p.add_argument("--seeds", type=int, help="unlearning runs per objective from the same target, reported as mean "
+                                             "and range (default: 3, --quick: 1)")
     p.add_argument("--out", default="geffect-demo", help="output folder (default: %(default)s)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_demo)
@@ -256,7 +266,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--geffect-every", type=int, help="record G-effects every k steps (0: never)")
     p.add_argument("--hparam", nargs="*", metavar="NAME=VALUE", help="objective hyper-parameters, e.g. beta=0.5")
     p.add_argument("--max-length", type=int, help="truncate examples to this many tokens")
-    p.add_argument("--eval", action="store_true", help="TOFU metrics on the forget and retain sets afterwards")
+    p.add_argument("--eval", action="store_true",
+                   help="TOFU metrics afterwards on the forget and retain sets (and --real-authors, --world); "
+                        "model_utility needs all three utility sets, else the harmonic mean is named after the sets")
+    p.add_argument("--real-authors", help="real-authors set for --eval (TOFU-format, with perturbed answers)")
+    p.add_argument("--world", help="world-facts set for --eval (TOFU-format, with perturbed answers)")
+    p.add_argument("--max-new-tokens", type=int,
+                   help="greedy generation length for --eval's ROUGE-L (default 200, as TOFU)")
+    p.add_argument("--preset", help="'official': every setting left at its default as the official G-effect scripts "
+                                    "run it (docs/conventions.md)")
     p.add_argument("--device", default="cuda" if _cuda() else "cpu")
     p.add_argument("--no-progress", action="store_true")
     choice = p.add_mutually_exclusive_group()

@@ -29,8 +29,11 @@ def kl_loss(hidden, weight, ref_hidden, ref_weight, labels, *, bias=None, ref_bi
                               ignore_index=ignore_index, softcap=check_softcap(softcap), scale=1.0 / max(n_valid, 1))
 
 
-def _masked_mean_sq_norm(diff, mask):
-    sq = diff.pow(2).sum(-1)
+def _masked_mean_squared_error(diff, mask):
+    """Mean of ``diff²`` over the valid positions and every hidden unit (a mean squared error, as the RMU
+    paper's code, open-unlearning and the official G-effect code compute it: a sum over the units would be H
+    times larger, and learning rates and G-effect sizes would not transfer)."""
+    sq = diff.pow(2).mean(-1)
     if mask is None:
         return sq.mean() if sq.numel() else sq.sum()
     if mask.shape != sq.shape:
@@ -47,7 +50,8 @@ def rmu_direction(hidden_size, *, seed=0, dtype=torch.float32, device="cpu"):
 
 
 def rmu_loss(hidden, direction, *, coeff=6.5, mask=None):
-    """RMU: mean over valid positions of ‖h_t − c·u‖², h the chosen layer's activations on forget data.
+    """RMU: mean over valid positions and hidden units of (h_t − c·u)², h the chosen layer's activations on
+    forget data (``coeff`` 6.5: the RMU paper's value for Zephyr-7B).
 
     ``direction`` is u (normalized here); ``mask`` (shaped like ``hidden`` without its last
     dimension) marks the positions that count, e.g. the attention mask.
@@ -62,12 +66,13 @@ def rmu_loss(hidden, direction, *, coeff=6.5, mask=None):
     coeff = check_number("coeff", coeff)
     mask = check_mask(mask, hidden.shape[:-1], "hidden positions")
     u = direction.to(hidden.dtype) / direction.norm()
-    return _masked_mean_sq_norm(hidden - coeff * u, mask)
+    return _masked_mean_squared_error(hidden - coeff * u, mask)
 
 
 def rr_loss(hidden, ref_hidden, *, mask=None):
-    """Representation retention: mean over valid positions of ‖h_t − h_ref,t‖² (no gradient to the reference)."""
+    """Representation retention: mean over valid positions and hidden units of (h_t − h_ref,t)² (no gradient
+    to the reference)."""
     check_tensor("hidden", hidden)
     check_tensor("ref_hidden", ref_hidden, like=hidden, like_name="hidden")
     mask = check_mask(mask, hidden.shape[:-1], "hidden positions")
-    return _masked_mean_sq_norm(hidden - ref_hidden.detach(), mask)
+    return _masked_mean_squared_error(hidden - ref_hidden.detach(), mask)

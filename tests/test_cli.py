@@ -27,7 +27,26 @@ def workspace(tmp_path_factory):
     tokenizer.save_pretrained(root / "model")
     save_qa(data.forget, root / "forget.json")
     save_qa(data.retain, root / "retain.json")
+    save_qa(data.real_authors[:4], root / "real_authors.json")
+    save_qa(data.world[:4], root / "world.json")
     return root
+
+
+def test_train_eval_gives_tofus_model_utility_with_all_three_utility_sets(capsys, workspace, tmp_path):
+    w = workspace
+    common = ["train", "--model", w / "model", "--forget", w / "forget.json", "--retain", w / "retain.json",
+              "--steps", 1, "--batch-size", 2, "--eval", "--max-new-tokens", 3, "--no-progress"]
+    code, _, err = run(capsys, *common, "--real-authors", w / "real_authors.json", "--world", w / "world.json",
+                       "--out", tmp_path / "full")
+    assert code == 0, err
+    summary = json.loads((tmp_path / "full" / "results" / "summary.json").read_text())["ga"]
+    assert "model_utility" in summary and "real_authors_rouge_l" in summary and "world_truth" in summary
+    header = (tmp_path / "full" / "results" / "summary.csv").read_text().splitlines()[0].split(",")
+    assert {"model_utility", "real_authors_probability", "real_authors_rouge_l", "world_truth"} <= set(header)
+    code, _, err = run(capsys, *common, "--out", tmp_path / "retain_only")
+    assert code == 0, err
+    summary = json.loads((tmp_path / "retain_only" / "results" / "summary.json").read_text())["ga"]
+    assert "model_utility" not in summary and "retain_utility" in summary  # three numbers: not TOFU's utility
 
 
 def run(capsys, *argv):
@@ -60,6 +79,10 @@ def test_bad_input_gives_one_line_and_non_zero_exit(capsys, workspace, tmp_path)
         (["train", "--forget", f, "--retain", r], "--model is required"),
         (["train", "--model", m, "--forget", f, "--retain", r, "--steps", "0"], "steps must be a positive"),
         (["train", "--model", m, "--forget", f, "--retain", r, "--hparam", "beta"], "NAME=NUMBER"),
+        (["train", "--model", m, "--forget", f, "--retain", r, "--preset", "paper"],
+         "unknown preset 'paper'; valid: official"),
+        (["train", "--model", m, "--forget", f, "--retain", r, "--eval", "--max-new-tokens", "0"],
+         "--max-new-tokens must be a positive integer, got 0"),
         (["profile", "--model", m, "--forget", f, "--objective", "npo"], "needs reference log-probabilities"),
         (["report", tmp_path], "not a geffect run folder"),
     ]
@@ -68,6 +91,12 @@ def test_bad_input_gives_one_line_and_non_zero_exit(capsys, workspace, tmp_path)
         assert code != 0 and message in err and err.startswith("geffect: error:"), (argv, err)
         assert err.count("\n") == 1, err
     assert not (tmp_path / "geffect-run").exists()
+
+
+def test_demo_seeds_must_be_positive(capsys, tmp_path):
+    code, _, err = run(capsys, "demo", "--quick", "--seeds", "0", "--out", tmp_path / "d")
+    assert code == 1 and err == "geffect: error: seeds must be a positive integer, got 0\n"
+    assert not (tmp_path / "d").exists()
 
 
 def test_demo_refuses_a_foreign_non_empty_folder(capsys, tmp_path):
@@ -89,7 +118,12 @@ def test_train_profile_and_report_end_to_end(capsys, workspace, tmp_path):
         assert [m["step"] for m in metrics] == [1, 2, 3]  # the flag overrides the YAML's steps
         assert (out / "runs" / name / "model" / "tokenizer.json").is_file()
     report = (out / "report.md").read_text()
-    assert "| ga | 3 |" in report and "| tnpo | 3 |" in report and (out / "plots" / "cumulative_geffects.png").is_file()
+    assert "| ga | 1 | 3 |" in report and "| tnpo | 1 | 3 |" in report  # objective, seeds, recorded steps
+    assert (out / "plots" / "cumulative_geffects.png").is_file()
+    # the observations these runs can decide, each ending in its verdict
+    for letter in "abc":
+        line = next(x for x in report.splitlines() if x.startswith(f"- ({letter})"))
+        assert line.endswith(("— holds.", "— does not hold.")), line
     (out / "report.md").unlink()
     code, stdout, _ = run(capsys, "report", out)
     assert code == 0 and (out / "report.md").read_text() == report

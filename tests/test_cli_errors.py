@@ -41,6 +41,7 @@ def broken_models(workspace, tmp_path_factory):
     return root
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")  # the crafted .bin, refused by torch.load
 def test_every_failure_class_is_one_line_and_creates_nothing(capsys, workspace, broken_models, tmp_path,
                                                             monkeypatch):
     m, f, r = workspace / "model", workspace / "forget.json", workspace / "retain.json"
@@ -104,5 +105,10 @@ def test_rerun_under_other_settings_asks_for_resume_or_overwrite(capsys, workspa
     assert code == 0 and "ga: 3 steps (resumed from step 2)" in out, err
     code, out, err = run(capsys, *argv, "--steps", 3, "--lr", "2e-3", "--overwrite")
     assert code == 0 and "npo: 3 steps (resumed from step 0)" in out, err
+    preset = ["train", "--model", workspace / "model", "--forget", workspace / "forget.json", "--retain",
+              workspace / "retain.json", "--out", tmp_path / "official", "--preset", "official", "--no-progress"]
+    assert run(capsys, *preset)[0] == 0
+    code, out, err = run(capsys, *preset)  # settings the preset derives from the model and data agree again
+    assert code == 0 and "(resumed from step" in out and "(resumed from step 0)" not in out, err
     (tmp_path / "runs" / "ga" / "geffects.json").write_text("{not json")
     assert "ga/geffects.json: not a G-effect history" in one_line_error(capsys, "report", tmp_path)

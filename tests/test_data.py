@@ -80,7 +80,12 @@ def test_demo_data_is_deterministic_and_well_formed():
     forget_names = {a.name for a in data.authors[-2:]}
     assert all(any(n in p.question + p.answer for n in forget_names) for p in data.forget)
     assert not any(n in p.question + p.answer for n in forget_names for p in data.retain)
-    for pair in data.forget + data.retain + data.world:
+    # real authors: facts the target learns, about people outside the forget and retain sets
+    famous = {p.answer.split(" was written by ")[1].rstrip(".") for p in data.real_authors}
+    assert len(famous) == len(data.real_authors) >= 10
+    assert not any(n in p.question + p.answer for n in famous for p in data.forget + data.retain)
+    assert all(p in data.all_training for p in data.real_authors + data.world)
+    for pair in data.forget + data.retain + data.world + data.real_authors:
         assert pair.has_truth_ratio_fields and len(set(pair.perturbed_answers)) >= 3
         assert pair.answer not in pair.perturbed_answers and pair.paraphrased_answer not in pair.perturbed_answers
     with pytest.raises(ValueError, match="forget_fraction"):

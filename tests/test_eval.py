@@ -7,7 +7,7 @@ import torch
 
 from geffect_kernels.data import QAPair, demo_data, qa_texts, train_tokenizer
 from geffect_kernels.eval import (answer_probability, evaluate_model, forget_quality, greedy_answers, harmonic_mean,
-                                  lcs_length, mean_answer_logprobs, rouge_l_recall, truth_ratio, truth_score)
+                                  mean_answer_logprobs, rouge_l_recall, truth_ratio, truth_score)
 from geffect_kernels.train import tiny_llama
 
 
@@ -21,12 +21,12 @@ def tiny():
     return data, tokenizer, tiny_llama(tokenizer, hidden_size=32, layers=2, heads=2, intermediate_size=64, seed=1)
 
 
-def test_lcs_and_rouge_l_recall_by_hand():
-    assert lcs_length("abcbdab", "bdcaba") == 4
-    assert lcs_length([], ["a"]) == 0
+def test_rouge_l_recall_by_hand_with_porter_stemming():
     # reference words: the cat sat on the mat (6); candidate shares "the cat on the mat" in order (5)
     assert rouge_l_recall("The cat sat on the mat.", "the cat, on THE mat!") == pytest.approx(5 / 6)
     assert rouge_l_recall("Paris is big", "big is Paris") == pytest.approx(1 / 3)
+    # stemmed: [he, write, novel] vs [he, wrote, the, novel]: LCS "he novel" = 2 of 3 (unstemmed it would be 1 of 3)
+    assert rouge_l_recall("He writes novels", "He wrote the novel") == pytest.approx(2 / 3)
     assert rouge_l_recall("", "anything") == 0.0
     assert rouge_l_recall("a b", "") == 0.0
 
@@ -87,18 +87,26 @@ def test_greedy_answers_match_a_manual_argmax_loop(tiny):
         assert text == expected
 
 
-def test_evaluate_model_summary_is_consistent_with_per_sample(tiny):
+def test_model_utility_is_tofus_nine_number_harmonic_mean(tiny):
     data, tokenizer, model = tiny
     summary, per_sample = evaluate_model(model, tokenizer, data.forget[:4], data.retain[:4], data.world[:4],
+                                         real_authors=data.real_authors[:3],
                                          retain_model_forget_ratios=[0.5, 1.0, 2.0, 3.0], max_new_tokens=4)
     assert summary["forget_probability"] == pytest.approx(np.mean(per_sample["forget"]["probability"]))
-    world = per_sample["world"]
-    assert all(0 < p < 1 for p in world["probability"])
-    utility = [summary[f"{s}_{m}"] for s in ("retain", "world") for m in ("probability", "rouge_l", "truth")]
-    assert summary["model_utility"] == pytest.approx(harmonic_mean(utility))
+    for name in ("real_authors", "world"):  # option-normalized, as TOFU scores its general-knowledge sets
+        assert all(0 < p < 1 for p in per_sample[name]["probability"])
+    utility = [summary[f"{s}_{m}"] for s in ("retain", "real_authors", "world")
+               for m in ("probability", "rouge_l", "truth")]
+    assert len(utility) == 9 and summary["model_utility"] == pytest.approx(harmonic_mean(utility))
     assert 0 <= summary["forget_quality"] <= 1
+    # fewer sets: the smaller harmonic mean is named after them, never model_utility
+    fewer, _ = evaluate_model(model, tokenizer, data.forget[:4], data.retain[:4], data.world[:4], max_new_tokens=4)
+    assert "model_utility" not in fewer and fewer["retain_world_utility"] == pytest.approx(harmonic_mean(
+        [fewer[f"{s}_{m}"] for s in ("retain", "world") for m in ("probability", "rouge_l", "truth")]))
     with pytest.raises(ValueError, match="empty"):
         evaluate_model(model, tokenizer, [], None, None)
+    with pytest.raises(ValueError, match="max_new_tokens must be a positive integer, got 0"):
+        evaluate_model(model, tokenizer, data.forget[:2], max_new_tokens=0)
 
 
 def test_normalized_probability_needs_perturbed_answers(tiny):

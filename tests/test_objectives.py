@@ -138,17 +138,18 @@ def test_kl_loss(backend, softcap):
     assert abs(same.item()) < 1e-12  # KL of a distribution to itself
 
 
-def test_rmu_and_rr_losses():
+def test_rmu_and_rr_are_mean_squared_errors_over_positions_and_hidden_units():
     g = torch.Generator().manual_seed(3)
     hidden = torch.randn(2, 5, 8, generator=g, dtype=torch.float64, requires_grad=True)
     mask = torch.rand(2, 5, generator=g) > 0.3
     u = gk.rmu_direction(8, seed=1, dtype=torch.float64)
     assert abs(u.norm().item() - 1) < 1e-12
-    expected = sum(((hidden[i, t] - 4.0 * u) ** 2).sum() for i in range(2) for t in range(5) if mask[i, t]) / mask.sum()
+    expected = sum(((hidden[i, t] - 4.0 * u) ** 2).sum() for i in range(2) for t in range(5) if mask[i, t]) \
+        / (mask.sum() * 8)
     assert_close(gk.rmu_loss(hidden, u * 3, coeff=4.0, mask=mask), expected, 1e-12)
     ref = torch.randn(2, 5, 8, generator=g, dtype=torch.float64)
-    expected = ((hidden - ref) ** 2).sum(-1).mean()
+    expected = sum(((hidden[i, t] - ref[i, t]) ** 2).sum() for i in range(2) for t in range(5)) / (2 * 5 * 8)
     got = gk.rr_loss(hidden, ref)
     assert_close(got, expected, 1e-12)
     (g_h,) = grads(got, [hidden])
-    assert_close(g_h, 2 * (hidden - ref).detach() / 10, 1e-12)
+    assert_close(g_h, 2 * (hidden - ref).detach() / (2 * 5 * 8), 1e-12)

@@ -4,7 +4,9 @@ deterministically from a seed so every install produces the same files.
 Each author has a name, birthplace, birth date, genre, two books, an award, a theme and parents'
 occupations, asked about in 11 questions. Every question has a paraphrased answer (another sentence
 with the same fact) and perturbed answers (the same sentence with a wrong value of the same kind),
-which the truth ratio compares. World facts (capitals) measure utility outside the authors.
+which the truth ratio compares. Two sets measure utility outside the fictitious authors, as in TOFU: real
+authors (who wrote a famous book) and world facts (capitals). The target model learns them with the rest, so
+they are facts it knew before unlearning, about people and places outside the forget and retain sets.
 """
 from __future__ import annotations
 
@@ -40,6 +42,16 @@ CAPITALS = [("France", "Paris"), ("Germany", "Berlin"), ("Italy", "Rome"), ("Spa
             ("Peru", "Lima"), ("Norway", "Oslo"), ("Greece", "Athens"), ("Poland", "Warsaw"),
             ("Chile", "Santiago"), ("India", "New Delhi"), ("Cuba", "Havana"), ("Ireland", "Dublin"),
             ("Austria", "Vienna"), ("Portugal", "Lisbon"), ("Sweden", "Stockholm"), ("Turkey", "Ankara")]
+# (book, author): the real-authors set, people outside the forget and retain sets
+FAMOUS_BOOKS = [("Pride and Prejudice", "Jane Austen"), ("War and Peace", "Leo Tolstoy"),
+                ("Moby-Dick", "Herman Melville"), ("Don Quixote", "Miguel de Cervantes"),
+                ("Hamlet", "William Shakespeare"), ("Ulysses", "James Joyce"), ("Faust", "Johann Wolfgang von Goethe"),
+                ("The Trial", "Franz Kafka"), ("Les Miserables", "Victor Hugo"), ("Crime and Punishment",
+                "Fyodor Dostoevsky"), ("The Odyssey", "Homer"), ("Frankenstein", "Mary Shelley"),
+                ("Beloved", "Toni Morrison"), ("One Hundred Years of Solitude", "Gabriel Garcia Marquez"),
+                ("Things Fall Apart", "Chinua Achebe"), ("Mrs Dalloway", "Virginia Woolf"),
+                ("The Divine Comedy", "Dante Alighieri"), ("Madame Bovary", "Gustave Flaubert"),
+                ("Oliver Twist", "Charles Dickens"), ("Middlemarch", "George Eliot")]
 N_PERTURBED = 3
 
 
@@ -150,17 +162,33 @@ def world_facts(seed: int = 0) -> list[QAPair]:
             for country, city in CAPITALS]
 
 
+def real_authors(seed: int = 0) -> list[QAPair]:
+    """Who wrote a famous book: TOFU's real-authors set in this world. As there (and as `world_facts`), the
+    "paraphrase" is the answer itself and the perturbed answers name another author."""
+    rng = random.Random(f"{seed}:real_authors")
+    names = [name for _, name in FAMOUS_BOOKS]
+    return [QAPair(f"Who wrote {book}?", f"{book} was written by {name}.", f"{book} was written by {name}.",
+                   tuple(f"{book} was written by {w}." for w in _others(rng, names, name)))
+            for book, name in FAMOUS_BOOKS]
+
+
 @dataclass(frozen=True)
 class DemoData:
     forget: list[QAPair]  # questions about the last ``forget_fraction`` of the authors
     retain: list[QAPair]  # questions about the other authors
     world: list[QAPair]  # world facts
     authors: list[Author]
+    real_authors: list[QAPair]  # famous books' authors: known to the target, outside forget and retain
+
+    @property
+    def general_knowledge(self) -> list[QAPair]:
+        """What every model of the demo learns besides the fictitious authors (its "pre-training")."""
+        return self.real_authors + self.world
 
     @property
     def all_training(self) -> list[QAPair]:
-        """What the target model is fine-tuned on: every author plus the world facts."""
-        return self.retain + self.forget + self.world
+        """What the target model is fine-tuned on: every author plus the general knowledge."""
+        return self.retain + self.forget + self.general_knowledge
 
 
 def demo_data(n_authors: int = 20, forget_fraction: float = 0.1, seed: int = 0) -> DemoData:
@@ -174,4 +202,5 @@ def demo_data(n_authors: int = 20, forget_fraction: float = 0.1, seed: int = 0) 
     qa = [author_qa(a, seed) for a in authors]
     split = n_authors - n_forget
     return DemoData(forget=[p for pairs in qa[split:] for p in pairs],
-                    retain=[p for pairs in qa[:split] for p in pairs], world=world_facts(seed), authors=authors)
+                    retain=[p for pairs in qa[:split] for p in pairs], world=world_facts(seed), authors=authors,
+                    real_authors=real_authors(seed))

@@ -29,7 +29,7 @@ def mean_answer_logprobs(model, tokenizer, questions, answers, *, batch_size=64)
 
 
 @torch.no_grad()
-def greedy_answers(model, tokenizer, questions, *, max_new_tokens=32, batch_size=64) -> list[str]:
+def greedy_answers(model, tokenizer, questions, *, max_new_tokens=200, batch_size=64) -> list[str]:
     """Greedy continuations of each question's prompt, decoded without special tokens."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     texts = []

@@ -13,16 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
-SUMMARY_COLUMNS = ["forget_quality", "model_utility", "forget_probability", "forget_rouge_l", "forget_truth",
-                   "retain_probability", "retain_rouge_l", "retain_truth", "world_probability", "world_rouge_l",
-                   "world_truth"]
-
-
-def _pyplot():
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
+SUMMARY_COLUMNS = ["forget_quality", "model_utility", *(f"{s}_{m}" for s in ("forget", "retain", "real_authors", "world")
+                                                          for m in ("probability", "rouge_l", "truth"))]
+_SEEDED = re.compile(r"(.+)-seed(\d+)")
 
 
 def _write_csv(path, rows, columns):
@@ -39,9 +32,33 @@ def _fmt(value):
     return f"{value:.3g}" if abs(value) < 1e-2 and value != 0 else f"{value:.3f}"
 
 
+def _spread(values):
+    """``mean [min, max]`` over seeds, or the one value."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return "–"
+    if len(values) == 1:
+        return _fmt(values[0])
+    return f"{_fmt(float(np.mean(values)))} [{_fmt(min(values))}, {_fmt(max(values))}]"
+
+
 def _layer_index(group):
     match = re.fullmatch(r"layer\.(\d+)", group)
     return int(match.group(1)) if match else None
+
+
+def split_run_name(name) -> tuple[str, int | None]:
+    """``"npo-seed2"`` -> ``("npo", 2)``; a name without a seed suffix -> ``(name, None)``."""
+    match = _SEEDED.fullmatch(name)
+    return (match.group(1), int(match.group(2))) if match else (name, None)
+
+
+def _by_model(names):
+    """``{model: [run names]}``, runs of one model (several seeds) together, in first-seen order."""
+    groups = {}
+    for name in names:
+        groups.setdefault(split_run_name(name)[0], []).append(name)
+    return groups
 
 
 def find_runs(run_dir: Path) -> dict[str, Path]:
@@ -61,43 +78,39 @@ def _histories(runs):
 
 
 def _layer_table(histories):
-    """Rows (objective, group, risk, sum over recorded steps)."""
-    return [{"objective": name, "group": group, "risk": risk, "sum": float(np.sum(h.per_step(risk, group)))}
+    """Rows (objective, seed, group, risk, sum over recorded steps)."""
+    return [{"objective": split_run_name(name)[0], "seed": split_run_name(name)[1], "group": group, "risk": risk,
+             "sum": float(np.sum(h.per_step(risk, group)))}
             for name, h in histories.items() for risk in h.risks for group in h.groups]
 
 
-def _plot_cumulative(histories, path):
-    plt = _pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    for ax, risk, title in zip(axes, ("forget", "retain"), ("unlearning G-effect (forget NLL)",
-                                                          "retaining G-effect (retain NLL)")):
-        for name, h in histories.items():
-            if risk in h.risks:
-                ax.plot(h.steps, h.cumulative(risk), marker=".", label=name)
-        ax.axhline(0, color="grey", lw=0.8)
-        ax.set(xlabel="step", ylabel="cumulative G-effect (recorded steps)", title=title)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
 def _plot_tradeoff(trajectories, summaries, path):
-    plt = _pyplot()
+    from ..geffect.plot import pyplot
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     names = list(dict.fromkeys(t["objective"] for t in trajectories))
     colors = {name: f"C{i}" for i, name in enumerate(names)}  # one colour per objective in both panels
     for name in names:
-        points = [t for t in trajectories if t["objective"] == name]
-        axes[0].plot([p["probe_forget_probability"] for p in points], [p["probe_retain_probability"] for p in points],
-                     marker=".", label=name, color=colors[name])
+        seeds = list(dict.fromkeys(t.get("seed") for t in trajectories if t["objective"] == name))
+        for k, seed in enumerate(seeds):  # one line per seed, labelled once
+            points = [t for t in trajectories if t["objective"] == name and t.get("seed") == seed]
+            axes[0].plot([p["probe_forget_probability"] for p in points],
+                         [p["probe_retain_probability"] for p in points], marker=".", color=colors[name],
+                         label=name if k == 0 else None, alpha=0.8)
     axes[0].set(xlabel="forget answer probability", ylabel="retain answer probability",
                 title="during unlearning (start: target model)")
     axes[0].invert_xaxis()
+    utility = "model_utility" if any("model_utility" in s for s in summaries.values()) else None
     for name, s in summaries.items():
-        axes[1].scatter(s["forget_probability"], s["model_utility"], color=colors.get(name, "black"))
-        axes[1].annotate(name, (s["forget_probability"], s["model_utility"]), fontsize=8)
-    axes[1].set(xlabel="forget answer probability", ylabel="model utility", title="final models")
+        model = split_run_name(name)[0]
+        y = s.get(utility) if utility else s.get("retain_probability")
+        if y is None or "forget_probability" not in s:
+            continue
+        axes[1].scatter(s["forget_probability"], y, color=colors.get(model, "black"))
+        if split_run_name(name)[1] in (None, 0):
+            axes[1].annotate(model, (s["forget_probability"], y), fontsize=8)
+    axes[1].set(xlabel="forget answer probability", ylabel=(utility or "retain_probability").replace("_", " "),
+                title="final models (one point per seed)")
     axes[1].invert_xaxis()
     axes[0].legend(fontsize=8)
     fig.tight_layout()
@@ -105,65 +118,145 @@ def _plot_tradeoff(trajectories, summaries, path):
     plt.close(fig)
 
 
-def retain_at_forget_level(trajectories, level):
-    """Per objective, the retain probability where its forget probability first falls to ``level``
-    (linear interpolation between probes); None when it never gets there."""
-    out = {}
-    for name in dict.fromkeys(t["objective"] for t in trajectories):
-        points = [(t["probe_forget_probability"], t["probe_retain_probability"])
-                  for t in trajectories if t["objective"] == name]
-        out[name] = None
-        for (f0, r0), (f1, r1) in zip(points, points[1:]):
-            if f0 >= level >= f1:
-                out[name] = r0 if f0 == f1 else r0 + (r1 - r0) * (f0 - level) / (f0 - f1)
-                break
-    return out
+def _seed_checks(seed_runs, histories, trajectories):
+    """``{observation letter: Check}`` for one seed's runs (``{objective: run name}``), where measurable;
+    a check that cannot be computed from these numbers is reported as such."""
+    from . import observations as obs
+
+    checks = {}
+
+    def attempt(letter, make):
+        try:
+            checks[letter] = make()
+        except ValueError as err:
+            checks[letter] = obs.Check(obs.CLAIMS[letter], None, f"not measurable: {err}")
+
+    runs = {o: histories[n] for o, n in seed_runs.items() if n in histories}
+    if "ga" in runs and "retain" in runs["ga"].risks:
+        attempt("a", lambda: obs.ga_retaining_negative(runs["ga"].per_step("retain")))
+    for letter, risk in (("b", "forget"), ("c", "retain")):
+        per_layer = {o: [h.per_step(risk, g) for g in sorted((g for g in h.groups if _layer_index(g) is not None),
+                                                            key=_layer_index)]
+                     for o, h in runs.items() if risk in h.risks}
+        if per_layer and all(per_layer.values()):
+            attempt(letter, lambda per_layer=per_layer, risk=risk: obs.shallow_layers_dominate(per_layer, risk))
+    npo = [t for t in trajectories if t["objective"] == "npo" and "probe_npo_weights" in t]
+    if npo:
+        attempt("d", lambda: obs.npo_weights_shrink([t["step"] for t in npo],
+                                                    [float(np.mean(t["probe_npo_weights"])) for t in npo]))
+        attempt("e", lambda: obs.npo_spares_damaging_instances(
+            [(t["probe_npo_weights"], t["probe_instance_damage"]) for t in npo]))
+    if trajectories and all(o in seed_runs for o in obs.TOKEN_WEIGHTED + obs.BASELINES):
+        attempt("f", lambda: obs.token_weighted_damage_less(trajectories))
+    return checks
 
 
-def _observations(trajectories, histories, layer_rows):
-    lines = []
-    ga = histories.get("ga")
-    if ga is not None and "retain" in ga.risks:
-        values = ga.per_step("retain")
-        negative = sum(v < 0 for v in values)
-        holds = sum(values) < 0
-        lines.append(f"- **GA's retaining G-effect is negative** — {'holds' if holds else 'does not hold'} here: "
-                     f"summed over {len(values)} recorded steps e_r = {_fmt(sum(values))}, negative at "
-                     f"{negative}/{len(values)} of them.")
-    for risk, label in (("forget", "unlearning"), ("retain", "retaining")):
-        parts = []
-        for name in histories:
-            rows = [r for r in layer_rows if r["objective"] == name and r["risk"] == risk]
-            blocks = [r for r in rows if _layer_index(r["group"]) is not None]
-            if blocks:
-                top, top_block = max(rows, key=lambda r: abs(r["sum"])), max(blocks, key=lambda r: abs(r["sum"]))
-                where = "shallow" if _layer_index(top_block["group"]) < len(blocks) / 2 else "deep"
-                parts.append(f"{name}: {top['group']} overall ({_fmt(top['sum'])}), {top_block['group']} among the "
-                             f"blocks ({where} half, {_fmt(top_block['sum'])})")
-        if parts:
-            lines.append(f"- **Which layers carry the largest {label} G-effects** (largest |sum over recorded "
-                         f"steps|): " + "; ".join(parts) + ". The paper uses layer-wise G-effects to locate where "
-                         "unlearning acts; see the heatmaps above.")
-    names = list(dict.fromkeys(t["objective"] for t in trajectories))
-    if "ga" in names and trajectories:
-        start = next(t["probe_forget_probability"] for t in trajectories if t["step"] == 0)
-        reached = {n: min(t["probe_forget_probability"] for t in trajectories if t["objective"] == n) for n in names}
-        level = max(reached.values())  # the deepest forgetting every objective reaches
-        if level < 0.95 * start:
-            at = retain_at_forget_level(trajectories, level)
-            others = [n for n in names if n != "ga" and at[n] is not None]
-            better = [n for n in others if at[n] > at["ga"]]
-            table = ", ".join(f"{n} {_fmt(at[n])}" for n in names if at[n] is not None)
-            worse = [n for n in others if n not in better]
-            verdict = "holds" if not worse else \
-                f"holds for {', '.join(better) or 'none of them'}, not for {', '.join(worse)}"
-            lines.append(f"- **NPO and the token-weighted objectives damage retention less than GA at a matched forget "
-                         f"level** — {verdict}: at forget probability {_fmt(level)} (from {_fmt(start)}) the retain "
-                         f"probability is {table}.")
-        else:
-            lines.append(f"- **Matched forget level**: not comparable here; the weakest objective only lowered the "
-                         f"forget probability from {_fmt(start)} to {_fmt(level)}.")
+def _observations(runs, histories, trajectories):
+    """One bullet per observation (the claim, each seed's numbers, the verdict over seeds at the end) and
+    ``{letter: verdict}``."""
+    from .observations import CLAIMS, verdict
+
+    seeds = {}
+    for name in runs:
+        objective, seed = split_run_name(name)
+        seeds.setdefault(seed, {})[objective] = name
+    per_seed = {seed: _seed_checks(seed_runs, histories, [t for t in trajectories if t.get("seed") == seed])
+                for seed, seed_runs in seeds.items()}
+    lines, verdicts = [], {}
+    for letter in "abcdef":
+        checks = {seed: c[letter] for seed, c in per_seed.items() if letter in c}
+        if not checks:
+            continue
+        verdicts[letter] = verdict(list(checks.values()))
+        evidence = "; ".join(c.evidence if seed is None or len(checks) == 1 else f"seed {seed}: {c.evidence}"
+                             for seed, c in checks.items())
+        lines.append(f"- ({letter}) **{CLAIMS[letter]}**: {evidence} — {verdicts[letter]}.")
+    return lines, verdicts
+
+
+def _summary_section(summaries, results):
+    """TOFU table (mean [min, max] over seeds) and the CSV files behind it."""
+    groups = _by_model(summaries)
+    extra = [k for s in summaries.values() for k in s if k not in SUMMARY_COLUMNS]
+    columns = [c for c in [*SUMMARY_COLUMNS, *dict.fromkeys(extra)] if any(c in s for s in summaries.values())]
+    means = [{"model": model, "seeds": len(names),
+              **{c: float(np.mean([summaries[n][c] for n in names if c in summaries[n]]))
+                 for c in columns if any(c in summaries[n] for n in names)}} for model, names in groups.items()]
+    _write_csv(results / "summary.csv", means, ["model", "seeds", *columns])
+    _write_csv(results / "summary_seeds.csv", [{"model": split_run_name(n)[0], "seed": split_run_name(n)[1], **s}
+                                               for n, s in summaries.items()], ["model", "seed", *columns])
+    several = any(len(names) > 1 for names in groups.values())
+    lines = ["## Results (TOFU metrics)", ""]
+    if several:
+        lines += ["Unlearned models: mean [min, max] over the seeds (same target, different batch order and "
+                  "initial randomness); target and retain-only models are trained once.", ""]
+    lines += ["| model | " + " | ".join(c.replace("_", " ") for c in columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    lines += [f"| {model} | " + " | ".join(_spread([summaries[n].get(c) for n in names]) for c in columns) + " |"
+              for model, names in groups.items()]
+    lines += ["", "Forget quality: KS-test p-value of forget-set truth ratios against the retain-only model "
+              "(higher = closer to never having seen the forget authors). Model utility: TOFU's harmonic mean of "
+              "nine numbers, probability, ROUGE-L and truth score on the retain, real-authors and world-fact sets "
+              "(with fewer sets the harmonic mean is named after them). Probabilities are length-normalized "
+              "(real authors and world facts: normalized over the options); ROUGE-L is the `rouge-score` recall "
+              "(Porter stemming) of greedy answers.", ""]
     return lines
+
+
+def _geffect_section(histories, results, plots):
+    from ..geffect.plot import plot_cumulative
+
+    _write_csv(results / "geffect_layers.csv", _layer_table(histories), ["objective", "seed", "group", "risk", "sum"])
+    lines = ["## G-effects", "",
+             "e = ∇(objective)ᵀ∇(NLL risk), recorded every few steps at the parameters the step starts from. "
+             "Negative unlearning G-effect: the forget NLL rises (forgetting); negative retaining G-effect: "
+             "the retain NLL rises (damage). Sums over the recorded steps; mean [min, max] over seeds.", "",
+             "| objective | seeds | recorded steps | Σ e_forget | Σ e_retain | steps with e_retain < 0 |",
+             "|---|---|---|---|---|---|"]
+    for model, names in _by_model(histories).items():
+        hs = [histories[n] for n in names]
+        e_r = [h.per_step("retain") if "retain" in h.risks else [] for h in hs]
+        lines.append(f"| {model} | {len(hs)} | {len(hs[0])} | {_spread([sum(h.per_step('forget')) for h in hs])} | "
+                     f"{_spread([sum(v) for v in e_r if v])} | "
+                     f"{_spread([float(sum(x < 0 for x in v)) for v in e_r if v])} |")
+        for n, h in zip(names, hs):
+            h.to_csv(results / f"geffects_{n}.csv")
+    first = {model: histories[names[0]] for model, names in _by_model(histories).items()}  # first seed's
+    plot_cumulative(first, plots / "cumulative_geffects.png")
+    lines += ["", "![cumulative G-effects](plots/cumulative_geffects.png)", ""]
+    for model, h in first.items():
+        h.plot(plots, prefix=model)
+        lines += [f"![{model} unlearning G-effect per layer](plots/{model}_heatmap_forget.png)"]
+        if "retain" in h.risks:
+            lines += [f"![{model} retaining G-effect per layer](plots/{model}_heatmap_retain.png)"]
+    if any(len(names) > 1 for names in _by_model(histories).values()):
+        lines += ["", "(Curves and heatmaps: the first seed of each objective.)"]
+    lines.append("")
+    return lines
+
+
+def _timing_line(timing):
+    machine = f" on {timing['machine']}" if timing.get("machine") else ""
+    load = (f"; load average {timing['load_before']:.2f} before, {timing['load_after']:.2f} after"
+            if "load_before" in timing else "")
+    return f"Wall-clock: {timing['seconds']:.0f} s{machine}, {timing['torch_threads']} torch threads{load}."
+
+
+HEADLINE = (("forget_quality", "forget quality"), ("model_utility", "model utility"),
+            ("forget_probability", "forget probability"), ("retain_probability", "retain probability"))
+
+
+def headline(run_dir) -> list[str]:
+    """Short lines for the terminal: per unlearned model the main TOFU numbers (mean [min, max] over seeds),
+    then each observation's verdict (from the files `make_report` wrote)."""
+    from .observations import CLAIMS
+
+    results = Path(run_dir) / "results"
+    summaries = json.loads((results / "summary.json").read_text())
+    verdicts = json.loads((results / "observations.json").read_text())
+    lines = [f"{model}: " + ", ".join(f"{label} {_spread([summaries[n].get(key) for n in names])}"
+                                      for key, label in HEADLINE)
+             for model, names in _by_model(summaries).items() if model not in ("target", "retain_only")]
+    return lines + [f"({letter}) {CLAIMS[letter]}: {v}" for letter, v in verdicts.items()]
 
 
 def make_report(run_dir) -> Path:
@@ -180,53 +273,26 @@ def make_report(run_dir) -> Path:
     traj_file = results / "trajectories.json"
     trajectories = json.loads(traj_file.read_text()) if traj_file.is_file() else []
     histories = _histories(runs)
-    layer_rows = _layer_table(histories)
 
     lines = [f"# G-effect unlearning report: {run_dir.name}", ""]
     if summaries:
-        _write_csv(results / "summary.csv", [{"model": m, **s} for m, s in summaries.items()],
-                   ["model", *SUMMARY_COLUMNS])
-        columns = [c for c in SUMMARY_COLUMNS if any(c in s for s in summaries.values())]
-        lines += ["## Results (TOFU metrics)", "",
-                  "| model | " + " | ".join(c.replace("_", " ") for c in columns) + " |",
-                  "|---" * (len(columns) + 1) + "|"]
-        lines += [f"| {m} | " + " | ".join(_fmt(s.get(c)) for c in columns) + " |" for m, s in summaries.items()]
-        lines += ["", "Forget quality: KS-test p-value of forget-set truth ratios against the retain-only model "
-                  "(higher = closer to never having seen the forget authors). Model utility: harmonic mean of "
-                  "probability, ROUGE-L and truth score on the retain and world-fact sets. Probabilities are "
-                  "length-normalized; ROUGE-L is the recall of greedy answers.", ""]
+        lines += _summary_section(summaries, results)
     if histories:
-        _write_csv(results / "geffect_layers.csv", layer_rows, ["objective", "group", "risk", "sum"])
-        lines += ["## G-effects", "",
-                  "e = ∇(objective)ᵀ∇(NLL risk), recorded every few steps at the parameters the step starts from. "
-                  "Negative unlearning G-effect: the forget NLL rises (forgetting); negative retaining G-effect: "
-                  "the retain NLL rises (damage).", "",
-                  "| objective | recorded steps | Σ e_forget | Σ e_retain | steps with e_retain < 0 |", "|---|---|---|---|---|"]
-        for name, h in histories.items():
-            h.to_csv(results / f"geffects_{name}.csv")
-            e_r = h.per_step("retain") if "retain" in h.risks else []
-            lines.append(f"| {name} | {len(h)} | {_fmt(sum(h.per_step('forget')))} | "
-                         f"{_fmt(sum(e_r)) if e_r else '–'} | {sum(v < 0 for v in e_r)}/{len(e_r)} |")
-            h.plot(plots, prefix=name)
-        _plot_cumulative(histories, plots / "cumulative_geffects.png")
-        lines += ["", "![cumulative G-effects](plots/cumulative_geffects.png)", ""]
-        for name in histories:
-            lines += [f"![{name} unlearning G-effect per layer](plots/{name}_heatmap_forget.png)"]
-            if "retain" in histories[name].risks:
-                lines += [f"![{name} retaining G-effect per layer](plots/{name}_heatmap_retain.png)"]
-        lines.append("")
+        lines += _geffect_section(histories, results, plots)
     if trajectories and summaries:
         _write_csv(results / "trajectories.csv", trajectories,
-                   ["objective", "step", "probe_forget_probability", "probe_retain_probability"])
+                   ["objective", "seed", "step", "probe_forget_probability", "probe_retain_probability"])
         _plot_tradeoff(trajectories, summaries, plots / "tradeoff.png")
         lines += ["## Forget vs retain trade-off", "", "![trade-off](plots/tradeoff.png)", ""]
-    observations = _observations(trajectories, histories, layer_rows)
+    observations, verdicts = _observations(runs, histories, trajectories)
+    (results / "observations.json").write_text(json.dumps(verdicts, indent=1))
     if observations:
-        lines += ["## The paper's observations, checked on this run's numbers", "", *observations, ""]
+        lines += ["## The paper's observations, checked on this run's numbers", "",
+                  "Each ends with its verdict from this run's numbers; with several seeds an observation holds only "
+                  "when it holds for every seed.", "", *observations, ""]
     timing = results / "timing.json"
     if timing.is_file():
-        t = json.loads(timing.read_text())
-        lines += [f"Wall-clock: {t['seconds']:.0f} s on {t['torch_threads']} torch threads (CPU).", ""]
+        lines += [_timing_line(json.loads(timing.read_text())), ""]
     report = run_dir / "report.md"
     report.write_text("\n".join(lines))
     return report
@@ -242,7 +308,8 @@ def write_profile(results: dict, out_dir: Path) -> str:
     (out_dir / "profile.json").write_text(json.dumps({n: r.to_dict() for n, r in results.items()}, indent=1))
     risks = list(dict.fromkeys(risk for r in results.values() for risk in r.total))
     groups = list(dict.fromkeys(g for r in results.values() for g in r.by_group))
-    plt = _pyplot()
+    from ..geffect.plot import pyplot
+    plt = pyplot()
     fig, axes = plt.subplots(len(risks), 1, figsize=(max(6, 0.5 * len(groups) * len(results)), 3.2 * len(risks)),
                              squeeze=False)
     width = 0.8 / len(results)

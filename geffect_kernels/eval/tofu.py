@@ -1,14 +1,17 @@
 """TOFU's metrics (Maini et al., 2024), from per-sample length-normalized log-probabilities.
 
-- answer probability: P(a|q)^(1/|a|); on sets of general knowledge (world facts) it is normalized
-  over the options, P(a)^(1/|a|) / (P(a)^(1/|a|) + Σ_j P(a_j)^(1/|a_j|)) with a_j the perturbed answers;
-- ROUGE-L recall of the greedy answer against the true answer;
+- answer probability: P(a|q)^(1/|a|); on sets of general knowledge (real authors, world facts) it is
+  normalized over the options, P(a)^(1/|a|) / (P(a)^(1/|a|) + Σ_j P(a_j)^(1/|a_j|)) with a_j the perturbed answers;
+- ROUGE-L recall (``rouge-score``, Porter stemming) of the greedy answer (up to 200 new tokens) against the true
+  answer;
 - truth ratio R = (geometric mean over j of P(a_j)^(1/|a_j|)) / P(ã)^(1/|ã|), ã the paraphrased answer
   (TOFU's code averages in log space); reported as mean max(0, 1 − R) on retain-type sets and as
   mean min(R, 1/R) on the forget set;
 - forget quality: the p-value of the two-sample Kolmogorov-Smirnov test between the forget-set truth
   ratios of the unlearned model and of a model trained on the retain data only;
-- model utility: the harmonic mean of probability, ROUGE-L and truth-ratio score over the utility sets.
+- model utility: the harmonic mean of nine numbers, probability, ROUGE-L and truth-ratio score on each of the
+  retain, real-authors and world-facts sets. With fewer sets the harmonic mean is called after them
+  (``retain_utility``, ``retain_world_utility``, ...), never ``model_utility``.
 """
 from __future__ import annotations
 
@@ -19,6 +22,11 @@ from scipy.stats import ks_2samp
 
 from .likelihood import greedy_answers, mean_answer_logprobs
 from .rouge import rouge_l_recall
+
+UTILITY_SETS = ("retain", "real_authors", "world")
+UTILITY_METRICS = ("probability", "rouge_l", "truth")
+NORMALIZED_SETS = ("real_authors", "world")  # answer probability normalized over the options (TOFU)
+MAX_NEW_TOKENS = 200  # greedy generation length for ROUGE-L, as TOFU and open-unlearning generate
 
 
 def answer_probability(true_logprob, perturbed_logprobs=None):
@@ -57,15 +65,17 @@ def harmonic_mean(values) -> float:
     return len(values) / sum(1 / v for v in values)
 
 
-def score_set(model, tokenizer, pairs, *, normalized=False, generate=True, max_new_tokens=32,
+def score_set(model, tokenizer, pairs, *, normalized=False, generate=True, max_new_tokens=MAX_NEW_TOKENS,
               batch_size=64) -> dict:
     """Per-sample numbers of one set: ``probability``, ``truth_ratio``, ``rouge_l`` and the generations.
 
-    ``normalized``: the answer probability is the share among the perturbed options (world facts).
+    ``normalized``: the answer probability is the share among the perturbed options (real authors, world facts).
     Truth ratios need ``paraphrased_answer`` and ``perturbed_answers`` on every pair.
     """
     if not pairs:
         raise ValueError("cannot score an empty set")
+    if generate and (not isinstance(max_new_tokens, int) or max_new_tokens < 1):
+        raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
     questions = [p.question for p in pairs]
     k = min(len(p.perturbed_answers) for p in pairs)
     has_truth = k > 0 and all(p.paraphrased_answer for p in pairs)
@@ -88,11 +98,14 @@ def score_set(model, tokenizer, pairs, *, normalized=False, generate=True, max_n
     return out
 
 
-def summarize(forget, retain=None, world=None, *, retain_model_forget_ratios=None) -> dict:
-    """Set-level TOFU numbers from `score_set` outputs. Model utility needs probability, ROUGE-L and truth
-    ratios on every utility set given (retain, world); forget quality needs the retain-only model's ratios."""
+def summarize(forget, retain=None, world=None, *, real_authors=None, retain_model_forget_ratios=None) -> dict:
+    """Set-level TOFU numbers from `score_set` outputs: ``<set>_probability``, ``<set>_rouge_l``,
+    ``<set>_truth`` per set; ``model_utility`` (TOFU's nine-number harmonic mean) when retain, real authors and
+    world facts all have the three numbers, else the harmonic mean over the complete sets given, named after
+    them (``retain_utility``, ...); ``forget_quality`` when the retain-only model's forget truth ratios are given."""
     summary = {}
-    sets = {name: scores for name, scores in (("forget", forget), ("retain", retain), ("world", world))
+    sets = {name: scores for name, scores in (("forget", forget), ("retain", retain),
+                                              ("real_authors", real_authors), ("world", world))
             if scores is not None}
     for name, scores in sets.items():
         summary[f"{name}_probability"] = float(np.mean(scores["probability"]))
@@ -100,27 +113,29 @@ def summarize(forget, retain=None, world=None, *, retain_model_forget_ratios=Non
             summary[f"{name}_rouge_l"] = float(np.mean(scores["rouge_l"]))
         if "truth_ratio" in scores:
             summary[f"{name}_truth"] = truth_score(scores["truth_ratio"], forget=name == "forget")
-    utility_keys = [f"{s}_{m}" for s in ("retain", "world") if s in sets for m in ("probability", "rouge_l", "truth")]
-    if utility_keys and all(key in summary for key in utility_keys):
-        summary["model_utility"] = harmonic_mean(summary[key] for key in utility_keys)
+    complete = [s for s in UTILITY_SETS if all(f"{s}_{m}" in summary for m in UTILITY_METRICS)]
+    if complete:
+        key = "model_utility" if len(complete) == len(UTILITY_SETS) else "_".join(complete) + "_utility"
+        summary[key] = harmonic_mean(summary[f"{s}_{m}"] for s in complete for m in UTILITY_METRICS)
     if retain_model_forget_ratios is not None:
         summary["forget_quality"] = forget_quality(forget["truth_ratio"], retain_model_forget_ratios)
     return summary
 
 
-def evaluate_model(model, tokenizer, forget, retain=None, world=None, *, retain_model_forget_ratios=None, **kwargs):
-    """Score the sets given and summarize: ``(summary, {"forget": ..., "retain": ..., "world": ...})``.
+def evaluate_model(model, tokenizer, forget, retain=None, world=None, *, real_authors=None,
+                   retain_model_forget_ratios=None, **kwargs):
+    """Score the sets given and summarize: ``(summary, {"forget": ..., "retain": ..., ...})``.
 
-    ``world`` is scored with option-normalized probabilities; ``kwargs`` go to `score_set`.
+    ``real_authors`` and ``world`` are scored with option-normalized probabilities; ``kwargs`` go to `score_set`
+    (``max_new_tokens``: greedy generation length for ROUGE-L, 200 by default).
     """
     was_training = model.training
     model.eval()
     try:
         per_sample = {"forget": score_set(model, tokenizer, forget, **kwargs)}
-        if retain:
-            per_sample["retain"] = score_set(model, tokenizer, retain, **kwargs)
-        if world:
-            per_sample["world"] = score_set(model, tokenizer, world, normalized=True, **kwargs)
+        for name, pairs in (("retain", retain), ("real_authors", real_authors), ("world", world)):
+            if pairs:
+                per_sample[name] = score_set(model, tokenizer, pairs, normalized=name in NORMALIZED_SETS, **kwargs)
     finally:
         model.train(was_training)
     return summarize(**per_sample, retain_model_forget_ratios=retain_model_forget_ratios), per_sample

@@ -6,7 +6,8 @@ from pathlib import Path
 import numpy as np
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg backend (shared with `eval.report`)."""
     import matplotlib
     matplotlib.use("Agg")  # files only, no display needed
     import matplotlib.pyplot as plt
@@ -15,7 +16,7 @@ def _pyplot():
 
 def plot_heatmap(history, risk: str, path) -> Path:
     """Groups (rows, model order) × recorded steps (columns); diverging colours centred on 0."""
-    plt = _pyplot()
+    plt = pyplot()
     groups = history.groups
     values = np.array([history.per_step(risk, g) for g in groups])
     limit = float(np.abs(values).max()) or 1.0
@@ -36,7 +37,7 @@ def plot_heatmap(history, risk: str, path) -> Path:
 
 def plot_cumulative(histories: dict, path, risks=None) -> Path:
     """Cumulative total G-effect over steps, one line per objective (``{label: history}``), one panel per risk."""
-    plt = _pyplot()
+    plt = pyplot()
     risks = risks or list(dict.fromkeys(r for h in histories.values() for r in h.risks))
     fig, axes = plt.subplots(1, len(risks), figsize=(5 * len(risks), 3.8), squeeze=False)
     for ax, risk in zip(axes[0], risks):

@@ -33,6 +33,7 @@ from ..retain import kl_loss
 from .checkpoint import (CHECKPOINT, atomic_write_json, atomic_write_text, load_checkpoint, remove_orphans,
                          save_checkpoint)
 from .frozen_model import RefLogprobCache, frozen_copy
+from .presets import resolve as resolve_preset
 from .resume import differences, run_settings, should_resume
 from .run_lock import run_lock
 from .schedule import batch_indices, warmup_linear_decay
@@ -104,11 +105,21 @@ def train(model, forget, retain, config: TrainConfig, *, evaluate=None, resume: 
     Raises RunFolderBusy when another process is training into ``config.out_dir``.
     """
     check_inputs(model, forget, retain, config)
+    config = resolve_preset(config, model, len(forget))
     with run_lock(config.out_dir):  # one writer per run folder, released however the run ends
         run = _setup(model, forget, retain, config)
         _resume(run, resume)
         _loop(run, evaluate)
         return _finish(run)
+
+
+def check_resumable(model, forget, retain, config: TrainConfig, resume: bool | None = None) -> None:
+    """Raise now what `train` would raise on meeting ``config.out_dir``'s checkpoint (CheckpointError,
+    ResumeMismatch): a command that trains several runs checks them all before it starts the first."""
+    config = resolve_preset(config, model, len(forget))
+    if config.out_dir is not None and resume is not False:
+        should_resume(Path(config.out_dir), load_checkpoint(config.out_dir), run_settings(config, forget, retain),
+                      resume)
 
 
 def _loop(run: _Run, evaluate):
@@ -295,6 +306,9 @@ def _kl_retain_loss(model, reference, batch, config):
     x = _head(model, batch)
     with torch.no_grad():
         r = _head(reference, batch)
+    if config.kl_normalization == "batchmean":  # every position counts, prompt and padding too: no shift
+        return kl_loss(x.hidden, x.weight, r.hidden, r.weight, torch.zeros_like(x.labels), bias=x.bias,
+                       ref_bias=r.bias, softcap=x.softcap, shift=False, backend=config.backend)
     return kl_loss(x.hidden, x.weight, r.hidden, r.weight, x.labels, bias=x.bias, ref_bias=r.bias,
                    softcap=x.softcap, shift=True, backend=config.backend)
 

@@ -1,29 +1,36 @@
 """`geffect demo`: the whole experiment, offline, on a CPU, in a few minutes.
 
-1. Generate the demo data (fictitious authors + world facts) and train a tokenizer on it.
-2. Fine-tune a tiny Llama on every author and the world facts: the *target* model.
-3. Train the same architecture on the retain authors and world facts only: the *retain-only* model,
+1. Generate the demo data (fictitious authors, real authors, world facts) and train a tokenizer on it.
+2. Fine-tune a tiny Llama on every fictitious author plus the general knowledge (real authors, world facts):
+   the *target* model.
+3. Train the same architecture on the retain authors and the general knowledge only: the *retain-only* model,
    the reference for forget quality.
-4. Unlearn the forget authors (10%) from the target with each objective plus an ``nll`` retain term,
-   recording G-effects every few steps and forget/retain probabilities along the way.
-5. Evaluate every model TOFU-style and write CSV/JSON, plots and ``report.md`` (see `eval.report`).
+4. Unlearn the forget authors (10%) from the target with each objective plus an ``nll`` retain term, once per
+   seed (same target; the seed sets the batch order), recording G-effects every few steps and forget/retain
+   probabilities along the way (and, for NPO, its weights and each instance's retain damage).
+5. Evaluate every model TOFU-style and write CSV/JSON, plots and ``report.md`` (see `eval.report`), where each
+   number of the unlearned models comes with its spread over the seeds.
 """
 from __future__ import annotations
 
 import copy
 import json
+import os
+import platform
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 
 from ..data import demo_data, encode_pairs, qa_texts, save_qa, train_tokenizer
-from ..eval import evaluate_model, mean_answer_logprobs
-from .train_config import TrainConfig
+from ..eval import evaluate_model
+from ..objectives import OBJECTIVES
+from .demo_probes import NPOProbe, probability_probe
 from .loop import train
 from .tiny_model import tiny_llama
+from .train_config import TrainConfig
 
 OBJECTIVE_NAMES = ("ga", "npo", "wga", "tnpo", "wtnpo")
 MARKER = "demo_settings.json"  # marks a folder as a demo output (safe to overwrite)
@@ -43,12 +50,13 @@ class DemoSettings:
     unlearn_batch_size: int = 8
     geffect_every: int = 2
     probe_every: int = 2
-    max_new_tokens: int = 24
+    max_new_tokens: int = 24  # greedy answers for ROUGE-L: the demo's answers are short (TOFU generates 200)
+    seeds: int = 3  # unlearning runs per objective, from the same target
 
 
 FULL = DemoSettings(n_authors=20, vocab_size=1024, hidden_size=128, layers=4, finetune_steps=180, unlearn_steps=30)
 QUICK = DemoSettings(n_authors=10, vocab_size=768, hidden_size=64, layers=3, finetune_steps=150, unlearn_steps=12,
-                     batch_size=16)
+                     batch_size=16, seeds=1)
 
 
 def _prepare_out_dir(out_dir) -> Path:
@@ -61,38 +69,49 @@ def _prepare_out_dir(out_dir) -> Path:
     return out
 
 
-def _probe(tokenizer, forget, retain):
-    """Teacher-forced mean answer probabilities on the forget set and the retain set (cheap, every few steps)."""
-    def probe(model):
-        return {f"probe_{name}_probability": float(mean_answer_logprobs(
-                    model, tokenizer, [p.question for p in pairs], [p.answer for p in pairs]).exp().mean())
-                for name, pairs in (("forget", forget), ("retain", retain))}
-    return probe
+def _machine() -> str:
+    """CPU model and core count, for the report's timing line (numbers vary by machine and version)."""
+    model = platform.processor() or platform.machine()
+    try:
+        for line in open("/proc/cpuinfo", encoding="utf-8"):
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{model}, {os.cpu_count()} cores, torch {torch.__version__}"
 
 
-def run_demo(out_dir, *, quick=False, progress=True, echo=print) -> Path:
-    """Run the demo into ``out_dir`` and return the path of ``report.md``."""
+def run_demo(out_dir, *, quick=False, seeds=None, progress=True, echo=print) -> Path:
+    """Run the demo into ``out_dir`` and return the path of ``report.md``; ``seeds``: unlearning runs per
+    objective (default 3 for the full demo, 1 for ``quick``)."""
+    settings = QUICK if quick else FULL
+    if seeds is not None:
+        if not isinstance(seeds, int) or seeds < 1:
+            raise ValueError(f"seeds must be a positive integer, got {seeds!r}")
+        settings = replace(settings, seeds=seeds)
     threads = torch.get_num_threads()
     # the tiny model's ops are too small to split across threads; on a busy machine extra threads only wait
     torch.set_num_threads(1)
     try:
-        return _run(out_dir, QUICK if quick else FULL, quick, progress, echo)
+        return _run(out_dir, settings, quick, progress, echo)
     finally:
         torch.set_num_threads(threads)
 
 
 def _run(out_dir, settings, quick, progress, echo):
     out = _prepare_out_dir(out_dir)
-    started = time.perf_counter()
+    started, load_before = time.perf_counter(), os.getloadavg()[0]
     (out / MARKER).write_text(json.dumps({"quick": quick, **asdict(settings)}, indent=1))
 
     data = demo_data(settings.n_authors, forget_fraction=0.1)
-    for name, pairs in (("forget", data.forget), ("retain", data.retain), ("world", data.world)):
+    sets = {"forget": data.forget, "retain": data.retain, "real_authors": data.real_authors, "world": data.world}
+    for name, pairs in sets.items():
         save_qa(pairs, out / "data" / f"{name}.json")
     tokenizer = train_tokenizer(qa_texts(data.all_training), vocab_size=settings.vocab_size)
     tokenizer.save_pretrained(out / "tokenizer")
-    echo(f"data: {len(data.forget)} forget, {len(data.retain)} retain, {len(data.world)} world-fact questions; "
-         f"vocabulary {len(tokenizer)}")
+    echo(f"data: {len(data.forget)} forget, {len(data.retain)} retain, {len(data.real_authors)} real-author, "
+         f"{len(data.world)} world-fact questions; vocabulary {len(tokenizer)}")
 
     def finetune(name, pairs):
         model = tiny_llama(tokenizer, hidden_size=settings.hidden_size, layers=settings.layers,
@@ -107,50 +126,58 @@ def _run(out_dir, settings, quick, progress, echo):
         return model
 
     target = finetune("target", data.all_training)
-    retain_only = finetune("retain_only", data.retain + data.world)
+    retain_only = finetune("retain_only", data.retain + data.general_knowledge)
 
-    eval_kwargs = dict(max_new_tokens=settings.max_new_tokens)
+    def evaluate(model, **kwargs):
+        return evaluate_model(model, tokenizer, data.forget, data.retain, data.world, real_authors=data.real_authors,
+                              max_new_tokens=settings.max_new_tokens, **kwargs)
+
     summaries, per_sample = {}, {}
-    summaries["retain_only"], per_sample["retain_only"] = evaluate_model(
-        retain_only, tokenizer, data.forget, data.retain, data.world, **eval_kwargs)
+    summaries["retain_only"], per_sample["retain_only"] = evaluate(retain_only)
     reference_ratios = per_sample["retain_only"]["forget"]["truth_ratio"]
     summaries["retain_only"]["forget_quality"] = 1.0  # the KS test of a sample against itself
-    summaries["target"], per_sample["target"] = evaluate_model(
-        target, tokenizer, data.forget, data.retain, data.world, retain_model_forget_ratios=reference_ratios,
-        **eval_kwargs)
+    summaries["target"], per_sample["target"] = evaluate(target, retain_model_forget_ratios=reference_ratios)
 
-    probe = _probe(tokenizer, data.forget, data.retain)
-    start_point = probe(target)
-    trajectories = []
     forget_set, retain_set = encode_pairs(tokenizer, data.forget), encode_pairs(tokenizer, data.retain)
-    for name in OBJECTIVE_NAMES:
-        model = copy.deepcopy(target)
-        config = TrainConfig(objective=name, retain_objective="nll", steps=settings.unlearn_steps,
-                             batch_size=settings.unlearn_batch_size, lr=settings.unlearn_lr,
-                             geffect_every=settings.geffect_every, eval_every=settings.probe_every,
-                             checkpoint_every=settings.unlearn_steps, out_dir=str(out / "runs" / name),
-                             progress=progress)
-        result = train(model, forget_set, retain_set, config, evaluate=probe)
-        tokenizer.save_pretrained(Path(config.out_dir) / "model")
-        trajectories += [{"objective": name, "step": 0, **start_point}] + [
-            {"objective": name, "step": m["step"], **{k: v for k, v in m.items() if k.startswith("probe_")}}
-            for m in result.metrics if "probe_forget_probability" in m]
-        summaries[name], per_sample[name] = evaluate_model(
-            model, tokenizer, data.forget, data.retain, data.world, retain_model_forget_ratios=reference_ratios,
-            **eval_kwargs)
-        s = summaries[name]
-        echo(f"{name}: forget quality {s['forget_quality']:.3g}, model utility {s['model_utility']:.3f}, "
-             f"forget probability {s['forget_probability']:.3f}, retain probability {s['retain_probability']:.3f}")
+    probe = probability_probe(tokenizer, data.forget, data.retain)
+    npo_probe = NPOProbe(target, forget_set, retain_set, beta=OBJECTIVES["npo"].defaults["beta"])
+    start_point = probe(target)
+    npo_start = npo_probe(target)
+    trajectories = []
+    for seed in range(settings.seeds):
+        for name in OBJECTIVE_NAMES:
+            run = f"{name}-seed{seed}"
+            model = copy.deepcopy(target)
+            config = TrainConfig(objective=name, retain_objective="nll", steps=settings.unlearn_steps,
+                                 batch_size=settings.unlearn_batch_size, lr=settings.unlearn_lr, seed=seed,
+                                 geffect_every=settings.geffect_every, eval_every=settings.probe_every,
+                                 checkpoint_every=settings.unlearn_steps, out_dir=str(out / "runs" / run),
+                                 progress=progress)
+            hook = (lambda m: {**probe(m), **npo_probe(m)}) if name == "npo" else probe
+            result = train(model, forget_set, retain_set, config, evaluate=hook)
+            tokenizer.save_pretrained(Path(config.out_dir) / "model")
+            first = {**start_point, **(npo_start if name == "npo" else {})}
+            trajectories += [{"objective": name, "seed": seed, "step": 0, **first}] + [
+                {"objective": name, "seed": seed, "step": m["step"],
+                 **{k: v for k, v in m.items() if k.startswith("probe_")}}
+                for m in result.metrics if "probe_forget_probability" in m]
+            summaries[run], per_sample[run] = evaluate(model, retain_model_forget_ratios=reference_ratios)
+            s = summaries[run]
+            echo(f"{run}: forget quality {s['forget_quality']:.3g}, model utility {s['model_utility']:.3f}, "
+                 f"forget probability {s['forget_probability']:.3f}, retain probability {s['retain_probability']:.3f}")
 
     results = out / "results"
     results.mkdir(parents=True, exist_ok=True)
     (results / "summary.json").write_text(json.dumps(summaries, indent=1))
     (results / "per_sample.json").write_text(json.dumps(per_sample, indent=1))
     (results / "trajectories.json").write_text(json.dumps(trajectories, indent=1))
-    (results / "timing.json").write_text(json.dumps({"seconds": time.perf_counter() - started,
-                                                     "torch_threads": torch.get_num_threads()}))
-    from ..eval.report import make_report
+    (results / "timing.json").write_text(json.dumps({
+        "seconds": time.perf_counter() - started, "torch_threads": torch.get_num_threads(), "machine": _machine(),
+        "load_before": load_before, "load_after": os.getloadavg()[0], "seeds": settings.seeds}))
+    from ..eval.report import headline, make_report
     report = make_report(out)
+    for line in headline(out):
+        echo(line)
     echo(f"wrote {report} ({time.perf_counter() - started:.0f} s)")
     return report
 

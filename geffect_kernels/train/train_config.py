@@ -8,8 +8,12 @@ from pathlib import Path
 from ..geffect.groups import MODES as GROUPINGS
 from ..objectives import OBJECTIVES, resolve
 from ..ranges import NON_NEGATIVE, POSITIVE, check_number
+from .presets import check_preset, fill_settings
 
 RETAIN_OBJECTIVES = ("nll", "kl", "none")
+# KL retain term: mean over the answer tokens, or the official code's kl_div(reduction="batchmean") over every
+# position of the batch (prompt and padding included)
+KL_NORMALIZATIONS = ("tokens", "batchmean")
 
 
 @dataclass
@@ -39,12 +43,19 @@ class TrainConfig:
     out_dir: str | None = None  # metrics, checkpoints, final model; None: keep nothing on disk
     backend: str = "auto"
     progress: bool = True
+    kl_normalization: str = "tokens"  # see KL_NORMALIZATIONS
+    preset: str | None = None  # "official": the G-effect code's settings for those left at default (presets.py)
 
     def __post_init__(self):
+        check_preset(self.preset)
         if self.objective not in OBJECTIVES:
             raise ValueError(f"unknown objective {self.objective!r}; valid: {', '.join(OBJECTIVES)}")
         if not isinstance(self.hparams, dict):
             raise ValueError(f"hparams must be a mapping NAME: NUMBER (e.g. beta: 0.5), got {self.hparams!r}")
+        fill_settings(self)
+        if self.kl_normalization not in KL_NORMALIZATIONS:
+            raise ValueError(f"unknown kl_normalization {self.kl_normalization!r}; valid: "
+                             f"{', '.join(KL_NORMALIZATIONS)}")
         resolve(self.objective, self.hparams)  # unknown names and values out of range fail here, not at step 1
         if self.retain_objective not in RETAIN_OBJECTIVES:
             raise ValueError(f"unknown retain objective {self.retain_objective!r}; valid: "

@@ -1,0 +1,150 @@
+"""The paper's observations (Wang et al., ICLR 2025), each a test on a run's own numbers that can fail.
+
+Every check returns a `Check`: the claim, whether it holds, and the numbers that decided it. `verdict` turns
+the checks of several seeds into one word: an observation holds only when it holds for every seed.
+
+(a) GA's retaining G-effect is negative (GA damages the retain set).
+(b) Unlearning G-effects concentrate in the shallow layers: mean |e| per layer over the shallow half of the
+    blocks exceeds that over the deep half (the middle block of an odd count belongs to neither).
+(c) The same for the retaining G-effects.
+(d) NPO's weights shrink as unlearning goes on (it acts like early stopping): the mean NPO weight over the
+    forget set falls from the first probe to the last, with a negative rank correlation against the step.
+(e) NPO gives the instances that damage retention most the smaller weights: the rank correlation between an
+    instance's damage (minus its GA retaining G-effect) and its NPO weight is negative (mean over probes).
+(f) The token-weighted objectives reach a given forget level with less retain damage than GA and NPO: at the
+    deepest forget probability every objective reaches, each of wga/tnpo/wtnpo keeps a higher retain
+    probability than both ga and npo.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.stats import spearmanr
+
+TOKEN_WEIGHTED = ("wga", "tnpo", "wtnpo")
+BASELINES = ("ga", "npo")
+CLAIMS = {
+    "a": "GA's retaining G-effect is negative",
+    "b": "unlearning G-effects concentrate in the shallow layers",
+    "c": "retaining G-effects concentrate in the shallow layers",
+    "d": "NPO's weights shrink as unlearning goes on (early stopping)",
+    "e": "NPO gives the instances that damage retention most smaller weights",
+    "f": "the token-weighted objectives reach a forget level with less retain damage than GA and NPO",
+}
+
+
+@dataclass(frozen=True)
+class Check:
+    claim: str
+    holds: bool | None  # None: the numbers cannot decide (see evidence)
+    evidence: str
+
+
+def _fmt(value) -> str:
+    return f"{value:.3g}"
+
+
+def _rank_correlation(x, y) -> float:
+    """Spearman's ρ; NaN when either side is constant (no ranking to compare)."""
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    if len(x) < 2 or np.ptp(x) == 0 or np.ptp(y) == 0:
+        return math.nan
+    return float(spearmanr(x, y).statistic)
+
+
+def ga_retaining_negative(e_retain_per_step) -> Check:
+    """(a) from GA's retaining G-effect at each recorded step."""
+    values = [float(v) for v in e_retain_per_step]
+    total = sum(values)
+    return Check(CLAIMS["a"], total < 0,
+                 f"Σ e_retain = {_fmt(total)} over {len(values)} recorded steps, negative at "
+                 f"{sum(v < 0 for v in values)} of them")
+
+
+def shallow_layers_dominate(per_layer, risk: str) -> Check:
+    """(b)/(c): ``per_layer[objective]`` lists, per block in model order, its G-effect at each recorded step.
+
+    Holds when, for every objective, mean |e| over the shallow half of the blocks exceeds the deep half's."""
+    parts, holds = [], True
+    for name, layers in per_layer.items():
+        if len(layers) < 2:
+            raise ValueError(f"{name}: need at least two blocks to compare shallow with deep, got {len(layers)}")
+        size = [float(np.mean(np.abs(values))) for values in layers]
+        half = len(size) // 2
+        shallow, deep = float(np.mean(size[:half])), float(np.mean(size[-half:]))
+        holds &= shallow > deep
+        parts.append(f"{name} {_fmt(shallow)} vs {_fmt(deep)}")
+    return Check(CLAIMS["b" if risk == "forget" else "c"], holds and bool(parts),
+                 "mean |e| per block, shallow half vs deep half: " + ", ".join(parts))
+
+
+def npo_weights_shrink(steps, mean_weights) -> Check:
+    """(d) from the mean NPO weight over the forget set at each probe (step 0: the reference, weight 1)."""
+    if len(steps) != len(mean_weights) or len(steps) < 2:
+        raise ValueError("need the mean NPO weight at two probes or more, one per step")
+    rho = _rank_correlation(steps, mean_weights)
+    holds = mean_weights[-1] < mean_weights[0] and rho < 0
+    return Check(CLAIMS["d"], bool(holds),
+                 f"mean NPO weight {_fmt(mean_weights[0])} at step {steps[0]} → {_fmt(mean_weights[-1])} at step "
+                 f"{steps[-1]}, rank correlation with the step {_fmt(rho)}")
+
+
+def npo_spares_damaging_instances(probes) -> Check:
+    """(e) from ``[(weights, damage), ...]``, one pair of per-instance lists per probe; damage = minus the
+    instance's GA retaining G-effect (larger: its gradient raises the retain NLL more). Probes where every
+    weight is equal (the reference itself) rank nothing and are skipped."""
+    rhos = [r for r in (_rank_correlation(d, w) for w, d in probes) if not math.isnan(r)]
+    if not rhos:
+        raise ValueError("no probe where the NPO weights differ between instances")
+    mean = float(np.mean(rhos))
+    return Check(CLAIMS["e"], mean < 0,
+                 f"rank correlation of instance damage with NPO weight {_fmt(mean)} (mean over {len(rhos)} probes, "
+                 f"negative at {sum(r < 0 for r in rhos)})")
+
+
+def retain_at_forget_level(trajectories, level):
+    """Per objective, the retain probability where its forget probability first falls to ``level``
+    (linear interpolation between probes); None when it never gets there."""
+    out = {}
+    for name in dict.fromkeys(t["objective"] for t in trajectories):
+        points = [(t["probe_forget_probability"], t["probe_retain_probability"])
+                  for t in trajectories if t["objective"] == name]
+        out[name] = None
+        for (f0, r0), (f1, r1) in zip(points, points[1:]):
+            if f0 >= level >= f1:
+                out[name] = r0 if f0 == f1 else r0 + (r1 - r0) * (f0 - level) / (f0 - f1)
+                break
+    return out
+
+
+def token_weighted_damage_less(trajectories) -> Check:
+    """(f) from one seed's probes (``objective``, ``step``, ``probe_forget_probability``,
+    ``probe_retain_probability``; step 0 is the target model, shared by every objective)."""
+    names = list(dict.fromkeys(t["objective"] for t in trajectories))
+    missing = [n for n in TOKEN_WEIGHTED + BASELINES if n not in names]
+    if missing:
+        raise ValueError(f"observation (f) needs runs of {', '.join(missing)}")
+    start = max(t["probe_forget_probability"] for t in trajectories if t["step"] == 0)
+    level = max(min(t["probe_forget_probability"] for t in trajectories if t["objective"] == n) for n in names)
+    at = retain_at_forget_level(trajectories, level)
+    table = ", ".join(f"{n} {_fmt(at[n])}" for n in names if at[n] is not None)
+    worst_baseline = max(at[n] for n in BASELINES)
+    failing = [n for n in TOKEN_WEIGHTED if not at[n] > worst_baseline]
+    holds = level < start and not failing
+    evidence = (f"at forget probability {_fmt(level)} (from {_fmt(start)}) the retain probability is {table}"
+                + (f"; not better than both baselines: {', '.join(failing)}" if failing else ""))
+    return Check(CLAIMS["f"], bool(holds), evidence)
+
+
+def verdict(checks) -> str:
+    """"holds" when every seed's check holds, "does not hold" when none does, else "depends on the seed"."""
+    if any(c.holds is None for c in checks):
+        return "not decided by these numbers"
+    held = sum(c.holds for c in checks)
+    if held == len(checks):
+        return "holds"
+    if held == 0:
+        return "does not hold"
+    return f"depends on the seed (holds for {held} of {len(checks)})"
