@@ -177,12 +177,11 @@ def cmd_train(args):
 def cmd_profile(args):
     import torch
 
+    from . import hf
+    from .backends.registry import check_backend
     from .data import encode_pairs, load_qa
     from .eval.report import write_profile
     from .geffect import GEffectProfiler
-    from . import hf
-
-    from .backends.registry import check_backend
 
     hparams = _hparams_per_objective(args.objective, _hparams(args.hparam))
     for name in args.objective:
