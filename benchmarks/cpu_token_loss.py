@@ -7,7 +7,7 @@ set above what it held once the inputs existed (VmHWM after a reset through /pro
 
     python benchmarks/cpu_token_loss.py [--rounds 2] [--iters 3]
 
-Writes benchmarks/results/cpu_token_loss.csv and prints the ratio table.
+Writes benchmarks/results/cpu_token_loss.csv (rows stamped by provenance.stamp()) and prints the ratio table.
 """
 import argparse
 import csv
@@ -93,7 +93,7 @@ def main():
             res = json.loads(out.strip().splitlines()[-1])
             runs[v]["times_ms"] += res["times_ms"]
             runs[v]["peak_mib"].append(res["peak_mib"])
-    commit, machine = provenance.commit(), provenance.machine()
+    stamp = provenance.stamp()
     naive_ms = statistics.median(runs["naive"]["times_ms"])
     naive_mib = max(runs["naive"]["peak_mib"])
     rows = []
@@ -105,7 +105,7 @@ def main():
                      "peak_mib": round(max(runs[v]["peak_mib"]), 1),
                      "time_vs_naive": round(statistics.median(t) / naive_ms, 3),
                      "memory_vs_naive": round(max(runs[v]["peak_mib"]) / naive_mib, 3),
-                     "machine": machine, "commit": commit})
+                     **stamp})
     path = pathlib.Path(args.out)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="") as f:

@@ -5,8 +5,8 @@ the methods run in interleaved rounds (median time per method; a shared machine'
 alike), and once more under the torch profiler for the peak of extra tensor memory (allocations made during
 the call and alive at once: gradients, captures, temporaries; the model itself excluded):
 
-- ``materialized``: the definition; three full gradients (objective, forget NLL, retain NLL), flattened per
-  layer and dotted;
+- ``materialized``: the definition as plain torch computes it: three full gradients (objective, forget NLL, retain
+  NLL; two alive at once), dotted parameter by parameter;
 - ``measure``: `GEffectProfiler.measure` with both risks (three forward/backward passes, factored gradients);
 - ``measure_unlearning``: the structured fast path for GA (forget and retain batches in one stacked decoder
   forward, one pass of the LM head over the vocabulary, head inner products in Gram form; GA's gradient is
@@ -27,6 +27,7 @@ from pathlib import Path
 
 import provenance
 import torch
+from materialized import materialized_geffects
 from torch.profiler import ProfilerActivity, profile
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -57,21 +58,12 @@ def methods(model, forget, retain):
     groups = parameter_groups(model, "layer")
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
-    def materialized():
-        def flat_by_group(fn):
-            grads = torch.autograd.grad(fn(model), [p for _, p in named])
-            return {group: torch.cat([grad.reshape(-1) for (n, _), grad in zip(named, grads) if groups[n] == group])
-                    for group in dict.fromkeys(groups.values())}
-        grad_a = flat_by_group(objective)
-        return {risk: {group: float(grad_a[group] @ grad_b) for group, grad_b in flat_by_group(fn).items()}
-                for risk, fn in risks.items()}
-
     def train_step():
         torch.autograd.grad(objective(model), [p for _, p in named])
 
     return {
         "train_step": train_step,
-        "materialized": materialized,
+        "materialized": lambda: materialized_geffects(model, objective, risks, groups),
         "measure": lambda: profiler.measure(objective, risks),
         "measure_unlearning": lambda: profiler.measure_unlearning("ga", forget, retain, retain_objective=None),
         # NPO's coefficients are not a multiple of the NLL's: the objective needs its own decoder backward.
@@ -109,15 +101,15 @@ def main():
             start = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - start)
-    rows = [{"method": name, "seconds": statistics.median(times[name]), "peak_mib": peak_bytes(fn) / 2**20,
-             "rounds": args.rounds} for name, fn in runs.items()]
-    base = {r["method"]: r for r in rows}["materialized"]
-    machine = provenance.machine()
+    measured = {name: (statistics.median(times[name]) * 1e3, peak_bytes(fn) / 2**20) for name, fn in runs.items()}
+    base_ms, base_mib = measured["materialized"]
+    stamp = provenance.stamp()
+    rows = [{"method": name, "ms_median": round(ms, 1), "peak_mib": round(mib, 1), "rounds": args.rounds,
+             "time_vs_materialized": round(ms / base_ms, 3), "memory_vs_materialized": round(mib / base_mib, 3),
+             "model": f"llama L{LAYERS} H{HIDDEN} V{VOCAB} fp32", "tokens_per_side": f"{BATCH}x{TOKENS}", **stamp}
+            for name, (ms, mib) in measured.items()]
     for r in rows:
-        r.update(time_vs_materialized=r["seconds"] / base["seconds"], memory_vs_materialized=r["peak_mib"] / base["peak_mib"],
-                 model=f"llama L{LAYERS} H{HIDDEN} V{VOCAB} fp32", tokens_per_side=f"{BATCH}x{TOKENS}",
-                 machine=machine, commit=provenance.commit())
-        print(f"{r['method']:>22}: {r['seconds'] * 1e3:8.1f} ms ({r['time_vs_materialized']:.2f}x)  "
+        print(f"{r['method']:>22}: {r['ms_median']:8.1f} ms ({r['time_vs_materialized']:.2f}x)  "
               f"peak {r['peak_mib']:7.1f} MiB ({r['memory_vs_materialized']:.2f}x)")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     with open(args.out, "w", newline="") as f:

@@ -6,7 +6,8 @@ side by side (median of ``--repeats`` after a warm-up; peak memory from the CUDA
 - ``train_step``: forward + backward of the objective (NPO) on the forget batch, the unit of cost;
 - ``measure_unlearning``: e_u and e_r per layer through the fused fast path;
 - ``measure``: the generic path (three forward/backward passes through the model's own head);
-- ``materialized``: three full gradients dotted per layer (out of memory at 13B on 80 GB is recorded as such).
+- ``materialized``: three full gradients (two alive at once) dotted parameter by parameter, as plain torch would
+  (`materialized.py`; out of memory is recorded as such).
 
 ``--check`` first compares bf16 ``measure_unlearning`` with a float32 materialized reference on a 4-layer
 model of the 1.1B shape (the issue asks for agreement within 5e-3).
@@ -22,6 +23,7 @@ from pathlib import Path
 
 import provenance
 import torch
+from materialized import materialized_geffects
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from geffect_kernels import hf
@@ -70,17 +72,8 @@ def methods(model, forget, retain, ref):
     objective = lambda m: hf.unlearning_loss("npo", m, forget, ref_logprobs=ref)
     profiler = GEffectProfiler(model, "layer")
 
-    def materialized():
-        def by_group(fn):
-            grads = torch.autograd.grad(fn(model), [p for _, p in named])
-            out = {}
-            for (n, _), g in zip(named, grads):
-                out.setdefault(groups[n], []).append(g.reshape(-1))
-            return {k: torch.cat(v).float() for k, v in out.items()}
-        a = by_group(objective)
-        return {r: {k: float(a[k] @ v) for k, v in by_group(fn).items()}
-                for r, fn in (("forget", lambda m: hf.unlearning_loss("nll", m, forget)),
-                              ("retain", lambda m: hf.unlearning_loss("nll", m, retain)))}
+    risks = {"forget": lambda m: hf.unlearning_loss("nll", m, forget),
+             "retain": lambda m: hf.unlearning_loss("nll", m, retain)}
 
     return {
         "train_step": lambda: torch.autograd.grad(objective(model), [p for _, p in named]),
@@ -89,7 +82,7 @@ def methods(model, forget, retain, ref):
         "measure": lambda: profiler.measure(lambda m: _npo_via_model(m, forget, ref),
                                             {"forget": lambda m: m(**forget, labels=forget["input_ids"]).loss,
                                              "retain": lambda m: m(**retain, labels=retain["input_ids"]).loss}),
-        "materialized": materialized,
+        "materialized": lambda: materialized_geffects(model, objective, risks, groups),
     }
 
 
@@ -138,7 +131,7 @@ def main():
     args = parser.parse_args()
     if args.check:
         check()
-    commit = provenance.commit()
+    stamp = {"machine": provenance.machine(), "commit": provenance.commit()}
     rows = []
     for shape in args.shapes.split(","):
         model = build(shape, torch.bfloat16)
@@ -153,8 +146,7 @@ def main():
             torch.cuda.empty_cache()
             base = base or (ms, gib)
             rows.append({"shape": shape, "method": name, "ms": ms, "peak_gib": gib, "time_vs_step": ms / base[0],
-                         "memory_vs_step": gib / base[1], "device": torch.cuda.get_device_name(),
-                         "tokens_per_side": f"{BATCH}x{TOKENS}", "commit": commit})
+                         "memory_vs_step": gib / base[1], "tokens_per_side": f"{BATCH}x{TOKENS}", **stamp})
             print(f"{shape:>5} {name:>20}: {ms:8.1f} ms ({ms / base[0]:.2f}x)  {gib:6.2f} GiB ({gib / base[1]:.2f}x)")
         del model
         torch.cuda.empty_cache()

@@ -22,8 +22,9 @@ def generator(seed):
     return torch.Generator().manual_seed(seed)
 
 
-def head_inputs(seed, *, scale=3.0):
-    """float64 hidden [N, H], head [V, H], bias [V], labels [N] with ignored positions, ref logprobs [N]."""
+def head_inputs(seed, *, scale=3.0, device="cpu"):
+    """float64 hidden [N, H], head [V, H], bias [V], labels [N] with ignored positions, ref logprobs [N]; drawn on
+    the CPU (the same values for every device), then moved to ``device``."""
     g = generator(seed)
     hidden = torch.randn(N, H, dtype=torch.float64, generator=g) * scale
     weight = torch.randn(V, H, dtype=torch.float64, generator=g) / H**0.5
@@ -32,7 +33,7 @@ def head_inputs(seed, *, scale=3.0):
     labels[torch.rand(N, generator=g) < 0.25] = IGNORE
     labels[0] = IGNORE
     ref = torch.where(labels != IGNORE, torch.randn(N, dtype=torch.float64, generator=g) - 6.0, 0)
-    return hidden, weight, bias, labels, ref
+    return tuple(t.to(device) for t in (hidden, weight, bias, labels, ref))
 
 
 def leaves(*tensors, dtype):

@@ -1,4 +1,5 @@
-"""ghost_inner_product (tiled Gram form) against the explicit weight-gradient inner product in float64."""
+"""ghost_inner_product (tiled Gram form) against the explicit weight-gradient inner product in float64; the
+numeric test also runs for the CUDA kernel on a machine with a GPU (`pytest tests/test_csrc_ghost.py -k cuda`)."""
 import pytest
 import torch
 
@@ -13,14 +14,22 @@ def ext():
     return require_extension("cpu")
 
 
-def sides(seed, dtype=torch.float64):
+def sides(seed, dtype=torch.float64, device="cpu"):
     g = generator(seed)
-    return [torch.randn(*shape, dtype=torch.float64, generator=g).to(dtype)
+    return [torch.randn(*shape, dtype=torch.float64, generator=g).to(device, dtype)
             for shape in ((NA, D_OUT), (NA, D_IN), (NB, D_OUT), (NB, D_IN))]
 
 
-def segments(seed):
-    return torch.randint(0, SEGMENTS, (NA,), generator=generator(seed))
+def segments(seed, device="cpu"):
+    return torch.randint(0, SEGMENTS, (NA,), generator=generator(seed)).to(device)
+
+
+@pytest.fixture(params=["cpu", "cuda"])
+def dev(request):
+    if request.param == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no GPU here: the CUDA Gram kernel is checked in the GPU suite")
+    require_extension(request.param)
+    return torch.device(request.param)
 
 
 def weight_gradient_products(ga, xa, gb, xb, segment_ids):
@@ -32,10 +41,10 @@ def weight_gradient_products(ga, xa, gb, xb, segment_ids):
 
 @pytest.mark.parametrize("tile", [2048, 16])  # one tile; several, with partial tiles on both sides
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
-def test_matches_materialized_gradients(monkeypatch, tile, dtype):
-    monkeypatch.setattr(ghost, "TILE_ROWS", tile)
-    ga, xa, gb, xb = sides(1, dtype)
-    seg = segments(2)
+def test_matches_materialized_gradients(monkeypatch, dev, tile, dtype):
+    monkeypatch.setattr(ghost, "TILE_ROWS", tile)  # the CPU path's tiles
+    ga, xa, gb, xb = sides(1, dtype, dev)
+    seg = segments(2, dev)
     expected = weight_gradient_products(ga, xa, gb, xb, seg)
     per_segment = ghost_inner_product(ga, xa, gb, xb, segment_ids=seg, num_segments=SEGMENTS)
     total = ghost_inner_product(ga, xa, gb, xb)

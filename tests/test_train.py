@@ -106,13 +106,22 @@ def test_reference_logprobs_computed_once_per_sample(setup, monkeypatch):
 
 
 @pytest.mark.parametrize("objective, retain_objective", [("wtnpo", "kl"), ("simnpo", "none"), ("satimp", "nll")])
-def test_every_objective_and_retain_term_trains(setup, objective, retain_objective):
+def test_every_objective_and_retain_term_moves_the_model_and_logs_its_retain_loss(setup, objective,
+                                                                                   retain_objective):
     tokenizer, forget, retain = setup
-    result = train(model_of(tokenizer), forget, retain if retain_objective != "none" else None,
+    model = model_of(tokenizer)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    result = train(model, forget, retain if retain_objective != "none" else None,
                    config(objective=objective, retain_objective=retain_objective, steps=2, grad_accum=1))
     assert len(result.metrics) == 2 and all(torch.isfinite(torch.tensor(m["loss"])) for m in result.metrics)
+    assert all(not torch.equal(p, before[n]) for n, p in model.named_parameters())  # every parameter was updated
+    first, second = (m["retain_loss"] for m in result.metrics)
     if retain_objective == "none":
-        assert all(m["retain_loss"] == 0 for m in result.metrics)
+        assert first == second == 0
+    elif retain_objective == "kl":  # the first step's model is the reference itself; the second has moved
+        assert abs(first) < 1e-6 < second
+    else:  # nll: a positive cross-entropy
+        assert first > 0 and second > 0
 
 
 def test_ga_lowers_forget_likelihood_and_records_geffects(setup, tmp_path):
