@@ -5,6 +5,7 @@ any kernel runs and no silent wrong number comes out.
 """
 from __future__ import annotations
 
+import numbers
 from typing import NamedTuple
 
 import torch
@@ -77,7 +78,7 @@ def check_mask(mask, shape, what):
 
 
 def check_labels(labels, vocab_size, ignore_index):
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
         raise ValueError(f"ignore_index must be an integer, got {ignore_index!r}")
     if labels.dtype.is_floating_point or labels.dtype == torch.bool or labels.is_complex():
         raise ValueError(f"labels must be an integer tensor, got {labels.dtype}")
