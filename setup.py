@@ -23,8 +23,9 @@ def extension_build():
         s = build.extension_spec(kind)
         make = cpp_extension.CUDAExtension if kind == "cuda" else cpp_extension.CppExtension
         compile_args = {"cxx": s["extra_cflags"], **({"nvcc": s["extra_cuda_cflags"]} if kind == "cuda" else {})}
-        modules.append(make(f"geffect_kernels.backends.cpp._{kind}", s["sources"], include_dirs=s["extra_include_paths"],
-                            extra_compile_args=compile_args, extra_link_args=s["extra_ldflags"]))
+        modules.append(make(f"geffect_kernels.backends.cpp._{kind}", s["sources"],
+                            include_dirs=s["extra_include_paths"], extra_compile_args=compile_args,
+                            extra_link_args=s["extra_ldflags"]))
     return {"ext_modules": modules, "cmdclass": {"build_ext": cpp_extension.BuildExtension}}
 
 
@@ -36,7 +37,9 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["geffect_kernels", "geffect_kernels.*"]),
-    package_data={"geffect_kernels": ["py.typed"]},
+    # the C++/CUDA sources travel inside the package, so an installed wheel builds the extension on first use
+    package_data={"geffect_kernels": ["py.typed"],
+                  "geffect_kernels.backends.cpp": ["csrc/*.cpp", "csrc/cpu/*", "csrc/cuda/*", "csrc/include/geffect/*"]},
     include_package_data=True,
     install_requires=[
         "torch>=2.4",

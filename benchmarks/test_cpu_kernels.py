@@ -27,9 +27,11 @@ import pytest
 import torch
 
 import geffect_kernels as gk
-from geffect_kernels.backends.cpp import build, ghost_inner_product
+from geffect_kernels.backends.cpp import build
+from geffect_kernels.backends.cpp.ghost import ghost_inner_product
 from geffect_kernels.backends.cpp.backend import BACKENDS
-from geffect_kernels.weighting import TokenWeighting
+from geffect_kernels.backends.interface import LossOptions
+from geffect_kernels.catalog import resolve
 
 RESULTS = Path(__file__).parent / "results" / "cpu_kernels.csv"
 ROUNDS = 5
@@ -138,8 +140,8 @@ def chunked_loss(logits, labels):
 
 def kernel_loss(logits, labels):
     logits.requires_grad_()
-    loss = BACKENDS["cpp_cpu"].weighted_loss_from_logits(logits, labels, None, ignore_index=-100, softcap=None,
-                                                     weighting=TokenWeighting("one"), scale=1.0 / N, inplace=True)
+    opts = LossOptions(weighting=resolve("ga", {}).weighting, scale=1.0 / N, inplace=True)
+    loss = BACKENDS["cpp_cpu"].weighted_loss_from_logits(logits, labels, None, opts)
     loss.backward()
     return loss
 

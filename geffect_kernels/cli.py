@@ -220,7 +220,7 @@ def cmd_report(args):
 
 def cmd_build(args):
     try:
-        from .backends.cpp import build_extensions
+        from .backends.cpp.build import build_extensions
     except ImportError as err:
         raise CLIError(f"the C++/CUDA extension is unavailable in this install ({err})") from None
     if not build_extensions(verbose=True):  # prints one line per extension

@@ -1,4 +1,5 @@
 """Public alias (the path the README documents) of the C++/CUDA extension's entry points in `backends.cpp`."""
-from .backends.cpp import build_error, build_extensions, ghost_available, ghost_inner_product
+from .backends.cpp.build import build_error, build_extensions
+from .backends.cpp.ghost import ghost_available, ghost_inner_product
 
 __all__ = ["build_error", "build_extensions", "ghost_available", "ghost_inner_product"]

@@ -1,7 +1,8 @@
-"""Validation and flattening of user inputs, shared by every public function.
+"""Validation and flattening of user inputs, shared by every public function, and what runs the call.
 
 Every check raises ValueError with a message that names the argument, so a bad call fails before
-any kernel runs and no silent wrong number comes out.
+any kernel runs and no silent wrong number comes out. `prepare_head` and `prepare_logits` also resolve,
+once per call, the backend and the `LossOptions` it receives.
 """
 from __future__ import annotations
 
@@ -10,6 +11,9 @@ from typing import NamedTuple
 
 import torch
 
+from .backends.autograd import compute_dtype
+from .backends.interface import Backend, LossOptions
+from .backends.registry import get_backend
 from .ranges import POSITIVE, check_number
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -19,10 +23,13 @@ class Prepared(NamedTuple):
     hidden: torch.Tensor  # [N, H] (or logits [N, V])
     labels: torch.Tensor  # [N] int64
     out_shape: torch.Size  # shape of the per-token outputs (labels' shape after the shift)
+    backend: Backend | None = None  # what runs the call (None: not asked for)
+    opts: LossOptions | None = None
 
-
-def out_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+    def reference(self, ref_logprobs, required_by=None):
+        """``ref_logprobs`` checked against this call, flattened, in its compute dtype (`prepare_ref`)."""
+        return prepare_ref(ref_logprobs, self.labels, self.out_shape, compute_dtype(self.hidden.dtype),
+                           ignore_index=self.opts.ignore_index, required_by=required_by)
 
 
 def _require_float(name, t):
@@ -107,7 +114,14 @@ def prepare_rows(rows, labels, *, feature_name, ignore_index, shift, vocab_size)
     return Prepared(rows.reshape(-1, rows.shape[-1]), labels.reshape(-1).long(), out_shape)
 
 
-def prepare_head(hidden, weight, labels, bias, *, ignore_index, shift):
+def _with_backend(prep, backend, ignore_index, softcap, inplace=False):
+    if backend is None:
+        return prep
+    opts = LossOptions(ignore_index, check_softcap(softcap), inplace=inplace)
+    return prep._replace(backend=get_backend(backend, prep.hidden), opts=opts)
+
+
+def prepare_head(hidden, weight, labels, bias, *, ignore_index, shift, softcap=None, backend=None):
     _require_float("hidden", hidden)
     _require_float("weight", weight)
     _require_same("weight", weight, "hidden", hidden)
@@ -121,23 +135,26 @@ def prepare_head(hidden, weight, labels, bias, *, ignore_index, shift):
         if bias.shape != (weight.shape[0],):
             raise ValueError(f"bias must be [V] = [{weight.shape[0]}], got {tuple(bias.shape)}")
     require_finite(hidden=hidden, weight=weight, bias=bias)
-    return prepare_rows(hidden, labels, feature_name="hidden", ignore_index=ignore_index, shift=shift,
+    prep = prepare_rows(hidden, labels, feature_name="hidden", ignore_index=ignore_index, shift=shift,
                         vocab_size=weight.shape[0])
+    return _with_backend(prep, backend, ignore_index, softcap)
 
 
-def prepare_logits(logits, labels, *, ignore_index, shift):
+def prepare_logits(logits, labels, *, ignore_index, shift, softcap=None, backend=None, inplace=False):
     _require_float("logits", logits)
     require_finite(logits=logits)
-    return prepare_rows(logits, labels, feature_name="logits", ignore_index=ignore_index, shift=shift,
+    prep = prepare_rows(logits, labels, feature_name="logits", ignore_index=ignore_index, shift=shift,
                         vocab_size=logits.shape[-1])
+    return _with_backend(prep, backend, ignore_index, softcap, inplace)
 
 
 def check_softcap(softcap):
     return None if softcap is None else check_number("softcap", softcap, POSITIVE)
 
 
-def prepare_ref(ref_logprobs, prepared: Prepared, dtype, *, ignore_index, required_by=None):
-    """Flatten ``ref_logprobs`` (shaped like the per-token output) and zero it at ignored positions."""
+def prepare_ref(ref_logprobs, labels, out_shape, dtype, *, ignore_index, required_by=None):
+    """Flatten ``ref_logprobs`` (shaped like the per-token output ``out_shape``) and zero it where the
+    flattened ``labels`` are ``ignore_index``."""
     if ref_logprobs is None:
         if required_by:
             raise ValueError(f"objective {required_by!r} needs ref_logprobs (the reference model's "
@@ -145,13 +162,12 @@ def prepare_ref(ref_logprobs, prepared: Prepared, dtype, *, ignore_index, requir
         return None
     if not isinstance(ref_logprobs, torch.Tensor):
         raise TypeError(f"ref_logprobs must be a torch.Tensor, got {type(ref_logprobs).__name__}")
-    if ref_logprobs.shape != prepared.out_shape:
+    if ref_logprobs.shape != out_shape:
         raise ValueError(f"ref_logprobs has shape {tuple(ref_logprobs.shape)}, expected "
-                         f"{tuple(prepared.out_shape)} (the shape token_logprobs returns for these inputs)")
-    if ref_logprobs.device != prepared.labels.device:
-        raise ValueError(f"ref_logprobs are on {ref_logprobs.device} but the inputs are on "
-                         f"{prepared.labels.device}")
-    valid = prepared.labels != ignore_index
+                         f"{tuple(out_shape)} (the shape token_logprobs returns for these inputs)")
+    if ref_logprobs.device != labels.device:
+        raise ValueError(f"ref_logprobs are on {ref_logprobs.device} but the inputs are on {labels.device}")
+    valid = labels != ignore_index
     ref = torch.where(valid, ref_logprobs.detach().reshape(-1).to(dtype), 0)
     require_finite(ref_logprobs=ref)
     return ref

@@ -1,9 +1,7 @@
 """The one primitive (DESIGN §2): per-token log-probabilities ℓ_t = log p_θ(y_t | y_<t)."""
 from __future__ import annotations
 
-
-from .inputs import check_softcap, prepare_head, prepare_logits
-from .backends.registry import get_backend
+from .inputs import prepare_head, prepare_logits
 
 
 def token_logprobs(hidden, weight, labels, *, bias=None, ignore_index=-100, softcap=None, shift=False,
@@ -24,20 +22,17 @@ def token_logprobs(hidden, weight, labels, *, bias=None, ignore_index=-100, soft
         float32 (float64 for float64 inputs) tensor shaped like ``labels`` (after the shift),
         differentiable with respect to ``hidden``, ``weight`` and ``bias``.
     """
-    prep = prepare_head(hidden, weight, labels, bias, ignore_index=ignore_index, shift=shift)
-    impl = get_backend(backend, prep.hidden)
-    out = impl.token_logprobs(prep.hidden, weight, bias, prep.labels, ignore_index=ignore_index,
-                              softcap=check_softcap(softcap))
+    prep = prepare_head(hidden, weight, labels, bias, ignore_index=ignore_index, shift=shift, softcap=softcap,
+                        backend=backend)
+    out = prep.backend.token_logprobs(prep.hidden, weight, bias, prep.labels, prep.opts)
     return out.reshape(prep.out_shape)
 
 
 def token_logprobs_from_logits(logits, labels, *, ignore_index=-100, softcap=None, shift=False,
                                backend="auto"):
     """ℓ_t from logits the caller already holds (``[B, T, V]`` or ``[N, V]``); see `token_logprobs`."""
-    prep = prepare_logits(logits, labels, ignore_index=ignore_index, shift=shift)
-    impl = get_backend(backend, prep.hidden)
-    out = impl.token_logprobs_from_logits(prep.hidden, prep.labels, ignore_index=ignore_index,
-                                          softcap=check_softcap(softcap))
+    prep = prepare_logits(logits, labels, ignore_index=ignore_index, shift=shift, softcap=softcap, backend=backend)
+    out = prep.backend.token_logprobs_from_logits(prep.hidden, prep.labels, prep.opts)
     return out.reshape(prep.out_shape)
 
 

@@ -24,7 +24,7 @@ class Range(NamedTuple):
 
 POSITIVE, NON_NEGATIVE, FINITE = Range(0, low_open=True), Range(0), Range()
 
-# the objectives' hyper-parameters (DESIGN §3): p^α, σ(β·), (1−p)^γ, SimNPO's margin δ, TNPO's ε
+# the objectives' hyper-parameters (catalog.py): p^α, σ(β·), (1−p)^γ, SimNPO's margin δ, TNPO's ε
 HPARAMS = {"alpha": NON_NEGATIVE, "beta": POSITIVE, "gamma": NON_NEGATIVE, "delta": FINITE, "eps": NON_NEGATIVE}
 
 

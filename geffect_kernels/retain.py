@@ -1,32 +1,46 @@
 """Retain and representation objectives (DESIGN §3): KL to a reference model, RMU, RR."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
-from .backends.registry import get_backend
-from .inputs import check_mask, check_softcap, check_tensor, prepare_head
+from .inputs import check_mask, check_tensor, prepare_head
 from .ranges import check_number
+
+# How kl_loss averages the per-position KL: "tokens" over the positions whose label is not ignored (the answer
+# tokens: this project's default); "batchmean" over every position, prompt and padding included, as the official
+# G-effect code and TOFU compute it (kl_div(..., reduction="batchmean") on [B·T, V] log-probabilities).
+KL_REDUCTIONS = ("tokens", "batchmean")
 
 
 def kl_loss(hidden, weight, ref_hidden, ref_weight, labels, *, bias=None, ref_bias=None, ignore_index=-100,
-            softcap=None, shift=False, backend="auto"):
-    """Mean over valid positions of KL(p_ref,t ‖ p_θ,t) over the full vocabulary.
+            softcap=None, shift=False, backend="auto", reduction="tokens"):
+    """Mean of KL(p_ref,t ‖ p_θ,t) over the full vocabulary, per position, averaged as ``reduction`` says.
 
-    The reference side (``ref_hidden``, ``ref_weight``, ``ref_bias``: the frozen original model) gets
-    no gradient. Both heads share the vocabulary, the soft-cap and the dtype; chunked so that neither
-    model's N×V logits exist at once. ``labels`` only mark which positions count.
+    ``reduction="tokens"`` (default): over the positions whose label is not ``ignore_index``;
+    ``"batchmean"``: over every position, ignored ones included (then ``labels`` only give the shape; with
+    ``shift=False`` on whole sequences this is the official code's and TOFU's batch-mean KL). The reference
+    side (``ref_hidden``, ``ref_weight``, ``ref_bias``: the frozen original model) gets no gradient. Both
+    heads share the vocabulary, the soft-cap and the dtype; chunked so that neither model's N×V logits exist
+    at once.
     """
-    prep = prepare_head(hidden, weight, labels, bias, ignore_index=ignore_index, shift=shift)
+    if reduction not in KL_REDUCTIONS:
+        raise ValueError(f"unknown KL reduction {reduction!r}; valid: {', '.join(KL_REDUCTIONS)}")
+    prep = prepare_head(hidden, weight, labels, bias, ignore_index=ignore_index, shift=shift, softcap=softcap,
+                        backend=backend)
     ref = prepare_head(ref_hidden, ref_weight, labels, ref_bias, ignore_index=ignore_index, shift=shift)
     if ref_weight.shape[0] != weight.shape[0]:
         raise ValueError(f"the two heads have different vocabularies: {weight.shape[0]} vs {ref_weight.shape[0]}")
     if ref_hidden.dtype != hidden.dtype or ref_hidden.device != hidden.device:
         raise ValueError(f"ref_hidden ({ref_hidden.dtype}, {ref_hidden.device}) must match hidden "
                          f"({hidden.dtype}, {hidden.device})")
-    n_valid = int((prep.labels != ignore_index).sum())
-    impl = get_backend(backend, prep.hidden)
-    return impl.kl_divergence(prep.hidden, weight, bias, ref.hidden, ref_weight, ref_bias, prep.labels,
-                              ignore_index=ignore_index, softcap=check_softcap(softcap), scale=1.0 / max(n_valid, 1))
+    positions, opts = prep.labels, prep.opts
+    if reduction == "batchmean":  # every position counts: labels no backend ignores
+        positions, opts = torch.zeros_like(prep.labels), replace(opts, ignore_index=-1)
+    n = int((positions != opts.ignore_index).sum())
+    return prep.backend.kl_divergence(prep.hidden, weight, bias, ref.hidden, ref_weight, ref_bias, positions,
+                                      replace(opts, scale=1.0 / max(n, 1)))
 
 
 def _masked_mean_squared_error(diff, mask):

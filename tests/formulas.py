@@ -38,7 +38,7 @@ def token_weight(name, lp, ref, hp):
         return p ** hp.get("alpha", 5.0) * (1 - p) ** hp.get("gamma", 1.0)
     beta = hp.get("beta", 4.0)
     p_ref = torch.exp(ref.double())
-    tnpo = 2 * p ** beta / (p ** beta + p_ref ** beta)
+    tnpo = 2 * p ** beta / (p ** beta + p_ref ** beta + hp.get("eps", 0.0))
     if name == "tnpo":
         return tnpo
     return p ** hp.get("alpha", 1.0) * tnpo  # wtnpo

@@ -3,7 +3,8 @@ numeric test also runs for the CUDA kernel on a machine with a GPU (`pytest test
 import pytest
 import torch
 
-from geffect_kernels.backends.cpp import ghost, ghost_available, ghost_inner_product
+from geffect_kernels.backends.cpp import ghost
+from geffect_kernels.backends.cpp.ghost import ghost_available, ghost_inner_product
 from csrc_cases import assert_close, generator, require_extension
 
 NA, NB, D_OUT, D_IN, SEGMENTS = 37, 53, 19, 23, 4

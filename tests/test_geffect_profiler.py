@@ -189,3 +189,19 @@ def test_inside_autocast_matches_outside():
     assert abs(generic.total["retain"] - dot) <= 1e-2 * scale  # same bf16 graph: bf16-level agreement
     for risk in ("forget", "retain"):
         assert mixed.total[risk] == pytest.approx(plain.total[risk], rel=5e-2)
+
+
+def test_official_eps_reaches_the_profiler():
+    """measure_unlearning with TNPO's eps equals the generic path on the same loss, and eps changes the value."""
+    model = tiny_model("llama")
+    forget, retain = batch(seed=9, prompt=2), batch(batch_size=2, length=6, seed=10, pad_first=False)
+    ref = hf.token_logprobs(model, forget).detach() + 0.3 * torch.randn(3, 6, dtype=torch.float64)
+    profiler = GEffectProfiler(model)
+    fast = profiler.measure_unlearning("tnpo", forget, retain, ref_logprobs=ref, eps=1e-3)
+    generic = profiler.measure(lambda m: hf.unlearning_loss("tnpo", m, forget, ref_logprobs=ref, eps=1e-3),
+                               {"forget": lambda m: hf.unlearning_loss("nll", m, forget),
+                                "retain": lambda m: hf.unlearning_loss("nll", m, retain)})
+    exact = profiler.measure_unlearning("tnpo", forget, retain, ref_logprobs=ref)
+    for risk in ("forget", "retain"):
+        assert fast.total[risk] == pytest.approx(generic.total[risk], rel=1e-9)
+        assert abs(fast.total[risk] - exact.total[risk]) > 1e-3 * abs(exact.total[risk])

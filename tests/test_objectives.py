@@ -139,6 +139,30 @@ def test_kl_loss(backend, softcap):
     assert abs(same.item()) < 1e-12  # KL of a distribution to itself
 
 
+@pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning")  # the Triton interpreter's masked lanes
+def test_kl_official_reduction_on_every_backend():
+    """reduction="batchmean": the TOFU / official-code batch-mean, F.kl_div(log p_θ, log p_ref, "batchmean") over
+    the [B·T, V] log-probabilities, every position counted (ignored labels too); the default counts valid ones."""
+    for backend, dtype in _eps_backends():
+        h64, w64, b64, y = make_inputs(43)
+        hr, wr, br, _ = make_inputs(44)
+        log_p = torch.log_softmax(h64 @ w64.T + b64, -1).reshape(-1, w64.shape[0])
+        log_q = torch.log_softmax(hr @ wr.T + br, -1).reshape(-1, w64.shape[0]).detach()
+        expected = torch.nn.functional.kl_div(log_p, log_q, reduction="batchmean", log_target=True)
+        h, w, b = (t.detach().to(dtype).requires_grad_() for t in (h64, w64, b64))
+        got = gk.kl_loss(h, w, hr.to(dtype), wr.to(dtype), y, bias=b, ref_bias=br.to(dtype), backend=backend,
+                         reduction="batchmean")
+        tol = 1e-11 if dtype == torch.float64 else 2e-5
+        assert_close(got, expected, tol)
+        for g_got, g_exp in zip(grads(got, [h, w, b]), grads(expected, [h64, w64, b64])):
+            assert_close(g_got, g_exp, 10 * tol)
+        default = gk.kl_loss(h, w, hr.to(dtype), wr.to(dtype), y, bias=b, ref_bias=br.to(dtype), backend=backend)
+        assert_close(default, kl(h64, w64, hr, wr, y, b64, br), tol)
+        assert abs(default.item() - got.item()) > 1e-3 * got.item()  # a third of the labels are ignored
+    with pytest.raises(ValueError, match="unknown KL reduction"):
+        gk.kl_loss(h64, w64, hr, wr, y, reduction="mean")
+
+
 def test_rmu_and_rr_are_mean_squared_errors_over_positions_and_hidden_units():
     g = torch.Generator().manual_seed(3)
     hidden = torch.randn(2, 5, 8, generator=g, dtype=torch.float64, requires_grad=True)
@@ -154,3 +178,43 @@ def test_rmu_and_rr_are_mean_squared_errors_over_positions_and_hidden_units():
     assert_close(got, expected, 1e-12)
     (g_h,) = grads(got, [hidden])
     assert_close(g_h, 2 * (hidden - ref).detach() / (2 * 5 * 8), 1e-12)
+
+
+def _eps_backends():
+    """Every backend that runs here, with the dtype its kernels take (Triton: float32)."""
+    return [(b, torch.float32 if b == "triton" else torch.float64) for b in gk.available_backends("cpu")]
+
+
+@pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning")  # the Triton interpreter's masked lanes
+@pytest.mark.parametrize("name", ["tnpo", "wtnpo"])
+def test_official_eps_on_every_backend(name):
+    """eps > 0 (the official code's 2p^β / (p^β + p_ref^β + ε)) against the float64 formula, on every backend;
+    at these probabilities (p ≈ 1/V) ε dominates p^β, so the loss moves far from the exact σ form."""
+    hp = {"beta": 4.0, "eps": 1e-5, **({"alpha": 0.5} if name == "wtnpo" else {})}
+    for backend, dtype in _eps_backends():
+        h64, w64, b64, y = make_inputs(41)
+        h, w, b = (t.detach().to(dtype).requires_grad_() for t in (h64, w64, b64))
+        lp_true, valid = logprobs(h64, w64, y, b64, shift=True)
+        ref = fake_ref(lp_true, valid, 41)
+        expected = objective(name, lp_true, valid, ref, **hp)
+        exact = objective(name, lp_true, valid, ref, **{**hp, "eps": 0.0})
+        assert (expected - exact).abs() > 0.5 * exact.abs()
+        got = gk.unlearning_loss(name, h, w, y, ref_logprobs=ref.to(dtype), bias=b, shift=True, backend=backend, **hp)
+        tol = 1e-10 if dtype == torch.float64 else 2e-5
+        assert_close(got, expected, tol)
+        for g_got, g_exp in zip(grads(got, [h, w, b]), grads(expected, [h64, w64, b64])):
+            assert_close(g_got, g_exp, 10 * tol)
+        z = (h @ w.T + b).detach().requires_grad_()
+        got = gk.unlearning_loss_from_logits(name, z, y, ref_logprobs=ref.to(dtype), shift=True, backend=backend, **hp)
+        assert_close(got, expected, tol)
+    weights = gk.token_weights(name, lp_true, ref, mask=valid, **hp)
+    assert_close(weights[valid], token_weight(name, lp_true, ref, hp)[valid], 1e-12)
+
+
+def test_negative_eps_is_refused():
+    h, w, b, y = make_inputs(3)
+    ref = torch.zeros(y.shape, dtype=torch.float64)
+    with pytest.raises(ValueError, match="hyper-parameter eps must be a finite number ≥ 0"):
+        gk.unlearning_loss("tnpo", h, w, y, ref_logprobs=ref, eps=-1e-5)
+    with pytest.raises(ValueError, match="takes no hyper-parameter eps"):
+        gk.unlearning_loss("wga", h, w, y, eps=1e-5)

@@ -11,7 +11,7 @@ from geffect_kernels.data import demo_data, encode_pairs, qa_texts, train_tokeni
 from geffect_kernels.eval.report import headline, make_report, split_run_name
 from geffect_kernels.train import TrainConfig, tiny_llama, train
 from geffect_kernels.train.demo_probes import NPOProbe, probability_probe
-from geffect_kernels.weighting import npo_sequence_weights
+from geffect_kernels.catalog import OBJECTIVES
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -57,7 +57,8 @@ def test_npo_probe_weights_are_npos_and_equal_one_at_the_reference(two_seed_runs
     seq = torch.tensor([-3.0, -1.0], dtype=torch.float64)
     ref = torch.tensor([-2.0, -2.0], dtype=torch.float64)
     expected = [2 / (1 + np.exp(-0.5 * (s - r))) for s, r in ((-3.0, -2.0), (-1.0, -2.0))]
-    assert npo_sequence_weights(seq, ref, 0.5).tolist() == pytest.approx(expected, rel=1e-12)
+    got = OBJECTIVES["npo"].sequence_weight(seq, ref, None, {"beta": 0.5})
+    assert got.tolist() == pytest.approx(expected, rel=1e-12)
 
 
 def test_report_gives_mean_and_range_over_seeds_and_seed_verdicts(two_seed_runs):

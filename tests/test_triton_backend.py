@@ -9,7 +9,9 @@ import torch
 import geffect_kernels as gk
 from geffect_kernels.backends.triton import config, set_logits_budget
 from geffect_kernels.backends.triton.linear_forward import merge_partials
-from geffect_kernels.weighting import TokenWeighting
+from geffect_kernels.catalog import resolve
+
+import formulas
 from triton_cases import IGNORE, as_float32, assert_close, head_inputs
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning")
@@ -21,22 +23,25 @@ def test_available_for_cpu_under_the_interpreter():
     assert "triton" in gk.available_backends("cpu")
 
 
-@pytest.mark.parametrize("kind,alpha,beta,gamma", [
-    ("one", 1.0, 1.0, 1.0), ("wga", 1.0, 1.0, 1.0), ("wga", 0.3, 1.0, 1.0), ("satimp", 5.0, 1.0, 1.0),
-    ("satimp", 1.0, 1.0, 0.0), ("satimp", 2.0, 1.0, 2.5), ("tnpo", 1.0, 4.0, 1.0), ("wtnpo", 1.0, 4.0, 1.0),
+@pytest.mark.parametrize("name,hparams", [
+    ("ga", {}), ("wga", {"alpha": 1.0}), ("wga", {"alpha": 0.3}), ("satimp", {"alpha": 5.0, "gamma": 1.0}),
+    ("satimp", {"alpha": 1.0, "gamma": 0.0}), ("satimp", {"alpha": 2.0, "gamma": 2.5}), ("tnpo", {"beta": 4.0}),
+    ("wtnpo", {"alpha": 1.0, "beta": 4.0}), ("tnpo", {"beta": 4.0, "eps": 1e-5}),
+    ("wtnpo", {"alpha": 0.5, "beta": 2.0, "eps": 1e-3}),
 ])
-def test_in_kernel_weights_match_torch(kind, alpha, beta, gamma):
-    """Weights at extreme ℓ (p → 1, p → 0) and ℓ − ℓ_ref of both signs, through the merge kernel."""
+def test_in_kernel_weights_match_formulas(name, hparams):
+    """Weights at extreme ℓ (p → 1, p → 0) and ℓ − ℓ_ref of both signs, through the merge kernel, against the
+    float64 formulas (with the official ε too: 2p^β / (p^β + p_ref^β + ε))."""
     lp = torch.tensor([-1e-7, -1e-4, -0.3, -0.69, -2.0, -30.0, -80.0, -1e-2, -5.0, -0.05], dtype=torch.float64)
     ref = torch.tensor([-2.0, -1e-4, -30.0, -0.1, -80.0, -1.0, -1.0, -40.0, -5.0, -0.5], dtype=torch.float64)
     n = lp.numel()
     labels = torch.zeros(n, dtype=torch.long)
     labels[3] = IGNORE
-    weighting = TokenWeighting(kind, alpha=alpha, beta=beta, gamma=gamma)
+    weighting = resolve(name, hparams).weighting
     got_lp, lse, coef = merge_partials(torch.zeros(1, n), torch.ones(1, n), lp.float(), labels,
                                        ref.float() if weighting.needs_ref else None, ignore_index=IGNORE,
                                        weighting=weighting, scale=0.5)
-    expected = weighting.weights(lp.float().double(), ref.float().double() if weighting.needs_ref else None) * 0.5
+    expected = formulas.token_weight(name, lp.float().double(), ref.float().double(), hparams) * 0.5
     expected[3] = 0
     assert torch.all(lse == 0)
     assert got_lp[3] == 0 and coef[3] == 0

@@ -9,7 +9,20 @@ place: `registry`.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+
+
+@dataclass(frozen=True)
+class LossOptions:
+    """Everything about a call that is not a tensor, built once by the public function."""
+
+    ignore_index: int = -100
+    softcap: float | None = None  # final-logit soft-cap s: z ← s·tanh(z/s)
+    weighting: object = None  # the objective's detached per-token weights (`weighting.TokenWeighting`)
+    scale: float = 1.0  # the loss is scale · Σ_t w_t ℓ_t (scale · Σ_valid KL_t)
+    inplace: bool = False  # a logits loss may overwrite the caller's logits with their gradient
 
 
 class Backend:
@@ -25,28 +38,24 @@ class Backend:
         return True
 
     # -- hidden states + LM head ------------------------------------------------------------
-    def token_logprobs(self, hidden, weight, bias, labels, *, ignore_index, softcap):
+    def token_logprobs(self, hidden, weight, bias, labels, opts: LossOptions):
         """ℓ_t = z_t[y_t] − logsumexp(z_t) per position, 0 where ignored; differentiable."""
         raise NotImplementedError
 
-    def weighted_loss(self, hidden, weight, bias, labels, ref_logprobs, *, ignore_index, softcap, weighting, scale):
-        """scale · Σ_t w_t ℓ_t with detached weights w_t = weighting.weights(ℓ_t, ℓ_ref,t)."""
-        logprobs = self.token_logprobs(hidden, weight, bias, labels, ignore_index=ignore_index, softcap=softcap)
-        coef = weighting.weights(logprobs.detach(), ref_logprobs) * scale
-        return (coef * logprobs).sum()
+    def weighted_loss(self, hidden, weight, bias, labels, ref_logprobs, opts: LossOptions):
+        """scale · Σ_t w_t ℓ_t with detached weights w_t = opts.weighting.weights(ℓ_t, ℓ_ref,t)."""
+        logprobs = self.token_logprobs(hidden, weight, bias, labels, opts)
+        return (opts.weighting.weights(logprobs.detach(), ref_logprobs) * opts.scale * logprobs).sum()
 
-    def kl_divergence(self, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, *,
-                      ignore_index, softcap, scale: float):
+    def kl_divergence(self, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, opts: LossOptions):
         """scale · Σ_valid KL(p_ref,t ‖ p_θ,t); no gradient flows to the reference side."""
         raise NotImplementedError
 
     # -- logits given ---------------------------------------------------------------------
-    def token_logprobs_from_logits(self, logits, labels, *, ignore_index, softcap):
+    def token_logprobs_from_logits(self, logits, labels, opts: LossOptions):
         raise NotImplementedError
 
-    def weighted_loss_from_logits(self, logits, labels, ref_logprobs, *, ignore_index, softcap, weighting, scale,
-                                  inplace: bool = False):
-        """As `weighted_loss`; ``inplace`` allows overwriting ``logits`` with the gradient (ignored here)."""
-        logprobs = self.token_logprobs_from_logits(logits, labels, ignore_index=ignore_index, softcap=softcap)
-        coef = weighting.weights(logprobs.detach(), ref_logprobs) * scale
-        return (coef * logprobs).sum()
+    def weighted_loss_from_logits(self, logits, labels, ref_logprobs, opts: LossOptions):
+        """As `weighted_loss`; ``opts.inplace`` allows overwriting ``logits`` with the gradient (ignored here)."""
+        logprobs = self.token_logprobs_from_logits(logits, labels, opts)
+        return (opts.weighting.weights(logprobs.detach(), ref_logprobs) * opts.scale * logprobs).sum()

@@ -8,13 +8,16 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..inputs import out_dtype
 from .interface import Backend
+
+
+def _compute_dtype(dtype):
+    return torch.promote_types(dtype, torch.float32)  # float64 stays, 16-bit types go to float32
 
 
 def logits(hidden, weight, bias=None, softcap=None):
     """z = W h + b, soft-capped, upcast to the float32/float64 compute dtype."""
-    z = F.linear(hidden, weight, bias).to(out_dtype(hidden.dtype))
+    z = F.linear(hidden, weight, bias).to(_compute_dtype(hidden.dtype))
     if softcap is not None:
         z = softcap * torch.tanh(z / softcap)
     return z
@@ -33,22 +36,21 @@ class OracleBackend(Backend):
     def is_available(self, device):
         return True
 
-    def token_logprobs(self, hidden, weight, bias, labels, *, ignore_index, softcap):
-        return logprobs_from_logits(logits(hidden, weight, bias, softcap), labels, ignore_index)
+    def token_logprobs(self, hidden, weight, bias, labels, opts):
+        return logprobs_from_logits(logits(hidden, weight, bias, opts.softcap), labels, opts.ignore_index)
 
-    def token_logprobs_from_logits(self, logits_, labels, *, ignore_index, softcap):
-        z = logits_.to(out_dtype(logits_.dtype))
-        if softcap is not None:
-            z = softcap * torch.tanh(z / softcap)
-        return logprobs_from_logits(z, labels, ignore_index)
+    def token_logprobs_from_logits(self, logits_, labels, opts):
+        z = logits_.to(_compute_dtype(logits_.dtype))
+        if opts.softcap is not None:
+            z = opts.softcap * torch.tanh(z / opts.softcap)
+        return logprobs_from_logits(z, labels, opts.ignore_index)
 
-    def kl_divergence(self, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, *,
-                      ignore_index, softcap, scale):
-        log_p = torch.log_softmax(logits(hidden, weight, bias, softcap), dim=-1)
+    def kl_divergence(self, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, opts):
+        log_p = torch.log_softmax(logits(hidden, weight, bias, opts.softcap), dim=-1)
         with torch.no_grad():
-            log_q = torch.log_softmax(logits(ref_hidden, ref_weight, ref_bias, softcap), dim=-1)
+            log_q = torch.log_softmax(logits(ref_hidden, ref_weight, ref_bias, opts.softcap), dim=-1)
         kl = (log_q.exp() * (log_q - log_p)).sum(-1)
-        return torch.where(labels != ignore_index, kl, 0).sum() * scale
+        return torch.where(labels != opts.ignore_index, kl, 0).sum() * opts.scale
 
 
 BACKENDS = {"oracle": OracleBackend()}

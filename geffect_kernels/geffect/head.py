@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..backends.autograd import soft_cap_
+from ..backends.autograd import compute_dtype, soft_cap_
 from . import inner
 
 
@@ -84,7 +84,7 @@ def head_pass(weight, bias, softcap, sides: dict, pairs=()) -> HeadGram:
     Matmuls run in the weight's dtype, the softmax and the accumulators in float32 (float64 for float64).
     """
     w = weight.detach()
-    cd = inner.compute_dtype(w)
+    cd = compute_dtype(w.dtype)
     b = None if bias is None else bias.detach().to(cd)
     gram = HeadGram(w, None if bias is None else bias.detach(), softcap)
     names, blocks = list(sides), []

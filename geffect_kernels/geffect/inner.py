@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..backends.autograd import soft_cap_
+from ..backends.autograd import compute_dtype, logits_grad_, soft_cap_
 
 # Largest Gram tile (elements) and head-logits chunk held at once.
 TILE_ELEMENTS = 1 << 22
@@ -73,12 +73,8 @@ class HeadRows:
         return self.hidden.shape[0]
 
 
-def compute_dtype(t: torch.Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
-
-
 def _c(t):
-    return t.to(compute_dtype(t))
+    return t.to(compute_dtype(t.dtype))
 
 
 def _row_sums(t):
@@ -124,7 +120,8 @@ def _factored_rows_factored(a: Factored, b: Factored):
 def _unique_rows(use):
     """The gradient rows a use touches, as (sorted unique ids, summed rows [U, q]); uses are Gathered."""
     ids, inverse = torch.unique(use.ids, return_inverse=True)
-    rows = torch.zeros(ids.shape[0], use.rows.shape[1], dtype=compute_dtype(use.rows), device=use.rows.device)
+    rows = torch.zeros(ids.shape[0], use.rows.shape[1], dtype=compute_dtype(use.rows.dtype),
+                       device=use.rows.device)
     return ids, rows.index_add_(0, inverse, _c(use.rows))
 
 
@@ -226,17 +223,15 @@ def _head_dense(a: HeadRows):
 
 def _logits_cotangent(a: HeadRows, h, weight, bias, s, step):
     """coef_t (onehot(y_t) − softmax(z_t)) · dz/du for the rows s:s+step of ``a``."""
-    z, dtanh = soft_cap_(torch.nn.functional.linear(h, weight, bias), a.softcap)
-    coef = a.coef.reshape(-1)[s:s + step].to(z.dtype).unsqueeze(1)
-    g = torch.softmax(z, dim=-1).mul_(-coef)
-    g.scatter_add_(1, a.labels.reshape(-1)[s:s + step].unsqueeze(1), coef)
-    return g.mul_(dtanh) if dtanh is not None else g
+    z, slope = soft_cap_(torch.nn.functional.linear(h, weight, bias), a.softcap)
+    coef = a.coef.reshape(-1)[s:s + step].to(z.dtype)
+    return logits_grad_(torch.softmax(z, dim=-1), a.labels.reshape(-1)[s:s + step], coef, slope)
 
 
 def row_dots(a, b) -> torch.Tensor:
     """Each row's share of ⟨∇_a, ∇_b⟩, float64 ``[a.n_rows]``; ``b`` is a dense gradient or a use."""
     if isinstance(b, Summed):
-        b = b.rows.sum(0, dtype=compute_dtype(b.rows))
+        b = b.rows.sum(0, dtype=compute_dtype(b.rows.dtype))
     if isinstance(a, Summed):
         if not isinstance(b, torch.Tensor):
             raise TypeError(f"a vector parameter cannot pair with a {type(b).__name__} use")

@@ -18,8 +18,8 @@ from contextlib import ExitStack
 import torch
 
 from .. import hf
-from ..inputs import Prepared, prepare_ref
-from ..objectives import objective_loss, resolve
+from ..catalog import RETAIN_OBJECTIVES, resolve
+from ..inputs import prepare_ref
 from .capture import Capture, FactoredGradient
 from .groups import parameter_groups
 from .head import gram_pays, head_pass
@@ -27,19 +27,15 @@ from .inner import Factored, Gathered, HeadRows, Summed, dense_dot, row_dots
 from .result import GEffectResult
 
 IGNORE_INDEX = -100  # Hugging Face labels
-RETAIN_OBJECTIVES = ("nll", "kl", "rmu", "rr", None)
+NLL = resolve("nll", {})
 
 
-def objective_from_logprobs(name, logprobs, labels, ref_logprobs=None, **hparams):
-    """Objective ``name`` (DESIGN §3) as a function of the per-token log-probabilities ``[B, T]``."""
-    spec, hp = resolve(name, hparams)
-    prep = Prepared(None, labels.reshape(-1), logprobs.shape)
-    ref = prepare_ref(ref_logprobs, prep, logprobs.dtype, ignore_index=IGNORE_INDEX,
-                      required_by=name if spec.needs_ref else None)
-    flat = logprobs.reshape(-1)
-    return objective_loss(name, spec, hp, prep, ref, IGNORE_INDEX,
-                 weighted=lambda weighting, scale: (weighting.weights(flat.detach(), ref) * scale * flat).sum(),
-                 logprobs=lambda: flat)
+def objective_from_logprobs(objective, logprobs, labels, ref_logprobs=None):
+    """A resolved objective (`catalog.resolve`) as a function of the per-token log-probabilities ``[B, T]``."""
+    ref = prepare_ref(ref_logprobs, labels.reshape(-1), logprobs.shape, logprobs.dtype, ignore_index=IGNORE_INDEX,
+                      required_by=objective.name if objective.objective.needs_ref else None)
+    return objective.loss_from_logprobs(logprobs, labels != IGNORE_INDEX,
+                                        None if ref is None else ref.reshape(logprobs.shape))
 
 
 class _Forward:
@@ -140,11 +136,11 @@ class _Side:
         flat = torch.zeros(self.labels.numel(), dtype=g.logprobs[self.name].dtype, device=self.labels.device)
         return flat.index_copy_(0, g.rows[self.name], g.logprobs[self.name]).reshape(self.labels.shape)
 
-    def coefficients(self, name, ref_logprobs=None, **hparams):
-        """(loss value, ∂loss/∂ℓ_t), zero at ignored positions."""
+    def coefficients(self, objective, ref_logprobs=None):
+        """(loss value, ∂loss/∂ℓ_t) of a resolved objective, zero at ignored positions."""
         lp = self.logprobs.requires_grad_()
         with torch.enable_grad():
-            loss = objective_from_logprobs(name, lp, self.labels, ref_logprobs, **hparams)
+            loss = objective_from_logprobs(objective, lp, self.labels, ref_logprobs)
             coef, = torch.autograd.grad(loss, lp)
         return float(loss.detach()), torch.where(self.valid, coef, 0)
 
@@ -236,7 +232,8 @@ class GEffectProfiler:
         ``retain_batch=None`` measures the forget risk only. ``per_instance=True`` adds values per forget
         sample.
         """
-        resolve(objective, hparams)  # fail on a bad name before any compute
+        objective = resolve(objective, hparams)  # once, and before any compute
+        retain_objective = "none" if retain_objective is None else retain_objective
         for name, batch in (("forget_batch", forget_batch), ("retain_batch", retain_batch)):
             if batch is not None:
                 hf.check_batch(name, batch, hf.lm_head(self.model).weight.shape[0])
@@ -276,12 +273,13 @@ class GEffectProfiler:
             side.gram = gram
         del rows
         losses, coefs = {}, {}
-        losses["objective"], coef_a = sides["forget"].coefficients(objective, ref_logprobs, **hparams)
+        losses["objective"], coef_a = sides["forget"].coefficients(objective, ref_logprobs)
         for name, side in sides.items():
-            losses[name], coefs[name] = side.coefficients("nll")
+            losses[name], coefs[name] = side.coefficients(NLL)
         not_finite = {k: v for k, v in losses.items() if not math.isfinite(v)}
         if not_finite:
-            raise ValueError(f"{not_finite} at these parameters (objective {objective!r}): no G-effect to measure")
+            raise ValueError(f"{not_finite} at these parameters (objective {objective.name!r}): no G-effect to "
+                             f"measure")
         # When the objective's coefficients are a multiple of the NLL's (ga; nll itself), its gradient is
         # that multiple of the forget risk's: one decoder backward fewer, values scaled (exactly).
         scale = _multiple(coef_a, coefs["forget"])

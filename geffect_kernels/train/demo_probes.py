@@ -11,7 +11,7 @@ import torch
 
 from .. import hf
 from ..eval import mean_answer_logprobs
-from ..weighting import npo_sequence_weights
+from ..catalog import OBJECTIVES
 
 
 def probability_probe(tokenizer, forget, retain):
@@ -41,7 +41,8 @@ class NPOProbe:
     def __call__(self, model) -> dict:
         from ..geffect import GEffectProfiler
 
-        weights = npo_sequence_weights(self._sequence_logprobs(model), self.ref_seq, self.beta)
+        weights = OBJECTIVES["npo"].sequence_weight(self._sequence_logprobs(model), self.ref_seq, None,
+                                                    {"beta": self.beta})
         device = next(model.parameters()).device
         result = GEffectProfiler(model).measure_unlearning(
             "ga", {k: v.to(device) for k, v in self.forget.items()},

@@ -306,11 +306,9 @@ def _kl_retain_loss(model, reference, batch, config):
     x = _head(model, batch)
     with torch.no_grad():
         r = _head(reference, batch)
-    if config.kl_normalization == "batchmean":  # every position counts, prompt and padding too: no shift
-        return kl_loss(x.hidden, x.weight, r.hidden, r.weight, torch.zeros_like(x.labels), bias=x.bias,
-                       ref_bias=r.bias, softcap=x.softcap, shift=False, backend=config.backend)
-    return kl_loss(x.hidden, x.weight, r.hidden, r.weight, x.labels, bias=x.bias, ref_bias=r.bias,
-                   softcap=x.softcap, shift=True, backend=config.backend)
+    # batchmean: every position counts, prompt and padding too, so no shift drops the last one
+    return kl_loss(x.hidden, x.weight, r.hidden, r.weight, x.labels, bias=x.bias, ref_bias=r.bias, softcap=x.softcap,
+                   shift=config.kl_normalization == "tokens", backend=config.backend, reduction=config.kl_normalization)
 
 
 def _to(batch, device):

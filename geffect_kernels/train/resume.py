@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 
-from ..objectives import resolve
+from ..catalog import resolve
 
 # Settings that change neither the weights nor the logged numbers; every other TrainConfig field does
 # (fields added later count as shaping until listed here).
@@ -26,7 +26,7 @@ def run_settings(config, forget, retain) -> dict:
     """What shapes a run: the TrainConfig fields but `NOT_SHAPING` (hyper-parameters with their defaults
     filled in) and fingerprints of the forget and retain data."""
     settings = {k: v for k, v in config.to_dict().items() if k not in NOT_SHAPING}
-    settings["hparams"] = resolve(config.objective, config.hparams)[1]
+    settings["hparams"] = resolve(config.objective, config.hparams).hparams
     settings["forget_data"] = fingerprint(forget)
     settings["retain_data"] = fingerprint(retain) if config.uses_retain else None
     return settings

@@ -6,14 +6,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..geffect.groups import MODES as GROUPINGS
-from ..objectives import OBJECTIVES, resolve
+from .. import catalog
+from ..catalog import OBJECTIVES, resolve
 from ..ranges import NON_NEGATIVE, POSITIVE, check_number
+from ..retain import KL_REDUCTIONS
 from .presets import check_preset, fill_settings
 
-RETAIN_OBJECTIVES = ("nll", "kl", "none")
+# The retain terms this loop trains with, in the one vocabulary of catalog.RETAIN_OBJECTIVES (rmu and rr act on a
+# chosen layer's activations, which the loop does not capture).
+RETAIN_OBJECTIVES = tuple(name for name in catalog.RETAIN_OBJECTIVES if name not in ("rmu", "rr"))
 # KL retain term: mean over the answer tokens, or the official code's kl_div(reduction="batchmean") over every
-# position of the batch (prompt and padding included)
-KL_NORMALIZATIONS = ("tokens", "batchmean")
+# position of the batch (prompt and padding included): kl_loss's reductions
+KL_NORMALIZATIONS = KL_REDUCTIONS
 
 
 @dataclass

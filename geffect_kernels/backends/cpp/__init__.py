@@ -1,10 +1,6 @@
-"""C++ (OpenMP) and CUDA kernels from csrc/, built with ninja on first use (see `build`).
+"""C++ (OpenMP) and CUDA kernels from ./csrc, built with ninja on first use (see `build`).
 
 Importing this package compiles nothing; `build_extensions` builds ahead of time, the ``cpu``/``cuda``
 backends (`backend`) and `ghost_inner_product` build on first use and report unavailability instead
-of failing when no compiler is present.
+of failing when no compiler is present. The public entry points are re-exported by `geffect_kernels.csrc`.
 """
-from .build import build_error, build_extensions
-from .ghost import ghost_available, ghost_inner_product
-
-__all__ = ["build_error", "build_extensions", "ghost_available", "ghost_inner_product"]

@@ -1,4 +1,5 @@
-"""The ``cpp_cpu`` and ``cpp_cuda`` backends (aliases ``cpu``, ``cuda``): the csrc row kernels behind the Backend contract (DESIGN §2–§3).
+"""The ``cpp_cpu`` and ``cpp_cuda`` backends (aliases ``cpu``, ``cuda``): the csrc row kernels behind the
+Backend contract (DESIGN §2–§3).
 
 Hidden-state ops run in chunks of tokens: the chunk's logits by BLAS (torch matmul), then one row-kernel
 call computes ℓ_t, the weight and the gradient of the logits in place in that chunk buffer, and dh, dW
@@ -11,26 +12,23 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ...inputs import out_dtype
-from ..autograd import GradBuffers, fused_head_pass, grads_wanted, handed_over_grad, row_chunks, scaled_grads
+from ..autograd import (GradBuffers, compute_dtype, fused_head_pass, fused_logits_loss, fused_loss, own_storage,
+                        row_chunks, token_logprobs)
 from ..interface import Backend
 from . import build
-
-_WEIGHT_CODES = {"one": 0, "wga": 1, "satimp": 2, "tnpo": 3, "wtnpo": 4}  # csrc/include/geffect/math.h
-
 
 def _cap(softcap):
     return 0.0 if softcap is None else float(softcap)
 
 
-def _weighting_args(weighting, scale):
-    return dict(kind=_WEIGHT_CODES[weighting.kind], alpha=weighting.alpha, beta=weighting.beta,
-                gamma=weighting.gamma, scale=float(scale))
+def _weighting_args(opts):
+    w = opts.weighting  # its code is the formula's in csrc/include/geffect/math.h
+    return dict(kind=w.code, alpha=w.alpha, beta=w.beta, gamma=w.gamma, eps=w.eps, scale=float(opts.scale))
 
 
 def _kernel_dtype(t: torch.Tensor) -> torch.dtype:
     """The dtype the row kernels read on t's device: CUDA reads every float dtype, CPU float32/float64."""
-    return t.dtype if t.is_cuda else out_dtype(t.dtype)
+    return t.dtype if t.is_cuda else compute_dtype(t.dtype)
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -43,70 +41,6 @@ def _head_logits(h, weight, bias):
     return z.to(_kernel_dtype(z))
 
 
-class _Logprobs(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, ext, hidden, weight, bias, labels, ignore_index, softcap):
-        out = torch.empty(labels.shape, dtype=out_dtype(hidden.dtype), device=hidden.device)
-        lse = torch.empty_like(out)
-        for sl in row_chunks(hidden.shape[0], weight.shape[0]):
-            out[sl], lse[sl] = ext.row_logprobs(_head_logits(hidden[sl], weight, bias), labels[sl], ignore_index,
-                                                _cap(softcap))
-        ctx.save_for_backward(hidden, weight, bias, labels, lse)
-        ctx.ext, ctx.ignore_index, ctx.softcap = ext, ignore_index, softcap
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        hidden, weight, bias, labels, lse = ctx.saved_tensors
-        grads = GradBuffers(hidden, weight, bias, ctx.needs_input_grad[1:4])
-        coef = grad_out.to(lse.dtype).contiguous()
-        for sl in row_chunks(hidden.shape[0], weight.shape[0]):
-            z = _head_logits(hidden[sl], weight, bias)
-            ctx.ext.row_grad(z, z, labels[sl], lse[sl], coef[sl], ctx.ignore_index, _cap(ctx.softcap))
-            grads.add(z, sl, hidden, weight)
-        return (None, *grads.result(weight, bias), None, None, None)
-
-
-class _WeightedLoss(torch.autograd.Function):
-    """scale · Σ_t w_t ℓ_t; the gradients are produced in the forward pass."""
-
-    @staticmethod
-    def forward(ctx, ext, hidden, weight, bias, labels, ref, ignore_index, softcap, weighting, scale, wanted):
-        def chunk_loss(sl, want_grad):  # the kernel overwrites the chunk's logits with their gradient
-            z = _head_logits(hidden[sl], weight, bias)
-            logprobs, coef = ext.row_weighted_loss(z, z if want_grad else None, labels[sl],
-                                                   None if ref is None else ref[sl], ignore_index, _cap(softcap),
-                                                   **_weighting_args(weighting, scale))
-            return (coef.double() * logprobs.double()).sum(), z if want_grad else None
-
-        loss, ctx.grads = fused_head_pass(hidden, weight, bias, wanted, chunk_loss, torch.float64)
-        return loss.to(out_dtype(hidden.dtype))
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        return (None, *scaled_grads(ctx.grads, grad_out), *([None] * 7))
-
-
-class _KL(torch.autograd.Function):
-    """scale · Σ_valid KL(p_ref,t ‖ p_θ,t); θ-side gradients produced in the forward pass."""
-
-    @staticmethod
-    def forward(ctx, ext, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, ignore_index, softcap,
-                scale, wanted):
-        def chunk_loss(sl, want_grad):  # the kernel overwrites the chunk's logits with their gradient
-            z = _head_logits(hidden[sl], weight, bias)
-            z_ref = _head_logits(ref_hidden[sl], ref_weight, ref_bias)
-            kl = ext.row_kl(z, z_ref, z if want_grad else None, labels[sl], ignore_index, _cap(softcap), scale)
-            return kl.double().sum() * scale, z if want_grad else None
-
-        loss, ctx.grads = fused_head_pass(hidden, weight, bias, wanted, chunk_loss, torch.float64)
-        return loss.to(out_dtype(hidden.dtype))
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        return (None, *scaled_grads(ctx.grads, grad_out), *([None] * 8))
-
-
 def _logit_chunks(logits):
     """(rows, kernel-readable tensor) pairs: the whole tensor when the kernel reads its dtype, else
     converted copies chunk by chunk."""
@@ -115,56 +49,40 @@ def _logit_chunks(logits):
     return [(sl, logits[sl].to(_kernel_dtype(logits))) for sl in row_chunks(*logits.shape)]
 
 
-class _LogitsLogprobs(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, ext, logits, labels, ignore_index, softcap):
-        out = torch.empty(labels.shape, dtype=out_dtype(logits.dtype), device=logits.device)
+class _Logprobs:
+    """ℓ_t by the row kernel over chunks of head logits (BLAS) or over given logits; the backward's row
+    kernel writes each chunk's logits gradient from the saved LSE."""
+
+    def __init__(self, ext, opts):
+        self.ext, self.opts = ext, opts
+
+    def _chunks(self, rows, head):
+        if not head:
+            return _logit_chunks(rows)
+        return ((sl, _head_logits(rows[sl], *head)) for sl in row_chunks(rows.shape[0], head[0].shape[0]))
+
+    def forward(self, rows, *rest):  # (hidden, weight, bias, labels) or (logits, labels)
+        *head, labels = rest
+        out = torch.empty(labels.shape, dtype=compute_dtype(rows.dtype), device=rows.device)
         lse = torch.empty_like(out)
-        for sl, z in _logit_chunks(logits):
-            out[sl], lse[sl] = ext.row_logprobs(z, labels[sl], ignore_index, _cap(softcap))
-        ctx.save_for_backward(logits, labels, lse)
-        ctx.ext, ctx.ignore_index, ctx.softcap = ext, ignore_index, softcap
-        return out
+        for sl, z in self._chunks(rows, head):
+            out[sl], lse[sl] = self.ext.row_logprobs(z, labels[sl], self.opts.ignore_index, _cap(self.opts.softcap))
+        return out, (rows, *head, labels, lse)
 
-    @staticmethod
-    def backward(ctx, grad_out):
-        logits, labels, lse = ctx.saved_tensors
+    def backward(self, saved, grad_out, wanted):
+        rows, *head, labels, lse = saved
         coef = grad_out.to(lse.dtype).contiguous()
-        grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
-        for sl, z in _logit_chunks(logits):
-            target = grad[sl] if z.dtype == grad.dtype else z
-            ctx.ext.row_grad(z, target, labels[sl], lse[sl], coef[sl], ctx.ignore_index, _cap(ctx.softcap))
-            if target is z:
+        grads = GradBuffers(rows, *head, wanted) if head else None
+        grad = None if head else torch.empty_like(rows, memory_format=torch.contiguous_format)
+        for sl, z in self._chunks(rows, head):
+            # head chunks and converted copies are scratch (overwritten); else write straight into `grad`
+            target = z if head or z.dtype != grad.dtype else grad[sl]
+            self.ext.row_grad(z, target, labels[sl], lse[sl], coef[sl], self.opts.ignore_index, _cap(self.opts.softcap))
+            if head:
+                grads.add(z, sl, rows, head[0])
+            elif target is z:
                 grad[sl] = z
-        return None, grad, None, None, None
-
-
-class _LogitsWeightedLoss(torch.autograd.Function):
-    """scale · Σ_t w_t ℓ_t from given logits; the gradient goes into ``logits`` itself when ``inplace``."""
-
-    @staticmethod
-    def forward(ctx, ext, logits, labels, ref, ignore_index, softcap, weighting, scale, inplace, wanted):
-        grad = None
-        if wanted:
-            # detach(): a new tensor object on the same storage, which autograd can take over as the
-            # gradient without a copy (the input object itself it would copy)
-            grad = logits.detach() if inplace and logits.stride(-1) == 1 else torch.empty_like(
-                logits, memory_format=torch.contiguous_format)
-        loss = torch.zeros((), dtype=torch.float64, device=logits.device)
-        for sl, z in _logit_chunks(logits):
-            # the kernel writes the gradient straight into `grad`, or into a converted copy `z` first
-            target = None if grad is None else grad[sl] if z.dtype == grad.dtype else z
-            logprobs, coef = ext.row_weighted_loss(z, target, labels[sl], None if ref is None else ref[sl],
-                                                   ignore_index, _cap(softcap), **_weighting_args(weighting, scale))
-            loss += (coef.double() * logprobs.double()).sum()
-            if target is z:
-                grad[sl] = z
-        ctx.grad = grad
-        return loss.to(out_dtype(logits.dtype))
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        return None, handed_over_grad(ctx, grad_out), *([None] * 8)
+        return (*grads.result(*head), None) if head else (grad, None)
 
 
 class _CsrcBackend(Backend):
@@ -177,26 +95,66 @@ class _CsrcBackend(Backend):
     def ext(self):
         return build.load(self.kind)
 
-    def token_logprobs(self, hidden, weight, bias, labels, *, ignore_index, softcap):
-        return _Logprobs.apply(self.ext, hidden, weight, bias, labels, ignore_index, softcap)
+    def token_logprobs(self, hidden, weight, bias, labels, opts):
+        return token_logprobs(_Logprobs(self.ext, opts), hidden, weight, bias, labels)
 
-    def weighted_loss(self, hidden, weight, bias, labels, ref_logprobs, *, ignore_index, softcap, weighting, scale):
-        return _WeightedLoss.apply(self.ext, hidden, weight, bias, labels, ref_logprobs, ignore_index, softcap,
-                                   weighting, scale, grads_wanted(hidden, weight, bias))
+    def weighted_loss(self, hidden, weight, bias, labels, ref_logprobs, opts):
+        ext = self.ext
 
-    def kl_divergence(self, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, *, ignore_index, softcap,
-                      scale):
-        return _KL.apply(self.ext, hidden, weight, bias, ref_hidden.detach(), ref_weight.detach(),
-                         None if ref_bias is None else ref_bias.detach(), labels, ignore_index, softcap, scale,
-                         grads_wanted(hidden, weight, bias))
+        def chunk_loss(sl, want_grad):  # the kernel overwrites the chunk's logits with their gradient
+            z = _head_logits(hidden[sl], weight, bias)
+            logprobs, coef = ext.row_weighted_loss(z, z if want_grad else None, labels[sl],
+                                                   None if ref_logprobs is None else ref_logprobs[sl],
+                                                   opts.ignore_index, _cap(opts.softcap), **_weighting_args(opts))
+            return (coef.double() * logprobs.double()).sum(), z if want_grad else None
 
-    def token_logprobs_from_logits(self, logits, labels, *, ignore_index, softcap):
-        return _LogitsLogprobs.apply(self.ext, logits, labels, ignore_index, softcap)
+        return fused_loss(lambda wanted, *head: _in_compute_dtype(fused_head_pass(*head, wanted, chunk_loss,
+                                                                                  torch.float64), hidden),
+                          hidden, weight, bias)
 
-    def weighted_loss_from_logits(self, logits, labels, ref_logprobs, *, ignore_index, softcap, weighting, scale,
-                                  inplace=False):
-        return _LogitsWeightedLoss.apply(self.ext, logits, labels, ref_logprobs, ignore_index, softcap, weighting,
-                                         scale, inplace, grads_wanted(logits)[0])
+    def kl_divergence(self, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, opts):
+        ext = self.ext
+        ref_hidden, ref_weight = ref_hidden.detach(), ref_weight.detach()
+        ref_bias = None if ref_bias is None else ref_bias.detach()
+
+        def chunk_loss(sl, want_grad):  # the kernel overwrites the chunk's logits with their gradient
+            z = _head_logits(hidden[sl], weight, bias)
+            z_ref = _head_logits(ref_hidden[sl], ref_weight, ref_bias)
+            kl = ext.row_kl(z, z_ref, z if want_grad else None, labels[sl], opts.ignore_index, _cap(opts.softcap),
+                            opts.scale)
+            return kl.double().sum() * opts.scale, z if want_grad else None
+
+        return fused_loss(lambda wanted, *head: _in_compute_dtype(fused_head_pass(*head, wanted, chunk_loss,
+                                                                                  torch.float64), hidden),
+                          hidden, weight, bias)
+
+    def token_logprobs_from_logits(self, logits, labels, opts):
+        return token_logprobs(_Logprobs(self.ext, opts), logits, labels)
+
+    def weighted_loss_from_logits(self, logits, labels, ref_logprobs, opts):
+        ext = self.ext
+
+        def compute(wanted, logits):
+            grad = own_storage(logits, opts.inplace) if wanted else None
+            loss = torch.zeros((), dtype=torch.float64, device=logits.device)
+            for sl, z in _logit_chunks(logits):
+                # the kernel writes the gradient straight into `grad`, or into a converted copy `z` first
+                target = None if grad is None else grad[sl] if z.dtype == grad.dtype else z
+                logprobs, coef = ext.row_weighted_loss(z, target, labels[sl],
+                                                       None if ref_logprobs is None else ref_logprobs[sl],
+                                                       opts.ignore_index, _cap(opts.softcap), **_weighting_args(opts))
+                loss += (coef.double() * logprobs.double()).sum()
+                if target is z:
+                    grad[sl] = z
+            return loss.to(compute_dtype(logits.dtype)), grad
+
+        return fused_logits_loss(compute, logits)
+
+
+def _in_compute_dtype(result, hidden):
+    """(float64 loss, grads) of a fused head pass with the loss in the inputs' compute dtype."""
+    loss, grads = result
+    return loss.to(compute_dtype(hidden.dtype)), grads
 
 
 class CpuBackend(_CsrcBackend):

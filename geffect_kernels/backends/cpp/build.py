@@ -1,7 +1,8 @@
 """Builds and loads the C++/CUDA extension: torch.utils.cpp_extension with ninja, on first use, cached.
 
-Two extensions share csrc/binding.cpp: ``cpu`` (the OpenMP kernels) and ``cuda`` (the same plus the
-CUDA kernels, built only where torch has CUDA and nvcc exists). ``setup.py`` can build both ahead of
+The C++/CUDA sources live next to this file (``csrc/``, shipped inside the wheel). Two extensions share
+csrc/binding.cpp: ``cpu`` (the OpenMP kernels) and ``cuda`` (the same plus the CUDA kernels, built only
+where torch has CUDA and nvcc exists). ``setup.py`` can build both ahead of
 time (GEFFECT_BUILD_EXT=1) as ``geffect_kernels.backends.cpp._cpu`` / ``._cuda``; otherwise the first use
 compiles them into torch's extension cache (``TORCH_EXTENSIONS_DIR``, default ~/.cache/torch_extensions),
 and later processes only load the cached library. A failed build is remembered for the process and
@@ -21,7 +22,7 @@ import shutil
 import warnings
 from pathlib import Path
 
-SOURCE_DIR = Path(__file__).resolve().parents[3] / "csrc"
+SOURCE_DIR = Path(__file__).resolve().parent / "csrc"  # shipped in the wheel (setup.py package_data)
 KINDS = ("cpu", "cuda")
 
 _modules: dict[str, object] = {}
@@ -98,7 +99,7 @@ def _why_not_buildable(kind: str) -> str | None:
     import torch
 
     if not (SOURCE_DIR / "binding.cpp").exists():
-        return f"the C++ sources are not at {SOURCE_DIR} (install from a source checkout)"
+        return f"the C++ sources are not at {SOURCE_DIR} (an incomplete install: reinstall geffect_kernels)"
     if shutil.which("ninja") is None:
         return "ninja is not installed (pip install ninja)"
     if shutil.which(os.environ.get("CXX", "c++")) is None:

@@ -6,12 +6,11 @@ backend, which computes the same quantities.
 """
 import torch
 
-from ..autograd import grads_wanted
 from ..interface import Backend
 from .config import interpreting
-from .fused_weighted import FusedWeightedLoss, HeadLogprobs
-from .kl import FusedKL
-from .logits_rowwise import LogitsLogprobs, LogitsWeightedLoss
+from .fused_weighted import head_logprobs_op, weighted_head_loss
+from .kl import fused_kl
+from .logits_rowwise import logits_logprobs, logits_weighted_loss
 
 
 def _rowmajor(t):
@@ -34,33 +33,28 @@ class TritonBackend(Backend):
             return rows.dtype in (torch.float16, torch.bfloat16, torch.float32)
         return rows.dtype == torch.float32  # the interpreter
 
-    def token_logprobs(self, hidden, weight, bias, labels, *, ignore_index, softcap):
-        return HeadLogprobs.apply(_rowmajor(hidden), _rowmajor(weight), _rowmajor(bias), labels.contiguous(),
-                                  ignore_index, softcap)
+    def token_logprobs(self, hidden, weight, bias, labels, opts):
+        return head_logprobs_op(_rowmajor(hidden), _rowmajor(weight), _rowmajor(bias), labels.contiguous(), opts)
 
-    def weighted_loss(self, hidden, weight, bias, labels, ref_logprobs, *, ignore_index, softcap, weighting, scale):
-        ref = None if ref_logprobs is None else ref_logprobs.float().contiguous()
-        return FusedWeightedLoss.apply(_rowmajor(hidden), _rowmajor(weight), _rowmajor(bias), labels.contiguous(),
-                                       ref, ignore_index, softcap, weighting, scale, grads_wanted(hidden, weight, bias))
+    def weighted_loss(self, hidden, weight, bias, labels, ref_logprobs, opts):
+        return weighted_head_loss(_rowmajor(hidden), _rowmajor(weight), _rowmajor(bias), labels.contiguous(),
+                                  _float32(ref_logprobs), opts)
 
-    def kl_divergence(self, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, *, ignore_index,
-                      softcap, scale):
+    def kl_divergence(self, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, opts):
         ref_bias = None if ref_bias is None else _rowmajor(ref_bias.detach())
-        return FusedKL.apply(_rowmajor(hidden), _rowmajor(weight), _rowmajor(bias), _rowmajor(ref_hidden.detach()),
-                             _rowmajor(ref_weight.detach()), ref_bias, labels.contiguous(), ignore_index, softcap,
-                             scale, grads_wanted(hidden, weight, bias))
+        return fused_kl(_rowmajor(hidden), _rowmajor(weight), _rowmajor(bias), _rowmajor(ref_hidden.detach()),
+                        _rowmajor(ref_weight.detach()), ref_bias, labels.contiguous(), opts)
 
-    def token_logprobs_from_logits(self, logits, labels, *, ignore_index, softcap):
-        return LogitsLogprobs.apply(_rowmajor(logits), labels.contiguous(), ignore_index, softcap)
+    def token_logprobs_from_logits(self, logits, labels, opts):
+        return logits_logprobs(_rowmajor(logits), labels.contiguous(), opts)
 
-    def weighted_loss_from_logits(self, logits, labels, ref_logprobs, *, ignore_index, softcap, weighting, scale,
-                                  inplace=False):
-        ref = None if ref_logprobs is None else ref_logprobs.float().contiguous()
-        wanted = grads_wanted(logits)[0]
-        # in place only where the caller's buffer itself is the gradient's home (not a copy made here)
-        inplace = inplace and wanted and logits.stride(-1) == 1
-        return LogitsWeightedLoss.apply(_rowmajor(logits), labels.contiguous(), ref, ignore_index, softcap, weighting,
-                                        scale, wanted, inplace)
+    def weighted_loss_from_logits(self, logits, labels, ref_logprobs, opts):
+        # a row-major copy made here cannot be the caller's buffer: in place only without one
+        return logits_weighted_loss(_rowmajor(logits), labels.contiguous(), _float32(ref_logprobs), opts)
+
+
+def _float32(ref_logprobs):
+    return None if ref_logprobs is None else ref_logprobs.float().contiguous()
 
 
 BACKENDS = {"triton": TritonBackend()}

@@ -15,7 +15,7 @@ from concurrent.futures import ProcessPoolExecutor
 import torch
 
 H100_SHARED_BYTES = 232448  # 227 KiB per block (opt-in maximum on sm_90)
-_FLOAT_ARGS = {"softcap", "scale", "alpha", "beta", "gamma"}
+_FLOAT_ARGS = {"softcap", "scale", "alpha", "beta", "gamma", "eps"}
 _FLOAT32_BUFFERS = {"part_max_ptr", "part_sum_ptr", "target_ptr", "lse_ptr", "lse_ref_ptr", "coef_ptr", "lp_ptr",
                     "db_ptr", "tile_max_ptr", "ref_ptr", "kl_ptr", "part_ptr"}
 _COUNTS = {"ignore_index", "tiles_per_split", "n_splits"}

@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 from .config import dot_precision, matmul_tiles
-from ..autograd import scaled_grads
+from ..autograd import fused_loss
 from .linear_backward import head_grads, store_grad_tile
 from .linear_forward import vocab_splits
 from .tiles import add_bias, grouped_pid, logit_tile, online_lse, soft_cap
@@ -126,12 +126,11 @@ def kl_grad_kernel(h_ptr, w_ptr, b_ptr, hr_ptr, wr_ptr, br_ptr, lse_ptr, lse_ref
     store_grad_tile(g, g_ptr, db_ptr, rows, local, cols, rows < N, local < width, stride_g, NEED_DB)
 
 
-class FusedKL(torch.autograd.Function):
+def fused_kl(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, opts):
     """scale · Σ_valid KL(p_ref,t ‖ p_θ,t); gradients (θ side) produced in the forward."""
+    softcap = opts.softcap
 
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, ignore_index, softcap, scale,
-                wanted):
+    def compute(wanted, hidden, weight, bias):
         n, h = hidden.shape
         v = weight.shape[0]
         tiles = matmul_tiles(hidden.dtype, two_products=True)
@@ -145,7 +144,7 @@ class FusedKL(torch.autograd.Function):
         part = torch.empty((5, n_splits, n), dtype=torch.float32, device=hidden.device)
         kl_partials_kernel[(n_m * n_splits,)](*heads, part, n, v, h, *strides, per, n_splits, softcap or 1.0,
                                               **common)
-        coef = torch.where(labels != ignore_index, scale, 0.0).to(torch.float32)
+        coef = torch.where(labels != opts.ignore_index, opts.scale, 0.0).to(torch.float32)
         kl, lse, lse_ref = (torch.empty(n, dtype=torch.float32, device=hidden.device) for _ in range(3))
         block = 1024 if n >= 1024 else max(16, triton.next_power_of_2(n))
         kl_combine_kernel[(triton.cdiv(n, block),)](part, coef, kl, lse, lse_ref, n, n_splits, BLOCK=block)
@@ -155,9 +154,6 @@ class FusedKL(torch.autograd.Function):
             kl_grad_kernel[grid](*heads, lse, lse_ref, coef, g, g if db is None else db, n, v, h, v_start, width,
                                  *strides, g.stride(0), softcap or 1.0, NEED_DB=db is not None, **common)
 
-        ctx.grads = head_grads(hidden, weight, bias, wanted, fill)
-        return kl.sum() * scale
+        return kl.sum() * opts.scale, head_grads(hidden, weight, bias, wanted, fill)
 
-    @staticmethod
-    def backward(ctx, grad_out):
-        return (*scaled_grads(ctx.grads, grad_out), *([None] * 8))
+    return fused_loss(compute, hidden, weight, bias)

@@ -70,7 +70,7 @@ def lse_partials_kernel(h_ptr, w_ptr, b_ptr, labels_ptr, part_max_ptr, part_sum_
 
 @triton.jit
 def combine_kernel(part_max_ptr, part_sum_ptr, target_ptr, labels_ptr, ref_ptr, lp_ptr, lse_ptr, coef_ptr,
-                   N, n_splits, ignore_index, scale, alpha, beta, gamma,
+                   N, n_splits, ignore_index, scale, alpha, beta, gamma, eps,
                    KIND: tl.constexpr, HAS_REF: tl.constexpr, BLOCK: tl.constexpr):
     rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = rows < N
@@ -89,7 +89,7 @@ def combine_kernel(part_max_ptr, part_sum_ptr, target_ptr, labels_ptr, ref_ptr, 
     tl.store(lse_ptr + rows, lse, mask=ok)
     if KIND >= 0:
         ref = tl.load(ref_ptr + rows, mask=ok, other=0.0).to(tl.float32) if HAS_REF else lp
-        w = token_weight(lp, ref, alpha, beta, gamma, KIND)
+        w = token_weight(lp, ref, alpha, beta, gamma, eps, KIND)
         tl.store(coef_ptr + rows, tl.where(valid, w * scale, 0.0), mask=ok)
 
 

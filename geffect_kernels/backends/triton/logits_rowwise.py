@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..autograd import handed_over_grad
+from ..autograd import fused_logits_loss, own_storage, token_logprobs
 from .config import row_block
 from .tiles import soft_cap
 from .weights import token_weight, weight_args
@@ -52,7 +52,7 @@ def _row_grad(x_row, g_row, label, lse, coef, V, softcap, SOFTCAP: tl.constexpr,
 
 @triton.jit
 def logits_rows_kernel(x_ptr, labels_ptr, ref_ptr, lp_ptr, lse_ptr, coef_ptr, grad_ptr, V, stride_x, stride_g,
-                       ignore_index, softcap, scale, alpha, beta, gamma, KIND: tl.constexpr, HAS_REF: tl.constexpr,
+                       ignore_index, softcap, scale, alpha, beta, gamma, eps, KIND: tl.constexpr, HAS_REF: tl.constexpr,
                        SOFTCAP: tl.constexpr, WRITE_GRAD: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0)
     x_row = x_ptr + row.to(tl.int64) * stride_x
@@ -64,7 +64,7 @@ def logits_rows_kernel(x_ptr, labels_ptr, ref_ptr, lp_ptr, lse_ptr, coef_ptr, gr
     tl.store(lse_ptr + row, lse)
     if KIND >= 0:
         ref = tl.load(ref_ptr + row).to(tl.float32) if HAS_REF else lp
-        coef = tl.where(valid, token_weight(lp, ref, alpha, beta, gamma, KIND) * scale, 0.0)
+        coef = tl.where(valid, token_weight(lp, ref, alpha, beta, gamma, eps, KIND) * scale, 0.0)
         tl.store(coef_ptr + row, coef)
         if WRITE_GRAD:
             _row_grad(x_row, grad_ptr + row.to(tl.int64) * stride_g, label, lse, coef, V, softcap, SOFTCAP, BLOCK)
@@ -93,40 +93,38 @@ def _rows(logits, labels, ref, grad, *, ignore_index, softcap, weighting=None, s
     return lp, lse, coef
 
 
-class LogitsLogprobs(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, logits, labels, ignore_index, softcap):
-        lp, lse, _ = _rows(logits, labels, None, None, ignore_index=ignore_index, softcap=softcap)
-        ctx.save_for_backward(logits, labels, lse)
-        ctx.ignore_index, ctx.softcap = ignore_index, softcap
-        return lp
+class _LogitsLogprobs:
+    def __init__(self, opts):
+        self.opts = opts
 
-    @staticmethod
-    def backward(ctx, grad_lp):
-        logits, labels, lse = ctx.saved_tensors
-        coef = torch.where(labels != ctx.ignore_index, grad_lp.float(), 0.0).contiguous()
+    def forward(self, logits, labels):
+        lp, lse, _ = _rows(logits, labels, None, None, ignore_index=self.opts.ignore_index, softcap=self.opts.softcap)
+        return lp, (logits, labels, lse)
+
+    def backward(self, saved, grad_lp, wanted):
+        logits, labels, lse = saved
+        softcap = self.opts.softcap
+        coef = torch.where(labels != self.opts.ignore_index, grad_lp.float(), 0.0).contiguous()
         grad = torch.empty_like(logits)
         n, v = logits.shape
         if n:
             block, warps = row_block(v)
             logits_grad_kernel[(n,)](logits, labels, lse, coef, grad, v, logits.stride(0), grad.stride(0),
-                                     ctx.softcap or 1.0, SOFTCAP=ctx.softcap is not None, BLOCK=block,
-                                     num_warps=warps)
-        return grad, None, None, None
+                                     softcap or 1.0, SOFTCAP=softcap is not None, BLOCK=block, num_warps=warps)
+        return grad, None
 
 
-class LogitsWeightedLoss(torch.autograd.Function):
+def logits_logprobs(logits, labels, opts):
+    return token_logprobs(_LogitsLogprobs(opts), logits, labels)
+
+
+def logits_weighted_loss(logits, labels, ref, opts):
     """scale · Σ_t w_t ℓ_t from logits; the gradient is written in the forward (over the logits if ``inplace``)."""
 
-    @staticmethod
-    def forward(ctx, logits, labels, ref, ignore_index, softcap, weighting, scale, wanted, inplace):
-        # detach(): the caller's storage under a new tensor object, which autograd takes without a copy
-        grad = (logits.detach() if inplace else torch.empty_like(logits)) if wanted else None
-        lp, _, coef = _rows(logits, labels, ref, grad, ignore_index=ignore_index, softcap=softcap,
-                            weighting=weighting, scale=scale)
-        ctx.grad = grad
-        return (coef * lp).sum()
+    def compute(wanted, logits):
+        grad = own_storage(logits, opts.inplace) if wanted else None
+        lp, _, coef = _rows(logits, labels, ref, grad, ignore_index=opts.ignore_index, softcap=opts.softcap,
+                            weighting=opts.weighting, scale=opts.scale)
+        return (coef * lp).sum(), grad
 
-    @staticmethod
-    def backward(ctx, grad_out):
-        return handed_over_grad(ctx, grad_out), *([None] * 8)
+    return fused_logits_loss(compute, logits)

@@ -1,22 +1,20 @@
-"""In-kernel per-token weights w_t (DESIGN §3), the same formulas as `geffect_kernels.weighting`.
+"""In-kernel per-token weights w_t: the formulas of `geffect_kernels.catalog`, selected by its kernel codes.
 
-KIND codes are compile-time constants; NO_WEIGHTS marks a launch that only computes log-probabilities.
+KIND is an objective's ``kernel_code`` (a compile-time constant); NO_WEIGHTS marks a launch that only computes
+log-probabilities.
 """
 import triton
 import triton.language as tl
 
-from ...weighting import TokenWeighting
-
 NO_WEIGHTS = -1
-KIND_CODES = {"one": 0, "wga": 1, "satimp": 2, "tnpo": 3, "wtnpo": 4}
 
 
-def weight_args(weighting: TokenWeighting | None) -> dict:
-    """Kernel arguments describing ``weighting`` (None: no weights)."""
+def weight_args(weighting) -> dict:
+    """Kernel arguments describing ``weighting`` (a `catalog.TokenWeighting`; None: no weights)."""
     if weighting is None:
-        return {"alpha": 0.0, "beta": 0.0, "gamma": 0.0, "KIND": NO_WEIGHTS}
-    return {"alpha": weighting.alpha, "beta": weighting.beta, "gamma": weighting.gamma,
-            "KIND": KIND_CODES[weighting.kind]}
+        return {"alpha": 0.0, "beta": 0.0, "gamma": 0.0, "eps": 0.0, "KIND": NO_WEIGHTS}
+    return {"alpha": weighting.alpha, "beta": weighting.beta, "gamma": weighting.gamma, "eps": weighting.eps,
+            "KIND": weighting.code}
 
 
 @triton.jit
@@ -29,7 +27,7 @@ def expm1(x):
 
 
 @triton.jit
-def token_weight(lp, ref, alpha, beta, gamma, KIND: tl.constexpr):
+def token_weight(lp, ref, alpha, beta, gamma, eps, KIND: tl.constexpr):
     """w_t from the detached ℓ_t (and ℓ_ref,t); float32 in, float32 out."""
     if KIND == 0:  # one
         w = tl.full(lp.shape, 1.0, tl.float32)
@@ -39,8 +37,20 @@ def token_weight(lp, ref, alpha, beta, gamma, KIND: tl.constexpr):
         q = tl.maximum(-expm1(lp), 0.0)
         q_pow = tl.where(q > 0, tl.exp(gamma * tl.log(tl.maximum(q, 1e-38))), tl.where(gamma == 0, 1.0, 0.0))
         w = tl.exp(alpha * lp) * q_pow
-    else:  # tnpo / wtnpo: 2σ(β(ℓ − ℓ_ref)), overflow-free (exp → inf gives 0)
-        w = 2.0 / (1.0 + tl.exp(-beta * (lp - ref)))
+    else:  # tnpo / wtnpo: 2p^β / (p^β + p_ref^β + ε)
+        w = tnpo_weight(lp, ref, beta, eps)
         if KIND == 4:
             w = w * tl.exp(alpha * lp)
     return w
+
+
+@triton.jit
+def tnpo_weight(lp, ref, beta, eps):
+    """ε = 0: the exact σ form 2σ(β(ℓ − ℓ_ref)), overflow-free (exp → inf gives 0); ε > 0 (the official
+    code's 1e-5): in log space, shifted by the larger of βℓ, βℓ_ref (ε·e^{−m} → inf gives 0)."""
+    x = beta * lp
+    x_ref = beta * ref
+    m = tl.maximum(x, x_ref)
+    a = tl.exp(x - m)
+    with_eps = 2.0 * a / (a + tl.exp(x_ref - m) + eps * tl.exp(-m))
+    return tl.where(eps == 0.0, 2.0 / (1.0 + tl.exp(x_ref - x)), with_eps)

@@ -138,12 +138,13 @@ void row_grad(const Tensor& logits, const Tensor& grad, const Tensor& labels, co
 
 std::vector<Tensor> row_weighted_loss(const Tensor& logits, const OptTensor& grad, const Tensor& labels,
                                       const OptTensor& ref, int64_t ignore_index, double softcap, int64_t kind,
-                                      double alpha, double beta, double gamma, double scale) {
+                                      double alpha, double beta, double gamma, double eps, double scale) {
   check_batch(logits, grad, labels);
   if (ref) check_vector(*ref, logits, compute_dtype(logits), "ref_logprobs");
   TORCH_CHECK(kind >= geffect::kOne && kind <= geffect::kWtnpo, "unknown weighting kind ", kind);
   TORCH_CHECK(ref || (kind != geffect::kTnpo && kind != geffect::kWtnpo), "this weighting needs ref_logprobs");
-  const geffect::WeightParams w{static_cast<int>(kind), alpha, beta, gamma};
+  TORCH_CHECK(eps >= 0, "eps must be >= 0, got ", eps);
+  const geffect::WeightParams w{static_cast<int>(kind), alpha, beta, gamma, eps};
   Tensor logprobs = at::empty({logits.size(0)}, logits.options().dtype(compute_dtype(logits)));
   Tensor coef = at::empty_like(logprobs);
 #ifdef GEFFECT_WITH_CUDA
@@ -240,7 +241,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("ignore_index"), py::arg("softcap"));
   m.def("row_weighted_loss", &row_weighted_loss, py::arg("logits"), py::arg("grad"), py::arg("labels"),
         py::arg("ref"), py::arg("ignore_index"), py::arg("softcap"), py::arg("kind"), py::arg("alpha"),
-        py::arg("beta"), py::arg("gamma"), py::arg("scale"));
+        py::arg("beta"), py::arg("gamma"), py::arg("eps"), py::arg("scale"));
   m.def("row_kl", &row_kl, py::arg("logits"), py::arg("ref_logits"), py::arg("grad"), py::arg("labels"),
         py::arg("ignore_index"), py::arg("softcap"), py::arg("scale"));
   m.def("rowwise_dot", &rowwise_dot, py::arg("a"), py::arg("b"), py::arg("row_sums"));

@@ -142,11 +142,12 @@ void launch_row(const RowBatchAny& b, const void* lse_in, const void* coef_in, c
 }  // namespace
 
 void row_logprobs(const RowBatchAny& b, void* logprobs, void* lse) {
-  launch_row<Op::kLogprobs>(b, nullptr, nullptr, nullptr, WeightParams{kOne, 0, 0, 0}, 1.0, logprobs, lse, nullptr);
+  launch_row<Op::kLogprobs>(b, nullptr, nullptr, nullptr, WeightParams{kOne, 0, 0, 0, 0}, 1.0, logprobs, lse,
+                            nullptr);
 }
 
 void row_grad(const RowBatchAny& b, const void* lse, const void* coef) {
-  launch_row<Op::kGrad>(b, lse, coef, nullptr, WeightParams{kOne, 0, 0, 0}, 1.0, nullptr, nullptr, nullptr);
+  launch_row<Op::kGrad>(b, lse, coef, nullptr, WeightParams{kOne, 0, 0, 0, 0}, 1.0, nullptr, nullptr, nullptr);
 }
 
 void row_weighted_loss(const RowBatchAny& b, const void* ref, const WeightParams& w, double scale, void* logprobs,

@@ -62,15 +62,26 @@ GEFFECT_HD T sigmoid(T x) {
   return e / (T(1) + e);
 }
 
-// TokenWeighting kinds (geffect_kernels/weighting.py), in this order.
+// Token-weight formulas: the `kernel_code` of each objective in geffect_kernels/catalog.py.
 enum WeightKind : int { kOne = 0, kWga = 1, kSatimp = 2, kTnpo = 3, kWtnpo = 4 };
 
 struct WeightParams {
   int kind;
-  double alpha, beta, gamma;
+  double alpha, beta, gamma, eps;
 };
 
-// w_t of DESIGN §3 from ℓ_t and ℓ_ref,t. TNPO uses the exact σ form of 2p^β/(p^β + p_ref^β).
+// TNPO's 2p^β / (p^β + p_ref^β + ε). ε = 0: the exact, overflow-free σ form 2σ(β(ℓ − ℓ_ref)); ε > 0 (the
+// official code's 1e-5): in log space, shifted by the larger of βℓ, βℓ_ref (ε·e^{−m} → inf gives 0).
+template <typename T>
+GEFFECT_HD T tnpo_weight(T logprob, T ref_logprob, double beta, double eps) {
+  const T x = T(beta) * logprob, x_ref = T(beta) * ref_logprob;
+  if (eps == 0.0) return T(2) * sigmoid(x - x_ref);
+  const T m = x > x_ref ? x : x_ref;
+  const T a = exp_(x - m);
+  return T(2) * a / (a + exp_(x_ref - m) + T(eps) * exp_(-m));
+}
+
+// w_t of DESIGN §3 from ℓ_t and ℓ_ref,t.
 template <typename T>
 GEFFECT_HD T token_weight(const WeightParams& w, T logprob, T ref_logprob) {
   switch (w.kind) {
@@ -82,9 +93,9 @@ GEFFECT_HD T token_weight(const WeightParams& w, T logprob, T ref_logprob) {
       return exp_(T(w.alpha) * logprob) * pow_(one_minus_p, T(w.gamma));
     }
     case kTnpo:
-      return T(2) * sigmoid(T(w.beta) * (logprob - ref_logprob));
+      return tnpo_weight(logprob, ref_logprob, w.beta, w.eps);
     case kWtnpo:
-      return exp_(T(w.alpha) * logprob) * T(2) * sigmoid(T(w.beta) * (logprob - ref_logprob));
+      return exp_(T(w.alpha) * logprob) * tnpo_weight(logprob, ref_logprob, w.beta, w.eps);
     default:
       return T(1);
   }

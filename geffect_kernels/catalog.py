@@ -1,0 +1,176 @@
+"""Every objective, defined once: its loss, its source, its defaults and its weight or sequence function.
+
+Token-level objectives are ``sign · mean_t w_t ℓ_t`` with detached weights w_t = ``token_weight(ℓ_t, ℓ_ref,t)``;
+the kernels implement the same weight formulas under ``kernel_code`` (backends/cpp/csrc/include/geffect/math.h and
+backends/triton/weights.py). Sequence-level objectives are ``mean_seq sequence_loss(ℓ_seq, ℓ_ref,seq, n_seq)``.
+Adding an objective means one entry here, plus the kernels' formula for a new token weight. Every backend,
+the profiler and `token_weights` read these entries; nothing else lists objectives.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from .ranges import check_hparams
+
+
+def _sigmoid_weight(lp, ref, hp):
+    """2p^β / (p^β + p_ref^β + ε): with ε = 0 the exact, overflow-free 2σ(β(ℓ − ℓ_ref)); with ε > 0 (the
+    official code's 1e-5) in log space, shifted by the larger of βℓ, βℓ_ref."""
+    x, x_ref = hp["beta"] * lp, hp["beta"] * ref
+    if hp["eps"] == 0:
+        return 2 * torch.sigmoid(x - x_ref)
+    m = torch.maximum(x, x_ref)
+    return 2 * torch.exp(x - m) / (torch.exp(x - m) + torch.exp(x_ref - m) + hp["eps"] * torch.exp(-m))
+
+
+def _one(lp, ref, hp):
+    return torch.ones_like(lp)
+
+
+def _wga(lp, ref, hp):
+    return torch.exp(hp["alpha"] * lp)
+
+
+def _satimp(lp, ref, hp):
+    # (1 − p)^γ through expm1 keeps precision when p → 0
+    return torch.exp(hp["alpha"] * lp) * (-torch.expm1(lp)).clamp_min(0) ** hp["gamma"]
+
+
+def _wtnpo(lp, ref, hp):
+    return torch.exp(hp["alpha"] * lp) * _sigmoid_weight(lp, ref, hp)
+
+
+def _npo_loss(seq, ref_seq, counts, hp):
+    return -(2.0 / hp["beta"]) * F.logsigmoid(-hp["beta"] * (seq - ref_seq))
+
+
+def _npo_weight(seq, ref_seq, counts, hp):
+    """∂NPO/∂ℓ_seq · (number of sequences): 2σ(β(ℓ_seq − ℓ_ref,seq))."""
+    return 2 * torch.sigmoid(hp["beta"] * (seq - ref_seq))
+
+
+def _simnpo_loss(seq, ref_seq, counts, hp):
+    return -(2.0 / hp["beta"]) * F.logsigmoid(-hp["beta"] * seq / counts - hp["beta"] * hp["delta"])
+
+
+def _simnpo_weight(seq, ref_seq, counts, hp):
+    """2σ(β ℓ_seq/n_seq + βδ); the loss's gradient with respect to ℓ_seq is this over n_seq."""
+    return 2 * torch.sigmoid(hp["beta"] * seq / counts + hp["beta"] * hp["delta"])
+
+
+@dataclass(frozen=True)
+class Objective:
+    name: str
+    loss: str  # the formula, as docs/DESIGN.md writes it
+    source: str
+    defaults: dict = field(default_factory=dict)
+    needs_ref: bool = False  # compares against a reference model's log-probabilities
+    sign: float = 1.0  # +1: lower the log-likelihood (forget); −1: raise it (retain)
+    token_weight: Callable | None = None  # (ℓ, ℓ_ref, hp) -> w_t, detached inputs
+    kernel_code: int | None = None  # the kernels' formula for token_weight
+    sequence_loss: Callable | None = None  # (ℓ_seq, ℓ_ref,seq, n_seq, hp) -> per-sequence loss
+    sequence_weight: Callable | None = None  # (ℓ_seq, ℓ_ref,seq, n_seq, hp) -> per-sequence weight
+
+    @property
+    def level(self) -> str:
+        return "token" if self.sequence_loss is None else "sequence"
+
+
+_G_EFFECT = "Wang et al., ICLR 2025, Rethinking LLM Unlearning Objectives (G-effect)"
+OBJECTIVES = {o.name: o for o in [
+    Objective("ga", "mean_t ℓ_t", "gradient ascent; Jang et al., ACL 2023", token_weight=_one, kernel_code=0),
+    Objective("wga", "mean_t p_t^α ℓ_t", _G_EFFECT, {"alpha": 1.0}, token_weight=_wga, kernel_code=1),
+    Objective("satimp", "mean_t p_t^α (1 − p_t)^γ ℓ_t", "Yang et al., 2025, SatImp", {"alpha": 5.0, "gamma": 1.0},
+              token_weight=_satimp, kernel_code=2),
+    Objective("tnpo", "mean_t 2p^β / (p^β + p_ref^β + ε) ℓ_t", _G_EFFECT, {"beta": 4.0, "eps": 0.0},
+              needs_ref=True, token_weight=_sigmoid_weight, kernel_code=3),
+    Objective("wtnpo", "mean_t p^α 2p^β / (p^β + p_ref^β + ε) ℓ_t", _G_EFFECT,
+              {"alpha": 1.0, "beta": 4.0, "eps": 0.0}, needs_ref=True, token_weight=_wtnpo, kernel_code=4),
+    Objective("npo", "−(2/β) mean_seq log σ(−β(ℓ_seq − ℓ_ref,seq))", "Zhang et al., COLM 2024, NPO",
+              {"beta": 0.1}, needs_ref=True, sequence_loss=_npo_loss, sequence_weight=_npo_weight),
+    Objective("simnpo", "−(2/β) mean_seq log σ(−β ℓ_seq/n_seq − βδ)", "Fan et al., 2024, SimNPO",
+              {"beta": 2.5, "delta": 0.0}, sequence_loss=_simnpo_loss, sequence_weight=_simnpo_weight),
+    Objective("nll", "−mean_t ℓ_t", "maximum likelihood (GD's retain term; PO/IdkPO on substitute answers)",
+              sign=-1.0, token_weight=_one, kernel_code=0),
+]}
+
+# Retain terms of a training step, one vocabulary for the loop, the profiler and the command line
+# ("none": no retain term). `retain.py` holds kl_loss, rmu_loss, rr_loss.
+RETAIN_OBJECTIVES = ("nll", "kl", "rmu", "rr", "none")
+
+
+_WEIGHT_HPARAMS = ("alpha", "beta", "gamma", "eps")  # what the token-weight formulas (and kernels) read
+
+
+@dataclass(frozen=True)
+class TokenWeighting:
+    """A token-level objective's detached weights w_t with its hyper-parameters, as the backends read them:
+    `weights` in torch, ``code`` and the numbers in the kernels."""
+
+    objective: Objective
+    alpha: float = 1.0
+    beta: float = 1.0
+    gamma: float = 1.0
+    eps: float = 0.0
+
+    @property
+    def code(self) -> int:
+        return self.objective.kernel_code
+
+    @property
+    def needs_ref(self) -> bool:
+        return self.objective.needs_ref
+
+    def weights(self, logprobs: torch.Tensor, ref_logprobs: torch.Tensor | None = None) -> torch.Tensor:
+        ref = None if ref_logprobs is None else ref_logprobs.detach()
+        hp = {"alpha": self.alpha, "beta": self.beta, "gamma": self.gamma, "eps": self.eps}
+        return self.objective.token_weight(logprobs.detach(), ref, hp)
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """An objective with its hyper-parameters checked and defaults filled in (`resolve`)."""
+
+    objective: Objective
+    hparams: dict
+
+    @property
+    def name(self) -> str:
+        return self.objective.name
+
+    @property
+    def weighting(self) -> TokenWeighting:
+        return TokenWeighting(self.objective, **{k: float(v) for k, v in self.hparams.items() if k in _WEIGHT_HPARAMS})
+
+    def loss_from_logprobs(self, logprobs, valid, ref=None):
+        """The objective from per-token log-probabilities (``[B, T]`` for sequence objectives; 0 and no
+        gradient where ``valid`` is False), plain torch and autograd: what the fused backends compute."""
+        o, hp = self.objective, self.hparams
+        if o.level == "token":
+            w = self.weighting.weights(logprobs, ref)
+            return o.sign * torch.where(valid, w * logprobs, 0).sum() / max(int(valid.sum()), 1)
+        if logprobs.dim() != 2:
+            raise ValueError(f"objective {o.name!r} averages over sequences and needs batched input "
+                             f"([B, T, H] hidden or [B, T, V] logits)")
+        counts = valid.sum(-1)
+        ref_seq = None if ref is None else torch.where(valid, ref, 0).sum(-1)
+        losses = o.sequence_loss(torch.where(valid, logprobs, 0).sum(-1), ref_seq, counts.clamp_min(1), hp)
+        present = counts > 0
+        return torch.where(present, losses, 0).sum() / present.sum().clamp_min(1)
+
+
+def resolve(name, hparams) -> Resolved:
+    """Objective ``name`` with ``hparams`` checked and defaults filled in; ValueError when anything is wrong."""
+    if name not in OBJECTIVES:
+        raise ValueError(f"unknown objective {name!r}; valid: {', '.join(OBJECTIVES)}")
+    objective = OBJECTIVES[name]
+    unknown = set(hparams) - set(objective.defaults)
+    if unknown:
+        valid = ", ".join(objective.defaults) or "none"
+        raise ValueError(f"objective {name!r} takes no hyper-parameter {', '.join(sorted(unknown))}; "
+                         f"valid: {valid}")
+    return Resolved(objective, check_hparams({**objective.defaults, **hparams}))
