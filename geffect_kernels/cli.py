@@ -1,6 +1,7 @@
 """The ``geffect`` command: demo, train, profile, report, build (``geffect COMMAND --help``).
 
-Bad input ends with one line ``geffect: error: ...`` on stderr and a non-zero exit status.
+Bad input ends with one line ``geffect: error: ...`` on stderr and exit status 1; ``--debug`` (or
+``GEFFECT_DEBUG=1``) prints the full traceback before it.
 """
 from __future__ import annotations
 
@@ -8,9 +9,10 @@ import argparse
 import json
 import os
 import sys
+import traceback
 from pathlib import Path
 
-from .objectives import OBJECTIVES
+from .objectives import OBJECTIVES, resolve
 
 EXIT_ERROR = 1
 
@@ -19,8 +21,12 @@ class CLIError(Exception):
     """A user-facing error: printed as one line."""
 
 
+def _first_line(err) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
+
+
 def _hparams(pairs):
-    """``["beta=0.5", "alpha=2"]`` -> ``{"beta": 0.5, "alpha": 2.0}``."""
+    """``["beta=0.5", "alpha=2"]`` -> ``{"beta": 0.5, "alpha": 2.0}`` (ranges are checked by the objectives)."""
     out = {}
     for pair in pairs or []:
         key, sep, value = pair.partition("=")
@@ -31,6 +37,41 @@ def _hparams(pairs):
         if not sep or not key:
             raise CLIError(f"--hparam takes NAME=NUMBER, got {pair!r}")
     return out
+
+
+def _hparams_per_objective(objectives, hparams) -> dict:
+    """Each hyper-parameter goes to the objectives that take it; one that none of them takes is an error
+    (the same rule for train and profile)."""
+    if not isinstance(hparams, dict):
+        raise CLIError(f"hparams must be a mapping NAME: NUMBER (e.g. beta: 0.5), got {hparams!r}")
+    unused = [k for k in hparams if not any(k in OBJECTIVES[name].defaults for name in objectives)]
+    if unused:
+        takes = "; ".join(f"{name}: {', '.join(OBJECTIVES[name].defaults) or 'none'}" for name in objectives)
+        raise CLIError(f"hyper-parameter {unused[0]!r} is taken by none of the objectives ({takes})")
+    return {name: {k: v for k, v in hparams.items() if k in OBJECTIVES[name].defaults} for name in objectives}
+
+
+def _device(name):
+    """``--device`` as a torch device that works here (``cuda`` without a GPU does not)."""
+    import torch
+
+    try:
+        device = torch.device(name)
+        torch.empty(0, device=device)
+    except Exception as err:  # torch raises RuntimeError, AssertionError, ... by device type
+        raise CLIError(f"--device {name}: not usable here ({_first_line(err)})") from err
+    return device
+
+
+def _out_dir(path) -> Path:
+    """``--out`` checked before anything is computed: a folder (or a path that can become one) we may write."""
+    path = Path(path)
+    existing = next(p for p in (path, *path.parents) if p.exists() or p == Path(p.anchor))
+    if not existing.is_dir():
+        raise CLIError(f"--out {path}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise CLIError(f"--out {path}: {existing} is not writable")
+    return path
 
 
 def _load_model(path, device="cpu"):
@@ -46,8 +87,9 @@ def _load_model(path, device="cpu"):
     try:
         AutoConfig.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path)
-    except (ValueError, OSError, KeyError) as err:
-        raise CLIError(f"{path} does not hold a causal language model ({str(err).splitlines()[0]})") from None
+    except Exception as err:  # a corrupt or truncated weights file, pickled weights, a foreign config...
+        raise CLIError(f"{path} does not hold a loadable causal language model "
+                       f"({type(err).__name__}: {_first_line(err)})") from err
     return model.to(device)
 
 
@@ -63,7 +105,7 @@ def _load_tokenizer(path):
 def cmd_demo(args):
     from .train.run_demo import run_demo
 
-    run_demo(args.out, quick=args.quick, seeds=args.seeds, progress=not args.no_progress)
+    run_demo(_out_dir(args.out), quick=args.quick, seeds=args.seeds, progress=not args.no_progress)
 
 
 def _train_settings(args):
@@ -90,24 +132,31 @@ def cmd_train(args):
 
     import torch
 
+    from .backends.registry import check_backend
     from .data import encode_pairs, load_qa
     from .eval import evaluate_model
     from .eval.report import make_report
-    from .train import TrainConfig, train
+    from .train import TrainConfig, check_resumable, train
     from .train import distributed
     from .train.distributed import check_resume, check_world
     from .train.launch import is_rank_zero, launch, world_size
     from .train.lora import add_lora
 
+    # everything that can be checked is checked before the model loads and before any file is written
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
         raise CLIError(f"--max-new-tokens must be a positive integer, got {args.max_new_tokens}")
     files, objectives, settings = _train_settings(args)
     if (args.lora_alpha is not None or args.lora_targets) and not args.lora_r:
         raise CLIError("--lora-alpha and --lora-targets need --lora-r RANK")
-    configs = {name: TrainConfig.from_dict({**settings, "objective": name, "progress": not args.no_progress,
-                                            "out_dir": str(Path(args.out) / "runs" / name)}) for name in objectives}
+    out, device = _out_dir(args.out), _device(args.device)
+    resume = True if args.resume else False if args.overwrite else None
+    hparams = _hparams_per_objective(objectives, settings.pop("hparams", None) or {})
+    configs = {name: TrainConfig.from_dict({**settings, "objective": name, "hparams": hparams[name],
+                                            "progress": not args.no_progress,
+                                            "out_dir": str(out / "runs" / name)}) for name in objectives}
     if any(c.uses_retain for c in configs.values()) and not files["retain"]:
         raise CLIError("--retain FILE is required unless --retain-objective none")
+    check_backend("auto", device)
     forget_pairs = load_qa(files["forget"])
     retain_pairs = load_qa(files["retain"]) if files["retain"] else None
     utility_sets = {name: load_qa(path) for name, path in (("real_authors", args.real_authors), ("world", args.world))
@@ -120,11 +169,13 @@ def cmd_train(args):
         raise CLIError("--eval runs in one process: evaluate the saved model afterwards")
     if args.nproc and args.nproc > 1:
         raise SystemExit(launch(args.argv, args.nproc))
-    device = distributed.init(args.device) if world > 1 else args.device
+    device = distributed.init(args.device) if world > 1 else device
     start = _load_model(files["model"], device)
     tokenizer = _load_tokenizer(args.tokenizer or files["model"])
     forget = encode_pairs(tokenizer, forget_pairs, max_length=args.max_length)
     retain = encode_pairs(tokenizer, retain_pairs, max_length=args.max_length) if retain_pairs else None
+    for config in configs.values() if world == 1 else ():  # sharded runs check their checkpoints themselves
+        check_resumable(start, forget, retain, config, resume)
     summaries = {}
     for name, config in configs.items():
         model = copy.deepcopy(start)
@@ -134,7 +185,7 @@ def cmd_train(args):
         if world > 1:
             result = distributed.train_sharded(model, forget, retain, config, allow_reshard=args.allow_reshard)
         else:
-            result = train(model, forget, retain, config)
+            result = train(model, forget, retain, config, resume=resume)
         if not is_rank_zero():
             continue
         tokenizer.save_pretrained(Path(config.out_dir) / "model")
@@ -158,34 +209,39 @@ def cmd_train(args):
 def cmd_profile(args):
     import torch
 
+    from . import hf
+    from .backends.registry import check_backend
     from .data import encode_pairs, load_qa
     from .eval.report import write_profile
     from .geffect import GEffectProfiler
-    from . import hf
 
-    hparams = _hparams(args.hparam)
+    hparams = _hparams_per_objective(args.objective, _hparams(args.hparam))
+    for name in args.objective:
+        resolve(name, hparams[name])
+    if args.samples < 1:
+        raise CLIError(f"--samples must be a positive integer, got {args.samples}")
     needs_ref = [n for n in args.objective if OBJECTIVES[n].needs_ref]
     if needs_ref and not args.reference:
         raise CLIError(f"objective {needs_ref[0]!r} needs reference log-probabilities: pass --reference DIR "
                        f"(the model before unlearning; may be the --model directory itself)")
-    model = _load_model(args.model, args.device)
+    out, device = _out_dir(args.out), _device(args.device)
+    check_backend("auto", device)
+    model = _load_model(args.model, device)
     tokenizer = _load_tokenizer(args.tokenizer or args.model)
     pairs = load_qa(args.forget)[: args.samples]
-    forget = {k: v.to(args.device) for k, v in encode_pairs(tokenizer, pairs).batch(range(len(pairs))).items()}
+    forget = {k: v.to(device) for k, v in encode_pairs(tokenizer, pairs).batch(range(len(pairs))).items()}
     retain = None
     if args.retain:
         r_pairs = load_qa(args.retain)[: args.samples]
-        retain = {k: v.to(args.device) for k, v in encode_pairs(tokenizer, r_pairs).batch(range(len(r_pairs))).items()}
+        retain = {k: v.to(device) for k, v in encode_pairs(tokenizer, r_pairs).batch(range(len(r_pairs))).items()}
     ref = None
     if needs_ref:
         with torch.no_grad():
-            ref = hf.token_logprobs(_load_model(args.reference, args.device).eval(), forget)
+            ref = hf.token_logprobs(_load_model(args.reference, device).eval(), forget)
     profiler = GEffectProfiler(model, groups=args.groups)
-    results = {name: profiler.measure_unlearning(name, forget, retain, ref_logprobs=ref,
-                                                 **{k: v for k, v in hparams.items()
-                                                    if k in OBJECTIVES[name].defaults})
+    results = {name: profiler.measure_unlearning(name, forget, retain, ref_logprobs=ref, **hparams[name])
                for name in args.objective}
-    print(write_profile(results, Path(args.out)))
+    print(write_profile(results, out))
 
 
 def cmd_report(args):
@@ -260,6 +316,12 @@ def build_parser() -> argparse.ArgumentParser:
                                     "run it (docs/conventions.md)")
     p.add_argument("--device", default="cuda" if _cuda() else "cpu")
     p.add_argument("--no-progress", action="store_true")
+    choice = p.add_mutually_exclusive_group()
+    choice.add_argument("--resume", action="store_true",
+                        help="continue a run's checkpoint even under other settings (the learning rate follows "
+                             "the new schedule from the next step; a larger --steps extends the run)")
+    choice.add_argument("--overwrite", action="store_true", help="start over, replacing the runs' checkpoints, "
+                                                                 "logs and models")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("profile", help="G-effect table and plots for a model, objectives and data (no training)",
@@ -287,6 +349,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("build", help="build the C++/CUDA extension now (otherwise built on first use)",
                        description="Compile the csrc extension with ninja and print what was built.")
     p.set_defaults(func=cmd_build)
+    for p in sub.choices.values():
+        p.add_argument("--debug", action="store_true",
+                       help="on an error, print the full traceback too (also: GEFFECT_DEBUG=1)")
     return parser
 
 
@@ -301,15 +366,18 @@ def main(argv=None) -> int:
     args.argv = argv  # `train --nproc` relaunches the same command under torchrun
     from transformers.utils import logging as hf_logging
 
-    from .data import DataError
+    from .backends.registry import BackendUnavailable
+    from .train import RunFolderBusy, TrainingDiverged
     hf_logging.disable_progress_bar()
-    from .train import TrainingDiverged
 
     try:
         args.func(args)
-    except (CLIError, DataError, TrainingDiverged, FileExistsError, FileNotFoundError, ValueError) as err:
+    except (CLIError, ValueError, OSError, TrainingDiverged, RunFolderBusy, BackendUnavailable) as err:
+        # ValueError covers bad data (DataError), settings, checkpoints (CheckpointError, ResumeMismatch)
+        if args.debug or os.environ.get("GEFFECT_DEBUG", "0") not in ("", "0"):
+            traceback.print_exc()
         if os.environ.get("RANK", "0") == "0":  # under torchrun every rank meets the same bad input: say it once
-            print(f"geffect: error: {str(err).splitlines()[0] if str(err) else type(err).__name__}", file=sys.stderr)
+            print(f"geffect: error: {_first_line(err)}", file=sys.stderr)
         return EXIT_ERROR
     return 0
 

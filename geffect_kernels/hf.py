@@ -8,10 +8,12 @@ default to the input ids with padding ignored) and labels are shifted the Huggin
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import NamedTuple
 
 import torch
 
+from .inputs import check_labels
 from .logprobs import token_logprobs as _token_logprobs
 from .objectives import unlearning_loss as _unlearning_loss
 
@@ -118,6 +120,28 @@ def batch_labels(batch) -> torch.Tensor:
     if batch.get("attention_mask") is not None:
         labels[batch["attention_mask"] == 0] = -100
     return labels
+
+
+def check_batch(name, batch, vocab_size) -> None:
+    """ValueError naming ``name`` unless ``batch`` is a batch the head can score: integer ``input_ids``
+    ``[B, T]`` with B ≥ 1 and T ≥ 2 (a next token to predict), ``attention_mask`` and ``labels`` shaped
+    alike, labels in ``[0, vocab_size)`` or -100."""
+    ids = batch.get("input_ids") if isinstance(batch, Mapping) else None
+    if not isinstance(ids, torch.Tensor):
+        raise ValueError(f"{name} must be a dict with an input_ids tensor (optionally attention_mask, labels)")
+    if ids.dim() != 2 or ids.dtype.is_floating_point or ids.dtype == torch.bool:
+        raise ValueError(f"{name}: input_ids must be an integer tensor [B, T], got {ids.dtype} {tuple(ids.shape)}")
+    if ids.shape[0] < 1 or ids.shape[1] < 2:
+        raise ValueError(f"{name}: input_ids is [B, T] = {tuple(ids.shape)}, no next token to score "
+                         f"(B ≥ 1 and T ≥ 2 needed)")
+    for key in ("attention_mask", "labels"):
+        value = batch.get(key)
+        if value is not None and (not isinstance(value, torch.Tensor) or value.shape != ids.shape):
+            raise ValueError(f"{name}: {key} must be a tensor shaped like input_ids {tuple(ids.shape)}")
+    try:
+        check_labels(batch_labels(batch), vocab_size, -100)
+    except ValueError as err:
+        raise ValueError(f"{name}: {err}") from None
 
 
 def head_inputs(model, batch) -> HeadInputs:

@@ -10,6 +10,7 @@ once per call, the backend and the `LossOptions` it receives.
 """
 from __future__ import annotations
 
+import numbers
 import os
 from typing import NamedTuple
 
@@ -73,8 +74,32 @@ def require_finite(**tensors):
             raise ValueError(f"{name} contains NaN or inf")
 
 
+def check_tensor(name, t, *, like=None, like_name=None, where=None):
+    """``t`` a floating-point tensor, finite (at the positions ``where`` marks, when given) and, when ``like``
+    is given, of its dtype, device and shape."""
+    _require_float(name, t)
+    if like is not None:
+        _require_same(name, t, like_name, like)
+        if t.shape != like.shape:
+            raise ValueError(f"{name} shape {tuple(t.shape)} does not match {like_name} {tuple(like.shape)}")
+    require_finite(**{name: t if where is None else torch.where(where, t.detach(), 0)})
+
+
+def check_mask(mask, shape, what):
+    """``mask`` (None: every position) as a bool tensor of ``shape``; a float mask is refused, not rounded."""
+    if mask is None:
+        return None
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"mask must be a torch.Tensor, got {type(mask).__name__}")
+    if mask.dtype.is_floating_point or mask.is_complex():
+        raise ValueError(f"mask must be a bool or integer tensor, got {mask.dtype}")
+    if mask.shape != shape:
+        raise ValueError(f"mask shape {tuple(mask.shape)} does not match {what} {tuple(shape)}")
+    return mask.to(torch.bool)
+
+
 def check_labels(labels, vocab_size, ignore_index, *, values=True):
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
         raise ValueError(f"ignore_index must be an integer, got {ignore_index!r}")
     if labels.dtype.is_floating_point or labels.dtype == torch.bool or labels.is_complex():
         raise ValueError(f"labels must be an integer tensor, got {labels.dtype}")

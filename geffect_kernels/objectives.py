@@ -13,7 +13,7 @@ from dataclasses import replace
 import torch
 
 from .catalog import OBJECTIVES, resolve
-from .inputs import prepare_head, prepare_logits
+from .inputs import check_mask, check_tensor, prepare_head, prepare_logits
 
 
 def _loss(objective, prep, ref, *, weighted, logprobs):
@@ -76,18 +76,19 @@ def token_weights(name, logprobs, ref_logprobs=None, *, mask=None, **hparams):
     """
     resolved = resolve(name, hparams)
     objective = resolved.objective
+    check_tensor("logprobs", logprobs)
     lp = logprobs.detach()
-    valid = torch.ones_like(lp, dtype=torch.bool) if mask is None else mask.to(torch.bool)
-    if valid.shape != lp.shape:
-        raise ValueError(f"mask shape {tuple(valid.shape)} does not match logprobs {tuple(lp.shape)}")
+    valid = check_mask(mask, lp.shape, "logprobs")
+    valid = torch.ones_like(lp, dtype=torch.bool) if valid is None else valid
     ref = None
     if objective.needs_ref:
         if ref_logprobs is None:
             raise ValueError(f"objective {name!r} needs ref_logprobs")
+        check_tensor("ref_logprobs", ref_logprobs, where=valid)
         if ref_logprobs.shape != lp.shape:
             raise ValueError(f"ref_logprobs shape {tuple(ref_logprobs.shape)} does not match logprobs "
                              f"{tuple(lp.shape)}")
-        ref = torch.where(valid, ref_logprobs.detach(), 0)
+        ref = torch.where(valid, ref_logprobs.detach().to(lp.dtype), 0)  # the weights take logprobs' dtype
     lp = torch.where(valid, lp, 0)
     if objective.level == "token":
         w = resolved.weighting.weights(lp, ref)

@@ -7,6 +7,7 @@ NaN without a word. Each message names the setting, the allowed range and the va
 from __future__ import annotations
 
 import math
+import numbers
 from typing import NamedTuple
 
 
@@ -29,7 +30,7 @@ HPARAMS = {"alpha": NON_NEGATIVE, "beta": POSITIVE, "gamma": NON_NEGATIVE, "delt
 
 def check_number(name: str, value, allowed: Range = FINITE) -> float:
     """``value`` as a float when it is a real number in ``allowed``; ValueError naming ``name`` otherwise."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):  # numpy scalars pass; str, tensors do not
         raise ValueError(f"{name} must be {allowed}, got {value!r}")
     number = float(value)
     inside = number > allowed.low if allowed.low_open else number >= allowed.low

@@ -5,7 +5,8 @@ from dataclasses import replace
 
 import torch
 
-from .inputs import prepare_head
+from .inputs import check_mask, check_tensor, prepare_head
+from .ranges import check_number
 
 # How kl_loss averages the per-position KL: "tokens" over the positions whose label is not ignored (the answer
 # tokens: this project's default); "batchmean" over every position, prompt and padding included, as the official
@@ -70,8 +71,15 @@ def rmu_loss(hidden, direction, *, coeff=6.5, mask=None):
     ``direction`` is u (normalized here); ``mask`` (shaped like ``hidden`` without its last
     dimension) marks the positions that count, e.g. the attention mask.
     """
-    if direction.shape != hidden.shape[-1:]:
-        raise ValueError(f"direction must be [H] = [{hidden.shape[-1]}], got {tuple(direction.shape)}")
+    check_tensor("hidden", hidden)
+    check_tensor("direction", direction)
+    if direction.shape != hidden.shape[-1:] or direction.device != hidden.device:
+        raise ValueError(f"direction must be [H] = [{hidden.shape[-1]}] on {hidden.device}, got "
+                         f"{tuple(direction.shape)} on {direction.device}")
+    if not bool(direction.any()):
+        raise ValueError("direction must be non-zero (RMU's random unit vector u; see rmu_direction)")
+    coeff = check_number("coeff", coeff)
+    mask = check_mask(mask, hidden.shape[:-1], "hidden positions")
     u = direction.to(hidden.dtype) / direction.norm()
     return _masked_mean_squared_error(hidden - coeff * u, mask)
 
@@ -79,6 +87,7 @@ def rmu_loss(hidden, direction, *, coeff=6.5, mask=None):
 def rr_loss(hidden, ref_hidden, *, mask=None):
     """Representation retention: mean over valid positions and hidden units of (h_t − h_ref,t)² (no gradient
     to the reference)."""
-    if ref_hidden.shape != hidden.shape:
-        raise ValueError(f"ref_hidden shape {tuple(ref_hidden.shape)} does not match hidden {tuple(hidden.shape)}")
+    check_tensor("hidden", hidden)
+    check_tensor("ref_hidden", ref_hidden, like=hidden, like_name="hidden")
+    mask = check_mask(mask, hidden.shape[:-1], "hidden positions")
     return _masked_mean_squared_error(hidden - ref_hidden.detach(), mask)

@@ -36,7 +36,10 @@ class QAPair:
 
 
 def _read_records(path: Path) -> list:
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path}: not UTF-8 text (byte {err.start}: {err.reason})") from None
     if path.suffix == ".jsonl":
         records = []
         for number, line in enumerate(text.splitlines(), 1):

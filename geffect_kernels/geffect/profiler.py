@@ -13,6 +13,7 @@ Dropout makes every forward different: profile in ``eval()`` mode for exact valu
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from contextlib import ExitStack
 
@@ -249,12 +250,15 @@ class GEffectProfiler:
         """
         objective = resolve(objective, hparams)  # once, and before any compute
         retain_objective = "none" if retain_objective is None else retain_objective
+        for name, batch in (("forget_batch", forget_batch), ("retain_batch", retain_batch)):
+            if batch is not None:
+                hf.check_batch(name, batch, hf.lm_head(self.model).weight.shape[0])
         if retain_objective not in RETAIN_OBJECTIVES:
             raise ValueError(f"retain_objective must be one of {RETAIN_OBJECTIVES}, got {retain_objective!r}")
         if sharded.is_sharded(self.model):  # FSDP2: each rank passes its slice of the batches
             _refuse_per_instance_when_sharded(per_instance)
             return sharded.measure_unlearning(self, objective, forget_batch, retain_batch, ref_logprobs=ref_logprobs,
-                                              retain_objective=retain_objective, backend=backend, **hparams)
+                                              retain_objective=retain_objective, **hparams)
         params = self._params()
         batches = {"forget": forget_batch} if retain_batch is None else {"forget": forget_batch,
                                                                           "retain": retain_batch}
@@ -271,6 +275,10 @@ class GEffectProfiler:
         losses["objective"], coef_a = sides["forget"].coefficients(objective, ref_logprobs)
         for name, side in sides.items():
             losses[name] = side.coefficients(NLL)[0]
+        not_finite = {k: v for k, v in losses.items() if not math.isfinite(v)}
+        if not_finite:
+            raise ValueError(f"{not_finite} at these parameters (objective {objective.name!r}): no G-effect to "
+                             f"measure")
         scale = _sample_multiples(coef_a, coefs["forget"]) if all(fw.by_samples() for fw in forwards) else None
         grads = self._backwards(forwards, coefs, None if scale is not None else coef_a)
         del forwards

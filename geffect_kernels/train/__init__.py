@@ -1,7 +1,7 @@
 """The minimal unlearning loop: `train(model, forget, retain, TrainConfig(...))`."""
 from .checkpoint import CheckpointError, load_checkpoint
-from .loop import TrainingDiverged, TrainResult, check_inputs, train
-from .resume import ResumeMismatch, check_resumable
+from .loop import TrainingDiverged, TrainResult, check_inputs, check_resumable, train
+from .resume import ResumeMismatch
 from .run_lock import RunFolderBusy
 from .schedule import batch_indices, warmup_linear_decay
 from .tiny_model import tiny_llama

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from .. import hf
 from ..backends.registry import check_backend
+from ..geffect import GEffectHistory, GEffectProfiler
 from ..objectives import OBJECTIVES, unlearning_loss
 from ..retain import kl_loss
 from .checkpoint import (CHECKPOINT, atomic_write_json, atomic_write_text, load_checkpoint, remove_orphans,
@@ -119,6 +120,15 @@ def train(model, forget, retain, config: TrainConfig, *, evaluate=None, resume: 
         return _finish(run)
 
 
+def check_resumable(model, forget, retain, config: TrainConfig, resume: bool | None = None) -> None:
+    """Raise now what `train` would raise on meeting ``config.out_dir``'s checkpoint (CheckpointError,
+    ResumeMismatch): a command that trains several runs checks them all before it starts the first."""
+    config = resolve_preset(config, model, len(forget))
+    if config.out_dir is not None and resume is not False:
+        should_resume(Path(config.out_dir), load_checkpoint(config.out_dir), run_settings(config, forget, retain),
+                      resume)
+
+
 def _loop(run: _Run, evaluate):
     config = run.config
     run.model.train()
@@ -169,7 +179,6 @@ def _setup(model, forget, retain, config) -> _Run:
         lr_factor=warmup_linear_decay(config.warmup_steps, config.steps),
         settings=run_settings(config, forget, retain), out=Path(config.out_dir) if config.out_dir else None)
     if config.geffect_every:
-        from ..geffect import GEffectHistory, GEffectProfiler
         run.profiler = GEffectProfiler(model, groups=config.geffect_groups)
         run.history = GEffectHistory(config.objective)
     return run
@@ -198,7 +207,7 @@ def _resume(run: _Run, resume: bool | None):
         if changed:
             run.setting_changes.append({"step": run.start, "before": {k: old for k, (old, _) in changed.items()}})
         if run.history is not None and state.get("geffects") is not None:
-            run.history = type(run.history).from_dict(state["geffects"])
+            run.history = GEffectHistory.from_dict(state["geffects"])
     config = run.config.to_dict()
     if run.setting_changes:  # what the weights were also trained with (resume=True with other settings)
         config["setting_changes"] = run.setting_changes

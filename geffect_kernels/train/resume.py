@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from pathlib import Path
 
 from ..catalog import resolve
-from .checkpoint import load_checkpoint
 
 # Settings that change neither the weights nor the logged numbers; every other TrainConfig field does
 # (fields added later count as shaping until listed here).
@@ -66,10 +64,3 @@ def should_resume(where, state: dict | None, settings: dict, resume: bool | None
     return True
 
 
-
-def check_resumable(config, forget, retain, resume: bool | None = None) -> None:
-    """Raise now what `train` would raise on meeting ``config.out_dir``'s checkpoint (CheckpointError,
-    ResumeMismatch): a command that trains several runs checks them all before it starts the first."""
-    if config.out_dir is not None and resume is not False:
-        should_resume(Path(config.out_dir), load_checkpoint(config.out_dir), run_settings(config, forget, retain),
-                      resume)
