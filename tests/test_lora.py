@@ -44,11 +44,14 @@ def test_geffects_equal_materialized_over_trainable_parameters(targets, save, ob
     names = parameter_groups(model, "component")
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     objective_fn = lambda m: hf.unlearning_loss(objective, m, forget, ref_logprobs=ref)
+    # NPO reuses the forget NLL's backward scaled per sample; HF's Llama RMSNorm computes in float32 even in a
+    # float64 model, so the two routes round differently there (the shortcut itself is exact)
+    rel = 1e-5 if objective == "npo" else 1e-9
     for risk, data in (("forget", forget), ("retain", retain)):
         expected = materialized(model, objective_fn, lambda m: hf.unlearning_loss("nll", m, data), names)
         assert set(result.by_group) == set(expected) == {names[n] for n in trainable}
         for group, (dot, scale) in expected.items():
-            assert result.by_group[group][risk] == pytest.approx(dot, rel=1e-9, abs=1e-12 * scale), (risk, group)
+            assert result.by_group[group][risk] == pytest.approx(dot, rel=rel, abs=1e-12 * scale), (risk, group)
     # groups still name the layers (and the head when it is trained)
     assert {g.split(".")[1] for g in result.by_group if g.startswith("layer.")} == {"0", "1"}
     assert ("head" in result.by_group) == bool(save)

@@ -13,8 +13,13 @@ from ranks import TESTS, run_ranks
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def close(got, want, scale):
-    return abs(got - want) <= 1e-7 * abs(want) + 1e-12 * scale
+def close(got, want, scale, rel=1e-7):
+    return abs(got - want) <= rel * abs(want) + 1e-12 * scale
+
+
+# One process takes NPO's gradient as the forget NLL's scaled per sample (the sharded path takes it directly);
+# HF's Llama RMSNorm computes in float32 even in a float64 model, so the two routes round differently there.
+REL = {"npo": 1e-5, "callback": 1e-5}
 
 
 @pytest.mark.parametrize("case", ["full", "lora"])
@@ -37,11 +42,11 @@ def test_sharded_profiler_equals_one_process(case, tmp_path):
             assert set(res["by_group"]) == set(want.by_group), (rank, name)
             for group, values in want.by_group.items():
                 for risk, value in values.items():
-                    assert close(res["by_group"][group][risk], value, scale), (rank, name, group, risk)
+                    assert close(res["by_group"][group][risk], value, scale, REL.get(name, 1e-7)), (rank, name, group, risk)
             for risk, value in want.total.items():
-                assert close(res["total"][risk], value, scale), (rank, name, risk)
+                assert close(res["total"][risk], value, scale, REL.get(name, 1e-7)), (rank, name, risk)
             for key, value in want.losses.items():
                 assert res["losses"][key] == pytest.approx(value, rel=1e-12), (rank, name, key)
             if want.retain_term is not None:
                 for risk, value in want.retain_term.total.items():
-                    assert close(res["retain_term"]["total"][risk], value, scale), (rank, name, risk)
+                    assert close(res["retain_term"]["total"][risk], value, scale, REL.get(name, 1e-7)), (rank, name, risk)

@@ -26,14 +26,14 @@ def main(out, case):
     f, r = mine(forget, len(ref)), mine(retain, retain["input_ids"].shape[0])
     profiler = GEffectProfiler(model, groups="component")
     results = {name: profiler.measure_unlearning(name, f, r, ref_logprobs=ref[rank_rows(len(ref), rank, world)],
-                                                 backend="torch", **sharded_cases.HPARAMS.get(name, {})).to_dict()
+                                                 **sharded_cases.HPARAMS.get(name, {})).to_dict()
                for name in sharded_cases.OBJECTIVES}
     n = int((forget["labels"][:, 1:] != -100).sum())
     part = lambda sign: lambda m: sign * world / n * -hf.token_logprobs(m, f, backend="torch").sum()  # the mean over ranks is the global mean
     results["generic"] = profiler.measure(part(-1.0), {"forget": part(1.0)}).to_dict()
     # the Trainer callback, handed the whole probe batches, measures this rank's slice of them
     callback = GEffectCallback(forget, retain, objective="npo", every=1, ref_logprobs=ref, groups="component",
-                               backend="torch", **sharded_cases.HPARAMS["npo"])
+                               **sharded_cases.HPARAMS["npo"])
     callback.on_step_begin(None, TrainerState(global_step=0), None, model=model)
     results["callback"] = callback.history.results[0].to_dict()
     grads_after = [p.grad for p in model.parameters()]
