@@ -173,6 +173,9 @@ def plot(rows, path: Path) -> Path:
             ax.plot(*zip(*points), marker="o", label=method)
         ax.set(xscale="log", yscale="log", xlabel="tokens per side (4 sequences)", ylabel="seconds",
                title=f"Llama 4 layers, H {hidden}, V {VOCAB}, NPO")
+        ticks = sorted({r["tokens_per_side"] for r in rows})
+        ax.set_xticks(ticks, [str(t) for t in ticks], minor=False)
+        ax.set_xticks([], minor=True)  # no log-scale minor labels over the token counts
         ax.grid(True, which="both", alpha=0.3)
         ax.legend()
     fig.suptitle(f"G-effect cost vs tokens ({rows[0]['machine']}, {rows[0]['isa']}, {rows[0]['commit']})",

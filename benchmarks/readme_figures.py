@@ -6,7 +6,7 @@ Every measured figure in the README's Benchmarks section is followed by a tag na
 
 a file under benchmarks/results/, ``column=value`` filters that select one row, and the column shown. The
 statistic is the column's (``ms_min``, ``speedup_median``, ...); the unit follows from its name (``*_mib``: MiB,
-``ms_*``: ms, ``speedup_*`` and ``*_vs_*``: ×) and must stand next to the number; the README shows the value
+``ms_*``: ms, ``speedup_*``, ``vs_*`` and ``*_vs_*``: ×) and must stand next to the number; the README shows the value
 rounded to the decimals it prints. A `code span`<!-- fig FILE[,FILE...] filters column --> instead shows a text
 column, which every selected row (of every file named) must share, e.g. the machine. tests/test_readme_figures.py
 checks all of this.
@@ -74,7 +74,7 @@ def expected_unit(column: str) -> str | None:
         return "MiB"
     if column.startswith("ms_") or column.endswith("_ms"):
         return "ms"
-    if column.startswith("speedup") or "_vs_" in column:
+    if column.startswith(("speedup", "vs_")) or "_vs_" in column:
         return "×"
     return None
 
