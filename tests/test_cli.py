@@ -17,9 +17,8 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.fixture(scope="module")
-def workspace(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cli")
+def make_workspace(root):
+    """A tiny model folder and TOFU files under ``root`` (the CLI tests' shared inputs)."""
     data = demo_data(3, forget_fraction=0.34)
     tokenizer = train_tokenizer(qa_texts(data.all_training), vocab_size=300)
     model = tiny_llama(tokenizer, hidden_size=32, layers=2, heads=2, intermediate_size=64)
@@ -30,6 +29,11 @@ def workspace(tmp_path_factory):
     save_qa(data.real_authors[:4], root / "real_authors.json")
     save_qa(data.world[:4], root / "world.json")
     return root
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    return make_workspace(tmp_path_factory.mktemp("cli"))
 
 
 def test_train_eval_gives_tofus_model_utility_with_all_three_utility_sets(capsys, workspace, tmp_path):

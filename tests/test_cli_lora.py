@@ -2,32 +2,10 @@
 import json
 
 import pytest
-import torch
 
-from geffect_kernels.cli import main
-from geffect_kernels.data import demo_data, qa_texts, save_qa, train_tokenizer
-from geffect_kernels.train import tiny_llama
+from test_cli import run, workspace  # noqa: F401  (workspace is a fixture)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def workspace(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cli_lora")
-    data = demo_data(3, forget_fraction=0.34)
-    tokenizer = train_tokenizer(qa_texts(data.all_training), vocab_size=300)
-    model = tiny_llama(tokenizer, hidden_size=32, layers=2, heads=2, intermediate_size=64)
-    model.save_pretrained(root / "model")
-    tokenizer.save_pretrained(root / "model")
-    save_qa(data.forget, root / "forget.json")
-    save_qa(data.retain, root / "retain.json")
-    return root
-
-
-def run(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def test_lora_train_saves_the_adapter_and_profile_reads_it(capsys, workspace, tmp_path):

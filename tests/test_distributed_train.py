@@ -12,10 +12,9 @@ import torch
 from safetensors.torch import load_file
 
 from geffect_kernels.cli import main
-from geffect_kernels.data import demo_data, qa_texts, save_qa, train_tokenizer
-from geffect_kernels.train import tiny_llama
 
 from ranks import ROOT, rank_env, run_ranks
+from test_cli import make_workspace
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 TIMEOUT = 600  # a hang, not a slow machine: CI shares its cores
@@ -23,14 +22,7 @@ TIMEOUT = 600  # a hang, not a slow machine: CI shares its cores
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
-    root = tmp_path_factory.mktemp("dist")
-    data = demo_data(3, forget_fraction=0.34)
-    tokenizer = train_tokenizer(qa_texts(data.all_training), vocab_size=300)
-    model = tiny_llama(tokenizer, hidden_size=32, layers=2, heads=2, intermediate_size=64)
-    model.save_pretrained(root / "model")
-    tokenizer.save_pretrained(root / "model")
-    save_qa(data.forget, root / "forget.json")
-    save_qa(data.retain, root / "retain.json")
+    root = make_workspace(tmp_path_factory.mktemp("dist"))
     (root / "run.yaml").write_text(f"model: {root / 'model'}\nforget: {root / 'forget.json'}\n"
                                    f"retain: {root / 'retain.json'}\nobjective: npo\nsteps: 6\nlr: 0.01\n"
                                    f"batch_size: 5\ngeffect_every: 2\ncheckpoint_every: 2\nbackend: torch\n")
