@@ -157,6 +157,24 @@ def test_fast_path_matches_definition_every_route(kind, route, monkeypatch):
         assert result.retain_term.total[risk] == pytest.approx(dot, rel=1e-9)
 
 
+def test_projection_past_the_per_sample_limit_matches_definition(monkeypatch):
+    """NPO's gradient is the forget risk's scaled per sample; where per-sample gradients do not fit, the
+    projection form materializes it on its own (rows scaled) next to the forget risk's whole gradient.
+    (GPT-2: Llama's float32 RMSNorm rounds a stacked forward differently from the definition's.)"""
+    force(monkeypatch, "projection")
+    monkeypatch.setattr(products, "SAMPLE_ELEMENTS", 1)
+    model = tiny_model("gpt2")
+    forget, retain = batch(seed=31, prompt=2), batch(seed=32, length=8, pad_first=False)
+    ref = hf.token_logprobs(model, forget).detach() + 0.3 * torch.randn(3, 6, dtype=torch.float64)
+    result = GEffectProfiler(model, groups="parameter").measure_unlearning("npo", forget, retain, ref_logprobs=ref)
+    assert {e.form for e in result.plan if ".c_" in e.parameter and e.parameter.endswith("weight")} == {"projection"}
+    names = {n: n for n, _ in model.named_parameters()}
+    loss = lambda m: hf.unlearning_loss("npo", m, forget, ref_logprobs=ref)
+    for risk, b in (("forget", forget), ("retain", retain)):
+        for name, (dot, scale) in materialized(model, loss, nll(b), names).items():
+            assert abs(result.by_group[name][risk] - dot) <= 1e-9 * abs(dot) + 1e-12 * scale, (risk, name)
+
+
 def _sample_loss(model, objective, batch_, ref, i):
     """Σ_{t in sample i} c_t ℓ_t with the objective's coefficients c_t (from the whole batch) held fixed: its
     gradient is sample i's share of the objective's."""
