@@ -163,8 +163,9 @@ def _accumulate(gram, targets, record=False):
     out = {}
     for side, (coef, n_samples) in targets.items():
         shape = (n_samples, *w.shape)
-        out[side] = (torch.zeros(shape, dtype=cd, device=w.device),
-                     None if gram.bias is None else torch.zeros(shape[:2], dtype=cd, device=w.device))
+        out[side] = (torch.empty(shape, dtype=cd, device=w.device),
+                     None if gram.bias is None else torch.empty(shape[:2], dtype=cd, device=w.device))
+    written = {side: set() for side in targets}  # samples whose gradient holds a first chunk (else unset)
     for side in (gram.hidden if record else targets):
         h, labels = gram.hidden[side], gram.labels[side]
         if record:
@@ -188,12 +189,21 @@ def _accumulate(gram, targets, record=False):
             weighted = (h[rows] * coef.unsqueeze(1)).to(w.dtype)
             k = int(sample[rows.start])  # the chunk's sample (chunks do not span samples)
             grad_w, grad_b = out[side]
+            beta = 1 if k in written[side] else 0  # 0: the buffer's content is ignored (no zero fill)
+            written[side].add(k)
             if m_low.dtype == cd:
-                grad_w[k].addmm_(m_low.t(), weighted)  # in place: no V×H temporary per chunk
-            else:
+                grad_w[k].addmm_(m_low.t(), weighted, beta=beta)  # in place: no V×H temporary per chunk
+            elif beta:
                 grad_w[k] += (m_low.t() @ weighted).to(cd)
+            else:
+                grad_w[k] = (m_low.t() @ weighted).to(cd)
             if grad_b is not None:
-                grad_b[k].addmv_(m.t(), coef)
+                grad_b[k].addmv_(m.t(), coef, beta=beta)
+    for side, (grad_w, grad_b) in out.items():
+        for k in set(range(grad_w.shape[0])) - written[side]:  # samples without a valid row
+            grad_w[k].zero_()
+            if grad_b is not None:
+                grad_b[k].zero_()
     return out
 
 

@@ -1,11 +1,14 @@
 """The inner products of one measurement, parameter by parameter, each in the form its cost model picks.
 
-For a linear layer's weight (DESIGN §4) the Gram form costs 2·n_a·n_b·(p+q) flops per pair of gradients
-and the projection form 2·n·p·q per gradient (each gradient materialized once per parameter, then every
-pair is a dot product of p×q matrices); the cheaper is taken (`choose`), per parameter, from the shapes at
-hand. Per-instance values come from either: the Gram form's rows, or the objective's gradient
-materialized per sample, which is used only while it fits in `SAMPLE_ELEMENTS` (past it the Gram form is
-forced for that parameter). Embeddings take their sparse rows, vectors (norms, biases) their sums, a
+For a linear layer's weight (DESIGN §4) the Gram form costs 2·n_a·n_b·(p+q) flops per distinct pair of
+uses (⟨u, v⟩ serves (u, v) and (v, u)) and the projection form 2·n·p·q per use; the cheaper is taken
+(`choose`), per parameter, from the shapes at hand. The projection form (`_Basis`) materializes each use
+once — per sample where a per-instance value or a per-sample multiple (NPO's gradient is the forget NLL's
+scaled sample by sample) needs it: one batched matmul, no more flops than the whole — and every pair then
+costs one matrix-vector product per block of rows and second gradient (shared by the first gradients that
+use the block). Per-instance values come from either: the Gram form's rows, or the per-sample rows, held
+only while they fit in `SAMPLE_ELEMENTS` (past it the Gram form is forced for that parameter). Embeddings
+take their sparse rows, vectors (norms, biases) their sums per sample (the projection form, for free), a
 parameter used outside the hooked layers its dense gradient; the LM head of `measure_unlearning` takes the
 form its head pass was run in (`head.head_costs`). Everything a parameter needs is computed once for all
 pairs and dropped before the next parameter, so at most one parameter's materialized gradients live.
@@ -243,6 +246,6 @@ def _numel(shape):
 
 def parameter_products(entry: PlanEntry, parts: dict, pairs, shape, per_sample: dict) -> dict:
     """{(a, b): (⟨∇_a, ∇_b⟩ on this parameter, per-sample values [n] on the CPU or None)} in ``entry.form``."""
-    if entry.form == "projection":
+    if entry.form in ("projection", "direct"):  # direct: a vector's gradient is its rows' sum (per sample)
         return _projection(parts, pairs, tuple(shape), per_sample)
     return _row_form(parts, pairs, per_sample)
