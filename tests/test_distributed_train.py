@@ -9,7 +9,7 @@ import time
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
 
 from geffect_kernels.cli import main
 
@@ -62,11 +62,13 @@ def test_two_ranks_log_the_losses_and_geffects_of_one_process(capsys, workspace,
     assert one[-1]["loss"] != one[0]["loss"]
     history = json.loads((two_ranks / "runs" / "npo" / "geffects.json").read_text())["records"]
     assert [r["step"] for r in history] == [1, 3, 5] and set(history[0]["by_group"]) >= {"layer.0", "layer.1"}
-    weights = lambda run: load_file(run / "runs" / "npo" / "model" / "model.safetensors")
-    expected, got = weights(tmp_path / "one"), weights(two_ranks)  # gathered to rank 0 and saved there
+    weights = lambda run: AutoModelForCausalLM.from_pretrained(run / "runs" / "npo" / "model").state_dict()
+    expected, got = weights(tmp_path / "one"), weights(two_ranks)  # saved a block at a time, read back whole
     assert set(got) == set(expected)
     for name, value in expected.items():
         assert torch.allclose(got[name], value, rtol=1e-4, atol=1e-6), name
+    saved = sorted(p.name for p in (two_ranks / "runs" / "npo" / "model").glob("model-*.safetensors"))
+    assert saved == [f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)]  # 2 blocks, then the root
 
 
 def test_killed_run_resumes_bit_identically_under_torchrun(workspace, two_ranks, tmp_path):
@@ -94,8 +96,8 @@ def test_killed_run_resumes_bit_identically_under_torchrun(workspace, two_ranks,
     assert "resumed from step" in resumed.stdout and "resumed from step 0" not in resumed.stdout
     untimed = lambda run: [{k: v for k, v in m.items() if k != "seconds"} for m in metrics(run)]
     assert untimed(out) == untimed(two_ranks)
-    model = lambda run: (run / "runs" / "npo" / "model" / "model.safetensors").read_bytes()
-    assert model(out) == model(two_ranks)
+    model = lambda run: {p.name: p.read_bytes() for p in (run / "runs" / "npo" / "model").glob("model*")}
+    assert model(out) == model(two_ranks) and len(model(out)) == 4
     geffects = lambda run: json.loads((run / "runs" / "npo" / "geffects.json").read_text())
     assert geffects(out) == geffects(two_ranks)
 

@@ -163,19 +163,25 @@ def check_inputs(model, forget, retain, config):
 
 
 def _setup(model, forget, retain, config) -> _Run:
-    """The reference copy and its cache, the optimizer and LR schedule, the G-effect profiler."""
+    """The reference copy and its cache, then what every run sets up (`new_run`)."""
     torch.manual_seed(config.seed)
     device = next(model.parameters()).device
     needs_ref = OBJECTIVES[config.objective].needs_ref
     reference = frozen_copy(model) if needs_ref or (config.uses_retain and config.retain_objective == "kl") \
         else None
+    return new_run(_Run, model, forget, retain, config, reference=reference,
+                   ref_cache=RefLogprobCache(reference, forget, backend=config.backend) if needs_ref else None,
+                   autocast=torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"))
+
+
+def new_run(run_type, model, forget, retain, config, *, reference, ref_cache, autocast) -> _Run:
+    """A ``run_type`` (`_Run` or a subclass) over ``model``: the optimizer over its trainable parameters, the LR
+    schedule, the settings a checkpoint records, the run folder and the G-effect profiler."""
     params = [p for p in model.parameters() if p.requires_grad]
-    run = _Run(
-        model=model, forget=forget, retain=retain, config=config, device=device,
-        autocast=torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"),
-        reference=reference,
-        ref_cache=RefLogprobCache(reference, forget, backend=config.backend) if needs_ref else None,
-        params=params, optimizer=torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay),
+    run = run_type(
+        model=model, forget=forget, retain=retain, config=config, device=next(model.parameters()).device,
+        autocast=autocast, reference=reference, ref_cache=ref_cache, params=params,
+        optimizer=torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay),
         lr_factor=warmup_linear_decay(config.warmup_steps, config.steps),
         settings=run_settings(config, forget, retain), out=Path(config.out_dir) if config.out_dir else None)
     if config.geffect_every:
