@@ -15,9 +15,6 @@ from pathlib import Path
 from .objectives import OBJECTIVES, resolve
 
 EXIT_ERROR = 1
-EVAL_SHARDED = ("--eval runs in one process: its greedy generation is not run in lockstep on every rank, which a "
-                "sharded model needs (each forward pass gathers the weights from all ranks); evaluate "
-                "runs/<objective>/model afterwards with one process")
 
 
 class CLIError(Exception):
@@ -170,8 +167,6 @@ def cmd_train(args):
     for config in configs.values():  # before anything runs or is written
         check_world(world, config, forget_pairs, retain_pairs if config.uses_retain else None)
         check_resume(config.out_dir, world, args.allow_reshard)
-    if world > 1 and args.eval:
-        raise CLIError(EVAL_SHARDED)
     if world > 1 and is_adapter_dir(files["model"]):
         raise CLIError(f"--model {files['model']} is a LoRA adapter: several processes load a full model "
                        f"folder into shards (train the adapter in one process)")
@@ -195,19 +190,18 @@ def cmd_train(args):
                                                allow_reshard=args.allow_reshard)
         else:
             model = copy.deepcopy(start)
-            model = lora(model) if lora else model
-            result = train(model, forget, retain, config, resume=resume)
+            result = train(lora(model) if lora else model, forget, retain, config, resume=resume)
+        if args.eval:  # on every rank: a sharded model's forward passes take all of them
+            summaries[name], _ = evaluate_model(result.model, tokenizer, forget_pairs, retain_pairs,
+                                                utility_sets.get("world"), real_authors=utility_sets.get("real_authors"),
+                                                **({"max_new_tokens": args.max_new_tokens}
+                                                   if args.max_new_tokens else {}))
         if not is_rank_zero():
             continue
         tokenizer.save_pretrained(Path(config.out_dir) / "model")
         print(f"{name}: {config.steps} steps (resumed from step {result.resumed_from}), final loss "
               f"{result.metrics[-1]['loss']:.4f}; model in {config.out_dir}/model")
-        if args.eval:
-            summaries[name], _ = evaluate_model(model, tokenizer, forget_pairs, retain_pairs, utility_sets.get("world"),
-                                                real_authors=utility_sets.get("real_authors"),
-                                                **({"max_new_tokens": args.max_new_tokens}
-                                                   if args.max_new_tokens else {}))
-    if summaries:
+    if summaries and is_rank_zero():
         results = Path(args.out) / "results"
         results.mkdir(parents=True, exist_ok=True)
         (results / "summary.json").write_text(json.dumps(summaries, indent=1))

@@ -9,6 +9,7 @@ import time
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from geffect_kernels.cli import main
@@ -33,8 +34,8 @@ def train_args(workspace, out):
     return ["train", "--config", workspace / "run.yaml", "--out", out, "--no-progress"]
 
 
-def metrics(out):
-    return [json.loads(line) for line in (out / "runs" / "npo" / "metrics.jsonl").read_text().splitlines()]
+def metrics(out, objective="npo"):
+    return [json.loads(line) for line in (out / "runs" / objective / "metrics.jsonl").read_text().splitlines()]
 
 
 def run_cli(capsys, *argv):
@@ -69,6 +70,31 @@ def test_two_ranks_log_the_losses_and_geffects_of_one_process(capsys, workspace,
         assert torch.allclose(got[name], value, rtol=1e-4, atol=1e-6), name
     saved = sorted(p.name for p in (two_ranks / "runs" / "npo" / "model").glob("model-*.safetensors"))
     assert saved == [f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)]  # 2 blocks, then the root
+
+
+def test_lora_with_a_kl_retain_term_trains_and_evaluates_as_one_process(capsys, workspace, tmp_path):
+    # the adapters are drawn on the CPU from the seed, the KL reference is loaded into shards as the model is, and
+    # --eval runs on every rank (greedy generation in lockstep), rank 0 writing the summary
+    lora = ["--objective", "ga", "--retain-objective", "kl", "--lora-r", 2, "--lora-targets", "q_proj,down_proj",
+            "--steps", 3, "--lr", 0.1, "--geffect-every", 0, "--eval", "--max-new-tokens", 4]
+    run_ranks(["-m", "geffect_kernels", *train_args(workspace, tmp_path / "two"), *lora], world=2, timeout=TIMEOUT)
+    code, err = run_cli(capsys, *train_args(workspace, tmp_path / "one"), *lora)
+    assert code == 0, err
+    one, two = metrics(tmp_path / "one", "ga"), metrics(tmp_path / "two", "ga")
+    assert len(two) == 3 and one[-1]["retain_loss"] > 1e-5
+    for a, b in zip(one, two):
+        for key in ("loss", "forget_loss", "retain_loss", "grad_norm"):  # KL: a difference of close log-probs
+            assert b[key] == pytest.approx(a[key], rel=2e-5, abs=1e-7), (a["step"], key)
+    adapter = lambda run: load_file(run / "runs" / "ga" / "model" / "adapter_model.safetensors")
+    expected, got = adapter(tmp_path / "one"), adapter(tmp_path / "two")
+    assert set(got) == set(expected) and len(got) == 8
+    for name, value in expected.items():
+        assert torch.allclose(got[name], value, rtol=1e-4, atol=1e-6), name
+    summary = lambda run: json.loads((run / "results" / "summary.json").read_text())["ga"]
+    expected, got = summary(tmp_path / "one"), summary(tmp_path / "two")
+    assert set(got) == set(expected) and "forget_rouge_l" in got
+    for key, value in expected.items():
+        assert got[key] == pytest.approx(value, rel=1e-4, abs=1e-7), key
 
 
 def test_killed_run_resumes_bit_identically_under_torchrun(workspace, two_ranks, tmp_path):

@@ -166,7 +166,7 @@ def train_sharded(model_dir, forget, retain, config, *, device, wrap=None, resum
                   ) -> loop.TrainResult:
     """`loop.train` on the torchrun group, the starting model read from ``model_dir`` (a Hugging Face folder with
     safetensors weights) straight into shards on ``device``, ``wrap`` (e.g. LoRA) applied before sharding;
-    returns the metrics on every rank (identical). ``resume`` as for `loop.train`."""
+    returns the metrics (identical) and the trained sharded model on every rank. ``resume`` as for `loop.train`."""
     model = load_sharded(model_dir, device, wrap=wrap)
     loop.check_inputs(model, forget, retain, config)
     config = resolve_preset(config, model, len(forget))
@@ -301,4 +301,4 @@ def _finish(run) -> loop.TrainResult:
                 atomic_write_json(run.out / loop.GEFFECTS, run.history.to_dict())
         dist.barrier()
     return loop.TrainResult(steps=run.config.steps, metrics=run.metrics, geffects=run.history,
-                            resumed_from=run.start)
+                            resumed_from=run.start, model=run.model)

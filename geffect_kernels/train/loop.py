@@ -53,6 +53,7 @@ class TrainResult:
     metrics: list[dict] = field(default_factory=list)
     geffects: object = None  # GEffectHistory when G-effects were recorded
     resumed_from: int = 0
+    model: object = None  # the trained model (the caller's, trained in place; a sharded run's own)
 
 
 @dataclass
@@ -363,7 +364,8 @@ def _finish(run: _Run) -> TrainResult:
         _save_model(run.model, run.out)
         if run.history is not None:
             atomic_write_json(run.out / GEFFECTS, run.history.to_dict())
-    return TrainResult(steps=run.config.steps, metrics=run.metrics, geffects=run.history, resumed_from=run.start)
+    return TrainResult(steps=run.config.steps, metrics=run.metrics, geffects=run.history, resumed_from=run.start,
+                       model=run.model)
 
 
 def _save_model(model, out_dir: Path):
