@@ -317,8 +317,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--world", help="world-facts set for --eval (TOFU-format, with perturbed answers)")
     p.add_argument("--max-new-tokens", type=int,
                    help="greedy generation length for --eval's ROUGE-L (default 200, as TOFU)")
-    p.add_argument("--preset", help="'official': every setting left at its default as the official G-effect scripts "
-                                    "run it (docs/conventions.md)")
+    p.add_argument("--preset", help="'official': every setting not given (flag or --config) as the official "
+                                    "G-effect scripts run it (docs/conventions.md)")
     p.add_argument("--device", default="cuda" if _cuda() else "cpu")
     p.add_argument("--no-progress", action="store_true")
     choice = p.add_mutually_exclusive_group()
