@@ -99,7 +99,8 @@ def table(rows, parts=()):
                                            for p in parts))
     if rows:
         lines.append(f"machine: {rows[0]['machine']}; commit {rows[0]['commit']}")
-    checks = [r for r in rows if r["part"] == "correctness" or (r["part"] == "logits" and r["ms_median"] == "")]
+    checks = [r for r in rows if r["part"] == "correctness" or (r["part"] in ("logits", "geffect")
+                                                                 and r["ms_median"] == "" and r["status"] != "error")]
     if checks:
         bad = sum(r["status"] not in ("ok", "skipped") for r in checks)
         lines.append(f"\ncorrectness vs float64 ({len(checks)} cases, {bad} not ok): case provider obj dtype "
@@ -113,16 +114,21 @@ def table(rows, parts=()):
     for shape in dict.fromkeys(r["shape"] for r in timed):
         here = [r for r in timed if r["shape"] == shape]
         floor3 = next((_num(r["ms_median"]) for r in here if r["provider"].startswith("floor")), math.nan)
-        liger = next((_num(r["ms_median"]) for r in here if r["provider"] == "liger bf16 acc"), math.nan)
-        lines.append(f"\n{shape}: provider obj ms [p20-p80] MiB x3mm x4pass xliger")
+        # xliger: against Liger's fused linear cross-entropy, for KL rows against its fused JSD
+        liger = {name: next((_num(r["ms_median"]) for r in here if r["provider"] == name), math.nan)
+                 for name in ("liger bf16 acc", "liger jsd beta=1")}
+        lines.append(f"\n{shape}: provider obj ms [p20-p80] MiB x3mm x4pass xliger (kl: x liger jsd)")
         for r in here:
             t = _num(r["ms_median"])
+            yardstick = liger["liger jsd beta=1" if r["objective"] == "kl" else "liger bf16 acc"]
             lines.append(f"  {r['provider'][:24]:24s} {r['objective']:6s} {t:9.3f} "
                          f"[{_cell(_num(r['ms_p20']), '.2f')}-{_cell(_num(r['ms_p80']), '.2f')}] "
                          f"{r['peak_mib'] or '-':>7s} {_cell(t / floor3, '.2f'):>5s} "
-                         f"{_cell(t / (floor3 * 4 / 3), '.2f'):>5s} {_cell(t / liger, '.2f'):>5s}"
+                         f"{_cell(t / (floor3 * 4 / 3), '.2f'):>5s} {_cell(t / yardstick, '.2f'):>5s}"
                          + (f"  {r['note'][:60]}" if r["note"] else ""))
-    failed = [r for r in rows if r["part"] in ("speed", "overhead") and r["status"] not in ("ok", "skipped")]
+    lines += _large_model_lines([r for r in rows if r["part"] in ("geffect", "fsdp") and r["ms_median"] != ""])
+    failed = [r for r in rows if r["part"] in ("speed", "overhead", "geffect", "fsdp")
+              and r["status"] not in ("ok", "skipped", "FAIL")]
     if failed:
         lines.append("\nspeed cases that failed:")
         lines += [f"  {r['shape'][:30]} {r['provider']} {r['objective']}: {r['note'][:120]}" for r in failed]
@@ -130,6 +136,21 @@ def table(rows, parts=()):
     if skipped:
         lines.append("\nskipped (not installed / not available): " + ", ".join(skipped))
     return _bounded("\n".join(lines))
+
+
+def _large_model_lines(timed):
+    """Per part and shape: each method's time and peak memory, and both as ratios to the first row (the
+    training step, or the single-process step)."""
+    lines = []
+    for part, shape in dict.fromkeys((r["part"], r["shape"]) for r in timed):
+        here = [r for r in timed if (r["part"], r["shape"]) == (part, shape)]
+        t0, m0 = _num(here[0]["ms_median"]), _num(here[0]["peak_mib"])
+        lines.append(f"\n{part} {shape}: method ms MiB (time, memory vs {here[0]['case']})")
+        for r in here:
+            t, m = _num(r["ms_median"]), _num(r["peak_mib"])
+            lines.append(f"  {r['case'][:24]:24s} {t:10.1f} {_cell(m, '.0f'):>8s} {_cell(t / t0, '.2f'):>6s}x "
+                         f"{_cell(m / m0, '.2f'):>6s}x")
+    return lines
 
 
 def _bounded(text):

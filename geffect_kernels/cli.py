@@ -82,8 +82,7 @@ def _load_model(path, device="cpu"):
     path = Path(path)
     if is_adapter_dir(path):  # a LoRA adapter written by `geffect train --lora-r`: its base model plus it
         return load_adapter(path, lambda base: _load_model(base, device)).to(device)
-    if not (path / "config.json").is_file():
-        raise CLIError(f"{path} is not a Hugging Face model directory (no config.json)")
+    _check_model_dir(path)
     try:
         AutoConfig.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path)
@@ -91,6 +90,11 @@ def _load_model(path, device="cpu"):
         raise CLIError(f"{path} does not hold a loadable causal language model "
                        f"({type(err).__name__}: {_first_line(err)})") from err
     return model.to(device)
+
+
+def _check_model_dir(path: Path):
+    if not (path / "config.json").is_file():
+        raise CLIError(f"{path} is not a Hugging Face model directory (no config.json)")
 
 
 def _load_tokenizer(path):
@@ -130,8 +134,6 @@ def _train_settings(args):
 def cmd_train(args):
     import copy
 
-    import torch
-
     from .backends.registry import check_backend
     from .data import encode_pairs, load_qa
     from .eval import evaluate_model
@@ -140,7 +142,7 @@ def cmd_train(args):
     from .train import distributed
     from .train.distributed import check_resume, check_world
     from .train.launch import is_rank_zero, launch, world_size
-    from .train.lora import add_lora
+    from .train.lora import add_lora, is_adapter_dir
 
     # everything that can be checked is checked before the model loads and before any file is written
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
@@ -165,12 +167,15 @@ def cmd_train(args):
     for config in configs.values():  # before anything runs or is written
         check_world(world, config, forget_pairs, retain_pairs if config.uses_retain else None)
         check_resume(config.out_dir, world, args.allow_reshard)
-    if world > 1 and args.eval:
-        raise CLIError("--eval runs in one process: evaluate the saved model afterwards")
+    if world > 1 and is_adapter_dir(files["model"]):
+        raise CLIError(f"--model {files['model']} is a LoRA adapter: several processes load a full model "
+                       f"folder into shards (train the adapter in one process)")
+    if world > 1:
+        _check_model_dir(Path(files["model"]))
     if args.nproc and args.nproc > 1:
         raise SystemExit(launch(args.argv, args.nproc))
     device = distributed.init(args.device) if world > 1 else device
-    start = _load_model(files["model"], device)
+    start = _load_model(files["model"], device) if world == 1 else None  # several: each rank reads its shards
     tokenizer = _load_tokenizer(args.tokenizer or files["model"])
     forget = encode_pairs(tokenizer, forget_pairs, max_length=args.max_length)
     retain = encode_pairs(tokenizer, retain_pairs, max_length=args.max_length) if retain_pairs else None
@@ -178,25 +183,25 @@ def cmd_train(args):
         check_resumable(start, forget, retain, config, resume)
     summaries = {}
     for name, config in configs.items():
-        model = copy.deepcopy(start)
-        if args.lora_r:
-            torch.manual_seed(config.seed)  # the same adapters on every rank
-            model = add_lora(model, args.lora_r, args.lora_alpha, args.lora_targets, base_path=files["model"])
+        lora = (lambda model, seed=config.seed: add_lora(model, args.lora_r, args.lora_alpha, args.lora_targets,
+                                                         base_path=files["model"], seed=seed)) if args.lora_r else None
         if world > 1:
-            result = distributed.train_sharded(model, forget, retain, config, allow_reshard=args.allow_reshard)
+            result = distributed.train_sharded(files["model"], forget, retain, config, device=device, wrap=lora,
+                                               allow_reshard=args.allow_reshard)
         else:
-            result = train(model, forget, retain, config, resume=resume)
+            model = copy.deepcopy(start)
+            result = train(lora(model) if lora else model, forget, retain, config, resume=resume)
+        if args.eval:  # on every rank: a sharded model's forward passes take all of them
+            summaries[name], _ = evaluate_model(result.model, tokenizer, forget_pairs, retain_pairs,
+                                                utility_sets.get("world"), real_authors=utility_sets.get("real_authors"),
+                                                **({"max_new_tokens": args.max_new_tokens}
+                                                   if args.max_new_tokens else {}))
         if not is_rank_zero():
             continue
         tokenizer.save_pretrained(Path(config.out_dir) / "model")
         print(f"{name}: {config.steps} steps (resumed from step {result.resumed_from}), final loss "
               f"{result.metrics[-1]['loss']:.4f}; model in {config.out_dir}/model")
-        if args.eval:
-            summaries[name], _ = evaluate_model(model, tokenizer, forget_pairs, retain_pairs, utility_sets.get("world"),
-                                                real_authors=utility_sets.get("real_authors"),
-                                                **({"max_new_tokens": args.max_new_tokens}
-                                                   if args.max_new_tokens else {}))
-    if summaries:
+    if summaries and is_rank_zero():
         results = Path(args.out) / "results"
         results.mkdir(parents=True, exist_ok=True)
         (results / "summary.json").write_text(json.dumps(summaries, indent=1))
@@ -312,8 +317,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--world", help="world-facts set for --eval (TOFU-format, with perturbed answers)")
     p.add_argument("--max-new-tokens", type=int,
                    help="greedy generation length for --eval's ROUGE-L (default 200, as TOFU)")
-    p.add_argument("--preset", help="'official': every setting left at its default as the official G-effect scripts "
-                                    "run it (docs/conventions.md)")
+    p.add_argument("--preset", help="'official': every setting not given (flag or --config) as the official "
+                                    "G-effect scripts run it (docs/conventions.md)")
     p.add_argument("--device", default="cuda" if _cuda() else "cpu")
     p.add_argument("--no-progress", action="store_true")
     choice = p.add_mutually_exclusive_group()

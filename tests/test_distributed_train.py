@@ -10,6 +10,7 @@ import time
 import pytest
 import torch
 from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
 
 from geffect_kernels.cli import main
 
@@ -33,8 +34,8 @@ def train_args(workspace, out):
     return ["train", "--config", workspace / "run.yaml", "--out", out, "--no-progress"]
 
 
-def metrics(out):
-    return [json.loads(line) for line in (out / "runs" / "npo" / "metrics.jsonl").read_text().splitlines()]
+def metrics(out, objective="npo"):
+    return [json.loads(line) for line in (out / "runs" / objective / "metrics.jsonl").read_text().splitlines()]
 
 
 def run_cli(capsys, *argv):
@@ -62,11 +63,38 @@ def test_two_ranks_log_the_losses_and_geffects_of_one_process(capsys, workspace,
     assert one[-1]["loss"] != one[0]["loss"]
     history = json.loads((two_ranks / "runs" / "npo" / "geffects.json").read_text())["records"]
     assert [r["step"] for r in history] == [1, 3, 5] and set(history[0]["by_group"]) >= {"layer.0", "layer.1"}
-    weights = lambda run: load_file(run / "runs" / "npo" / "model" / "model.safetensors")
-    expected, got = weights(tmp_path / "one"), weights(two_ranks)  # gathered to rank 0 and saved there
+    weights = lambda run: AutoModelForCausalLM.from_pretrained(run / "runs" / "npo" / "model").state_dict()
+    expected, got = weights(tmp_path / "one"), weights(two_ranks)  # saved a block at a time, read back whole
     assert set(got) == set(expected)
     for name, value in expected.items():
         assert torch.allclose(got[name], value, rtol=1e-4, atol=1e-6), name
+    saved = sorted(p.name for p in (two_ranks / "runs" / "npo" / "model").glob("model-*.safetensors"))
+    assert saved == [f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)]  # 2 blocks, then the root
+
+
+def test_lora_with_a_kl_retain_term_trains_and_evaluates_as_one_process(capsys, workspace, tmp_path):
+    # the adapters are drawn on the CPU from the seed, the KL reference is loaded into shards as the model is, and
+    # --eval runs on every rank (greedy generation in lockstep), rank 0 writing the summary
+    lora = ["--objective", "ga", "--retain-objective", "kl", "--lora-r", 2, "--lora-targets", "q_proj,down_proj",
+            "--steps", 3, "--lr", 0.1, "--geffect-every", 0, "--eval", "--max-new-tokens", 4]
+    run_ranks(["-m", "geffect_kernels", *train_args(workspace, tmp_path / "two"), *lora], world=2, timeout=TIMEOUT)
+    code, err = run_cli(capsys, *train_args(workspace, tmp_path / "one"), *lora)
+    assert code == 0, err
+    one, two = metrics(tmp_path / "one", "ga"), metrics(tmp_path / "two", "ga")
+    assert len(two) == 3 and one[-1]["retain_loss"] > 1e-5
+    for a, b in zip(one, two):
+        for key in ("loss", "forget_loss", "retain_loss", "grad_norm"):  # KL: a difference of close log-probs
+            assert b[key] == pytest.approx(a[key], rel=2e-5, abs=1e-7), (a["step"], key)
+    adapter = lambda run: load_file(run / "runs" / "ga" / "model" / "adapter_model.safetensors")
+    expected, got = adapter(tmp_path / "one"), adapter(tmp_path / "two")
+    assert set(got) == set(expected) and len(got) == 8
+    for name, value in expected.items():
+        assert torch.allclose(got[name], value, rtol=1e-4, atol=1e-6), name
+    summary = lambda run: json.loads((run / "results" / "summary.json").read_text())["ga"]
+    expected, got = summary(tmp_path / "one"), summary(tmp_path / "two")
+    assert set(got) == set(expected) and "forget_rouge_l" in got
+    for key, value in expected.items():
+        assert got[key] == pytest.approx(value, rel=1e-4, abs=1e-7), key
 
 
 def test_killed_run_resumes_bit_identically_under_torchrun(workspace, two_ranks, tmp_path):
@@ -94,8 +122,8 @@ def test_killed_run_resumes_bit_identically_under_torchrun(workspace, two_ranks,
     assert "resumed from step" in resumed.stdout and "resumed from step 0" not in resumed.stdout
     untimed = lambda run: [{k: v for k, v in m.items() if k != "seconds"} for m in metrics(run)]
     assert untimed(out) == untimed(two_ranks)
-    model = lambda run: (run / "runs" / "npo" / "model" / "model.safetensors").read_bytes()
-    assert model(out) == model(two_ranks)
+    model = lambda run: {p.name: p.read_bytes() for p in (run / "runs" / "npo" / "model").glob("model*")}
+    assert model(out) == model(two_ranks) and len(model(out)) == 4
     geffects = lambda run: json.loads((run / "runs" / "npo" / "geffects.json").read_text())
     assert geffects(out) == geffects(two_ranks)
 

@@ -30,6 +30,17 @@ def test_official_preset_fills_the_defaults_and_leaves_given_values():
     assert TrainConfig(objective="npo").hparams == {} and TrainConfig().kl_normalization == "tokens"
 
 
+def test_a_setting_given_equal_to_the_default_still_wins_over_the_preset():
+    given = TrainConfig(objective="npo", preset="official", batch_size=8, seed=0, max_grad_norm=1.0,
+                        retain_objective="nll", hparams={"beta": 0.1})
+    assert (given.batch_size, given.seed, given.max_grad_norm, given.retain_objective) == (8, 0, 1.0, "nll")
+    assert given.hparams == {"beta": 0.1} and given.grad_accum == 4  # what was not given is the preset's
+    positional = TrainConfig("npo", {}, "nll", preset="official")  # positional arguments count as given
+    assert positional.retain_objective == "nll" and positional.batch_size == 4
+    loaded = TrainConfig.from_dict({"objective": "npo", "preset": "official", "batch_size": 8})  # YAML / CLI
+    assert (loaded.batch_size, loaded.grad_accum) == (8, 4)
+
+
 def test_unknown_preset_and_normalization_are_one_line_errors():
     with pytest.raises(ValueError, match=r"^unknown preset 'paper'; valid: official$"):
         TrainConfig(preset="paper")
@@ -48,6 +59,8 @@ def test_preset_resolves_epochs_warmup_and_the_learning_rate_of_the_model_family
     assert resolve(c, model("gpt2"), n_forget=40).lr == c.lr  # a family the official scripts never ran
     assert resolve(TrainConfig(preset="official", steps=7, lr=3e-4), model("phi"), 40).steps == 7
     assert resolve(TrainConfig(preset="official", lr=3e-4), model("phi"), 40).lr == 3e-4
+    at_defaults = resolve(TrainConfig(preset="official", steps=30, warmup_steps=0, lr=1e-5), model("phi"), 400)
+    assert (at_defaults.steps, at_defaults.warmup_steps, at_defaults.lr) == (30, 0, 1e-5)
     plain = TrainConfig()
     assert resolve(plain, model("phi"), 40) is plain
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from .. import hf
+from ..geffect.sharded import is_sharded
 from ..data.prompts import collate, encode_pair, prompt_ids
 
 
@@ -39,7 +40,9 @@ def greedy_answers(model, tokenizer, questions, *, max_new_tokens=200, batch_siz
         # left padding: every prompt ends at the same column, so generation continues all of them together
         ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=_device(model))
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=_device(model))
+        # a sharded model's forward passes are collective: its ranks generate in lockstep until all are done
         generated = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                                   do_sample=False, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
+                                   do_sample=False, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id,
+                                   synced_gpus=is_sharded(model))
         texts += tokenizer.batch_decode(generated[:, width:], skip_special_tokens=True)
     return [t.strip() for t in texts]

@@ -3,18 +3,21 @@
     torchrun --nproc-per-node N -m geffect_kernels train ...      (or ``geffect train --nproc N ...``)
 
 The same stages as `loop.train`, with these differences:
-- the model is sharded (`sharding.shard`: per decoder block, then the root; bf16 compute on CUDA);
+- the model is loaded straight into shards (`hf_shards.load_sharded`: built on the meta device, sharded per
+  decoder block then the root, each rank reading only its slices of the safetensors weights; bf16 compute on
+  CUDA), so no rank ever holds an unsharded model;
 - ``batch_size`` stays the *global* batch: rank r takes its `rank_rows` slice of every micro-batch, and the
   losses are the global batch's (`data_parallel`: gathered log-probabilities, exact coefficients), so the
   logged losses equal one process's to float32 round-off;
 - reference log-probabilities (NPO, TNPO, WTNPO) are computed once, before the first update, by the sharded
   starting model itself (every rank then holds those of the whole forget set: B·T numbers); a KL retain term
-  runs a sharded frozen copy. No rank holds an unsharded model;
+  runs a frozen reference loaded into shards the same way;
 - checkpoints go through ``torch.distributed.checkpoint`` (each rank writes its shards) into
   ``checkpoint/step-N``; ``checkpoint/latest.json``, replaced atomically by rank 0 once every rank has
   written, names the complete one, so a checkpoint is complete or absent; a killed run resumes
   bit-identically at the same world size, another world size needs ``allow_reshard``;
-- metrics, G-effects and the final model are written once, by rank 0 (the model gathered to its CPU).
+- metrics and G-effects are written once, by rank 0; the final model as a Hugging Face sharded checkpoint
+  gathered one FSDP unit at a time (`hf_shards.save_sharded`; a peft model's adapter alone).
 """
 from __future__ import annotations
 
@@ -31,15 +34,13 @@ from .. import hf
 from ..data_parallel import mean_part, objective_part, rank_rows
 from ..geffect.sharded import reshard
 from ..objectives import OBJECTIVES
-from ..retain import kl_loss
 from . import loop
 from .checkpoint import atomic_write_json, atomic_write_text
-from .frozen_model import frozen_copy
+from .hf_shards import load_sharded, save_sharded
 from .presets import resolve as resolve_preset
-from .resume import differences, run_settings, should_resume
+from .resume import differences, should_resume
 from .run_lock import run_lock
-from .schedule import batch_indices, warmup_linear_decay
-from .sharding import shard
+from .schedule import batch_indices
 
 CHECKPOINTS = "checkpoint"
 LATEST = "latest.json"
@@ -161,9 +162,12 @@ class _Precomputed:
         return out.to(device)
 
 
-def train_sharded(model, forget, retain, config, *, resume=None, allow_reshard=False) -> loop.TrainResult:
-    """`loop.train` on the torchrun group: ``model`` (unsharded, the same starting weights on every rank) is
-    sharded in place; returns the metrics on every rank (identical). ``resume`` as for `loop.train`."""
+def train_sharded(model_dir, forget, retain, config, *, device, wrap=None, resume=None, allow_reshard=False
+                  ) -> loop.TrainResult:
+    """`loop.train` on the torchrun group, the starting model read from ``model_dir`` (a Hugging Face folder with
+    safetensors weights) straight into shards on ``device``, ``wrap`` (e.g. LoRA) applied before sharding;
+    returns the metrics (identical) and the trained sharded model on every rank. ``resume`` as for `loop.train`."""
+    model = load_sharded(model_dir, device, wrap=wrap)
     loop.check_inputs(model, forget, retain, config)
     config = resolve_preset(config, model, len(forget))
     world = dist.get_world_size()
@@ -171,7 +175,7 @@ def train_sharded(model, forget, retain, config, *, resume=None, allow_reshard=F
     if config.out_dir and resume is not False:
         check_resume(config.out_dir, world, allow_reshard)
     with run_lock(config.out_dir) if dist.get_rank() == 0 else nullcontext():  # rank 0 writes the folder
-        run = _setup(model, forget, retain, config)
+        run = _setup(model, model_dir, forget, retain, config)
         _resume(run, resume)
         run.model.train()
         for step in range(run.start, config.steps):
@@ -189,28 +193,18 @@ def train_sharded(model, forget, retain, config, *, resume=None, allow_reshard=F
         return _finish(run)
 
 
-def _setup(model, forget, retain, config) -> _ShardedRun:
+def _setup(model, model_dir, forget, retain, config) -> _ShardedRun:
+    """A KL reference loaded into shards, the reference log-probabilities of the (sharded) starting model,
+    then what every run sets up (`loop.new_run`)."""
     torch.manual_seed(config.seed)
     device = next(model.parameters()).device
     reference = None
     if config.uses_retain and config.retain_objective == "kl":
-        reference = shard(frozen_copy(model), device)
-    shard(model, device)
+        reference = load_sharded(model_dir, device, trainable=False)
     ref_cache = (_Precomputed(model, forget, config.batch_size, config.backend)
                  if OBJECTIVES[config.objective].needs_ref else None)  # the starting model is the reference
-    params = [p for p in model.parameters() if p.requires_grad]
-    run = _ShardedRun(
-        model=model, forget=forget, retain=retain, config=config, device=device,
-        autocast=torch.autocast(device.type, enabled=False),  # FSDP2's policy sets the compute dtype
-        reference=reference, ref_cache=ref_cache, params=params,
-        optimizer=torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay),
-        lr_factor=warmup_linear_decay(config.warmup_steps, config.steps),
-        settings=run_settings(config, forget, retain), out=Path(config.out_dir) if config.out_dir else None)
-    if config.geffect_every:
-        from ..geffect import GEffectHistory, GEffectProfiler
-        run.profiler = GEffectProfiler(model, groups=config.geffect_groups)
-        run.history = GEffectHistory(config.objective)
-    return run
+    return loop.new_run(_ShardedRun, model, forget, retain, config, reference=reference, ref_cache=ref_cache,
+                        autocast=torch.autocast(device.type, enabled=False))  # FSDP2's policy sets the dtype
 
 
 def _state(run):
@@ -293,20 +287,18 @@ def _resume(run, resume):
 
 
 def _finish(run) -> loop.TrainResult:
-    """The final model gathered to rank 0's CPU and saved there (adapters only for a peft model)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
+    """The final model saved without gathering it whole (`save_sharded`; adapters only for a peft model)."""
     run.model.eval()
     if run.out is not None:
-        state = get_model_state_dict(run.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        tmp, final = run.out / ".model.tmp", run.out / "model"
         if dist.get_rank() == 0:
-            tmp, final = run.out / ".model.tmp", run.out / "model"
             shutil.rmtree(tmp, ignore_errors=True)
-            run.model.save_pretrained(tmp, state_dict=state)
+        save_sharded(run.model, tmp)
+        if dist.get_rank() == 0:
             shutil.rmtree(final, ignore_errors=True)
             tmp.rename(final)
             if run.history is not None:
                 atomic_write_json(run.out / loop.GEFFECTS, run.history.to_dict())
         dist.barrier()
     return loop.TrainResult(steps=run.config.steps, metrics=run.metrics, geffects=run.history,
-                            resumed_from=run.start)
+                            resumed_from=run.start, model=run.model)

@@ -53,6 +53,7 @@ class TrainResult:
     metrics: list[dict] = field(default_factory=list)
     geffects: object = None  # GEffectHistory when G-effects were recorded
     resumed_from: int = 0
+    model: object = None  # the trained model (the caller's, trained in place; a sharded run's own)
 
 
 @dataclass
@@ -163,19 +164,25 @@ def check_inputs(model, forget, retain, config):
 
 
 def _setup(model, forget, retain, config) -> _Run:
-    """The reference copy and its cache, the optimizer and LR schedule, the G-effect profiler."""
+    """The reference copy and its cache, then what every run sets up (`new_run`)."""
     torch.manual_seed(config.seed)
     device = next(model.parameters()).device
     needs_ref = OBJECTIVES[config.objective].needs_ref
     reference = frozen_copy(model) if needs_ref or (config.uses_retain and config.retain_objective == "kl") \
         else None
+    return new_run(_Run, model, forget, retain, config, reference=reference,
+                   ref_cache=RefLogprobCache(reference, forget, backend=config.backend) if needs_ref else None,
+                   autocast=torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"))
+
+
+def new_run(run_type, model, forget, retain, config, *, reference, ref_cache, autocast) -> _Run:
+    """A ``run_type`` (`_Run` or a subclass) over ``model``: the optimizer over its trainable parameters, the LR
+    schedule, the settings a checkpoint records, the run folder and the G-effect profiler."""
     params = [p for p in model.parameters() if p.requires_grad]
-    run = _Run(
-        model=model, forget=forget, retain=retain, config=config, device=device,
-        autocast=torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"),
-        reference=reference,
-        ref_cache=RefLogprobCache(reference, forget, backend=config.backend) if needs_ref else None,
-        params=params, optimizer=torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay),
+    run = run_type(
+        model=model, forget=forget, retain=retain, config=config, device=next(model.parameters()).device,
+        autocast=autocast, reference=reference, ref_cache=ref_cache, params=params,
+        optimizer=torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay),
         lr_factor=warmup_linear_decay(config.warmup_steps, config.steps),
         settings=run_settings(config, forget, retain), out=Path(config.out_dir) if config.out_dir else None)
     if config.geffect_every:
@@ -357,7 +364,8 @@ def _finish(run: _Run) -> TrainResult:
         _save_model(run.model, run.out)
         if run.history is not None:
             atomic_write_json(run.out / GEFFECTS, run.history.to_dict())
-    return TrainResult(steps=run.config.steps, metrics=run.metrics, geffects=run.history, resumed_from=run.start)
+    return TrainResult(steps=run.config.steps, metrics=run.metrics, geffects=run.history, resumed_from=run.start,
+                       model=run.model)
 
 
 def _save_model(model, out_dir: Path):

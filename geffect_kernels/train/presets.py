@@ -42,18 +42,14 @@ def check_preset(name) -> None:
         raise ValueError(f"unknown preset {name!r}; valid: {', '.join(PRESETS)}")
 
 
-def _defaults(config_class) -> dict:
-    return {f.name: f.default for f in dataclasses.fields(config_class) if f.default is not dataclasses.MISSING}
-
-
 def fill_settings(config) -> None:
-    """Give ``config``'s settings still at their defaults the preset's values (in place; hyper-parameters
-    given win over the preset's, key by key)."""
+    """Give the settings of ``config`` that its caller did not give the preset's values (in place;
+    hyper-parameters given win over the preset's, key by key)."""
     if config.preset is None:
         return
-    preset, defaults = PRESETS[config.preset], _defaults(type(config))
+    preset = PRESETS[config.preset]
     for key, value in preset.settings.items():
-        if hasattr(config, key) and getattr(config, key) == defaults[key]:
+        if key not in config.given:
             setattr(config, key, value)
     config.hparams = {**preset.hparams.get(config.objective, {}), **config.hparams}
 
@@ -61,17 +57,17 @@ def fill_settings(config) -> None:
 def resolve(config, model, n_forget: int):
     """The config with the preset's data- and model-dependent settings fixed: ``steps`` (epochs over
     ``n_forget`` samples, as the official ``max_steps``), ``warmup_steps`` and the learning rate of the model's
-    family (a family the preset does not know keeps the learning rate given)."""
+    family (a family the preset does not know keeps the learning rate). Settings the caller gave stay."""
     if config.preset is None:
         return config
-    preset, defaults = PRESETS[config.preset], _defaults(type(config))
+    preset = PRESETS[config.preset]
     per_step = config.batch_size * config.grad_accum
     changes = {}
-    if config.steps == defaults["steps"]:
+    if "steps" not in config.given:
         changes["steps"] = max(1, preset.epochs * n_forget // per_step)
-    if config.warmup_steps == defaults["warmup_steps"]:
+    if "warmup_steps" not in config.given:
         changes["warmup_steps"] = max(1, preset.warmup_epochs * n_forget // per_step)
     family = getattr(getattr(model, "config", None), "model_type", None)
-    if config.lr == defaults["lr"] and family in preset.lr_by_family:
+    if "lr" not in config.given and family in preset.lr_by_family:
         changes["lr"] = preset.lr_by_family[family]
     return dataclasses.replace(config, **changes)

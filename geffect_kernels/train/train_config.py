@@ -48,7 +48,14 @@ class TrainConfig:
     backend: str = "auto"
     progress: bool = True
     kl_normalization: str = "tokens"  # see KL_NORMALIZATIONS
-    preset: str | None = None  # "official": the G-effect code's settings for those left at default (presets.py)
+    preset: str | None = None  # "official": the G-effect code's settings for those not given (presets.py)
+
+    def __new__(cls, *args, **kwargs):
+        # remember which settings the caller gave, so that a preset fills exactly the others: a value given on
+        # purpose wins even when it equals this project's default
+        config = super().__new__(cls)
+        config.given = frozenset(f.name for f in dataclasses.fields(cls)[:len(args)]) | frozenset(kwargs)
+        return config
 
     def __post_init__(self):
         check_preset(self.preset)
