@@ -27,7 +27,8 @@ SAMPLE_ELEMENTS = 1 << 28
 
 @dataclass
 class PlanEntry:
-    """How one parameter's (or the head pass's) inner products are computed, and the estimated flops."""
+    """How one parameter's (or the head pass's) inner products are computed, and the estimated flops (the
+    head's parameters take the form of the head pass, whose entry carries their flops)."""
     parameter: str
     group: str
     form: str
@@ -91,8 +92,8 @@ def plan_parameter(name, group, parts: dict, pairs, numel, per_sample: dict, hea
     if any(isinstance(u, torch.Tensor) for u in uses):
         return PlanEntry(name, group, "dense", 0.0)
     if any(isinstance(u, (HeadRows, SampleGrads)) for u in uses):  # the LM head: the form of its pass
-        if head_entry is not None:
-            return PlanEntry(name, group, head_entry.form, head_entry.flops, dict(head_entry.costs))
+        if head_entry is not None:  # its flops are on the head pass's entry (counted once)
+            return PlanEntry(name, group, head_entry.form, 0.0)
         return PlanEntry(name, group, "projection" if any(isinstance(u, SampleGrads) for u in uses) else "gram", 0.0)
     if all(isinstance(u, Summed) for u in uses):
         return PlanEntry(name, group, "direct", float(sum(2 * numel * len(parts[b]) for _, b in pairs)))
