@@ -119,18 +119,27 @@ def _row_sums_f64(t):
 
 def _row_chunks(n_rows, vocab, sample=None):
     """Slices of rows whose logits fit in `ROW_CHUNK_ELEMENTS`; with ``sample`` (the sorted sample of each
-    row) none spans two samples, and each sample's rows split into chunks of equal size."""
+    row) a chunk holds whole samples, as many as fit, or one part of a sample too long for one chunk (its
+    rows split into equal parts): each sample's gradient then takes as few chunk products as it can."""
     step = max(1, ROW_CHUNK_ELEMENTS // max(1, vocab))
     if sample is None:
         bounds = [0, n_rows]
     else:
         counts = torch.unique_consecutive(sample, return_counts=True)[1]
         bounds = [0, *counts.cumsum(0).tolist()]
-    for start, stop in zip(bounds, bounds[1:]):
-        pieces = -(-(stop - start) // step)
-        edges = [start + (stop - start) * i // pieces for i in range(pieces + 1)]
-        for a, b in zip(edges, edges[1:]):
-            yield slice(a, b)
+    start = 0  # the open chunk: whole samples from `start` on
+    for a, b in zip(bounds, bounds[1:]):
+        if b - start <= step:
+            continue
+        if a > start:
+            yield slice(start, a)
+        pieces = -(-(b - a) // step)
+        edges = [a + (b - a) * i // pieces for i in range(pieces + 1)]
+        for lo, hi in zip(edges, edges[1:-1]):
+            yield slice(lo, hi)
+        start = edges[-2]  # the last part stays open: whole samples after it may join it
+    if start < n_rows:
+        yield slice(start, n_rows)
 
 
 def unit_cotangent(h, weight, bias, softcap, labels, lse=None):
@@ -187,18 +196,22 @@ def _accumulate(gram, targets, record=False):
                 continue
             coef = targets[side][0][rows]
             weighted = (h[rows] * coef.unsqueeze(1)).to(w.dtype)
-            k = int(sample[rows.start])  # the chunk's sample (chunks do not span samples)
             grad_w, grad_b = out[side]
-            beta = 1 if k in written[side] else 0  # 0: the buffer's content is ignored (no zero fill)
-            written[side].add(k)
-            if m_low.dtype == cd:
-                grad_w[k].addmm_(m_low.t(), weighted, beta=beta)  # in place: no V×H temporary per chunk
-            elif beta:
-                grad_w[k] += (m_low.t() @ weighted).to(cd)
-            else:
-                grad_w[k] = (m_low.t() @ weighted).to(cd)
-            if grad_b is not None:
-                grad_b[k].addmv_(m.t(), coef, beta=beta)
+            ids, counts = torch.unique_consecutive(sample[rows], return_counts=True)
+            start = 0
+            for k, n in zip(ids.tolist(), counts.tolist()):  # the chunk's rows of each sample
+                seg = slice(start, start + n)
+                start += n
+                beta = 1 if k in written[side] else 0  # 0: the buffer's content is ignored (no zero fill)
+                written[side].add(k)
+                if m_low.dtype == cd:
+                    grad_w[k].addmm_(m_low[seg].t(), weighted[seg], beta=beta)  # in place: no V×H temporary
+                elif beta:
+                    grad_w[k] += (m_low[seg].t() @ weighted[seg]).to(cd)
+                else:
+                    grad_w[k] = (m_low[seg].t() @ weighted[seg]).to(cd)
+                if grad_b is not None:
+                    grad_b[k].addmv_(m[seg].t(), coef[seg], beta=beta)
     for side, (grad_w, grad_b) in out.items():
         for k in set(range(grad_w.shape[0])) - written[side]:  # samples without a valid row
             grad_w[k].zero_()
