@@ -14,7 +14,6 @@ holds more than one unit unsharded.
 from __future__ import annotations
 
 import json
-from contextlib import ExitStack
 from pathlib import Path
 
 import torch
@@ -82,27 +81,25 @@ def checkpoint_key(name: str) -> str:
 
 
 def _read_slices(lm, names: set[str], files: dict[str, Path], path: Path):
-    """Copy into each parameter of ``names`` this rank's slice of its checkpoint tensor, read alone."""
+    """Copy into each parameter of ``names`` this rank's slice of its checkpoint tensor, read alone (the file is
+    opened per tensor: the memory-mapped pages a slice touched are let go before the next one)."""
     from safetensors import safe_open
 
-    with ExitStack() as stack, torch.no_grad():
-        opened = {}
+    with torch.no_grad():
         for name, param in lm.named_parameters():
             if name not in names:
                 continue
             key = checkpoint_key(name)
             if key not in files:
                 raise ValueError(f"{path}: the checkpoint has no weight {key!r} for parameter {name}")
-            file = files[key]
-            if file not in opened:
-                opened[file] = stack.enter_context(safe_open(file, framework="pt"))
-            stored = opened[file].get_slice(key)
-            if list(stored.get_shape()) != list(param.shape):
-                raise ValueError(f"{path}: weight {key!r} is {stored.get_shape()} but the model's config makes it "
-                                 f"{list(param.shape)}")
-            local, index = local_part(param)
-            if local.numel():  # the last ranks of a short dimension may hold nothing
-                local.copy_(stored[index])
+            with safe_open(files[key], framework="pt") as f:
+                stored = f.get_slice(key)
+                if list(stored.get_shape()) != list(param.shape):
+                    raise ValueError(f"{path}: weight {key!r} is {stored.get_shape()} but the model's config makes "
+                                     f"it {list(param.shape)}")
+                local, index = local_part(param)
+                if local.numel():  # the last ranks of a short dimension may hold nothing
+                    local.copy_(stored[index])
 
 
 def local_part(param) -> tuple[torch.Tensor, tuple[slice, ...]]:
