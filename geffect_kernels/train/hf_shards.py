@@ -4,12 +4,21 @@ Loading (`load_sharded`): the model is built on the meta device (no memory), wra
 (`sharding.shard`), then each rank allocates only its shards and reads only its own slice of every weight from
 the safetensors files (``safe_open(...).get_slice``; the DTensor placements tell the slice). Non-persistent
 buffers (rotary ``inv_freq``) are recomputed by transformers' own initialization, as ``from_pretrained`` does.
-A rank holds at peak its shards plus one tensor's slice being copied.
+A rank holds at peak its shards plus one tensor's slice being copied (`peak_bytes`).
 
 Saving (`save_sharded`): a Hugging Face sharded checkpoint, one file per FSDP unit (each decoder block, then
 the root: embedding, final norm, head) — ``model-0000i-of-0000n.safetensors``, ``model.safetensors.index.json``
 and the config — gathered one unit at a time (every rank takes part, rank 0 writes and frees it), so no rank
 holds more than one unit unsharded.
+
+Per rank, with P parameters of b bytes, P_blk in the largest decoder block, P_root in the root's own modules,
+P_max in the largest tensor, R ranks (`peak_bytes`):
+
+    load:              b·P/R + b·P_max/R                   the shards and the slice being copied
+    save, rank 0:      b·P/R + b·max(P_blk, P_root) + b·P_max   ... one unit held until written, a tensor gathered
+    save, other ranks: b·P/R + b·P_max                     (gloo gathers through a second buffer: 2·b·P_max)
+
+against b·P on every rank (load) and b·P on rank 0 (save) when the model is loaded whole and gathered whole.
 """
 from __future__ import annotations
 
@@ -182,3 +191,10 @@ def _units(lm) -> list[list[str]]:
     units = [[k for k in keys if k.startswith(prefix)] for prefix in blocks]
     claimed = {k for unit in units for k in unit}
     return [unit for unit in units if unit] + [[k for k in keys if k not in claimed]]
+
+
+def peak_bytes(params: int, block: int, root: int, largest: int, world: int, dtype_bytes: int = 4) -> dict:
+    """The formula above: the bytes a rank holds at peak loading (``load``) and saving (``save``: rank 0's)."""
+    shards = dtype_bytes * params / world
+    return {"load": shards + dtype_bytes * largest / world,
+            "save": shards + dtype_bytes * max(block, root) + dtype_bytes * largest}
