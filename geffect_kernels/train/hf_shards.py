@@ -55,7 +55,7 @@ def load_sharded(path, device: torch.device, *, wrap=None, trainable: bool = Tru
     _recompute_buffers(hf.causal_lm(model))
     if not trainable:
         model.requires_grad_(False)
-    return model.train(trainable)
+    return model.eval()  # as from_pretrained returns it
 
 
 def weight_files(path: Path) -> dict[str, Path]:
