@@ -14,11 +14,13 @@ import geffect_kernels as gk
 from geffect_kernels.backends.triton import config as triton_config
 from geffect_kernels.triton import set_logits_budget
 from geffect_kernels.backends.triton.fast_path import fast_rows
+from geffect_kernels.backends.triton.kl_fast import fast_kl_rows
 
 BF16, FP16, FP32 = torch.bfloat16, torch.float16, torch.float32
 NAMES = {BF16: "bf16", FP16: "fp16", FP32: "fp32", torch.float64: "fp64"}
 GiB = 2**30
 FAST_BUDGET = 3 * GiB  # fast mode at N 8192, V 128256 in one chunk (issue 3)
+KL_FAST_BUDGET = 8 * GiB  # fast KL at N 8192, V 128256 in one chunk: two float32 logit rows per token, 7.8 GiB
 NPO_SEQUENCES = 8
 
 
@@ -126,6 +128,12 @@ def correctness_checks():
         Check("kl", "triton", "kl", BF16),
         Check("kl softcap+bias", "triton", "kl", BF16, softcap=30.0, bias=True),
         Check("kl float16", "triton", "kl", FP16, n=2048),
+        Check("kl fast single-chunk", "triton", "kl", BF16, budget=KL_FAST_BUDGET),
+        Check("kl fast multi-chunk", "triton", "kl", BF16, chunks=3),
+        Check("kl fast softcap+bias", "triton", "kl", BF16, softcap=30.0, bias=True, budget=KL_FAST_BUDGET),
+        Check("kl fast peaky", "triton", "kl", BF16, dist="peaky", budget=KL_FAST_BUDGET),
+        Check("kl fast float16", "triton", "kl", FP16, n=2048, budget=KL_FAST_BUDGET),
+        Check("kl fast float32", "triton", "kl", FP32, budget=KL_FAST_BUDGET),
         Check("N*V>2^31 lean", "triton", "ga", BF16, **big),
         Check("N*V>2^31 fast", "triton", "wga", BF16, **big, budget=8 * GiB),
         Check("torch chunked float16", "torch", "ga", FP16, n=2048),
@@ -136,11 +144,19 @@ def correctness_checks():
 
 
 def _budget(check, inputs):
-    if check.chunks > 1:  # room for ~N/chunks rows of stored exponentials and the float32 dW accumulator
+    if check.chunks > 1:  # room for ~N/chunks rows of what fast mode holds and the float32 dW accumulator
         rows = -(-check.n // check.chunks)
-        per_row = (check.v + 64) * inputs.weight.element_size() + (check.v // 64 + 2) * 4
+        if check.objective == "kl":  # both heads' float32 logits
+            per_row = 8 * (check.v + 64)
+        else:  # stored exponentials and tile maxima
+            per_row = (check.v + 64) * inputs.weight.element_size() + (check.v // 64 + 2) * 4
         return inputs.weight.numel() * 4 + rows * per_row
     return check.budget
+
+
+def fast_chunk_rows(objective, inputs, budget):
+    """Tokens per fast-mode chunk that ``budget`` gives ``objective`` (0: lean)."""
+    return (fast_kl_rows if objective == "kl" else fast_rows)(inputs.hidden, inputs.weight, budget)
 
 
 def _rel(a, b):
@@ -163,7 +179,7 @@ def run_check(check, device, smoke):
     budget = _budget(check, inputs)
     set_logits_budget(budget)
     try:
-        rows = fast_rows(inputs.hidden, inputs.weight, budget)
+        rows = fast_chunk_rows(check.objective, inputs, budget)
         loss, (dh, dw) = grads_of(loss_fn(check.objective, inputs, check.backend, softcap=check.softcap), inputs,
                                   False)
     finally:
@@ -177,6 +193,17 @@ def run_check(check, device, smoke):
             f"N={check.n},H={check.h},V={check.v},{check.dist}")
 
 
+def with_budget(fn, budget):
+    """``fn`` run with the triton logits budget ``budget`` (the fused losses form their gradients in the call)."""
+    def run(*args):
+        set_logits_budget(budget)
+        try:
+            return fn(*args)
+        finally:
+            set_logits_budget(0)
+    return run
+
+
 def no_sync_calls(inputs, backend):
     """Forward+backward calls that must not make the host wait on the device (issue 10.7)."""
     logits = (inputs.hidden.float() @ inputs.weight.float().T).to(inputs.hidden.dtype)
@@ -184,6 +211,7 @@ def no_sync_calls(inputs, backend):
         "wga": loss_fn("wga", inputs, backend),
         "tnpo": loss_fn("tnpo", inputs, backend),
         "kl": loss_fn("kl", inputs, backend),
+        "kl fast": with_budget(loss_fn("kl", inputs, backend), KL_FAST_BUDGET),
         "wga from logits": lambda h, w, b: gk.unlearning_loss_from_logits(
             "wga", logits.detach().requires_grad_(), inputs.labels, backend=backend),
     }
@@ -247,6 +275,7 @@ def speed_providers(full_list=True):
             ("cce default", "ga", package(cce)),
             ("cce exact", "ga", package(lambda: cce(None))),
             ("triton lean", "kl", ours("kl", "triton")),
+            ("triton fast", "kl", ours("kl", "triton", KL_FAST_BUDGET)),
             ("torch chunked", "kl", ours("kl", "torch")),
             ("naive torch", "kl", ours("kl", "oracle")),
             ("liger jsd beta=1", "kl", package(liger_jsd))]

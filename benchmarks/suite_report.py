@@ -114,14 +114,17 @@ def table(rows, parts=()):
     for shape in dict.fromkeys(r["shape"] for r in timed):
         here = [r for r in timed if r["shape"] == shape]
         floor3 = next((_num(r["ms_median"]) for r in here if r["provider"].startswith("floor")), math.nan)
-        liger = next((_num(r["ms_median"]) for r in here if r["provider"] == "liger bf16 acc"), math.nan)
-        lines.append(f"\n{shape}: provider obj ms [p20-p80] MiB x3mm x4pass xliger")
+        # xliger: against Liger's fused linear cross-entropy, for KL rows against its fused JSD
+        liger = {name: next((_num(r["ms_median"]) for r in here if r["provider"] == name), math.nan)
+                 for name in ("liger bf16 acc", "liger jsd beta=1")}
+        lines.append(f"\n{shape}: provider obj ms [p20-p80] MiB x3mm x4pass xliger (kl: x liger jsd)")
         for r in here:
             t = _num(r["ms_median"])
+            yardstick = liger["liger jsd beta=1" if r["objective"] == "kl" else "liger bf16 acc"]
             lines.append(f"  {r['provider'][:24]:24s} {r['objective']:6s} {t:9.3f} "
                          f"[{_cell(_num(r['ms_p20']), '.2f')}-{_cell(_num(r['ms_p80']), '.2f')}] "
                          f"{r['peak_mib'] or '-':>7s} {_cell(t / floor3, '.2f'):>5s} "
-                         f"{_cell(t / (floor3 * 4 / 3), '.2f'):>5s} {_cell(t / liger, '.2f'):>5s}"
+                         f"{_cell(t / (floor3 * 4 / 3), '.2f'):>5s} {_cell(t / yardstick, '.2f'):>5s}"
                          + (f"  {r['note'][:60]}" if r["note"] else ""))
     lines += _large_model_lines([r for r in rows if r["part"] in ("geffect", "fsdp") and r["ms_median"] != ""])
     failed = [r for r in rows if r["part"] in ("speed", "overhead", "geffect", "fsdp")

@@ -45,8 +45,11 @@ def test_rows_for_every_case_and_no_errors(smoke):
               and not r["case"].startswith("no host sync")]
     assert len(checks) >= 15
     assert all(r["dtype"] == "fp32" and r["status"] == "ok" for r in checks), [r for r in checks if r["status"] != "ok"]
+    fast = [r for r in checks if "fast" in r["case"]]  # the fast cases did run the fast mode (KL's too)
+    assert any(r["objective"] == "kl" for r in fast) and all(r["note"].startswith("fast") for r in fast), fast
     timed = [r for r in table if r["part"] == "speed" and r["status"] == "ok"]
     assert {r["provider"] for r in timed} >= {"floor: 3 bf16 matmuls", "triton lean", "triton fast", "torch chunked"}
+    assert {r["provider"] for r in timed if r["objective"] == "kl"} >= {"triton lean", "triton fast"}
     assert all(float(r["ms_median"]) > 0 for r in timed)
     assert any(r["part"] == "overhead" and r["status"] == "ok" for r in table)
 

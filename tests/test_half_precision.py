@@ -60,6 +60,59 @@ def test_half_precision_gradients_match_float64(backend, dtype, objective, tol):
         assert err <= tol, f"{backend} {dtype} {objective}: {name} relative error {err:.2e} > {tol:g}"
 
 
+@functools.lru_cache(maxsize=None)
+def kl_inputs(dtype, scale):
+    """The rounded inputs above (hidden ``scale`` times larger: 1 flat, 8 peaky) and a reference head near them,
+    as the KL retain term meets it: p_θ − p_ref is then a difference of nearly equal numbers."""
+    hidden, weight, labels, _ = rounded_inputs(dtype)
+    g = torch.Generator().manual_seed(1)
+    hidden = (hidden.float() * scale).to(dtype)
+    ref_hidden = (hidden.float() + 0.1 * scale * torch.randn(hidden.shape, generator=g)).to(dtype)
+    ref_weight = (weight.float() + 0.01 / H**0.5 * torch.randn(weight.shape, generator=g)).to(dtype)
+    return hidden, weight, ref_hidden, ref_weight, labels
+
+
+def kl_gradients(hidden, weight, ref_hidden, ref_weight, labels, backend):
+    h = hidden.detach().requires_grad_()
+    w = weight.detach().requires_grad_()
+    gk.kl_loss(h, w, ref_hidden, ref_weight, labels, backend=backend).backward()
+    return h.grad.double(), w.grad.double()
+
+
+def assert_representable_close(got, want, dtype, tol, what):
+    """Relative error ≤ ``tol``, or no worse than the exact gradient rounded to ``dtype`` (float16 cannot hold
+    entries below its normal range, 6e-5: the flat KL's d hidden, ~5e-6, and WGA's smallest weights)."""
+    err = ((got - want).norm() / want.norm()).item()
+    floor = ((want.to(dtype).double() - want).norm() / want.norm()).item()
+    assert err <= max(tol, 1.01 * floor), f"{what}: relative error {err:.2e} > {tol:g} (rounding floor {floor:.2e})"
+
+
+@pytest.mark.parametrize("scale", [1.0, 8.0])
+@pytest.mark.parametrize("dtype,tol", [(torch.float16, 3e-3), (torch.bfloat16, 5e-3)])
+def test_torch_backend_half_precision_kl_gradients_match_float64(dtype, tol, scale):
+    """The chunked torch backend's logits are float32 products of the 16-bit inputs. Rounded to bfloat16 before
+    the softmax, as they were, the KL gradients came out 2.4e-2 (flat) and 7.7e-2 (peaky) off float64 here;
+    now 2.5e-3 to 2.8e-3."""
+    inputs = kl_inputs(dtype, scale)
+    dh, dw = kl_gradients(*inputs, "torch")
+    dh_exact, dw_exact = kl_gradients(*(t.double() if t.is_floating_point() else t for t in inputs), "torch")
+    for name, got, want in (("d hidden", dh, dh_exact), ("dW", dw, dw_exact)):
+        assert_representable_close(got, want, dtype, tol, f"torch {dtype} KL (scale {scale}): {name}")
+
+
+@pytest.mark.parametrize("objective", ["ga", "wga"])
+@pytest.mark.parametrize("dtype,tol", [(torch.float16, 3e-3), (torch.bfloat16, 5e-3)])
+def test_torch_backend_half_precision_peaky_gradients_match_float64(dtype, tol, objective):
+    """Peaky logits (hidden 8× larger, |z| up to ~20): bfloat16-rounded logits put GA's and WGA's gradients 6.4e-3
+    to 1.7e-2 off float64; float32 logits 1.8e-3 to 2.8e-3."""
+    hidden, weight, labels, ref = rounded_inputs(dtype)
+    hidden = (hidden.float() * 8).to(dtype)
+    got = gradients(objective, hidden, weight, labels, ref, "torch")
+    want = gradients(objective, hidden.double(), weight.double(), labels, ref, "torch")
+    for name, g, w in zip(("d hidden", "dW"), got, want):
+        assert_representable_close(g, w, dtype, tol, f"torch {dtype} {objective} peaky: {name}")
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter test; the GPU suite checks the compiled kernels")
 def test_triton_float16_gradient_tiles_keep_small_entries():
     """The Triton kernels store the logit gradient in the input dtype between passes; normalized (largest entry

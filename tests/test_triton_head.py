@@ -70,7 +70,7 @@ def test_fast_mode(monkeypatch, chunk_rows):
     h32, w32, b32 = as_float32(h, w, b)
     monkeypatch.setattr(config, "FAST_MIN_ROWS", 1)
     tiles = -(-V // config.matmul_tiles(torch.float32).block_n)
-    set_logits_budget(chunk_rows * (fast_path._padded(V) * 4 + tiles * 4))
+    set_logits_budget(chunk_rows * (fast_path.padded_width(V) * 4 + tiles * 4))
     calls = []
 
     def spy(*args, **kwargs):
@@ -81,19 +81,6 @@ def test_fast_mode(monkeypatch, chunk_rows):
     got = gk.unlearning_loss("wtnpo", h32, w32, y, ref_logprobs=ref.float(), bias=b32, softcap=7.0, backend="triton")
     assert calls == [chunk_rows]
     assert_close(got, expected, FP32, "loss")
-    for label, g_got, g_exp in zip("hWb", grads(got, (h32, w32, b32)), grads(expected, (h, w, b))):
-        assert_close(g_got, g_exp, FP32, f"d{label}")
-
-
-@pytest.mark.parametrize("bias,softcap", [(False, None), (True, 7.0)])
-def test_kl(bias, softcap):
-    h, w, b, y, _ = head_inputs(6, bias=bias)
-    hr, wr, br, _, _ = head_inputs(7, bias=bias)
-    expected = gk.kl_loss(h, w, hr, wr, y, bias=b, ref_bias=br, softcap=softcap, backend="oracle")
-    h32, w32, b32, hr32, wr32, br32 = as_float32(h, w, b, hr, wr, br)
-    got = gk.kl_loss(h32, w32, hr32, wr32, y, bias=b32, ref_bias=br32, softcap=softcap, backend="triton")
-    assert got.item() > 0.1  # distinct heads: a KL far from 0, so the relative check means something
-    assert_close(got, expected, FP32, "kl")
     for label, g_got, g_exp in zip("hWb", grads(got, (h32, w32, b32)), grads(expected, (h, w, b))):
         assert_close(g_got, g_exp, FP32, f"d{label}")
 

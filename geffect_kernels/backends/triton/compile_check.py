@@ -25,7 +25,8 @@ import torch
 H100_SHARED_BYTES = 232448  # 227 KiB per block (opt-in maximum on sm_90)
 _FLOAT_ARGS = {"softcap", "alpha", "beta", "gamma", "eps"}
 _FLOAT32_BUFFERS = {"part_max_ptr", "part_sum_ptr", "target_ptr", "lse_ptr", "lse_ref_ptr", "coef_ptr", "lp_ptr",
-                    "db_ptr", "tile_max_ptr", "ref_ptr", "kl_ptr", "part_ptr", "scale_ptr", "valid_ptr"}
+                    "db_ptr", "tile_max_ptr", "ref_ptr", "kl_ptr", "part_ptr", "scale_ptr", "valid_ptr", "u_ptr",
+                    "ur_ptr"}
 _COUNTS = {"ignore_index", "tiles_per_split", "n_splits"}
 _TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
@@ -73,8 +74,8 @@ def variants():
     """(label, kernel, dtype, constexprs, launch options, pointer-type overrides): every kernel with every
     combination of compile-time flags its launcher can pass, for 16-bit (bf16; fp16 gets the same tiles) and
     float32 inputs."""
-    from . import fast_path, gram, kl, linear_backward, linear_forward, logits_rowwise, matmul
-    from .config import dot_precision, matmul_tiles, row_block
+    from . import fast_path, gram, kl, kl_fast, linear_backward, linear_forward, logits_rowwise, matmul
+    from .config import dot_precision, kl_row_tiles, matmul_tiles, row_block
     from ...catalog import OBJECTIVES
     from .weights import NO_WEIGHTS
 
@@ -108,6 +109,20 @@ def variants():
         for flags in _flag_sets(("HAS_BIAS", "HAS_REF_BIAS", "SOFTCAP", "NEED_DB"), needs=(("NEED_DB", "HAS_BIAS"),)):
             yield (_label("kl_grad", dtype, flags), kl.kl_grad_kernel, dtype, {**flags, **prec, **blocks2}, opts2,
                    {})
+        # the fast modes: dh of a token chunk written once in the input dtype, dW summed over token chunks in float32
+        yield (f"matmul {_TYPES[dtype]} dh chunk", matmul.matmul_kernel, dtype,
+               {"ACCUMULATE": False, "stride_ak": 1, "stride_bn": 1, "stride_cn": 1, **prec, **blocks}, opts, {})
+        yield (f"matmul {_TYPES[dtype]} dW chunks", matmul.matmul_kernel, dtype,
+               {"ACCUMULATE": True, "stride_am": 1, "stride_bn": 1, "stride_cn": 1, **prec, **blocks}, opts,
+               {"c_ptr": "*fp32"})
+        # the fast KL: both heads' logits in float32 (B = Wᵀ, unit stride along K), then the row-wise kernel
+        yield (f"matmul {_TYPES[dtype]} logits", matmul.matmul_kernel, dtype,
+               {"ACCUMULATE": False, "stride_ak": 1, "stride_bk": 1, "stride_cn": 1, **prec, **blocks}, opts,
+               {"c_ptr": "*fp32"})
+        rows, block, warps = kl_row_tiles(128256)
+        for flags in _flag_sets(("HAS_BIAS", "HAS_REF_BIAS", "SOFTCAP", "NEED_DB"), needs=(("NEED_DB", "HAS_BIAS"),)):
+            yield (_label("kl_rows", dtype, flags), kl_fast.kl_rows_kernel, dtype,
+                   {**flags, "ROWS": rows, "BLOCK": block}, {"num_warps": warps}, {})
         block_a, block_b, block_k, warps, stages = gram.gram_tiles(dtype)
         yield (f"gram {_TYPES[dtype]}", gram.gram_kernel, dtype,
                {"BLOCK_A": block_a, "BLOCK_B": block_b, "BLOCK_K": block_k, **prec},

@@ -100,6 +100,13 @@ def row_block(vocab: int) -> tuple[int, int]:
     return (4096, 8) if vocab >= 4096 else (max(16, 1 << (vocab - 1).bit_length()), 4)
 
 
+def kl_row_tiles(vocab: int) -> tuple[int, int, int]:
+    """(tokens per program, vocabulary block, warps) for the fast KL's row-wise kernel: [8, 512] float32 pieces of
+    both heads' logits, 16 entries per thread and head at 8 warps."""
+    block = min(1024 if interpreting() else 512, max(16, 1 << (vocab - 1).bit_length()))
+    return (16, block, 1) if interpreting() else (8, block, 8)
+
+
 def sm_count(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count

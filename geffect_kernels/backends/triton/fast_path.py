@@ -46,21 +46,41 @@ def exp_to_grad_kernel(e_ptr, tile_max_ptr, labels_ptr, lse_ptr, coef_ptr, db_pt
         tl.atomic_add(db_ptr + cols, tl.sum(g, axis=0), mask=cols < V)
 
 
-def _padded(v):
+def padded_width(v):
     return triton.cdiv(v, 64) * 64  # 128-byte aligned rows for the matmul loads
+
+
+def rows_within(budget, n, weight, per_row):
+    """Tokens per chunk when each takes ``per_row`` bytes of the budget, or 0 for the lean mode. With more than one
+    chunk a 16-bit dW is summed in a float32 buffer, which counts against the budget too."""
+    if budget <= 0 or n == 0:
+        return 0
+    rows = min(n, budget // per_row)
+    if rows < n and weight.dtype != torch.float32:
+        rows = min(n, max(0, budget - weight.numel() * 4) // per_row)
+    return rows if rows >= min(config.FAST_MIN_ROWS, n) else 0
 
 
 def fast_rows(hidden, weight, budget):
     """Tokens per chunk the budget allows in fast mode, or 0 for the lean mode."""
-    n, v = hidden.shape[0], weight.shape[0]
-    if budget <= 0 or n == 0:
-        return 0
-    tile = forward_tile_width(hidden.dtype)
-    per_row = _padded(v) * weight.element_size() + triton.cdiv(v, tile) * 4
-    rows = min(n, budget // per_row)
-    if rows < n and weight.dtype != torch.float32:  # several chunks: dW summed in a float32 buffer
-        rows = min(n, max(0, budget - weight.numel() * 4) // per_row)
-    return rows if rows >= min(config.FAST_MIN_ROWS, n) else 0
+    v = weight.shape[0]
+    per_row = padded_width(v) * weight.element_size() + triton.cdiv(v, forward_tile_width(hidden.dtype)) * 4
+    return rows_within(budget, hidden.shape[0], weight, per_row)
+
+
+def dw_accumulator(dw, n_chunks):
+    """Where dW is summed over token chunks: dW itself for one chunk or float32 weights, else a float32 buffer."""
+    if dw is None or n_chunks == 1 or dw.dtype == torch.float32:
+        return dw
+    return torch.empty(dw.shape, dtype=torch.float32, device=dw.device)
+
+
+def chunk_products(g, weight, h_part, dh_part, dw_acc, first, unscale):
+    """dh[chunk] = G W (complete: K = V) and dW (+)= Gᵀ h[chunk] (summed from the second chunk on)."""
+    if dh_part is not None:
+        matmul(g, weight, dh_part, scale=unscale)
+    if dw_acc is not None:
+        matmul(g.t(), h_part, dw_acc, accumulate=not first, scale=unscale)
 
 
 def fast_head_grads(hidden, weight, bias, labels, ref, wanted, rows, *, ignore_index, softcap, weighting, scale):
@@ -69,13 +89,11 @@ def fast_head_grads(hidden, weight, bias, labels, ref, wanted, rows, *, ignore_i
     n, v = hidden.shape[0], weight.shape[0]
     tile = forward_tile_width(hidden.dtype)
     want_h, want_w, want_b = wanted[0], wanted[1], wanted[2] and bias is not None
-    exps = torch.empty((rows, _padded(v)), dtype=weight.dtype, device=hidden.device)
+    exps = torch.empty((rows, padded_width(v)), dtype=weight.dtype, device=hidden.device)
     tile_max = torch.empty((rows, triton.cdiv(v, tile)), dtype=torch.float32, device=hidden.device)
     dh = torch.empty_like(hidden) if want_h else None
     dw = torch.empty_like(weight) if want_w else None
-    one_chunk = rows >= n
-    dw_acc = dw if one_chunk or weight.dtype == torch.float32 or dw is None else torch.empty(
-        weight.shape, dtype=torch.float32, device=weight.device)
+    dw_acc = dw_accumulator(dw, triton.cdiv(n, rows))
     db = torch.zeros(v, dtype=torch.float32, device=hidden.device) if want_b else None
     db_chunk = torch.empty_like(db) if db is not None else None
     loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
@@ -97,10 +115,7 @@ def fast_head_grads(hidden, weight, bias, labels, ref, wanted, rows, *, ignore_i
             TILE=tile, num_warps=4)
         if db is not None:
             db += db_chunk if unscale is None else db_chunk * unscale
-        if want_h:
-            matmul(g, weight, dh[r0:r1], scale=unscale)
-        if want_w:
-            matmul(g.t(), h_part, dw_acc, accumulate=r0 > 0, scale=unscale)
+        chunk_products(g, weight, h_part, dh[r0:r1] if want_h else None, dw_acc, r0 == 0, unscale)
     if dw_acc is not dw:
         dw.copy_(dw_acc)
     return loss, [dh, dw, None if db is None else db.to(bias.dtype)]

@@ -1,20 +1,26 @@
-"""Fused KL(p_ref,t ‖ p_θ,t) over two linear heads; neither model's logits reach global memory.
+"""Fused KL(p_ref,t ‖ p_θ,t) over two linear heads, lean mode: neither model's logits reach global memory.
 
 Pass 1 computes both heads' logit tiles on chip and keeps, per token and vocabulary split, the running
 max / sum of exp for each head and T = Σ_v exp(zr_v − max_r)(zr_v − z_v), so that
 KL_t = T / Σ exp(zr − max_r) + LSE_θ − LSE_ref needs no second look at the logits. The gradient
 ∂KL_t/∂z_t = p_θ,t − p_ref,t (times dz/du) goes through the chunked passes of `linear_backward`,
-recomputing both tiles; only the θ side gets gradients.
+recomputing both tiles; only the θ side gets gradients. Six matmul-sized passes (2 + 2 tiles, dW, dh), extra
+memory one vocabulary chunk of G. Where the logits budget (`config.logits_budget`) holds both heads' float32
+logits for a chunk of tokens, `fused_kl` takes the fast mode of `kl_fast` instead: four passes.
+
+Both reductions of `kl_loss` arrive here the same way: "tokens" as the labels' ignored positions and scale
+1/n_valid, "batchmean" as no ignored position and scale 1/N.
 """
 import torch
 import triton
 import triton.language as tl
 
-from .config import dot_precision, matmul_tiles
 from ..autograd import fused_loss
+from .config import dot_precision, logits_budget, matmul_tiles
+from .kl_fast import fast_kl_grads, fast_kl_rows
 from .linear_backward import head_grads, normalized, store_grad_tile
 from .linear_forward import vocab_splits
-from .tiles import add_bias, grouped_pid, logit_tile, online_lse, soft_cap
+from .tiles import add_bias, grouped_pid, logit_tile, online_lse, reference_fold, soft_cap
 
 
 @triton.jit
@@ -59,12 +65,7 @@ def kl_partials_kernel(h_ptr, w_ptr, b_ptr, hr_ptr, wr_ptr, br_ptr, part_ptr, N,
         z = tl.where(col_ok, z, float("-inf"))
         zr = tl.where(col_ok, zr, float("-inf"))
         m, s = online_lse(m, s, z)
-        m_r_new = tl.maximum(m_r, tl.max(zr, axis=1))
-        rescale = tl.exp(m_r - m_r_new)
-        e_r = tl.exp(zr - m_r_new[:, None])
-        s_r = s_r * rescale + tl.sum(e_r, axis=1)
-        t_r = t_r * rescale + tl.sum(e_r * diff, axis=1)
-        m_r = m_r_new
+        m_r, s_r, t_r = reference_fold(m_r, s_r, t_r, zr, diff)
     out = pid_s * N + rows
     ok = rows < N
     step = n_splits * N
@@ -127,10 +128,19 @@ def kl_grad_kernel(h_ptr, w_ptr, b_ptr, hr_ptr, wr_ptr, br_ptr, lse_ptr, lse_ref
 
 
 def fused_kl(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, opts):
-    """scale · Σ_valid KL(p_ref,t ‖ p_θ,t); gradients (θ side) produced in the forward."""
+    """scale · Σ_valid KL(p_ref,t ‖ p_θ,t); gradients (θ side) produced in the forward: in the fast mode
+    (`kl_fast`, four passes) where the logits budget holds a chunk of both heads' float32 logits, else lean (six)."""
     softcap = opts.softcap
 
     def compute(wanted, hidden, weight, bias):
+        # c_t = scale where valid, else 0; scale may be a device scalar (1/n_valid): no synchronization
+        coef = ((labels != opts.ignore_index) * opts.scale).float()
+        normal, unscale = normalized(coef, hidden.dtype)
+        rows = fast_kl_rows(hidden, weight, logits_budget()) if any(wanted) else 0
+        if rows:
+            kl, grads = fast_kl_grads(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, normal, unscale,
+                                      wanted, rows, softcap)
+            return (kl * coef).sum(), grads
         n, h = hidden.shape
         v = weight.shape[0]
         tiles = matmul_tiles(hidden.dtype, two_products=True)
@@ -144,17 +154,14 @@ def fused_kl(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, opt
         part = torch.empty((5, n_splits, n), dtype=torch.float32, device=hidden.device)
         kl_partials_kernel[(n_m * n_splits,)](*heads, part, n, v, h, *strides, per, n_splits, softcap or 1.0,
                                               **common)
-        valid = (labels != opts.ignore_index).to(torch.float32)
         kl, lse, lse_ref = (torch.empty(n, dtype=torch.float32, device=hidden.device) for _ in range(3))
         block = 1024 if n >= 1024 else max(16, triton.next_power_of_2(n))
-        kl_combine_kernel[(triton.cdiv(n, block),)](part, valid, kl, lse, lse_ref, n, n_splits, BLOCK=block)
-        coef = valid * opts.scale  # scale may be a device scalar (1/n_valid): no synchronization
+        kl_combine_kernel[(triton.cdiv(n, block),)](part, coef, kl, lse, lse_ref, n, n_splits, BLOCK=block)
         loss = (kl * coef).sum()  # kl is 0 where ignored
-        coef, unscale = normalized(coef, hidden.dtype)
 
         def fill(g, v_start, width, db):
             grid = (n_m * triton.cdiv(width, tiles.block_n),)
-            kl_grad_kernel[grid](*heads, lse, lse_ref, coef, g, g if db is None else db, n, v, h, v_start, width,
+            kl_grad_kernel[grid](*heads, lse, lse_ref, normal, g, g if db is None else db, n, v, h, v_start, width,
                                  *strides, g.stride(0), softcap or 1.0, NEED_DB=db is not None, **common)
 
         return loss, head_grads(hidden, weight, bias, wanted, fill, unscale)

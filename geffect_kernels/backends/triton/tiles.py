@@ -71,3 +71,13 @@ def online_lse(m, s, z):
     m_new = tl.maximum(m, tl.max(z, axis=1))
     s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new[:, None]), axis=1)
     return m_new, s
+
+
+@triton.jit
+def reference_fold(m_r, s_r, t_r, zr, diff):
+    """Fold a reference tile zr (−inf where masked) and diff = zr − z (0 there) into the running row max m_r,
+    sum s_r of exp(zr − m_r) and T = Σ exp(zr − m_r)(zr − z)."""
+    m_new = tl.maximum(m_r, tl.max(zr, axis=1))
+    rescale = tl.exp(m_r - m_new)
+    e_r = tl.exp(zr - m_new[:, None])
+    return m_new, s_r * rescale + tl.sum(e_r, axis=1), t_r * rescale + tl.sum(e_r * diff, axis=1)
