@@ -89,9 +89,9 @@ def fast_kl_rows(hidden, weight, budget):
     return rows_within(budget, hidden.shape[0], weight, 8 * padded_width(weight.shape[0]))
 
 
-def fast_kl_grads(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, coef, unscale, wanted, rows, softcap):
+def fast_kl_grads(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, coef, unscale, wanted, softcap, rows):
     """(KL_t [N] float32, [dh, dW, db]) in chunks of ``rows`` tokens; ``coef``: k · c_t per token (0 where
-    ignored), ``unscale``: 1/k or None (`normalized`)."""
+    ignored), ``unscale``: 1/k or None (`normalized`), ``wanted``: which of dh, dW, db."""
     n, v = hidden.shape[0], weight.shape[0]
     want_h, want_w, want_b = wanted[0], wanted[1], wanted[2] and bias is not None
     device = hidden.device
