@@ -65,6 +65,7 @@ def test_head_uses_pair_by_gram_projection_and_gathered_rows(part):
     hid = {s: rand(n, h, scale=2.0) for s in "ab"}
     labels = {s: torch.randint(0, v, (n,)) for s in "ab"}
     valid = {s: torch.rand(n) > 0.3 for s in "ab"}
+    valid["a"][3:6] = False  # a sample without a valid row: its per-sample gradient is 0
     coef = {s: torch.where(valid[s], rand(n), 0) for s in "ab"}
     dense = {}
     for s in "ab":
@@ -155,6 +156,24 @@ def test_fast_path_matches_definition_every_route(kind, route, monkeypatch):
     for risk, b in (("forget", forget), ("retain", retain)):
         (dot, _), = materialized(model, nll(retain), nll(b), {n: "all" for n in names}).values()
         assert result.retain_term.total[risk] == pytest.approx(dot, rel=1e-9)
+
+
+def test_projection_past_the_per_sample_limit_matches_definition(monkeypatch):
+    """NPO's gradient is the forget risk's scaled per sample; where per-sample gradients do not fit, the
+    projection form materializes it on its own (rows scaled) next to the forget risk's whole gradient.
+    (GPT-2: Llama's float32 RMSNorm rounds a stacked forward differently from the definition's.)"""
+    force(monkeypatch, "projection")
+    monkeypatch.setattr(products, "SAMPLE_ELEMENTS", 1)
+    model = tiny_model("gpt2")
+    forget, retain = batch(seed=31, prompt=2), batch(seed=32, length=8, pad_first=False)
+    ref = hf.token_logprobs(model, forget).detach() + 0.3 * torch.randn(3, 6, dtype=torch.float64)
+    result = GEffectProfiler(model, groups="parameter").measure_unlearning("npo", forget, retain, ref_logprobs=ref)
+    assert {e.form for e in result.plan if ".c_" in e.parameter and e.parameter.endswith("weight")} == {"projection"}
+    names = {n: n for n, _ in model.named_parameters()}
+    loss = lambda m: hf.unlearning_loss("npo", m, forget, ref_logprobs=ref)
+    for risk, b in (("forget", forget), ("retain", retain)):
+        for name, (dot, scale) in materialized(model, loss, nll(b), names).items():
+            assert abs(result.by_group[name][risk] - dot) <= 1e-9 * abs(dot) + 1e-12 * scale, (risk, name)
 
 
 def _sample_loss(model, objective, batch_, ref, i):
@@ -277,9 +296,11 @@ def test_parameter_used_outside_hooks_takes_separate_forwards(monkeypatch):
             assert abs(result.by_group[name][risk] - dot) <= 1e-9 * abs(dot) + 1e-12 * scale, (risk, name)
 
 
-def test_bfloat16_model_within_bf16_tolerance():
+@pytest.mark.parametrize("form", ["gram", "projection"])
+def test_bfloat16_model_within_bf16_tolerance(form, monkeypatch):
     """Half-precision weights: the head pass's matmuls run in bf16 (float32 accumulators); within the
     issue's 5e-3 of a float32 materialized reference on the same weights (relative to ‖∇a‖‖∇b‖)."""
+    force(monkeypatch, form)
     model16 = tiny_model("llama", torch.float32).to(torch.bfloat16)
     model32 = tiny_model("llama", torch.float32)
     with torch.no_grad():

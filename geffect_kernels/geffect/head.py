@@ -117,10 +117,20 @@ def _row_sums_f64(t):
     return t.reshape(t.shape[0], -1).sum(1, dtype=torch.float64)
 
 
-def _row_chunks(n_rows, vocab):
+def _row_chunks(n_rows, vocab, sample=None):
+    """Slices of rows whose logits fit in `ROW_CHUNK_ELEMENTS`; with ``sample`` (the sorted sample of each
+    row) none spans two samples, and each sample's rows split into chunks of equal size."""
     step = max(1, ROW_CHUNK_ELEMENTS // max(1, vocab))
-    for start in range(0, n_rows, step):
-        yield slice(start, min(start + step, n_rows))
+    if sample is None:
+        bounds = [0, n_rows]
+    else:
+        counts = torch.unique_consecutive(sample, return_counts=True)[1]
+        bounds = [0, *counts.cumsum(0).tolist()]
+    for start, stop in zip(bounds, bounds[1:]):
+        pieces = -(-(stop - start) // step)
+        edges = [start + (stop - start) * i // pieces for i in range(pieces + 1)]
+        for a, b in zip(edges, edges[1:]):
+            yield slice(a, b)
 
 
 def unit_cotangent(h, weight, bias, softcap, labels, lse=None):
@@ -153,36 +163,47 @@ def _accumulate(gram, targets, record=False):
     out = {}
     for side, (coef, n_samples) in targets.items():
         shape = (n_samples, *w.shape)
-        out[side] = (torch.zeros(shape, dtype=cd, device=w.device),
-                     None if gram.bias is None else torch.zeros(shape[:2], dtype=cd, device=w.device))
+        out[side] = (torch.empty(shape, dtype=cd, device=w.device),
+                     None if gram.bias is None else torch.empty(shape[:2], dtype=cd, device=w.device))
+    written = {side: set() for side in targets}  # samples whose gradient holds a first chunk (else unset)
     for side in (gram.hidden if record else targets):
         h, labels = gram.hidden[side], gram.labels[side]
         if record:
             gram.lse[side] = torch.empty(h.shape[0], dtype=cd, device=w.device)
             gram.logprobs[side] = torch.empty_like(gram.lse[side])
             gram.direction[side] = torch.empty(h.shape, dtype=cd, device=w.device)
-        if side in targets:
-            coef, n_samples = targets[side]
-            sample = gram.sample_ids(side, n_samples)
-        for rows in _row_chunks(h.shape[0], w.shape[0]):
+        sample = gram.sample_ids(side, targets[side][1]) if side in targets else None
+        for rows in _row_chunks(h.shape[0], w.shape[0], sample):
             m, lse, z_y = unit_cotangent(h[rows], w, gram.bias, gram.softcap, labels[rows],
                                          None if record else gram.lse[side][rows])
             m_low = m if m.dtype == w.dtype else m.to(w.dtype)
             if record:
                 gram.lse[side][rows], gram.logprobs[side][rows] = lse, z_y - lse
-                gram.direction[side][rows] = (m_low @ w).to(cd)
+                if m_low.dtype == cd:
+                    torch.mm(m_low, w, out=gram.direction[side][rows])
+                else:
+                    gram.direction[side][rows] = (m_low @ w).to(cd)
             if side not in targets:
                 continue
-            weighted = h[rows] * coef[rows].unsqueeze(1)
-            ids, counts = torch.unique_consecutive(sample[rows], return_counts=True)
-            start = 0
-            for k, n in zip(ids.tolist(), counts.tolist()):  # the chunk's rows of each sample
-                seg = slice(start, start + n)
-                start += n
-                grad_w, grad_b = out[side]
-                grad_w[k] += (m_low[seg].t() @ weighted[seg].to(w.dtype)).to(cd)
-                if grad_b is not None:
-                    grad_b[k] += m[seg].t() @ coef[rows][seg]
+            coef = targets[side][0][rows]
+            weighted = (h[rows] * coef.unsqueeze(1)).to(w.dtype)
+            k = int(sample[rows.start])  # the chunk's sample (chunks do not span samples)
+            grad_w, grad_b = out[side]
+            beta = 1 if k in written[side] else 0  # 0: the buffer's content is ignored (no zero fill)
+            written[side].add(k)
+            if m_low.dtype == cd:
+                grad_w[k].addmm_(m_low.t(), weighted, beta=beta)  # in place: no V×H temporary per chunk
+            elif beta:
+                grad_w[k] += (m_low.t() @ weighted).to(cd)
+            else:
+                grad_w[k] = (m_low.t() @ weighted).to(cd)
+            if grad_b is not None:
+                grad_b[k].addmv_(m.t(), coef, beta=beta)
+    for side, (grad_w, grad_b) in out.items():
+        for k in set(range(grad_w.shape[0])) - written[side]:  # samples without a valid row
+            grad_w[k].zero_()
+            if grad_b is not None:
+                grad_b[k].zero_()
     return out
 
 

@@ -1,11 +1,14 @@
 """The inner products of one measurement, parameter by parameter, each in the form its cost model picks.
 
-For a linear layer's weight (DESIGN §4) the Gram form costs 2·n_a·n_b·(p+q) flops per pair of gradients
-and the projection form 2·n·p·q per gradient (each gradient materialized once per parameter, then every
-pair is a dot product of p×q matrices); the cheaper is taken (`choose`), per parameter, from the shapes at
-hand. Per-instance values come from either: the Gram form's rows, or the objective's gradient
-materialized per sample, which is used only while it fits in `SAMPLE_ELEMENTS` (past it the Gram form is
-forced for that parameter). Embeddings take their sparse rows, vectors (norms, biases) their sums, a
+For a linear layer's weight (DESIGN §4) the Gram form costs 2·n_a·n_b·(p+q) flops per distinct pair of
+uses (⟨u, v⟩ serves (u, v) and (v, u)) and the projection form 2·n·p·q per use; the cheaper is taken
+(`choose`), per parameter, from the shapes at hand. The projection form (`_Basis`) materializes each use
+once — per sample where a per-instance value or a per-sample multiple (NPO's gradient is the forget NLL's
+scaled sample by sample) needs it: one batched matmul, no more flops than the whole — and every pair then
+costs one matrix-vector product per block of rows and second gradient (shared by the first gradients that
+use the block). Per-instance values come from either: the Gram form's rows, or the per-sample rows, held
+only while they fit in `SAMPLE_ELEMENTS` (past it the Gram form is forced for that parameter). Embeddings
+take their sparse rows, vectors (norms, biases) their sums per sample (the projection form, for free), a
 parameter used outside the hooked layers its dense gradient; the LM head of `measure_unlearning` takes the
 form its head pass was run in (`head.head_costs`). Everything a parameter needs is computed once for all
 pairs and dropped before the next parameter, so at most one parameter's materialized gradients live.
@@ -54,18 +57,29 @@ def _pair_gram_flops(a, b):
 
 
 def _materialize_flops(use, numel):
-    use = _base(use)
     if isinstance(use, Factored):
         return 2 * use.n_rows * use.left.shape[1] * use.right.shape[1]
     return use.rows.numel() + numel  # Gathered: scatter the rows into a zeroed buffer
 
 
+def _distinct_pairs(parts, pairs):
+    """The pairs of uses whose rows the row forms compute: ⟨u, v⟩ is taken once for (u, v) and (v, u)
+    (`_row_form`), scaled uses by their bases."""
+    seen = {}
+    for a, b in pairs:
+        for ua in parts[a]:
+            for ub in parts[b]:
+                seen.setdefault(frozenset((id(_base(ua)), id(ub))), (ua, ub))
+    return seen.values()
+
+
 def _costs(parts: dict, pairs, numel: int, per_sample: dict) -> dict:
     """Gram and projection flops of a parameter whose uses are Factored (and Gathered, tied embeddings)."""
-    gram = sum(_pair_gram_flops(ua, ub) for a, b in pairs for ua in parts[a] for ub in parts[b])
-    bases = {id(_base(u)): u for key in parts for u in parts[key]}
-    projection = sum(_materialize_flops(u, numel) for u in bases.values())
-    projection += sum(2 * numel * per_sample.get(a, 1) for a, _ in pairs)
+    gram = sum(_pair_gram_flops(ua, ub) for ua, ub in _distinct_pairs(parts, pairs))
+    held, _ = _holding(parts, list(parts), per_sample, numel)
+    projection = sum(_materialize_flops(_base(base), numel) for base, _ in held.values())
+    n_rows = sum(n for _, n in held.values())
+    projection += 2 * numel * n_rows * len({b for _, b in pairs})  # a block of rows against each b
     if any(n * numel > SAMPLE_ELEMENTS for n in per_sample.values()):
         projection = float("inf")  # per-instance values would need per-sample buffers past the limit
     return {"gram": gram, "projection": projection}
@@ -83,77 +97,125 @@ def plan_parameter(name, group, parts: dict, pairs, numel, per_sample: dict, hea
     if all(isinstance(u, Summed) for u in uses):
         return PlanEntry(name, group, "direct", float(sum(2 * numel * len(parts[b]) for _, b in pairs)))
     if all(isinstance(u, Gathered) for u in uses):
-        return PlanEntry(name, group, "sparse", float(sum(_pair_gram_flops(ua, ub) for a, b in pairs
-                                                          for ua in parts[a] for ub in parts[b])))
+        return PlanEntry(name, group, "sparse", float(sum(_pair_gram_flops(ua, ub)
+                                                          for ua, ub in _distinct_pairs(parts, pairs))))
     costs = _costs(parts, pairs, numel, per_sample)
     form = choose(costs)
     return PlanEntry(name, group, form, costs[form], costs)
 
 
-class _Materialized:
-    """One parameter's dense gradients, each use materialized once (per sample where that is held)."""
+def _holding(parts, keys, per_sample, numel):
+    """How `_Basis` holds a parameter's gradients: ({id(base use): [base, samples it is held per]},
+    {key: [(id(base), coefficient: 1.0 or a per-sample scale)]}); a per-sample multiple past `SAMPLE_ELEMENTS`
+    is its own base (its rows scaled: `SampleScaled.explicit`)."""
+    held, terms = {}, {key: [] for key in keys}
+    for key in keys:
+        for use in parts[key]:
+            base, n, coef = use, per_sample.get(key, 1), 1.0
+            if isinstance(use, SampleScaled) and (isinstance(use.base, SampleGrads)
+                                                  or use.scale.shape[0] * numel <= SAMPLE_ELEMENTS):
+                base, n, coef = use.base, use.scale.shape[0], use.scale  # shared with the base's own key
+            entry = held.setdefault(id(base), [base, 1])
+            if n != 1 and entry[1] not in (1, n):
+                raise ValueError(f"a gradient is needed per {entry[1]} and per {n} samples")
+            entry[1] = max(entry[1], n)
+            terms[key].append((id(base), coef))
+    return held, terms
 
-    def __init__(self, shape):
-        self.shape, self.memo = shape, {}
-        self.fits = lambda n: n * _numel(shape) <= SAMPLE_ELEMENTS
 
-    def use(self, use, n_samples) -> torch.Tensor:
-        """The use's gradient ``[n_samples, numel]``; a use already held per sample is summed, not redone."""
-        key = (id(use), n_samples)
-        if key not in self.memo:
-            held = [v for k, v in self.memo.items() if k[0] == id(use)]
-            if n_samples == 1 and held:
-                self.memo[key] = held[0].sum(0, keepdim=True)
-            elif isinstance(use, SampleScaled):
-                self.memo[key] = sample_dense(use.explicit(), n_samples, self.shape).reshape(n_samples, -1)
-            else:
-                self.memo[key] = sample_dense(use, n_samples, self.shape).reshape(n_samples, -1)
-        return self.memo[key]
+class _Basis:
+    """One parameter's gradients as combinations of a few materialized gradients (*rows*, ``numel`` each):
+    each use once, per sample where a per-instance value or a per-sample multiple (`SampleScaled`) needs it,
+    else whole; a gradient already dense per sample (the head pass's) is taken as it is held, not summed.
+    Gradient a = Σ_k c_a[k] row_k, so row k's share of ⟨a, b⟩ is c_a[k] ⟨row_k, b⟩: one matrix-vector
+    product of each block of rows with b's whole gradient, shared by every a that uses the block (these
+    products are memory-bound: a block is read once per b)."""
 
-    def _scaled(self, use):
-        """(base held per sample [k, numel], scale [k]) of a per-sample multiple that fits, else None."""
-        if isinstance(use, SampleScaled) and self.fits(use.scale.shape[0]):
-            base = self.use(use.base, use.scale.shape[0])  # shared with the gradient it scales
-            return base, use.scale.to(base.dtype)
-        return None
+    def __init__(self, parts, keys, per_sample, shape):
+        held, terms = _holding(parts, keys, per_sample, _numel(shape))
+        self.blocks, block_of = [], {}  # blocks: (first row, rows [n, numel])
+        n_rows = 0
+        for key_id, (base, n) in held.items():
+            if isinstance(base, SampleGrads) and n == 1:
+                n = base.grads.shape[0]  # its samples as rows: no sum
+            block_of[key_id] = len(self.blocks)
+            if isinstance(base, SampleScaled):
+                base = base.explicit()
+            self.blocks.append((n_rows, sample_dense(base, n, shape).reshape(n, -1)))
+            n_rows += n
+        device = self.blocks[0][1].device
+        self.coef = {key: torch.zeros(n_rows, dtype=torch.float64, device=device) for key in keys}
+        for key, key_terms in terms.items():
+            for key_id, c in key_terms:
+                k0, rows = self.blocks[block_of[key_id]]
+                self.coef[key][k0:k0 + rows.shape[0]] += c
+        self._wholes, self._dots = {}, {}
 
-    def whole(self, parts) -> torch.Tensor:
-        """The gradient ``[numel]``."""
-        total = 0
-        for use in parts:
-            scaled = self._scaled(use)
-            total = total + (scaled[1] @ scaled[0] if scaled is not None else self.use(use, 1)[0])
-        return total
+    def _used(self, key):
+        """(block index, first row, rows, coefficients) of the blocks gradient ``key`` uses."""
+        for i, (k0, rows) in enumerate(self.blocks):
+            c = self.coef[key][k0:k0 + rows.shape[0]]
+            if c.any():
+                yield i, k0, rows, c
 
-    def sample_dots(self, parts, n_samples, other) -> torch.Tensor:
-        """⟨gradient of sample s, ``other``⟩ for each of ``n_samples`` samples (1: the whole), float64."""
-        rows = torch.zeros(n_samples, dtype=torch.float64, device=other.device)
-        for use in parts:
-            scaled = self._scaled(use)
-            if scaled is not None:  # λ_s ⟨base_s, other⟩: no scaled copy of the base
-                dots = (scaled[0] @ other) * scaled[1]
-                rows += (dots if n_samples == dots.shape[0] else dots.sum(0, keepdim=True)).double()
-            else:
-                rows += (self.use(use, n_samples) @ other).double()
-        return rows
+    def whole(self, key) -> torch.Tensor:
+        """Gradient ``key`` ``[numel]``: Σ_k c[k] row_k (the row itself where it is the only one, weight 1)."""
+        if key not in self._wholes:
+            total = None
+            for _, _, rows, c in self._used(key):
+                part = rows[0] if rows.shape[0] == 1 and c[0] == 1 else c.to(rows.dtype) @ rows
+                total = part if total is None else total + part
+            self._wholes[key] = total
+        return self._wholes[key]
+
+    def row_dots(self, a, b) -> torch.Tensor:
+        """Each row's share of ⟨a, b⟩, float64 ``[rows]`` (0 on the rows a does not use)."""
+        out = torch.zeros_like(self.coef[a])
+        for i, k0, rows, c in self._used(a):
+            if (i, b) not in self._dots:
+                self._dots[(i, b)] = (rows @ self.whole(b)).double()
+            out[k0:k0 + rows.shape[0]] = c * self._dots[(i, b)]
+        return out
+
+    def samples(self, a, n_samples) -> torch.Tensor:
+        """The sample of each row, for a's per-instance values (every block a uses holds ``n_samples`` rows)."""
+        out = torch.zeros(self.coef[a].shape, dtype=torch.long, device=self.coef[a].device)
+        for _, k0, rows, _ in self._used(a):
+            if rows.shape[0] != n_samples:
+                raise ValueError(f"a gradient held for {rows.shape[0]} samples cannot be split into {n_samples}")
+            out[k0:k0 + n_samples] = torch.arange(n_samples, device=out.device)
+        return out
 
 
 def _projection(parts, pairs, shape, per_sample):
-    mat, wholes, out = _Materialized(shape), {}, {}
+    keys = list(dict.fromkeys(k for pair in pairs for k in pair))
+    basis, out = _Basis(parts, keys, per_sample, shape), {}
     for a, b in pairs:
         if not parts[a] or not parts[b]:
             out[(a, b)] = (0.0, None)
             continue
-        if b not in wholes:
-            wholes[b] = mat.whole(parts[b])
-        rows = mat.sample_dots(parts[a], per_sample.get(a, 1), wholes[b])
-        out[(a, b)] = (float(rows.sum()), rows.cpu() if a in per_sample else None)
+        rows = basis.row_dots(a, b)
+        samples = None
+        if a in per_sample:
+            samples = torch.zeros(per_sample[a], dtype=torch.float64, device=rows.device).index_add_(
+                0, basis.samples(a, per_sample[a]), rows).cpu()
+        out[(a, b)] = (float(rows.sum()), samples)
     return out
 
 
 def _row_form(parts, pairs, per_sample):
-    """Gram / sparse / direct / dense: row by row over the first gradient's uses."""
-    out = {}
+    """Gram / sparse / direct / dense: row by row over the first gradient's uses. Rows of a use against
+    another are computed once (a scaled use's from its base's); where only the total is wanted, ⟨u, v⟩ comes
+    from v's rows against u when those exist ((retain, forget) from (objective, retain) when the objective
+    is a multiple of the forget risk's)."""
+    out, memo = {}, {}
+
+    def rows_of(ua, ub):
+        key = (id(_base(ua)), id(ub))
+        if key not in memo:
+            memo[key] = row_dots(_base(ua), ub)
+        return memo[key] * ua.row_scale(torch.float64) if isinstance(ua, SampleScaled) else memo[key]
+
     for a, b in pairs:
         value, samples = 0.0, None
         n_samples = per_sample.get(a)
@@ -161,7 +223,11 @@ def _row_form(parts, pairs, per_sample):
             if isinstance(part, torch.Tensor):
                 value += float(sum(dense_dot(part, ub) for ub in parts[b]))
                 continue
-            rows = sum(row_dots(part, ub) for ub in parts[b])
+            if not n_samples and not isinstance(part, SampleScaled) and all(
+                    (id(ub), id(part)) in memo for ub in parts[b]):
+                value += float(sum(memo[(id(ub), id(part))].sum() for ub in parts[b]))
+                continue
+            rows = sum(rows_of(part, ub) for ub in parts[b])
             value += float(rows.sum())
             if n_samples:  # a use's rows are its samples' rows one after the other
                 sample = torch.arange(part.n_rows, device=rows.device) // (part.n_rows // n_samples)
@@ -180,6 +246,6 @@ def _numel(shape):
 
 def parameter_products(entry: PlanEntry, parts: dict, pairs, shape, per_sample: dict) -> dict:
     """{(a, b): (⟨∇_a, ∇_b⟩ on this parameter, per-sample values [n] on the CPU or None)} in ``entry.form``."""
-    if entry.form == "projection":
+    if entry.form in ("projection", "direct"):  # direct: a vector's gradient is its rows' sum (per sample)
         return _projection(parts, pairs, tuple(shape), per_sample)
     return _row_form(parts, pairs, per_sample)
