@@ -207,14 +207,16 @@ def with_budget(fn, budget):
 def no_sync_calls(inputs, backend):
     """Forward+backward calls that must not make the host wait on the device (issue 10.7)."""
     logits = (inputs.hidden.float() @ inputs.weight.float().T).to(inputs.hidden.dtype)
-    return {
+    calls = {
         "wga": loss_fn("wga", inputs, backend),
         "tnpo": loss_fn("tnpo", inputs, backend),
         "kl": loss_fn("kl", inputs, backend),
-        "kl fast": with_budget(loss_fn("kl", inputs, backend), KL_FAST_BUDGET),
         "wga from logits": lambda h, w, b: gk.unlearning_loss_from_logits(
             "wga", logits.detach().requires_grad_(), inputs.labels, backend=backend),
     }
+    if backend == "triton":
+        calls["kl fast"] = with_budget(loss_fn("kl", inputs, backend), KL_FAST_BUDGET)
+    return calls
 
 
 # --------------------------------------------------------------------------------------------------- speed

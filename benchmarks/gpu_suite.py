@@ -63,13 +63,23 @@ def correctness(rec):
 
 
 def no_sync(rec, dev):
-    """Fused losses on the triton backend under `set_sync_debug_mode("error")`: a host sync raises (issue 10.7)."""
+    """Fused losses on the triton and cpp_cuda backends under `set_sync_debug_mode("error")`: a host sync raises
+    (issue 10.7)."""
     n, h, v = (48, 32, 301) if SMOKE else (1024, 1024, 32000)
     dtype = torch.float32 if SMOKE else torch.bfloat16
     inputs = cases.make_inputs(n, h, v, "flat", dtype, dev)
-    for name, fn in cases.no_sync_calls(inputs, "triton").items():
-        ids = dict(case=f"no host sync: {name}", provider="triton", objective=name.split()[0],
-                   dtype=cases.NAMES[dtype], shape=f"N={n},H={h},V={v}")
+    for backend in ("triton", "cpp_cuda"):
+        reason = skipped_backend(cases.Check("no host sync", backend, "-", dtype), dev)
+        if reason:
+            rec.row(case="no host sync", provider=backend, objective="-", status="skipped", note=reason)
+            continue
+        no_sync_backend(rec, dev, inputs, backend, dtype, f"N={n},H={h},V={v}")
+
+
+def no_sync_backend(rec, dev, inputs, backend, dtype, shape):
+    for name, fn in cases.no_sync_calls(inputs, backend).items():
+        ids = dict(case=f"no host sync: {name}", provider=backend, objective=name.split()[0],
+                   dtype=cases.NAMES[dtype], shape=shape)
         with rec.case(**ids):
             hid = inputs.hidden.detach().requires_grad_()
             wt = inputs.weight.detach().requires_grad_()

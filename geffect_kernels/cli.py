@@ -97,6 +97,19 @@ def _check_model_dir(path: Path):
         raise CLIError(f"{path} is not a Hugging Face model directory (no config.json)")
 
 
+def _check_shardable(path: Path):
+    """What several processes need to read ``path`` straight into shards (`hf_shards`): a full model folder with
+    safetensors weights."""
+    from .train.hf_shards import weight_files
+    from .train.lora import is_adapter_dir
+
+    if is_adapter_dir(path):
+        raise CLIError(f"--model {path} is a LoRA adapter: several processes load a full model folder into shards "
+                       f"(train the adapter further in one process)")
+    _check_model_dir(path)
+    weight_files(path)
+
+
 def _load_tokenizer(path):
     from transformers import AutoTokenizer
 
@@ -133,6 +146,7 @@ def _train_settings(args):
 
 def cmd_train(args):
     import copy
+    from functools import partial
 
     from .backends.registry import check_backend
     from .data import encode_pairs, load_qa
@@ -142,7 +156,7 @@ def cmd_train(args):
     from .train import distributed
     from .train.distributed import check_resume, check_world
     from .train.launch import is_rank_zero, launch, world_size
-    from .train.lora import add_lora, is_adapter_dir
+    from .train.lora import add_lora
 
     # everything that can be checked is checked before the model loads and before any file is written
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
@@ -167,11 +181,8 @@ def cmd_train(args):
     for config in configs.values():  # before anything runs or is written
         check_world(world, config, forget_pairs, retain_pairs if config.uses_retain else None)
         check_resume(config.out_dir, world, args.allow_reshard)
-    if world > 1 and is_adapter_dir(files["model"]):
-        raise CLIError(f"--model {files['model']} is a LoRA adapter: several processes load a full model "
-                       f"folder into shards (train the adapter in one process)")
     if world > 1:
-        _check_model_dir(Path(files["model"]))
+        _check_shardable(Path(files["model"]))
     if args.nproc and args.nproc > 1:
         raise SystemExit(launch(args.argv, args.nproc))
     device = distributed.init(args.device) if world > 1 else device
@@ -183,8 +194,8 @@ def cmd_train(args):
         check_resumable(start, forget, retain, config, resume)
     summaries = {}
     for name, config in configs.items():
-        lora = (lambda model, seed=config.seed: add_lora(model, args.lora_r, args.lora_alpha, args.lora_targets,
-                                                         base_path=files["model"], seed=seed)) if args.lora_r else None
+        lora = partial(add_lora, r=args.lora_r, alpha=args.lora_alpha, targets=args.lora_targets,
+                       base_path=files["model"], seed=config.seed) if args.lora_r else None
         if world > 1:
             result = distributed.train_sharded(files["model"], forget, retain, config, device=device, wrap=lora,
                                                allow_reshard=args.allow_reshard)

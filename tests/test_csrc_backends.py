@@ -190,7 +190,10 @@ def test_binding_rejects_bad_tensors_clearly(ext):
         ext.row_logprobs(z, y[:-1], IGNORE, 0.0)
     with pytest.raises(RuntimeError, match="rows are contiguous"):
         ext.row_logprobs(z.t(), y, IGNORE, 0.0)
+    one = torch.ones(1, dtype=torch.float64)
     with pytest.raises(RuntimeError, match="needs ref_logprobs"):
-        ext.row_weighted_loss(z, None, y, None, IGNORE, 0.0, 3, 1.0, 1.0, 1.0, 0.0, 1.0)
+        ext.row_weighted_loss(z, None, y, None, IGNORE, 0.0, 3, 1.0, 1.0, 1.0, 0.0, one)
     with pytest.raises(RuntimeError, match="eps must be >= 0"):
-        ext.row_weighted_loss(z, None, y, y.double(), IGNORE, 0.0, 3, 1.0, 1.0, 1.0, -1e-5, 1.0)
+        ext.row_weighted_loss(z, None, y, y.double(), IGNORE, 0.0, 3, 1.0, 1.0, 1.0, -1e-5, one)
+    with pytest.raises(RuntimeError, match="scale must be a one-element float64 tensor"):
+        ext.row_kl(z, z, None, y, IGNORE, 0.0, one.float())

@@ -2,6 +2,7 @@
 resumes bit-identically, and bad input (too many processes, another world size) is one line with nothing written."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -139,6 +140,19 @@ def test_too_many_processes_and_another_world_size_are_one_line_errors(capsys, w
         assert "written by 2 process(es)" in err or "between one process and several" in err, err
     # (--allow-reshard lets 2 -> 3 ranks through; 2 -> 1 never: one process keeps a single-file checkpoint)
     assert {p: p.read_bytes() for p in two_ranks.rglob("*") if p.is_file()} == before
+
+
+def test_a_model_folder_the_ranks_cannot_read_into_shards_is_a_one_line_error(capsys, workspace, tmp_path):
+    pickled = tmp_path / "pickled"  # weights without safetensors: no slice of them can be read alone
+    shutil.copytree(workspace / "model", pickled)
+    (pickled / "model.safetensors").unlink()
+    adapter = tmp_path / "adapter"
+    shutil.copytree(workspace / "model", adapter)
+    (adapter / "adapter_config.json").write_text("{}")
+    for model, message in ((pickled, "holds no safetensors weights"), (adapter, "is a LoRA adapter")):
+        code, err = run_cli(capsys, *train_args(workspace, tmp_path / "run"), "--model", model, "--nproc", 2)
+        assert code == 1 and err.count("\n") == 1 and message in err, err
+    assert not (tmp_path / "run").exists()
 
 
 def _rank_logs(logs, launcher_err):

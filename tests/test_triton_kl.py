@@ -3,7 +3,6 @@ import pytest
 import torch
 
 import geffect_kernels as gk
-from geffect_kernels.backends.interface import LossOptions
 from geffect_kernels.backends.triton import config, kl, kl_fast, set_logits_budget
 from triton_cases import IGNORE, as_float32, assert_close, grads
 
@@ -35,7 +34,7 @@ def fast_calls(monkeypatch):
     original = kl.fast_kl_grads
 
     def spy(*args, **kwargs):
-        calls.append(args[9])  # rows per chunk
+        calls.append(args[10])  # rows per chunk
         return original(*args, **kwargs)
 
     monkeypatch.setattr(kl, "fast_kl_grads", spy)
@@ -100,19 +99,21 @@ def test_kl_fast_without_gradients_runs_lean(fast_calls):
 
 
 def test_kl_fast_16bit_gradient_over_the_logits_rows():
-    """16-bit inputs: G is written in the input dtype over the first half of each float32 θ-logit row and read
-    from there by the dh and dW products (a layout the CPU interpreter can check; its 16-bit arithmetic is not the
-    GPU's, so the tolerance is float16's rounding of the inputs' products, not float32's)."""
-    h, w, _, hr, wr, _, y = kl_inputs(14, bias=False, ref_bias=False)
-    h16, w16, hr16, wr16 = (t.detach().half() for t in (h, w, hr, wr))
+    """16-bit inputs: G is written in the input dtype over the first half of each float32 θ-logit row, normalized
+    (`normalized`), and read from there by the dh and dW products, its column sums giving db (a layout the CPU
+    interpreter can check; its 16-bit arithmetic is not the GPU's, so the tolerance is float16's rounding of the
+    inputs' products, not float32's)."""
+    h, w, b, hr, wr, _, y = kl_inputs(14, bias=True, ref_bias=False)
+    h16, w16, b16, hr16, wr16 = (t.detach().half() for t in (h, w, b, hr, wr))
     valid = (y != IGNORE).float()
     coef = valid / valid.sum()
-    opts = LossOptions(IGNORE, None, None, 1.0)
     normal, unscale = kl.normalized(coef, torch.float16)
-    got_kl, (dh, dw, _) = kl_fast.fast_kl_grads(h16, w16, None, hr16, wr16, None, normal, unscale,
-                                               (True, True, False), 16, opts.softcap)
-    exact = [t.double().requires_grad_(i < 2) for i, t in enumerate((h16, w16, hr16, wr16))]
-    expected = gk.kl_loss(*exact[:2], *exact[2:], y, backend="oracle")
+    assert unscale is not None
+    got_kl, grads16 = kl_fast.fast_kl_grads(h16, w16, b16, hr16, wr16, None, normal, unscale, (True, True, True), None,
+                                            16)
+    exact = [t.double().requires_grad_(i < 3) for i, t in enumerate((h16, w16, b16, hr16, wr16))]
+    expected = gk.kl_loss(exact[0], exact[1], exact[3], exact[4], y, bias=exact[2], backend="oracle")
     assert_close((got_kl * coef).sum(), expected, 3e-3, "kl")
-    for label, g_got, g_exp in zip("hW", (dh, dw), grads(expected, exact[:2])):
+    for label, g_got, g_exp in zip("hWb", grads16, grads(expected, exact[:3])):
+        assert g_got.dtype == torch.float16
         assert_close(g_got, g_exp, 3e-3, f"d{label}")

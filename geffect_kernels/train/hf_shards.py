@@ -4,17 +4,25 @@ Loading (`load_sharded`): the model is built on the meta device (no memory), wra
 (`sharding.shard`), then each rank allocates only its shards and reads only its own slice of every weight from
 the safetensors files (``safe_open(...).get_slice``; the DTensor placements tell the slice). Non-persistent
 buffers (rotary ``inv_freq``) are recomputed by transformers' own initialization, as ``from_pretrained`` does.
-A rank holds at peak its shards plus one tensor's slice being copied.
+A rank holds at peak its shards plus one tensor's slice being copied (`peak_bytes`).
 
 Saving (`save_sharded`): a Hugging Face sharded checkpoint, one file per FSDP unit (each decoder block, then
 the root: embedding, final norm, head) — ``model-0000i-of-0000n.safetensors``, ``model.safetensors.index.json``
 and the config — gathered one unit at a time (every rank takes part, rank 0 writes and frees it), so no rank
 holds more than one unit unsharded.
+
+Per rank, with P parameters of b bytes, P_blk in the largest decoder block, P_root in the root's own modules,
+P_max in the largest tensor, R ranks (`peak_bytes`):
+
+    load:              b·P/R + b·P_max/R                   the shards and the slice being copied
+    save, rank 0:      b·P/R + b·max(P_blk, P_root) + b·P_max   ... one unit held until written, a tensor gathered
+    save, other ranks: b·P/R + b·P_max                     (gloo gathers through a second buffer: 2·b·P_max)
+
+against b·P on every rank (load) and b·P on rank 0 (save) when the model is loaded whole and gathered whole.
 """
 from __future__ import annotations
 
 import json
-from contextlib import ExitStack
 from pathlib import Path
 
 import torch
@@ -47,7 +55,7 @@ def load_sharded(path, device: torch.device, *, wrap=None, trainable: bool = Tru
     _recompute_buffers(hf.causal_lm(model))
     if not trainable:
         model.requires_grad_(False)
-    return model.train(trainable)
+    return model.eval()  # as from_pretrained returns it
 
 
 def weight_files(path: Path) -> dict[str, Path]:
@@ -82,27 +90,25 @@ def checkpoint_key(name: str) -> str:
 
 
 def _read_slices(lm, names: set[str], files: dict[str, Path], path: Path):
-    """Copy into each parameter of ``names`` this rank's slice of its checkpoint tensor, read alone."""
+    """Copy into each parameter of ``names`` this rank's slice of its checkpoint tensor, read alone (the file is
+    opened per tensor: the memory-mapped pages a slice touched are let go before the next one)."""
     from safetensors import safe_open
 
-    with ExitStack() as stack, torch.no_grad():
-        opened = {}
+    with torch.no_grad():
         for name, param in lm.named_parameters():
             if name not in names:
                 continue
             key = checkpoint_key(name)
             if key not in files:
                 raise ValueError(f"{path}: the checkpoint has no weight {key!r} for parameter {name}")
-            file = files[key]
-            if file not in opened:
-                opened[file] = stack.enter_context(safe_open(file, framework="pt"))
-            stored = opened[file].get_slice(key)
-            if list(stored.get_shape()) != list(param.shape):
-                raise ValueError(f"{path}: weight {key!r} is {stored.get_shape()} but the model's config makes it "
-                                 f"{list(param.shape)}")
-            local, index = local_part(param)
-            if local.numel():  # the last ranks of a short dimension may hold nothing
-                local.copy_(stored[index])
+            with safe_open(files[key], framework="pt") as f:
+                stored = f.get_slice(key)
+                if list(stored.get_shape()) != list(param.shape):
+                    raise ValueError(f"{path}: weight {key!r} is {stored.get_shape()} but the model's config makes "
+                                     f"it {list(param.shape)}")
+                local, index = local_part(param)
+                if local.numel():  # the last ranks of a short dimension may hold nothing
+                    local.copy_(stored[index])
 
 
 def local_part(param) -> tuple[torch.Tensor, tuple[slice, ...]]:
@@ -185,3 +191,10 @@ def _units(lm) -> list[list[str]]:
     units = [[k for k in keys if k.startswith(prefix)] for prefix in blocks]
     claimed = {k for unit in units for k in unit}
     return [unit for unit in units if unit] + [[k for k in keys if k not in claimed]]
+
+
+def peak_bytes(params: int, block: int, root: int, largest: int, world: int, dtype_bytes: int = 4) -> dict:
+    """The formula above: the bytes a rank holds at peak loading (``load``) and saving (``save``: rank 0's)."""
+    shards = dtype_bytes * params / world
+    return {"load": shards + dtype_bytes * largest / world,
+            "save": shards + dtype_bytes * max(block, root) + dtype_bytes * largest}

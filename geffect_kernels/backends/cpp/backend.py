@@ -21,15 +21,18 @@ def _cap(softcap):
     return 0.0 if softcap is None else float(softcap)
 
 
-def _host_scale(scale) -> float:
-    """The C++ kernels take the scale by value: a device scalar (1/n_valid) is read here, which on CUDA waits
-    for the device (the triton backend, first for CUDA tensors, keeps it on the device instead)."""
-    return float(scale)
+def _scale_tensor(scale, device) -> torch.Tensor:
+    """The loss scale (a number, or 1/n_valid as a device scalar) as the one-element float64 tensor on ``device``
+    the kernels take: the CUDA kernels read it on the device, so no call waits for it there."""
+    if isinstance(scale, torch.Tensor):
+        return scale.to(device=device, dtype=torch.float64).reshape(1)
+    return torch.full((1,), float(scale), dtype=torch.float64, device=device)
 
 
-def _weighting_args(opts):
+def _weighting_args(opts, device):
     w = opts.weighting  # its code is the formula's in csrc/include/geffect/math.h
-    return dict(kind=w.code, alpha=w.alpha, beta=w.beta, gamma=w.gamma, eps=w.eps, scale=_host_scale(opts.scale))
+    return dict(kind=w.code, alpha=w.alpha, beta=w.beta, gamma=w.gamma, eps=w.eps,
+                scale=_scale_tensor(opts.scale, device))
 
 
 def _kernel_dtype(t: torch.Tensor) -> torch.dtype:
@@ -107,12 +110,13 @@ class _CsrcBackend(Backend):
 
     def weighted_loss(self, hidden, weight, bias, labels, ref_logprobs, opts):
         ext = self.ext
+        weighting = _weighting_args(opts, hidden.device)
 
         def chunk_loss(sl, want_grad):  # the kernel overwrites the chunk's logits with their gradient
             z = _head_logits(hidden[sl], weight, bias)
             logprobs, coef = ext.row_weighted_loss(z, z if want_grad else None, labels[sl],
                                                    None if ref_logprobs is None else ref_logprobs[sl],
-                                                   opts.ignore_index, _cap(opts.softcap), **_weighting_args(opts))
+                                                   opts.ignore_index, _cap(opts.softcap), **weighting)
             return (coef.double() * logprobs.double()).sum(), z if want_grad else None
 
         return fused_loss(lambda wanted, *head: _in_compute_dtype(fused_head_pass(*head, wanted, chunk_loss,
@@ -123,12 +127,13 @@ class _CsrcBackend(Backend):
         ext = self.ext
         ref_hidden, ref_weight = ref_hidden.detach(), ref_weight.detach()
         ref_bias = None if ref_bias is None else ref_bias.detach()
+        scale = _scale_tensor(opts.scale, hidden.device)
 
         def chunk_loss(sl, want_grad):  # the kernel overwrites the chunk's logits with their gradient
             z = _head_logits(hidden[sl], weight, bias)
             z_ref = _head_logits(ref_hidden[sl], ref_weight, ref_bias)
             kl = ext.row_kl(z, z_ref, z if want_grad else None, labels[sl], opts.ignore_index, _cap(opts.softcap),
-                            _host_scale(opts.scale))
+                            scale)
             return kl.double().sum() * opts.scale, z if want_grad else None
 
         return fused_loss(lambda wanted, *head: _in_compute_dtype(fused_head_pass(*head, wanted, chunk_loss,
@@ -144,12 +149,13 @@ class _CsrcBackend(Backend):
         def compute(wanted, logits):
             grad = own_storage(logits, opts.inplace) if wanted else None
             loss = torch.zeros((), dtype=torch.float64, device=logits.device)
+            weighting = _weighting_args(opts, logits.device)
             for sl, z in _logit_chunks(logits):
                 # the kernel writes the gradient straight into `grad`, or into a converted copy `z` first
                 target = None if grad is None else grad[sl] if z.dtype == grad.dtype else z
                 logprobs, coef = ext.row_weighted_loss(z, target, labels[sl],
                                                        None if ref_logprobs is None else ref_logprobs[sl],
-                                                       opts.ignore_index, _cap(opts.softcap), **_weighting_args(opts))
+                                                       opts.ignore_index, _cap(opts.softcap), **weighting)
                 loss += (coef.double() * logprobs.double()).sum()
                 if target is z:
                     grad[sl] = z

@@ -127,43 +127,44 @@ def kl_grad_kernel(h_ptr, w_ptr, b_ptr, hr_ptr, wr_ptr, br_ptr, lse_ptr, lse_ref
     store_grad_tile(g, g_ptr, db_ptr, rows, local, cols, rows < N, local < width, stride_g, NEED_DB)
 
 
+def lean_kl_grads(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, coef, unscale, wanted, softcap):
+    """(KL_t [N] float32, 0 where ``coef`` is, [dh, dW, db]) in six matmul-sized passes; arguments as
+    `kl_fast.fast_kl_grads`'s."""
+    n, h = hidden.shape
+    v = weight.shape[0]
+    tiles = matmul_tiles(hidden.dtype, two_products=True)
+    n_m = triton.cdiv(n, tiles.block_m)
+    per, n_splits = vocab_splits(n_m, triton.cdiv(v, tiles.block_n))
+    common = dict(HAS_BIAS=bias is not None, HAS_REF_BIAS=ref_bias is not None, SOFTCAP=softcap is not None,
+                  PRECISION=dot_precision(hidden.dtype), **tiles.launch())
+    heads = (hidden, weight, weight if bias is None else bias,
+             ref_hidden, ref_weight, ref_weight if ref_bias is None else ref_bias)
+    strides = (hidden.stride(0), weight.stride(0), ref_hidden.stride(0), ref_weight.stride(0))
+    part = torch.empty((5, n_splits, n), dtype=torch.float32, device=hidden.device)
+    kl_partials_kernel[(n_m * n_splits,)](*heads, part, n, v, h, *strides, per, n_splits, softcap or 1.0, **common)
+    kl, lse, lse_ref = (torch.empty(n, dtype=torch.float32, device=hidden.device) for _ in range(3))
+    block = 1024 if n >= 1024 else max(16, triton.next_power_of_2(n))
+    kl_combine_kernel[(triton.cdiv(n, block),)](part, coef, kl, lse, lse_ref, n, n_splits, BLOCK=block)
+
+    def fill(g, v_start, width, db):
+        grid = (n_m * triton.cdiv(width, tiles.block_n),)
+        kl_grad_kernel[grid](*heads, lse, lse_ref, coef, g, g if db is None else db, n, v, h, v_start, width,
+                             *strides, g.stride(0), softcap or 1.0, NEED_DB=db is not None, **common)
+
+    return kl, head_grads(hidden, weight, bias, wanted, fill, unscale)
+
+
 def fused_kl(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, opts):
     """scale · Σ_valid KL(p_ref,t ‖ p_θ,t); gradients (θ side) produced in the forward: in the fast mode
     (`kl_fast`, four passes) where the logits budget holds a chunk of both heads' float32 logits, else lean (six)."""
-    softcap = opts.softcap
 
     def compute(wanted, hidden, weight, bias):
         # c_t = scale where valid, else 0; scale may be a device scalar (1/n_valid): no synchronization
         coef = ((labels != opts.ignore_index) * opts.scale).float()
         normal, unscale = normalized(coef, hidden.dtype)
+        heads = (hidden, weight, bias, ref_hidden, ref_weight, ref_bias, normal, unscale, wanted, opts.softcap)
         rows = fast_kl_rows(hidden, weight, logits_budget()) if any(wanted) else 0
-        if rows:
-            kl, grads = fast_kl_grads(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, normal, unscale,
-                                      wanted, rows, softcap)
-            return (kl * coef).sum(), grads
-        n, h = hidden.shape
-        v = weight.shape[0]
-        tiles = matmul_tiles(hidden.dtype, two_products=True)
-        n_m = triton.cdiv(n, tiles.block_m)
-        per, n_splits = vocab_splits(n_m, triton.cdiv(v, tiles.block_n))
-        common = dict(HAS_BIAS=bias is not None, HAS_REF_BIAS=ref_bias is not None, SOFTCAP=softcap is not None,
-                      PRECISION=dot_precision(hidden.dtype), **tiles.launch())
-        heads = (hidden, weight, weight if bias is None else bias,
-                 ref_hidden, ref_weight, ref_weight if ref_bias is None else ref_bias)
-        strides = (hidden.stride(0), weight.stride(0), ref_hidden.stride(0), ref_weight.stride(0))
-        part = torch.empty((5, n_splits, n), dtype=torch.float32, device=hidden.device)
-        kl_partials_kernel[(n_m * n_splits,)](*heads, part, n, v, h, *strides, per, n_splits, softcap or 1.0,
-                                              **common)
-        kl, lse, lse_ref = (torch.empty(n, dtype=torch.float32, device=hidden.device) for _ in range(3))
-        block = 1024 if n >= 1024 else max(16, triton.next_power_of_2(n))
-        kl_combine_kernel[(triton.cdiv(n, block),)](part, coef, kl, lse, lse_ref, n, n_splits, BLOCK=block)
-        loss = (kl * coef).sum()  # kl is 0 where ignored
-
-        def fill(g, v_start, width, db):
-            grid = (n_m * triton.cdiv(width, tiles.block_n),)
-            kl_grad_kernel[grid](*heads, lse, lse_ref, normal, g, g if db is None else db, n, v, h, v_start, width,
-                                 *strides, g.stride(0), softcap or 1.0, NEED_DB=db is not None, **common)
-
-        return loss, head_grads(hidden, weight, bias, wanted, fill, unscale)
+        kl, grads = fast_kl_grads(*heads, rows) if rows else lean_kl_grads(*heads)
+        return (kl * coef).sum(), grads
 
     return fused_loss(compute, hidden, weight, bias)

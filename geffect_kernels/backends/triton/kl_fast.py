@@ -7,7 +7,7 @@ Per chunk of tokens: u = h Wᵀ and u_ref = h_ref W_refᵀ (two matmuls, float32
 mode needs six (both tiles in pass 1, both again in the gradient pass, dW, dh).
 
 Precision: both heads' logits are stored in float32, exactly as the matmul accumulated them, bias and soft-cap
-applied on chip. Stored in a 16-bit type they would be rounded before the softmax by up to 2⁻⁹|z| (bf16), and
+applied on chip. Stored in a 16-bit type they would be rounded before the softmax by up to 2⁻⁸|z| (bf16), and
 p_θ − p_ref, a difference of nearly equal numbers when the heads are close (the KL retain term's usual case),
 would lose that much relative to p: at |z| ~ 5 and heads 1e-2 apart that is ~1 relative in G. The float32 logits
 give the lean mode's accuracy (float32 rounding of z only); G itself is stored in the input dtype, as in the
@@ -15,7 +15,8 @@ lean mode.
 
 Memory: rows · 8 · V̄ bytes (two float32 logit rows, V̄ = V padded to 64; G overwrites the θ row), plus, with
 more than one chunk and 16-bit weights, the float32 dW accumulator (4 · V · H). At N 8192, V 128256 one chunk
-is 7.8 GiB (`fast_kl_rows` sizes chunks from the caller's logits budget).
+is 7.8 GiB (`fast_kl_rows` sizes chunks from the caller's logits budget). Expected time against Liger's fused
+linear JSD (an estimate from pass counts and memory traffic, not a measurement): DESIGN §6.
 """
 import torch
 import triton
@@ -88,9 +89,9 @@ def fast_kl_rows(hidden, weight, budget):
     return rows_within(budget, hidden.shape[0], weight, 8 * padded_width(weight.shape[0]))
 
 
-def fast_kl_grads(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, coef, unscale, wanted, rows, softcap):
+def fast_kl_grads(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, coef, unscale, wanted, softcap, rows):
     """(KL_t [N] float32, [dh, dW, db]) in chunks of ``rows`` tokens; ``coef``: k · c_t per token (0 where
-    ignored), ``unscale``: 1/k or None (`normalized`)."""
+    ignored), ``unscale``: 1/k or None (`normalized`), ``wanted``: which of dh, dW, db."""
     n, v = hidden.shape[0], weight.shape[0]
     want_h, want_w, want_b = wanted[0], wanted[1], wanted[2] and bias is not None
     device = hidden.device

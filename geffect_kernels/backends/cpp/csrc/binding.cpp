@@ -70,6 +70,14 @@ void cpu_dispatch(const Tensor& logits, F&& f) {
   }
 }
 
+// The loss scale (1/n_valid, computed on the logits' device): a one-element float64 tensor there. The CUDA kernels
+// read it in device memory, so no call waits for the device; the CPU kernels take its value.
+void check_scale(const Tensor& scale, const Tensor& logits) {
+  TORCH_CHECK(scale.numel() == 1 && scale.scalar_type() == at::kDouble && scale.device() == logits.device(),
+              "scale must be a one-element float64 tensor on ", logits.device(), ", got ", scale.scalar_type(),
+              " of ", scale.numel(), " elements on ", scale.device());
+}
+
 template <typename T>
 T* ptr_or_null(const OptTensor& t) {
   return t ? t->data_ptr<T>() : nullptr;
@@ -138,8 +146,9 @@ void row_grad(const Tensor& logits, const Tensor& grad, const Tensor& labels, co
 
 std::vector<Tensor> row_weighted_loss(const Tensor& logits, const OptTensor& grad, const Tensor& labels,
                                       const OptTensor& ref, int64_t ignore_index, double softcap, int64_t kind,
-                                      double alpha, double beta, double gamma, double eps, double scale) {
+                                      double alpha, double beta, double gamma, double eps, const Tensor& scale) {
   check_batch(logits, grad, labels);
+  check_scale(scale, logits);
   if (ref) check_vector(*ref, logits, compute_dtype(logits), "ref_logprobs");
   TORCH_CHECK(kind >= geffect::kOne && kind <= geffect::kWtnpo, "unknown weighting kind ", kind);
   TORCH_CHECK(ref || (kind != geffect::kTnpo && kind != geffect::kWtnpo), "this weighting needs ref_logprobs");
@@ -151,21 +160,22 @@ std::vector<Tensor> row_weighted_loss(const Tensor& logits, const OptTensor& gra
   if (logits.is_cuda()) {
     GEFFECT_CUDA_GUARD(logits);
     geffect::cuda::row_weighted_loss(cuda_batch(logits, grad, labels, ignore_index, softcap), data_or_null(ref), w,
-                                     scale, logprobs.data_ptr(), coef.data_ptr());
+                                     scale.data_ptr<double>(), logprobs.data_ptr(), coef.data_ptr());
     return {logprobs, coef};
   }
 #endif
   cpu_dispatch(logits, [&](auto tag) {
     using T = decltype(tag);
     geffect::cpu::row_weighted_loss<T>(cpu_batch<T>(logits, grad, labels, ignore_index, softcap), ptr_or_null<T>(ref),
-                                       w, scale, logprobs.data_ptr<T>(), coef.data_ptr<T>());
+                                       w, scale.item<double>(), logprobs.data_ptr<T>(), coef.data_ptr<T>());
   });
   return {logprobs, coef};
 }
 
 Tensor row_kl(const Tensor& logits, const Tensor& ref_logits, const OptTensor& grad, const Tensor& labels,
-              int64_t ignore_index, double softcap, double scale) {
+              int64_t ignore_index, double softcap, const Tensor& scale) {
   check_batch(logits, grad, labels);
+  check_scale(scale, logits);
   check_rows(ref_logits, "ref_logits");
   TORCH_CHECK(ref_logits.sizes() == logits.sizes() && ref_logits.scalar_type() == logits.scalar_type() &&
                   ref_logits.device() == logits.device(),
@@ -175,14 +185,14 @@ Tensor row_kl(const Tensor& logits, const Tensor& ref_logits, const OptTensor& g
   if (logits.is_cuda()) {
     GEFFECT_CUDA_GUARD(logits);
     geffect::cuda::row_kl(cuda_batch(logits, grad, labels, ignore_index, softcap), ref_logits.data_ptr(),
-                          ref_logits.stride(0), scale, kl.data_ptr());
+                          ref_logits.stride(0), scale.data_ptr<double>(), kl.data_ptr());
     return kl;
   }
 #endif
   cpu_dispatch(logits, [&](auto tag) {
     using T = decltype(tag);
     geffect::cpu::row_kl<T>(cpu_batch<T>(logits, grad, labels, ignore_index, softcap), ref_logits.data_ptr<T>(),
-                            ref_logits.stride(0), scale, kl.data_ptr<T>());
+                            ref_logits.stride(0), scale.item<double>(), kl.data_ptr<T>());
   });
   return kl;
 }

@@ -44,7 +44,7 @@ __device__ void zero_row(T* row, int64_t vocab) {
 template <typename T, Op op>
 __global__ void __launch_bounds__(kThreads)
 row_kernel(RowBatchAny b, const typename Storage<T>::C* lse_in, const typename Storage<T>::C* coef_in,
-           const typename Storage<T>::C* ref, WeightParams w, double scale, typename Storage<T>::C* logprobs_out,
+           const typename Storage<T>::C* ref, WeightParams w, const double* scale, typename Storage<T>::C* logprobs_out,
            typename Storage<T>::C* lse_out, typename Storage<T>::C* coef_out) {
   using C = typename Storage<T>::C;
   const int64_t r = blockIdx.x;
@@ -69,7 +69,7 @@ row_kernel(RowBatchAny b, const typename Storage<T>::C* lse_in, const typename S
     lse = row_lse(row, b.vocab, softcap);
     C unused;
     const C logprob = softcapped(Storage<T>::load(row[label]), softcap, &unused) - lse;
-    if constexpr (op == Op::kWeighted) coef = C(scale) * token_weight(w, logprob, ref ? ref[r] : C(0));
+    if constexpr (op == Op::kWeighted) coef = C(*scale) * token_weight(w, logprob, ref ? ref[r] : C(0));
     if (threadIdx.x == 0) {
       logprobs_out[r] = logprob;
       if (lse_out) lse_out[r] = lse;
@@ -87,7 +87,8 @@ row_kernel(RowBatchAny b, const typename Storage<T>::C* lse_in, const typename S
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
-kl_kernel(RowBatchAny b, const T* ref_logits, int64_t ref_stride, double scale, typename Storage<T>::C* kl) {
+kl_kernel(RowBatchAny b, const T* ref_logits, int64_t ref_stride, const double* scale,
+          typename Storage<T>::C* kl) {
   using C = typename Storage<T>::C;
   const int64_t r = blockIdx.x;
   const T* row = static_cast<const T*>(b.logits) + r * b.logits_stride;
@@ -110,10 +111,11 @@ kl_kernel(RowBatchAny b, const T* ref_logits, int64_t ref_stride, double scale, 
     return Storage<T>::exp(log_p) - q;
   };
   if (grad) {
+    const C s = C(*scale);
     map_row(row, grad, b.vocab, [&](int64_t i, C x) {
       C dzdx;
       const C p_minus_q = term(i, x, &dzdx);
-      return C(scale) * p_minus_q * dzdx;
+      return s * p_minus_q * dzdx;
     });
   } else {
     visit_row(row, b.vocab, [&](int64_t i, const C* v, int count) {
@@ -127,7 +129,7 @@ kl_kernel(RowBatchAny b, const T* ref_logits, int64_t ref_stride, double scale, 
 
 template <Op op>
 void launch_row(const RowBatchAny& b, const void* lse_in, const void* coef_in, const void* ref, const WeightParams& w,
-                double scale, void* logprobs, void* lse, void* coef) {
+                const double* scale, void* logprobs, void* lse, void* coef) {
   if (b.rows == 0) return;
   dispatch(b.dtype, [&](auto tag) {
     using T = decltype(tag);
@@ -142,20 +144,20 @@ void launch_row(const RowBatchAny& b, const void* lse_in, const void* coef_in, c
 }  // namespace
 
 void row_logprobs(const RowBatchAny& b, void* logprobs, void* lse) {
-  launch_row<Op::kLogprobs>(b, nullptr, nullptr, nullptr, WeightParams{kOne, 0, 0, 0, 0}, 1.0, logprobs, lse,
+  launch_row<Op::kLogprobs>(b, nullptr, nullptr, nullptr, WeightParams{kOne, 0, 0, 0, 0}, nullptr, logprobs, lse,
                             nullptr);
 }
 
 void row_grad(const RowBatchAny& b, const void* lse, const void* coef) {
-  launch_row<Op::kGrad>(b, lse, coef, nullptr, WeightParams{kOne, 0, 0, 0, 0}, 1.0, nullptr, nullptr, nullptr);
+  launch_row<Op::kGrad>(b, lse, coef, nullptr, WeightParams{kOne, 0, 0, 0, 0}, nullptr, nullptr, nullptr, nullptr);
 }
 
-void row_weighted_loss(const RowBatchAny& b, const void* ref, const WeightParams& w, double scale, void* logprobs,
-                       void* coef) {
+void row_weighted_loss(const RowBatchAny& b, const void* ref, const WeightParams& w, const double* scale,
+                       void* logprobs, void* coef) {
   launch_row<Op::kWeighted>(b, nullptr, nullptr, ref, w, scale, logprobs, nullptr, coef);
 }
 
-void row_kl(const RowBatchAny& b, const void* ref_logits, int64_t ref_stride, double scale, void* kl) {
+void row_kl(const RowBatchAny& b, const void* ref_logits, int64_t ref_stride, const double* scale, void* kl) {
   if (b.rows == 0) return;
   dispatch(b.dtype, [&](auto tag) {
     using T = decltype(tag);

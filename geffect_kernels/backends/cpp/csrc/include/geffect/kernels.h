@@ -70,11 +70,12 @@ struct RowBatchAny {
   void* stream;
 };
 
+// `scale` (the loss's 1/n_valid) is one double in device memory, read by the kernels: the host never waits for it.
 void row_logprobs(const RowBatchAny& b, void* logprobs, void* lse);
 void row_grad(const RowBatchAny& b, const void* lse, const void* coef);
-void row_weighted_loss(const RowBatchAny& b, const void* ref, const WeightParams& w, double scale,
+void row_weighted_loss(const RowBatchAny& b, const void* ref, const WeightParams& w, const double* scale,
                        void* logprobs, void* coef);
-void row_kl(const RowBatchAny& b, const void* ref_logits, int64_t ref_stride, double scale, void* kl);
+void row_kl(const RowBatchAny& b, const void* ref_logits, int64_t ref_stride, const double* scale, void* kl);
 
 // Σ_{i,j} (ga gbᵀ)_ij (xa xbᵀ)_ij without forming either Gram matrix. With segment_ids (int64 [na]) the
 // sum over j and over the i of each segment goes to out[segment]; without, everything goes to out[0].
