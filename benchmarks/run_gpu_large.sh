@@ -10,32 +10,8 @@
 # - fsdp: one step of FSDP2 on one rank (NCCL, bf16 compute) next to the single-process step, 1.1B shape.
 # $OUT/gpu_large.csv has the rows (same columns as gpu_suite.csv), $OUT/gpu_large_parts.csv each part's exit code
 # and time; the table closes the output. A real GPU run's CSVs belong under benchmarks/results/.
-set -uo pipefail
-cd "$(dirname "$0")/.."
-SMOKE=""
-[[ "${1:-}" == "--smoke" ]] && SMOKE="--smoke"
-OUT=${OUT:-$(mktemp -d -t geffect-gpu-large.XXXXXX)}
-mkdir -p "$OUT"
-export OUT PYTHONUNBUFFERED=1
-export PYTHONPATH="$PWD:$PWD/benchmarks${PYTHONPATH:+:$PYTHONPATH}"
-export GEFFECT_COMMIT=${GEFFECT_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
-PY=$(command -v python3 || command -v python)
-CSV="$OUT/gpu_large.csv"
-PARTS="$OUT/gpu_large_parts.csv"
-LOG="$OUT/large.log"
-[[ -s "$PARTS" ]] || echo "part,exit,seconds,limit,commit" >"$PARTS"
-echo "geffect large-model GPU runs: commit $GEFFECT_COMMIT, out $OUT${SMOKE:+ (smoke)}" | tee -a "$LOG"
-
-part() {  # name, limit in seconds, command...: bounded, logged, its exit code and time recorded
-  local name=$1 limit=$2 start rc
-  shift 2
-  start=$(date +%s)
-  echo "== $name (limit ${limit}s)" | tee -a "$LOG"
-  timeout -k 5 "$limit" "$@" >>"$LOG" 2>&1
-  rc=$?
-  echo "$name,$rc,$(($(date +%s) - start)),$limit,$GEFFECT_COMMIT" >>"$PARTS"
-  echo "== $name: exit $rc in $(($(date +%s) - start))s" | tee -a "$LOG"
-}
+NAME=gpu_large TITLE="geffect large-model GPU runs"
+source "$(dirname "$0")/device_parts.sh"
 
 TOKENS=128,512 FSDP_TOKENS=512 REPEATS=2
 [[ -n "$SMOKE" ]] && TOKENS=8 FSDP_TOKENS=8 REPEATS=1

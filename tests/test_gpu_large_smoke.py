@@ -17,7 +17,7 @@ def test_large_model_runs_on_the_cpu(tmp_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     with open(tmp_path / "gpu_large_parts.csv", newline="") as f:
         parts = {r["part"]: r["exit"] for r in csv.DictReader(f)}
-    assert parts == {"geffect": "0", "fsdp": "0"}, (tmp_path / "large.log").read_text()[-4000:]
+    assert parts == {"geffect": "0", "fsdp": "0"}, (tmp_path / "gpu_large.log").read_text()[-4000:]
     with open(tmp_path / "gpu_large.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert not [r for r in rows if r["status"] != "ok"], rows

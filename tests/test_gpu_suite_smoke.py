@@ -29,10 +29,10 @@ def smoke(tmp_path_factory):
 def test_every_part_runs_and_exits_zero(smoke):
     out, done = smoke
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    parts = {r["part"]: r for r in rows(out / "gpu_parts.csv")}
+    parts = {r["part"]: r for r in rows(out / "gpu_suite_parts.csv")}
     assert set(parts) >= {"build", "correctness", "speed", "overhead", "logits"}
     failed = {p: r["exit"] for p, r in parts.items() if r["exit"] != "0"}
-    assert not failed, f"parts failed: {failed}\n" + (out / "suite.log").read_text()[-4000:]
+    assert not failed, f"parts failed: {failed}\n" + (out / "gpu_suite.log").read_text()[-4000:]
 
 
 def test_rows_for_every_case_and_no_errors(smoke):
@@ -56,7 +56,7 @@ def test_rows_for_every_case_and_no_errors(smoke):
 
 def test_table_fits_the_output_tail(smoke):
     out, done = smoke
-    text = (out / "gpu_table.txt").read_text()
+    text = (out / "gpu_suite_table.txt").read_text()
     assert 0 < len(text) <= 12_000
     assert "correctness vs float64" in text and "x3mm" in text
     assert text.strip() in done.stdout
