@@ -9,7 +9,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 from safetensors.torch import load_file
 
 from test_cli import workspace  # noqa: F401  (a fixture: a tiny model folder and TOFU files)

@@ -89,18 +89,20 @@ def variants():
     for dtype in (torch.bfloat16, torch.float32):
         opts, blocks = split(matmul_tiles(dtype))
         opts2, blocks2 = split(matmul_tiles(dtype, two_products=True))
+        opts_acc, blocks_acc = split(matmul_tiles(dtype, accumulating=True))
         prec = {"PRECISION": dot_precision(dtype)}
         for flags in _flag_sets(("HAS_BIAS", "SOFTCAP", "STORE_EXP")):
+            o, b = (opts2, blocks2) if flags["STORE_EXP"] else (opts, blocks)  # as head_logprobs launches it
             yield (_label("lse_partials", dtype, flags), linear_forward.lse_partials_kernel, dtype,
-                   {**flags, **prec, **blocks}, opts, {})
+                   {**flags, **prec, **b}, o, {})
         for flags in _flag_sets(("HAS_BIAS", "SOFTCAP", "NEED_DB"), needs=(("NEED_DB", "HAS_BIAS"),)):
             yield (_label("token_grad", dtype, flags), linear_backward.token_grad_kernel, dtype,
                    {**flags, **prec, **blocks}, opts, {})
         # unit strides are compile-time constants after the launcher's specialization: dh = G·W (A row-major,
         # accumulating in float32) and dW = Gᵀ·h (A transposed, written in the input dtype)
         yield (f"matmul {_TYPES[dtype]} dh", matmul.matmul_kernel, dtype,
-               {"ACCUMULATE": True, "stride_ak": 1, "stride_bn": 1, "stride_cn": 1, **prec, **blocks}, opts,
-               {"c_ptr": "*fp32"})
+               {"ACCUMULATE": True, "stride_ak": 1, "stride_bn": 1, "stride_cn": 1, **prec, **blocks_acc},
+               opts_acc, {"c_ptr": "*fp32"})
         yield (f"matmul {_TYPES[dtype]} dW", matmul.matmul_kernel, dtype,
                {"ACCUMULATE": False, "stride_am": 1, "stride_bn": 1, "stride_cn": 1, **prec, **blocks}, opts, {})
         for flags in _flag_sets(("HAS_BIAS", "HAS_REF_BIAS", "SOFTCAP")):
@@ -113,8 +115,8 @@ def variants():
         yield (f"matmul {_TYPES[dtype]} dh chunk", matmul.matmul_kernel, dtype,
                {"ACCUMULATE": False, "stride_ak": 1, "stride_bn": 1, "stride_cn": 1, **prec, **blocks}, opts, {})
         yield (f"matmul {_TYPES[dtype]} dW chunks", matmul.matmul_kernel, dtype,
-               {"ACCUMULATE": True, "stride_am": 1, "stride_bn": 1, "stride_cn": 1, **prec, **blocks}, opts,
-               {"c_ptr": "*fp32"})
+               {"ACCUMULATE": True, "stride_am": 1, "stride_bn": 1, "stride_cn": 1, **prec, **blocks_acc},
+               opts_acc, {"c_ptr": "*fp32"})
         # the fast KL: both heads' logits in float32 (B = Wᵀ, unit stride along K), then the row-wise kernel
         yield (f"matmul {_TYPES[dtype]} logits", matmul.matmul_kernel, dtype,
                {"ACCUMULATE": False, "stride_ak": 1, "stride_bk": 1, "stride_cn": 1, **prec, **blocks}, opts,
@@ -146,7 +148,8 @@ def variants():
     yield "kl_combine fp32", kl.kl_combine_kernel, fp32, {"BLOCK": 1024}, {"num_warps": 4}, {}
     for flags in _flag_sets(("SOFTCAP", "NEED_DB")):
         yield (_label("exp_to_grad", bf16, flags), fast_path.exp_to_grad_kernel, bf16,
-               {**flags, "ROWS": fast_path._ROWS, "TILE": matmul_tiles(bf16).block_n}, {"num_warps": 4}, {})
+               {**flags, "ROWS": fast_path._ROWS, "TILE": linear_forward.forward_tile_width(bf16)},
+               {"num_warps": 4}, {})
 
 
 def resource_usage(ptx: str) -> dict:

@@ -79,13 +79,15 @@ class Tiles(NamedTuple):
                 "GROUP_M": self.group_m, "num_warps": self.num_warps, "num_stages": self.num_stages}
 
 
-def matmul_tiles(dtype: torch.dtype, *, two_products: bool = False) -> Tiles:
-    """Tiles of a matmul-shaped kernel; ``two_products``: two accumulators live at once (KL)."""
+def matmul_tiles(dtype: torch.dtype, *, two_products: bool = False, accumulating: bool = False) -> Tiles:
+    """Tiles of a matmul-shaped kernel. ``two_products``: two tile-sized values live at once (KL's two heads, fast
+    mode's logits and their stored exponentials); ``accumulating``: `matmul` starting from C. Both take narrower
+    tiles: the wide ones spilled registers on sm_90 (fast-mode pass 1 244 B, the bf16 dh sum 76 B)."""
     if interpreting():
         return Tiles(32, 64, 32, 1, 1, 4)
     if dtype == torch.float32:
         return Tiles(64 if two_products else 128, 128, 32, 8, 3)
-    return Tiles(128, 128 if two_products else 256, 64, 8, 3)
+    return Tiles(128, 128 if two_products or accumulating else 256, 64, 8, 3)
 
 
 def dot_precision(dtype: torch.dtype) -> str:

@@ -95,8 +95,8 @@ def combine_kernel(part_max_ptr, part_sum_ptr, target_ptr, labels_ptr, ref_ptr, 
 
 
 def forward_tile_width(dtype):
-    """Vocabulary columns per logit tile of pass 1 (the granularity of stored tile maxima)."""
-    return matmul_tiles(dtype).block_n
+    """Vocabulary columns per logit tile of fast mode's pass 1 (the granularity of stored tile maxima)."""
+    return matmul_tiles(dtype, two_products=True).block_n
 
 
 def vocab_splits(n_row_blocks, n_col_tiles):
@@ -127,7 +127,7 @@ def head_logprobs(hidden, weight, bias, labels, ref=None, *, ignore_index, softc
     """
     n, h = hidden.shape
     v = weight.shape[0]
-    tiles = matmul_tiles(hidden.dtype)
+    tiles = matmul_tiles(hidden.dtype, two_products=exps is not None)  # with exps: two tiles live (spills)
     n_m = triton.cdiv(n, tiles.block_m)
     per, n_splits = vocab_splits(n_m, triton.cdiv(v, tiles.block_n))
     part_max = torch.empty((n_splits, n), dtype=torch.float32, device=hidden.device)

@@ -54,7 +54,7 @@ def matmul(a, b, out, *, accumulate=False, scale=None):
     a float32 device tensor of one element (None: 1)."""
     m, k = a.shape
     n = b.shape[1]
-    tiles = matmul_tiles(a.dtype)
+    tiles = matmul_tiles(a.dtype, accumulating=accumulate)
     grid = (triton.cdiv(m, tiles.block_m) * triton.cdiv(n, tiles.block_n),)
     if scale is None:
         scale = torch.ones(1, dtype=torch.float32, device=out.device)
