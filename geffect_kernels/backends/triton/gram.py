@@ -13,24 +13,7 @@ import triton
 import triton.language as tl
 
 from .config import dot_precision, interpreting
-
-
-@triton.jit
-def _gram_tile(a_ptr, b_ptr, rows_a, rows_b, D, stride_a, stride_b, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
-               BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
-    """(A[rows_a] · B[rows_b]ᵀ) as a float32 [BLOCK_A, BLOCK_B] tile; rows must be in range (clamped)."""
-    offs_k = tl.arange(0, BLOCK_K)
-    a_ptrs = a_ptr + rows_a.to(tl.int64)[:, None] * stride_a + offs_k[None, :]
-    b_ptrs = b_ptr + rows_b.to(tl.int64)[:, None] * stride_b + offs_k[None, :]
-    acc = tl.zeros((BLOCK_A, BLOCK_B), dtype=tl.float32)
-    for k in range(0, D, BLOCK_K):
-        k_ok = offs_k[None, :] < D - k
-        a = tl.load(a_ptrs, mask=k_ok, other=0.0)
-        b = tl.load(b_ptrs, mask=k_ok, other=0.0)
-        acc = tl.dot(a, tl.trans(b), acc, input_precision=PRECISION)
-        a_ptrs += BLOCK_K
-        b_ptrs += BLOCK_K
-    return acc
+from .tiles import product_tile
 
 
 @triton.jit
@@ -42,9 +25,9 @@ def gram_kernel(ga_ptr, xa_ptr, gb_ptr, xb_ptr, part_ptr, NA, NB, DOUT, DIN, str
     pid_b = tl.program_id(1)
     rows_a = pid_a * BLOCK_A + tl.arange(0, BLOCK_A)
     rows_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
-    gram_g = _gram_tile(ga_ptr, gb_ptr, rows_a % NA, rows_b % NB, DOUT, stride_ga, stride_gb, BLOCK_A, BLOCK_B,
+    gram_g = product_tile(ga_ptr, gb_ptr, rows_a % NA, rows_b % NB, DOUT, stride_ga, stride_gb, BLOCK_A, BLOCK_B,
                         BLOCK_K, PRECISION)
-    gram_x = _gram_tile(xa_ptr, xb_ptr, rows_a % NA, rows_b % NB, DIN, stride_xa, stride_xb, BLOCK_A, BLOCK_B,
+    gram_x = product_tile(xa_ptr, xb_ptr, rows_a % NA, rows_b % NB, DIN, stride_xa, stride_xb, BLOCK_A, BLOCK_B,
                         BLOCK_K, PRECISION)
     both = tl.where(rows_b[None, :] < NB, gram_g * gram_x, 0.0)
     tl.store(part_ptr + pid_b.to(tl.int64) * NA + rows_a, tl.sum(both, axis=1), mask=rows_a < NA)

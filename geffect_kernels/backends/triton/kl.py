@@ -20,7 +20,7 @@ from .config import dot_precision, logits_budget, matmul_tiles
 from .kl_fast import fast_kl_grads, fast_kl_rows
 from .linear_backward import head_grads, normalized, store_grad_tile
 from .linear_forward import vocab_splits
-from .tiles import add_bias, grouped_pid, logit_tile, online_lse, reference_fold, soft_cap
+from .tiles import add_bias, grouped_pid, product_tile, online_lse, reference_fold, soft_cap
 
 
 @triton.jit
@@ -28,9 +28,9 @@ def _both_tiles(h_ptr, w_ptr, b_ptr, hr_ptr, wr_ptr, br_ptr, rows, cols, H, stri
                 stride_wr, softcap, HAS_BIAS: tl.constexpr, HAS_REF_BIAS: tl.constexpr, SOFTCAP: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
     """(z, dz/du, zr): the θ and reference logit tiles, soft-capped (dz/du = 1 without a cap)."""
-    z = add_bias(logit_tile(h_ptr, w_ptr, rows, cols, H, stride_h, stride_w, BLOCK_M, BLOCK_N, BLOCK_K,
+    z = add_bias(product_tile(h_ptr, w_ptr, rows, cols, H, stride_h, stride_w, BLOCK_M, BLOCK_N, BLOCK_K,
                             PRECISION), b_ptr, cols, HAS_BIAS)
-    zr = add_bias(logit_tile(hr_ptr, wr_ptr, rows, cols, H, stride_hr, stride_wr, BLOCK_M, BLOCK_N, BLOCK_K,
+    zr = add_bias(product_tile(hr_ptr, wr_ptr, rows, cols, H, stride_hr, stride_wr, BLOCK_M, BLOCK_N, BLOCK_K,
                              PRECISION), br_ptr, cols, HAS_REF_BIAS)
     dz = tl.full(z.shape, 1.0, tl.float32)
     if SOFTCAP:

@@ -14,7 +14,7 @@ import triton.language as tl
 from . import config
 from .config import dot_precision, matmul_tiles, sm_count
 from .matmul import matmul
-from .tiles import add_bias, grouped_pid, logit_tile, tanh
+from .tiles import add_bias, grouped_pid, product_tile, tanh
 
 
 @triton.jit
@@ -41,7 +41,7 @@ def token_grad_kernel(h_ptr, w_ptr, b_ptr, labels_ptr, lse_ptr, coef_ptr, g_ptr,
     col_ok = local < width
     cols = v_start + local
     cols_in = cols % V
-    z = add_bias(logit_tile(h_ptr, w_ptr, rows_in, cols_in, H, stride_h, stride_w, BLOCK_M, BLOCK_N, BLOCK_K,
+    z = add_bias(product_tile(h_ptr, w_ptr, rows_in, cols_in, H, stride_h, stride_w, BLOCK_M, BLOCK_N, BLOCK_K,
                             PRECISION), b_ptr, cols_in, HAS_BIAS)
     lse = tl.load(lse_ptr + rows_in)
     coef = tl.load(coef_ptr + rows_in)

@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 from .config import dot_precision, matmul_tiles
-from .tiles import add_bias, grouped_pid, logit_tile, soft_cap
+from .tiles import add_bias, grouped_pid, product_tile, soft_cap
 from .weights import token_weight, weight_args
 
 # Enough programs to fill an H100 (132 SMs) four times over, else fewer vocabulary tiles per program.
@@ -44,7 +44,7 @@ def lse_partials_kernel(h_ptr, w_ptr, b_ptr, labels_ptr, part_max_ptr, part_sum_
     first_col = first_tile * BLOCK_N
     for t in range(0, tiles_per_split):
         cols = first_col + t * BLOCK_N + tl.arange(0, BLOCK_N)
-        z = add_bias(logit_tile(h_ptr, w_ptr, rows_in, cols % V, H, stride_h, stride_w,
+        z = add_bias(product_tile(h_ptr, w_ptr, rows_in, cols % V, H, stride_h, stride_w,
                                 BLOCK_M, BLOCK_N, BLOCK_K, PRECISION), b_ptr, cols % V, HAS_BIAS)
         if SOFTCAP:
             z, _ = soft_cap(z, softcap)

@@ -1,4 +1,4 @@
-"""Building blocks shared by the kernels: program ordering, the logit tile, the soft-cap.
+"""Building blocks shared by the kernels: program ordering, the product (logit, Gram) tile, the soft-cap.
 
 Index arithmetic that can reach N·V or V·H is done in int64 (row index cast before the stride
 multiply), so tensors past 2^31 elements are addressed correctly.
@@ -24,24 +24,24 @@ def grouped_pid(pid, n_m, n_n, GROUP_M: tl.constexpr):
 
 
 @triton.jit
-def logit_tile(h_ptr, w_ptr, rows, cols, H, stride_h, stride_w,
-               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
-    """u = h[rows] · w[cols]ᵀ as a float32 [BLOCK_M, BLOCK_N] tile; ``rows``/``cols`` must be in range.
+def product_tile(a_ptr, b_ptr, rows_a, rows_b, K, stride_a, stride_b,
+                 BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+    """A[rows_a] · B[rows_b]ᵀ over K as a float32 [BLOCK_A, BLOCK_B] tile; the rows must be in range.
 
-    The reduction over H runs on tensor cores (`tl.dot`); out-of-range rows and columns are the
-    caller's business (clamp them, mask the results).
+    The logit tile (hidden states · head rows) and the Gram kernel's two tiles. The reduction over K runs on
+    tensor cores (`tl.dot`); out-of-range rows are the caller's business (clamp them, mask the results).
     """
     offs_k = tl.arange(0, BLOCK_K)
-    h_ptrs = h_ptr + rows.to(tl.int64)[:, None] * stride_h + offs_k[None, :]
-    w_ptrs = w_ptr + cols.to(tl.int64)[:, None] * stride_w + offs_k[None, :]
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k in range(0, H, BLOCK_K):
-        k_ok = offs_k[None, :] < H - k
-        h = tl.load(h_ptrs, mask=k_ok, other=0.0)
-        w = tl.load(w_ptrs, mask=k_ok, other=0.0)
-        acc = tl.dot(h, tl.trans(w), acc, input_precision=PRECISION)
-        h_ptrs += BLOCK_K
-        w_ptrs += BLOCK_K
+    a_ptrs = a_ptr + rows_a.to(tl.int64)[:, None] * stride_a + offs_k[None, :]
+    b_ptrs = b_ptr + rows_b.to(tl.int64)[:, None] * stride_b + offs_k[None, :]
+    acc = tl.zeros((BLOCK_A, BLOCK_B), dtype=tl.float32)
+    for k in range(0, K, BLOCK_K):
+        k_ok = offs_k[None, :] < K - k
+        a = tl.load(a_ptrs, mask=k_ok, other=0.0)
+        b = tl.load(b_ptrs, mask=k_ok, other=0.0)
+        acc = tl.dot(a, tl.trans(b), acc, input_precision=PRECISION)
+        a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K
     return acc
 
 
