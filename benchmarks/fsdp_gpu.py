@@ -18,13 +18,11 @@ from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
-from large_shapes import build, timed, token_batches
+from large_shapes import SEQS, build, timed, token_batches
 from suite_report import Recorder
 
 from geffect_kernels import hf
 from geffect_kernels.train.sharding import shard
-
-SEQS = 4
 
 
 def step_fn(model, forget, retain, ref, device, sharded):
@@ -55,7 +53,7 @@ def main():
     shape = "tiny" if args.smoke else args.shape
     where = f"{shape} {SEQS}x{args.tokens} tokens per side"
     rec = Recorder(args.csv, "fsdp")
-    forget, retain = token_batches(shape, SEQS, args.tokens, device)
+    forget, retain = token_batches(shape, args.tokens, device)
     ids = dict(provider=shape, shape=where, dtype="fp32" if args.smoke else "bf16 compute, fp32 weights")
     with rec.case(**ids, case="single process"):
         model = build(shape, torch.float32, device)

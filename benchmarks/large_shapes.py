@@ -13,6 +13,7 @@ SHAPES = {  # layers, hidden, intermediate, heads, kv heads, vocabulary
     "13b": (40, 5120, 13824, 40, 40, 32000),
     "tiny": (2, 64, 128, 4, 2, 512),
 }
+SEQS = 4  # sequences per side of every batch
 
 
 def build(shape, dtype, device, layers=None, seed=0):
@@ -30,11 +31,11 @@ def build(shape, dtype, device, layers=None, seed=0):
         torch.set_default_dtype(default)
 
 
-def token_batches(shape, n_seqs, tokens, device, seed=1):
-    """(forget, retain): two batches of ``n_seqs`` random sequences of ``tokens`` tokens."""
+def token_batches(shape, tokens, device, seed=1):
+    """(forget, retain): two batches of `SEQS` random sequences of ``tokens`` tokens."""
     vocab = SHAPES[shape][-1]
     g = torch.Generator(device=device).manual_seed(seed)
-    ids = torch.randint(0, vocab, (2, n_seqs, tokens), device=device, generator=g)
+    ids = torch.randint(0, vocab, (2, SEQS, tokens), device=device, generator=g)
     return {"input_ids": ids[0]}, {"input_ids": ids[1]}
 
 
