@@ -57,6 +57,29 @@ def test_head_pass_equals_full_logits(softcap, with_bias, monkeypatch):
     torch.testing.assert_close(g.columns("f", ids), ms["f"][:, ids], rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("kernels", ["cpp", "torch"])
+@pytest.mark.parametrize("softcap", [None, 2.5])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_unit_cotangent_both_paths_equal_full_logits(kernels, softcap, with_bias, monkeypatch):
+    """The projection pass's rows: the C++ row kernels and the torch ops each against the definition, with
+    the LSE computed and given."""
+    if kernels == "torch":
+        monkeypatch.setattr(head, "_row_kernels", lambda z: None)
+    elif head._row_kernels(torch.zeros(1, 1)) is None:
+        pytest.skip("the C++ extension does not load here")
+    torch.manual_seed(1)
+    v, h, n = 53, 7, 13
+    weight, bias = rand(v, h), rand(v) if with_bias else None
+    hidden, labels = rand(n, h, scale=3.0), torch.randint(0, v, (n,))
+    lp, m = definition(hidden, weight, bias, softcap, labels)
+    got, lse, logprobs = head.unit_cotangent(hidden, weight, bias, softcap, labels)
+    torch.testing.assert_close(got, m, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(logprobs, lp, rtol=1e-12, atol=1e-12)
+    again, lse2, none = head.unit_cotangent(hidden, weight, bias, softcap, labels, lse)
+    torch.testing.assert_close(again, m, rtol=1e-12, atol=1e-12)
+    assert lse2 is lse and none is None
+
+
 @pytest.mark.parametrize("part", ["weight", "bias"])
 def test_head_uses_pair_by_gram_projection_and_gathered_rows(part):
     torch.manual_seed(1)
@@ -356,3 +379,16 @@ def test_linear_subclass_with_its_own_forward_is_not_trusted():
         expected = materialized(model, lambda m: hf.unlearning_loss("ga", m, forget), nll(b), names)
         for name, (dot, scale) in expected.items():
             assert abs(result.by_group[name][risk] - dot) <= 1e-9 * abs(dot) + 1e-12 * scale, (risk, name)
+
+
+def test_head_cost_model_counts_the_held_gradients():
+    """Flops alone favour the projection form at 4×63 rows per side (H 256, V 32000, three pairs); the
+    traffic of its five held V×H gradients makes the Gram form cheaper there, as measured, and not at 4×127."""
+    pairs = [("forget", "forget"), ("forget", "retain"), ("retain", "retain")]
+    short = {"forget": 4 * 63, "retain": 4 * 63}
+    flops_only = head.head_costs(short, pairs, 32000, 256, 0, held=0)
+    assert products.choose(flops_only) == "projection"
+    assert products.choose(head.head_costs(short, pairs, 32000, 256, 0, held=5)) == "gram"
+    longer = {"forget": 4 * 127, "retain": 4 * 127}
+    assert products.choose(head.head_costs(longer, pairs, 32000, 256, 0, held=5)) == "projection"
+    assert head.head_costs(short, pairs[:1], 32000, 256, 3 * 4 * 63, held=6)["projection"] > flops_only["projection"]

@@ -25,16 +25,25 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..backends.autograd import compute_dtype, logits_grad_, soft_cap_
+from ..backends.autograd import CHUNK_BYTES, compute_dtype, logits_grad_, soft_cap_
+from ..backends.cpp import build
 from . import inner
 
 # Logits per vocabulary chunk on the CPU: a cache-sized chunk, whose exp two matmuls then read (D and the Gram),
 # runs ~20% faster than a 4M-element one (2 cores, H 256, V 32000, 2×126 rows).
 CPU_CHUNK_ELEMENTS = 1 << 20
-# Logits per row chunk of the projection pass (16 MiB of float32).
-ROW_CHUNK_ELEMENTS = 1 << 22
+# Logits per row chunk of the projection pass: the fused losses' budget (64 MiB of float32). Each chunk adds
+# its rows into V×H per-sample gradients, a memory-bound update: 4× larger chunks than 16 MiB took the pass
+# from 3.0 s to 2.5 s (2 cores, H 512, V 32000, 2×2044 rows), at the three-matmul floor.
+ROW_CHUNK_ELEMENTS = CHUNK_BYTES // 4
 # Largest per-sample dense head gradient held (elements): beyond it the forget side's is held whole.
 SAMPLE_GRAD_ELEMENTS = 1 << 29
+# What one element of a dense head gradient held by the projection form costs, in flops: it is written by
+# memory-bound updates (a chunk's rows of one sample, often few), on fresh pages, and read back by the inner
+# products. Fitted on the 2-core CPU (float32, V 32000): with it the cost model's crossover matches the
+# measured one (Gram form 0.90× vs projection 1.05× a step at H 256 T 64; equal at H 512 T 128; projection
+# faster at H 256 T 128), where flops alone picked the projection form at H 256 T 64.
+HELD_ELEMENT_FLOPS = 230
 
 
 @dataclass
@@ -91,9 +100,11 @@ class HeadGram:
         """Row t: c_t m_tᵀ D h_t (weight) or c_t m_tᵀ D (bias), a chunk of rows at a time."""
         h, c = self.hidden[side], self.valid_coef(side, coef)
         out = torch.empty(h.shape[0], dtype=torch.float64, device=h.device)
-        for rows in _row_chunks(h.shape[0], self.weight.shape[0]):
+        chunks = list(_row_chunks(h.shape[0], self.weight.shape[0]))
+        scratch = logits_scratch(max(r.stop - r.start for r in chunks), self.weight) if chunks else None
+        for rows in chunks:
             m, _, _ = unit_cotangent(h[rows], self.weight, self.bias, self.softcap, self.labels[side][rows],
-                                     self.lse[side][rows])
+                                     self.lse[side][rows], scratch)
             proj = h[rows] @ dense.t() if part == "weight" else dense.unsqueeze(0)
             out[rows] = _row_sums_f64(m * proj) * c[rows].to(torch.float64)
         return self.scatter_valid(side, out)
@@ -142,23 +153,53 @@ def _row_chunks(n_rows, vocab, sample=None):
         yield slice(start, n_rows)
 
 
-def unit_cotangent(h, weight, bias, softcap, labels, lse=None):
+def _row_kernels(z):
+    """The C++ row kernels (`backends.cpp`) for CPU logits in float32/float64 when the extension loads, else
+    None (the torch ops below): two passes over a chunk's logits instead of about six."""
+    if z.device.type != "cpu" or z.dtype not in (torch.float32, torch.float64) or not build.available("cpu"):
+        return None
+    return build.load("cpu")
+
+
+def logits_scratch(rows, weight):
+    """A reusable buffer for `unit_cotangent`'s logits of up to ``rows`` rows, or None where the logits come
+    out of a 16-bit matmul (converted, a fresh buffer each time). Reusing one buffer matters on the CPU: a
+    fresh 64 MiB buffer per chunk is fresh pages from the OS each time (page faults took ~1 s of a 6 s
+    measurement at H 512, T 512)."""
+    if compute_dtype(weight.dtype) != weight.dtype:
+        return None
+    return torch.empty(rows, weight.shape[0], dtype=weight.dtype, device=weight.device)
+
+
+def unit_cotangent(h, weight, bias, softcap, labels, lse=None, scratch=None):
     """m = (onehot(y) − softmax(z)) ⊙ dz/du for the rows ``h`` over the whole vocabulary, in place of one
-    fresh logits buffer (compute dtype); also the rows' LSE (computed when not given) and label logits."""
+    logits buffer (``scratch``'s first rows, else fresh; compute dtype); also the rows' LSE (computed when
+    not given) and, with it, their log-probabilities (None when the LSE is given)."""
     cd = compute_dtype(weight.dtype)
-    z = (h.to(weight.dtype) @ weight.t()).to(cd)
+    if scratch is not None:
+        z = torch.mm(h, weight.t(), out=scratch[:h.shape[0]])
+    else:
+        z = (h.to(weight.dtype) @ weight.t()).to(cd)
     if bias is not None:
         z += bias.to(cd)
+    ext = _row_kernels(z)
+    if ext is not None:  # the kernels take the logits before the cap and apply it themselves
+        cap = 0.0 if softcap is None else float(softcap)
+        logprobs = None
+        if lse is None:
+            logprobs, lse = ext.row_logprobs(z, labels, -1, cap)
+        ext.row_grad(z, z, labels, lse.contiguous(), torch.ones_like(lse), -1, cap)
+        return z, lse, logprobs
     z, slope = soft_cap_(z, softcap)
-    z_y = z.gather(1, labels.unsqueeze(1)).squeeze(1)
-    ones = torch.ones_like(z_y)
+    ones = torch.ones(z.shape[0], dtype=cd, device=z.device)
     if lse is None:
+        z_y = z.gather(1, labels.unsqueeze(1)).squeeze(1)
         top = z.amax(1, keepdim=True)
         e = z.sub_(top).exp_()
         total = e.sum(1)
         lse = top.squeeze(1) + total.log()
-        return logits_grad_(e, labels, ones, slope, row_sums=total), lse, z_y
-    return logits_grad_(z.sub_(lse.unsqueeze(1)).exp_(), labels, ones, slope), lse, z_y
+        return logits_grad_(e, labels, ones, slope, row_sums=total), lse, z_y - lse
+    return logits_grad_(z.sub_(lse.unsqueeze(1)).exp_(), labels, ones, slope), lse, None
 
 
 def _accumulate(gram, targets, record=False):
@@ -175,19 +216,24 @@ def _accumulate(gram, targets, record=False):
         out[side] = (torch.empty(shape, dtype=cd, device=w.device),
                      None if gram.bias is None else torch.empty(shape[:2], dtype=cd, device=w.device))
     written = {side: set() for side in targets}  # samples whose gradient holds a first chunk (else unset)
-    for side in (gram.hidden if record else targets):
+    samples = {side: gram.sample_ids(side, targets[side][1]) if side in targets else None
+               for side in (gram.hidden if record else targets)}
+    chunks = {side: list(_row_chunks(gram.hidden[side].shape[0], w.shape[0], sample))
+              for side, sample in samples.items()}
+    longest = max((r.stop - r.start for rows in chunks.values() for r in rows), default=0)
+    scratch = logits_scratch(longest, w) if longest else None
+    for side, sample in samples.items():
         h, labels = gram.hidden[side], gram.labels[side]
         if record:
             gram.lse[side] = torch.empty(h.shape[0], dtype=cd, device=w.device)
             gram.logprobs[side] = torch.empty_like(gram.lse[side])
             gram.direction[side] = torch.empty(h.shape, dtype=cd, device=w.device)
-        sample = gram.sample_ids(side, targets[side][1]) if side in targets else None
-        for rows in _row_chunks(h.shape[0], w.shape[0], sample):
-            m, lse, z_y = unit_cotangent(h[rows], w, gram.bias, gram.softcap, labels[rows],
-                                         None if record else gram.lse[side][rows])
+        for rows in chunks[side]:
+            m, lse, logprobs = unit_cotangent(h[rows], w, gram.bias, gram.softcap, labels[rows],
+                                              None if record else gram.lse[side][rows], scratch)
             m_low = m if m.dtype == w.dtype else m.to(w.dtype)
             if record:
-                gram.lse[side][rows], gram.logprobs[side][rows] = lse, z_y - lse
+                gram.lse[side][rows], gram.logprobs[side][rows] = lse, logprobs
                 if m_low.dtype == cd:
                     torch.mm(m_low, w, out=gram.direction[side][rows])
                 else:
@@ -253,23 +299,25 @@ def per_sample_fits(n_samples, vocab, hidden) -> bool:
     return n_samples * vocab * hidden <= SAMPLE_GRAD_ELEMENTS
 
 
-def head_costs(counts: dict, pairs, vocab: int, hidden: int, objective_rows: int) -> dict:
+def head_costs(counts: dict, pairs, vocab: int, hidden: int, objective_rows: int, held: int) -> dict:
     """Estimated flops of the head's share of a measurement in each form: ``{"gram": ..., "projection": ...}``.
 
     ``counts``: valid rows per side; ``pairs``: the (side, side) pairs whose inner products are wanted;
     ``objective_rows``: rows of a second pass over the forget side that the projection form needs for an
-    objective whose coefficients are not a per-sample multiple of the forget NLL's (0 otherwise).
+    objective whose coefficients are not a per-sample multiple of the forget NLL's (0 otherwise);
+    ``held``: the V×H gradients the projection form holds (per sample where needed).
     Both passes compute the logits and d = M W (2 matmuls over all rows); the Gram form adds, per pair,
     the e_x e_yᵀ product and the hidden-state and label-column Gram matrices; the projection form adds the
-    risks' gradients (one matmul over all rows) and the objective's (logits again and its gradient). A pair
-    whose Gram matrix would exceed 4 `inner.TILE_ELEMENTS` is not held: the Gram form is then ruled out.
+    risks' gradients (one matmul over all rows), the objective's (logits again and its gradient) and the
+    memory traffic of the gradients it holds (`HELD_ELEMENT_FLOPS`). A pair whose Gram matrix would exceed
+    4 `inner.TILE_ELEMENTS` is not held: the Gram form is then ruled out.
     """
     unit = 2 * vocab * hidden  # flops of one row through one V×H matmul
     rows = sum(counts.values())
     gram = 2 * rows * unit + sum(2 * counts[x] * counts[y] * (vocab + 3 * hidden) for x, y in pairs)
     if any(counts[x] * counts[y] > 4 * inner.TILE_ELEMENTS for x, y in pairs):
         gram = float("inf")
-    projection = 3 * rows * unit + 2 * objective_rows * unit
+    projection = 3 * rows * unit + 2 * objective_rows * unit + HELD_ELEMENT_FLOPS * held * vocab * hidden
     return {"gram": gram, "projection": projection}
 
 

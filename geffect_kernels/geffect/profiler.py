@@ -312,9 +312,11 @@ class GEffectProfiler:
         counts = {name: int(valid.sum()) for name, (_, _, valid) in rows.items()}
         pairs = [("forget", "forget")] + [("forget", "retain")] * ("retain" in sides) + \
             [("retain", "retain")] * retain_term
-        per_sample = per_sample_fits(sides["forget"].labels.shape[0], vocab, width)
-        costs = head_costs(counts, pairs if head_params else [], vocab, width,
-                           0 if multiple_expected and per_sample else counts["forget"])
+        n_samples = sides["forget"].labels.shape[0]
+        per_sample = per_sample_fits(n_samples, vocab, width)
+        objective_rows = 0 if multiple_expected and per_sample else counts["forget"]
+        held = (n_samples if per_sample else 1) + len(sides) - 1 + (objective_rows > 0)  # risks' + objective's
+        costs = head_costs(counts, pairs if head_params else [], vocab, width, objective_rows, held)
         form = products.choose(costs) if head_params else "gram"
         with ExitStack() as stack:
             for device_type in {p.device.type for p in self.model.parameters()}:
