@@ -2,8 +2,9 @@
 
 Llama-shaped model (random weights), NPO objective (reference log-probabilities: the model's own plus noise,
 so that NPO is not GA), 4 sequences per side, `measure_unlearning` with layer groups. Per configuration,
-after a warm-up, the methods run in interleaved rounds (median per method; a shared machine's load then hits
-them alike; the ratios within one run are what counts):
+after a warm-up, the methods run in interleaved rounds (a shared machine's load then hits them alike): each
+ratio is the median over rounds of the two methods' times in the same round, with its range over rounds; on the
+CPU each configuration runs in a fresh process (see `measure_in_fresh_process`):
 
 - ``step``: one fused training step: NPO on the forget batch + NLL on the retain batch, forward and backward
   (the default backend);
@@ -23,7 +24,9 @@ start past it are skipped and reported as such).
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import csv
+import multiprocessing
 import os
 import statistics
 import time
@@ -81,6 +84,7 @@ def methods(model, tokens):
 
 
 def timed_rounds(runs, rounds, sync):
+    """{method: [seconds per round]}, the methods interleaved in each round after one warm-up call each."""
     for fn in runs.values():  # warm-up: lazy initialisation out of the timed runs
         fn()
     times = {name: [] for name in runs}
@@ -91,7 +95,36 @@ def timed_rounds(runs, rounds, sync):
             fn()
             sync()
             times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
+    return times
+
+
+def measure(shape, tokens, dtype, device, rounds):
+    """Per-round seconds of the three methods on one configuration (OutOfMemory: NaN)."""
+    model = build(*shape, dtype, device)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    try:
+        return timed_rounds(methods(model, tokens), rounds, sync)
+    except torch.OutOfMemoryError:
+        return {name: [float("nan")] for name in METHODS}
+    finally:
+        del model
+        if device == "cuda":
+            torch.cuda.empty_cache()
+
+
+def measure_in_fresh_process(*args):
+    """`measure` in a process of its own: on the CPU the allocator's state left by one configuration (heap
+    size, which blocks are mapped) otherwise changes the page faults of the next, by up to ±10% per method."""
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=context, initializer=torch.set_num_threads,
+                                                initargs=(torch.get_num_threads(),)) as pool:
+        return pool.submit(measure, *args).result()
+
+
+def paired(times, name, other):
+    """Median and range over rounds of ``name``'s time over ``other``'s in the same round."""
+    ratios = [a / b for a, b in zip(times[name], times[other])]
+    return statistics.median(ratios), min(ratios), max(ratios)
 
 
 def configurations(args):
@@ -112,7 +145,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", default="64,128,256,512,1024", help="tokens per sequence (CPU)")
     parser.add_argument("--hidden", default="256,512", help="hidden sizes (CPU)")
-    parser.add_argument("--rounds", type=int, default=3, help="timed rounds per configuration (median reported)")
+    parser.add_argument("--rounds", type=int, default=4, help="timed rounds per configuration (median reported)")
     parser.add_argument("--gpu", action="store_true", help="the GPU sweep (1.1B/6.7B shapes, bf16)")
     parser.add_argument("--shapes", default="1.1b,6.7b", help="GPU shapes")
     parser.add_argument("--smoke", action="store_true", help="GPU: one tiny configuration")
@@ -123,28 +156,25 @@ def main():
     out = Path(args.out or f"benchmarks/results/geffect_scaling{'_gpu' if args.gpu else ''}.csv")
     if not args.gpu:
         torch.set_num_threads(os.cpu_count() or 1)
-    sync = torch.cuda.synchronize if args.gpu else (lambda: None)
     started, rows = time.perf_counter(), []
     for label, shape, tokens, dtype, device in configurations(args):
         if time.perf_counter() - started > args.budget:
             print(f"skipped (budget): {label} T {tokens}")
             continue
-        model = build(*shape, dtype, device)
-        try:
-            seconds = timed_rounds(methods(model, tokens), args.rounds, sync)
-        except torch.OutOfMemoryError:
-            seconds = {name: float("nan") for name in METHODS}
+        run = measure if args.gpu else measure_in_fresh_process
+        times = run(shape, tokens, dtype, device, args.rounds)
+        seconds = {name: statistics.median(t) for name, t in times.items()}
         stamp = provenance.stamp()
         for name in METHODS:
+            vs_step, step_min, step_max = paired(times, name, "step")
             rows.append({"model": label, "hidden": shape[1], "tokens_per_seq": tokens, "tokens_per_side": BATCH * tokens,
-                         "method": name, "seconds": seconds[name], "vs_step": seconds[name] / seconds["step"],
-                         "vs_materialized": seconds[name] / seconds["materialized"], "rounds": args.rounds, **stamp})
+                         "method": name, "seconds": seconds[name], "vs_step": vs_step, "vs_step_min": step_min,
+                         "vs_step_max": step_max, "vs_materialized": paired(times, name, "materialized")[0],
+                         "rounds": args.rounds, **stamp})
+        ratio, low, high = paired(times, "profiler", "step")
         print(f"{label} T {tokens:5d}: step {seconds['step']:.3f}s, materialized {seconds['materialized']:.3f}s, "
-              f"profiler {seconds['profiler']:.3f}s = {seconds['profiler'] / seconds['step']:.2f}x step, "
-              f"{seconds['profiler'] / seconds['materialized']:.2f}x materialized (load {stamp['load_avg']})", flush=True)
-        del model
-        if args.gpu:
-            torch.cuda.empty_cache()
+              f"profiler {seconds['profiler']:.3f}s = {ratio:.2f}x step ({low:.2f}-{high:.2f} over rounds), "
+              f"{paired(times, 'profiler', 'materialized')[0]:.2f}x materialized (load {stamp['load_avg']})", flush=True)
         write(rows, out)  # after every configuration: a run cut short keeps what it measured
         if not args.gpu and args.plot:
             plot(rows, Path(args.plot))
