@@ -241,7 +241,8 @@ class GEffectProfiler:
 
         Batches are HF-style dicts (``input_ids``, optional ``attention_mask`` and ``labels``; HF-shifted
         labels); ``ref_logprobs`` as for `hf.unlearning_loss`. The objective and the forget risk share one
-        forward (with the retain batch too when the lengths agree), and the LM head runs once for both
+        forward (with the retain batch too when the lengths agree and, on the CPU, the stacked activations stay
+        under `CPU_STACKED_BYTES`), and the LM head runs once for both
         batches (`head`: log-probabilities, each token's hidden-state cotangent per unit coefficient, and
         the head's inner products in the Gram or the projection form, whichever its cost model finds
         cheaper); the decoder's backward then starts from the hidden states: one backward for every risk,
