@@ -27,7 +27,9 @@ class GEffectResult:
 
     def explain(self) -> str:
         """The plan as a table: each parameter's form (gram, projection, sparse, direct, dense), the
-        estimated flops of the form used and of the alternative, and the totals per form."""
+        estimated flops of the form used and of the alternative, and the totals per form. The head pass's
+        projection figure also counts the memory traffic of the V×H gradients it holds, as
+        `head.HELD_ELEMENT_FLOPS` flops per element."""
         if not self.plan:
             return "no plan recorded"
         lines = [f"{'parameter':48s} {'group':16s} {'form':10s} {'GFLOP':>9s}  alternatives (GFLOP)"]
