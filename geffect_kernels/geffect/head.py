@@ -101,7 +101,7 @@ class HeadGram:
         h, c = self.hidden[side], self.valid_coef(side, coef)
         out = torch.empty(h.shape[0], dtype=torch.float64, device=h.device)
         chunks = list(_row_chunks(h.shape[0], self.weight.shape[0]))
-        scratch = logits_scratch(max(r.stop - r.start for r in chunks), self.weight) if chunks else None
+        scratch = logits_scratch(chunks, self.weight)
         for rows in chunks:
             m, _, _ = unit_cotangent(h[rows], self.weight, self.bias, self.softcap, self.labels[side][rows],
                                      self.lse[side][rows], scratch)
@@ -162,12 +162,13 @@ def _row_kernels(z):
     return build.load("cpu")
 
 
-def logits_scratch(rows, weight):
-    """A reusable buffer for `unit_cotangent`'s logits of up to ``rows`` rows, or None where the logits come
-    out of a 16-bit matmul (converted, a fresh buffer each time). Reusing one buffer matters on the CPU: a
+def logits_scratch(chunks, weight):
+    """A reusable buffer for `unit_cotangent`'s logits of the longest of ``chunks`` (row slices), or None where
+    there are none or the logits come out of a 16-bit matmul (converted, a fresh buffer each time). Reusing one buffer matters on the CPU: a
     fresh 64 MiB buffer per chunk is fresh pages from the OS each time (in the profiler at H 512, T 512 the
     pass went from 2.9 s and 208k page faults to 2.6 s and 96k, most of them now its held gradients')."""
-    if compute_dtype(weight.dtype) != weight.dtype:
+    rows = max((r.stop - r.start for r in chunks), default=0)
+    if rows == 0 or compute_dtype(weight.dtype) != weight.dtype:
         return None
     return torch.empty(rows, weight.shape[0], dtype=weight.dtype, device=weight.device)
 
@@ -221,8 +222,7 @@ def _accumulate(gram, targets, record=False):
                for side in (gram.hidden if record else targets)}
     chunks = {side: list(_row_chunks(gram.hidden[side].shape[0], w.shape[0], sample))
               for side, sample in samples.items()}
-    longest = max((r.stop - r.start for rows in chunks.values() for r in rows), default=0)
-    scratch = logits_scratch(longest, w) if longest else None
+    scratch = logits_scratch([r for rows in chunks.values() for r in rows], w)
     for side, sample in samples.items():
         h, labels = gram.hidden[side], gram.labels[side]
         if record:
