@@ -1,7 +1,13 @@
-"""Tiny random HF causal LMs and the materialized G-effect (flatten both gradients, dot) for the tests."""
+"""Tiny random HF causal LMs, the materialized G-effect (flatten both gradients, dot) and the checks against it."""
+import pytest
 import torch
 from transformers import (Gemma2Config, Gemma2ForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM,
                           Qwen2Config, Qwen2ForCausalLM)
+
+from geffect_kernels import hf
+from geffect_kernels.catalog import resolve
+from geffect_kernels.geffect import products
+from geffect_kernels.geffect.profiler import objective_from_logprobs
 
 VOCAB = 61
 
@@ -63,3 +69,42 @@ def materialized(model, objective, risk, groups):
         a, b = ga[name].double(), gb[name].double()
         out[group] = (dot + float((a * b).sum()), na + float((a * a).sum()), nb + float((b * b).sum()))
     return {g: (dot, (na * nb) ** 0.5) for g, (dot, na, nb) in out.items()}
+
+
+def nll(b, sign=1.0):
+    return lambda m: sign * hf.unlearning_loss("nll", m, b)
+
+
+def force(monkeypatch, form):
+    """Every parameter (and the head pass) in ``form`` wherever that form is possible."""
+    monkeypatch.setattr(products, "choose", lambda costs: form if costs.get(form, float("inf")) < float("inf")
+                        else min(costs, key=costs.get))
+
+
+def sample_loss(model, objective, batch_, ref, i):
+    """Σ_{t in sample i} c_t ℓ_t with the objective's coefficients c_t (from the whole batch) held fixed: its
+    gradient is sample i's share of the objective's."""
+    lp = hf.token_logprobs(model, batch_)
+    leaf = lp.detach().requires_grad_()
+    coef, = torch.autograd.grad(objective_from_logprobs(resolve(objective, {}), leaf, hf.batch_labels(batch_)[:, 1:],
+                                                        ref), leaf)
+    return (coef * lp)[i].sum()
+
+
+def assert_matches_definition(model, objective, forget, retain, ref, result):
+    """``result`` (a `measure_unlearning` with ``groups="parameter"``) against the materialized definition:
+    per parameter, per forget sample (with ``per_instance=True``), and the nll retain term."""
+    names = {n: n for n, _ in model.named_parameters()}
+    loss = lambda m: hf.unlearning_loss(objective, m, forget, ref_logprobs=ref)
+    for risk, b in (("forget", forget), ("retain", retain)):
+        expected = materialized(model, loss, nll(b), names)
+        for name, (dot, scale) in expected.items():
+            assert abs(result.by_group[name][risk] - dot) <= 1e-9 * abs(dot) + 1e-12 * scale, (risk, name)
+        for i, value in enumerate((result.per_instance or {}).get(risk, [])):  # sample i's share: its tokens' coefficients only
+            sample = lambda m, i=i: sample_loss(m, objective, forget, ref, i)
+            (dot, scale), = materialized(model, sample, nll(b), {n: "all" for n in names}).values()
+            assert abs(value - dot) <= 1e-9 * abs(dot) + 1e-12 * scale, (risk, i)
+    # the nll retain term from the same pass: ∇R_rᵀ∇R_u and ‖∇R_r‖²
+    for risk, b in (("forget", forget), ("retain", retain)):
+        (dot, _), = materialized(model, nll(retain), nll(b), {n: "all" for n in names}).values()
+        assert result.retain_term.total[risk] == pytest.approx(dot, rel=1e-9)

@@ -8,7 +8,7 @@ from geffect_kernels.geffect import GEffectProfiler, head, inner, products
 from geffect_kernels.geffect.groups import parameter_groups
 from geffect_kernels.geffect.inner import Gathered, HeadRows, row_dots
 
-from geffect_models import batch, materialized, tiny_model
+from geffect_models import assert_matches_definition, batch, force, materialized, nll, tiny_model
 
 
 def rand(*shape, scale=1.0):
@@ -130,16 +130,6 @@ def test_head_uses_pair_by_gram_projection_and_gathered_rows(part):
         assert float(row_dots(emb, uses["a"]).sum()) == pytest.approx(expected, rel=1e-12)
 
 
-def nll(b, sign=1.0):
-    return lambda m: sign * hf.unlearning_loss("nll", m, b)
-
-
-def force(monkeypatch, form):
-    """Every parameter (and the head pass) in ``form`` wherever that form is possible."""
-    monkeypatch.setattr(products, "choose", lambda costs: form if costs.get(form, float("inf")) < float("inf")
-                        else min(costs, key=costs.get))
-
-
 # The objective per model: llama wga (its own backward and head gradient), qwen2 ga, gpt2 npo (scaled per sample).
 OBJECTIVE_OF = {"llama": "wga", "qwen2": "ga", "gpt2": "npo"}
 
@@ -165,20 +155,7 @@ def test_fast_path_matches_definition_every_route(kind, route, monkeypatch):
               and "wpe" not in n and "lm_head" not in n]
     assert {forms[n] for n in linear} == {"projection" if route == "projection" else "gram"}
     assert result.plan[0].form in result.explain()
-    names = {n: n for n, _ in model.named_parameters()}
-    loss = lambda m: hf.unlearning_loss(objective, m, forget, ref_logprobs=ref)
-    for risk, b in (("forget", forget), ("retain", retain)):
-        expected = materialized(model, loss, nll(b), names)
-        for name, (dot, scale) in expected.items():
-            assert abs(result.by_group[name][risk] - dot) <= 1e-9 * abs(dot) + 1e-12 * scale, (risk, name)
-        for i, value in enumerate(result.per_instance[risk]):  # sample i's share: its tokens' coefficients only
-            sample = lambda m, i=i: _sample_loss(m, objective, forget, ref, i)
-            (dot, scale), = materialized(model, sample, nll(b), {n: "all" for n in names}).values()
-            assert abs(value - dot) <= 1e-9 * abs(dot) + 1e-12 * scale, (risk, i)
-    # the nll retain term from the same pass: ∇R_rᵀ∇R_u and ‖∇R_r‖²
-    for risk, b in (("forget", forget), ("retain", retain)):
-        (dot, _), = materialized(model, nll(retain), nll(b), {n: "all" for n in names}).values()
-        assert result.retain_term.total[risk] == pytest.approx(dot, rel=1e-9)
+    assert_matches_definition(model, objective, forget, retain, ref, result)
 
 
 def test_projection_past_the_per_sample_limit_matches_definition(monkeypatch):
@@ -197,18 +174,6 @@ def test_projection_past_the_per_sample_limit_matches_definition(monkeypatch):
     for risk, b in (("forget", forget), ("retain", retain)):
         for name, (dot, scale) in materialized(model, loss, nll(b), names).items():
             assert abs(result.by_group[name][risk] - dot) <= 1e-9 * abs(dot) + 1e-12 * scale, (risk, name)
-
-
-def _sample_loss(model, objective, batch_, ref, i):
-    """Σ_{t in sample i} c_t ℓ_t with the objective's coefficients c_t (from the whole batch) held fixed: its
-    gradient is sample i's share of the objective's."""
-    from geffect_kernels.catalog import resolve
-    from geffect_kernels.geffect.profiler import objective_from_logprobs
-    lp = hf.token_logprobs(model, batch_)
-    leaf = lp.detach().requires_grad_()
-    coef, = torch.autograd.grad(objective_from_logprobs(resolve(objective, {}), leaf, hf.batch_labels(batch_)[:, 1:], ref),
-                                leaf)
-    return (coef * lp)[i].sum()
 
 
 def test_fast_path_float32_matches_definition():

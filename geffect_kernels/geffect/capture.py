@@ -5,9 +5,15 @@ elementwise-affine norm that owns a profiled parameter is recorded (its input an
 then asks autograd for the gradients of those outputs only, so the weight-gradient matmuls never run, and
 returns each parameter's gradient as a list of uses (`inner`). A parameter used anywhere the hooks did not
 see (counted on the autograd graph) has its gradient taken densely instead, so the result is always exact.
+
+``Capture(..., stream=True)`` also routes each recorded output through an identity (`_Tap`) whose backward
+hands the output's gradient over as it arrives: `gradient(on_use=...)` then gives away the uses of every
+parameter that one call holds alone and releases that call, so output gradients and inputs are freed
+layer by layer as in a training step's backward instead of living until the end.
 """
 from __future__ import annotations
 
+import weakref
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -58,14 +64,40 @@ def module_kind(module: nn.Module) -> str | None:
 class _Call:
     module: nn.Module
     kind: str
-    args: tuple
-    kwargs: dict
-    output: torch.Tensor
+    args: tuple | None  # None once released (its uses given away during a backward)
+    kwargs: dict | None
+    output: torch.Tensor | None
+    rows_shape: tuple
     scale: torch.Tensor | None = None  # an embedding whose output is scale × the lookup
 
-    @property
-    def rows_shape(self):
-        return self.args[0].shape if self.kind == "embedding" else self.args[0].shape[:-1]
+    def __post_init__(self):
+        self.version = self.output._version
+
+    def intact(self) -> bool:
+        """Whether the output is still the layer's own: one modified in place later (``out.mul_(2)``) is not
+        the tensor whose gradient the weight's is made of, and its parameters go to the dense fallback."""
+        return self.output is not None and self.output._version == self.version
+
+    def release(self):
+        self.args = self.kwargs = self.output = self.scale = None
+
+
+class _Tap(torch.autograd.Function):
+    """Identity on a recorded output; its backward hands the output's gradient to ``capture`` (by call
+    index). ``token`` is a leaf that every tap uses, so a backward asked for ``token`` runs every tap.
+    The capture is held weakly: the graph must not keep the capture (and its calls' tensors) alive."""
+
+    @staticmethod
+    def forward(ctx, output, token, capture, index):
+        ctx.capture, ctx.index = weakref.ref(capture), index
+        return output.view_as(output)
+
+    @staticmethod
+    def backward(ctx, grad):
+        capture = ctx.capture()
+        if capture is not None:
+            capture._arrived(ctx.index, grad)
+        return grad, None, None, None
 
 
 @dataclass
@@ -100,8 +132,11 @@ def graph_uses(root: torch.Tensor, params: dict[int, str]) -> Counter:
 class Capture:
     """Record the layer calls of ``model`` that involve ``params`` (``{name: parameter}``)."""
 
-    def __init__(self, model: nn.Module, params: dict[str, nn.Parameter]):
+    def __init__(self, model: nn.Module, params: dict[str, nn.Parameter], stream: bool = False):
         self.params = params
+        self.stream = stream
+        self._token = torch.zeros((), requires_grad=True) if stream else None
+        self._streaming = {}  # call index -> on_use, during a `gradient(on_use=...)`
         self._names = {id(p): n for n, p in params.items()}
         self._modules = [(m, kind) for m in model.modules() if (kind := module_kind(m)) is not None
                          and any(id(p) in self._names for p in m.parameters(recurse=False))]
@@ -139,7 +174,11 @@ class Capture:
                     # one row per sample (per-instance values) instead of arriving summed.
                     args = (x.expand(self._batch, *x.shape[1:]), *args[1:])
                     output = output.expand(self._batch, *output.shape[1:])
-            self.calls.append(_Call(module, kind, tuple(args), kwargs, output, scale))
+            x = args[0]
+            rows_shape = tuple(x.shape if kind == "embedding" else x.shape[:-1])
+            if self.stream:
+                output = _Tap.apply(output, self._token, self, len(self.calls))
+            self.calls.append(_Call(module, kind, tuple(args), kwargs, output, rows_shape, scale))
             return output
         return record
 
@@ -152,28 +191,47 @@ class Capture:
 
     def fully_captured(self, root) -> bool:
         """Whether every profiled parameter in ``root``'s graph is used there through recorded calls only."""
-        captured = Counter(id(p) for call in self.calls for _, p, _ in self._call_params(call))
+        captured = Counter(id(p) for call in self.calls if call.intact() for _, p, _ in self._call_params(call))
         in_graph = graph_uses(root, self._names)
         return all(captured[key] == count for key, count in in_graph.items())
 
-    def gradient(self, root, grad_output=None, *, graph_root=None, dense=(), retain_graph=False
-                 ) -> FactoredGradient:
+    def gradient(self, root, grad_output=None, *, graph_root=None, dense=(), retain_graph=False, on_use=None,
+                 hold=()) -> FactoredGradient:
         """Backpropagate ``grad_output`` from ``root`` and return the profiled parameters' gradient.
 
         Coverage is checked on the graph of ``graph_root`` (default ``root``): a parameter whose uses there
         were all recorded is returned as uses, one with unrecorded uses (or named in ``dense``) densely,
         with its uses anywhere between ``graph_root`` and ``root`` included. Uses that lie only between
         the two (the fused head) are left to the caller.
+
+        ``on_use(name, parameter, use, rows_shape)`` (with ``stream=True``): a factored parameter that one
+        recorded call holds alone (and is not in ``hold``) is given to it during the backward, as that
+        call's output gradient arrives, and is left out of the result; the call is then released.
         """
-        captured = Counter(id(p) for call in self.calls for _, p, _ in self._call_params(call))
+        if any(call.output is None for call in self.calls):
+            raise RuntimeError("this capture's calls were released by a streamed backward")
+        captured = Counter(id(p) for call in self.calls if call.intact() for _, p, _ in self._call_params(call))
         in_graph = graph_uses(graph_root if graph_root is not None else root, self._names)
         factored = {n for n, p in self.params.items() if captured[id(p)] == in_graph[id(p)] > 0
                     and n not in dense}
         dense_names = [n for n, p in self.params.items()
                        if n in dense or (n not in factored and in_graph[id(p)] > 0)]
-        calls = [c for c in self.calls if any(n in factored for n, _, _ in self._call_params(c))]
-        grads = torch.autograd.grad(root, [c.output for c in calls] + [self.params[n] for n in dense_names],
-                                    grad_output, retain_graph=retain_graph, allow_unused=True)
+        indices = [i for i, c in enumerate(self.calls)
+                   if c.intact() and any(n in factored for n, _, _ in self._call_params(c))]
+        if on_use is not None:
+            if not self.stream:
+                raise ValueError("on_use needs a Capture(..., stream=True)")
+            alone = lambda call: all(n in factored and n not in hold and captured[id(p)] == 1
+                                     for n, p, _ in self._call_params(call))
+            self._streaming = {i: on_use for i in indices if alone(self.calls[i])}
+        calls = [self.calls[i] for i in indices if i not in self._streaming]
+        try:
+            grads = torch.autograd.grad(
+                root, [c.output for c in calls] + [self.params[n] for n in dense_names]
+                + ([self._token] if self._streaming else []), grad_output, retain_graph=retain_graph,
+                allow_unused=True)
+        finally:
+            self._streaming = {}
         result = FactoredGradient()
         for name, g in zip(dense_names, grads[len(calls):]):
             if g is not None:
@@ -186,6 +244,16 @@ class Capture:
                     result.uses.setdefault(name, []).append(self._use(call, g, param, role))
                     result.rows_shapes.setdefault(name, []).append(tuple(call.rows_shape))
         return result
+
+    def _arrived(self, index, grad):
+        """A tap's backward: give the uses of a streamed call to its ``on_use`` and release the call."""
+        on_use = self._streaming.pop(index, None)
+        if on_use is None:
+            return
+        call = self.calls[index]
+        for name, param, role in self._call_params(call):
+            on_use(name, param, self._use(call, grad, param, role), call.rows_shape)
+        call.release()
 
     @staticmethod
     def _use(call, g, param, role):

@@ -232,6 +232,19 @@ def row_dots(a, b) -> torch.Tensor:
     raise TypeError(f"no inner product between {type(a).__name__} and {type(b).__name__}")
 
 
+def sample_rows(use, start: int, stop: int, n_samples: int):
+    """The part of ``use`` that samples ``start:stop`` of its ``n_samples`` contributed (a stacked batch's side)."""
+    per = use.n_rows // n_samples
+    rows = slice(start * per, stop * per)
+    if isinstance(use, Factored):
+        return Factored(use.left[rows], use.right[rows])
+    if isinstance(use, Gathered):
+        return Gathered(use.ids[rows], use.rows[rows])
+    if isinstance(use, Summed):
+        return Summed(use.rows[rows])
+    raise TypeError(f"cannot split a {type(use).__name__} use by samples")
+
+
 def dense_dot(dense, b) -> torch.Tensor:
     """⟨D, ∇_b⟩ as a float64 scalar, for a gradient held densely on the first side."""
     if isinstance(b, torch.Tensor):

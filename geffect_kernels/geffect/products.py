@@ -15,6 +15,7 @@ pairs and dropped before the next parameter, so at most one parameter's material
 """
 from __future__ import annotations
 
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -38,6 +39,17 @@ class PlanEntry:
     def to_dict(self):
         return {"parameter": self.parameter, "group": self.group, "form": self.form, "flops": self.flops,
                 "costs": self.costs}
+
+
+@contextmanager
+def exact_arithmetic(device_types):
+    """No autograd, and no autocast on ``device_types``: inner products in float32/float64 even inside the
+    caller's autocast (or a backward run under it)."""
+    with ExitStack() as stack:
+        stack.enter_context(torch.no_grad())
+        for device_type in device_types:
+            stack.enter_context(torch.autocast(device_type, enabled=False))
+        yield
 
 
 def choose(costs: dict) -> str:

@@ -27,8 +27,9 @@ from . import products
 from .capture import Capture, FactoredGradient, module_kind
 from .groups import parameter_groups
 from .head import head_costs, head_pass, head_projection_pass, per_sample_fits
-from .inner import Factored, Gathered, HeadRows, SampleGrads, SampleScaled, Summed
+from .inner import HeadRows, SampleGrads, SampleScaled, sample_rows
 from .result import GEffectResult
+from .streaming import StreamedProducts
 from . import sharded
 
 IGNORE_INDEX = -100  # Hugging Face labels
@@ -65,9 +66,17 @@ class _Forward:
         masks = [b.get("attention_mask") for b in batches.values()]
         mask = None if all(m is None for m in masks) else torch.cat(
             [torch.ones_like(b["input_ids"]) if m is None else m for b, m in zip(batches.values(), masks)])
-        self.capture = Capture(model, params)
-        with self.capture:
-            self.hidden = hf.final_hidden_states(model, ids, mask)
+        self.capture = Capture(model, params, stream=True)
+        try:
+            with self.capture:
+                self.hidden = hf.final_hidden_states(model, ids, mask)
+        except RuntimeError as error:
+            if "custom Function" not in str(error):
+                raise
+            # the model modifies a layer's output in place, which a streamed capture's view of it forbids
+            self.capture = Capture(model, params)
+            with self.capture:
+                self.hidden = hf.final_hidden_states(model, ids, mask)
         self.sides, start = {}, 0
         for name, batch in batches.items():
             n = batch["input_ids"].shape[0]
@@ -82,15 +91,17 @@ class _Forward:
         return self.capture.fully_captured(self.hidden) and all(
             call.rows_shape and call.rows_shape[0] == n for call in self.capture.calls)
 
-    def gradients(self, coefs: dict, retain_graph) -> dict:
-        """{side: the decoder's part of the gradient of Σ_t coef_t ℓ_t on that side} from one backward."""
+    def gradients(self, coefs: dict, retain_graph, streamed=None, hold=()) -> dict:
+        """{side: the decoder's part of the gradient of Σ_t coef_t ℓ_t on that side} from one backward;
+        with ``streamed`` (a `StreamedProducts`), the parameters it can take are given to it instead."""
         hidden = self.hidden
         dh = torch.zeros_like(hidden)
         for name, coef in coefs.items():
             b0, b1 = self.sides[name].batch
             dh[b0:b1] = self.sides[name].cotangent(coef)
         if hidden.requires_grad:
-            grad = self.capture.gradient(hidden, dh, retain_graph=retain_graph)
+            on_use = streamed if streamed is not None and self.capture.stream else None
+            grad = self.capture.gradient(hidden, dh, retain_graph=retain_graph, on_use=on_use, hold=hold)
         else:  # nothing profiled below the head
             grad = FactoredGradient()
         if len(self.sides) == 1:
@@ -100,24 +111,12 @@ class _Forward:
 
 def _batch_rows(grad: FactoredGradient, batch, n_batch) -> FactoredGradient:
     """The part of a stacked gradient that samples ``batch`` = (start, stop) contributed (uses only)."""
-    b0, b1 = batch
-    out = FactoredGradient()
-    for name, uses in grad.uses.items():
-        for use, shape in zip(uses, grad.rows_shapes[name]):
-            per = use.n_rows // n_batch
-            rows = slice(b0 * per, b1 * per)
-            if isinstance(use, Factored):
-                use = Factored(use.left[rows], use.right[rows])
-            elif isinstance(use, Gathered):
-                use = Gathered(use.ids[rows], use.rows[rows])
-            elif isinstance(use, Summed):
-                use = Summed(use.rows[rows])
-            else:
-                raise TypeError(f"cannot split a {type(use).__name__} use by samples")
-            out.uses.setdefault(name, []).append(use)
-            out.rows_shapes.setdefault(name, []).append((b1 - b0, *shape[1:]))
     if grad.dense:
         raise ValueError("a stacked backward cannot split dense gradients by samples")
+    out = FactoredGradient()
+    for name, uses in grad.uses.items():
+        out.uses[name] = [sample_rows(use, *batch, n_batch) for use in uses]
+        out.rows_shapes[name] = [(batch[1] - batch[0], *shape[1:]) for shape in grad.rows_shapes[name]]
     return out
 
 
@@ -286,14 +285,22 @@ class GEffectProfiler:
             raise ValueError(f"{not_finite} at these parameters (objective {objective.name!r}): no G-effect to "
                              f"measure")
         scale = _sample_multiples(coef_a, coefs["forget"]) if all(fw.by_samples() for fw in forwards) else None
-        grads = self._backwards(forwards, coefs, None if scale is not None else coef_a)
-        del forwards
-        grads[OBJECTIVE] = _scaled_by_sample(grads["forget"], scale) if scale is not None else grads.pop(OBJECTIVE)
-        self._add_head(grads, sides, coefs, coef_a, scale, head_params)
         products_of = {"objective": (OBJECTIVE, list(batches))}
         if retain_term:  # its gradient is the retain risk's
             products_of["retain_term"] = ("retain", list(batches))
-        return self._results(grads, products_of, losses, per_instance, head_entry)
+        streamed = None
+        if len(forwards) == 1 and scale is not None:  # one backward gives every gradient: stream it
+            streamed = StreamedProducts(
+                {name: side.batch for name, side in sides.items()}, forwards[0].hidden.shape[0],
+                {OBJECTIVE: ("forget", scale)}, _pairs(products_of),
+                {OBJECTIVE: sides["forget"].labels.shape[0]} if per_instance else {}, self.groups,
+                self._device_types())
+        grads = self._backwards(forwards, coefs, None if scale is not None else coef_a, streamed,
+                                hold={name for name, _ in head_params.values()})
+        del forwards
+        grads[OBJECTIVE] = _scaled_by_sample(grads["forget"], scale) if scale is not None else grads.pop(OBJECTIVE)
+        self._add_head(grads, sides, coefs, coef_a, scale, head_params)
+        return self._results(grads, products_of, losses, per_instance, head_entry, streamed)
 
     def _forwards(self, batches, params):
         """One stacked forward for both batches where they fit together and split by samples (and, on the CPU,
@@ -310,6 +317,9 @@ class GEffectProfiler:
             return True
         tokens = sum(b["input_ids"].numel() for b in batches.values())
         return tokens * _widest_row(self.model) * weight.element_size() <= CPU_STACKED_BYTES
+
+    def _device_types(self):
+        return {p.device.type for p in self.model.parameters()}
 
     def _head_params(self, params):
         """{"weight"/"bias": (name, parameter)} of the LM head's profiled parameters."""
@@ -333,7 +343,7 @@ class GEffectProfiler:
         costs = head_costs(counts, pairs if head_params else [], vocab, width, objective_rows, held)
         form = products.choose(costs) if head_params else "gram"
         with ExitStack() as stack:
-            for device_type in {p.device.type for p in self.model.parameters()}:
+            for device_type in self._device_types():
                 stack.enter_context(torch.autocast(device_type, enabled=False))
             if form == "gram":
                 gram = head_pass(head.weight, head.bias, head.softcap, rows, pairs if head_params else [])
@@ -344,9 +354,9 @@ class GEffectProfiler:
             side.gram = gram
         return products.PlanEntry("(head pass)", "head", form, costs[form], costs)
 
-    def _backwards(self, forwards, coefs, coef_a=None) -> dict:
+    def _backwards(self, forwards, coefs, coef_a=None, streamed=None, hold=()) -> dict:
         """The decoder's part of each risk's gradient (and of the objective's, for ``coef_a``): at most one
-        gradient per side of a forward per backward."""
+        gradient per side of a forward per backward (``streamed``, ``hold``: see `_Forward.gradients`)."""
         rounds = [coefs] if coef_a is None else [
             {OBJECTIVE: coef_a, **{k: v for k, v in coefs.items() if k != "forget"}}, {"forget": coefs["forget"]}]
         side_of = lambda key: "forget" if key == OBJECTIVE else key
@@ -357,7 +367,8 @@ class GEffectProfiler:
                 if not mine:
                     continue
                 later = any(side_of(k) in fw.sides for r in rounds[i + 1:] for k in r)
-                got = fw.gradients({side: coef for side, (_, coef) in mine.items()}, retain_graph=later)
+                got = fw.gradients({side: coef for side, (_, coef) in mine.items()}, retain_graph=later,
+                                   streamed=streamed, hold=hold)
                 grads.update({key: got[side] for side, (key, _) in mine.items()})
         return grads
 
@@ -377,17 +388,17 @@ class GEffectProfiler:
             _add_uses(grads[key], uses, sides[side].labels.shape)
 
     # -- inner products into groups ---------------------------------------------------------------------
-    def _results(self, grads: dict, products_of: dict, losses: dict, per_instance: bool, head_entry=None
-                 ) -> GEffectResult:
+    def _results(self, grads: dict, products_of: dict, losses: dict, per_instance: bool, head_entry=None,
+                 streamed=None) -> GEffectResult:
         """A result per entry of ``products_of`` ({result: (key of its first gradient, [risk keys])}); the
-        first is returned, the others are attached to it under their names (``retain_term``)."""
-        with ExitStack() as stack:  # inner products in float32/float64 even inside the caller's autocast
-            stack.enter_context(torch.no_grad())
-            for device_type in {p.device.type for p in self.model.parameters()}:
-                stack.enter_context(torch.autocast(device_type, enabled=False))
-            per_sample = {OBJECTIVE: _batch_size(grads[OBJECTIVE])} if per_instance else {}
-            pairs = [(a, risk) for a, risks in products_of.values() for risk in risks]
-            values, plan = self._inner_products(grads, pairs, per_sample, head_entry)
+        first is returned, the others are attached to it under their names (``retain_term``). ``streamed``:
+        the products taken during the backward (`StreamedProducts`)."""
+        with products.exact_arithmetic(self._device_types()):
+            if streamed is not None:
+                per_sample = streamed.per_sample
+            else:
+                per_sample = {OBJECTIVE: _batch_size(grads[OBJECTIVE])} if per_instance else {}
+            values, plan = self._inner_products(grads, _pairs(products_of), per_sample, head_entry, streamed)
         results = {}
         for result_name, (a, risks) in products_of.items():
             total, by_group, instance = {}, {}, {}
@@ -412,11 +423,16 @@ class GEffectProfiler:
             print(result.explain())
         return result
 
-    def _inner_products(self, grads, pairs, per_sample, head_entry):
+    def _inner_products(self, grads, pairs, per_sample, head_entry, streamed=None):
         """{(a, risk): {parameter: (value, per-sample values or None)}} and the plan, parameter by parameter."""
         values = {pair: {} for pair in pairs}
         plan = [head_entry] if head_entry is not None else []
         for name, param in self._params().items():  # every profiled parameter, 0 where no gradient reaches
+            if streamed is not None and name in streamed.values:
+                plan.append(streamed.entries[name])
+                for pair, value in streamed.values[name].items():
+                    values[pair][name] = value
+                continue
             parts = {key: _parts(grads[key], name) for key in dict.fromkeys(k for pair in pairs for k in pair)}
             entry = products.plan_parameter(name, self.groups[name], parts, pairs, param.numel(),
                                             per_sample, head_entry)
@@ -424,6 +440,11 @@ class GEffectProfiler:
             for pair, value in products.parameter_products(entry, parts, pairs, param.shape, per_sample).items():
                 values[pair][name] = value
         return values, plan
+
+
+def _pairs(products_of):
+    """Every (first gradient, risk) pair the results of ``products_of`` need."""
+    return [(a, risk) for a, risks in products_of.values() for risk in risks]
 
 
 def _refuse_per_instance_when_sharded(per_instance):
@@ -467,8 +488,8 @@ def _batch_size(grad: FactoredGradient) -> int:
     if grad.dense:
         raise ValueError("per_instance=True needs every parameter's objective gradient in factored form, but "
                          f"{', '.join(grad.dense)} are used outside the hooked layers (Linear, Conv1D, Embedding, "
-                         "affine norms), e.g. by a fused loss: call the model's forward in the objective or use "
-                         "measure_unlearning")
+                         "affine norms; e.g. by a fused loss: call the model's forward in the objective or use "
+                         "measure_unlearning) or their layer's output is modified in place")
     shapes = [shape for shapes in grad.rows_shapes.values() for shape in shapes]
     sizes = {shape[0] for shape in shapes}
     if len(sizes) != 1 or any(len(shape) < 2 for shape in shapes):
