@@ -257,7 +257,8 @@ def test_stacked_forward_equals_separate_forwards(kind, monkeypatch):
 
 
 def test_batches_stack_on_the_cpu_only_under_the_block_limit(monkeypatch):
-    """A stacked forward whose widest activation would pass `CPU_STACKED_BYTES` runs as a forward per batch."""
+    """Where products are held to the end (WGA takes a backward of its own), a stacked forward whose widest
+    activation would pass `CPU_STACKED_BYTES` runs as a forward per batch; streamed (GA), it stays stacked."""
     from geffect_kernels.geffect import profiler
     model = tiny_model("llama")
     widest = profiler._widest_row(model)
@@ -272,9 +273,11 @@ def test_batches_stack_on_the_cpu_only_under_the_block_limit(monkeypatch):
     values = []
     for limit in (stacked_bytes, stacked_bytes - 1):
         monkeypatch.setattr(profiler, "CPU_STACKED_BYTES", limit)
-        values.append(GEffectProfiler(model).measure_unlearning("ga", forget, retain).total)
+        values.append(GEffectProfiler(model).measure_unlearning("wga", forget, retain).total)
     assert forwards == [["forget", "retain"], ["forget"], ["retain"]]
     assert values[0] == pytest.approx(values[1], rel=1e-10)
+    GEffectProfiler(model).measure_unlearning("ga", forget, retain)
+    assert forwards[3:] == [["forget", "retain"]]
 
 
 def test_parameter_used_outside_hooks_takes_separate_forwards(monkeypatch):

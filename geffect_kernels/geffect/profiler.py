@@ -33,10 +33,12 @@ from .streaming import StreamedProducts
 from . import sharded
 
 IGNORE_INDEX = -100  # Hugging Face labels
-# CPU only: a stacked forward's activations are twice one batch's. glibc serves blocks up to 32 MiB from its
-# heap, reused; larger ones are fresh mmapped pages on every allocation, whose faults cost more than one
+# CPU only, where the products are not streamed (the objective takes a backward of its own): a stacked
+# forward's activations are twice one batch's, all held to the end. glibc serves blocks up to 32 MiB from
+# its heap, reused; larger ones are fresh mmapped pages on every allocation, whose faults cost more than one
 # stacked forward saves (2 cores, H 512, I 1376, 2×4×1024 tokens: 0.83× a step unstacked, 1.02× stacked;
-# at H 256, 22.5 MiB blocks: 0.91× stacked, 0.97× unstacked).
+# at H 256, 22.5 MiB blocks: 0.91× stacked, 0.97× unstacked). Streamed, stacking wins at every size
+# (H 512, T 1024: 0.92× stacked, 0.95× unstacked).
 CPU_STACKED_BYTES = 32 << 20
 NLL = resolve("nll", {})
 OBJECTIVE = ("objective",)  # the key of the objective's gradient (risks are keyed by their names)
@@ -240,13 +242,15 @@ class GEffectProfiler:
 
         Batches are HF-style dicts (``input_ids``, optional ``attention_mask`` and ``labels``; HF-shifted
         labels); ``ref_logprobs`` as for `hf.unlearning_loss`. The objective and the forget risk share one
-        forward (with the retain batch too when the lengths agree and, on the CPU, the stacked activations stay
-        under `CPU_STACKED_BYTES`), and the LM head runs once for both
+        forward (with the retain batch too when the lengths agree and, on the CPU, unless the products are held
+        and the stacked activations pass `CPU_STACKED_BYTES`), and the LM head runs once for both
         batches (`head`: log-probabilities, each token's hidden-state cotangent per unit coefficient, and
         the head's inner products in the Gram or the projection form, whichever its cost model finds
         cheaper); the decoder's backward then starts from the hidden states: one backward for every risk,
         and one more for the objective unless its coefficients are a per-sample multiple of the forget NLL's
-        (GA, NPO, SimNPO), whose gradient is then the forget risk's scaled sample by sample.
+        (GA, NPO, SimNPO), whose gradient is then the forget risk's scaled sample by sample; with one forward
+        and that one backward, each decoder parameter's inner products are taken as its layer's output
+        gradient arrives (`streaming`), which is then freed.
         ``retain_objective`` names the training step's retain term (the risks are NLL whatever it is); with
         ``"nll"`` (the default) that term's gradient *is* the retain risk's, so ``result.retain_term`` also
         gets the retain term's own G-effects on both risks from gradients already computed (no extra
@@ -267,15 +271,16 @@ class GEffectProfiler:
         params = self._params()
         batches = {"forget": forget_batch} if retain_batch is None else {"forget": forget_batch,
                                                                           "retain": retain_batch}
-        forwards = self._forwards(batches, params)
+        # An objective whose coefficients are a per-sample multiple of the forget NLL's (predicted from its
+        # kind; checked on the coefficients below) needs no gradient of its own: one backward gives every
+        # gradient, and its products are streamed.
+        multiple_expected = objective.objective.level == "sequence" or objective.name in ("ga", "nll")
+        forwards = self._forwards(batches, params, streamable=multiple_expected)
         sides = {name: side for fw in forwards for name, side in fw.sides.items()}
         retain_term = retain_batch is not None and retain_objective == "nll"
         head_params = self._head_params(params)
         dtype = compute_dtype(forwards[0].hidden.dtype)
         losses, coefs = {}, {name: side.nll_coefficients(dtype) for name, side in sides.items()}
-        # An objective whose coefficients are a per-sample multiple of the forget NLL's (predicted from its
-        # kind; checked on the coefficients below) needs no gradient of its own.
-        multiple_expected = objective.objective.level == "sequence" or objective.name in ("ga", "nll")
         head_entry = self._head_pass(sides, coefs, head_params, retain_term, multiple_expected)
         losses["objective"], coef_a = sides["forget"].coefficients(objective, ref_logprobs)
         for name, side in sides.items():
@@ -302,10 +307,10 @@ class GEffectProfiler:
         self._add_head(grads, sides, coefs, coef_a, scale, head_params)
         return self._results(grads, products_of, losses, per_instance, head_entry, streamed)
 
-    def _forwards(self, batches, params):
+    def _forwards(self, batches, params, streamable):
         """One stacked forward for both batches where they fit together and split by samples (and, on the CPU,
-        its activations stay under `CPU_STACKED_BYTES`); else one each."""
-        if len(batches) == 2 and _stackable(*batches.values()) and self._stack_fits(batches):
+        its products will be streamed or its activations stay under `CPU_STACKED_BYTES`); else one each."""
+        if len(batches) == 2 and _stackable(*batches.values()) and (streamable or self._stack_fits(batches)):
             forward = _Forward(self.model, batches, params)
             if forward.by_samples():
                 return [forward]
