@@ -256,28 +256,26 @@ def test_stacked_forward_equals_separate_forwards(kind, monkeypatch):
     assert profiler._stackable(forget, retain)
 
 
-def test_batches_stack_on_the_cpu_only_under_the_block_limit(monkeypatch):
-    """Where products are held to the end (WGA takes a backward of its own), a stacked forward whose widest
-    activation would pass `CPU_STACKED_BYTES` runs as a forward per batch; streamed (GA), it stays stacked."""
+def test_batches_stack_only_for_a_single_backward(monkeypatch):
+    """GA's gradient is the forget risk's scaled: one backward, batches stacked. WGA takes a backward of its
+    own, which would run over the retain rows too: a forward per batch, with the values of a stacked one."""
     from geffect_kernels.geffect import profiler
     model = tiny_model("llama")
-    widest = profiler._widest_row(model)
-    assert widest == max(model.config.intermediate_size, model.config.hidden_size)
     forget, retain = batch(seed=33), batch(seed=34)
-    stacked_bytes = (forget["input_ids"].numel() + retain["input_ids"].numel()) * widest * \
-        model.lm_head.weight.element_size()
     forwards = []
     original = profiler._Forward.__init__
     monkeypatch.setattr(profiler._Forward, "__init__",
                         lambda self, m, batches, p: forwards.append(list(batches)) or original(self, m, batches, p))
-    values = []
-    for limit in (stacked_bytes, stacked_bytes - 1):
-        monkeypatch.setattr(profiler, "CPU_STACKED_BYTES", limit)
-        values.append(GEffectProfiler(model).measure_unlearning("wga", forget, retain).total)
-    assert forwards == [["forget", "retain"], ["forget"], ["retain"]]
-    assert values[0] == pytest.approx(values[1], rel=1e-10)
     GEffectProfiler(model).measure_unlearning("ga", forget, retain)
+    separate = GEffectProfiler(model).measure_unlearning("wga", forget, retain)
+    assert forwards == [["forget", "retain"], ["forget"], ["retain"]]
+    forwards_of = profiler.GEffectProfiler._forwards
+    monkeypatch.setattr(profiler.GEffectProfiler, "_forwards",
+                        lambda self, batches, params, stack: forwards_of(self, batches, params, stack=True))
+    stacked = GEffectProfiler(model).measure_unlearning("wga", forget, retain)
     assert forwards[3:] == [["forget", "retain"]]
+    for risk in ("forget", "retain"):
+        assert stacked.total[risk] == pytest.approx(separate.total[risk], rel=1e-10)
 
 
 def test_parameter_used_outside_hooks_takes_separate_forwards(monkeypatch):

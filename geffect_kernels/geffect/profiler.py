@@ -24,7 +24,7 @@ from ..backends.autograd import compute_dtype
 from ..catalog import RETAIN_OBJECTIVES, resolve
 from ..inputs import prepare_ref
 from . import products
-from .capture import Capture, FactoredGradient, module_kind
+from .capture import Capture, FactoredGradient
 from .groups import parameter_groups
 from .head import head_costs, head_pass, head_projection_pass, per_sample_fits
 from .inner import HeadRows, SampleGrads, SampleScaled, sample_rows
@@ -33,13 +33,6 @@ from .streaming import StreamedProducts
 from . import sharded
 
 IGNORE_INDEX = -100  # Hugging Face labels
-# CPU only, where the products are not streamed (the objective takes a backward of its own): a stacked
-# forward's activations are twice one batch's, all held to the end. glibc serves blocks up to 32 MiB from
-# its heap, reused; larger ones are fresh mmapped pages on every allocation, whose faults cost more than one
-# stacked forward saves (2 cores, H 512, I 1376, 2×4×1024 tokens: 0.83× a step unstacked, 1.02× stacked;
-# at H 256, 22.5 MiB blocks: 0.91× stacked, 0.97× unstacked). Streamed, stacking wins at every size
-# (H 512, T 1024: 0.92× stacked, 0.95× unstacked).
-CPU_STACKED_BYTES = 32 << 20
 NLL = resolve("nll", {})
 OBJECTIVE = ("objective",)  # the key of the objective's gradient (risks are keyed by their names)
 
@@ -242,8 +235,8 @@ class GEffectProfiler:
 
         Batches are HF-style dicts (``input_ids``, optional ``attention_mask`` and ``labels``; HF-shifted
         labels); ``ref_logprobs`` as for `hf.unlearning_loss`. The objective and the forget risk share one
-        forward (with the retain batch too when the lengths agree and, on the CPU, unless the products are held
-        and the stacked activations pass `CPU_STACKED_BYTES`), and the LM head runs once for both
+        forward (with the retain batch too when the lengths agree and one backward will give every gradient, see
+        below), and the LM head runs once for both
         batches (`head`: log-probabilities, each token's hidden-state cotangent per unit coefficient, and
         the head's inner products in the Gram or the projection form, whichever its cost model finds
         cheaper); the decoder's backward then starts from the hidden states: one backward for every risk,
@@ -273,9 +266,9 @@ class GEffectProfiler:
                                                                           "retain": retain_batch}
         # An objective whose coefficients are a per-sample multiple of the forget NLL's (predicted from its
         # kind; checked on the coefficients below) needs no gradient of its own: one backward gives every
-        # gradient, and its products are streamed.
+        # gradient, so the batches share it.
         multiple_expected = objective.objective.level == "sequence" or objective.name in ("ga", "nll")
-        forwards = self._forwards(batches, params, streamable=multiple_expected)
+        forwards = self._forwards(batches, params, stack=multiple_expected)
         sides = {name: side for fw in forwards for name, side in fw.sides.items()}
         retain_term = retain_batch is not None and retain_objective == "nll"
         head_params = self._head_params(params)
@@ -293,35 +286,27 @@ class GEffectProfiler:
         products_of = {"objective": (OBJECTIVE, list(batches))}
         if retain_term:  # its gradient is the retain risk's
             products_of["retain_term"] = ("retain", list(batches))
-        streamed = None
-        if len(forwards) == 1 and scale is not None:  # one backward gives every gradient: stream it
-            streamed = StreamedProducts(
-                {name: side.batch for name, side in sides.items()}, forwards[0].hidden.shape[0],
-                {OBJECTIVE: ("forget", scale)}, _pairs(products_of),
-                {OBJECTIVE: sides["forget"].labels.shape[0]} if per_instance else {}, self.groups,
-                self._device_types())
-        grads = self._backwards(forwards, coefs, None if scale is not None else coef_a, streamed,
-                                hold={name for name, _ in head_params.values()})
+        stream = None
+        if all(fw.by_samples() for fw in forwards):  # every use splits by samples: per_sample is known here
+            stream = dict(pairs=_pairs(products_of), groups=self.groups, device_types=self._device_types(),
+                          per_sample={OBJECTIVE: sides["forget"].labels.shape[0]} if per_instance else {})
+        grads, streamed = self._backwards(forwards, coefs, None if scale is not None else coef_a, scale, stream,
+                                          hold={name for name, _ in head_params.values()})
         del forwards
         grads[OBJECTIVE] = _scaled_by_sample(grads["forget"], scale) if scale is not None else grads.pop(OBJECTIVE)
         self._add_head(grads, sides, coefs, coef_a, scale, head_params)
         return self._results(grads, products_of, losses, per_instance, head_entry, streamed)
 
-    def _forwards(self, batches, params, streamable):
-        """One stacked forward for both batches where they fit together and split by samples (and, on the CPU,
-        its products will be streamed or its activations stay under `CPU_STACKED_BYTES`); else one each."""
-        if len(batches) == 2 and _stackable(*batches.values()) and (streamable or self._stack_fits(batches)):
+    def _forwards(self, batches, params, stack):
+        """One stacked forward for both batches where asked, they fit together and split by samples; else one
+        each. Stacking pays only with a single backward: the objective's own backward, and then the forget
+        risk's, would each run over the retain rows too, with zero cotangents (2 cores, WGA: 1.57× a step
+        stacked, 1.33× not at H 512, T 512; 1.18× and 1.15× at H 256, T 64)."""
+        if stack and len(batches) == 2 and _stackable(*batches.values()):
             forward = _Forward(self.model, batches, params)
             if forward.by_samples():
                 return [forward]
         return [_Forward(self.model, {name: b}, params) for name, b in batches.items()]
-
-    def _stack_fits(self, batches) -> bool:
-        weight = hf.lm_head(self.model).weight
-        if weight.device.type != "cpu":
-            return True
-        tokens = sum(b["input_ids"].numel() for b in batches.values())
-        return tokens * _widest_row(self.model) * weight.element_size() <= CPU_STACKED_BYTES
 
     def _device_types(self):
         return {p.device.type for p in self.model.parameters()}
@@ -359,23 +344,34 @@ class GEffectProfiler:
             side.gram = gram
         return products.PlanEntry("(head pass)", "head", form, costs[form], costs)
 
-    def _backwards(self, forwards, coefs, coef_a=None, streamed=None, hold=()) -> dict:
-        """The decoder's part of each risk's gradient (and of the objective's, for ``coef_a``): at most one
-        gradient per side of a forward per backward (``streamed``, ``hold``: see `_Forward.gradients`)."""
+    def _backwards(self, forwards, coefs, coef_a, scale, stream, hold=()):
+        """The decoder's part of each risk's gradient (and of the objective's, for ``coef_a``; else it is the
+        forget risk's times ``scale``): at most one gradient per side of a forward per backward.
+
+        With ``stream`` (`StreamedProducts` settings), the last backward hands every parameter it can (not in
+        ``hold``) to a `StreamedProducts` that also holds the gradients so far: all of that parameter's
+        products are taken as its layer's output gradient arrives. Returns (gradients, it or None).
+        """
         rounds = [coefs] if coef_a is None else [
             {OBJECTIVE: coef_a, **{k: v for k, v in coefs.items() if k != "forget"}}, {"forget": coefs["forget"]}]
         side_of = lambda key: "forget" if key == OBJECTIVE else key
-        grads = {}
-        for i, requests in enumerate(rounds):
-            for fw in forwards:
-                mine = {side_of(key): (key, coef) for key, coef in requests.items() if side_of(key) in fw.sides}
-                if not mine:
-                    continue
-                later = any(side_of(k) in fw.sides for r in rounds[i + 1:] for k in r)
-                got = fw.gradients({side: coef for side, (_, coef) in mine.items()}, retain_graph=later,
-                                   streamed=streamed, hold=hold)
-                grads.update({key: got[side] for side, (key, _) in mine.items()})
-        return grads
+        steps = [(i, fw) for i, requests in enumerate(rounds) for fw in forwards
+                 if any(side_of(key) in fw.sides for key in requests)]
+        grads, streamed = {}, None
+        for n, (i, fw) in enumerate(steps):
+            mine = {side_of(key): (key, coef) for key, coef in rounds[i].items() if side_of(key) in fw.sides}
+            later = any(side_of(k) in fw.sides for r in rounds[i + 1:] for k in r)
+            if stream is not None and n == len(steps) - 1:
+                held = dict(grads)
+                if scale is not None and "forget" in held:
+                    held[OBJECTIVE] = _scaled_by_sample(held["forget"], scale)
+                arriving = {key: fw.sides[side].batch for side, (key, _) in mine.items()}
+                scaled = {OBJECTIVE: ("forget", scale)} if scale is not None and "forget" in arriving else {}
+                streamed = StreamedProducts(arriving, fw.hidden.shape[0], scaled, held, **stream)
+            got = fw.gradients({side: coef for side, (_, coef) in mine.items()}, retain_graph=later,
+                               streamed=streamed, hold=hold)
+            grads.update({key: got[side] for side, (key, _) in mine.items()})
+        return grads, streamed
 
     def _add_head(self, grads, sides, coefs, coef_a, scale, head_params):
         """The head's uses in every gradient: Gram-form rows, or the projection pass's dense gradients."""
@@ -462,14 +458,6 @@ def _stackable(a, b) -> bool:
     return (isinstance(a, Mapping) and isinstance(b, Mapping) and "input_ids" in a and "input_ids" in b
             and a["input_ids"].shape[1:] == b["input_ids"].shape[1:] and a["input_ids"].device == b["input_ids"].device
             and set(a) - {"attention_mask", "labels"} == set(b) - {"attention_mask", "labels"} == {"input_ids"})
-
-
-def _widest_row(model) -> int:
-    """The widest activation row of the decoder: the largest dimension of any linear or norm weight below the
-    LM head (an MLP's intermediate size in a transformer)."""
-    head = hf.lm_head(model).weight
-    return max((max(m.weight.shape) for m in model.modules()
-                if module_kind(m) in ("linear", "conv1d", "norm") and m.weight is not head), default=head.shape[1])
 
 
 def _sample_multiples(coef_a: torch.Tensor, coef_b: torch.Tensor) -> torch.Tensor | None:
