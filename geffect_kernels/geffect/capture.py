@@ -69,6 +69,7 @@ class _Call:
     output: torch.Tensor | None
     rows_shape: tuple
     scale: torch.Tensor | None = None  # an embedding whose output is scale × the lookup
+    version: int = field(init=False)  # the output's version counter when recorded
 
     def __post_init__(self):
         self.version = self.output._version

@@ -241,9 +241,9 @@ class GEffectProfiler:
         the head's inner products in the Gram or the projection form, whichever its cost model finds
         cheaper); the decoder's backward then starts from the hidden states: one backward for every risk,
         and one more for the objective unless its coefficients are a per-sample multiple of the forget NLL's
-        (GA, NPO, SimNPO), whose gradient is then the forget risk's scaled sample by sample; with one forward
-        and that one backward, each decoder parameter's inner products are taken as its layer's output
-        gradient arrives (`streaming`), which is then freed.
+        (GA, NPO, SimNPO), whose gradient is then the forget risk's scaled sample by sample. In the last
+        backward each decoder parameter's inner products are taken as its layer's output gradient arrives,
+        against the uses held from earlier backwards, and the call is freed (`streaming`).
         ``retain_objective`` names the training step's retain term (the risks are NLL whatever it is); with
         ``"nll"`` (the default) that term's gradient *is* the retain risk's, so ``result.retain_term`` also
         gets the retain term's own G-effects on both risks from gradients already computed (no extra
