@@ -122,3 +122,16 @@ def test_capture_refuses_streaming_it_was_not_built_for():
     streamed.gradient(hidden, torch.ones_like(hidden), retain_graph=True, on_use=lambda *a: None)
     with pytest.raises(RuntimeError, match="released"):
         streamed.gradient(hidden, torch.ones_like(hidden))
+
+
+def test_gradient_checkpointing_streams_with_exact_values(monkeypatch):
+    """Hugging Face gradient checkpointing (non-reentrant, its default; active in train mode, no dropout in
+    this model) recomputes activations in the backward: the taps still fire and the values are exact."""
+    streamed = spy_streamed(monkeypatch)
+    model = tiny_model("llama")
+    model.gradient_checkpointing_enable()
+    model.train()
+    forget, retain = same_length_batches(51)
+    result = GEffectProfiler(model, groups="parameter").measure_unlearning("ga", forget, retain, per_instance=True)
+    assert sorted(streamed) == sorted(n for n, _ in model.named_parameters() if n != "lm_head.weight")
+    assert_matches_definition(model, "ga", forget, retain, None, result)
