@@ -278,6 +278,27 @@ def test_batches_stack_only_for_a_single_backward(monkeypatch):
         assert stacked.total[risk] == pytest.approx(separate.total[risk], rel=1e-10)
 
 
+def test_batches_stack_on_the_cpu_only_under_the_block_limit(monkeypatch):
+    """A stacked forward whose widest activation would pass `CPU_STACKED_BYTES` runs as a forward per batch."""
+    from geffect_kernels.geffect import profiler
+    model = tiny_model("llama")
+    widest = profiler._widest_row(model)
+    assert widest == max(model.config.intermediate_size, model.config.hidden_size)
+    forget, retain = batch(seed=33), batch(seed=34)
+    stacked_bytes = (forget["input_ids"].numel() + retain["input_ids"].numel()) * widest * \
+        model.lm_head.weight.element_size()
+    forwards = []
+    original = profiler._Forward.__init__
+    monkeypatch.setattr(profiler._Forward, "__init__",
+                        lambda self, m, batches, p: forwards.append(list(batches)) or original(self, m, batches, p))
+    values = []
+    for limit in (stacked_bytes, stacked_bytes - 1):
+        monkeypatch.setattr(profiler, "CPU_STACKED_BYTES", limit)
+        values.append(GEffectProfiler(model).measure_unlearning("ga", forget, retain).total)
+    assert forwards == [["forget", "retain"], ["forget"], ["retain"]]
+    assert values[0] == pytest.approx(values[1], rel=1e-10)
+
+
 def test_parameter_used_outside_hooks_takes_separate_forwards(monkeypatch):
     """A dense gradient cannot be split by samples: such a model runs a forward per batch, still exact."""
     from geffect_kernels.geffect import profiler
