@@ -208,7 +208,8 @@ def plot(rows, path: Path) -> Path:
         ax.set_xticks([], minor=True)  # no log-scale minor labels over the token counts
         ax.grid(True, which="both", alpha=0.3)
         ax.legend()
-    fig.suptitle(f"G-effect cost vs tokens ({rows[0]['machine']}, {rows[0]['isa']}, {rows[0]['commit']})",
+    commits = ", ".join(dict.fromkeys(r["commit"] for r in rows))
+    fig.suptitle(f"G-effect cost vs tokens ({rows[0]['machine']}, {rows[0]['isa']}, {commits})",
                  fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
