@@ -100,7 +100,8 @@ def assert_matches_definition(model, objective, forget, retain, ref, result):
         expected = materialized(model, loss, nll(b), names)
         for name, (dot, scale) in expected.items():
             assert abs(result.by_group[name][risk] - dot) <= 1e-9 * abs(dot) + 1e-12 * scale, (risk, name)
-        for i, value in enumerate((result.per_instance or {}).get(risk, [])):  # sample i's share: its tokens' coefficients only
+        # sample i's share: its tokens' coefficients only (per_instance=True)
+        for i, value in enumerate((result.per_instance or {}).get(risk, [])):
             sample = lambda m, i=i: sample_loss(m, objective, forget, ref, i)
             (dot, scale), = materialized(model, sample, nll(b), {n: "all" for n in names}).values()
             assert abs(value - dot) <= 1e-9 * abs(dot) + 1e-12 * scale, (risk, i)

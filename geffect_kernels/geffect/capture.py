@@ -205,7 +205,7 @@ class Capture:
         with its uses anywhere between ``graph_root`` and ``root`` included. Uses that lie only between
         the two (the fused head) are left to the caller.
 
-        ``on_use(name, parameter, use, rows_shape)`` (with ``stream=True``): a factored parameter that one
+        ``on_use(name, parameter, use)`` (with ``stream=True``): a factored parameter that one
         recorded call holds alone (and is not in ``hold``) is given to it during the backward, as that
         call's output gradient arrives, and is left out of the result; the call is then released.
         """
@@ -253,7 +253,7 @@ class Capture:
             return
         call = self.calls[index]
         for name, param, role in self._call_params(call):
-            on_use(name, param, self._use(call, grad, param, role), call.rows_shape)
+            on_use(name, param, self._use(call, grad, param, role))
         call.release()
 
     @staticmethod

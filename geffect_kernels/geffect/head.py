@@ -164,9 +164,10 @@ def _row_kernels(z):
 
 def logits_scratch(chunks, weight):
     """A reusable buffer for `unit_cotangent`'s logits of the longest of ``chunks`` (row slices), or None where
-    there are none or the logits come out of a 16-bit matmul (converted, a fresh buffer each time). Reusing one buffer matters on the CPU: a
-    fresh 64 MiB buffer per chunk is fresh pages from the OS each time (in the profiler at H 512, T 512 the
-    pass went from 2.9 s and 208k page faults to 2.6 s and 96k, most of them now its held gradients')."""
+    there are none or the logits come out of a 16-bit matmul (converted, a fresh buffer each time). Reusing
+    one buffer matters on the CPU: a fresh 64 MiB buffer per chunk is fresh pages from the OS each time (in
+    the profiler at H 512, T 512 the pass went from 2.9 s and 208k page faults to 2.6 s and 96k, most of
+    them now its held gradients')."""
     rows = max((r.stop - r.start for r in chunks), default=0)
     if rows == 0 or compute_dtype(weight.dtype) != weight.dtype:
         return None

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from contextlib import ExitStack
-
 import torch
 
 from .. import hf
@@ -242,10 +240,9 @@ class GEffectProfiler:
         labels); ``ref_logprobs`` as for `hf.unlearning_loss`. The objective and the forget risk share one
         forward (with the retain batch too when the lengths agree, one backward will give every gradient, see
         below, and, on the CPU, the stacked activations stay under `CPU_STACKED_BYTES`), and the LM head runs
-        once for both
-        batches (`head`: log-probabilities, each token's hidden-state cotangent per unit coefficient, and
-        the head's inner products in the Gram or the projection form, whichever its cost model finds
-        cheaper); the decoder's backward then starts from the hidden states: one backward for every risk,
+        once for both batches (`head`: log-probabilities, each token's hidden-state cotangent per unit
+        coefficient, and the head's inner products in the Gram or the projection form, whichever its cost
+        model finds cheaper); the decoder's backward then starts from the hidden states: one backward for every risk,
         and one more for the objective unless its coefficients are a per-sample multiple of the forget NLL's
         (GA, NPO, SimNPO), whose gradient is then the forget risk's scaled sample by sample. In the last
         backward each decoder parameter's inner products are taken as its layer's output gradient arrives,
@@ -288,12 +285,13 @@ class GEffectProfiler:
         if not_finite:
             raise ValueError(f"{not_finite} at these parameters (objective {objective.name!r}): no G-effect to "
                              f"measure")
-        scale = _sample_multiples(coef_a, coefs["forget"]) if all(fw.by_samples() for fw in forwards) else None
+        by_samples = all(fw.by_samples() for fw in forwards)  # every use splits by samples
+        scale = _sample_multiples(coef_a, coefs["forget"]) if by_samples else None
         products_of = {"objective": (OBJECTIVE, list(batches))}
         if retain_term:  # its gradient is the retain risk's
             products_of["retain_term"] = ("retain", list(batches))
         stream = None
-        if all(fw.by_samples() for fw in forwards):  # every use splits by samples: per_sample is known here
+        if by_samples:  # per_sample is known here
             stream = dict(pairs=_pairs(products_of), groups=self.groups, device_types=self._device_types(),
                           per_sample={OBJECTIVE: sides["forget"].labels.shape[0]} if per_instance else {})
         grads, streamed = self._backwards(forwards, coefs, None if scale is not None else coef_a, scale, stream,
@@ -346,9 +344,7 @@ class GEffectProfiler:
         held = (n_samples if per_sample else 1) + len(sides) - 1 + (objective_rows > 0)  # risks' + objective's
         costs = head_costs(counts, pairs if head_params else [], vocab, width, objective_rows, held)
         form = products.choose(costs) if head_params else "gram"
-        with ExitStack() as stack:
-            for device_type in self._device_types():
-                stack.enter_context(torch.autocast(device_type, enabled=False))
+        with products.exact_arithmetic(self._device_types()):
             if form == "gram":
                 gram = head_pass(head.weight, head.bias, head.softcap, rows, pairs if head_params else [])
             else:

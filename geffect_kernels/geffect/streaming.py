@@ -29,7 +29,7 @@ class StreamedProducts:
         self.pairs, self.per_sample, self.groups, self.device_types = pairs, per_sample, groups, device_types
         self.entries, self.values = {}, {}  # name -> PlanEntry, name -> {pair: (value, per-sample values)}
 
-    def __call__(self, name, param, use, rows_shape):
+    def __call__(self, name, param, use):
         parts = {key: [] for pair in self.pairs for key in pair}
         for key, grad in self.held.items():
             parts[key] = grad.uses.pop(name, [])
