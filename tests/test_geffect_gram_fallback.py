@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from geffect_kernels import hf
+from geffect_kernels.backends.cpp import ghost
 from geffect_kernels.geffect import GEffectProfiler, inner, products
 
 from geffect_models import batch, tiny_model
@@ -15,7 +16,7 @@ def torch_gram(monkeypatch):
     """The Gram kernel reported unavailable, and Gram tiles of a few rows; records each time the form is taken."""
     asked = []
     monkeypatch.setattr(inner, "_ghost_kernel", lambda device: asked.append(device) or None)
-    monkeypatch.setattr(inner, "TILE_ELEMENTS", 64)
+    monkeypatch.setattr(ghost, "TORCH_TILE_ELEMENTS", 64)
     return asked
 
 

@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+from geffect_kernels.backends.cpp import ghost
 from geffect_kernels.geffect import inner
 from geffect_kernels.geffect.inner import Factored, Gathered, HeadRows, Summed, row_dots
 
@@ -32,10 +33,30 @@ def check_rows(a, b, shape):
 def test_factored_gram_rows_csrc_or_torch_tiles(torch_tiles, monkeypatch):
     """Gram rows of two linear-layer uses, through the C++ kernel when built and the torch tiles (its fallback
     where the extension is absent) forced."""
-    monkeypatch.setattr(inner, "TILE_ELEMENTS", 16)  # several Gram tiles
+    monkeypatch.setattr(ghost, "TORCH_TILE_ELEMENTS", 16)  # several Gram tiles
     if torch_tiles:
         monkeypatch.setattr(inner, "_ghost_kernel", lambda device: None)
     check_rows(Factored(rand(5, 40), rand(5, 30)), Factored(rand(7, 40), rand(7, 30)), (40, 30))
+
+
+def test_torch_gram_keeps_the_kernels_contract(monkeypatch):
+    """The torch tiles (cuBLAS among `ghost.fastest_gram`'s candidates on a GPU) in several row blocks: total
+    and per-segment sums in float64, bad segment ids refused; `fastest_gram` keeps one candidate per size
+    class, with the same answer."""
+    monkeypatch.setattr(ghost, "TORCH_TILE_ELEMENTS", 40)  # 3 rows of b's 11 per block
+    la, ra, lb, rb = rand(9, 10), rand(9, 7), rand(11, 10), rand(11, 7)
+    rows = ((la @ lb.t()) * (ra @ rb.t())).sum(1)
+    torch.testing.assert_close(ghost.torch_gram(la, ra, lb, rb), rows.sum(), rtol=1e-12, atol=0)
+    seg = torch.tensor([0, 2, 2, 1, 0, 2, 1, 1, 0])
+    torch.testing.assert_close(ghost.torch_gram(la, ra, lb, rb, seg, 4),
+                               torch.zeros(4, dtype=torch.float64).index_add_(0, seg, rows), rtol=1e-12, atol=0)
+    with pytest.raises(ValueError, match=r"must lie in \[0, 2\)"):
+        ghost.torch_gram(la, ra, lb, rb, seg, 2)
+    args = [t.float() for t in (la, ra, lb, rb)]
+    assert "torch" in ghost.gram_implementations("cpu", torch.float32)
+    name, gram = ghost.fastest_gram(*args)
+    assert ghost.fastest_gram(*args)[0] == name in ghost.gram_implementations("cpu", torch.float32)
+    torch.testing.assert_close(gram(*args), rows.sum(), rtol=1e-5, atol=0)
 
 
 def test_sample_dense_every_kind():

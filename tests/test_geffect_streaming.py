@@ -50,6 +50,46 @@ def test_streamed_products_match_definition(kind, objective, form, monkeypatch):
     assert_matches_definition(model, objective, forget, retain, ref, result)
 
 
+# Every way Python reads a tensor's value back: on a GPU each one waits for the backward's queued kernels.
+HOST_READS = ("__bool__", "__float__", "__int__", "__index__", "item", "tolist", "cpu", "numpy")
+
+
+@pytest.mark.parametrize("objective, form, per_instance", [("npo", "projection", True), ("npo", "gram", True),
+                                                           ("npo", "projection", False), ("wga", "projection", True)])
+def test_streamed_products_read_nothing_back_during_the_backward(objective, form, per_instance, monkeypatch):
+    """What runs inside the backward (each tap: the call's uses, their products) leaves every value on the
+    device (read once, at the end), so on a GPU it never stalls the backward; the values still equal the
+    definition."""
+    force(monkeypatch, form)
+    original, calls = Capture._arrived, []
+
+    def refuse(method):
+        def read(*args, **kwargs):
+            raise AssertionError(f"Tensor.{method} inside the streamed products")
+        return read
+
+    def guarded(self, *args):
+        calls.append(args[0])
+        saved = {method: getattr(torch.Tensor, method) for method in HOST_READS}
+        try:
+            for method in HOST_READS:
+                setattr(torch.Tensor, method, refuse(method))
+            return original(self, *args)
+        finally:
+            for method, fn in saved.items():
+                setattr(torch.Tensor, method, fn)
+
+    monkeypatch.setattr(Capture, "_arrived", guarded)
+    streamed = spy_streamed(monkeypatch)
+    model = tiny_model("gpt2")
+    forget, retain = same_length_batches(47)
+    ref = hf.token_logprobs(model, forget).detach() + 0.3 * torch.randn(3, 6, dtype=torch.float64)
+    result = GEffectProfiler(model, groups="parameter").measure_unlearning(
+        objective, forget, retain, ref_logprobs=ref, per_instance=per_instance)
+    assert len(calls) > 10 and len(streamed) > 10
+    assert_matches_definition(model, objective, forget, retain, ref, result)
+
+
 def test_each_call_is_released_as_its_gradient_arrives(monkeypatch):
     """During the backward the number of calls still holding their input and output only goes down."""
     held_counts = []

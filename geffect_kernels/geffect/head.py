@@ -128,16 +128,26 @@ def _row_sums_f64(t):
     return t.reshape(t.shape[0], -1).sum(1, dtype=torch.float64)
 
 
-def _row_chunks(n_rows, vocab, sample=None):
-    """Slices of rows whose logits fit in `ROW_CHUNK_ELEMENTS`; with ``sample`` (the sorted sample of each
-    row) a chunk holds whole samples, as many as fit, or one part of a sample too long for one chunk (its
-    rows split into equal parts): each sample's gradient then takes as few chunk products as it can."""
+def _sample_runs(sample):
+    """[(sample, first row, stop row)] of each run of rows of one sample (``sample``: each row's, sorted), read
+    to the host once: the chunks of a pass are then cut without waiting for a GPU."""
+    ids, counts = torch.unique_consecutive(sample, return_counts=True)
+    stops = counts.cumsum(0).tolist()
+    return [(k, stop - n, stop) for k, n, stop in zip(ids.tolist(), counts.tolist(), stops)]
+
+
+def _runs_in(runs, rows):
+    """(sample, rows within the chunk) of each run that meets the chunk ``rows`` (a slice)."""
+    return [(k, slice(max(first, rows.start) - rows.start, min(stop, rows.stop) - rows.start))
+            for k, first, stop in runs if first < rows.stop and stop > rows.start]
+
+
+def _row_chunks(n_rows, vocab, runs=None):
+    """Slices of rows whose logits fit in `ROW_CHUNK_ELEMENTS`; with ``runs`` (`_sample_runs`) a chunk holds
+    whole samples, as many as fit, or one part of a sample too long for one chunk (its rows split into
+    equal parts): each sample's gradient then takes as few chunk products as it can."""
     step = max(1, ROW_CHUNK_ELEMENTS // max(1, vocab))
-    if sample is None:
-        bounds = [0, n_rows]
-    else:
-        counts = torch.unique_consecutive(sample, return_counts=True)[1]
-        bounds = [0, *counts.cumsum(0).tolist()]
+    bounds = [0, n_rows] if runs is None else [0, *(stop for _, _, stop in runs)]
     start = 0  # the open chunk: whole samples from `start` on
     for a, b in zip(bounds, bounds[1:]):
         if b - start <= step:
@@ -219,12 +229,12 @@ def _accumulate(gram, targets, record=False):
         out[side] = (torch.empty(shape, dtype=cd, device=w.device),
                      None if gram.bias is None else torch.empty(shape[:2], dtype=cd, device=w.device))
     written = {side: set() for side in targets}  # samples whose gradient holds a first chunk (else unset)
-    samples = {side: gram.sample_ids(side, targets[side][1]) if side in targets else None
-               for side in (gram.hidden if record else targets)}
-    chunks = {side: list(_row_chunks(gram.hidden[side].shape[0], w.shape[0], sample))
-              for side, sample in samples.items()}
+    runs = {side: _sample_runs(gram.sample_ids(side, targets[side][1])) if side in targets else None
+            for side in (gram.hidden if record else targets)}
+    chunks = {side: list(_row_chunks(gram.hidden[side].shape[0], w.shape[0], side_runs))
+              for side, side_runs in runs.items()}
     scratch = logits_scratch([r for rows in chunks.values() for r in rows], w)
-    for side, sample in samples.items():
+    for side in runs:
         h, labels = gram.hidden[side], gram.labels[side]
         if record:
             gram.lse[side] = torch.empty(h.shape[0], dtype=cd, device=w.device)
@@ -245,11 +255,7 @@ def _accumulate(gram, targets, record=False):
             coef = targets[side][0][rows]
             weighted = (h[rows] * coef.unsqueeze(1)).to(w.dtype)
             grad_w, grad_b = out[side]
-            ids, counts = torch.unique_consecutive(sample[rows], return_counts=True)
-            start = 0
-            for k, n in zip(ids.tolist(), counts.tolist()):  # the chunk's rows of each sample
-                seg = slice(start, start + n)
-                start += n
+            for k, seg in _runs_in(runs[side], rows):  # the chunk's rows of each sample
                 beta = 1 if k in written[side] else 0  # 0: the buffer's content is ignored (no zero fill)
                 written[side].add(k)
                 if m_low.dtype == cd:

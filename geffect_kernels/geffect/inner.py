@@ -117,7 +117,7 @@ def _row_sums(t):
 
 
 def _ghost_kernel(device):
-    """The csrc fused Gram kernel when it is built for ``device``, else None (then: torch tiles)."""
+    """The csrc fused Gram kernel when it is built for ``device``, else None."""
     try:
         from ..backends.cpp import ghost
     except ImportError:
@@ -126,17 +126,17 @@ def _ghost_kernel(device):
 
 
 def gram_rows(la, ra, lb, rb):
-    """Σ_j (L_a L_bᵀ)_ij (R_a R_bᵀ)_ij for every row i, tiled over i so no N_a×N_b matrix is held."""
-    kernel = _ghost_kernel(la.device)
-    if kernel is not None:  # one dtype for all four (under autocast, inputs and output gradients differ)
-        rows = torch.arange(la.shape[0], device=la.device)
-        return kernel(_c(la), _c(ra), _c(lb), _c(rb), segment_ids=rows, num_segments=la.shape[0])
-    out = torch.empty(la.shape[0], dtype=torch.float64, device=la.device)
-    tile = max(1, TILE_ELEMENTS // max(1, lb.shape[0]))
-    lb_t, rb_t = _c(lb).t(), _c(rb).t()
-    for s in range(0, la.shape[0], tile):
-        out[s:s + tile] = _row_sums((_c(la[s:s + tile]) @ lb_t) * (_c(ra[s:s + tile]) @ rb_t))
-    return out
+    """Σ_j (L_a L_bᵀ)_ij (R_a R_bᵀ)_ij for every row i (float64), no N_a×N_b matrix held whole: on a GPU by
+    the fastest measured for the size class of the CUDA-core kernel, the tensor-core kernel and cuBLAS tiles
+    (`ghost.fastest_gram`); on the CPU by the csrc kernel where it builds (BLAS tiles, rows reduced in
+    float64 by C++), else torch tiles."""
+    from ..backends.cpp import ghost
+    la, ra, lb, rb = _c(la), _c(ra), _c(lb), _c(rb)  # one dtype for all four (under autocast they differ)
+    if la.is_cuda:
+        gram = ghost.fastest_gram(la, ra, lb, rb)[1]
+    else:
+        gram = _ghost_kernel(la.device) or ghost.torch_gram
+    return gram(la, ra, lb, rb, torch.arange(la.shape[0], device=la.device), la.shape[0])
 
 
 def _unique_rows(use):

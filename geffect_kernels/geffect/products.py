@@ -158,6 +158,13 @@ class _Basis:
             n_rows += n
         device = self.blocks[0][1].device
         self.coef = {key: torch.zeros(n_rows, dtype=torch.float64, device=device) for key in keys}
+        # Which blocks each gradient uses, and where it is one block's single row with weight 1, known from
+        # the terms: reading the coefficients would sync a GPU inside the backward (`streaming`).
+        self.block_ids = {key: sorted({block_of[key_id] for key_id, _ in key_terms})
+                          for key, key_terms in terms.items()}
+        self._is_row = {key: len(key_terms) == 1 and isinstance(key_terms[0][1], float) and key_terms[0][1] == 1.0
+                        and self.blocks[block_of[key_terms[0][0]]][1].shape[0] == 1
+                        for key, key_terms in terms.items()}
         for key, key_terms in terms.items():
             for key_id, c in key_terms:
                 k0, rows = self.blocks[block_of[key_id]]
@@ -166,17 +173,16 @@ class _Basis:
 
     def _used(self, key):
         """(block index, first row, rows, coefficients) of the blocks gradient ``key`` uses."""
-        for i, (k0, rows) in enumerate(self.blocks):
-            c = self.coef[key][k0:k0 + rows.shape[0]]
-            if c.any():
-                yield i, k0, rows, c
+        for i in self.block_ids[key]:
+            k0, rows = self.blocks[i]
+            yield i, k0, rows, self.coef[key][k0:k0 + rows.shape[0]]
 
     def whole(self, key) -> torch.Tensor:
         """Gradient ``key`` ``[numel]``: Σ_k c[k] row_k (the row itself where it is the only one, weight 1)."""
         if key not in self._wholes:
             total = None
             for _, _, rows, c in self._used(key):
-                part = rows[0] if rows.shape[0] == 1 and c[0] == 1 else c.to(rows.dtype) @ rows
+                part = rows[0] if self._is_row[key] else c.to(rows.dtype) @ rows
                 total = part if total is None else total + part
             self._wholes[key] = total
         return self._wholes[key]
@@ -211,8 +217,8 @@ def _projection(parts, pairs, shape, per_sample):
         samples = None
         if a in per_sample:
             samples = torch.zeros(per_sample[a], dtype=torch.float64, device=rows.device).index_add_(
-                0, basis.samples(a, per_sample[a]), rows).cpu()
-        out[(a, b)] = (float(rows.sum()), samples)
+                0, basis.samples(a, per_sample[a]), rows)
+        out[(a, b)] = (rows.sum(), samples)
     return out
 
 
@@ -234,18 +240,18 @@ def _row_form(parts, pairs, per_sample):
         n_samples = per_sample.get(a)
         for part in parts[a] if parts[b] else ():
             if isinstance(part, torch.Tensor):
-                value += float(sum(dense_dot(part, ub) for ub in parts[b]))
+                value = value + sum(dense_dot(part, ub) for ub in parts[b])
                 continue
             if not n_samples and not isinstance(part, SampleScaled) and all(
                     (id(ub), id(part)) in memo for ub in parts[b]):
-                value += float(sum(memo[(id(ub), id(part))].sum() for ub in parts[b]))
+                value = value + sum(memo[(id(ub), id(part))].sum() for ub in parts[b])
                 continue
             rows = sum(rows_of(part, ub) for ub in parts[b])
-            value += float(rows.sum())
+            value = value + rows.sum()
             if n_samples:  # a use's rows are its samples' rows one after the other
                 sample = torch.arange(part.n_rows, device=rows.device) // (part.n_rows // n_samples)
                 split = torch.zeros(n_samples, dtype=torch.float64, device=rows.device).index_add_(0, sample, rows)
-                samples = split.cpu() if samples is None else samples + split.cpu()
+                samples = split if samples is None else samples + split
         out[(a, b)] = (value, samples)
     return out
 
@@ -258,7 +264,23 @@ def _numel(shape):
 
 
 def parameter_products(entry: PlanEntry, parts: dict, pairs, shape, per_sample: dict) -> dict:
-    """{(a, b): (⟨∇_a, ∇_b⟩ on this parameter, per-sample values [n] on the CPU or None)} in ``entry.form``."""
+    """{(a, b): (⟨∇_a, ∇_b⟩ on this parameter, per-sample values [n] or None)} in ``entry.form``: float64
+    tensors on the parameter's device (0.0 where a side has no use), left there so that no value is read
+    back before the measurement ends (`on_host`)."""
     if entry.form in ("projection", "direct"):  # direct: a vector's gradient is its rows' sum (per sample)
         return _projection(parts, pairs, tuple(shape), per_sample)
     return _row_form(parts, pairs, per_sample)
+
+
+def on_host(values: dict) -> dict:
+    """``values`` ({pair: {parameter: (value, per-sample values or None)}}, as `parameter_products` leaves
+    them) with floats and CPU tensors in place of device tensors: one copy per device for all of them."""
+    found = [(pair, name, i, t) for pair, by_name in values.items() for name, entry in by_name.items()
+             for i, t in enumerate(entry) if isinstance(t, torch.Tensor)]
+    out = {pair: {name: list(entry) for name, entry in by_name.items()} for pair, by_name in values.items()}
+    for device in dict.fromkeys(t.device for *_, t in found):
+        here = [item for item in found if item[3].device == device]
+        flat = torch.cat([t.reshape(-1).to(torch.float64) for *_, t in here]).cpu()
+        for (pair, name, i, t), host in zip(here, flat.split([t.numel() for *_, t in here])):
+            out[pair][name][i] = float(host) if i == 0 else host
+    return {pair: {name: tuple(entry) for name, entry in by_name.items()} for pair, by_name in out.items()}

@@ -410,6 +410,7 @@ class GEffectProfiler:
             else:
                 per_sample = {OBJECTIVE: _batch_size(grads[OBJECTIVE])} if per_instance else {}
             values, plan = self._inner_products(grads, _pairs(products_of), per_sample, head_entry, streamed)
+        values = products.on_host(values)
         results = {}
         for result_name, (a, risks) in products_of.items():
             total, by_group, instance = {}, {}, {}

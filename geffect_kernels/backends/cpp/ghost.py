@@ -15,6 +15,7 @@ import torch
 from . import build
 
 TILE_ROWS = 2048  # rows of a and of b per CPU tile: two 16 MiB float32 Gram tiles; smaller tiles cost BLAS speed
+TORCH_TILE_ELEMENTS = 1 << 22  # elements of each Gram block `torch_gram` holds
 
 
 def ghost_available(device) -> bool:
@@ -49,8 +50,12 @@ def _check(grad_a, input_a, grad_b, input_b, segment_ids, num_segments):
                          f"{tuple(segment_ids.shape)}")
     if segment_ids.device != grad_a.device:
         raise ValueError(f"segment_ids are on {segment_ids.device} but the gradients on {grad_a.device}")
-    if segment_ids.numel() and not (0 <= int(segment_ids.min()) and int(segment_ids.max()) < num_segments):
-        raise ValueError(f"segment_ids must lie in [0, {num_segments})")
+    if segment_ids.numel():  # a device-side assert: a GPU's host does not wait for it, a CPU raises here
+        inside = (segment_ids.min() >= 0) & (segment_ids.max() < num_segments)
+        try:
+            torch._assert_async(inside, f"segment_ids must lie in [0, {num_segments})")
+        except RuntimeError as error:
+            raise ValueError(str(error)) from None
 
 
 def _cpu(ext, grad_a, input_a, grad_b, input_b, segment_ids, num_segments):
@@ -99,16 +104,31 @@ def ghost_inner_product(grad_a, input_a, grad_b, input_b, segment_ids=None, num_
     return out if segment_ids is not None else out[0]
 
 
+def torch_gram(grad_a, input_a, grad_b, input_b, segment_ids=None, num_segments=None):
+    """`ghost_inner_product` with torch ops alone (anywhere): row blocks of both Gram matrices from the BLAS
+    (cuBLAS on a GPU), at most `TORCH_TILE_ELEMENTS` each, multiplied and summed per row in float64."""
+    _check(grad_a, input_a, grad_b, input_b, segment_ids, num_segments)
+    rows = torch.empty(grad_a.shape[0], dtype=torch.float64, device=grad_a.device)
+    tile = max(1, TORCH_TILE_ELEMENTS // max(1, grad_b.shape[0]))
+    gb_t, xb_t = grad_b.t(), input_b.t()
+    for i in range(0, grad_a.shape[0], tile):
+        block = (grad_a[i:i + tile] @ gb_t) * (input_a[i:i + tile] @ xb_t)
+        rows[i:i + tile] = block.sum(1, dtype=torch.float64)
+    if segment_ids is None:
+        return rows.sum()
+    return torch.zeros(int(num_segments), dtype=torch.float64, device=rows.device).index_add_(0, segment_ids, rows)
+
+
 _CHOSEN: dict = {}  # (device, dtype, sizes rounded up to powers of two) -> (name, function), measured once
 
 
 def gram_implementations(device, dtype) -> dict:
     """name -> function with `ghost_inner_product`'s contract, for tensors of ``device`` and ``dtype``: the
     csrc kernel (CUDA cores on a GPU, BLAS tiles on a CPU) where it builds, and on CUDA (or the Triton
-    interpreter, float32) the Triton kernel on tensor cores."""
+    interpreter, float32) the Triton kernel on tensor cores; torch tiles everywhere."""
     from ..triton.config import interpreting
     device = torch.device(device)
-    out = {}
+    out = {"torch": torch_gram}
     if ghost_available(device):
         out["csrc"] = ghost_inner_product
     triton_takes = (dtype in (torch.float16, torch.bfloat16, torch.float32) if device.type == "cuda"
@@ -145,14 +165,12 @@ def fastest_gram(grad_a, input_a, grad_b, input_b):
     rather than by availability: where more than one runs, each is timed once on these very inputs (three
     calls after a warm-up; the one synchronization is paid once per dtype and power-of-two size class) and
     the faster is kept for the class. For the profiler: ``name, gram = fastest_gram(...)`` then
-    ``gram(...)`` as `ghost_inner_product`. RuntimeError where none runs."""
+    ``gram(...)`` as `ghost_inner_product`."""
     device = grad_a.device
     key = (str(device), grad_a.dtype, *(_bucket(n) for n in (grad_a.shape[0], grad_b.shape[0], grad_a.shape[1],
                                                             input_a.shape[1])))
     if key not in _CHOSEN:
         found = gram_implementations(device, grad_a.dtype)
-        if not found:
-            raise RuntimeError(f"no Gram inner product runs on {device.type} {grad_a.dtype} tensors here")
         args = (grad_a, input_a, grad_b, input_b)
         _CHOSEN[key] = min(found.items(), key=lambda item: _time(item[1], args, device)) if len(found) > 1 \
             else next(iter(found.items()))
