@@ -13,7 +13,8 @@ CPU each configuration runs in a fresh process (see `measure_in_fresh_process`):
 - ``profiler``: `GEffectProfiler.measure_unlearning` (e_u, e_r per layer, and the nll retain term's).
 
 CPU (default): T ∈ {64, 128, 256, 512, 1024} tokens per sequence × H ∈ {256, 512}, 4 layers, V 32000, float32;
-CSV under benchmarks/results/ (machine with its instruction set, load, commit) and a plot in docs/.
+CSV under benchmarks/results/ (machine with its instruction set, load, commit) and a plot in docs/. On the CPU
+each method's flops are also counted (`counted_flops`: matmuls and attention), which no load can blur.
 GPU (``--gpu``): the 1.1B and 6.7B Llama shapes in bf16 at 512 and 2048 tokens per side (4 sequences of 128 and
 512 tokens); ``--smoke`` runs one tiny configuration; ``--budget`` bounds the run (configurations that would
 start past it are skipped and reported as such).
@@ -98,14 +99,34 @@ def timed_rounds(runs, rounds, sync):
     return times
 
 
+def counted_flops(fn) -> float:
+    """Flops of one call of ``fn`` as torch's `FlopCounterMode` counts them: the matmuls and the attention,
+    with what its registry lacks (in-place ``addmm_``, the head's accumulations; the CPU flash attention)
+    added. Deterministic where timings are not; CPU only (a GPU's Triton kernels are not aten ops)."""
+    from torch.utils import flop_counter as fc
+    aten = torch.ops.aten
+    extra = {aten.addmm_: lambda out, a, b, *_, out_shape=None, **__: fc.mm_flop(a, b),
+             aten._scaled_dot_product_flash_attention_for_cpu:
+                 lambda q, k, v, *_, out_shape=None, **__: fc.sdpa_flop_count(q, k, v),
+             aten._scaled_dot_product_flash_attention_for_cpu_backward:
+                 lambda grad, q, k, v, *_, out_shape=None, **__: fc.sdpa_backward_flop_count(grad, q, k, v)}
+    with fc.FlopCounterMode(display=False, custom_mapping=extra) as counter:
+        fn()
+    return float(counter.get_total_flops())
+
+
 def measure(shape, tokens, dtype, device, rounds):
-    """Per-round seconds of the three methods on one configuration (OutOfMemory: NaN)."""
+    """Per-round seconds of the three methods on one configuration (OutOfMemory: NaN), and on the CPU each
+    one's counted flops (after the timed rounds: counting slows a call down)."""
     model = build(*shape, dtype, device)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     try:
-        return timed_rounds(methods(model, tokens), rounds, sync)
+        runs = methods(model, tokens)
+        times = timed_rounds(runs, rounds, sync)
+        flops = {name: counted_flops(fn) if device == "cpu" else float("nan") for name, fn in runs.items()}
+        return times, flops
     except torch.OutOfMemoryError:
-        return {name: [float("nan")] for name in METHODS}
+        return {name: [float("nan")] for name in METHODS}, {name: float("nan") for name in METHODS}
     finally:
         del model
         if device == "cuda":
@@ -162,19 +183,21 @@ def main():
             print(f"skipped (budget): {label} T {tokens}")
             continue
         run = measure if args.gpu else measure_in_fresh_process
-        times = run(shape, tokens, dtype, device, args.rounds)
+        times, flops = run(shape, tokens, dtype, device, args.rounds)
         seconds = {name: statistics.median(t) for name, t in times.items()}
         stamp = provenance.stamp()
         for name in METHODS:
             vs_step, step_min, step_max = paired(times, name, "step")
-            rows.append({"model": label, "hidden": shape[1], "tokens_per_seq": tokens, "tokens_per_side": BATCH * tokens,
-                         "method": name, "seconds": seconds[name], "vs_step": vs_step, "vs_step_min": step_min,
+            rows.append({"model": label, "hidden": shape[1], "tokens_per_seq": tokens,
+                         "tokens_per_side": BATCH * tokens, "method": name, "seconds": seconds[name], "vs_step": vs_step, "vs_step_min": step_min,
                          "vs_step_max": step_max, "vs_materialized": paired(times, name, "materialized")[0],
+                         "gflops": flops[name] / 1e9, "flops_vs_step": flops[name] / flops["step"],
                          "rounds": args.rounds, **stamp})
         ratio, low, high = paired(times, "profiler", "step")
         print(f"{label} T {tokens:5d}: step {seconds['step']:.3f}s, materialized {seconds['materialized']:.3f}s, "
               f"profiler {seconds['profiler']:.3f}s = {ratio:.2f}x step ({low:.2f}-{high:.2f} over rounds), "
-              f"{paired(times, 'profiler', 'materialized')[0]:.2f}x materialized (load {stamp['load_avg']})", flush=True)
+              f"{paired(times, 'profiler', 'materialized')[0]:.2f}x materialized, "
+              f"{flops['profiler'] / flops['step']:.2f}x a step's flops (load {stamp['load_avg']})", flush=True)
         write(rows, out)  # after every configuration: a run cut short keeps what it measured
         if not args.gpu and args.plot:
             plot(rows, Path(args.plot))
