@@ -28,6 +28,7 @@ import torch
 from ..backends.autograd import CHUNK_BYTES, compute_dtype, logits_grad_, soft_cap_
 from ..backends.cpp import build
 from . import inner
+from .buffers import BufferPool
 
 # Logits per vocabulary chunk on the CPU: a cache-sized chunk, whose exp two matmuls then read (D and the Gram),
 # runs ~20% faster than a 4M-element one (2 cores, H 256, V 32000, 2×126 rows).
@@ -61,7 +62,14 @@ class HeadGram:
     direction: dict = field(default_factory=dict)  # side -> [n, H]: d_t = m_t W
     mm: dict = field(default_factory=dict)  # (side, side) -> [n_x, n_y]: M_x M_yᵀ (Gram form)
     risk_grads: dict = field(default_factory=dict)  # side -> (weight [S, V, H], bias [S, V] | None) (projection)
+    pool: BufferPool | None = None  # where the large buffers come from (`buffers`), else fresh ones
     _grads: dict = field(default_factory=dict)  # gradient() cache: (side, id(coef), n_samples) -> (w, b)
+
+    def empty(self, shape, dtype):
+        """A buffer on the weight's device, the pool's where there is one."""
+        if self.pool is None:
+            return torch.empty(shape, dtype=dtype, device=self.weight.device)
+        return self.pool.empty(shape, dtype, self.weight.device)
 
     def logits(self, side, ids, per_row=False):
         """(z, dz/du or None) of ``side``'s rows at vocabulary entries ``ids``: ``[n, U]``, or ``[n]`` with
@@ -101,7 +109,7 @@ class HeadGram:
         h, c = self.hidden[side], self.valid_coef(side, coef)
         out = torch.empty(h.shape[0], dtype=torch.float64, device=h.device)
         chunks = list(_row_chunks(h.shape[0], self.weight.shape[0]))
-        scratch = logits_scratch(chunks, self.weight)
+        scratch = logits_scratch(chunks, self)
         for rows in chunks:
             m, _, _ = unit_cotangent(h[rows], self.weight, self.bias, self.softcap, self.labels[side][rows],
                                      self.lse[side][rows], scratch)
@@ -172,16 +180,16 @@ def _row_kernels(z):
     return build.load("cpu")
 
 
-def logits_scratch(chunks, weight):
+def logits_scratch(chunks, gram):
     """A reusable buffer for `unit_cotangent`'s logits of the longest of ``chunks`` (row slices), or None where
     there are none or the logits come out of a 16-bit matmul (converted, a fresh buffer each time). Reusing
     one buffer matters on the CPU: a fresh 64 MiB buffer per chunk is fresh pages from the OS each time (in
     the profiler at H 512, T 512 the pass went from 2.9 s and 208k page faults to 2.6 s and 96k, most of
-    them now its held gradients')."""
-    rows = max((r.stop - r.start for r in chunks), default=0)
+    them its held gradients', which the profiler's `buffers.BufferPool` now keeps too)."""
+    rows, weight = max((r.stop - r.start for r in chunks), default=0), gram.weight
     if rows == 0 or compute_dtype(weight.dtype) != weight.dtype:
         return None
-    return torch.empty(rows, weight.shape[0], dtype=weight.dtype, device=weight.device)
+    return gram.empty((rows, weight.shape[0]), weight.dtype)
 
 
 def unit_cotangent(h, weight, bias, softcap, labels, lse=None, scratch=None):
@@ -226,14 +234,13 @@ def _accumulate(gram, targets, record=False):
     out = {}
     for side, (coef, n_samples) in targets.items():
         shape = (n_samples, *w.shape)
-        out[side] = (torch.empty(shape, dtype=cd, device=w.device),
-                     None if gram.bias is None else torch.empty(shape[:2], dtype=cd, device=w.device))
+        out[side] = (gram.empty(shape, cd), None if gram.bias is None else gram.empty(shape[:2], cd))
     written = {side: set() for side in targets}  # samples whose gradient holds a first chunk (else unset)
     runs = {side: _sample_runs(gram.sample_ids(side, targets[side][1])) if side in targets else None
             for side in (gram.hidden if record else targets)}
     chunks = {side: list(_row_chunks(gram.hidden[side].shape[0], w.shape[0], side_runs))
               for side, side_runs in runs.items()}
-    scratch = logits_scratch([r for rows in chunks.values() for r in rows], w)
+    scratch = logits_scratch([r for rows in chunks.values() for r in rows], gram)
     for side in runs:
         h, labels = gram.hidden[side], gram.labels[side]
         if record:
@@ -287,13 +294,15 @@ def _valid_rows(gram, sides, dtype):
 
 
 @torch.no_grad()
-def head_projection_pass(weight, bias, softcap, sides: dict, risk_coefs: dict, per_sample=()) -> HeadGram:
+def head_projection_pass(weight, bias, softcap, sides: dict, risk_coefs: dict, per_sample=(),
+                         pool: BufferPool | None = None) -> HeadGram:
     """The projection-form pass for ``sides`` ({name: (hidden rows [B, T, H], labels [B, T], valid [B, T])}):
     log-probabilities, directions, and the dense head gradients of ``risk_coefs`` ({name: coefficients
-    [B, T], known before the pass}), per sample for the sides in ``per_sample``, whole for the others."""
+    [B, T], known before the pass}), per sample for the sides in ``per_sample``, whole for the others; the
+    V-sized buffers from ``pool`` where given."""
     w = weight.detach()
     cd = compute_dtype(w.dtype)
-    gram = HeadGram(w, None if bias is None else bias.detach().to(cd), softcap)
+    gram = HeadGram(w, None if bias is None else bias.detach().to(cd), softcap, pool=pool)
     for name, block in zip(sides, _valid_rows(gram, sides, cd)):
         gram.hidden[name] = block
     targets = {name: (gram.valid_coef(name, coef), gram.samples[name][0] if name in per_sample else 1)

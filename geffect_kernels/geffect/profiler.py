@@ -25,6 +25,7 @@ from ..inputs import prepare_ref
 from . import products
 from .capture import Capture, FactoredGradient, module_kind
 from .groups import parameter_groups
+from .buffers import BufferPool
 from .head import head_costs, head_pass, head_projection_pass, per_sample_fits
 from .inner import HeadRows, SampleGrads, SampleScaled, sample_rows
 from .result import GEffectResult
@@ -193,6 +194,7 @@ class GEffectProfiler:
         self.model = model
         self.groups = parameter_groups(model, groups)
         self.explain = explain
+        self._buffers = BufferPool()  # the head pass's V×H buffers, kept from one measurement to the next (CPU)
 
     def _params(self):
         params = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
@@ -266,6 +268,14 @@ class GEffectProfiler:
             _refuse_per_instance_when_sharded(per_instance)
             return sharded.measure_unlearning(self, objective, forget_batch, retain_batch, ref_logprobs=ref_logprobs,
                                               retain_objective=retain_objective, **hparams)
+        try:
+            return self._measure_unlearning(objective, forget_batch, retain_batch, ref_logprobs, retain_objective,
+                                            per_instance)
+        finally:
+            self._buffers.reclaim()  # nothing of that measurement is left to hold them
+
+    def _measure_unlearning(self, objective, forget_batch, retain_batch, ref_logprobs, retain_objective,
+                            per_instance) -> GEffectResult:
         params = self._params()
         batches = {"forget": forget_batch} if retain_batch is None else {"forget": forget_batch,
                                                                           "retain": retain_batch}
@@ -351,7 +361,7 @@ class GEffectProfiler:
                 gram = head_pass(head.weight, head.bias, head.softcap, rows, pairs if head_params else [])
             else:
                 gram = head_projection_pass(head.weight, head.bias, head.softcap, rows, coefs,
-                                            per_sample=("forget",) if per_sample else ())
+                                            per_sample=("forget",) if per_sample else (), pool=self._buffers)
         for side in sides.values():
             side.gram = gram
         return products.PlanEntry("(head pass)", "head", form, costs[form], costs)
