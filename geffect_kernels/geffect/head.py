@@ -40,11 +40,12 @@ ROW_CHUNK_ELEMENTS = CHUNK_BYTES // 4
 # Largest per-sample dense head gradient held (elements): beyond it the forget side's is held whole.
 SAMPLE_GRAD_ELEMENTS = 1 << 29
 # What one element of a dense head gradient held by the projection form costs, in flops: it is written by
-# memory-bound updates (a chunk's rows of one sample, often few), on fresh pages, and read back by the inner
-# products. Fitted on the 2-core CPU (float32, V 32000): with it the cost model's crossover matches the
-# measured one (Gram form 0.90× vs projection 1.05× a step at H 256 T 64; equal at H 512 T 128; projection
-# faster at H 256 T 128), where flops alone picked the projection form at H 256 T 64.
-HELD_ELEMENT_FLOPS = 230
+# memory-bound updates (a chunk's rows of one sample, often few) and read back by the inner products. Fitted
+# on the 2-core CPU (float32, V 32000, the buffers from the profiler's pool): the measured crossover lies
+# between 110 (equal costs at H 256, T 64, where the Gram form is faster: 0.93-0.97× a step against 1.03×)
+# and 230 (equal at H 512, T 128, where the projection form is: 0.91-0.96× against 0.97-0.99×). Before the
+# pool each element was also a fresh page, and 230 put the crossover there.
+HELD_ELEMENT_FLOPS = 150
 
 
 @dataclass
