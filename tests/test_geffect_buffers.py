@@ -27,9 +27,13 @@ def test_pool_lends_apart_and_again():
     pool.reclaim()
     assert pool.kept_bytes == 600 and larger.data_ptr() == pool.empty((150,), torch.float32, "cpu").data_ptr()
     pool.reclaim()
+    pool.empty((150,), torch.float32, "cpu")
+    nine = pool.empty((3, 3), torch.float32, "cpu")
+    pool.reclaim()
+    assert pool.empty((9,), torch.float32, "cpu").data_ptr() == nine.data_ptr()  # the best fit, second of two
     pool.empty((4,), torch.float64, "meta")  # a device's allocator reuses its own blocks: not kept
     pool.reclaim()
-    assert pool.kept_bytes == 600
+    assert pool.kept_bytes == 636
 
 
 def test_reused_buffers_give_a_fresh_profilers_values(monkeypatch):

@@ -36,11 +36,10 @@ class BufferPool:
         fits = [b for b in kind if b.numel() >= n]
         if fits:
             buffer = min(fits, key=torch.Tensor.numel)
-            self._free.remove(buffer)
+            self._free = [b for b in self._free if b is not buffer]  # by identity: == would compare values
         else:
-            for small in kind:  # what this measurement outgrew
-                self._free.remove(small)
-                self.kept_bytes -= small.numel() * small.element_size()
+            self._free = [b for b in self._free if all(b is not small for small in kind)]  # outgrown
+            self.kept_bytes -= sum(small.numel() * small.element_size() for small in kind)
             buffer = torch.empty(n, dtype=dtype, device=device)
             size = n * buffer.element_size()
             if device.type != "cpu" or self.kept_bytes + size > self.limit:
