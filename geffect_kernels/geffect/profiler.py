@@ -23,9 +23,9 @@ from ..backends.autograd import compute_dtype
 from ..catalog import RETAIN_OBJECTIVES, resolve
 from ..inputs import prepare_ref
 from . import products
+from .buffers import BufferPool
 from .capture import Capture, FactoredGradient, module_kind
 from .groups import parameter_groups
-from .buffers import BufferPool
 from .head import head_costs, head_pass, head_projection_pass, per_sample_fits
 from .inner import HeadRows, SampleGrads, SampleScaled, sample_rows
 from .result import GEffectResult
