@@ -21,6 +21,7 @@ coefficients (one more pass over that side's rows), for objectives with their ow
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 
 import torch
@@ -141,8 +142,8 @@ def _sample_runs(sample):
     """[(sample, first row, stop row)] of each run of rows of one sample (``sample``: each row's, sorted), read
     to the host once: the chunks of a pass are then cut without waiting for a GPU."""
     ids, counts = torch.unique_consecutive(sample, return_counts=True)
-    stops = counts.cumsum(0).tolist()
-    return [(k, stop - n, stop) for k, n, stop in zip(ids.tolist(), counts.tolist(), stops)]
+    counts = counts.tolist()
+    return [(k, stop - n, stop) for k, n, stop in zip(ids.tolist(), counts, itertools.accumulate(counts))]
 
 
 def _runs_in(runs, rows):

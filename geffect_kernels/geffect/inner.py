@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from ..backends.autograd import compute_dtype
+from ..backends.cpp import ghost
 
 # Largest Gram tile (elements) held at once.
 TILE_ELEMENTS = 1 << 22
@@ -118,10 +119,6 @@ def _row_sums(t):
 
 def _ghost_kernel(device):
     """The csrc fused Gram kernel when it is built for ``device``, else None."""
-    try:
-        from ..backends.cpp import ghost
-    except ImportError:
-        return None
     return ghost.ghost_inner_product if ghost.ghost_available(device) else None
 
 
@@ -130,7 +127,6 @@ def gram_rows(la, ra, lb, rb):
     the fastest measured for the size class of the CUDA-core kernel, the tensor-core kernel and cuBLAS tiles
     (`ghost.fastest_gram`); on the CPU by the csrc kernel where it builds (BLAS tiles, rows reduced in
     float64 by C++), else torch tiles."""
-    from ..backends.cpp import ghost
     la, ra, lb, rb = _c(la), _c(ra), _c(lb), _c(rb)  # one dtype for all four (under autocast they differ)
     if la.is_cuda:
         gram = ghost.fastest_gram(la, ra, lb, rb)[1]

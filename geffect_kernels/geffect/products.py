@@ -160,7 +160,7 @@ class _Basis:
         self.coef = {key: torch.zeros(n_rows, dtype=torch.float64, device=device) for key in keys}
         # Which blocks each gradient uses, and where it is one block's single row with weight 1, known from
         # the terms: reading the coefficients would sync a GPU inside the backward (`streaming`).
-        self.block_ids = {key: sorted({block_of[key_id] for key_id, _ in key_terms})
+        self._block_ids = {key: sorted({block_of[key_id] for key_id, _ in key_terms})
                           for key, key_terms in terms.items()}
         self._is_row = {key: len(key_terms) == 1 and isinstance(key_terms[0][1], float) and key_terms[0][1] == 1.0
                         and self.blocks[block_of[key_terms[0][0]]][1].shape[0] == 1
@@ -173,7 +173,7 @@ class _Basis:
 
     def _used(self, key):
         """(block index, first row, rows, coefficients) of the blocks gradient ``key`` uses."""
-        for i in self.block_ids[key]:
+        for i in self._block_ids[key]:
             k0, rows = self.blocks[i]
             yield i, k0, rows, self.coef[key][k0:k0 + rows.shape[0]]
 
