@@ -10,7 +10,8 @@ import subprocess
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 # Paths a benchmark run rewrites itself: changes there do not make the measured code differ from the commit.
-_RESULTS = (":(exclude)benchmarks/results", ":(exclude)README.md", ":(exclude)docs/*.png")
+_RESULTS = (":(exclude)benchmarks/results", ":(exclude)README.md", ":(exclude)benchmarks/README.md",
+            ":(exclude)docs/*.png")
 
 
 def commit() -> str:

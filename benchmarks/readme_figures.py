@@ -1,12 +1,12 @@
-"""The README's benchmark figures, each tied to the CSV cell it shows.
+"""The benchmark figures of benchmarks/README.md, each tied to the CSV cell it shows.
 
-Every measured figure in the README's Benchmarks section is followed by a tag naming its source:
+Every measured figure in benchmarks/README.md is followed by a tag naming its source:
 
     0.92×<!-- fig cpu_token_loss.csv provider=chunked-fused time_vs_naive -->
 
 a file under benchmarks/results/, ``column=value`` filters that select one row, and the column shown. The
 statistic is the column's (``ms_min``, ``speedup_median``, ...); the unit follows from its name (``*_mib``: MiB,
-``ms_*``: ms, ``speedup_*``, ``vs_*`` and ``*_vs_*``: ×) and must stand next to the number; the README shows the value
+``ms_*``: ms, ``speedup_*``, ``vs_*`` and ``*_vs_*``: ×) and must stand next to the number; the page shows the value
 rounded to the decimals it prints. A `code span`<!-- fig FILE[,FILE...] filters column --> instead shows a text
 column, which every selected row (of every file named) must share, e.g. the machine. tests/test_readme_figures.py
 checks all of this.
@@ -21,20 +21,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-README = ROOT / "README.md"
+README = ROOT / "benchmarks" / "README.md"  # the whole page is the tagged section
 RESULTS = ROOT / "benchmarks" / "results"
-SECTION = "## Benchmarks"  # the tagged section: from this heading to the next "## "
 
 UNITS = r"×|ms|MiB|GiB|s"
 TAG = re.compile(r"(?:`(?P<text>[^`]*)`|(?P<number>[-+]?\d+(?:\.\d+)?)(?P<space> ?)(?P<unit>" + UNITS + r")?)"
                  r"<!-- fig (?P<spec>[^>]*?) -->")
-# A measured figure: a number with a unit. In the section, each must carry a tag.
+# A measured figure: a number with a unit. On the page, each must carry a tag.
 FIGURE = re.compile(r"(?<![\w.])[-+]?\d+(?:\.\d+)?(?: ?)(?:" + UNITS + r")(?![\w])(?!<!-- fig)")
 
 
 @dataclass
 class Figure:
-    start: int  # offsets of the shown value (number or code span) in the README
+    start: int  # offsets of the shown value (number or code span) in the page
     end: int
     shown: str  # as printed (number without unit, or the code span's text)
     unit: str | None
@@ -44,16 +43,9 @@ class Figure:
     column: str
 
 
-def section_bounds(text: str) -> tuple[int, int]:
-    start = text.index(SECTION)
-    nxt = text.find("\n## ", start + len(SECTION))
-    return start, len(text) if nxt < 0 else nxt
-
-
 def figures(text: str) -> list[Figure]:
-    start, end = section_bounds(text)
     found = []
-    for m in TAG.finditer(text, start, end):
+    for m in TAG.finditer(text):
         file, *filters, column = m["spec"].split()
         is_text = m["text"] is not None
         group = "text" if is_text else "number"
@@ -63,9 +55,8 @@ def figures(text: str) -> list[Figure]:
 
 
 def untagged(text: str) -> list[str]:
-    """Numbers with a unit in the section that carry no tag."""
-    start, end = section_bounds(text)
-    body = TAG.sub("", text[start:end])
+    """Numbers with a unit on the page that carry no tag."""
+    body = TAG.sub("", text)
     return [m.group(0) for m in FIGURE.finditer(body)]
 
 
@@ -85,7 +76,7 @@ def rows(file: str) -> list[dict]:
 
 
 def source_value(fig: Figure) -> str:
-    """The CSV value the figure shows, formatted as the README prints it; AssertionError when it has no source."""
+    """The CSV value the figure shows, formatted as the page prints it; AssertionError when it has no source."""
     selected = [r for file in fig.file.split(",") for r in rows(file)
                 if all(r.get(k) == v for k, v in fig.filters.items())]
     where = f"{fig.file} {fig.filters} {fig.column}"
