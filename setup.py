@@ -39,7 +39,8 @@ setup(
     packages=find_packages(include=["geffect_kernels", "geffect_kernels.*"]),
     # the C++/CUDA sources travel inside the package, so an installed wheel builds the extension on first use
     package_data={"geffect_kernels": ["py.typed"],
-                  "geffect_kernels.backends.cpp": ["csrc/*.cpp", "csrc/cpu/*", "csrc/cuda/*", "csrc/include/geffect/*"]},
+                  "geffect_kernels.backends.cpp": ["csrc/*.cpp", "csrc/cpu/*", "csrc/cuda/*",
+                                                   "csrc/include/geffect/*"]},
     include_package_data=True,
     install_requires=[
         "torch>=2.4",

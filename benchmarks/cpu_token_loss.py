@@ -104,7 +104,8 @@ def main():
     for v in variants:
         t = sorted(runs[v]["times_ms"])
         q = statistics.quantiles(t, n=5) if len(t) > 1 else [t[0]] * 4
-        rows.append({"kernel": "token_loss_fwd_bwd", "provider": v, "objective": "ga", "shape": f"N{N}_H{H}_V{V}_{SHORT[args.dtype]}",
+        rows.append({"kernel": "token_loss_fwd_bwd", "provider": v, "objective": "ga",
+                     "shape": f"N{N}_H{H}_V{V}_{SHORT[args.dtype]}",
                      "ms_median": round(statistics.median(t), 1), "ms_p20": round(q[0], 1), "ms_p80": round(q[3], 1),
                      "peak_mib": round(max(runs[v]["peak_mib"]), 1),
                      "time_vs_naive": round(statistics.median(t) / naive_ms, 3),

@@ -189,7 +189,8 @@ def main():
         for name in METHODS:
             vs_step, step_min, step_max = paired(times, name, "step")
             rows.append({"model": label, "hidden": shape[1], "tokens_per_seq": tokens,
-                         "tokens_per_side": BATCH * tokens, "method": name, "seconds": seconds[name], "vs_step": vs_step, "vs_step_min": step_min,
+                         "tokens_per_side": BATCH * tokens, "method": name, "seconds": seconds[name],
+                         "vs_step": vs_step, "vs_step_min": step_min,
                          "vs_step_max": step_max, "vs_materialized": paired(times, name, "materialized")[0],
                          "gflops": flops[name] / 1e9, "flops_vs_step": flops[name] / flops["step"],
                          "rounds": args.rounds, **stamp})

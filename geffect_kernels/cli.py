@@ -204,7 +204,8 @@ def cmd_train(args):
             result = train(lora(model) if lora else model, forget, retain, config, resume=resume)
         if args.eval:  # on every rank: a sharded model's forward passes take all of them
             summaries[name], _ = evaluate_model(result.model, tokenizer, forget_pairs, retain_pairs,
-                                                utility_sets.get("world"), real_authors=utility_sets.get("real_authors"),
+                                                utility_sets.get("world"),
+                                                real_authors=utility_sets.get("real_authors"),
                                                 **({"max_new_tokens": args.max_new_tokens}
                                                    if args.max_new_tokens else {}))
         if not is_rank_zero():

@@ -50,7 +50,8 @@ def wait_all(procs, timeout, what) -> list[str]:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 outputs.append(proc.communicate())
-    failures = [f"rank {rank}: {'killed after the timeout' if timed_out and proc.returncode < 0 else f'exit {proc.returncode}'}"
+    failures = [f"rank {rank}: "
+                f"{'killed after the timeout' if timed_out and proc.returncode < 0 else f'exit {proc.returncode}'}"
                 f"\n{_tail(err)}" for rank, (proc, (_, err)) in enumerate(zip(procs, outputs))
                 if proc.returncode != 0]
     if timed_out or failures:

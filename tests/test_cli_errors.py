@@ -78,7 +78,8 @@ def test_every_failure_class_is_one_line_and_creates_nothing(capsys, workspace, 
         err = one_line_error(capsys, *argv)
         assert message in err, (argv, err)
     monkeypatch.setenv("GEFFECT_BACKEND", "cpp_cuda")  # no such backend on a CPU
-    assert "GEFFECT_BACKEND=cpp_cuda: backend 'cpp_cuda' is not available" in one_line_error(capsys, *train, "--model", m)
+    err = one_line_error(capsys, *train, "--model", m)
+    assert "GEFFECT_BACKEND=cpp_cuda: backend 'cpp_cuda' is not available" in err
     assert not out.exists() and not (broken_models / "code_ran").exists()
 
 

@@ -42,11 +42,13 @@ def test_sharded_profiler_equals_one_process(case, tmp_path):
             assert set(res["by_group"]) == set(want.by_group), (rank, name)
             for group, values in want.by_group.items():
                 for risk, value in values.items():
-                    assert close(res["by_group"][group][risk], value, scale, REL.get(name, 1e-7)), (rank, name, group, risk)
+                    assert close(res["by_group"][group][risk], value, scale, REL.get(name, 1e-7)), \
+                        (rank, name, group, risk)
             for risk, value in want.total.items():
                 assert close(res["total"][risk], value, scale, REL.get(name, 1e-7)), (rank, name, risk)
             for key, value in want.losses.items():
                 assert res["losses"][key] == pytest.approx(value, rel=1e-12), (rank, name, key)
             if want.retain_term is not None:
                 for risk, value in want.retain_term.total.items():
-                    assert close(res["retain_term"]["total"][risk], value, scale, REL.get(name, 1e-7)), (rank, name, risk)
+                    assert close(res["retain_term"]["total"][risk], value, scale, REL.get(name, 1e-7)), \
+                        (rank, name, risk)

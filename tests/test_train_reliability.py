@@ -3,7 +3,6 @@ resume silently, one writer per folder, nothing half-written or left over, setti
 import fcntl
 import json
 import os
-import pickle
 
 import pytest
 import torch

@@ -1,4 +1,5 @@
-"""The triton backend's fused KL, lean (six passes) and fast (four), against the float64 oracle (interpreter, float32)."""
+"""The triton backend's fused KL, lean (six passes) and fast (four), against the float64 oracle
+(interpreter, float32)."""
 import pytest
 import torch
 

@@ -13,8 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
-SUMMARY_COLUMNS = ["forget_quality", "model_utility", *(f"{s}_{m}" for s in ("forget", "retain", "real_authors", "world")
-                                                          for m in ("probability", "rouge_l", "truth"))]
+SUMMARY_COLUMNS = ["forget_quality", "model_utility",
+                   *(f"{s}_{m}" for s in ("forget", "retain", "real_authors", "world")
+                     for m in ("probability", "rouge_l", "truth"))]
 _SEEDED = re.compile(r"(.+)-seed(\d+)")
 
 

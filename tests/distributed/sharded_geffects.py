@@ -29,7 +29,8 @@ def main(out, case):
                                                  **sharded_cases.HPARAMS.get(name, {})).to_dict()
                for name in sharded_cases.OBJECTIVES}
     n = int((forget["labels"][:, 1:] != -100).sum())
-    part = lambda sign: lambda m: sign * world / n * -hf.token_logprobs(m, f, backend="torch").sum()  # the mean over ranks is the global mean
+    # the mean over ranks is the global mean
+    part = lambda sign: lambda m: sign * world / n * -hf.token_logprobs(m, f, backend="torch").sum()
     results["generic"] = profiler.measure(part(-1.0), {"forget": part(1.0)}).to_dict()
     # the Trainer callback, handed the whole probe batches, measures this rank's slice of them
     callback = GEffectCallback(forget, retain, objective="npo", every=1, ref_logprobs=ref, groups="component",
