@@ -9,12 +9,13 @@ from .logprobs import token_logprobs, token_logprobs_from_logits
 from .objectives import OBJECTIVES, token_weights, unlearning_loss, unlearning_loss_from_logits
 from .backends.registry import available_backends
 from .retain import kl_loss, rmu_direction, rmu_loss, rr_loss
+from .token_stats import TokenStats, token_stats
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "GEffectHistory", "GEffectProfiler", "GEffectResult",
+    "GEffectHistory", "GEffectProfiler", "GEffectResult", "TokenStats",
     "OBJECTIVES", "available_backends", "hf", "kl_loss", "rmu_direction", "rmu_loss", "rr_loss",
-    "token_logprobs", "token_logprobs_from_logits", "token_weights", "unlearning_loss",
+    "token_logprobs", "token_logprobs_from_logits", "token_stats", "token_weights", "unlearning_loss",
     "unlearning_loss_from_logits",
 ]

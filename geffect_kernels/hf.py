@@ -16,6 +16,8 @@ import torch
 from .inputs import check_labels
 from .logprobs import token_logprobs as _token_logprobs
 from .objectives import unlearning_loss as _unlearning_loss
+from .token_stats import TokenStats
+from .token_stats import token_stats as _token_stats
 
 # Config fields that change the logits beyond W h + b and soft-capping; we refuse rather than guess.
 _UNSUPPORTED_LOGIT_TRANSFORMS = ("logit_scale", "logits_scaling", "output_multiplier_scale")
@@ -157,6 +159,14 @@ def token_logprobs(model, batch, *, backend="auto") -> torch.Tensor:
     """ℓ_t of ``model`` on ``batch``: ``[B, T-1]`` (HF shift), 0 at ignored positions."""
     x = head_inputs(model, batch)
     return _token_logprobs(x.hidden, x.weight, x.labels, **x.as_kwargs(), backend=backend)
+
+
+def token_stats(model, batch, *, backend="auto") -> TokenStats:
+    """ℓ_t, entropy and Var_p[log p] of ``model`` on ``batch`` (`geffect_kernels.token_stats`), each ``[B, T-1]``
+    (HF shift), 0 at ignored positions; the decoder runs without autograd."""
+    with torch.no_grad():
+        x = head_inputs(model, batch)
+        return _token_stats(x.hidden, x.weight, x.labels, **x.as_kwargs(), backend=backend)
 
 
 def unlearning_loss(name, model, batch, *, ref_logprobs=None, backend="auto", **hparams) -> torch.Tensor:

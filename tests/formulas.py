@@ -71,3 +71,19 @@ def kl(h, w, h_ref, w_ref, y, b=None, b_ref=None, softcap=None):
     per = (log_q.exp() * (log_q - log_p)).sum(-1)
     valid = y != IGNORE
     return (per * valid).sum() / max(int(valid.sum()), 1)
+
+
+def token_stats(h, w, y, b=None, softcap=None, shift=False):
+    """(ℓ_t, entropy H_t, Var_{v~p_t}[log p_t(v)]) from the materialized softmax, 0 where ignored; and the mask."""
+    if shift:
+        h, y = h[..., :-1, :], y[..., 1:]
+    z = logits(h, w, b, softcap)
+    x = z - z.max(-1, keepdim=True).values
+    log_p = x - torch.log(torch.exp(x).sum(-1, keepdim=True))
+    p = torch.exp(log_p)
+    entropy = -(p * log_p).sum(-1)
+    var = (p * (log_p + entropy.unsqueeze(-1)) ** 2).sum(-1)
+    valid = y != IGNORE
+    lp = torch.gather(log_p, -1, torch.where(valid, y, 0).unsqueeze(-1)).squeeze(-1)
+    zero = torch.zeros_like(entropy)
+    return tuple(torch.where(valid, t, zero) for t in (lp, entropy, var)), valid

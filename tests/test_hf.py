@@ -76,6 +76,24 @@ def test_token_logprobs_and_objectives_on_a_model():
         assert torch.isfinite(loss)
 
 
+@pytest.mark.parametrize("kind", ["gemma2", "qwen2-biased-head"])
+def test_token_stats_on_a_model(kind):
+    """hf.token_stats equals the statistics of the model's own (soft-capped, biased) logits, in float64."""
+    model = tiny(kind).double().eval()
+    data = batch()
+    got = hf.token_stats(model, data)
+    assert got.entropy.shape == (3, 10) and not got.entropy.requires_grad
+    with torch.no_grad():
+        log_p = torch.log_softmax(model(**data).logits[:, :-1], -1)
+    labels = data["labels"][:, 1:]
+    valid = labels != -100
+    entropy = -(log_p.exp() * log_p).sum(-1)
+    var = (log_p.exp() * (log_p + entropy.unsqueeze(-1)) ** 2).sum(-1)
+    lp = log_p.gather(-1, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+    for g, e in zip(got, (lp, entropy, var)):
+        assert torch.allclose(g, torch.where(valid, e, 0), rtol=1e-12, atol=1e-14)
+
+
 def test_labels_default_to_inputs_without_padding():
     data = batch()
     labels = hf.batch_labels({"input_ids": data["input_ids"], "attention_mask": data["attention_mask"]})

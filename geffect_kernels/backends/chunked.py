@@ -110,6 +110,34 @@ class _Logprobs:
         return (*grads.result(*head), None) if head else (grad, None)
 
 
+def _stats_(z, labels, valid):
+    """(ℓ_t, entropy, Var_p[log p]) of a chunk, overwriting the scratch buffer ``z``.
+
+    With x = z − max and e = exp(x), s = Σe: entropy = log s − E_p[x] and Var_p[log p] = Var_p[x], the variance
+    taken about the mean (two passes over the chunk held in memory), so nothing cancels for peaky rows.
+    """
+    x = z.sub_(z.amax(1, keepdim=True))
+    picked = x.gather(1, labels.unsqueeze(1)).squeeze(1)
+    e = torch.exp(x)
+    s = e.sum(1)
+    log_s = s.log()
+    mean = torch.linalg.vecdot(e, x) / s
+    var = torch.linalg.vecdot(e, x.sub_(mean.unsqueeze(1)).square_()) / s
+    return tuple(torch.where(valid, t, 0) for t in (picked - log_s, log_s - mean, var))
+
+
+def token_stats(hidden, weight, bias, labels, opts):
+    """(ℓ_t, entropy, Var_p[log p]) per row, a chunk of rows' logits at a time; forward only."""
+    safe, valid = _targets(labels, opts)
+    dtype = compute_dtype(hidden.dtype)
+    out = [torch.empty(labels.shape, dtype=dtype, device=hidden.device) for _ in range(3)]
+    for sl in row_chunks(hidden.shape[0], weight.shape[0]):
+        z, _ = _logits(hidden[sl], weight, bias, opts.softcap)
+        for buffer, chunk in zip(out, _stats_(z, safe[sl], valid[sl])):
+            buffer[sl] = chunk
+    return tuple(out)
+
+
 class ChunkedBackend(Backend):
     name = "torch"
 
@@ -131,6 +159,9 @@ class ChunkedBackend(Backend):
 
         return fused_loss(lambda wanted, *head: fused_head_pass(*head, wanted, chunk_loss, compute_dtype(hidden.dtype)),
                           hidden, weight, bias)
+
+    def token_stats(self, hidden, weight, bias, labels, opts):
+        return token_stats(hidden, weight, bias, labels, opts)
 
     def kl_divergence(self, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, opts):
         valid = labels != opts.ignore_index

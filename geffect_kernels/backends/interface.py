@@ -2,8 +2,9 @@
 
 A backend receives inputs that are already validated and flattened (hidden ``[N, H]``, labels
 ``[N]`` int64, shift applied) and returns float32 (float64 for float64 inputs) results. Only
-``token_logprobs`` is mandatory; the other methods have generic versions built on it, which a
-backend overrides where it has something faster (a fused kernel, gradients produced in the forward).
+``token_logprobs`` is mandatory; the other methods have generic versions built on it (``token_stats``: the
+chunked torch backend's), which a backend overrides where it has something faster (a fused kernel,
+gradients produced in the forward).
 Which backend runs a call, and where inputs a backend does not take go instead, is decided in one
 place: `registry`.
 """
@@ -46,6 +47,13 @@ class Backend:
         """scale · Σ_t w_t ℓ_t with detached weights w_t = opts.weighting.weights(ℓ_t, ℓ_ref,t)."""
         logprobs = self.token_logprobs(hidden, weight, bias, labels, opts)
         return (opts.weighting.weights(logprobs.detach(), ref_logprobs) * opts.scale * logprobs).sum()
+
+    def token_stats(self, hidden, weight, bias, labels, opts: LossOptions):
+        """(ℓ_t, entropy H_t, Var_{p_t}[log p_t]) per position, each 0 where ignored; forward only (no autograd).
+        The generic version is the chunked torch backend's."""
+        from .chunked import token_stats
+
+        return token_stats(hidden, weight, bias, labels, opts)
 
     def kl_divergence(self, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, opts: LossOptions):
         """scale · Σ_valid KL(p_ref,t ‖ p_θ,t); no gradient flows to the reference side."""

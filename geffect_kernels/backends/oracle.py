@@ -30,6 +30,17 @@ def logprobs_from_logits(z, labels, ignore_index):
     return torch.where(valid, picked, 0)
 
 
+def stats_from_logits(z, labels, ignore_index):
+    """(ℓ_t, entropy, Var_p[log p]) from the full softmax, 0 where ignored."""
+    valid = labels != ignore_index
+    log_p = torch.log_softmax(z, dim=-1)
+    p = log_p.exp()
+    entropy = -(p * log_p).sum(-1)
+    var = (p * (log_p + entropy.unsqueeze(-1)).square()).sum(-1)
+    picked = log_p.gather(-1, torch.where(valid, labels, 0).unsqueeze(-1)).squeeze(-1)
+    return tuple(torch.where(valid, t, 0) for t in (picked, entropy, var))
+
+
 class OracleBackend(Backend):
     name = "oracle"
 
@@ -38,6 +49,9 @@ class OracleBackend(Backend):
 
     def token_logprobs(self, hidden, weight, bias, labels, opts):
         return logprobs_from_logits(logits(hidden, weight, bias, opts.softcap), labels, opts.ignore_index)
+
+    def token_stats(self, hidden, weight, bias, labels, opts):
+        return stats_from_logits(logits(hidden, weight, bias, opts.softcap), labels, opts.ignore_index)
 
     def token_logprobs_from_logits(self, logits_, labels, opts):
         z = logits_.to(_compute_dtype(logits_.dtype))
