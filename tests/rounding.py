@@ -15,7 +15,8 @@ def _logits_and_error(hidden, weight, dtype):
 def stats_bounds(hidden, weight, labels, dtype):
     """Per-token bounds on the errors of the entropy H and of Var_p[log p] computed in float32 from logits with the
     errors of `logprob_bound`. First order in δz: ∂H/∂z_k = −p_k d_k and ∂Var/∂z_k = p_k (d_k² − Var + 2 d_k), with
-    d = log p + H = z − E_p[z]; plus float32's rounding of the sums over V and of each d_k (≤ 2⁻²⁴ (|z_k| + |E_p z|))."""
+    d = log p + H = z − E_p[z]; plus float32's rounding of the sums over V and of each d_k
+    (≤ 2⁻²⁴ (|z_k| + |E_p z|))."""
     z, dz = _logits_and_error(hidden, weight, dtype)
     log_p = torch.log_softmax(z, -1)
     p = log_p.exp()
