@@ -29,6 +29,15 @@ def _outside_block_group(name: str, module: nn.Module, head_names: set[str]) -> 
     return name.rsplit(".", 1)[0]  # an unfamiliar module: its own path
 
 
+def layer_of(name: str) -> str:
+    """The ``"layer"`` group of a parameter from its name alone: ``layer.<i>`` inside block i, else the path of
+    the module that owns it (``model.embed_tokens``, ``lm_head``), or the name itself for a top-level one."""
+    block = _BLOCK.search(name)
+    if block:
+        return f"layer.{block.group(1)}"
+    return name.rsplit(".", 1)[0] if "." in name else name
+
+
 def parameter_groups(model: nn.Module, groups="layer") -> dict[str, str]:
     """``{parameter name: group}`` for every parameter of ``model``, in the model's parameter order."""
     if callable(groups):
