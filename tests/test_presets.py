@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from geffect_kernels.data import demo_data, encode_pairs, qa_texts, train_tokenizer
 from geffect_kernels.train import TrainConfig, tiny_llama, train
-from geffect_kernels.train.loop import _kl_retain_loss
+from geffect_kernels.train.losses import kl_retain_loss
 from geffect_kernels.train.presets import resolve
 
 
@@ -78,15 +78,14 @@ def test_batchmean_kl_is_the_official_kl_div_over_every_position(tiny):
     reference = tiny_llama(tokenizer, hidden_size=32, layers=2, heads=2, intermediate_size=64, seed=1).double()
     batch = encode_pairs(tokenizer, data.retain[:3]).batch([0, 1, 2])  # padded: lengths differ
     assert (batch["attention_mask"] == 0).any()
-    config = TrainConfig(kl_normalization="batchmean", backend="torch")
-    got = _kl_retain_loss(model, reference, batch, config)
+    got = kl_retain_loss(model, reference, batch, normalization="batchmean", backend="torch")
     # dataloader.py: kl_div(log p_θ, log p_ref, reduction="batchmean", log_target=True) on the [B·T, V] rows
     current = F.log_softmax(model(**batch).logits, -1).flatten(0, 1)
     with torch.no_grad():
         ref = F.log_softmax(reference(**batch).logits, -1).flatten(0, 1)
     expected = F.kl_div(current, ref, reduction="batchmean", log_target=True)
     assert torch.allclose(got.double(), expected, rtol=1e-9, atol=1e-12)
-    tokens = _kl_retain_loss(model, reference, batch, TrainConfig(backend="torch"))
+    tokens = kl_retain_loss(model, reference, batch, normalization=TrainConfig().kl_normalization, backend="torch")
     assert not torch.allclose(tokens.double(), expected, rtol=1e-3)  # the default is another normalization
 
 

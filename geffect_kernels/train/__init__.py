@@ -1,12 +1,12 @@
-"""The minimal unlearning loop: `train(model, forget, retain, TrainConfig(...))`."""
+"""The unlearning loop: `train(model, forget, retain, TrainConfig(...))`; `Run` and `run_steps` are its parts."""
 from .checkpoint import CheckpointError, load_checkpoint
-from .loop import TrainingDiverged, TrainResult, check_inputs, check_resumable, train
+from .loop import Run, TrainingDiverged, TrainResult, check_inputs, check_resumable, run_steps, train
 from .resume import ResumeMismatch
 from .run_lock import RunFolderBusy
 from .schedule import batch_indices, warmup_linear_decay
 from .tiny_model import tiny_llama
 from .train_config import RETAIN_OBJECTIVES, TrainConfig
 
-__all__ = ["CheckpointError", "RETAIN_OBJECTIVES", "ResumeMismatch", "RunFolderBusy", "TrainConfig", "TrainResult",
-           "TrainingDiverged", "batch_indices", "check_inputs", "check_resumable", "load_checkpoint", "tiny_llama",
-           "train", "warmup_linear_decay"]
+__all__ = ["CheckpointError", "RETAIN_OBJECTIVES", "ResumeMismatch", "Run", "RunFolderBusy", "TrainConfig",
+           "TrainResult", "TrainingDiverged", "batch_indices", "check_inputs", "check_resumable", "load_checkpoint",
+           "run_steps", "tiny_llama", "train", "warmup_linear_decay"]

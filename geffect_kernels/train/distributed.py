@@ -2,7 +2,7 @@
 
     torchrun --nproc-per-node N -m geffect_kernels train ...      (or ``geffect train --nproc N ...``)
 
-The same stages as `loop.train`, with these differences:
+The same loop as one process (`loop.run_steps`) on a `ShardedRun`, which differs from a `loop.Run` in:
 - the model is loaded straight into shards (`hf_shards.load_sharded`: built on the meta device, sharded per
   decoder block then the root, each rank reading only its slices of the safetensors weights; bf16 compute on
   CUDA), so no rank ever holds an unsharded model;
@@ -16,8 +16,9 @@ The same stages as `loop.train`, with these differences:
   ``checkpoint/step-N``; ``checkpoint/latest.json``, replaced atomically by rank 0 once every rank has
   written, names the complete one, so a checkpoint is complete or absent; a killed run resumes
   bit-identically at the same world size, another world size needs ``allow_reshard``;
-- metrics and G-effects are written once, by rank 0; the final model as a Hugging Face sharded checkpoint
-  gathered one FSDP unit at a time (`hf_shards.save_sharded`; a peft model's adapter alone).
+- rank 0 is the run's writer: it alone writes the metrics, G-effects and progress bar; the final model is a
+  Hugging Face sharded checkpoint gathered one FSDP unit at a time (`hf_shards.save_sharded`; a peft model's
+  adapter alone).
 """
 from __future__ import annotations
 
@@ -34,13 +35,11 @@ from .. import hf
 from ..data_parallel import mean_part, objective_part, rank_rows
 from ..geffect.sharded import reshard
 from ..objectives import OBJECTIVES
-from . import loop
-from .checkpoint import atomic_write_json, atomic_write_text
+from .checkpoint import CHECKPOINT, atomic_write_json
 from .hf_shards import load_sharded, save_sharded
+from .loop import Run, TrainResult, check_inputs, run_steps
 from .presets import resolve as resolve_preset
-from .resume import differences, should_resume
 from .run_lock import run_lock
-from .schedule import batch_indices
 
 CHECKPOINTS = "checkpoint"
 LATEST = "latest.json"
@@ -75,7 +74,7 @@ def saved_world_size(out_dir) -> int | None:
     latest = Path(out_dir) / CHECKPOINTS / LATEST
     if latest.is_file():
         return json.loads(latest.read_text())["world_size"]
-    return 1 if (Path(out_dir) / loop.CHECKPOINT).is_file() else None
+    return 1 if (Path(out_dir) / CHECKPOINT).is_file() else None
 
 
 def check_resume(out_dir, world: int, allow_reshard: bool):
@@ -100,22 +99,49 @@ def finish():
         dist.destroy_process_group()
 
 
-class _ShardedRun(loop._Run):
-    """`loop._Run` whose batches are this rank's slices and whose losses are the global batch's."""
+def train_sharded(model_dir, forget, retain, config, *, device, wrap=None, evaluate=None, resume=None,
+                  allow_reshard=False) -> TrainResult:
+    """`loop.train` on the torchrun group, the starting model read from ``model_dir`` (a Hugging Face folder with
+    safetensors weights) straight into shards on ``device``, ``wrap`` (e.g. LoRA) applied before sharding;
+    returns the metrics (identical) and the trained sharded model on every rank. ``evaluate`` and ``resume`` as
+    for `loop.train` (``evaluate`` runs on every rank: the sharded model's forward passes take all of them)."""
+    model = load_sharded(model_dir, device, wrap=wrap)
+    check_inputs(model, forget, retain, config)
+    config = resolve_preset(config, model, len(forget))
+    world = dist.get_world_size()
+    check_world(world, config, forget, retain if config.uses_retain else None)
+    if config.out_dir and resume is not False:
+        check_resume(config.out_dir, world, allow_reshard)
+    with run_lock(config.out_dir) if dist.get_rank() == 0 else nullcontext():  # rank 0 writes the folder
+        run = ShardedRun(model, model_dir, forget, retain, config)
+        run.resume(resume)
+        run_steps(run, evaluate)
+        return run.finish()
 
-    def forget_batch(self, micro):
-        idx = self._mine(batch_indices(len(self.forget), self.config.batch_size, self.config.seed, micro))
-        batch = loop._to(self.forget.batch(idx), self.device)
-        ref = self.ref_cache.batch(idx, batch["input_ids"].shape[1], self.device) if self.ref_cache else None
-        return batch, ref
 
-    def retain_batch(self, micro):
-        idx = self._mine(batch_indices(len(self.retain), self.config.batch_size, self.config.seed + 1, micro))
-        return loop._to(self.retain.batch(idx), self.device)
+class ShardedRun(Run):
+    """A `loop.Run` on one rank: its slice of every batch, the global batch's losses, checkpoints written by
+    every rank through ``torch.distributed.checkpoint``, rank 0 the writer."""
 
-    @staticmethod
-    def _mine(indices):
-        return indices[rank_rows(len(indices), dist.get_rank(), dist.get_world_size())]
+    def __init__(self, model, model_dir, forget, retain, config):
+        self.model_dir = model_dir  # the KL reference is loaded from it into shards, as the model was
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.writer = self.rank == 0
+        super().__init__(model, forget, retain, config)
+
+    def load_reference(self):
+        """A KL reference loaded into shards; reference log-probabilities of every forget sample computed now, by
+        the (sharded) starting model itself."""
+        reference = load_sharded(self.model_dir, self.device, trainable=False) if self.uses_kl else None
+        ref_cache = (_Precomputed(self.model, self.forget, self.config.batch_size, self.config.backend)
+                     if OBJECTIVES[self.config.objective].needs_ref else None)
+        return reference, ref_cache
+
+    def autocast(self):
+        return torch.autocast(self.device.type, enabled=False)  # FSDP2's policy sets the dtype
+
+    def rows(self, indices):
+        return indices[rank_rows(len(indices), self.rank, self.world)]
 
     def objective_loss(self, name, batch, ref_logprobs=None, hparams=None):
         part, value = objective_part(name, self.model, batch, ref_logprobs=ref_logprobs,
@@ -123,9 +149,76 @@ class _ShardedRun(loop._Run):
         return _valued(part, value)
 
     def kl_retain_loss(self, batch):
-        local = loop._kl_retain_loss(self.model, self.reference, batch, self.config)
+        local = super().kl_retain_loss(batch)
         part, value = mean_part(local, int((hf.batch_labels(batch)[:, 1:] != -100).sum()))
         return _valued(part, value)
+
+    def sync(self):
+        dist.barrier()
+
+    def checkpoint_path(self, number) -> Path:
+        return self.out / CHECKPOINTS / f"step-{number}"
+
+    def write_checkpoint(self, number):
+        """Every rank writes its shards and RNG state into ``checkpoint/step-N``; once all have, rank 0 points
+        ``latest.json`` at it and removes the previous step's folder."""
+        import torch.distributed.checkpoint as dcp
+
+        root, step_dir = self.out / CHECKPOINTS, self.checkpoint_path(number)
+        if self.writer:
+            shutil.rmtree(step_dir, ignore_errors=True)  # a torn write of this step by an earlier, killed run
+        dist.barrier()
+        dcp.save(self._sharded_state(), checkpoint_id=str(step_dir))
+        torch.save({"rng": torch.get_rng_state(),
+                    "cuda_rng": torch.cuda.get_rng_state() if self.device.type == "cuda" else None},
+                   step_dir / f"rng-{self.rank}.pt")
+        if self.writer:
+            torch.save(self.loop_state(number), step_dir / "loop.pt")
+        dist.barrier()  # every rank's files are on disk: now the step becomes the latest
+        if self.writer:
+            previous = json.loads((root / LATEST).read_text())["step"] if (root / LATEST).is_file() else None
+            atomic_write_json(root / LATEST, {"step": number, "world_size": self.world})
+            if previous is not None and previous != number:
+                shutil.rmtree(self.checkpoint_path(previous), ignore_errors=True)
+
+    def read_checkpoint(self):
+        """`loop_state` of the step ``latest.json`` names, with the world size that wrote it; None when none."""
+        latest = self.out / CHECKPOINTS / LATEST
+        if not latest.is_file():
+            return None
+        info = json.loads(latest.read_text())
+        state = torch.load(self.checkpoint_path(info["step"]) / "loop.pt", weights_only=False)
+        return {**state, "world_size": info["world_size"]}
+
+    def restore(self, state):
+        """The shards of the model and optimizer (resharded when the world size changed) and, at the same world
+        size, this rank's RNG state."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import set_state_dict
+
+        step_dir = self.checkpoint_path(state["step"])
+        sharded = self._sharded_state()
+        dcp.load(sharded, checkpoint_id=str(step_dir))
+        set_state_dict(self.model, self.optimizer, model_state_dict=sharded["model"],
+                       optim_state_dict=sharded["optimizer"])
+        rng_file = step_dir / f"rng-{self.rank}.pt"
+        if state["world_size"] == self.world and rng_file.is_file():
+            rng = torch.load(rng_file, weights_only=False)
+            torch.set_rng_state(rng["rng"])
+            if rng["cuda_rng"] is not None:
+                torch.cuda.set_rng_state(rng["cuda_rng"])
+
+    def remove_checkpoints(self):
+        shutil.rmtree(self.out / CHECKPOINTS, ignore_errors=True)
+
+    def save_model(self, folder):
+        save_sharded(self.model, folder)
+
+    def _sharded_state(self):
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model_state, optimizer_state = get_state_dict(self.model, self.optimizer)
+        return {"model": model_state, "optimizer": optimizer_state}
 
 
 def _valued(part, value):
@@ -146,7 +239,7 @@ class _Precomputed:
             for start in range(0, n, chunk):
                 idx = [(start + k) % n for k in range(chunk)]  # wrap: every rank gets samples
                 mine = idx[rank_rows(chunk, rank, world)]
-                batch = loop._to(data.batch(mine), device)
+                batch = {k: v.to(device) for k, v in data.batch(mine).items()}
                 logprobs = hf.token_logprobs(model, batch, backend=backend).float().cpu()
                 shared = [None] * world
                 dist.all_gather_object(shared, (mine, [logprobs[row, : len(data.examples[i]["input_ids"]) - 1]
@@ -160,145 +253,3 @@ class _Precomputed:
         for row, i in enumerate(indices):
             out[row, : len(self.rows[i])] = self.rows[i]
         return out.to(device)
-
-
-def train_sharded(model_dir, forget, retain, config, *, device, wrap=None, resume=None, allow_reshard=False
-                  ) -> loop.TrainResult:
-    """`loop.train` on the torchrun group, the starting model read from ``model_dir`` (a Hugging Face folder with
-    safetensors weights) straight into shards on ``device``, ``wrap`` (e.g. LoRA) applied before sharding;
-    returns the metrics (identical) and the trained sharded model on every rank. ``resume`` as for `loop.train`."""
-    model = load_sharded(model_dir, device, wrap=wrap)
-    loop.check_inputs(model, forget, retain, config)
-    config = resolve_preset(config, model, len(forget))
-    world = dist.get_world_size()
-    check_world(world, config, forget, retain if config.uses_retain else None)
-    if config.out_dir and resume is not False:
-        check_resume(config.out_dir, world, allow_reshard)
-    with run_lock(config.out_dir) if dist.get_rank() == 0 else nullcontext():  # rank 0 writes the folder
-        run = _setup(model, model_dir, forget, retain, config)
-        _resume(run, resume)
-        run.model.train()
-        for step in range(run.start, config.steps):
-            number = step + 1
-            record = {"step": number, "lr": loop._set_lr(run, step)}
-            if run.profiler is not None and step % config.geffect_every == 0:
-                record.update(loop._profile(run, step, number))
-            record.update(loop._optimizer_step(run, step, number))
-            if dist.get_rank() == 0:
-                loop._log(run, record)
-            else:
-                run.metrics.append(record)
-            if run.out is not None and (number % config.checkpoint_every == 0 or number == config.steps):
-                _checkpoint(run, number)
-        return _finish(run)
-
-
-def _setup(model, model_dir, forget, retain, config) -> _ShardedRun:
-    """A KL reference loaded into shards, the reference log-probabilities of the (sharded) starting model,
-    then what every run sets up (`loop.new_run`)."""
-    torch.manual_seed(config.seed)
-    device = next(model.parameters()).device
-    reference = None
-    if config.uses_retain and config.retain_objective == "kl":
-        reference = load_sharded(model_dir, device, trainable=False)
-    ref_cache = (_Precomputed(model, forget, config.batch_size, config.backend)
-                 if OBJECTIVES[config.objective].needs_ref else None)  # the starting model is the reference
-    return loop.new_run(_ShardedRun, model, forget, retain, config, reference=reference, ref_cache=ref_cache,
-                        autocast=torch.autocast(device.type, enabled=False))  # FSDP2's policy sets the dtype
-
-
-def _state(run):
-    from torch.distributed.checkpoint.state_dict import get_state_dict
-
-    model_state, optimizer_state = get_state_dict(run.model, run.optimizer)
-    return {"model": model_state, "optimizer": optimizer_state}
-
-
-def _checkpoint(run, number):
-    import torch.distributed.checkpoint as dcp
-
-    rank, root = dist.get_rank(), run.out / CHECKPOINTS
-    step_dir = root / f"step-{number}"
-    if rank == 0:
-        shutil.rmtree(step_dir, ignore_errors=True)  # a torn write of this step by an earlier, killed run
-    dist.barrier()
-    dcp.save(_state(run), checkpoint_id=str(step_dir))
-    torch.save({"rng": torch.get_rng_state(),
-                "cuda_rng": torch.cuda.get_rng_state() if run.device.type == "cuda" else None},
-               step_dir / f"rng-{rank}.pt")
-    if rank == 0:
-        torch.save({"step": number, "settings": run.settings, "setting_changes": run.setting_changes,
-                    "geffects": run.history.to_dict() if run.history is not None else None}, step_dir / "loop.pt")
-    dist.barrier()  # every rank's files are on disk: now the step becomes the latest
-    if rank == 0:
-        previous = json.loads((root / LATEST).read_text())["step"] if (root / LATEST).is_file() else None
-        atomic_write_json(root / LATEST, {"step": number, "world_size": dist.get_world_size()})
-        if previous is not None and previous != number:
-            shutil.rmtree(root / f"step-{previous}", ignore_errors=True)
-    run.last_good = number
-
-
-def _resume(run, resume):
-    """Continue the latest complete checkpoint (as `loop._resume` decides: same settings, or ``resume=True``)
-    or start over (``resume=False``); rank 0 trims the metrics log to its step."""
-    if run.out is None:
-        return
-    rank, root = dist.get_rank(), run.out / CHECKPOINTS
-    if rank == 0:
-        run.out.mkdir(parents=True, exist_ok=True)
-        if resume is False:
-            shutil.rmtree(root, ignore_errors=True)
-            for name in (loop.METRICS, loop.GEFFECTS):
-                (run.out / name).unlink(missing_ok=True)
-            shutil.rmtree(run.out / "model", ignore_errors=True)
-    dist.barrier()
-    info = json.loads((root / LATEST).read_text()) if (root / LATEST).is_file() else None
-    step_dir = info and root / f"step-{info['step']}"
-    extra = torch.load(step_dir / "loop.pt", weights_only=False) if info else None
-    if should_resume(run.out, extra, run.settings, resume):
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import set_state_dict
-
-        state = _state(run)
-        dcp.load(state, checkpoint_id=str(step_dir))
-        set_state_dict(run.model, run.optimizer, model_state_dict=state["model"],
-                       optim_state_dict=state["optimizer"])
-        run.setting_changes = list(extra.get("setting_changes", []))
-        changed = differences(extra["settings"], run.settings)
-        if changed:
-            run.setting_changes.append({"step": info["step"], "before": {k: old for k, (old, _) in changed.items()}})
-        if run.history is not None and extra.get("geffects") is not None:
-            run.history = type(run.history).from_dict(extra["geffects"])
-        rng_file = step_dir / f"rng-{rank}.pt"
-        if info["world_size"] == dist.get_world_size() and rng_file.is_file():
-            rng = torch.load(rng_file, weights_only=False)
-            torch.set_rng_state(rng["rng"])
-            if rng["cuda_rng"] is not None:
-                torch.cuda.set_rng_state(rng["cuda_rng"])
-        run.start = run.last_good = info["step"]
-    run.metrics = loop._read_metrics(run.out / loop.METRICS, run.start)
-    if rank == 0:
-        config = run.config.to_dict()
-        if run.setting_changes:
-            config["setting_changes"] = run.setting_changes
-        atomic_write_json(run.out / "config.json", config)
-        atomic_write_text(run.out / loop.METRICS, "".join(json.dumps(m) + "\n" for m in run.metrics))
-    dist.barrier()
-
-
-def _finish(run) -> loop.TrainResult:
-    """The final model saved without gathering it whole (`save_sharded`; adapters only for a peft model)."""
-    run.model.eval()
-    if run.out is not None:
-        tmp, final = run.out / ".model.tmp", run.out / "model"
-        if dist.get_rank() == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
-        save_sharded(run.model, tmp)
-        if dist.get_rank() == 0:
-            shutil.rmtree(final, ignore_errors=True)
-            tmp.rename(final)
-            if run.history is not None:
-                atomic_write_json(run.out / loop.GEFFECTS, run.history.to_dict())
-        dist.barrier()
-    return loop.TrainResult(steps=run.config.steps, metrics=run.metrics, geffects=run.history,
-                            resumed_from=run.start, model=run.model)
