@@ -1,17 +1,32 @@
-"""token_stats: (ℓ_t, entropy, Var_p[log p]) on every CPU-runnable backend against the materialized softmax."""
+"""token_stats: (ℓ_t, entropy, Var_p[log p]) on every CPU-runnable backend against the materialized softmax.
+
+float64 inputs run the oracle, the chunked torch backend and the C++ CPU kernel in float64 (tight tolerances);
+float32 inputs run every kernel, the Triton one under its interpreter, within float32 rounding bounds."""
 import math
 
 import pytest
 import torch
 
 import geffect_kernels as gk
+from csrc_cases import require_extension
 from formulas import IGNORE, token_stats
-from geffect_kernels.backends import autograd
+from geffect_kernels.backends import autograd, registry
+from geffect_kernels.backends.triton import linear_forward
 from rounding import logprob_bound, stats_bounds
 from test_objectives import assert_close, make_inputs
 
-BACKENDS = ["oracle", "torch"]
+FLOAT64_BACKENDS = ["oracle", "torch", "cpp_cpu"]
+FLOAT32_BACKENDS = ["torch", "cpp_cpu", "triton"]
 FIELDS = ("logprob", "entropy", "logprob_var")
+
+
+def runs_itself(backend, hidden):
+    """``backend``, after checking that it runs inputs like ``hidden`` itself (not the registry's fallback)."""
+    if backend == "cpp_cpu":
+        require_extension("cpu")
+    rows = hidden.reshape(-1, hidden.shape[-1])
+    assert registry.get_backend(backend, rows).name == backend
+    return backend
 
 
 def assert_stats(got, expected, valid, rtol):
@@ -20,6 +35,22 @@ def assert_stats(got, expected, valid, rtol):
         assert g.shape == e.shape, name
         assert torch.all(g[~valid] == 0), name
         assert_close(g, e, rtol)
+
+
+def assert_within_bounds(got, hidden, weight, labels, bias=None, softcap=None, shift=False, dtype=torch.float32):
+    """Each field of ``got`` within its rounding bound (tests/rounding.py) of the exact statistics of the rounded
+    inputs; 0 where ignored."""
+    (lp, entropy, var), valid = token_stats(hidden.double(), weight.double(), labels,
+                                            None if bias is None else bias.double(), softcap, shift)
+    if shift:
+        hidden, labels = hidden[..., :-1, :], labels[..., 1:]
+    bounds = (logprob_bound(hidden, weight, labels, dtype, bias, softcap),
+              *stats_bounds(hidden, weight, labels, dtype, bias, softcap))
+    for name, g, e, bound in zip(FIELDS, got, (lp, entropy, var), bounds):
+        assert g.dtype == torch.float32 and g.shape == e.shape, name
+        assert torch.all(g[~valid] == 0), name
+        ratio = ((g.double() - e).abs() / bound)[valid].max().item()
+        assert ratio <= 1, f"{name}: error {ratio:.2f}x the {dtype} rounding bound"
 
 
 def test_formula_on_a_two_point_distribution():
@@ -37,35 +68,50 @@ def test_formula_on_a_two_point_distribution():
     assert var.abs().max() < 1e-15
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", FLOAT64_BACKENDS)
 @pytest.mark.parametrize("shift,softcap,bias", [(False, None, False), (True, None, True), (True, 4.0, True)])
 def test_matches_formula(backend, shift, softcap, bias):
-    h, w, b, y = make_inputs(11, bias=bias, scale=3.0)
+    h, w, b, y = make_inputs(11, bias=bias, scale=3.0, V=2501)  # V: more than two of the C++ kernel's blocks
     expected, valid = token_stats(h, w, y, b, softcap, shift)
-    got = gk.token_stats(h, w, y, bias=b, softcap=softcap, shift=shift, backend=backend)
+    got = gk.token_stats(h, w, y, bias=b, softcap=softcap, shift=shift, backend=runs_itself(backend, h))
     assert got.logprob.shape == (y.shape[0], y.shape[1] - shift)
     assert_stats(got, expected, valid, 1e-12)
     assert_close(got.logprob, gk.token_logprobs(h, w, y, bias=b, softcap=softcap, shift=shift), 1e-12)
     assert not any(t.requires_grad for t in got)  # forward only, even for inputs that want gradients
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", FLOAT64_BACKENDS)
 def test_peaky_rows(backend):
     """Logits spread over hundreds (p of the top token ≈ 1, the rest far below float32's range): entropy and variance
     near 0 must come out to float64's absolute precision and the variance to its relative precision too, not as a
-    difference of nearly equal moments."""
-    h, w, b, y = make_inputs(12, scale=60.0, V=257)
+    difference of nearly equal moments or of logit-sized numbers."""
+    h, w, b, y = make_inputs(12, scale=60.0, V=2501)
     expected, valid = token_stats(h, w, y, b)
     assert expected[1][valid].min() < 1e-6  # some rows are peaky indeed
-    got = gk.token_stats(h, w, y, bias=b, backend=backend)
-    for name, g, e, absolute in zip(FIELDS, got, expected, (0, 1e-15, 0)):  # per token
+    got = gk.token_stats(h, w, y, bias=b, backend=runs_itself(backend, h))
+    for name, g, e, absolute in zip(FIELDS, got, expected, (0, 4e-15, 0)):  # per token
         assert ((g - e).abs() <= 1e-12 * e.abs() + absolute)[valid].all(), name
-    got32 = gk.token_stats(h.detach().float(), w.detach().float(), y, bias=b.detach().float(), backend=backend)
-    assert got32.entropy.dtype == torch.float32
-    exact, _ = token_stats(h.float(), w.float(), y, b.float())
-    b_entropy, b_var = stats_bounds(h.float(), w.float(), y, torch.float32)
-    assert ((got32.entropy.double() - exact[1]).abs() <= b_entropy)[valid].all()
-    assert ((got32.logprob_var.double() - exact[2]).abs() <= b_var)[valid].all()
+
+
+@pytest.mark.parametrize("backend", FLOAT32_BACKENDS)
+@pytest.mark.parametrize("scale,shift,softcap,bias", [(1.0, False, None, False), (1.0, True, 4.0, True),
+                                                      (60.0, True, None, True)], ids=["plain", "softcap", "peaky"])
+def test_float32_within_rounding_bounds(backend, scale, shift, softcap, bias):
+    h, w, b, y = (t if t is None or t.dtype == torch.long else t.detach().float()
+                  for t in make_inputs(13, bias=bias, scale=scale, V=1001))  # V: not a multiple of any tile
+    got = gk.token_stats(h, w, y, bias=b, softcap=softcap, shift=shift, backend=runs_itself(backend, h))
+    assert_within_bounds(got, h, w, y, b, softcap, shift)
+
+
+def test_triton_vocabulary_splits(monkeypatch):
+    """Several tiles per program and empty tiles past V at the end of the last split (tiles of 64 columns in the
+    interpreter, 5 per split: V 1001 has 16 tiles, the last split holds one of them and four empty ones)."""
+    monkeypatch.setattr(linear_forward, "_TARGET_PROGRAMS", 1)
+    monkeypatch.setattr(linear_forward, "_MAX_TILES_PER_SPLIT", 5)
+    h, w, b, y = (t if t.dtype == torch.long else t.detach().float() for t in make_inputs(14, scale=3.0, V=1001))
+    assert linear_forward.vocab_splits(1, 16) == (5, 4)
+    got = gk.token_stats(h, w, y, bias=b, softcap=2.5, backend=runs_itself("triton", h))
+    assert_within_bounds(got, h, w, y, b, 2.5)
 
 
 def test_chunk_boundaries_and_flat_input(monkeypatch):
@@ -77,21 +123,17 @@ def test_chunk_boundaries_and_flat_input(monkeypatch):
     y[::4] = IGNORE
     monkeypatch.setattr(autograd, "CHUNK_BYTES", 5 * 4 * 1000)
     expected, valid = token_stats(h, w, y)
-    assert_stats(gk.token_stats(h, w, y, backend="torch"), expected, valid, 1e-12)
+    for backend in ("torch", "cpp_cpu"):
+        assert_stats(gk.token_stats(h, w, y, backend=runs_itself(backend, h)), expected, valid, 1e-12)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_low_precision_inputs_within_their_rounding_bounds(dtype):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_inputs_within_their_rounding_bounds(dtype):
     h64, w64, _, y = make_inputs(13, bias=False)
     h, w = h64.detach().to(dtype), w64.detach().to(dtype)
-    (lp, entropy, var), valid = token_stats(h.double(), w.double(), y)  # exact math on the rounded inputs
-    b_lp, b_entropy, b_var = logprob_bound(h, w, y, dtype), *stats_bounds(h, w, y, dtype)
-    for backend in BACKENDS:
-        got = gk.token_stats(h, w, y, backend=backend)
-        assert all(t.dtype == torch.float32 for t in got)
-        for name, g, e, bound in zip(FIELDS, got, (lp, entropy, var), (b_lp, b_entropy, b_var)):
-            ratio = ((g.double() - e).abs() / bound)[valid].max().item()
-            assert ratio <= 1, f"{backend} {name}: error {ratio:.2f}x the {dtype} rounding bound"
+    for backend in ("oracle", "torch", "cpp_cpu"):
+        got = gk.token_stats(h, w, y, backend=runs_itself(backend, h))
+        assert_within_bounds(got, h, w, y, dtype=dtype)
 
 
 def test_float32_bounds_reject_half_precision_results():
@@ -106,8 +148,10 @@ def test_float32_bounds_reject_half_precision_results():
             assert ((g.to(half).double() - e).abs() / bound)[valid].max() > 1.5
 
 
-def test_bad_inputs_are_refused():
+def test_empty_batch_and_bad_inputs():
     h, w, _, y = make_inputs(14, bias=False)
+    empty = gk.token_stats(h[:, :0], w, y[:, :0])
+    assert all(t.shape == (h.shape[0], 0) for t in empty)
     with pytest.raises(ValueError, match="labels shape"):
         gk.token_stats(h, w, y[:, 1:])
     with pytest.raises(ValueError, match="softcap"):

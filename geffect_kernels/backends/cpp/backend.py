@@ -140,6 +140,15 @@ class _CsrcBackend(Backend):
                                                                                   torch.float64), hidden),
                           hidden, weight, bias)
 
+    def token_stats(self, hidden, weight, bias, labels, opts):
+        ext = self.ext
+        out = [torch.empty(labels.shape, dtype=compute_dtype(hidden.dtype), device=hidden.device) for _ in range(3)]
+        for sl in row_chunks(hidden.shape[0], weight.shape[0]):
+            z = _head_logits(hidden[sl], weight, bias)
+            for buffer, part in zip(out, ext.row_token_stats(z, labels[sl], opts.ignore_index, _cap(opts.softcap))):
+                buffer[sl] = part
+        return tuple(out)
+
     def token_logprobs_from_logits(self, logits, labels, opts):
         return token_logprobs(_Logprobs(self.ext, opts), logits, labels)
 

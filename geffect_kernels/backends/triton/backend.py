@@ -13,6 +13,7 @@ from .config import interpreting
 from .fused_weighted import head_logprobs_op, weighted_head_loss
 from .kl import fused_kl
 from .logits_rowwise import logits_logprobs, logits_weighted_loss
+from .token_stats import head_token_stats
 
 
 def _rowmajor(t):
@@ -56,6 +57,11 @@ class TritonBackend(Backend):
     def weighted_loss(self, hidden, weight, bias, labels, ref_logprobs, opts):
         return weighted_head_loss(_rowmajor(hidden), _rowmajor(weight), _rowmajor(bias), labels.contiguous(),
                                   _float32(ref_logprobs), opts)
+
+    @_on_inputs_device
+    def token_stats(self, hidden, weight, bias, labels, opts):
+        return head_token_stats(_rowmajor(hidden), _rowmajor(weight), _rowmajor(bias), labels.contiguous(),
+                                ignore_index=opts.ignore_index, softcap=opts.softcap)
 
     @_on_inputs_device
     def kl_divergence(self, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, opts):

@@ -26,7 +26,7 @@ H100_SHARED_BYTES = 232448  # 227 KiB per block (opt-in maximum on sm_90)
 _FLOAT_ARGS = {"softcap", "alpha", "beta", "gamma", "eps"}
 _FLOAT32_BUFFERS = {"part_max_ptr", "part_sum_ptr", "target_ptr", "lse_ptr", "lse_ref_ptr", "coef_ptr", "lp_ptr",
                     "db_ptr", "tile_max_ptr", "ref_ptr", "kl_ptr", "part_ptr", "scale_ptr", "valid_ptr", "u_ptr",
-                    "ur_ptr"}
+                    "ur_ptr", "part_mean_ptr", "part_m2_ptr", "entropy_ptr", "var_ptr"}
 _COUNTS = {"ignore_index", "tiles_per_split", "n_splits"}
 _TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
@@ -74,7 +74,7 @@ def variants():
     """(label, kernel, dtype, constexprs, launch options, pointer-type overrides): every kernel with every
     combination of compile-time flags its launcher can pass, for 16-bit (bf16; fp16 gets the same tiles) and
     float32 inputs."""
-    from . import fast_path, gram, kl, kl_fast, linear_backward, linear_forward, logits_rowwise, matmul
+    from . import fast_path, gram, kl, kl_fast, linear_backward, linear_forward, logits_rowwise, matmul, token_stats
     from .config import dot_precision, kl_row_tiles, matmul_tiles, row_block
     from ...catalog import OBJECTIVES
     from .weights import NO_WEIGHTS
@@ -95,6 +95,9 @@ def variants():
             o, b = (opts2, blocks2) if flags["STORE_EXP"] else (opts, blocks)  # as head_logprobs launches it
             yield (_label("lse_partials", dtype, flags), linear_forward.lse_partials_kernel, dtype,
                    {**flags, **prec, **b}, o, {})
+        for flags in _flag_sets(("HAS_BIAS", "SOFTCAP")):  # as head_token_stats launches it
+            yield (_label("stats_partials", dtype, flags), token_stats.stats_partials_kernel, dtype,
+                   {**flags, **prec, **blocks2}, opts2, {})
         for flags in _flag_sets(("HAS_BIAS", "SOFTCAP", "NEED_DB"), needs=(("NEED_DB", "HAS_BIAS"),)):
             yield (_label("token_grad", dtype, flags), linear_backward.token_grad_kernel, dtype,
                    {**flags, **prec, **blocks}, opts, {})
@@ -146,6 +149,7 @@ def variants():
         yield (_label("logits_grad", bf16, flags), logits_rowwise.logits_grad_kernel, bf16, {**flags, "BLOCK": block},
                {"num_warps": warps}, {})
     yield "kl_combine fp32", kl.kl_combine_kernel, fp32, {"BLOCK": 1024}, {"num_warps": 4}, {}
+    yield "stats_combine fp32", token_stats.stats_combine_kernel, fp32, {"BLOCK": 1024}, {"num_warps": 4}, {}
     for flags in _flag_sets(("SOFTCAP", "NEED_DB")):
         yield (_label("exp_to_grad", bf16, flags), fast_path.exp_to_grad_kernel, bf16,
                {**flags, "ROWS": fast_path._ROWS, "TILE": linear_forward.forward_tile_width(bf16)},

@@ -197,6 +197,27 @@ Tensor row_kl(const Tensor& logits, const Tensor& ref_logits, const OptTensor& g
   return kl;
 }
 
+// token_stats per row: {ℓ, entropy, Var_p[log p]} in the compute dtype.
+std::vector<Tensor> row_token_stats(const Tensor& logits, const Tensor& labels, int64_t ignore_index, double softcap) {
+  check_batch(logits, c10::nullopt, labels);
+  Tensor logprobs = at::empty({logits.size(0)}, logits.options().dtype(compute_dtype(logits)));
+  Tensor entropy = at::empty_like(logprobs), variance = at::empty_like(logprobs);
+#ifdef GEFFECT_WITH_CUDA
+  if (logits.is_cuda()) {
+    GEFFECT_CUDA_GUARD(logits);
+    geffect::cuda::row_token_stats(cuda_batch(logits, c10::nullopt, labels, ignore_index, softcap),
+                                   logprobs.data_ptr(), entropy.data_ptr(), variance.data_ptr());
+    return {logprobs, entropy, variance};
+  }
+#endif
+  cpu_dispatch(logits, [&](auto tag) {
+    using T = decltype(tag);
+    geffect::cpu::row_token_stats<T>(cpu_batch<T>(logits, c10::nullopt, labels, ignore_index, softcap),
+                                     logprobs.data_ptr<T>(), entropy.data_ptr<T>(), variance.data_ptr<T>());
+  });
+  return {logprobs, entropy, variance};
+}
+
 // row_sums[i] += Σ_j a[i, j] b[i, j] (CPU; the fused product-and-reduce step of the tiled Gram form).
 void rowwise_dot(const Tensor& a, const Tensor& b, Tensor& row_sums) {
   check_rows(a, "a");
@@ -254,6 +275,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("beta"), py::arg("gamma"), py::arg("eps"), py::arg("scale"));
   m.def("row_kl", &row_kl, py::arg("logits"), py::arg("ref_logits"), py::arg("grad"), py::arg("labels"),
         py::arg("ignore_index"), py::arg("softcap"), py::arg("scale"));
+  m.def("row_token_stats", &row_token_stats, py::arg("logits"), py::arg("labels"), py::arg("ignore_index"),
+        py::arg("softcap"));
   m.def("rowwise_dot", &rowwise_dot, py::arg("a"), py::arg("b"), py::arg("row_sums"));
 #ifdef GEFFECT_WITH_CUDA
   m.def("ghost_inner_product_cuda", &ghost_inner_product_cuda, py::arg("grad_a"), py::arg("input_a"),

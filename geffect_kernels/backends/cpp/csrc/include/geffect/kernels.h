@@ -44,6 +44,11 @@ void row_weighted_loss(const RowBatch<T>& b, const T* ref, const WeightParams& w
 template <typename T>
 void row_kl(const RowBatch<T>& b, const T* ref_logits, int64_t ref_stride, double scale, T* kl);
 
+// token_stats per row: ℓ_r, the entropy of softmax(z_r) and Var_{softmax(z_r)}[log softmax(z_r)] (all 0 for
+// ignored rows). b.grad is not used.
+template <typename T>
+void row_token_stats(const RowBatch<T>& b, T* logprobs, T* entropy, T* variance);
+
 // row_sums[i] += Σ_j a[i, j] · b[i, j] in float64, both [rows, cols] with row stride ld.
 template <typename T>
 void rowwise_dot(const T* a, const T* b, int64_t rows, int64_t cols, int64_t ld, double* row_sums);
@@ -76,6 +81,7 @@ void row_grad(const RowBatchAny& b, const void* lse, const void* coef);
 void row_weighted_loss(const RowBatchAny& b, const void* ref, const WeightParams& w, const double* scale,
                        void* logprobs, void* coef);
 void row_kl(const RowBatchAny& b, const void* ref_logits, int64_t ref_stride, const double* scale, void* kl);
+void row_token_stats(const RowBatchAny& b, void* logprobs, void* entropy, void* variance);
 
 // Σ_{i,j} (ga gbᵀ)_ij (xa xbᵀ)_ij without forming either Gram matrix. With segment_ids (int64 [na]) the
 // sum over j and over the i of each segment goes to out[segment]; without, everything goes to out[0].
