@@ -54,8 +54,9 @@ setup(
         "rouge-score>=0.1.2",  # TOFU's ROUGE-L (Porter stemming)
     ],
     extras_require={"triton": ["triton>=3.0"], "hf": ["accelerate>=1.1"], "peft": ["peft>=0.13"],
+                    "data": ["pyarrow>=14"],  # parquet, Arrow and save_to_disk folders (data/records.py)
                     "test": ["pytest>=8", "pytest-benchmark>=4", "accelerate>=1.1", "setuptools>=70.1",
-                             "peft>=0.13"]},
+                             "peft>=0.13", "pyarrow>=14"]},
     entry_points={"console_scripts": ["geffect = geffect_kernels.cli:main"]},
     **(extension_build() if os.environ.get("GEFFECT_BUILD_EXT") == "1" else {}),
 )

@@ -1,8 +1,9 @@
 """Question-answer pairs in the TOFU format, and their loader.
 
-A TOFU file is JSON (a list of records, or an object with a ``"data"`` list) or JSONL (one record a
-line). Each record has ``question`` and ``answer``; evaluation sets may add ``paraphrased_answer``
-(a string) and ``perturbed_answer`` (a list of wrong answers, or one string).
+The records come from any file or folder `records.read_records` reads (JSON or JSON Lines whatever the suffix,
+parquet, Arrow, ``save_to_disk`` folders, Hub-style split folders). Each record has ``question`` and ``answer``;
+evaluation sets may add ``paraphrased_answer`` (a string) and ``perturbed_answer`` (a list of wrong answers, or
+one string).
 """
 from __future__ import annotations
 
@@ -10,9 +11,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-
-class DataError(ValueError):
-    """A data file that cannot be used; the message names the file and the problem."""
+from .errors import DataError
+from .records import read_records
 
 
 @dataclass(frozen=True)
@@ -33,31 +33,6 @@ class QAPair:
         if self.perturbed_answers:
             record["perturbed_answer"] = list(self.perturbed_answers)
         return record
-
-
-def _read_records(path: Path) -> list:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as err:
-        raise DataError(f"{path}: not UTF-8 text (byte {err.start}: {err.reason})") from None
-    if path.suffix == ".jsonl":
-        records = []
-        for number, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError as err:
-                    raise DataError(f"{path}: line {number} is not valid JSON ({err.msg})") from None
-        return records
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise DataError(f"{path}: not valid JSON ({err.msg} at line {err.lineno})") from None
-    if isinstance(data, dict) and isinstance(data.get("data"), list):
-        data = data["data"]
-    if not isinstance(data, list):
-        raise DataError(f"{path}: expected a list of records (or an object with a 'data' list)")
-    return data
 
 
 def _text(path, index, record, key, required):
@@ -87,11 +62,10 @@ def _record_to_pair(path, index, record) -> QAPair:
 
 
 def load_qa(path, *, allow_empty=False) -> list[QAPair]:
-    """Read a TOFU-format file (``.json`` or ``.jsonl``); DataError with file and record on bad input."""
+    """Read TOFU-format question-answer records from a file or folder (see `records.read_records`);
+    DataError with file and record on bad input."""
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: no such file")
-    pairs = [_record_to_pair(path, i, r) for i, r in enumerate(_read_records(path))]
+    pairs = [_record_to_pair(path, i, r) for i, r in enumerate(read_records(path))]
     if not pairs and not allow_empty:
         raise DataError(f"{path}: contains no records")
     return pairs

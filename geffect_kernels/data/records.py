@@ -1,0 +1,168 @@
+"""Records (one dict per example) from the files data sets are published as.
+
+- a JSON file: a list of records, an object with a ``"data"`` list, or JSON Lines (one record a line), told
+  apart by the content, whatever the suffix (TOFU's ``real_authors_perturbed.json`` is JSON Lines);
+- a parquet file, or an Arrow file (``.arrow``: IPC stream or file format);
+- a folder written by Hugging Face ``datasets``' ``save_to_disk``: a ``Dataset`` (``state.json`` and its Arrow
+  files) or a ``DatasetDict`` (``dataset_dict.json`` and one such folder per split);
+- a split in a Hub-style folder, named as ``FOLDER/SPLIT``: the files ``SPLIT.json``, ``SPLIT.jsonl``,
+  ``SPLIT.parquet`` or the shards ``SPLIT-00000-of-00002.parquet``, ... in FOLDER (or FOLDER/data): TOFU's
+  ``forget10/train-00000-of-00001.parquet``, MUSE's ``knowmem/forget_qa-00000-of-00001.parquet``;
+- a Hub-style folder that holds one split (or a ``train`` split): that split.
+
+Parquet and Arrow need ``pyarrow`` (``pip install pyarrow``); JSON needs nothing.
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from .errors import DataError
+
+DATA_SUFFIXES = (".parquet", ".arrow", ".jsonl", ".json")
+_SHARD = re.compile(r"(.+?)(?:-\d{5}-of-\d{5})?$")  # "train-00000-of-00001" -> "train"
+
+
+def _pyarrow(path):
+    try:
+        import pyarrow
+        import pyarrow.ipc  # noqa: F401  (submodules used below)
+        import pyarrow.parquet  # noqa: F401
+    except ImportError:
+        raise DataError(f"{path}: reading parquet and Arrow files needs pyarrow (pip install pyarrow)") from None
+    return pyarrow
+
+
+def _json_records(path: Path) -> list:
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path}: not UTF-8 text (byte {err.start}: {err.reason})") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as whole:
+        lines = [(n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+        try:
+            json.loads(lines[0][1]) if lines else None
+        except json.JSONDecodeError:  # not even its first line is JSON: report it as one JSON document
+            raise DataError(f"{path}: not valid JSON ({whole.msg} at line {whole.lineno})") from None
+        return _json_lines(path, lines)
+    if isinstance(data, dict) and isinstance(data.get("data"), list):
+        data = data["data"]
+    if not isinstance(data, list):
+        raise DataError(f"{path}: expected a list of records (or an object with a 'data' list)")
+    return data
+
+
+def _json_lines(path, lines) -> list:
+    records = []
+    for number, line in lines:
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path}: line {number} is not valid JSON ({err.msg})") from None
+    return records
+
+
+def _arrow_records(path: Path) -> list:
+    pa = _pyarrow(path)
+    try:
+        with pa.memory_map(str(path)) as source:
+            try:
+                table = pa.ipc.open_stream(source).read_all()  # what save_to_disk writes
+            except pa.ArrowInvalid:
+                source.seek(0)
+                table = pa.ipc.open_file(source).read_all()
+    except (pa.ArrowInvalid, OSError) as err:
+        raise DataError(f"{path}: not a readable Arrow file ({err})") from None
+    return table.to_pylist()
+
+
+def _parquet_records(path: Path) -> list:
+    pa = _pyarrow(path)
+    try:
+        table = pa.parquet.read_table(path)
+    except (pa.ArrowInvalid, OSError) as err:
+        raise DataError(f"{path}: not a readable parquet file ({err})") from None
+    return table.to_pylist()
+
+
+def _file_records(path: Path) -> list:
+    if path.suffix == ".parquet":
+        return _parquet_records(path)
+    if path.suffix == ".arrow":
+        return _arrow_records(path)
+    return _json_records(path)
+
+
+def _saved_dataset(folder: Path) -> list:
+    """A ``Dataset.save_to_disk`` folder: its Arrow files in the order ``state.json`` lists them."""
+    try:
+        state = json.loads((folder / "state.json").read_text(encoding="utf-8"))
+        files = [entry["filename"] for entry in state["_data_files"]]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise DataError(f"{folder}: state.json does not list the data files ({type(err).__name__}: {err})") from None
+    return [record for name in files for record in _arrow_records(folder / name)]
+
+
+def _split_files(folder: Path) -> dict[str, list[Path]]:
+    """``{split: [files]}`` of the data files directly in ``folder`` (shards of one split together, in order)."""
+    splits = {}
+    for path in sorted(folder.iterdir()):
+        if path.is_file() and path.suffix in DATA_SUFFIXES:
+            splits.setdefault(_SHARD.fullmatch(path.stem).group(1), []).append(path)
+    return splits
+
+
+def _one_split(folder: Path, splits, what) -> str:
+    if len(splits) == 1:
+        return next(iter(splits))
+    if "train" in splits:
+        return "train"
+    names = ", ".join(sorted(splits))
+    raise DataError(f"{folder} holds the {what} {names}: name one as {folder}/NAME")
+
+
+def _folder_records(folder: Path) -> list:
+    if (folder / "dataset_dict.json").is_file():  # DatasetDict.save_to_disk: one saved Dataset per split
+        try:
+            splits = json.loads((folder / "dataset_dict.json").read_text(encoding="utf-8"))["splits"]
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise DataError(f"{folder}: dataset_dict.json does not list the splits ({err})") from None
+        return _saved_dataset(folder / _one_split(folder, dict.fromkeys(splits), "splits"))
+    if (folder / "state.json").is_file():
+        return _saved_dataset(folder)
+    splits = _split_files(folder)
+    if splits:
+        return [r for path in splits[_one_split(folder, splits, "splits")] for r in _file_records(path)]
+    if (folder / "data").is_dir():
+        return _folder_records(folder / "data")
+    raise DataError(f"{folder}: a folder without data files (json, jsonl, parquet, arrow) or a saved dataset")
+
+
+def _named_split(path: Path) -> list[Path] | None:
+    """The files of split ``path.name`` in ``path.parent`` (or its ``data/``), or None."""
+    for folder in (path.parent, path.parent / "data"):
+        if folder.is_dir():
+            files = _split_files(folder).get(path.name)
+            if files:
+                return files
+    return None
+
+
+def read_records(path) -> list:
+    """The records stored at ``path`` (see the module docstring for the layouts); DataError naming the
+    file and the problem otherwise."""
+    path = Path(path)
+    if path.is_file():
+        return _file_records(path)
+    if path.is_dir():
+        return _folder_records(path)
+    files = _named_split(path)
+    if files is None:
+        raise DataError(f"{path}: no such file, folder or split")
+    return [r for file in files for r in _file_records(file)]
+
+
+__all__ = ["DATA_SUFFIXES", "read_records"]
