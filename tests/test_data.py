@@ -103,3 +103,15 @@ def test_tokenizer_round_trip(tokenizer, tmp_path):
     assert loaded.pad_token == "<pad>" and loaded.eos_token == "</s>"
     encoded = encode_pairs(loaded, [QAPair("Q?", "A.")])
     assert len(encoded) == 1 and encoded.batch([0])["input_ids"].dtype == torch.long
+
+
+def test_demo_holdout_authors_are_new_and_leave_the_rest_unchanged():
+    data = demo_data(10, forget_fraction=0.2)
+    assert len(data.holdout_authors) == 2 and len(data.holdout) == 22  # as many as the forget authors
+    trained = {a.name for a in data.authors}
+    assert not trained & {a.name for a in data.holdout_authors}
+    assert not {p.question for p in data.all_training} & {p.question for p in data.holdout}
+    without = demo_data(10, forget_fraction=0.2, holdout_authors=0)
+    assert without.holdout == [] and without.authors == data.authors and without.forget == data.forget
+    with pytest.raises(ValueError, match="holdout_authors"):
+        demo_data(10, holdout_authors=-1)

@@ -114,3 +114,40 @@ def test_normalized_probability_needs_perturbed_answers(tiny):
     from geffect_kernels.eval import score_set
     with pytest.raises(ValueError, match="perturbed"):
         score_set(model, tokenizer, [QAPair("Q?", "A.")], normalized=True, generate=False)
+
+
+def test_sets_without_paraphrases_use_the_answer_as_the_truth_ratios_reference(tiny):
+    data, tokenizer, model = tiny
+    from geffect_kernels.eval import score_set
+    pairs = [QAPair(p.question, p.answer, None, p.perturbed_answers) for p in data.real_authors[:3]]
+    got = score_set(model, tokenizer, pairs, normalized=True, generate=False)
+    questions = [p.question for p in pairs]
+    answer = mean_answer_logprobs(model, tokenizer, questions, [p.answer for p in pairs]).numpy()
+    k = len(pairs[0].perturbed_answers)
+    perturbed = mean_answer_logprobs(model, tokenizer, [q for q in questions for _ in range(k)],
+                                     [a for p in pairs for a in p.perturbed_answers]).numpy().reshape(3, k)
+    assert got["truth_ratio"] == pytest.approx(np.exp(perturbed.mean(-1) - answer), rel=1e-6)
+    assert got["probability"] == pytest.approx(np.exp(answer) / (np.exp(answer) + np.exp(perturbed).sum(-1)))
+    assert got["perturbed_probability"] == pytest.approx(np.exp(perturbed).mean(-1), rel=1e-6)
+    assert "paraphrased_probability" not in got
+
+
+def test_summary_names_what_it_could_not_compute_and_gives_mia_and_privleak(tiny):
+    data, tokenizer, model = tiny
+    summary, per_sample = evaluate_model(model, tokenizer, data.forget[:4], max_new_tokens=2)
+    assert "forget_quality" not in summary and "retain model" in summary["missing"]["forget_quality"]
+    assert "holdout" in summary["missing"]["mia_auc"] and "privleak" not in summary
+    no_truth = [QAPair(p.question, p.answer) for p in data.forget[:3]]
+    summary, _ = evaluate_model(model, tokenizer, no_truth, retain_model_forget_ratios=[1.0], max_new_tokens=2)
+    assert "perturbed answers" in summary["missing"]["forget_quality"]
+    holdout = data.retain[:5]
+    summary, per_sample = evaluate_model(model, tokenizer, data.forget[:4], holdout=holdout, max_new_tokens=2,
+                                         retain_model_mia_auc={"min_k": 0.25})
+    from geffect_kernels.eval.membership import auc
+    for attack in ("loss", "zlib", "min_k", "min_k++"):
+        assert summary["mia_auc"][attack] == pytest.approx(
+            auc(per_sample["forget"][f"mia_{attack}"], per_sample["holdout"][f"mia_{attack}"]))
+    expected = ((1 - summary["mia_auc"]["min_k"]) - 0.75) / 0.75 * 100
+    assert summary["privleak"] == pytest.approx(expected)
+    assert len(per_sample["holdout"]["mia_loss"]) == 5
+    assert summary["forget_exact_memorization"] == pytest.approx(np.mean(per_sample["forget"]["exact_memorization"]))

@@ -7,11 +7,13 @@ with the same fact) and perturbed answers (the same sentence with a wrong value 
 which the truth ratio compares. Two sets measure utility outside the fictitious authors, as in TOFU: real
 authors (who wrote a famous book) and world facts (capitals). The target model learns them with the rest, so
 they are facts it knew before unlearning, about people and places outside the forget and retain sets.
+Holdout authors, as many as the forget authors and made the same way, are never trained on: membership inference
+compares the forget set with them.
 """
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .qa import QAPair
 
@@ -179,6 +181,8 @@ class DemoData:
     world: list[QAPair]  # world facts
     authors: list[Author]
     real_authors: list[QAPair]  # famous books' authors: known to the target, outside forget and retain
+    holdout: list[QAPair] = field(default_factory=list)  # authors no model of the demo is trained on
+    holdout_authors: list[Author] = field(default_factory=list)
 
     @property
     def general_knowledge(self) -> list[QAPair]:
@@ -191,16 +195,24 @@ class DemoData:
         return self.retain + self.forget + self.general_knowledge
 
 
-def demo_data(n_authors: int = 20, forget_fraction: float = 0.1, seed: int = 0) -> DemoData:
-    """Authors split TOFU-style: the last ``forget_fraction`` of them are to be forgotten."""
+def demo_data(n_authors: int = 20, forget_fraction: float = 0.1, seed: int = 0, *,
+              holdout_authors: int | None = None) -> DemoData:
+    """Authors split TOFU-style: the last ``forget_fraction`` of them are to be forgotten; ``holdout_authors``
+    more (default: as many as are forgotten) are made for membership inference and trained on by no one. The
+    first ``n_authors`` are the same whatever the number of holdout authors."""
     if not 0 < forget_fraction < 1:
         raise ValueError(f"forget_fraction must be in (0, 1), got {forget_fraction}")
     n_forget = max(1, round(n_authors * forget_fraction))
     if n_forget >= n_authors:
         raise ValueError(f"{n_authors} authors leave none to retain with forget_fraction={forget_fraction}")
-    authors = make_authors(n_authors, seed)
+    n_holdout = n_forget if holdout_authors is None else holdout_authors
+    if n_holdout < 0:
+        raise ValueError(f"holdout_authors must be non-negative, got {n_holdout}")
+    everyone = make_authors(n_authors + n_holdout, seed)  # one generator: the first n_authors do not change
+    authors, outsiders = everyone[:n_authors], everyone[n_authors:]
     qa = [author_qa(a, seed) for a in authors]
     split = n_authors - n_forget
     return DemoData(forget=[p for pairs in qa[split:] for p in pairs],
                     retain=[p for pairs in qa[:split] for p in pairs], world=world_facts(seed), authors=authors,
-                    real_authors=real_authors(seed))
+                    real_authors=real_authors(seed), holdout=[p for a in outsiders for p in author_qa(a, seed)],
+                    holdout_authors=outsiders)

@@ -38,6 +38,19 @@ def encode_pair(tokenizer, question: str, answer: str, *, max_length: int | None
     return {"input_ids": prompt + answer_ids, "labels": [IGNORE_INDEX] * len(prompt) + answer_ids}
 
 
+def encode_text(tokenizer, text: str, *, max_length: int | None = None) -> dict:
+    """A plain text scored whole (MUSE's privleak and verbmem texts): ``<bos>`` text ``<eos>``, every token
+    after the BOS labeled."""
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if tokenizer.eos_token_id is not None:
+        ids = ids + [tokenizer.eos_token_id]
+    if max_length is not None:
+        ids = ids[:max_length - len(bos)]
+    labels = ([IGNORE_INDEX] * len(bos) + ids) if bos else [IGNORE_INDEX] + ids[1:]
+    return {"input_ids": bos + ids, "labels": labels}
+
+
 @dataclass
 class EncodedSet:
     """Encoded examples plus the padding id: indexable by sample, batchable by index list."""

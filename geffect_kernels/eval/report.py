@@ -16,6 +16,9 @@ import numpy as np
 SUMMARY_COLUMNS = ["forget_quality", "model_utility",
                    *(f"{s}_{m}" for s in ("forget", "retain", "real_authors", "world")
                      for m in ("probability", "rouge_l", "truth"))]
+# membership inference and memorization: their own table (``mia_auc`` flattened to one column per attack)
+PRIVACY_COLUMNS = ["privleak", "mia_auc_loss", "mia_auc_zlib", "mia_auc_min_k", "mia_auc_min_k++",
+                   "forget_exact_memorization", "forget_extraction_strength"]
 _SEEDED = re.compile(r"(.+)-seed(\d+)")
 
 
@@ -175,11 +178,43 @@ def _observations(runs, histories, trajectories):
     return lines, verdicts
 
 
-def _summary_section(summaries, results):
-    """TOFU table (mean [min, max] over seeds) and the CSV files behind it."""
+def flat_summary(summary) -> dict:
+    """A summary's numbers as one flat mapping: ``mia_auc`` as ``mia_auc_<attack>``; reasons (``missing``) and
+    anything else that is not a number left out."""
+    out = {}
+    for key, value in summary.items():
+        if isinstance(value, dict) and key != "missing":
+            out.update({f"{key}_{k}": v for k, v in value.items() if isinstance(v, (int, float))})
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[key] = value
+    return out
+
+
+def _table(summaries, columns, groups):
+    lines = ["| model | " + " | ".join(c.replace("_", " ") for c in columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    return lines + [f"| {model} | " + " | ".join(_spread([summaries[n].get(c) for n in names]) for c in columns) + " |"
+                    for model, names in groups.items()]
+
+
+def _missing_lines(raw):
+    """One bullet per metric that some model lacks, with the reason its summary gives."""
+    reasons = {}
+    for name, summary in raw.items():
+        for metric, why in (summary.get("missing") or {}).items():
+            reasons.setdefault((metric, why), []).append(split_run_name(name)[0])
+    return [f"- {metric.replace('_', ' ')} not computed for {', '.join(dict.fromkeys(models))}: {why}."
+            for (metric, why), models in reasons.items()]
+
+
+def _summary_section(raw, results):
+    """TOFU table, membership-inference table (mean [min, max] over seeds) and the CSV files behind them."""
+    summaries = {name: flat_summary(s) for name, s in raw.items()}
     groups = _by_model(summaries)
-    extra = [k for s in summaries.values() for k in s if k not in SUMMARY_COLUMNS]
-    columns = [c for c in [*SUMMARY_COLUMNS, *dict.fromkeys(extra)] if any(c in s for s in summaries.values())]
+    extra = [k for s in summaries.values() for k in s if k not in SUMMARY_COLUMNS + PRIVACY_COLUMNS]
+    columns = [c for c in [*SUMMARY_COLUMNS, *dict.fromkeys(extra), *PRIVACY_COLUMNS]
+               if any(c in s for s in summaries.values())]
+    tofu_columns = [c for c in columns if c not in PRIVACY_COLUMNS]
+    privacy_columns = [c for c in columns if c in PRIVACY_COLUMNS]
     means = [{"model": model, "seeds": len(names),
               **{c: float(np.mean([summaries[n][c] for n in names if c in summaries[n]]))
                  for c in columns if any(c in summaries[n] for n in names)}} for model, names in groups.items()]
@@ -191,15 +226,26 @@ def _summary_section(summaries, results):
     if several:
         lines += ["Unlearned models: mean [min, max] over the seeds (same target, different batch order and "
                   "initial randomness); target and retain-only models are trained once.", ""]
-    lines += ["| model | " + " | ".join(c.replace("_", " ") for c in columns) + " |", "|---" * (len(columns) + 1) + "|"]
-    lines += [f"| {model} | " + " | ".join(_spread([summaries[n].get(c) for n in names]) for c in columns) + " |"
-              for model, names in groups.items()]
+    lines += _table(summaries, tofu_columns, groups)
     lines += ["", "Forget quality: KS-test p-value of forget-set truth ratios against the retain-only model "
               "(higher = closer to never having seen the forget authors). Model utility: TOFU's harmonic mean of "
               "nine numbers, probability, ROUGE-L and truth score on the retain, real-authors and world-fact sets "
               "(with fewer sets the harmonic mean is named after them). Probabilities are length-normalized "
               "(real authors and world facts: normalized over the options); ROUGE-L is the `rouge-score` recall "
               "(Porter stemming) of greedy answers.", ""]
+    if privacy_columns:
+        lines += ["## Membership inference and memorization", ""]
+        lines += _table(summaries, privacy_columns, groups)
+        lines += ["", "MIA AUC: forget (label 0) against holdout (label 1) per attack, open-unlearning's convention "
+                  "(1: the forget answers look far more like training data than the holdout ones; 0.5: no "
+                  "difference). Privleak: MUSE's, (AUC' − AUC'_retain) / AUC'_retain × 100 with AUC' = 1 − the "
+                  "min-k% AUC (k = 0.4), relative to the retain-only model: near 0 is what retraining gives, "
+                  "negative means the forget set still looks memorized. Exact memorization and extraction strength: "
+                  "open-unlearning's, from the teacher-forced argmax on the forget answers. Details: "
+                  "docs/evaluation.md.", ""]
+    missing = _missing_lines(raw)
+    if missing:
+        lines += ["Not computed:", "", *missing, ""]
     return lines
 
 
@@ -244,7 +290,8 @@ def _timing_line(timing):
 
 
 HEADLINE = (("forget_quality", "forget quality"), ("model_utility", "model utility"),
-            ("forget_probability", "forget probability"), ("retain_probability", "retain probability"))
+            ("forget_probability", "forget probability"), ("retain_probability", "retain probability"),
+            ("privleak", "privleak"))
 
 
 def headline(run_dir) -> list[str]:
@@ -253,10 +300,12 @@ def headline(run_dir) -> list[str]:
     from .observations import CLAIMS
 
     results = Path(run_dir) / "results"
-    summaries = json.loads((results / "summary.json").read_text())
+    summaries = {name: flat_summary(s) for name, s in json.loads((results / "summary.json").read_text()).items()}
     verdicts = json.loads((results / "observations.json").read_text())
+    shown = [(key, label) for key, label in HEADLINE
+             if key in dict(HEADLINE[:4]) or any(key in s for s in summaries.values())]
     lines = [f"{model}: " + ", ".join(f"{label} {_spread([summaries[n].get(key) for n in names])}"
-                                      for key, label in HEADLINE)
+                                      for key, label in shown)
              for model, names in _by_model(summaries).items() if model not in ("target", "retain_only")]
     return lines + [f"({letter}) {CLAIMS[letter]}: {v}" for letter, v in verdicts.items()]
 

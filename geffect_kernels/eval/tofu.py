@@ -20,7 +20,9 @@ import math
 import numpy as np
 from scipy.stats import ks_2samp
 
-from .likelihood import greedy_answers, mean_answer_logprobs
+from ..data.prompts import encode_pair
+from .likelihood import greedy_answers, mean_answer_logprobs, memorization_scores
+from .membership import ATTACKS, PRIVLEAK_ATTACK, mia_auc, privleak
 from .rouge import rouge_l_recall
 
 UTILITY_SETS = ("retain", "real_authors", "world")
@@ -65,12 +67,16 @@ def harmonic_mean(values) -> float:
     return len(values) / sum(1 / v for v in values)
 
 
-def score_set(model, tokenizer, pairs, *, normalized=False, generate=True, max_new_tokens=MAX_NEW_TOKENS,
-              batch_size=64) -> dict:
+def score_set(model, tokenizer, pairs, *, normalized=False, generate=True, memorization=False,
+              max_new_tokens=MAX_NEW_TOKENS, batch_size=64) -> dict:
     """Per-sample numbers of one set: ``probability``, ``truth_ratio``, ``rouge_l`` and the generations.
 
     ``normalized``: the answer probability is the share among the perturbed options (real authors, world facts).
-    Truth ratios need ``paraphrased_answer`` and ``perturbed_answers`` on every pair.
+    Truth ratios need ``perturbed_answers`` on every pair; their reference is the paraphrased answer where a pair
+    has one and the answer itself where not (TOFU's ``base_answer_key: answer`` on real authors and world facts).
+    ``paraphrased_probability`` and ``perturbed_probability`` (mean over the perturbations) come with them.
+    ``memorization``: also the membership attacks' scores, exact memorization and extraction strength
+    (`likelihood.memorization_scores`).
     """
     if not pairs:
         raise ValueError("cannot score an empty set")
@@ -78,16 +84,22 @@ def score_set(model, tokenizer, pairs, *, normalized=False, generate=True, max_n
         raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
     questions = [p.question for p in pairs]
     k = min(len(p.perturbed_answers) for p in pairs)
-    has_truth = k > 0 and all(p.paraphrased_answer for p in pairs)
     true_lp = mean_answer_logprobs(model, tokenizer, questions, [p.answer for p in pairs], batch_size=batch_size)
     out = {"question": questions, "answer": [p.answer for p in pairs], "answer_logprob": true_lp.tolist()}
-    if has_truth:
-        para_lp = mean_answer_logprobs(model, tokenizer, questions, [p.paraphrased_answer for p in pairs],
-                                       batch_size=batch_size).numpy()
+    pert_lp = None
+    if k > 0:
+        if any(p.paraphrased_answer for p in pairs):
+            base_lp = mean_answer_logprobs(model, tokenizer, questions,
+                                           [p.paraphrased_answer or p.answer for p in pairs],
+                                           batch_size=batch_size).numpy()
+            out["paraphrased_probability"] = np.exp(base_lp).tolist()
+        else:
+            base_lp = true_lp.numpy()
         pert_lp = mean_answer_logprobs(model, tokenizer, [q for q in questions for _ in range(k)],
                                        [a for p in pairs for a in p.perturbed_answers[:k]],
                                        batch_size=batch_size).numpy().reshape(len(pairs), k)
-        out["truth_ratio"] = truth_ratio(para_lp, pert_lp).tolist()
+        out["truth_ratio"] = truth_ratio(base_lp, pert_lp).tolist()
+        out["perturbed_probability"] = np.exp(pert_lp).mean(-1).tolist()
     elif normalized:
         raise ValueError("normalized probabilities need perturbed answers on every pair")
     out["probability"] = answer_probability(true_lp.numpy(), pert_lp if normalized else None).tolist()
@@ -95,15 +107,42 @@ def score_set(model, tokenizer, pairs, *, normalized=False, generate=True, max_n
         out["generation"] = greedy_answers(model, tokenizer, questions, max_new_tokens=max_new_tokens,
                                            batch_size=batch_size)
         out["rouge_l"] = [rouge_l_recall(p.answer, g) for p, g in zip(pairs, out["generation"])]
+    if memorization:
+        out.update(score_memorization(model, tokenizer, pairs, batch_size=batch_size))
     return out
 
 
-def summarize(forget, retain=None, world=None, *, real_authors=None, retain_model_forget_ratios=None) -> dict:
-    """Set-level TOFU numbers from `score_set` outputs: ``<set>_probability``, ``<set>_rouge_l``,
-    ``<set>_truth`` per set; ``model_utility`` (TOFU's nine-number harmonic mean) when retain, real authors and
-    world facts all have the three numbers, else the harmonic mean over the complete sets given, named after
-    them (``retain_utility``, ...); ``forget_quality`` when the retain-only model's forget truth ratios are given."""
-    summary = {}
+def score_memorization(model, tokenizer, pairs, *, batch_size=32) -> dict:
+    """Membership-attack scores, exact memorization and extraction strength of each pair's answer."""
+    return memorization_scores(model, tokenizer, [encode_pair(tokenizer, p.question, p.answer) for p in pairs],
+                               batch_size=batch_size)
+
+
+NO_RETAIN_MODEL = ("no retain model's evaluation was given (geffect train: --retain-model DIR or "
+                   "--retain-eval FILE)")
+NO_TRUTH_RATIOS = "the forget set has no perturbed answers to compute truth ratios with (TOFU's *_perturbed files do)"
+NO_HOLDOUT = "no holdout set was given (geffect train: --holdout FILE)"
+
+
+def _mean(values):
+    values = [v for v in values if v is not None]
+    return float(np.mean(values)) if values else None
+
+
+def summarize(forget, retain=None, world=None, *, real_authors=None, holdout=None, retain_model_forget_ratios=None,
+              retain_model_mia_auc=None, retain_model_missing=None) -> dict:
+    """Set-level numbers from `score_set` outputs.
+
+    TOFU: ``<set>_probability``, ``<set>_rouge_l``, ``<set>_truth`` per set; ``model_utility`` (TOFU's nine-number
+    harmonic mean) when retain, real authors and world facts all have the three numbers, else the harmonic mean
+    over the complete sets given, named after them (``retain_utility``, ...); ``forget_quality`` from the retain
+    model's forget truth ratios; ``forget_paraphrased_probability``, ``forget_perturbed_probability``.
+    Memorization (where the forget scores have them): ``forget_exact_memorization``,
+    ``forget_extraction_strength``; with ``holdout``: ``mia_auc`` (attack -> AUC), and ``privleak`` from the
+    retain model's ``mia_auc``. What could not be computed is named in ``missing`` (metric -> why);
+    ``retain_model_missing`` is the reason to give when no retain model's numbers are given.
+    """
+    summary, missing = {}, {}
     sets = {name: scores for name, scores in (("forget", forget), ("retain", retain),
                                               ("real_authors", real_authors), ("world", world))
             if scores is not None}
@@ -113,29 +152,59 @@ def summarize(forget, retain=None, world=None, *, real_authors=None, retain_mode
             summary[f"{name}_rouge_l"] = float(np.mean(scores["rouge_l"]))
         if "truth_ratio" in scores:
             summary[f"{name}_truth"] = truth_score(scores["truth_ratio"], forget=name == "forget")
+    for key in ("paraphrased_probability", "perturbed_probability"):
+        if key in forget:
+            summary[f"forget_{key}"] = float(np.mean(forget[key]))
     complete = [s for s in UTILITY_SETS if all(f"{s}_{m}" in summary for m in UTILITY_METRICS)]
     if complete:
         key = "model_utility" if len(complete) == len(UTILITY_SETS) else "_".join(complete) + "_utility"
         summary[key] = harmonic_mean(summary[f"{s}_{m}"] for s in complete for m in UTILITY_METRICS)
-    if retain_model_forget_ratios is not None:
+    if "truth_ratio" not in forget:
+        missing["forget_quality"] = NO_TRUTH_RATIOS
+    elif retain_model_forget_ratios is None:
+        missing["forget_quality"] = retain_model_missing or NO_RETAIN_MODEL
+    else:
         summary["forget_quality"] = forget_quality(forget["truth_ratio"], retain_model_forget_ratios)
+    for key in ("exact_memorization", "extraction_strength"):
+        if key in forget:
+            summary[f"forget_{key}"] = _mean(forget[key])
+    if holdout is None:
+        missing["mia_auc"] = missing["privleak"] = NO_HOLDOUT
+    else:
+        summary["mia_auc"] = mia_auc(_attack_scores(forget), _attack_scores(holdout))
+        if retain_model_mia_auc is None or PRIVLEAK_ATTACK not in retain_model_mia_auc:
+            missing["privleak"] = retain_model_missing or NO_RETAIN_MODEL
+        else:
+            summary["privleak"] = privleak(summary["mia_auc"][PRIVLEAK_ATTACK], retain_model_mia_auc[PRIVLEAK_ATTACK])
+    if missing:
+        summary["missing"] = missing
     return summary
 
 
-def evaluate_model(model, tokenizer, forget, retain=None, world=None, *, real_authors=None,
-                   retain_model_forget_ratios=None, **kwargs):
+def _attack_scores(scores) -> dict:
+    return {name: scores[f"mia_{name}"] for name in ATTACKS if f"mia_{name}" in scores}
+
+
+def evaluate_model(model, tokenizer, forget, retain=None, world=None, *, real_authors=None, holdout=None,
+                   retain_model_forget_ratios=None, retain_model_mia_auc=None, retain_model_missing=None, **kwargs):
     """Score the sets given and summarize: ``(summary, {"forget": ..., "retain": ..., ...})``.
 
-    ``real_authors`` and ``world`` are scored with option-normalized probabilities; ``kwargs`` go to `score_set`
-    (``max_new_tokens``: greedy generation length for ROUGE-L, 200 by default).
+    ``real_authors`` and ``world`` are scored with option-normalized probabilities; the forget set also with the
+    membership attacks and memorization, and ``holdout`` (pairs the model never saw) with the attacks only;
+    ``kwargs`` go to `score_set` (``max_new_tokens``: greedy generation length for ROUGE-L, 200 by default).
     """
     was_training = model.training
     model.eval()
     try:
-        per_sample = {"forget": score_set(model, tokenizer, forget, **kwargs)}
+        per_sample = {"forget": score_set(model, tokenizer, forget, memorization=True, **kwargs)}
         for name, pairs in (("retain", retain), ("real_authors", real_authors), ("world", world)):
             if pairs:
                 per_sample[name] = score_set(model, tokenizer, pairs, normalized=name in NORMALIZED_SETS, **kwargs)
+        if holdout:
+            per_sample["holdout"] = score_memorization(model, tokenizer, holdout,
+                                                       **({"batch_size": kwargs["batch_size"]}
+                                                          if "batch_size" in kwargs else {}))
     finally:
         model.train(was_training)
-    return summarize(**per_sample, retain_model_forget_ratios=retain_model_forget_ratios), per_sample
+    return summarize(**per_sample, retain_model_forget_ratios=retain_model_forget_ratios,
+                     retain_model_mia_auc=retain_model_mia_auc, retain_model_missing=retain_model_missing), per_sample

@@ -8,8 +8,10 @@
 4. Unlearn the forget authors (10%) from the target with each objective plus an ``nll`` retain term, once per
    seed (same target; the seed sets the batch order), recording G-effects every few steps and forget/retain
    probabilities along the way (and, for NPO, its weights and each instance's retain damage).
-5. Evaluate every model TOFU-style and write CSV/JSON, plots and ``report.md`` (see `eval.report`), where each
-   number of the unlearned models comes with its spread over the seeds.
+5. Evaluate every model TOFU-style, with membership inference of the forget authors against holdout authors no
+   model saw (AUC per attack, privleak relative to the retain-only model) and memorization, and write CSV/JSON,
+   plots and ``report.md`` (see `eval.report`), where each number of the unlearned models comes with its spread
+   over the seeds.
 """
 from __future__ import annotations
 
@@ -106,13 +108,14 @@ def _run(out_dir, settings, quick, progress, echo):
     (out / MARKER).write_text(json.dumps({"quick": quick, **asdict(settings)}, indent=1))
 
     data = demo_data(settings.n_authors, forget_fraction=0.1)
-    sets = {"forget": data.forget, "retain": data.retain, "real_authors": data.real_authors, "world": data.world}
+    sets = {"forget": data.forget, "retain": data.retain, "real_authors": data.real_authors, "world": data.world,
+            "holdout": data.holdout}
     for name, pairs in sets.items():
         save_qa(pairs, out / "data" / f"{name}.json")
     tokenizer = train_tokenizer(qa_texts(data.all_training), vocab_size=settings.vocab_size)
     tokenizer.save_pretrained(out / "tokenizer")
     echo(f"data: {len(data.forget)} forget, {len(data.retain)} retain, {len(data.real_authors)} real-author, "
-         f"{len(data.world)} world-fact questions; vocabulary {len(tokenizer)}")
+         f"{len(data.world)} world-fact, {len(data.holdout)} holdout questions; vocabulary {len(tokenizer)}")
 
     def finetune(name, pairs):
         model = tiny_llama(tokenizer, hidden_size=settings.hidden_size, layers=settings.layers,
@@ -131,13 +134,16 @@ def _run(out_dir, settings, quick, progress, echo):
 
     def evaluate(model, **kwargs):
         return evaluate_model(model, tokenizer, data.forget, data.retain, data.world, real_authors=data.real_authors,
-                              max_new_tokens=settings.max_new_tokens, **kwargs)
+                              holdout=data.holdout, max_new_tokens=settings.max_new_tokens, **kwargs)
 
     summaries, per_sample = {}, {}
     summaries["retain_only"], per_sample["retain_only"] = evaluate(retain_only)
-    reference_ratios = per_sample["retain_only"]["forget"]["truth_ratio"]
-    summaries["retain_only"]["forget_quality"] = 1.0  # the KS test of a sample against itself
-    summaries["target"], per_sample["target"] = evaluate(target, retain_model_forget_ratios=reference_ratios)
+    reference = {"retain_model_forget_ratios": per_sample["retain_only"]["forget"]["truth_ratio"],
+                 "retain_model_mia_auc": summaries["retain_only"]["mia_auc"]}
+    # the retain-only model against itself: a KS test of a sample with itself, no leak relative to itself
+    summaries["retain_only"].update(forget_quality=1.0, privleak=0.0)
+    summaries["retain_only"].pop("missing", None)
+    summaries["target"], per_sample["target"] = evaluate(target, **reference)
 
     forget_set, retain_set = encode_pairs(tokenizer, data.forget), encode_pairs(tokenizer, data.retain)
     probe = probability_probe(tokenizer, data.forget, data.retain[:settings.probe_retain])
@@ -162,10 +168,11 @@ def _run(out_dir, settings, quick, progress, echo):
                 {"objective": name, "seed": seed, "step": m["step"],
                  **{k: v for k, v in m.items() if k.startswith("probe_")}}
                 for m in result.metrics if "probe_forget_probability" in m]
-            summaries[run], per_sample[run] = evaluate(model, retain_model_forget_ratios=reference_ratios)
+            summaries[run], per_sample[run] = evaluate(model, **reference)
             s = summaries[run]
             echo(f"{run}: forget quality {s['forget_quality']:.3g}, model utility {s['model_utility']:.3f}, "
-                 f"forget probability {s['forget_probability']:.3f}, retain probability {s['retain_probability']:.3f}")
+                 f"forget probability {s['forget_probability']:.3f}, retain probability {s['retain_probability']:.3f}, "
+                 f"privleak {s['privleak']:.1f}")
 
     results = out / "results"
     results.mkdir(parents=True, exist_ok=True)
