@@ -1,13 +1,16 @@
 """Every objective, defined once: its loss, its source, its defaults and its weight or sequence function.
 
 Token-level objectives are ``sign · mean_t w_t ℓ_t`` with detached weights w_t = ``token_weight(ℓ_t, ℓ_ref,t)``;
-the kernels implement the same weight formulas under ``kernel_code`` (backends/cpp/csrc/include/geffect/math.h and
-backends/triton/weights.py). Sequence-level objectives are ``mean_seq sequence_loss(ℓ_seq, ℓ_ref,seq, n_seq)``.
-Adding an objective means one entry here, plus the kernels' formula for a new token weight. Every backend,
-the profiler and `token_weights` read these entries; nothing else lists objectives.
+the kernels implement the same weight formulas under ``kernel_code``, a `KernelWeight`. Sequence-level objectives
+are ``mean_seq sequence_loss(ℓ_seq, ℓ_ref,seq, n_seq)``. Adding an objective means one entry here, plus, for a new
+token weight, a `KernelWeight` and its formula in the kernels (backends/triton/weights.py,
+backends/cpp/csrc/include/geffect/math.h). Every backend,
+the profiler and `token_weights` read these entries; nothing else lists objectives. The objective as a function
+of log-probabilities is `objectives.unlearning_loss_from_logprobs`.
 """
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -16,6 +19,19 @@ import torch.nn.functional as F
 
 from .ranges import check_hparams
 
+IGNORE_INDEX = -100  # the label of a position no objective scores (Hugging Face's)
+
+
+class KernelWeight(enum.IntEnum):
+    """The token-weight formulas the kernels implement, by the code they are launched with. The Triton kernels
+    read these constants; C++'s ``WeightKind`` (csrc/include/geffect/math.h) mirrors them by name and value.
+    Every kernel refuses a code it has no formula for."""
+
+    ONE = 0  # ga, nll
+    WGA = 1  # p^α
+    SATIMP = 2  # p^α (1 − p)^γ
+    TNPO = 3  # 2p^β / (p^β + p_ref^β + ε)
+    WTNPO = 4  # p^α · TNPO's
 
 def _sigmoid_weight(lp, ref, hp):
     """2p^β / (p^β + p_ref^β + ε): with ε = 0 the exact, overflow-free 2σ(β(ℓ − ℓ_ref)); with ε > 0 (the
@@ -71,7 +87,7 @@ class Objective:
     needs_ref: bool = False  # compares against a reference model's log-probabilities
     sign: float = 1.0  # +1: lower the log-likelihood (forget); −1: raise it (retain)
     token_weight: Callable | None = None  # (ℓ, ℓ_ref, hp) -> w_t, detached inputs
-    kernel_code: int | None = None  # the kernels' formula for token_weight
+    kernel_code: KernelWeight | None = None  # the kernels' formula for token_weight
     sequence_loss: Callable | None = None  # (ℓ_seq, ℓ_ref,seq, n_seq, hp) -> per-sequence loss
     sequence_weight: Callable | None = None  # (ℓ_seq, ℓ_ref,seq, n_seq, hp) -> per-sequence weight
 
@@ -82,20 +98,23 @@ class Objective:
 
 _G_EFFECT = "Wang et al., ICLR 2025, Rethinking LLM Unlearning Objectives (G-effect)"
 OBJECTIVES = {o.name: o for o in [
-    Objective("ga", "mean_t ℓ_t", "gradient ascent; Jang et al., ACL 2023", token_weight=_one, kernel_code=0),
-    Objective("wga", "mean_t p_t^α ℓ_t", _G_EFFECT, {"alpha": 1.0}, token_weight=_wga, kernel_code=1),
+    Objective("ga", "mean_t ℓ_t", "gradient ascent; Jang et al., ACL 2023", token_weight=_one,
+              kernel_code=KernelWeight.ONE),
+    Objective("wga", "mean_t p_t^α ℓ_t", _G_EFFECT, {"alpha": 1.0}, token_weight=_wga,
+              kernel_code=KernelWeight.WGA),
     Objective("satimp", "mean_t p_t^α (1 − p_t)^γ ℓ_t", "Yang et al., 2025, SatImp", {"alpha": 5.0, "gamma": 1.0},
-              token_weight=_satimp, kernel_code=2),
+              token_weight=_satimp, kernel_code=KernelWeight.SATIMP),
     Objective("tnpo", "mean_t 2p^β / (p^β + p_ref^β + ε) ℓ_t", _G_EFFECT, {"beta": 4.0, "eps": 0.0},
-              needs_ref=True, token_weight=_sigmoid_weight, kernel_code=3),
+              needs_ref=True, token_weight=_sigmoid_weight, kernel_code=KernelWeight.TNPO),
     Objective("wtnpo", "mean_t p^α 2p^β / (p^β + p_ref^β + ε) ℓ_t", _G_EFFECT,
-              {"alpha": 1.0, "beta": 4.0, "eps": 0.0}, needs_ref=True, token_weight=_wtnpo, kernel_code=4),
+              {"alpha": 1.0, "beta": 4.0, "eps": 0.0}, needs_ref=True, token_weight=_wtnpo,
+              kernel_code=KernelWeight.WTNPO),
     Objective("npo", "−(2/β) mean_seq log σ(−β(ℓ_seq − ℓ_ref,seq))", "Zhang et al., COLM 2024, NPO",
               {"beta": 0.1}, needs_ref=True, sequence_loss=_npo_loss, sequence_weight=_npo_weight),
     Objective("simnpo", "−(2/β) mean_seq log σ(−β ℓ_seq/n_seq − βδ)", "Fan et al., 2024, SimNPO",
               {"beta": 2.5, "delta": 0.0}, sequence_loss=_simnpo_loss, sequence_weight=_simnpo_weight),
     Objective("nll", "−mean_t ℓ_t", "maximum likelihood (GD's retain term; PO/IdkPO on substitute answers)",
-              sign=-1.0, token_weight=_one, kernel_code=0),
+              sign=-1.0, token_weight=_one, kernel_code=KernelWeight.ONE),
 ]}
 
 # Retain terms of a training step, one vocabulary for the loop, the profiler and the command line
@@ -119,7 +138,7 @@ class TokenWeighting:
 
     @property
     def code(self) -> int:
-        return self.objective.kernel_code
+        return int(self.objective.kernel_code)
 
     @property
     def needs_ref(self) -> bool:
@@ -145,22 +164,6 @@ class Resolved:
     @property
     def weighting(self) -> TokenWeighting:
         return TokenWeighting(self.objective, **{k: float(v) for k, v in self.hparams.items() if k in _WEIGHT_HPARAMS})
-
-    def loss_from_logprobs(self, logprobs, valid, ref=None):
-        """The objective from per-token log-probabilities (``[B, T]`` for sequence objectives; 0 and no
-        gradient where ``valid`` is False), plain torch and autograd: what the fused backends compute."""
-        o, hp = self.objective, self.hparams
-        if o.level == "token":
-            w = self.weighting.weights(logprobs, ref)
-            return o.sign * torch.where(valid, w * logprobs, 0).sum() / max(int(valid.sum()), 1)
-        if logprobs.dim() != 2:
-            raise ValueError(f"objective {o.name!r} averages over sequences and needs batched input "
-                             f"([B, T, H] hidden or [B, T, V] logits)")
-        counts = valid.sum(-1)
-        ref_seq = None if ref is None else torch.where(valid, ref, 0).sum(-1)
-        losses = o.sequence_loss(torch.where(valid, logprobs, 0).sum(-1), ref_seq, counts.clamp_min(1), hp)
-        present = counts > 0
-        return torch.where(present, losses, 0).sum() / present.sum().clamp_min(1)
 
 
 def resolve(name, hparams) -> Resolved:

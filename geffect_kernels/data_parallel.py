@@ -13,8 +13,8 @@ import torch
 import torch.distributed as dist
 
 from . import hf
-
-IGNORE_INDEX = -100
+from .catalog import IGNORE_INDEX, resolve
+from .objectives import unlearning_loss_from_logprobs
 
 
 def comm_device() -> torch.device:
@@ -56,9 +56,6 @@ def objective_part(name, model, batch, *, ref_logprobs=None, backend="auto", **h
 
     ``batch`` and ``ref_logprobs`` are this rank's slices (HF-style batch, HF-shifted log-probabilities).
     """
-    from .catalog import resolve
-    from .geffect.profiler import objective_from_logprobs
-
     objective = resolve(name, hparams) if isinstance(name, str) else name  # a name, or already resolved
     logprobs = hf.token_logprobs(model, batch, backend=backend)
     labels = hf.batch_labels(batch)[:, 1:]
@@ -69,7 +66,8 @@ def objective_part(name, model, batch, *, ref_logprobs=None, backend="auto", **h
     gathered, mine = gather_rows(tensors, pads)
     flat = gathered[0].requires_grad_()
     with torch.enable_grad():
-        loss = objective_from_logprobs(objective, flat, gathered[1], gathered[2] if ref_logprobs is not None else None)
+        loss = unlearning_loss_from_logprobs(objective, flat, gathered[1],
+                                             ref_logprobs=gathered[2] if ref_logprobs is not None else None)
         coef, = torch.autograd.grad(loss, flat)
     coef = torch.where(labels != IGNORE_INDEX, coef[mine, : logprobs.shape[1]], 0).to(logprobs.dtype)
     return dist.get_world_size() * (coef * logprobs).sum(), float(loss.detach())

@@ -13,6 +13,7 @@ from typing import NamedTuple
 
 import torch
 
+from .catalog import IGNORE_INDEX
 from .inputs import check_labels
 from .logprobs import token_logprobs as _token_logprobs
 from .objectives import unlearning_loss as _unlearning_loss
@@ -115,19 +116,19 @@ def _fsdp_root(model):
 
 
 def batch_labels(batch) -> torch.Tensor:
-    """``batch["labels"]``, or the input ids with padded positions set to -100."""
+    """``batch["labels"]``, or the input ids with padded positions set to `IGNORE_INDEX`."""
     if "labels" in batch and batch["labels"] is not None:
         return batch["labels"]
     labels = batch["input_ids"].clone()
     if batch.get("attention_mask") is not None:
-        labels[batch["attention_mask"] == 0] = -100
+        labels[batch["attention_mask"] == 0] = IGNORE_INDEX
     return labels
 
 
 def check_batch(name, batch, vocab_size) -> None:
     """ValueError naming ``name`` unless ``batch`` is a batch the head can score: integer ``input_ids``
     ``[B, T]`` with B ≥ 1 and T ≥ 2 (a next token to predict), ``attention_mask`` and ``labels`` shaped
-    alike, labels in ``[0, vocab_size)`` or -100."""
+    alike, labels in ``[0, vocab_size)`` or `IGNORE_INDEX`."""
     ids = batch.get("input_ids") if isinstance(batch, Mapping) else None
     if not isinstance(ids, torch.Tensor):
         raise ValueError(f"{name} must be a dict with an input_ids tensor (optionally attention_mask, labels)")
@@ -141,7 +142,7 @@ def check_batch(name, batch, vocab_size) -> None:
         if value is not None and (not isinstance(value, torch.Tensor) or value.shape != ids.shape):
             raise ValueError(f"{name}: {key} must be a tensor shaped like input_ids {tuple(ids.shape)}")
     try:
-        check_labels(batch_labels(batch), vocab_size, -100)
+        check_labels(batch_labels(batch), vocab_size, IGNORE_INDEX)
     except ValueError as err:
         raise ValueError(f"{name}: {err}") from None
 

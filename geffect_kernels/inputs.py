@@ -103,7 +103,7 @@ def check_labels(labels, vocab_size, ignore_index, *, values=True):
         raise ValueError(f"ignore_index must be an integer, got {ignore_index!r}")
     if labels.dtype.is_floating_point or labels.dtype == torch.bool or labels.is_complex():
         raise ValueError(f"labels must be an integer tensor, got {labels.dtype}")
-    if not (values or labels.device.type == "cpu"):
+    if vocab_size is None or not (values or labels.device.type == "cpu"):
         return
     bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab_size))
     if bool(bad.any()):
@@ -173,6 +173,26 @@ def prepare_logits(logits, labels, *, ignore_index, shift, softcap=None, backend
 
 def check_softcap(softcap):
     return None if softcap is None else check_number("softcap", softcap, POSITIVE)
+
+
+def prepare_logprobs(logprobs, labels, *, ignore_index, shift, check_values=None) -> torch.Tensor:
+    """The labels of per-token log-probabilities ``logprobs`` (HF-shifted when ``shift``), checked against them."""
+    _require_float("logprobs", logprobs)
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
+    check_labels(labels, None, ignore_index, values=False)
+    if shift:
+        if labels.dim() == 0 or labels.shape[-1] < 1:
+            raise ValueError(f"shift=True drops the first label; labels shape {tuple(labels.shape)} has none")
+        labels = labels[..., 1:]
+    if labels.shape != logprobs.shape:
+        raise ValueError(f"labels shape {tuple(labels.shape)}{' after the shift' if shift else ''} does not match "
+                         f"logprobs {tuple(logprobs.shape)}")
+    if labels.device != logprobs.device:
+        raise ValueError(f"labels are on {labels.device} but logprobs on {logprobs.device}")
+    if values_checked(check_values):
+        require_finite(logprobs=torch.where(labels != ignore_index, logprobs.detach(), 0))
+    return labels
 
 
 def prepare_ref(ref_logprobs, labels, out_shape, dtype, *, ignore_index, required_by=None, check_values=None):

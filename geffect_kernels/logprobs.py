@@ -1,10 +1,11 @@
 """The one primitive (DESIGN §2): per-token log-probabilities ℓ_t = log p_θ(y_t | y_<t)."""
 from __future__ import annotations
 
+from .catalog import IGNORE_INDEX
 from .inputs import prepare_head, prepare_logits
 
 
-def token_logprobs(hidden, weight, labels, *, bias=None, ignore_index=-100, softcap=None, shift=False,
+def token_logprobs(hidden, weight, labels, *, bias=None, ignore_index=IGNORE_INDEX, softcap=None, shift=False,
                    backend="auto", check_values=None):
     """ℓ_t for every position, over a linear LM head, without materializing the N×V logits.
 
@@ -30,7 +31,7 @@ def token_logprobs(hidden, weight, labels, *, bias=None, ignore_index=-100, soft
     return out.reshape(prep.out_shape)
 
 
-def token_logprobs_from_logits(logits, labels, *, ignore_index=-100, softcap=None, shift=False,
+def token_logprobs_from_logits(logits, labels, *, ignore_index=IGNORE_INDEX, softcap=None, shift=False,
                                backend="auto", check_values=None):
     """ℓ_t from logits the caller already holds (``[B, T, V]`` or ``[N, V]``); see `token_logprobs`."""
     prep = prepare_logits(logits, labels, ignore_index=ignore_index, shift=shift, softcap=softcap, backend=backend,

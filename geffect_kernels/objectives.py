@@ -4,7 +4,9 @@ Token-level objectives (``ga, wga, satimp, tnpo, wtnpo, nll``) are ``scale · Σ
 detached weights, which a backend may fuse into one pass that also yields the gradients.
 Sequence-level ones (``npo, simnpo``) go through ``token_logprobs`` and autograd.
 Means run over the valid tokens (sequences with at least one valid token) of the whole batch; a batch
-with nothing valid gives 0 and zero gradients.
+with nothing valid gives 0 and zero gradients. `unlearning_loss_from_logprobs` is every objective as a
+function of the log-probabilities: what the fused backends compute, and what the profiler and the
+data-parallel objectives differentiate.
 """
 from __future__ import annotations
 
@@ -12,13 +14,64 @@ from dataclasses import replace
 
 import torch
 
-from .catalog import OBJECTIVES, resolve
-from .inputs import check_mask, check_tensor, prepare_head, prepare_logits
+from .catalog import IGNORE_INDEX, OBJECTIVES, Resolved, resolve
+from .inputs import check_mask, check_tensor, prepare_head, prepare_logits, prepare_logprobs, prepare_ref
+
+
+def unlearning_loss_from_logprobs(name, logprobs, labels, *, ref_logprobs=None, ignore_index=IGNORE_INDEX,
+                                  shift=False, check_values=None, **hparams):
+    """Objective ``name`` as a function of the per-token log-probabilities ℓ_t (`token_logprobs`), differentiable
+    in ``logprobs``; plain torch, whatever the shape of the model that produced them.
+
+    With V the positions whose label is not ``ignore_index`` and w_t = token_weight(ℓ_t, ℓ_ref,t) detached
+    (`catalog`), a token-level objective is
+
+        L = sign · Σ_{t ∈ V} w_t ℓ_t / max(|V|, 1)
+
+    and a sequence-level one, over the S sequences (rows of ``[B, T]`` input) with n_s ≥ 1 valid tokens,
+
+        L = Σ_s sequence_loss(Σ_{t ∈ V_s} ℓ_t, Σ_{t ∈ V_s} ℓ_ref,t, n_s) / max(S, 1).
+
+    ``name``: an objective of `catalog.OBJECTIVES` (with its hyper-parameters), or one `catalog.resolve` returned.
+    ``labels`` are shaped like ``logprobs``, or, with ``shift=True``, the Hugging Face labels one position longer
+    (the first dropped); ``ref_logprobs`` are shaped like ``logprobs``. Values at ignored positions are ignored.
+    """
+    objective = _resolved(name, hparams)
+    labels = prepare_logprobs(logprobs, labels, ignore_index=ignore_index, shift=shift, check_values=check_values)
+    ref = prepare_ref(ref_logprobs, labels.reshape(-1), logprobs.shape, logprobs.dtype, ignore_index=ignore_index,
+                      required_by=objective.name if objective.objective.needs_ref else None, check_values=check_values)
+    ref = None if ref is None else ref.reshape(logprobs.shape)
+    return _from_logprobs(objective, logprobs, labels != ignore_index, ref)
+
+
+def _resolved(name, hparams) -> Resolved:
+    if isinstance(name, Resolved):
+        if hparams:
+            raise ValueError(f"objective {name.name!r} is already resolved; pass its hyper-parameters to resolve")
+        return name
+    return resolve(name, hparams)
+
+
+def _from_logprobs(objective: Resolved, logprobs, valid, ref=None):
+    """`unlearning_loss_from_logprobs` on checked inputs: ``valid`` marks the scored positions and ``ref`` is 0
+    elsewhere."""
+    o, hp = objective.objective, objective.hparams
+    if o.level == "token":
+        w = objective.weighting.weights(logprobs, ref)
+        return o.sign * torch.where(valid, w * logprobs, 0).sum() / max(int(valid.sum()), 1)
+    if logprobs.dim() != 2:
+        raise ValueError(f"objective {o.name!r} averages over sequences and needs batched input "
+                         f"([B, T] log-probabilities, [B, T, H] hidden or [B, T, V] logits)")
+    counts = valid.sum(-1)
+    ref_seq = None if ref is None else torch.where(valid, ref, 0).sum(-1)
+    losses = o.sequence_loss(torch.where(valid, logprobs, 0).sum(-1), ref_seq, counts.clamp_min(1), hp)
+    present = counts > 0
+    return torch.where(present, losses, 0).sum() / present.sum().clamp_min(1)
 
 
 def _loss(objective, prep, ref, *, weighted, logprobs):
     """A token-level objective through the backend's fused ``weighted(opts)``; a sequence-level one from
-    the backend's ``logprobs(opts)`` and `catalog.Resolved.loss_from_logprobs`."""
+    the backend's ``logprobs(opts)`` and `_from_logprobs`."""
     opts = prep.opts
     valid = prep.labels != opts.ignore_index
     if objective.objective.level == "token":
@@ -26,11 +79,11 @@ def _loss(objective, prep, ref, *, weighted, logprobs):
         scale = objective.objective.sign / valid.sum().clamp_min(1).double()
         return weighted(replace(opts, weighting=objective.weighting, scale=scale))
     shape = prep.out_shape
-    return objective.loss_from_logprobs(logprobs(opts).reshape(shape), valid.reshape(shape),
-                                        None if ref is None else ref.reshape(shape))
+    return _from_logprobs(objective, logprobs(opts).reshape(shape), valid.reshape(shape),
+                          None if ref is None else ref.reshape(shape))
 
 
-def unlearning_loss(name, hidden, weight, labels, *, ref_logprobs=None, bias=None, ignore_index=-100,
+def unlearning_loss(name, hidden, weight, labels, *, ref_logprobs=None, bias=None, ignore_index=IGNORE_INDEX,
                     softcap=None, shift=False, backend="auto", check_values=None, **hparams):
     """The scalar loss of objective ``name`` (`catalog.OBJECTIVES`) over a linear LM head.
 
@@ -49,7 +102,7 @@ def unlearning_loss(name, hidden, weight, labels, *, ref_logprobs=None, bias=Non
                  logprobs=lambda o: prep.backend.token_logprobs(*args, o))
 
 
-def unlearning_loss_from_logits(name, logits, labels, *, ref_logprobs=None, ignore_index=-100, softcap=None,
+def unlearning_loss_from_logits(name, logits, labels, *, ref_logprobs=None, ignore_index=IGNORE_INDEX, softcap=None,
                                 shift=False, backend="auto", inplace=False, check_values=None, **hparams):
     """`unlearning_loss` for callers that already hold the logits (``[B, T, V]`` or ``[N, V]``).
 
@@ -101,4 +154,5 @@ def token_weights(name, logprobs, ref_logprobs=None, *, mask=None, **hparams):
     return torch.where(valid, w, 0)
 
 
-__all__ = ["OBJECTIVES", "token_weights", "unlearning_loss", "unlearning_loss_from_logits"]
+__all__ = ["IGNORE_INDEX", "OBJECTIVES", "token_weights", "unlearning_loss", "unlearning_loss_from_logits",
+           "unlearning_loss_from_logprobs"]

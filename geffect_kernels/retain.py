@@ -5,6 +5,7 @@ from dataclasses import replace
 
 import torch
 
+from .catalog import IGNORE_INDEX
 from .inputs import check_mask, check_tensor, prepare_head
 from .ranges import check_number
 
@@ -14,7 +15,7 @@ from .ranges import check_number
 KL_REDUCTIONS = ("tokens", "batchmean")
 
 
-def kl_loss(hidden, weight, ref_hidden, ref_weight, labels, *, bias=None, ref_bias=None, ignore_index=-100,
+def kl_loss(hidden, weight, ref_hidden, ref_weight, labels, *, bias=None, ref_bias=None, ignore_index=IGNORE_INDEX,
             softcap=None, shift=False, backend="auto", reduction="tokens", check_values=None):
     """Mean of KL(p_ref,t ‖ p_θ,t) over the full vocabulary, per position, averaged as ``reduction`` says.
 

@@ -12,6 +12,9 @@ from typing import NamedTuple
 
 import torch
 
+from .catalog import IGNORE_INDEX
+from .backends.interface import Backend
+from .backends.registry import get_backend
 from .inputs import prepare_head
 
 
@@ -23,7 +26,7 @@ class TokenStats(NamedTuple):
     logprob_var: torch.Tensor  # Var_{v~p_t}[log p_t(v)] = Σ_v p_t(v) (log p_t(v) + H_t)²
 
 
-def token_stats(hidden, weight, labels, *, bias=None, ignore_index=-100, softcap=None, shift=False,
+def token_stats(hidden, weight, labels, *, bias=None, ignore_index=IGNORE_INDEX, softcap=None, shift=False,
                 backend="auto", check_values=None) -> TokenStats:
     """ℓ_t, the entropy of p_t and the variance of log p_t under p_t, over a linear LM head, in one pass.
 
@@ -35,7 +38,10 @@ def token_stats(hidden, weight, labels, *, bias=None, ignore_index=-100, softcap
         prep = prepare_head(hidden, weight, labels, bias, ignore_index=ignore_index, shift=shift, softcap=softcap,
                             backend=backend, check_values=check_values)
         detached = None if bias is None else bias.detach()
-        stats = prep.backend.token_stats(prep.hidden.detach(), weight.detach(), detached, prep.labels, prep.opts)
+        backend = prep.backend
+        if type(backend).token_stats is Backend.token_stats:  # no kernel of its own
+            backend = get_backend("torch", prep.hidden)
+        stats = backend.token_stats(prep.hidden.detach(), weight.detach(), detached, prep.labels, prep.opts)
     return TokenStats(*(t.reshape(prep.out_shape) for t in stats))
 
 

@@ -5,9 +5,8 @@ from transformers import (Gemma2Config, Gemma2ForCausalLM, GPT2Config, GPT2LMHea
                           Qwen2Config, Qwen2ForCausalLM)
 
 from geffect_kernels import hf
-from geffect_kernels.catalog import resolve
+from geffect_kernels import unlearning_loss_from_logprobs
 from geffect_kernels.geffect import products
-from geffect_kernels.geffect.profiler import objective_from_logprobs
 
 VOCAB = 61
 
@@ -86,8 +85,8 @@ def sample_loss(model, objective, batch_, ref, i):
     gradient is sample i's share of the objective's."""
     lp = hf.token_logprobs(model, batch_)
     leaf = lp.detach().requires_grad_()
-    coef, = torch.autograd.grad(objective_from_logprobs(resolve(objective, {}), leaf, hf.batch_labels(batch_)[:, 1:],
-                                                        ref), leaf)
+    loss = unlearning_loss_from_logprobs(objective, leaf, hf.batch_labels(batch_), ref_logprobs=ref, shift=True)
+    coef, = torch.autograd.grad(loss, leaf)
     return (coef * lp)[i].sum()
 
 

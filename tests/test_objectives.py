@@ -105,6 +105,46 @@ def test_from_logits_equals_hidden_path(name):
         assert torch.all(g_z[:, -1] == 0)  # the shift drops the last position
 
 
+@pytest.mark.parametrize("name,shift", itertools.product(gk.OBJECTIVES, [False, True]))
+def test_from_logprobs_matches_formula(name, shift):
+    """Loss and gradient in ℓ; values at ignored positions (log-probabilities and reference) must not matter."""
+    seed = zlib.crc32(f"logprobs {name} {shift}".encode()) % 1000
+    g = torch.Generator().manual_seed(seed)
+    _, _, _, y = make_inputs(seed, B=4, T=11)
+    labels = y[:, 1:] if shift else y
+    valid = labels != IGNORE
+    lp = (-3 * torch.rand(labels.shape, generator=g, dtype=torch.float64)).requires_grad_()
+    ref = fake_ref(lp, valid, seed).clamp_max(-0.01) if name in NEEDS_REF else None
+    got = gk.unlearning_loss_from_logprobs(name, lp, y, ref_logprobs=ref, shift=shift, **HPARAMS[name])
+    expected = objective(name, torch.where(valid, lp, 0), valid, ref, **HPARAMS[name])
+    assert got.dtype == torch.float64
+    assert_close(got, expected, 1e-13)
+    (g_got,), (g_exp,) = grads(got, [lp]), grads(expected, [lp])
+    assert_close(g_got, g_exp, 1e-13)
+    assert torch.all(g_got[~valid] == 0)
+    resolved = gk.catalog.resolve(name, HPARAMS[name])
+    again = gk.unlearning_loss_from_logprobs(resolved, lp, y, ref_logprobs=ref, shift=shift)
+    assert again.item() == got.item()
+
+
+def test_from_logprobs_bad_input():
+    lp, labels = torch.randn(2, 5, dtype=torch.float64) - 2, torch.randint(0, 9, (2, 5))
+    with pytest.raises(ValueError, match="does not match logprobs"):
+        gk.unlearning_loss_from_logprobs("ga", lp, labels[:, 1:])
+    with pytest.raises(ValueError, match="after the shift"):
+        gk.unlearning_loss_from_logprobs("ga", lp, labels, shift=True)
+    with pytest.raises(ValueError, match="integer"):
+        gk.unlearning_loss_from_logprobs("ga", lp, labels.double())
+    with pytest.raises(ValueError, match="needs ref_logprobs"):
+        gk.unlearning_loss_from_logprobs("npo", lp, labels)
+    with pytest.raises(ValueError, match="needs batched input"):
+        gk.unlearning_loss_from_logprobs("simnpo", lp[0], labels[0])
+    with pytest.raises(ValueError, match="already resolved"):
+        gk.unlearning_loss_from_logprobs(gk.catalog.resolve("wga", {}), lp, labels, alpha=2.0)
+    with pytest.raises(ValueError, match="unknown objective"):
+        gk.unlearning_loss_from_logprobs("foo", lp, labels)
+
+
 @pytest.mark.parametrize("name", list(gk.OBJECTIVES))
 def test_token_weights(name):
     h, w, b, y = make_inputs(31)

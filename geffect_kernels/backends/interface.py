@@ -14,12 +14,14 @@ from dataclasses import dataclass
 
 import torch
 
+from ..catalog import IGNORE_INDEX
+
 
 @dataclass(frozen=True)
 class LossOptions:
     """Everything about a call that is not a tensor, built once by the public function."""
 
-    ignore_index: int = -100
+    ignore_index: int = IGNORE_INDEX
     softcap: float | None = None  # final-logit soft-cap s: z ← s·tanh(z/s)
     weighting: object = None  # the objective's detached per-token weights (`catalog.TokenWeighting`)
     scale: float = 1.0  # the loss is scale · Σ_t w_t ℓ_t (scale · Σ_valid KL_t)
@@ -50,10 +52,8 @@ class Backend:
 
     def token_stats(self, hidden, weight, bias, labels, opts: LossOptions):
         """(ℓ_t, entropy H_t, Var_{p_t}[log p_t]) per position, each 0 where ignored; forward only (no autograd).
-        The generic version is the chunked torch backend's."""
-        from .chunked import token_stats
-
-        return token_stats(hidden, weight, bias, labels, opts)
+        A backend without its own leaves it to the chunked torch backend (`geffect_kernels.token_stats`)."""
+        raise NotImplementedError
 
     def kl_divergence(self, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, opts: LossOptions):
         """scale · Σ_valid KL(p_ref,t ‖ p_θ,t); no gradient flows to the reference side."""

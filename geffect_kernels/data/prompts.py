@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-IGNORE_INDEX = -100
+from ..catalog import IGNORE_INDEX
 
 
 def format_prompt(question: str) -> str:

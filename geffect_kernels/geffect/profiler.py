@@ -20,8 +20,8 @@ import torch
 
 from .. import hf
 from ..backends.autograd import compute_dtype
-from ..catalog import RETAIN_OBJECTIVES, resolve
-from ..inputs import prepare_ref
+from ..catalog import IGNORE_INDEX, RETAIN_OBJECTIVES, resolve
+from ..objectives import unlearning_loss_from_logprobs
 from . import products
 from .buffers import BufferPool
 from .capture import Capture, FactoredGradient, module_kind
@@ -32,7 +32,6 @@ from .result import GEffectResult
 from .streaming import StreamedProducts
 from . import sharded
 
-IGNORE_INDEX = -100  # Hugging Face labels
 # CPU only: a stacked forward's activations are twice one batch's. glibc serves blocks up to 32 MiB from its
 # heap, reused; larger ones are fresh mmapped pages on every allocation, whose faults cost more than one
 # stacked forward saves (2 cores, H 512, I 1376, 2×4×1024 tokens, NPO, streamed, each in a fresh process:
@@ -40,14 +39,6 @@ IGNORE_INDEX = -100  # Hugging Face labels
 CPU_STACKED_BYTES = 32 << 20
 NLL = resolve("nll", {})
 OBJECTIVE = ("objective",)  # the key of the objective's gradient (risks are keyed by their names)
-
-
-def objective_from_logprobs(objective, logprobs, labels, ref_logprobs=None):
-    """A resolved objective (`catalog.resolve`) as a function of the per-token log-probabilities ``[B, T]``."""
-    ref = prepare_ref(ref_logprobs, labels.reshape(-1), logprobs.shape, logprobs.dtype, ignore_index=IGNORE_INDEX,
-                      required_by=objective.name if objective.objective.needs_ref else None)
-    return objective.loss_from_logprobs(logprobs, labels != IGNORE_INDEX,
-                                        None if ref is None else ref.reshape(logprobs.shape))
 
 
 class _Forward:
@@ -155,7 +146,7 @@ class _Side:
         (default: the head pass's)."""
         lp = (self.logprobs if logprobs is None else logprobs).requires_grad_()
         with torch.enable_grad():
-            loss = objective_from_logprobs(objective, lp, self.labels, ref_logprobs)
+            loss = unlearning_loss_from_logprobs(objective, lp, self.labels, ref_logprobs=ref_logprobs)
             coef, = torch.autograd.grad(loss, lp)
         return float(loss.detach()), torch.where(self.valid, coef, 0)
 

@@ -25,12 +25,12 @@ from __future__ import annotations
 import torch
 
 from .. import hf
-from ..catalog import resolve
+from ..catalog import IGNORE_INDEX, resolve
 from ..geffect import products
 from ..geffect.capture import Capture
 from ..geffect.head import head_pass
 from ..geffect.inner import SampleScaled, row_dots, sample_dense
-from ..geffect.profiler import IGNORE_INDEX, objective_from_logprobs
+from ..objectives import unlearning_loss_from_logprobs
 
 TEMPERATURE = 1.0
 
@@ -65,7 +65,7 @@ class ForgetGEffects:
         logprobs = logprobs.index_copy_(0, gram.rows["forget"], gram.logprobs["forget"]).reshape(labels.shape)
         logprobs.requires_grad_()
         with torch.enable_grad():
-            loss = objective_from_logprobs(objective, logprobs, labels, ref_logprobs)
+            loss = unlearning_loss_from_logprobs(objective, logprobs, labels, ref_logprobs=ref_logprobs)
             coef, = torch.autograd.grad(loss, logprobs)
         self.loss = loss.detach()
         self.coef = torch.where(valid, coef, 0).reshape(-1)

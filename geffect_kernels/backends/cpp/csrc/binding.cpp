@@ -150,7 +150,7 @@ std::vector<Tensor> row_weighted_loss(const Tensor& logits, const OptTensor& gra
   check_batch(logits, grad, labels);
   check_scale(scale, logits);
   if (ref) check_vector(*ref, logits, compute_dtype(logits), "ref_logprobs");
-  TORCH_CHECK(kind >= geffect::kOne && kind <= geffect::kWtnpo, "unknown weighting kind ", kind);
+  TORCH_CHECK(geffect::is_weight_kind(kind), "unknown token-weight code ", kind, " (catalog.KernelWeight)");
   TORCH_CHECK(ref || (kind != geffect::kTnpo && kind != geffect::kWtnpo), "this weighting needs ref_logprobs");
   TORCH_CHECK(eps >= 0, "eps must be >= 0, got ", eps);
   const geffect::WeightParams w{static_cast<int>(kind), alpha, beta, gamma, eps};

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <math.h>
+#include <stdint.h>
 
 #if defined(__CUDACC__)
 #define GEFFECT_HD __host__ __device__ __forceinline__
@@ -62,8 +63,23 @@ GEFFECT_HD T sigmoid(T x) {
   return e / (T(1) + e);
 }
 
-// Token-weight formulas: the `kernel_code` of each objective in geffect_kernels/catalog.py.
+// Token-weight formulas by code: catalog.KernelWeight (geffect_kernels/catalog.py), mirrored name by name
+// (kOne is ONE); tests/test_weight_codes.py fails when the two drift apart.
 enum WeightKind : int { kOne = 0, kWga = 1, kSatimp = 2, kTnpo = 3, kWtnpo = 4 };
+
+// Whether token_weight has a formula for `kind`: the binding refuses any other code before a kernel runs.
+GEFFECT_HD bool is_weight_kind(int64_t kind) {
+  switch (kind) {
+    case kOne:
+    case kWga:
+    case kSatimp:
+    case kTnpo:
+    case kWtnpo:
+      return true;
+    default:
+      return false;
+  }
+}
 
 struct WeightParams {
   int kind;
@@ -81,10 +97,12 @@ GEFFECT_HD T tnpo_weight(T logprob, T ref_logprob, double beta, double eps) {
   return T(2) * a / (a + exp_(x_ref - m) + T(eps) * exp_(-m));
 }
 
-// w_t of DESIGN §3 from ℓ_t and ℓ_ref,t.
+// w_t of DESIGN §3 from ℓ_t and ℓ_ref,t; NaN for a code without a formula (is_weight_kind keeps those out).
 template <typename T>
 GEFFECT_HD T token_weight(const WeightParams& w, T logprob, T ref_logprob) {
   switch (w.kind) {
+    case kOne:
+      return T(1);
     case kWga:
       return exp_(T(w.alpha) * logprob);
     case kSatimp: {
@@ -97,7 +115,7 @@ GEFFECT_HD T token_weight(const WeightParams& w, T logprob, T ref_logprob) {
     case kWtnpo:
       return exp_(T(w.alpha) * logprob) * tnpo_weight(logprob, ref_logprob, w.beta, w.eps);
     default:
-      return T(1);
+      return T(NAN);
   }
 }
 
