@@ -1,7 +1,8 @@
 """The ``geffect`` command: demo, train, profile, report, build (``geffect COMMAND --help``).
 
-Bad input ends with one line ``geffect: error: ...`` on stderr and exit status 1; ``--debug`` (or
-``GEFFECT_DEBUG=1``) prints the full traceback before it.
+Bad input ends with one line ``geffect: error: ...`` on stderr and exit status 1 (a bad flag too); ``--debug``
+(or ``GEFFECT_DEBUG=1``) prints the full traceback before it. torch and transformers are imported inside the
+commands, so ``--help`` and a bad flag answer at once.
 """
 from __future__ import annotations
 
@@ -12,13 +13,25 @@ import sys
 import traceback
 from pathlib import Path
 
-from .objectives import OBJECTIVES, resolve
-
 EXIT_ERROR = 1
+# The catalog's objective names for --objective, here so that parsing needs no torch (tests/test_cli_usage.py
+# checks them against catalog.OBJECTIVES)
+OBJECTIVE_NAMES = ("ga", "wga", "satimp", "tnpo", "wtnpo", "npo", "simnpo", "nll")
+# TrainConfig's defaults, shown by `geffect train --help` (the same test checks them against TrainConfig)
+TRAIN_DEFAULTS = {"objective": "ga", "retain_objective": "nll", "steps": 30, "lr": 1e-5, "batch_size": 8,
+                  "grad_accum": 1, "warmup_steps": 0, "seed": 0, "geffect_every": 0}
+MAX_NEW_TOKENS = 200  # --eval's default generation length: eval.tofu.MAX_NEW_TOKENS (checked by the same test)
 
 
 class CLIError(Exception):
     """A user-facing error: printed as one line."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """A bad flag is bad input like any other: one line and exit 1 (argparse would print the usage, exit 2)."""
+
+    def error(self, message):
+        raise CLIError(f"{message} (see: {self.prog} --help)")
 
 
 def _first_line(err) -> str:
@@ -42,6 +55,11 @@ def _hparams(pairs):
 def _hparams_per_objective(objectives, hparams) -> dict:
     """Each hyper-parameter goes to the objectives that take it; one that none of them takes is an error
     (the same rule for train and profile)."""
+    from .catalog import OBJECTIVES
+
+    unknown = [name for name in objectives if name not in OBJECTIVES]
+    if unknown:
+        raise CLIError(f"unknown objective {unknown[0]!r}; choose from {', '.join(OBJECTIVES)}")
     if not isinstance(hparams, dict):
         raise CLIError(f"hparams must be a mapping NAME: NUMBER (e.g. beta: 0.5), got {hparams!r}")
     unused = [k for k in hparams if not any(k in OBJECTIVES[name].defaults for name in objectives)]
@@ -52,9 +70,12 @@ def _hparams_per_objective(objectives, hparams) -> dict:
 
 
 def _device(name):
-    """``--device`` as a torch device that works here (``cuda`` without a GPU does not)."""
+    """``--device`` as a torch device that works here (``cuda`` without a GPU does not); None: cuda when there is
+    one, else cpu."""
     import torch
 
+    if name is None:
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         device = torch.device(name)
         torch.empty(0, device=device)
@@ -72,6 +93,12 @@ def _out_dir(path) -> Path:
     if not os.access(existing, os.W_OK | os.X_OK):
         raise CLIError(f"--out {path}: {existing} is not writable")
     return path
+
+
+def _quiet_transformers():
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
 
 
 def _load_model(path, device="cpu"):
@@ -122,6 +149,7 @@ def _load_tokenizer(path):
 def cmd_demo(args):
     from .train.run_demo import run_demo
 
+    _quiet_transformers()
     run_demo(_out_dir(args.out), quick=args.quick, seeds=args.seeds, progress=not args.no_progress)
 
 
@@ -158,6 +186,7 @@ def cmd_train(args):
     from .train.launch import is_rank_zero, launch, world_size
     from .train.lora import add_lora
 
+    _quiet_transformers()
     # everything that can be checked is checked before the model loads and before any file is written
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
         raise CLIError(f"--max-new-tokens must be a positive integer, got {args.max_new_tokens}")
@@ -165,6 +194,7 @@ def cmd_train(args):
     if (args.lora_alpha is not None or args.lora_targets) and not args.lora_r:
         raise CLIError("--lora-alpha and --lora-targets need --lora-r RANK")
     out, device = _out_dir(args.out), _device(args.device)
+    args.device = args.device or device.type  # the ranks of a sharded run take the same device
     resume = True if args.resume else False if args.overwrite else None
     hparams = _hparams_per_objective(objectives, settings.pop("hparams", None) or {})
     configs = {name: TrainConfig.from_dict({**settings, "objective": name, "hparams": hparams[name],
@@ -192,6 +222,9 @@ def cmd_train(args):
     retain = encode_pairs(tokenizer, retain_pairs, max_length=args.max_length) if retain_pairs else None
     for config in configs.values() if world == 1 else ():  # sharded runs check their checkpoints themselves
         check_resumable(start, forget, retain, config, resume)
+    if args.eval and is_rank_zero():
+        _note_generation_limit(start.config if start is not None else _model_config(files["model"]),
+                               args.max_new_tokens or MAX_NEW_TOKENS)
     summaries = {}
     for name, config in configs.items():
         lora = partial(add_lora, r=args.lora_r, alpha=args.lora_alpha, targets=args.lora_targets,
@@ -211,7 +244,8 @@ def cmd_train(args):
         if not is_rank_zero():
             continue
         tokenizer.save_pretrained(Path(config.out_dir) / "model")
-        print(f"{name}: {config.steps} steps (resumed from step {result.resumed_from}), final loss "
+        resumed = f" (resumed from step {result.resumed_from})" if result.resumed_from else ""
+        print(f"{name}: {config.steps} steps{resumed}, final loss "
               f"{result.metrics[-1]['loss']:.4f}; model in {config.out_dir}/model")
     if summaries and is_rank_zero():
         results = Path(args.out) / "results"
@@ -223,6 +257,21 @@ def cmd_train(args):
         distributed.finish()
 
 
+def _model_config(path):
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(path)
+
+
+def _note_generation_limit(config, max_new_tokens):
+    """Say when --eval's answers will be shorter than asked: generation stops at the model's last position
+    (`eval.likelihood.greedy_answers`)."""
+    limit = getattr(config, "max_position_embeddings", None)
+    if limit is not None and max_new_tokens >= limit:
+        print(f"note: --eval generates up to {max_new_tokens} new tokens, but the model has {limit} positions: "
+              f"each answer stops where the prompt and the answer fill them")
+
+
 def cmd_profile(args):
     import torch
 
@@ -230,8 +279,10 @@ def cmd_profile(args):
     from .backends.registry import check_backend
     from .data import encode_pairs, load_qa
     from .eval.report import write_profile
+    from .catalog import OBJECTIVES, resolve
     from .geffect import GEffectProfiler
 
+    _quiet_transformers()
     hparams = _hparams_per_objective(args.objective, _hparams(args.hparam))
     for name in args.objective:
         resolve(name, hparams[name])
@@ -277,7 +328,7 @@ def cmd_build(args):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="geffect", description="LLM unlearning with G-effect profiling.")
+    parser = _Parser(prog="geffect", description="LLM unlearning with G-effect profiling.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("demo", help="offline end-to-end demo on a tiny Llama (CPU, a few minutes)",
@@ -291,29 +342,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_demo)
 
-    objective_help = f"unlearning objective(s): {', '.join(OBJECTIVES)}"
+    objective_help = f"unlearning objective(s): {', '.join(OBJECTIVE_NAMES)}"
+    d = TRAIN_DEFAULTS
     p = sub.add_parser("train", help="unlearn on a local HF model and TOFU-format files",
                        description="One unlearning run per objective on a local Hugging Face causal LM. Settings "
                                    "come from flags or a YAML --config (flags win); writes OUT/runs/<objective>/ "
-                                   "(metrics.jsonl, checkpoint, model/) and OUT/report.md. A rerun resumes.")
+                                   "(metrics.jsonl, checkpoint, model/) and OUT/report.md. A rerun resumes. "
+                                   "The defaults shown are this project's; --preset official replaces those not "
+                                   "given.")
     p.add_argument("--model", help="Hugging Face model directory (the starting model)")
     p.add_argument("--forget", help="forget set (TOFU-format .json/.jsonl)")
     p.add_argument("--retain", help="retain set (TOFU-format .json/.jsonl)")
-    p.add_argument("--objective", nargs="+", choices=list(OBJECTIVES), metavar="NAME", help=objective_help)
-    p.add_argument("--retain-objective", choices=["nll", "kl", "none"], help="retain term (default nll)")
+    p.add_argument("--objective", nargs="+", choices=OBJECTIVE_NAMES, metavar="NAME",
+                   help=f"{objective_help} (default: {d['objective']})")
+    p.add_argument("--retain-objective", choices=["nll", "kl", "none"],
+                   help=f"retain term: nll, kl or none (default: {d['retain_objective']})")
     p.add_argument("--config", help="YAML file with any of these settings (model, forget, retain, objective, "
                                     "steps, lr, batch_size, ...)")
     p.add_argument("--out", default="geffect-run", help="output folder (default: %(default)s)")
     p.add_argument("--tokenizer", help="tokenizer directory (default: the model directory)")
-    p.add_argument("--steps", type=int)
-    p.add_argument("--lr", type=float)
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--grad-accum", type=int)
-    p.add_argument("--warmup-steps", type=int)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--geffect-every", type=int, help="record G-effects every k steps (0: never)")
-    p.add_argument("--hparam", nargs="*", metavar="NAME=VALUE", help="objective hyper-parameters, e.g. beta=0.5")
-    p.add_argument("--max-length", type=int, help="truncate examples to this many tokens")
+    p.add_argument("--steps", type=int, help=f"optimizer steps (default: {d['steps']})")
+    p.add_argument("--lr", type=float, help=f"peak learning rate of AdamW (default: {d['lr']})")
+    p.add_argument("--batch-size", type=int, help=f"samples per micro-batch, per side (default: {d['batch_size']})")
+    p.add_argument("--grad-accum", type=int, help=f"micro-batches per optimizer step (default: {d['grad_accum']})")
+    p.add_argument("--warmup-steps", type=int,
+                   help=f"linear warm-up steps, then linear decay to 0 (default: {d['warmup_steps']})")
+    p.add_argument("--seed", type=int, help=f"sets the batch order and the initial state (default: {d['seed']})")
+    p.add_argument("--geffect-every", type=int,
+                   help=f"record G-effects every k steps, 0: never (default: {d['geffect_every']})")
+    p.add_argument("--hparam", nargs="*", metavar="NAME=VALUE",
+                   help="objective hyper-parameters, e.g. beta=0.5 (default: each objective's, docs/DESIGN.md §3)")
+    p.add_argument("--max-length", type=int, help="truncate examples to this many tokens (default: no limit)")
     p.add_argument("--nproc", type=int, help="shard over N local processes (FSDP2; launches torchrun); "
                                              "--batch-size stays the global batch")
     p.add_argument("--allow-reshard", action="store_true",
@@ -328,11 +387,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--real-authors", help="real-authors set for --eval (TOFU-format, with perturbed answers)")
     p.add_argument("--world", help="world-facts set for --eval (TOFU-format, with perturbed answers)")
     p.add_argument("--max-new-tokens", type=int,
-                   help="greedy generation length for --eval's ROUGE-L (default 200, as TOFU)")
+                   help=f"greedy generation length for --eval's ROUGE-L, at most the model's positions after the "
+                        f"prompt (default: {MAX_NEW_TOKENS}, as TOFU)")
     p.add_argument("--preset", help="'official': every setting not given (flag or --config) as the official "
                                     "G-effect scripts run it (docs/conventions.md)")
-    p.add_argument("--device", default="cuda" if _cuda() else "cpu")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--device", help="torch device (default: cuda when there is one, else cpu)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     choice = p.add_mutually_exclusive_group()
     choice.add_argument("--resume", action="store_true",
                         help="continue a run's checkpoint even under other settings (the learning rate follows "
@@ -347,15 +407,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="Hugging Face model directory")
     p.add_argument("--forget", required=True, help="forget set (TOFU-format)")
     p.add_argument("--retain", help="retain set (TOFU-format)")
-    p.add_argument("--objective", nargs="+", default=["ga"], choices=list(OBJECTIVES), metavar="NAME",
-                   help=objective_help)
+    p.add_argument("--objective", nargs="+", default=["ga"], choices=OBJECTIVE_NAMES, metavar="NAME",
+                   help=f"{objective_help} (default: ga)")
     p.add_argument("--reference", help="reference model directory (tnpo, wtnpo, npo)")
     p.add_argument("--tokenizer", help="tokenizer directory (default: the model directory)")
     p.add_argument("--samples", type=int, default=16, help="samples per side (default: %(default)s)")
-    p.add_argument("--groups", default="layer", choices=["layer", "component", "parameter"])
-    p.add_argument("--hparam", nargs="*", metavar="NAME=VALUE")
+    p.add_argument("--groups", default="layer", choices=["layer", "component", "parameter"],
+                   help="what each G-effect sums over: a layer, a component or a parameter (default: %(default)s)")
+    p.add_argument("--hparam", nargs="*", metavar="NAME=VALUE",
+                   help="objective hyper-parameters, e.g. beta=0.5 (default: each objective's)")
     p.add_argument("--out", default="geffect-profile", help="output folder (default: %(default)s)")
-    p.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    p.add_argument("--device", help="torch device (default: cuda when there is one, else cpu)")
     p.set_defaults(func=cmd_profile)
 
     p = sub.add_parser("report", help="re-make report.md and plots from a run folder's logs",
@@ -372,26 +434,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _cuda():
-    import torch
-    return torch.cuda.is_available()
+def _user_errors() -> tuple:
+    """The exceptions that are bad input, printed as one line. ValueError covers bad data (DataError), settings,
+    checkpoints (CheckpointError, ResumeMismatch). The package's own are looked up only where their module was
+    imported: an exception of a module never imported cannot have been raised."""
+    errors = [CLIError, ValueError, OSError]
+    if "geffect_kernels.train" in sys.modules:
+        from .train import RunFolderBusy, TrainingDiverged
+        errors += [RunFolderBusy, TrainingDiverged]
+    if "geffect_kernels.backends.registry" in sys.modules:
+        from .backends.registry import BackendUnavailable
+        errors.append(BackendUnavailable)
+    return tuple(errors)
 
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = build_parser().parse_args(argv)
-    args.argv = argv  # `train --nproc` relaunches the same command under torchrun
-    from transformers.utils import logging as hf_logging
-
-    from .backends.registry import BackendUnavailable
-    from .train import RunFolderBusy, TrainingDiverged
-    hf_logging.disable_progress_bar()
-
+    debug = "--debug" in argv or os.environ.get("GEFFECT_DEBUG", "0") not in ("", "0")
     try:
+        args = build_parser().parse_args(argv)
+        args.argv = argv  # `train --nproc` relaunches the same command under torchrun
         args.func(args)
-    except (CLIError, ValueError, OSError, TrainingDiverged, RunFolderBusy, BackendUnavailable) as err:
-        # ValueError covers bad data (DataError), settings, checkpoints (CheckpointError, ResumeMismatch)
-        if args.debug or os.environ.get("GEFFECT_DEBUG", "0") not in ("", "0"):
+    except Exception as err:
+        if not isinstance(err, _user_errors()):
+            raise
+        if debug:
             traceback.print_exc()
         if os.environ.get("RANK", "0") == "0":  # under torchrun every rank meets the same bad input: say it once
             print(f"geffect: error: {_first_line(err)}", file=sys.stderr)

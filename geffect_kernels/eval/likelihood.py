@@ -58,17 +58,24 @@ def greedy_answers(model, tokenizer, questions, *, max_new_tokens=200, batch_siz
 
 @torch.no_grad()
 def greedy_continuations(model, tokenizer, prompts, *, max_new_tokens=200, batch_size=64) -> list[str]:
-    """Greedy continuations of token-id prompts, decoded without special tokens and stripped."""
+    """Greedy continuations of token-id prompts, decoded without special tokens and stripped; a continuation
+    stops at the model's last position (``config.max_position_embeddings``) when that comes before
+    ``max_new_tokens``."""
     pad = _pad_id(tokenizer)
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     texts = []
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start:start + batch_size]
         width = max(map(len, chunk))
+        new_tokens = max_new_tokens if limit is None else min(max_new_tokens, limit - width)
+        if new_tokens < 1:  # the prompts fill every position: nothing can follow them
+            texts += [""] * len(chunk)
+            continue
         # left padding: every prompt ends at the same column, so generation continues all of them together
         ids = torch.tensor([[pad] * (width - len(p)) + list(p) for p in chunk], device=_device(model))
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=_device(model))
         # a sharded model's forward passes are collective: its ranks generate in lockstep until all are done
-        generated = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+        generated = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens,
                                    do_sample=False, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id,
                                    synced_gpus=is_sharded(model))
         texts += tokenizer.batch_decode(generated[:, width:], skip_special_tokens=True)

@@ -307,7 +307,22 @@ def headline(run_dir) -> list[str]:
     lines = [f"{model}: " + ", ".join(f"{label} {_spread([summaries[n].get(key) for n in names])}"
                                       for key, label in shown)
              for model, names in _by_model(summaries).items() if model not in ("target", "retain_only")]
-    return lines + [f"({letter}) {CLAIMS[letter]}: {v}" for letter, v in verdicts.items()]
+    note = quick_note(run_dir)
+    return lines + [f"({letter}) {CLAIMS[letter]}: {v}" for letter, v in verdicts.items()] + ([note] if note else [])
+
+
+def quick_note(run_dir) -> str | None:
+    """A warning for a `geffect demo --quick` folder: its model and run are too small for the layer observations."""
+    settings = Path(run_dir) / "demo_settings.json"
+    if not settings.is_file():
+        return None
+    s = json.loads(settings.read_text())
+    if not s.get("quick"):
+        return None
+    half = s["layers"] // 2
+    return (f"note: a --quick run ({s['layers']} layers, {s['unlearn_steps']} unlearning steps, {s['seeds']} "
+            f"seed(s)) is too small to decide (b) and (c), which compare {half} shallow with {half} deep "
+            f"layer(s); `geffect demo` runs the full setting")
 
 
 def make_report(run_dir) -> Path:
@@ -338,9 +353,10 @@ def make_report(run_dir) -> Path:
     observations, verdicts = _observations(runs, histories, trajectories)
     (results / "observations.json").write_text(json.dumps(verdicts, indent=1))
     if observations:
+        note = quick_note(run_dir)
         lines += ["## The paper's observations, checked on this run's numbers", "",
                   "Each ends with its verdict from this run's numbers; with several seeds an observation holds only "
-                  "when it holds for every seed.", "", *observations, ""]
+                  "when it holds for every seed.", "", *observations, "", *([f"**{note}**", ""] if note else [])]
     timing = results / "timing.json"
     if timing.is_file():
         lines += [_timing_line(json.loads(timing.read_text())), ""]

@@ -14,6 +14,10 @@ def pyplot():
     return plt
 
 
+HEATMAP_COLOURS = "RdBu"  # negative values red, positive blue: the title says so
+HEATMAP_TITLE = "{objective}G-effect on the {risk} risk\n(red < 0: that NLL rises)"
+
+
 def plot_heatmap(history, risk: str, path) -> Path:
     """Groups (rows, model order) × recorded steps (columns); diverging colours centred on 0."""
     plt = pyplot()
@@ -21,32 +25,49 @@ def plot_heatmap(history, risk: str, path) -> Path:
     values = np.array([history.per_step(risk, g) for g in groups])
     limit = float(np.abs(values).max()) or 1.0
     fig, ax = plt.subplots(figsize=(min(14, 3 + 0.35 * len(history.steps)), min(12, 1.5 + 0.3 * len(groups))))
-    image = ax.imshow(values, aspect="auto", cmap="RdBu", vmin=-limit, vmax=limit, interpolation="nearest")
+    image = ax.imshow(values, aspect="auto", cmap=HEATMAP_COLOURS, vmin=-limit, vmax=limit, interpolation="nearest")
     ax.set_yticks(range(len(groups)), groups, fontsize=7)
     ticks = np.linspace(0, len(history.steps) - 1, min(len(history.steps), 10)).round().astype(int)
     ax.set_xticks(ticks, [history.steps[i] for i in ticks])
     ax.set_xlabel("step")
     name = f"{history.objective} " if history.objective else ""
-    ax.set_title(f"{name}G-effect on the {risk} risk (blue < 0: that NLL rises)")
-    fig.colorbar(image, ax=ax)
+    ax.set_title(HEATMAP_TITLE.format(objective=name, risk=risk), fontsize=10)
+    fig.colorbar(image, ax=ax, label="G-effect")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return Path(path)
 
 
+def symlog_threshold(curves) -> float | None:
+    """Where a symmetric-log axis turns linear: a power of ten a tenth below the smallest curve's largest
+    magnitude, so that the smallest curve still spans a decade of the log part. None: every curve is 0."""
+    sizes = [float(np.max(np.abs(c))) for c in curves if len(c)]
+    sizes = [s for s in sizes if s > 0]
+    if not sizes:
+        return None
+    return float(10.0 ** np.floor(np.log10(min(sizes) / 10)))
+
+
 def plot_cumulative(histories: dict, path, risks=None) -> Path:
-    """Cumulative total G-effect over steps, one line per objective (``{label: history}``), one panel per risk."""
+    """Cumulative total G-effect over steps, one line per objective (``{label: history}``), one panel per risk.
+
+    Objectives' G-effects differ by orders of magnitude (GA's and NPO's dwarf the token-weighted ones'), so the
+    y axis is symmetric-log: logarithmic in magnitude on both sides of 0, linear within the threshold it names."""
     plt = pyplot()
     risks = risks or list(dict.fromkeys(r for h in histories.values() for r in h.risks))
     fig, axes = plt.subplots(1, len(risks), figsize=(5 * len(risks), 3.8), squeeze=False)
     for ax, risk in zip(axes[0], risks):
-        for label, history in histories.items():
-            if risk in history.risks:
-                ax.plot(history.steps, history.cumulative(risk), marker=".", label=label)
+        curves = {label: h.cumulative(risk) for label, h in histories.items() if risk in h.risks}
+        for label, curve in curves.items():
+            ax.plot(histories[label].steps, curve, marker=".", label=label)
         ax.axhline(0, color="grey", lw=0.8)
+        threshold = symlog_threshold(curves.values())
+        if threshold is not None:
+            ax.set_yscale("symlog", linthresh=threshold)
+            ax.axhspan(-threshold, threshold, color="grey", alpha=0.1, lw=0, label=f"linear within ±{threshold:g}")
         ax.set_xlabel("step")
-        ax.set_ylabel("cumulative G-effect")
+        ax.set_ylabel("cumulative G-effect" + (" (symlog)" if threshold is not None else ""))
         ax.set_title(f"{risk} risk")
         ax.legend(fontsize=8)
     fig.tight_layout()
