@@ -172,13 +172,43 @@ def _train_settings(args):
     return files, [objectives] if isinstance(objectives, str) else list(objectives), values
 
 
+EVAL_ONLY_FLAGS = ("retain_eval_set", "holdout", "retain_model", "retain_eval", "eval_size", "real_authors", "world")
+
+
+def _eval_plan(args, forget_pairs, retain_pairs):
+    """`EvalPlan` of ``--eval`` and the flags that go with it, checked before anything runs (None without it)."""
+    from .eval.plan import EvalPlan
+
+    if not args.eval:
+        given = [f"--{flag.replace('_', '-')}" for flag in EVAL_ONLY_FLAGS if getattr(args, flag) is not None]
+        if given:
+            raise CLIError(f"{given[0]} is for the evaluation: add --eval")
+        return None
+    if args.retain_model and args.retain_eval:
+        raise CLIError("give the retain model either as --retain-model DIR or as --retain-eval FILE, not both")
+    if args.retain_model:
+        path = Path(args.retain_model)
+        from .train.lora import is_adapter_dir
+        if not is_adapter_dir(path):
+            _check_model_dir(path)
+    return EvalPlan.from_files(forget_pairs, retain_pairs, retain_eval_set=args.retain_eval_set,
+                               real_authors=args.real_authors, world=args.world, holdout=args.holdout,
+                               size=args.eval_size, max_new_tokens=args.max_new_tokens,
+                               retain_model=args.retain_model, retain_eval=args.retain_eval)
+
+
+def _write_result(out: Path, name: str, value) -> None:
+    results = out / "results"
+    results.mkdir(parents=True, exist_ok=True)
+    (results / name).write_text(json.dumps(value, indent=1))
+
+
 def cmd_train(args):
     import copy
     from functools import partial
 
     from .backends.registry import check_backend
     from .data import encode_pairs, load_qa
-    from .eval import evaluate_model
     from .eval.report import make_report
     from .train import TrainConfig, check_resumable, train
     from .train import distributed
@@ -205,8 +235,7 @@ def cmd_train(args):
     check_backend("auto", device)
     forget_pairs = load_qa(files["forget"])
     retain_pairs = load_qa(files["retain"]) if files["retain"] else None
-    utility_sets = {name: load_qa(path) for name, path in (("real_authors", args.real_authors), ("world", args.world))
-                    if path}
+    plan = _eval_plan(args, forget_pairs, retain_pairs)
     world = args.nproc or world_size()
     for config in configs.values():  # before anything runs or is written
         check_world(world, config, forget_pairs, retain_pairs if config.uses_retain else None)
@@ -225,7 +254,12 @@ def cmd_train(args):
     if args.eval and is_rank_zero():
         _note_generation_limit(start.config if start is not None else _model_config(files["model"]),
                                args.max_new_tokens or MAX_NEW_TOKENS)
-    summaries = {}
+    if plan and plan.retain_model:  # whole on every rank: evaluated once, before any unlearning
+        plan, retain_scores = plan.with_retain_model(_load_model(plan.retain_model, device), tokenizer,
+                                                     plan.retain_model)
+        if is_rank_zero():
+            _write_result(out, "retain_model_eval.json", retain_scores)
+    summaries, per_sample = {}, {}
     for name, config in configs.items():
         lora = partial(add_lora, r=args.lora_r, alpha=args.lora_alpha, targets=args.lora_targets,
                        base_path=files["model"], seed=config.seed) if args.lora_r else None
@@ -235,12 +269,8 @@ def cmd_train(args):
         else:
             model = copy.deepcopy(start)
             result = train(lora(model) if lora else model, forget, retain, config, resume=resume)
-        if args.eval:  # on every rank: a sharded model's forward passes take all of them
-            summaries[name], _ = evaluate_model(result.model, tokenizer, forget_pairs, retain_pairs,
-                                                utility_sets.get("world"),
-                                                real_authors=utility_sets.get("real_authors"),
-                                                **({"max_new_tokens": args.max_new_tokens}
-                                                   if args.max_new_tokens else {}))
+        if plan:  # on every rank: a sharded model's forward passes take all of them
+            summaries[name], per_sample[name] = plan.evaluate(result.model, tokenizer)
         if not is_rank_zero():
             continue
         tokenizer.save_pretrained(Path(config.out_dir) / "model")
@@ -248,9 +278,11 @@ def cmd_train(args):
         print(f"{name}: {config.steps} steps{resumed}, final loss "
               f"{result.metrics[-1]['loss']:.4f}; model in {config.out_dir}/model")
     if summaries and is_rank_zero():
-        results = Path(args.out) / "results"
-        results.mkdir(parents=True, exist_ok=True)
-        (results / "summary.json").write_text(json.dumps(summaries, indent=1))
+        _write_result(out, "summary.json", summaries)
+        _write_result(out, "per_sample.json", per_sample)
+        for name, summary in summaries.items():
+            for metric, why in summary.get("missing", {}).items():
+                print(f"{name}: {metric.replace('_', ' ')} not computed: {why}")
     if is_rank_zero():
         print(f"report: {make_report(args.out)}")
     if world > 1:
@@ -386,6 +418,17 @@ def build_parser() -> argparse.ArgumentParser:
                         "model_utility needs all three utility sets, else the harmonic mean is named after the sets")
     p.add_argument("--real-authors", help="real-authors set for --eval (TOFU-format, with perturbed answers)")
     p.add_argument("--world", help="world-facts set for --eval (TOFU-format, with perturbed answers)")
+    p.add_argument("--retain-eval-set", metavar="FILE",
+                   help="utility set for --eval instead of the --retain training file (TOFU: retain_perturbed)")
+    p.add_argument("--holdout", metavar="FILE", help="for --eval: questions the model never saw (TOFU: holdout10); "
+                                                     "membership-inference AUC of forget against it, and privleak")
+    p.add_argument("--retain-model", metavar="DIR", help="for --eval: the model trained without the forget set, "
+                                                         "evaluated on the same sets (forget quality, privleak)")
+    p.add_argument("--retain-eval", metavar="FILE",
+                   help="for --eval: the retain model's saved evaluation instead of --retain-model (this project's "
+                        "results/retain_model_eval.json, or TOFU's eval_log_forget.json)")
+    p.add_argument("--eval-size", type=int, metavar="N",
+                   help="for --eval: score the first N items of each set (TOFU scores 300; default: all)")
     p.add_argument("--max-new-tokens", type=int,
                    help=f"greedy generation length for --eval's ROUGE-L, at most the model's positions after the "
                         f"prompt (default: {MAX_NEW_TOKENS}, as TOFU)")

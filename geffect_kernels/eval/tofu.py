@@ -140,7 +140,7 @@ def summarize(forget, retain=None, world=None, *, real_authors=None, holdout=Non
     Memorization (where the forget scores have them): ``forget_exact_memorization``,
     ``forget_extraction_strength``; with ``holdout``: ``mia_auc`` (attack -> AUC), and ``privleak`` from the
     retain model's ``mia_auc``. What could not be computed is named in ``missing`` (metric -> why);
-    ``retain_model_missing`` is the reason to give when no retain model's numbers are given.
+    ``retain_model_missing`` (metric -> why) gives the reason where the retain model's numbers are not given.
     """
     summary, missing = {}, {}
     sets = {name: scores for name, scores in (("forget", forget), ("retain", retain),
@@ -162,7 +162,7 @@ def summarize(forget, retain=None, world=None, *, real_authors=None, holdout=Non
     if "truth_ratio" not in forget:
         missing["forget_quality"] = NO_TRUTH_RATIOS
     elif retain_model_forget_ratios is None:
-        missing["forget_quality"] = retain_model_missing or NO_RETAIN_MODEL
+        missing["forget_quality"] = (retain_model_missing or {}).get("forget_quality", NO_RETAIN_MODEL)
     else:
         summary["forget_quality"] = forget_quality(forget["truth_ratio"], retain_model_forget_ratios)
     for key in ("exact_memorization", "extraction_strength"):
@@ -173,7 +173,7 @@ def summarize(forget, retain=None, world=None, *, real_authors=None, holdout=Non
     else:
         summary["mia_auc"] = mia_auc(_attack_scores(forget), _attack_scores(holdout))
         if retain_model_mia_auc is None or PRIVLEAK_ATTACK not in retain_model_mia_auc:
-            missing["privleak"] = retain_model_missing or NO_RETAIN_MODEL
+            missing["privleak"] = (retain_model_missing or {}).get("privleak", NO_RETAIN_MODEL)
         else:
             summary["privleak"] = privleak(summary["mia_auc"][PRIVLEAK_ATTACK], retain_model_mia_auc[PRIVLEAK_ATTACK])
     if missing:
