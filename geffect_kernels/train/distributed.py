@@ -105,6 +105,9 @@ def train_sharded(model_dir, forget, retain, config, *, device, wrap=None, evalu
     safetensors weights) straight into shards on ``device``, ``wrap`` (e.g. LoRA) applied before sharding;
     returns the metrics (identical) and the trained sharded model on every rank. ``evaluate`` and ``resume`` as
     for `loop.train` (``evaluate`` runs on every rank: the sharded model's forward passes take all of them)."""
+    if config.guidance == "instance":  # before the model loads
+        raise ValueError("guidance 'instance' runs in one process only (its per-sample G-effects are not sharded); "
+                         "'rectify' runs sharded")
     model = load_sharded(model_dir, device, wrap=wrap)
     check_inputs(model, forget, retain, config)
     config = resolve_preset(config, model, len(forget))
@@ -122,6 +125,8 @@ def train_sharded(model_dir, forget, retain, config, *, device, wrap=None, evalu
 class ShardedRun(Run):
     """A `loop.Run` on one rank: its slice of every batch, the global batch's losses, checkpoints written by
     every rank through ``torch.distributed.checkpoint``, rank 0 the writer."""
+
+    sharded = True
 
     def __init__(self, model, model_dir, forget, retain, config):
         self.model_dir = model_dir  # the KL reference is loaded from it into shards, as the model was

@@ -32,6 +32,8 @@ from tqdm.auto import tqdm
 
 from ..backends.registry import check_backend
 from ..geffect import GEffectHistory, GEffectProfiler
+from ..guidance import step as guided
+from ..guidance.stop import fired, parse_stop_when
 from ..objectives import OBJECTIVES
 from .checkpoint import (CHECKPOINT, atomic_write_json, atomic_write_text, load_checkpoint, remove_orphans,
                          save_checkpoint)
@@ -59,6 +61,7 @@ class TrainResult:
     geffects: object = None  # GEffectHistory when G-effects were recorded
     resumed_from: int = 0
     model: object = None  # the trained model (the caller's, trained in place; a sharded run's own)
+    stopped_at: int | None = None  # updates made when a stop_when rule ended the run early
 
 
 def train(model, forget, retain, config: TrainConfig, *, evaluate=None, resume: bool | None = None
@@ -116,6 +119,8 @@ def run_steps(run: Run, evaluate=None) -> None:
         record = {"step": number, "lr": run.set_lr(step)}
         if run.profiler is not None and step % config.geffect_every == 0:
             record.update(run.profile(step, number))
+            if run.stop_rule_fired(record, number):
+                break
         record.update(run.optimizer_step(step, number))
         if evaluate is not None and config.eval_every and number % config.eval_every == 0:
             record.update(run.evaluate(evaluate))
@@ -132,6 +137,7 @@ class Run:
     a subclass overrides those where its runs differ (`distributed.ShardedRun`)."""
 
     writer = True  # this process writes the run folder, the metrics log and the progress bar
+    sharded = False  # its gradients are shards (FSDP2): a guided step sums its products over the ranks
 
     def __init__(self, model, forget, retain, config: TrainConfig):
         torch.manual_seed(config.seed)
@@ -149,6 +155,8 @@ class Run:
         self.metrics: list[dict] = []
         self.last_good: int | None = None  # the step of the last checkpoint written or resumed from
         self.setting_changes: list[dict] = []  # settings changed by resume=True: {"step", "before"}
+        self.stop_rules = parse_stop_when(config.stop_when)
+        self.stopped_at: int | None = None  # the updates made when a stop rule ended the run
 
     # -- the reference, the data, the losses ------------------------------------------------------------------
 
@@ -230,6 +238,9 @@ class Run:
             result = self.profiler.measure_unlearning(
                 config.objective, f_batch, r_batch, ref_logprobs=f_ref,
                 retain_objective=config.retain_objective if config.uses_retain else None, **config.hparams)
+        while self.history.steps and self.history.steps[-1] >= number:  # recorded before a stop rule ended a run
+            self.history.steps.pop()
+            self.history.results.pop()
         self.history.record(number, result)
         return {"e_forget": float(result.total["forget"]), "e_retain": float(result.total.get("retain", 0.0))}
 
@@ -239,19 +250,40 @@ class Run:
         t0 = time.perf_counter()
         self.optimizer.zero_grad(set_to_none=True)
         sums = {"loss": 0.0, "forget_loss": 0.0, "retain_loss": 0.0}
-        for k in range(config.grad_accum):
-            try:
+        try:
+            if config.guidance is not None:
+                sums = self.guided_gradients(step)
+            for k in range(config.grad_accum if config.guidance is None else 0):
                 losses = self.micro_step_losses(step * config.grad_accum + k)
-            except NonFiniteLoss as err:
-                where = (f"the last good checkpoint is step {self.last_good} in {self.checkpoint_path(self.last_good)}"
-                         if self.last_good else "no checkpoint was written")
-                raise TrainingDiverged(f"{err} at step {number}; stopped, {where}") from None
-            (losses["loss"] / config.grad_accum).backward()
-            for key, value in losses.items():
-                sums[key] += float(value.detach()) / config.grad_accum
+                (losses["loss"] / config.grad_accum).backward()
+                for key, value in losses.items():
+                    sums[key] += float(value.detach()) / config.grad_accum
+        except NonFiniteLoss as err:
+            where = (f"the last good checkpoint is step {self.last_good} in {self.checkpoint_path(self.last_good)}"
+                     if self.last_good else "no checkpoint was written")
+            raise TrainingDiverged(f"{err} at step {number}; stopped, {where}") from None
         norm = torch.nn.utils.clip_grad_norm_(self.params, config.max_grad_norm or float("inf"))
         self.optimizer.step()
         return {**sums, "grad_norm": float(norm), "seconds": time.perf_counter() - t0}
+
+    def guided_gradients(self, step) -> dict:
+        """``.grad`` of a G-effect-guided step (`guidance.step`) and its loss sums."""
+        if self.config.guidance == "rectify":
+            return guided.rectified_gradients(self, step, NonFiniteLoss, sharded=self.sharded)
+        return guided.instance_gradients(self, step, self.config.guidance_temperature, NonFiniteLoss)
+
+    def stop_rule_fired(self, record: dict, number) -> bool:
+        """Whether a ``stop_when`` rule holds on the G-effects just recorded (before step ``number``'s update):
+        then the record says which and when, is logged, and the state after the last update is checkpointed."""
+        reason = fired(self.stop_rules, self.history, number)
+        if reason is None:
+            return False
+        self.stopped_at = number - 1
+        record.update({"stopped": reason, "updates": number - 1})
+        self.log(record)
+        if self.out is not None and self.last_good != number - 1:
+            self.checkpoint(number - 1)
+        return True
 
     def evaluate(self, evaluate) -> dict:
         """``evaluate(model)``'s numbers, the model in eval mode meanwhile (on every rank of a sharded run)."""
@@ -356,7 +388,8 @@ class Run:
                 if self.history is not None:
                     atomic_write_json(self.out / GEFFECTS, self.history.to_dict())
             self.sync()
-        return TrainResult(steps=self.config.steps, metrics=self.metrics, geffects=self.history,
+        return TrainResult(steps=self.config.steps if self.stopped_at is None else self.stopped_at,
+                           metrics=self.metrics, geffects=self.history, stopped_at=self.stopped_at,
                            resumed_from=self.start, model=self.model)
 
     def save_model(self, folder: Path):

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..geffect.groups import MODES as GROUPINGS
+from ..guidance import GUIDANCES, TEMPERATURE, parse_stop_when
 from .. import catalog
 from ..catalog import OBJECTIVES, resolve
 from ..ranges import NON_NEGATIVE, POSITIVE, check_number
@@ -49,6 +50,9 @@ class TrainConfig:
     progress: bool = True
     kl_normalization: str = "tokens"  # see KL_NORMALIZATIONS
     preset: str | None = None  # "official": the G-effect code's settings for those not given (presets.py)
+    guidance: str | None = None  # "rectify" or "instance": a G-effect-guided step (guidance/, docs/guidance.md)
+    guidance_temperature: float = TEMPERATURE  # instance weighting's temperature τ
+    stop_when: str | None = None  # stop rules on the recorded G-effects, e.g. "retain_ratio<-0.5" (guidance.stop)
 
     def __new__(cls, *args, **kwargs):
         # remember which settings the caller gave, so that a preset fills exactly the others: a value given on
@@ -84,6 +88,18 @@ class TrainConfig:
             check_number(name, getattr(self, name), NON_NEGATIVE)
         if self.max_grad_norm is not None:
             check_number("max_grad_norm (or None)", self.max_grad_norm, POSITIVE)
+        self._check_guidance()
+
+    def _check_guidance(self):
+        if self.guidance is not None and self.guidance not in GUIDANCES:
+            raise ValueError(f"unknown guidance {self.guidance!r}; valid: {', '.join(GUIDANCES)} (or None)")
+        if self.guidance is not None and not (self.uses_retain and self.retain_objective == "nll"):
+            raise ValueError(f"guidance {self.guidance!r} needs the nll retain term with retain_weight > 0 (it steers "
+                             f"the forget gradient by the retain risk's), got retain_objective="
+                             f"{self.retain_objective!r}, retain_weight={self.retain_weight!r}")
+        check_number("guidance_temperature", self.guidance_temperature, POSITIVE)
+        if parse_stop_when(self.stop_when) and not self.geffect_every:
+            raise ValueError(f"stop_when {self.stop_when!r} reads the recorded G-effects: set geffect_every > 0")
 
     @property
     def uses_retain(self) -> bool:
