@@ -162,7 +162,8 @@ def _train_settings(args):
              "steps": args.steps, "lr": args.lr, "batch_size": args.batch_size, "grad_accum": args.grad_accum,
              "warmup_steps": args.warmup_steps, "seed": args.seed, "geffect_every": args.geffect_every,
              "retain_objective": args.retain_objective, "hparams": _hparams(args.hparam) or None,
-             "preset": args.preset}
+             "preset": args.preset, "guidance": args.guidance, "guidance_temperature": args.guidance_temperature,
+             "stop_when": args.stop_when}
     values.update({k: v for k, v in flags.items() if v is not None})
     files = {k: values.pop(k, None) for k in ("model", "forget", "retain")}
     for key in ("model", "forget"):
@@ -275,8 +276,12 @@ def cmd_train(args):
             continue
         tokenizer.save_pretrained(Path(config.out_dir) / "model")
         resumed = f" (resumed from step {result.resumed_from})" if result.resumed_from else ""
-        print(f"{name}: {config.steps} steps{resumed}, final loss "
-              f"{result.metrics[-1]['loss']:.4f}; model in {config.out_dir}/model")
+        if result.stopped_at is not None:
+            print(f"{name}: stopped by {result.metrics[-1]['stopped']} at step {result.stopped_at + 1}, after "
+                  f"{result.stopped_at} updates{resumed}; model in {config.out_dir}/model")
+        else:
+            print(f"{name}: {config.steps} steps{resumed}, final loss "
+                  f"{result.metrics[-1]['loss']:.4f}; model in {config.out_dir}/model")
     if summaries and is_rank_zero():
         _write_result(out, "summary.json", summaries)
         _write_result(out, "per_sample.json", per_sample)
@@ -404,6 +409,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"record G-effects every k steps, 0: never (default: {d['geffect_every']})")
     p.add_argument("--hparam", nargs="*", metavar="NAME=VALUE",
                    help="objective hyper-parameters, e.g. beta=0.5 (default: each objective's, docs/DESIGN.md §3)")
+    p.add_argument("--guidance", choices=["rectify", "instance"],
+                   help="G-effect-guided steps (needs the nll retain term): 'rectify' removes, layer by layer, the "
+                        "forget gradient's component along the retain gradient where they conflict; 'instance' "
+                        "weights forget samples by their retaining G-effect (docs/guidance.md)")
+    p.add_argument("--guidance-temperature", type=float, help="instance weighting's temperature (default: 1)")
+    p.add_argument("--stop-when", metavar="RULES",
+                   help="stop on the recorded G-effects (needs --geffect-every), e.g. 'retain_ratio<-0.5' or "
+                        "'forget_fraction<0.2'; several rules separated by commas (docs/guidance.md)")
     p.add_argument("--max-length", type=int, help="truncate examples to this many tokens (default: no limit)")
     p.add_argument("--nproc", type=int, help="shard over N local processes (FSDP2; launches torchrun); "
                                              "--batch-size stays the global batch")

@@ -3,7 +3,8 @@ import pytest
 
 from geffect_kernels.eval.observations import (ga_retaining_negative, npo_spares_damaging_instances,
                                                npo_weights_shrink, retain_at_forget_level,
-                                               shallow_layers_dominate, token_weighted_damage_less, verdict)
+                                               shallow_layers_dominate, token_weighted_damage_less, verdict,
+                                               guidance_damage_less)
 
 
 def test_a_ga_retaining_effect_sign():
@@ -79,3 +80,28 @@ def test_verdict_says_so_when_the_numbers_cannot_decide():
     from geffect_kernels.eval.observations import CLAIMS, Check
     undecided = Check(CLAIMS["e"], None, "not measurable: no probe where the NPO weights differ")
     assert verdict([ga_retaining_negative([-1.0]), undecided]) == "not decided by these numbers"
+
+
+def test_g_guided_variant_against_its_objective():
+    better = guidance_damage_less(_trajectories({"ga": 0.5, "ga+rectify": 0.7}), "ga+rectify")
+    assert better.holds and better.claim.startswith("ga+rectify: ")
+    assert better.evidence == ("at forget probability 0.1 (from 0.9) the retain probability is ga+rectify 0.7, "
+                               "ga 0.5")
+    assert not guidance_damage_less(_trajectories({"ga": 0.5, "ga+rectify": 0.4}), "ga+rectify").holds
+    # the guided run forgets less (down to 0.5 only): compared where both got, halfway for ga (0.7)
+    shallow = _trajectories({"ga": 0.5}) + [
+        {"objective": "npo+instance", "step": 0, "probe_forget_probability": 0.9, "probe_retain_probability": 0.9},
+        {"objective": "npo+instance", "step": 2, "probe_forget_probability": 0.5, "probe_retain_probability": 0.69},
+        {"objective": "npo", "step": 0, "probe_forget_probability": 0.9, "probe_retain_probability": 0.9},
+        {"objective": "npo", "step": 2, "probe_forget_probability": 0.1, "probe_retain_probability": 0.5}]
+    check = guidance_damage_less(shallow, "npo+instance")
+    assert not check.holds and "forget probability 0.5 " in check.evidence and "npo 0.7" in check.evidence
+    with pytest.raises(ValueError, match="needs runs of npo and npo\\+rectify"):
+        guidance_damage_less(_trajectories({"ga": 0.5, "npo+rectify": 0.7}), "npo+rectify")
+
+
+def test_f_leaves_guided_variants_out():
+    rows = _trajectories({"ga": 0.5, "npo": 0.6, "wga": 0.8, "tnpo": 0.7, "wtnpo": 0.85})
+    rows += [{"objective": "ga+rectify", "step": 0, "probe_forget_probability": 0.9, "probe_retain_probability": 0.9},
+             {"objective": "ga+rectify", "step": 2, "probe_forget_probability": 0.6, "probe_retain_probability": 0.95}]
+    assert token_weighted_damage_less(rows) == token_weighted_damage_less(rows[:-2])

@@ -14,6 +14,10 @@ the checks of several seeds into one word: an observation holds only when it hol
 (f) The token-weighted objectives reach a given forget level with less retain damage than GA and NPO: at the
     deepest forget probability every objective reaches, each of wga/tnpo/wtnpo keeps a higher retain
     probability than both ga and npo.
+
+Beyond the paper, for each G-effect-guided variant ``OBJECTIVE+GUIDANCE`` (`guidance`) run next to its objective:
+(g) guidance reaches the objective's forget level with less retain damage: at the deepest forget probability both
+    runs reach, the guided run keeps a higher retain probability (`guidance_damage_less`).
 """
 from __future__ import annotations
 
@@ -32,6 +36,7 @@ CLAIMS = {
     "d": "NPO's weights shrink as unlearning goes on (early stopping)",
     "e": "NPO gives the instances that damage retention most smaller weights",
     "f": "the token-weighted objectives reach a forget level with less retain damage than GA and NPO",
+    "g": "G-effect guidance reaches its objective's forget level with less retain damage",
 }
 
 
@@ -122,6 +127,7 @@ def retain_at_forget_level(trajectories, level):
 def token_weighted_damage_less(trajectories) -> Check:
     """(f) from one seed's probes (``objective``, ``step``, ``probe_forget_probability``,
     ``probe_retain_probability``; step 0 is the target model, shared by every objective)."""
+    trajectories = [t for t in trajectories if t["objective"] in TOKEN_WEIGHTED + BASELINES]  # not guided variants
     names = list(dict.fromkeys(t["objective"] for t in trajectories))
     missing = [n for n in TOKEN_WEIGHTED + BASELINES if n not in names]
     if missing:
@@ -136,6 +142,22 @@ def token_weighted_damage_less(trajectories) -> Check:
     evidence = (f"at forget probability {_fmt(level)} (from {_fmt(start)}) the retain probability is {table}"
                 + (f"; not better than both baselines: {', '.join(failing)}" if failing else ""))
     return Check(CLAIMS["f"], bool(holds), evidence)
+
+
+def guidance_damage_less(trajectories, variant: str) -> Check:
+    """(g) for ``variant`` (``"ga+rectify"``) against its objective (``"ga"``), from one seed's probes (as for (f))."""
+    base = variant.split("+", 1)[0]
+    runs = [t for t in trajectories if t["objective"] in (base, variant)]
+    names = set(t["objective"] for t in runs)
+    if names != {base, variant}:
+        raise ValueError(f"observation (g) needs runs of {base} and {variant}")
+    start = max(t["probe_forget_probability"] for t in runs if t["step"] == 0)
+    level = max(min(t["probe_forget_probability"] for t in runs if t["objective"] == n) for n in (base, variant))
+    at = retain_at_forget_level(runs, level)
+    holds = level < start and at[variant] > at[base]
+    return Check(f"{variant}: {CLAIMS['g']}", bool(holds),
+                 f"at forget probability {_fmt(level)} (from {_fmt(start)}) the retain probability is {variant} "
+                 f"{_fmt(at[variant])}, {base} {_fmt(at[base])}")
 
 
 def verdict(checks) -> str:

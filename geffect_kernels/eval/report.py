@@ -135,7 +135,8 @@ def _seed_checks(seed_runs, histories, trajectories):
         except ValueError as err:
             checks[letter] = obs.Check(obs.CLAIMS[letter], None, f"not measurable: {err}")
 
-    runs = {o: histories[n] for o, n in seed_runs.items() if n in histories}
+    # the paper's observations are about the objectives themselves, not their guided variants
+    runs = {o: histories[n] for o, n in seed_runs.items() if n in histories and "+" not in o}
     if "ga" in runs and "retain" in runs["ga"].risks:
         attempt("a", lambda: obs.ga_retaining_negative(runs["ga"].per_step("retain")))
     for letter, risk in (("b", "forget"), ("c", "retain")):
@@ -152,6 +153,11 @@ def _seed_checks(seed_runs, histories, trajectories):
             [(t["probe_npo_weights"], t["probe_instance_damage"]) for t in npo]))
     if trajectories and all(o in seed_runs for o in obs.TOKEN_WEIGHTED + obs.BASELINES):
         attempt("f", lambda: obs.token_weighted_damage_less(trajectories))
+    for variant in (o for o in seed_runs if "+" in o):
+        try:
+            checks[f"g {variant}"] = obs.guidance_damage_less(trajectories, variant)
+        except ValueError as err:
+            checks[f"g {variant}"] = obs.Check(f"{variant}: {obs.CLAIMS['g']}", None, f"not measurable: {err}")
     return checks
 
 
@@ -167,14 +173,16 @@ def _observations(runs, histories, trajectories):
     per_seed = {seed: _seed_checks(seed_runs, histories, [t for t in trajectories if t.get("seed") == seed])
                 for seed, seed_runs in seeds.items()}
     lines, verdicts = [], {}
-    for letter in "abcdef":
+    guided = list(dict.fromkeys(key for c in per_seed.values() for key in c if key.startswith("g ")))
+    for letter in [*"abcdef", *guided]:
         checks = {seed: c[letter] for seed, c in per_seed.items() if letter in c}
         if not checks:
             continue
         verdicts[letter] = verdict(list(checks.values()))
         evidence = "; ".join(c.evidence if seed is None or len(checks) == 1 else f"seed {seed}: {c.evidence}"
                              for seed, c in checks.items())
-        lines.append(f"- ({letter}) **{CLAIMS[letter]}**: {evidence} — {verdicts[letter]}.")
+        label, claim = (letter[0], next(iter(checks.values())).claim) if letter in guided else (letter, CLAIMS[letter])
+        lines.append(f"- ({label}) **{claim}**: {evidence} — {verdicts[letter]}.")
     return lines, verdicts
 
 
@@ -308,7 +316,8 @@ def headline(run_dir) -> list[str]:
                                       for key, label in shown)
              for model, names in _by_model(summaries).items() if model not in ("target", "retain_only")]
     note = quick_note(run_dir)
-    return lines + [f"({letter}) {CLAIMS[letter]}: {v}" for letter, v in verdicts.items()] + ([note] if note else [])
+    return lines + [f"({letter}) {CLAIMS[letter]}: {v}" if letter in CLAIMS else
+                    f"(g) {letter[2:]}: {CLAIMS['g']}: {v}" for letter, v in verdicts.items()] + ([note] if note else [])
 
 
 def quick_note(run_dir) -> str | None:

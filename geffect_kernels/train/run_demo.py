@@ -7,7 +7,8 @@
    the reference for forget quality.
 4. Unlearn the forget authors (10%) from the target with each objective plus an ``nll`` retain term, once per
    seed (same target; the seed sets the batch order), recording G-effects every few steps and forget/retain
-   probabilities along the way (and, for NPO, its weights and each instance's retain damage).
+   probabilities along the way (and, for NPO, its weights and each instance's retain damage); GA and NPO also
+   with each G-effect guidance (`GUIDED`, runs named ``ga+rectify`` and so on), next to their unguided runs.
 5. Evaluate every model TOFU-style, with membership inference of the forget authors against holdout authors no
    model saw (AUC per attack, privleak relative to the retain-only model) and memorization, and write CSV/JSON,
    plots and ``report.md`` (see `eval.report`), where each number of the unlearned models comes with its spread
@@ -35,6 +36,8 @@ from .tiny_model import tiny_llama
 from .train_config import TrainConfig
 
 OBJECTIVE_NAMES = ("ga", "npo", "wga", "tnpo", "wtnpo")
+# (objective, guidance) runs beside the unguided objectives, from the same target and seeds (docs/guidance.md)
+GUIDED = (("ga", "rectify"), ("npo", "rectify"), ("ga", "instance"), ("npo", "instance"))
 MARKER = "demo_settings.json"  # marks a folder as a demo output (safe to overwrite)
 
 
@@ -151,15 +154,17 @@ def _run(out_dir, settings, quick, progress, echo):
     start_point = probe(target)
     npo_start = npo_probe(target)
     trajectories = []
+    runs = [(name, None) for name in OBJECTIVE_NAMES] + list(GUIDED)
     for seed in range(settings.seeds):
-        for name in OBJECTIVE_NAMES:
+        for objective, guidance in runs:
+            name = objective if guidance is None else f"{objective}+{guidance}"
             run = f"{name}-seed{seed}"
             model = copy.deepcopy(target)
-            config = TrainConfig(objective=name, retain_objective="nll", steps=settings.unlearn_steps,
+            config = TrainConfig(objective=objective, retain_objective="nll", steps=settings.unlearn_steps,
                                  batch_size=settings.unlearn_batch_size, lr=settings.unlearn_lr, seed=seed,
                                  geffect_every=settings.geffect_every, eval_every=settings.probe_every,
                                  checkpoint_every=settings.unlearn_steps, out_dir=str(out / "runs" / run),
-                                 progress=progress)
+                                 progress=progress, guidance=guidance)
             hook = (lambda m: {**probe(m), **npo_probe(m)}) if name == "npo" else probe
             result = train(model, forget_set, retain_set, config, evaluate=hook)
             tokenizer.save_pretrained(Path(config.out_dir) / "model")
@@ -191,4 +196,4 @@ def _run(out_dir, settings, quick, progress, echo):
     return report
 
 
-__all__ = ["DemoSettings", "FULL", "OBJECTIVE_NAMES", "QUICK", "run_demo"]
+__all__ = ["DemoSettings", "FULL", "GUIDED", "OBJECTIVE_NAMES", "QUICK", "run_demo"]
