@@ -241,6 +241,8 @@ def cmd_train(args):
     for config in configs.values():  # before anything runs or is written
         check_world(world, config, forget_pairs, retain_pairs if config.uses_retain else None)
         check_resume(config.out_dir, world, args.allow_reshard)
+    if world > 1 and any(c.guidance == "instance" for c in configs.values()):
+        raise CLIError("--guidance instance runs in one process only; --guidance rectify runs sharded")
     if world > 1:
         _check_shardable(Path(files["model"]))
     if args.nproc and args.nproc > 1:
