@@ -316,8 +316,9 @@ def headline(run_dir) -> list[str]:
                                       for key, label in shown)
              for model, names in _by_model(summaries).items() if model not in ("target", "retain_only")]
     note = quick_note(run_dir)
-    return lines + [f"({letter}) {CLAIMS[letter]}: {v}" if letter in CLAIMS else
-                    f"(g) {letter[2:]}: {CLAIMS['g']}: {v}" for letter, v in verdicts.items()] + ([note] if note else [])
+    verdict_lines = [f"({letter}) {CLAIMS[letter]}: {v}" if letter in CLAIMS
+                     else f"(g) {letter[2:]}: {CLAIMS['g']}: {v}" for letter, v in verdicts.items()]
+    return lines + verdict_lines + ([note] if note else [])
 
 
 def quick_note(run_dir) -> str | None:
