@@ -21,6 +21,11 @@ def run_blocks(path: pathlib.Path) -> int:
     return len(runnable)
 
 
+def test_readme_stays_short():
+    # what a newcomer reads first, in minutes: the details live in docs/ and benchmarks/README.md
+    assert len(README.read_text().splitlines()) <= 300
+
+
 def test_readme_examples_run(capsys, monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)  # whatever an example writes lands here
     assert run_blocks(README) >= 8
