@@ -112,6 +112,22 @@ def test_one_writer_per_run_folder(setup, tmp_path):
     assert not (tmp_path / LOCK).exists()
 
 
+def test_a_planted_lock_file_is_never_written_through(setup, tmp_path):
+    tokenizer, forget, retain = setup
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / LOCK).symlink_to(victim)
+    with pytest.raises(ValueError, match=r"run/.lock is a symbolic link: refusing to use it"):
+        train(model_of(tokenizer), forget, retain, config(run, steps=1))
+    assert victim.read_text() == "precious" and sorted(p.name for p in run.iterdir()) == [LOCK]
+    (run / LOCK).unlink()
+    os.link(victim, run / LOCK)  # a hard link looks like a stale lock file: unlinked, never truncated
+    train(model_of(tokenizer), forget, retain, config(run, steps=1))
+    assert victim.read_text() == "precious" and not (run / LOCK).exists()
+
+
 def test_a_killed_runs_temporary_files_are_removed(setup, tmp_path):
     tokenizer, forget, retain = setup
     train(model_of(tokenizer), forget, retain, config(tmp_path, steps=2))
