@@ -6,12 +6,15 @@ optionally ``geffects.json`` and ``eval.json``). Everything here only reads thos
 """
 from __future__ import annotations
 
-import csv
 import json
 import re
 from pathlib import Path
 
 import numpy as np
+
+from ..train.checkpoint import atomic_write_text
+from .run_files import (check_name, check_number, check_summaries, check_timing, check_trajectories, folder_inside,
+                        markdown, read_json, save_figure, write_csv, write_json)
 
 SUMMARY_COLUMNS = ["forget_quality", "model_utility",
                    *(f"{s}_{m}" for s in ("forget", "retain", "real_authors", "world")
@@ -24,10 +27,7 @@ _SEEDED = re.compile(r"(.+)-seed(\d+)")
 
 def _write_csv(path, rows, columns):
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(path, rows, columns)
 
 
 def _fmt(value):
@@ -66,19 +66,26 @@ def _by_model(names):
 
 
 def find_runs(run_dir: Path) -> dict[str, Path]:
-    """``{name: folder}`` of the training runs under ``run_dir`` (or ``run_dir`` itself)."""
+    """``{name: folder}`` of the training runs under ``run_dir`` (or ``run_dir`` itself); each name a safe file-name
+    part (`check_name`: the report names files after it)."""
     if (run_dir / "runs").is_dir():
-        return {p.name: p for p in sorted((run_dir / "runs").iterdir()) if (p / "metrics.jsonl").is_file()}
+        return {check_name(p.name, "run folder", run_dir / "runs"): p for p in sorted((run_dir / "runs").iterdir())
+                if (p / "metrics.jsonl").is_file()}
     if (run_dir / "metrics.jsonl").is_file():
-        config = json.loads((run_dir / "config.json").read_text()) if (run_dir / "config.json").is_file() else {}
-        return {config.get("objective", run_dir.name): run_dir}
+        config = read_json(run_dir / "config.json", {})
+        name = config.get("objective", run_dir.name) if isinstance(config, dict) else None
+        return {check_name(name, "objective", run_dir / "config.json"): run_dir}
     raise FileNotFoundError(f"{run_dir} holds neither runs/ nor metrics.jsonl: not a geffect run folder")
 
 
 def _histories(runs):
     from ..geffect import GEffectHistory
-    return {name: GEffectHistory.from_json(path / "geffects.json") for name, path in runs.items()
-            if (path / "geffects.json").is_file()}
+    histories = {name: GEffectHistory.from_json(path / "geffects.json") for name, path in runs.items()
+                 if (path / "geffects.json").is_file()}
+    for name, history in histories.items():
+        for risk in history.risks:  # plots are named after them
+            check_name(risk, "risk", runs[name] / "geffects.json")
+    return histories
 
 
 def _layer_table(histories):
@@ -118,7 +125,7 @@ def _plot_tradeoff(trajectories, summaries, path):
     axes[1].invert_xaxis()
     axes[0].legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
 
 
@@ -199,8 +206,9 @@ def flat_summary(summary) -> dict:
 
 
 def _table(summaries, columns, groups):
-    lines = ["| model | " + " | ".join(c.replace("_", " ") for c in columns) + " |", "|---" * (len(columns) + 1) + "|"]
-    return lines + [f"| {model} | " + " | ".join(_spread([summaries[n].get(c) for n in names]) for c in columns) + " |"
+    lines = ["| model | " + " | ".join(markdown(c.replace("_", " ")) for c in columns) + " |",
+             "|---" * (len(columns) + 1) + "|"]
+    return lines + [f"| {markdown(model)} | " + " | ".join(_spread([summaries[n].get(c) for n in names]) for c in columns) + " |"
                     for model, names in groups.items()]
 
 
@@ -209,8 +217,9 @@ def _missing_lines(raw):
     reasons = {}
     for name, summary in raw.items():
         for metric, why in (summary.get("missing") or {}).items():
-            reasons.setdefault((metric, why), []).append(split_run_name(name)[0])
-    return [f"- {metric.replace('_', ' ')} not computed for {', '.join(dict.fromkeys(models))}: {why}."
+            reasons.setdefault((metric, why), []).append(markdown(split_run_name(name)[0]))
+    return [f"- {markdown(metric.replace('_', ' '))} not computed for {', '.join(dict.fromkeys(models))}: "
+            f"{markdown(why)}."
             for (metric, why), models in reasons.items()]
 
 
@@ -270,19 +279,19 @@ def _geffect_section(histories, results, plots):
     for model, names in _by_model(histories).items():
         hs = [histories[n] for n in names]
         e_r = [h.per_step("retain") if "retain" in h.risks else [] for h in hs]
-        lines.append(f"| {model} | {len(hs)} | {len(hs[0])} | {_spread([sum(h.per_step('forget')) for h in hs])} | "
+        lines.append(f"| {markdown(model)} | {len(hs)} | {len(hs[0])} | {_spread([sum(h.per_step('forget')) for h in hs])} | "
                      f"{_spread([sum(v) for v in e_r if v])} | "
                      f"{_spread([float(sum(x < 0 for x in v)) for v in e_r if v])} |")
         for n, h in zip(names, hs):
-            h.to_csv(results / f"geffects_{n}.csv")
+            _write_csv(results / f"geffects_{n}.csv", h.rows(), ["step", "group", "risk", "value", "cumulative"])
     first = {model: histories[names[0]] for model, names in _by_model(histories).items()}  # first seed's
     plot_cumulative(first, plots / "cumulative_geffects.png")
     lines += ["", "![cumulative G-effects](plots/cumulative_geffects.png)", ""]
     for model, h in first.items():
         h.plot(plots, prefix=model)
-        lines += [f"![{model} unlearning G-effect per layer](plots/{model}_heatmap_forget.png)"]
+        lines += [f"![{markdown(model)} unlearning G-effect per layer](plots/{model}_heatmap_forget.png)"]
         if "retain" in h.risks:
-            lines += [f"![{model} retaining G-effect per layer](plots/{model}_heatmap_retain.png)"]
+            lines += [f"![{markdown(model)} retaining G-effect per layer](plots/{model}_heatmap_retain.png)"]
     if any(len(names) > 1 for names in _by_model(histories).values()):
         lines += ["", "(Curves and heatmaps: the first seed of each objective.)"]
     lines.append("")
@@ -326,9 +335,11 @@ def quick_note(run_dir) -> str | None:
     settings = Path(run_dir) / "demo_settings.json"
     if not settings.is_file():
         return None
-    s = json.loads(settings.read_text())
-    if not s.get("quick"):
+    s = read_json(settings)
+    if not isinstance(s, dict) or not s.get("quick"):
         return None
+    for key in ("layers", "unlearn_steps", "seeds"):
+        check_number(s.get(key), key, settings)
     half = s["layers"] // 2
     return (f"note: a --quick run ({s['layers']} layers, {s['unlearn_steps']} unlearning steps, {s['seeds']} "
             f"seed(s)) is too small to decide (b) and (c), which compare {half} shallow with {half} deep "
@@ -340,17 +351,16 @@ def make_report(run_dir) -> Path:
     run_dir = Path(run_dir)
     runs = find_runs(run_dir)
     results, plots = run_dir / "results", run_dir / "plots"
-    results.mkdir(exist_ok=True)
-    plots.mkdir(exist_ok=True)
-    summary_file = results / "summary.json"
-    summaries = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
+    summaries = check_summaries(read_json(results / "summary.json", {}), results / "summary.json")
     if not summaries and (run_dir / "eval.json").is_file():
-        summaries = {next(iter(runs)): json.loads((run_dir / "eval.json").read_text())}
-    traj_file = results / "trajectories.json"
-    trajectories = json.loads(traj_file.read_text()) if traj_file.is_file() else []
+        summaries = check_summaries({next(iter(runs)): read_json(run_dir / "eval.json")}, run_dir / "eval.json")
+    trajectories = check_trajectories(read_json(results / "trajectories.json", []), results / "trajectories.json")
+    timing = read_json(results / "timing.json")
+    timing = timing and check_timing(timing, results / "timing.json")
     histories = _histories(runs)
+    results, plots = folder_inside(run_dir, "results"), folder_inside(run_dir, "plots")  # checked: now write
 
-    lines = [f"# G-effect unlearning report: {run_dir.name}", ""]
+    lines = [f"# G-effect unlearning report: {markdown(run_dir.resolve().name)}", ""]
     if summaries:
         lines += _summary_section(summaries, results)
     if histories:
@@ -361,17 +371,16 @@ def make_report(run_dir) -> Path:
         _plot_tradeoff(trajectories, summaries, plots / "tradeoff.png")
         lines += ["## Forget vs retain trade-off", "", "![trade-off](plots/tradeoff.png)", ""]
     observations, verdicts = _observations(runs, histories, trajectories)
-    (results / "observations.json").write_text(json.dumps(verdicts, indent=1))
+    write_json(results / "observations.json", verdicts)
     if observations:
         note = quick_note(run_dir)
         lines += ["## The paper's observations, checked on this run's numbers", "",
                   "Each ends with its verdict from this run's numbers; with several seeds an observation holds only "
                   "when it holds for every seed.", "", *observations, "", *([f"**{note}**", ""] if note else [])]
-    timing = results / "timing.json"
-    if timing.is_file():
-        lines += [_timing_line(json.loads(timing.read_text())), ""]
+    if timing:
+        lines += [_timing_line(timing), ""]
     report = run_dir / "report.md"
-    report.write_text("\n".join(lines))
+    atomic_write_text(report, "\n".join(lines))
     return report
 
 
@@ -382,7 +391,7 @@ def write_profile(results: dict, out_dir: Path) -> str:
             for name, r in results.items() for group, risks in [("total", r.total), *r.by_group.items()]
             for risk, value in risks.items()]
     _write_csv(out_dir / "profile.csv", rows, ["objective", "group", "risk", "value"])
-    (out_dir / "profile.json").write_text(json.dumps({n: r.to_dict() for n, r in results.items()}, indent=1))
+    write_json(out_dir / "profile.json", {n: r.to_dict() for n, r in results.items()})
     risks = list(dict.fromkeys(risk for r in results.values() for risk in r.total))
     groups = list(dict.fromkeys(g for r in results.values() for g in r.by_group))
     from ..geffect.plot import pyplot
@@ -399,7 +408,7 @@ def write_profile(results: dict, out_dir: Path) -> str:
         ax.set(ylabel="G-effect", title=f"{risk} risk")
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out_dir / "profile.png", dpi=110)
+    save_figure(fig, out_dir / "profile.png", dpi=110)
     plt.close(fig)
     lines = ["objective  " + "  ".join(f"{'e_' + risk:>12}" for risk in risks)]
     lines += [f"{name:<10} " + "  ".join(f"{r.total.get(risk, float('nan')):12.4g}" for risk in risks)

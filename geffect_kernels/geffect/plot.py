@@ -18,6 +18,12 @@ HEATMAP_COLOURS = "RdBu"  # negative values red, positive blue: the title says s
 HEATMAP_TITLE = "{objective}G-effect on the {risk} risk\n(red < 0: that NLL rises)"
 
 
+def _save(fig, path):
+    """A PNG written atomically: a link planted at ``path`` is replaced, never written through."""
+    from ..train.checkpoint import atomic_write
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
+
+
 def plot_heatmap(history, risk: str, path) -> Path:
     """Groups (rows, model order) × recorded steps (columns); diverging colours centred on 0."""
     plt = pyplot()
@@ -34,7 +40,7 @@ def plot_heatmap(history, risk: str, path) -> Path:
     ax.set_title(HEATMAP_TITLE.format(objective=name, risk=risk), fontsize=10)
     fig.colorbar(image, ax=ax, label="G-effect")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    _save(fig, path)
     plt.close(fig)
     return Path(path)
 
@@ -71,7 +77,7 @@ def plot_cumulative(histories: dict, path, risks=None) -> Path:
         ax.set_title(f"{risk} risk")
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    _save(fig, path)
     plt.close(fig)
     return Path(path)
 

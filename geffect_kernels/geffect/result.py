@@ -51,8 +51,15 @@ class GEffectResult:
 
     @classmethod
     def from_dict(cls, data: dict) -> GEffectResult:
+        """The inverse of `to_dict`; ValueError when a value that must be a number is not one."""
         term = data.get("retain_term")
-        return cls(data["total"], data["by_group"], data.get("per_instance"), data.get("losses", {}),
+        total, by_group = _numbers(data["total"], "total"), data["by_group"]
+        by_group = {group: _numbers(risks, f"by_group.{group}") for group, risks in by_group.items()}
+        per_instance = data.get("per_instance")
+        if per_instance is not None:
+            per_instance = {risk: list(_numbers(dict(enumerate(values)), f"per_instance.{risk}").values())
+                            for risk, values in per_instance.items()}
+        return cls(total, by_group, per_instance, _numbers(data.get("losses", {}), "losses"),
                    term and cls.from_dict(term))
 
 
@@ -148,3 +155,11 @@ class GEffectHistory:
         """PNG figures in ``out_dir``: a group × step heatmap per risk and the cumulative curves."""
         from .plot import plot_history
         return plot_history(self, out_dir, prefix=prefix)
+
+
+def _numbers(values: dict, what: str) -> dict:
+    """``values`` (``{key: number}``) when every value is a number; ValueError naming the first that is not."""
+    for key, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{what}.{key} must be a number, got {str(value)[:60]!r}")
+    return values
