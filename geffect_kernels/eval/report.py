@@ -208,7 +208,8 @@ def flat_summary(summary) -> dict:
 def _table(summaries, columns, groups):
     lines = ["| model | " + " | ".join(markdown(c.replace("_", " ")) for c in columns) + " |",
              "|---" * (len(columns) + 1) + "|"]
-    return lines + [f"| {markdown(model)} | " + " | ".join(_spread([summaries[n].get(c) for n in names]) for c in columns) + " |"
+    return lines + [f"| {markdown(model)} | "
+                    + " | ".join(_spread([summaries[n].get(c) for n in names]) for c in columns) + " |"
                     for model, names in groups.items()]
 
 
@@ -279,7 +280,8 @@ def _geffect_section(histories, results, plots):
     for model, names in _by_model(histories).items():
         hs = [histories[n] for n in names]
         e_r = [h.per_step("retain") if "retain" in h.risks else [] for h in hs]
-        lines.append(f"| {markdown(model)} | {len(hs)} | {len(hs[0])} | {_spread([sum(h.per_step('forget')) for h in hs])} | "
+        lines.append(f"| {markdown(model)} | {len(hs)} | {len(hs[0])} | "
+                     f"{_spread([sum(h.per_step('forget')) for h in hs])} | "
                      f"{_spread([sum(v) for v in e_r if v])} | "
                      f"{_spread([float(sum(x < 0 for x in v)) for v in e_r if v])} |")
         for n, h in zip(names, hs):
