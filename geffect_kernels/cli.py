@@ -414,17 +414,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance", choices=["rectify", "instance"],
                    help="G-effect-guided steps (needs the nll retain term): 'rectify' removes, layer by layer, the "
                         "forget gradient's component along the retain gradient where they conflict; 'instance' "
-                        "weights forget samples by their retaining G-effect (docs/guidance.md)")
+                        "weights forget samples by their retaining G-effect (default: plain steps; docs/guidance.md)")
     p.add_argument("--guidance-temperature", type=float, help="instance weighting's temperature (default: 1)")
     p.add_argument("--stop-when", metavar="RULES",
                    help="stop on the recorded G-effects (needs --geffect-every), e.g. 'retain_ratio<-0.5' or "
-                        "'forget_fraction<0.2'; several rules separated by commas (docs/guidance.md)")
+                        "'forget_fraction<0.2'; several rules separated by commas (default: run all --steps; "
+                        "docs/guidance.md)")
     p.add_argument("--max-length", type=int, help="truncate examples to this many tokens (default: no limit)")
     p.add_argument("--nproc", type=int, help="shard over N local processes (FSDP2; launches torchrun); "
-                                             "--batch-size stays the global batch")
+                                             "--batch-size stays the global batch (default: one process, or "
+                                             "torchrun's world size when started under torchrun)")
     p.add_argument("--allow-reshard", action="store_true",
                    help="resume a checkpoint written by another number of processes")
-    p.add_argument("--lora-r", type=int, help="train rank-R LoRA adapters instead of all weights; saves the adapter")
+    p.add_argument("--lora-r", type=int, help="train rank-R LoRA adapters instead of all weights; saves the adapter "
+                                              "(default: all weights)")
     p.add_argument("--lora-alpha", type=float, help="LoRA scaling numerator (default: 2 × rank)")
     p.add_argument("--lora-targets", type=lambda s: [t for t in s.split(",") if t], metavar="NAME,NAME",
                    help="modules that get adapters, e.g. q_proj,v_proj (default: peft's for the architecture)")
@@ -448,7 +451,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"greedy generation length for --eval's ROUGE-L, at most the model's positions after the "
                         f"prompt (default: {MAX_NEW_TOKENS}, as TOFU)")
     p.add_argument("--preset", help="'official': every setting not given (flag or --config) as the official "
-                                    "G-effect scripts run it (docs/conventions.md)")
+                                    "G-effect scripts run it (default: none, this project's settings; "
+                                    "docs/conventions.md)")
     p.add_argument("--device", help="torch device (default: cuda when there is one, else cpu)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     choice = p.add_mutually_exclusive_group()
