@@ -1,6 +1,6 @@
 """One part of the GPU suite (issue 10), run by benchmarks/run_gpu_suite.sh under its own timeout:
 
-    python benchmarks/gpu_suite.py correctness|speed|overhead|logits --csv FILE [--smoke]
+    python benchmarks/gpu_suite.py correctness|speed|overhead|logits|stats --csv FILE [--smoke]
     python benchmarks/gpu_suite.py table --csv FILE [--parts PARTS_CSV]
 
 - correctness: every case against float64 on the same rounded inputs (loss ≤ 1e-3, gradients ≤ 3e-3 relative,
@@ -8,6 +8,7 @@
 - speed: forward+backward, median and p20/p80 of `triton.testing.do_bench`, peak memory over the inputs;
 - overhead: the public API's per-call cost over the raw backend call (`api_overhead`);
 - logits: the logits-input kernels and the Gram kernel (`gpu_logits_kernels`);
+- stats: `token_stats` against float64 and timed against `token_logprobs` (`gpu_token_stats`);
 - table: the compact summary of the CSV (at most 12,000 characters).
 
 Each measurement is appended to the CSV as soon as it is taken; each failing case becomes an ``error`` row.
@@ -156,7 +157,7 @@ def speed(rec):
 # ------------------------------------------------------------------------------------------------------- main
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("part", choices=["correctness", "speed", "overhead", "logits", "table"])
+    parser.add_argument("part", choices=["correctness", "speed", "overhead", "logits", "stats", "table"])
     parser.add_argument("--csv", required=True, help="the suite's CSV (rows are appended)")
     parser.add_argument("--parts", help="table: the shell's CSV of part exit codes and times")
     parser.add_argument("--smoke", action="store_true", help="CPU, Triton interpreter, tiny shapes")
@@ -173,6 +174,9 @@ def main():
     elif args.part == "logits":
         import gpu_logits_kernels
         gpu_logits_kernels.run(rec, device(), smoke=SMOKE)
+    elif args.part == "stats":
+        import gpu_token_stats
+        gpu_token_stats.run(rec, device(), smoke=SMOKE)
     else:
         {"correctness": correctness, "speed": speed}[args.part](rec)
 

@@ -27,7 +27,8 @@ else
   part build 90 "$PY" -c "import geffect_kernels.csrc as c; c.build_extensions()"
 fi
 part correctness 150 "$PY" benchmarks/gpu_suite.py correctness --csv "$CSV" $SMOKE
-part speed 140 "$PY" benchmarks/gpu_suite.py speed --csv "$CSV" $SMOKE
+part speed 115 "$PY" benchmarks/gpu_suite.py speed --csv "$CSV" $SMOKE
 part overhead 20 "$PY" benchmarks/gpu_suite.py overhead --csv "$CSV" $SMOKE
 part logits 40 "$PY" benchmarks/gpu_suite.py logits --csv "$CSV" $SMOKE
+part stats 25 "$PY" benchmarks/gpu_suite.py stats --csv "$CSV" $SMOKE
 timeout 10 "$PY" benchmarks/gpu_suite.py table --csv "$CSV" --parts "$PARTS" | tee "$OUT/gpu_suite_table.txt"

@@ -99,7 +99,7 @@ def table(rows, parts=()):
                                            for p in parts))
     if rows:
         lines.append(f"machine: {rows[0]['machine']}; commit {rows[0]['commit']}")
-    checks = [r for r in rows if r["part"] == "correctness" or (r["part"] in ("logits", "geffect")
+    checks = [r for r in rows if r["part"] == "correctness" or (r["part"] in ("logits", "geffect", "stats")
                                                                  and r["ms_median"] == "" and r["status"] != "error")]
     if checks:
         bad = sum(r["status"] not in ("ok", "skipped") for r in checks)
@@ -110,7 +110,7 @@ def table(rows, parts=()):
                          f"{r['status'][:8]:8s} {_cell(_num(r['loss_rel_err']), '.1e'):>7s} "
                          f"{_cell(_num(r['dh_rel_err']), '.1e'):>7s} {_cell(_num(r['dw_rel_err']), '.1e'):>7s} "
                          f"{r['tolerance']}" + (f"  {r['note'][:90]}" if r["status"] not in ("ok",) else ""))
-    timed = [r for r in rows if r["part"] in ("speed", "logits", "overhead") and r["ms_median"] != ""]
+    timed = [r for r in rows if r["part"] in ("speed", "logits", "overhead", "stats") and r["ms_median"] != ""]
     for shape in dict.fromkeys(r["shape"] for r in timed):
         here = [r for r in timed if r["shape"] == shape]
         floor3 = next((_num(r["ms_median"]) for r in here if r["provider"].startswith("floor")), math.nan)

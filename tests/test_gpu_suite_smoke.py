@@ -30,7 +30,7 @@ def test_every_part_runs_and_exits_zero(smoke):
     out, done = smoke
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     parts = {r["part"]: r for r in rows(out / "gpu_suite_parts.csv")}
-    assert set(parts) >= {"build", "correctness", "speed", "overhead", "logits"}
+    assert set(parts) >= {"build", "correctness", "speed", "overhead", "logits", "stats"}
     failed = {p: r["exit"] for p, r in parts.items() if r["exit"] != "0"}
     assert not failed, f"parts failed: {failed}\n" + (out / "gpu_suite.log").read_text()[-4000:]
 
@@ -52,6 +52,8 @@ def test_rows_for_every_case_and_no_errors(smoke):
     assert {r["provider"] for r in timed if r["objective"] == "kl"} >= {"triton lean", "triton fast"}
     assert all(float(r["ms_median"]) > 0 for r in timed)
     assert any(r["part"] == "overhead" and r["status"] == "ok" for r in table)
+    stats = [r for r in table if r["part"] == "stats" and r["provider"] == "triton"]
+    assert len(stats) >= 4 and all(r["status"] == "ok" and float(r["dw_rel_err"]) <= 5e-5 for r in stats), stats
 
 
 def test_table_fits_the_output_tail(smoke):
