@@ -101,18 +101,21 @@ def _quiet_transformers():
     hf_logging.disable_progress_bar()
 
 
-def _load_model(path, device="cpu"):
+def _load_model(path, device="cpu", dtype=None):
+    """The causal LM (or LoRA adapter on its base) in ``path`` on ``device``, its weights in ``dtype`` (a torch
+    dtype name; None: float32)."""
+    import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from .train.lora import is_adapter_dir, load_adapter
 
     path = Path(path)
     if is_adapter_dir(path):  # a LoRA adapter written by `geffect train --lora-r`: its base model plus it
-        return load_adapter(path, lambda base: _load_model(base, device)).to(device)
+        return load_adapter(path, lambda base: _load_model(base, device, dtype)).to(device)
     _check_model_dir(path)
     try:
         AutoConfig.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype or "float32"))
     except Exception as err:  # a corrupt or truncated weights file, pickled weights, a foreign config...
         raise CLIError(f"{path} does not hold a loadable causal language model "
                        f"({type(err).__name__}: {_first_line(err)})") from err
@@ -163,7 +166,8 @@ def _train_settings(args):
              "warmup_steps": args.warmup_steps, "seed": args.seed, "geffect_every": args.geffect_every,
              "retain_objective": args.retain_objective, "hparams": _hparams(args.hparam) or None,
              "preset": args.preset, "guidance": args.guidance, "guidance_temperature": args.guidance_temperature,
-             "stop_when": args.stop_when}
+             "stop_when": args.stop_when, "reference_device": args.reference_device,
+             "gradient_checkpointing": True if args.gradient_checkpointing else None}
     values.update({k: v for k, v in flags.items() if v is not None})
     files = {k: values.pop(k, None) for k in ("model", "forget", "retain")}
     for key in ("model", "forget"):
@@ -224,7 +228,9 @@ def cmd_train(args):
     files, objectives, settings = _train_settings(args)
     if (args.lora_alpha is not None or args.lora_targets) and not args.lora_r:
         raise CLIError("--lora-alpha and --lora-targets need --lora-r RANK")
-    out, device = _out_dir(args.out), _device(args.device)
+    if args.plan:  # a plan for the device asked for, usable here or not
+        args.device = args.device or "cuda"
+    out, device = _out_dir(args.out), None if args.plan else _device(args.device)
     args.device = args.device or device.type  # the ranks of a sharded run take the same device
     resume = True if args.resume else False if args.overwrite else None
     hparams = _hparams_per_objective(objectives, settings.pop("hparams", None) or {})
@@ -233,6 +239,12 @@ def cmd_train(args):
                                             "out_dir": str(out / "runs" / name)}) for name in objectives}
     if any(c.uses_retain for c in configs.values()) and not files["retain"]:
         raise CLIError("--retain FILE is required unless --retain-objective none")
+    if args.plan:  # trains nothing, writes nothing
+        print(_memory_plans(args, files, configs))
+        return
+    if args.dtype not in (None, "float32") and (args.nproc or world_size()) > 1:
+        raise CLIError(f"--dtype {args.dtype} is for one process: a sharded run keeps float32 shards (computing in "
+                       f"bf16 on CUDA)")
     check_backend("auto", device)
     forget_pairs = load_qa(files["forget"])
     retain_pairs = load_qa(files["retain"]) if files["retain"] else None
@@ -248,7 +260,8 @@ def cmd_train(args):
     if args.nproc and args.nproc > 1:
         raise SystemExit(launch(args.argv, args.nproc))
     device = distributed.init(args.device) if world > 1 else device
-    start = _load_model(files["model"], device) if world == 1 else None  # several: each rank reads its shards
+    # several processes: each rank reads its shards
+    start = _load_model(files["model"], device, args.dtype) if world == 1 else None
     tokenizer = _load_tokenizer(args.tokenizer or files["model"])
     forget = encode_pairs(tokenizer, forget_pairs, max_length=args.max_length)
     retain = encode_pairs(tokenizer, retain_pairs, max_length=args.max_length) if retain_pairs else None
@@ -309,6 +322,38 @@ def _note_generation_limit(config, max_new_tokens):
     if limit is not None and max_new_tokens >= limit:
         print(f"note: --eval generates up to {max_new_tokens} new tokens, but the model has {limit} positions: "
               f"each answer stops where the prompt and the answer fill them")
+
+
+def _memory_plans(args, files, configs) -> str:
+    """`memory_plan` tables of the runs ``configs`` would make: per objective, one GPU and --nproc (else 8) ranks."""
+    from .data import encode_pairs, load_qa
+    from .train.memory_plan import LORA_DEFAULT_TARGETS, ModelShape, PlanSettings, format_plan, plan
+
+    shape = ModelShape.from_config(Path(files["model"]))
+    forget_pairs = load_qa(files["forget"])
+    seq_len = args.max_length
+    if seq_len is None:  # the longest encoded example
+        tokenizer = _load_tokenizer(args.tokenizer or files["model"])
+        sets = [forget_pairs] + ([load_qa(files["retain"])] if files["retain"] else [])
+        seq_len = max(len(e["input_ids"]) for pairs in sets for e in encode_pairs(tokenizer, pairs).examples)
+    ranks = args.nproc if args.nproc and args.nproc > 1 else 8
+    device = "cpu" if str(args.device).startswith("cpu") else "cuda"
+    lines = []
+    for name, config in configs.items():
+        settings = PlanSettings(
+            objective=name, retain_objective=config.retain_objective if config.uses_retain else "none",
+            batch_size=config.batch_size, seq_len=seq_len, n_forget=len(forget_pairs), dtype=args.dtype or "float32",
+            lora_r=args.lora_r, lora_targets=tuple(args.lora_targets or LORA_DEFAULT_TARGETS),
+            gradient_checkpointing=config.gradient_checkpointing, reference_device=config.reference_device,
+            geffect=config.geffect_every > 0, device=device)
+        what = f"LoRA r {args.lora_r} on {','.join(settings.lora_targets)}" if args.lora_r else "full fine-tuning"
+        lines.append(f"memory plan of {name} ({what}, {settings.dtype} weights, {config.batch_size} × {seq_len} "
+                     f"tokens per side, checkpointing {'on' if settings.gradient_checkpointing else 'off'}, "
+                     f"{device}):")
+        one = plan(shape, settings)
+        sharded = plan(shape, PlanSettings(**{**settings.__dict__, "world": ranks, "dtype": "float32"}))
+        lines.append(format_plan({"1 device": one, f"{ranks} ranks": sharded}))
+    return "\n".join(lines)
 
 
 def cmd_profile(args):
@@ -426,6 +471,16 @@ def build_parser() -> argparse.ArgumentParser:
                                              "torchrun's world size when started under torchrun)")
     p.add_argument("--allow-reshard", action="store_true",
                    help="resume a checkpoint written by another number of processes")
+    p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"],
+                   help="the loaded weights' dtype (default float32); trained weights stay float32 (LoRA adapters, "
+                        "or full fine-tuning's master weights) and the forward computes in it")
+    p.add_argument("--gradient-checkpointing", action="store_true",
+                   help="recompute each decoder block in the backward (non-reentrant: LoRA adapters train)")
+    p.add_argument("--reference-device", choices=["cpu"],
+                   help="keep a full fine-tuning KL reference on the CPU (default: the model's device)")
+    p.add_argument("--plan", action="store_true",
+                   help="print the expected peak memory per device (one device and --nproc or 8 FSDP2 ranks) "
+                        "and train nothing")
     p.add_argument("--lora-r", type=int, help="train rank-R LoRA adapters instead of all weights; saves the adapter "
                                               "(default: all weights)")
     p.add_argument("--lora-alpha", type=float, help="LoRA scaling numerator (default: 2 × rank)")

@@ -5,7 +5,9 @@
     callback.history.to_csv("geffects.csv")
 
 At every ``every``-th step's start the profiler measures the objective's G-effects on the forget and
-retain NLL at the current parameters (fixed probe batches, so steps are comparable). It measures in
+retain NLL at the current parameters (fixed probe batches, so steps are comparable). An objective that needs
+reference log-probabilities (NPO, TNPO, WTNPO) takes ``ref_logprobs`` or, without them, those of the model as
+training begins (the starting model: no copy of it is kept), computed once and kept on the CPU. It measures in
 ``eval()`` mode (no dropout: exact values, and the run's random stream is left alone, so training goes
 exactly as it would without the callback) and restores each module's mode afterwards. A new ``train()``
 (a rerun, or a resume from a checkpoint) drops the records from its starting step on.
@@ -21,6 +23,7 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
+from .catalog import OBJECTIVES
 from .geffect import GEffectHistory, GEffectProfiler
 
 
@@ -41,6 +44,12 @@ class GEffectCallback(TrainerCallback):
         keep = [i for i, step in enumerate(self.history.steps) if step < state.global_step]
         self.history.steps[:] = [self.history.steps[i] for i in keep]
         self.history.results[:] = [self.history.results[i] for i in keep]
+        if self.ref_logprobs is None and OBJECTIVES[self.objective].needs_ref:
+            if state.global_step > 0:
+                raise ValueError(f"objective {self.objective!r} needs the starting model's log-probabilities of the "
+                                 f"forget batch; a run resumed at step {state.global_step} no longer has that model: "
+                                 f"pass ref_logprobs")
+            self.ref_logprobs = _starting_logprobs(kwargs["model"], self.forget_batch)
 
     def on_step_begin(self, args, state, control, model=None, **kwargs):
         if state.global_step % self.every:
@@ -66,6 +75,28 @@ class GEffectCallback(TrainerCallback):
         if self.output_dir is not None and len(self.history) and state.is_world_process_zero:
             self.history.to_json(self.output_dir / "geffects.json")
             self.history.to_csv(self.output_dir / "geffects.csv")
+
+
+def _starting_logprobs(model, batch):
+    """``hf.token_logprobs`` of ``model`` on the whole ``batch`` in eval mode, on the CPU (on a sharded model every
+    rank runs the whole batch: the forward passes take all of them)."""
+    import torch
+
+    from . import hf
+    from .geffect.sharded import is_sharded, reshard
+
+    modes = {module: module.training for module in model.modules()}
+    device = next(model.parameters()).device
+    model.eval()
+    try:
+        with torch.no_grad():
+            logprobs = hf.token_logprobs(model, {k: v.to(device) for k, v in batch.items()}).cpu()
+    finally:
+        for module, training in modes.items():
+            module.training = training
+    if is_sharded(model):
+        reshard(model)  # the root keeps its gathered parameters after a forward without backward
+    return logprobs
 
 
 def _rank_rows(model, forget_batch, retain_batch) -> dict:

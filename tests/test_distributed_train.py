@@ -74,7 +74,7 @@ def test_two_ranks_log_the_losses_and_geffects_of_one_process(capsys, workspace,
 
 
 def test_lora_with_a_kl_retain_term_trains_and_evaluates_as_one_process(capsys, workspace, tmp_path):
-    # the adapters are drawn on the CPU from the seed, the KL reference is loaded into shards as the model is, and
+    # the adapters are drawn on the CPU from the seed, the KL reference is the model with its adapters disabled, and
     # --eval runs on every rank (greedy generation in lockstep), rank 0 writing the summary
     lora = ["--objective", "ga", "--retain-objective", "kl", "--lora-r", 2, "--lora-targets", "q_proj,down_proj",
             "--steps", 3, "--lr", 0.1, "--geffect-every", 0, "--eval", "--max-new-tokens", 4]

@@ -146,3 +146,18 @@ def test_a_reused_callback_measures_the_new_run(setup, tmp_path):
     fresh.load_state_dict(initial)
     expected = GEffectProfiler(fresh).measure_unlearning("ga", forget_batch, retain_batch)
     assert callback.history.per_step("forget")[0] == pytest.approx(expected.total["forget"], rel=1e-6)
+
+
+def test_npo_without_ref_logprobs_takes_the_starting_models(setup, tmp_path):
+    tokenizer, forget, retain, forget_batch, retain_batch = setup
+    model = model_of(tokenizer)
+    with torch.no_grad():
+        ref = hf.token_logprobs(model.eval(), forget_batch)
+    given = GEffectCallback(forget_batch, retain_batch, objective="npo", every=EVERY, ref_logprobs=ref, beta=0.5)
+    trainer_for(model, retain, tmp_path, [given]).train()
+    taken = GEffectCallback(forget_batch, retain_batch, objective="npo", every=EVERY, beta=0.5)
+    trainer_for(model_of(tokenizer), retain, tmp_path, [taken]).train()
+    assert taken.ref_logprobs.device.type == "cpu"
+    torch.testing.assert_close(taken.ref_logprobs, ref, rtol=0, atol=0)
+    assert taken.history.per_step("forget") == given.history.per_step("forget")
+    assert taken.history.per_step("retain") == given.history.per_step("retain")

@@ -36,6 +36,8 @@ from ..data_parallel import mean_part, objective_part, rank_rows
 from ..geffect.sharded import reshard
 from ..objectives import OBJECTIVES
 from .checkpoint import CHECKPOINT, atomic_write_json
+from .frozen_model import AdaptersDisabled, is_lora
+from .gradient_checkpointing import checkpointing
 from .hf_shards import load_sharded, save_sharded
 from .loop import Run, TrainResult, check_inputs, run_steps
 from .presets import resolve as resolve_preset
@@ -115,7 +117,11 @@ def train_sharded(model_dir, forget, retain, config, *, device, wrap=None, evalu
     check_world(world, config, forget, retain if config.uses_retain else None)
     if config.out_dir and resume is not False:
         check_resume(config.out_dir, world, allow_reshard)
-    with run_lock(config.out_dir) if dist.get_rank() == 0 else nullcontext():  # rank 0 writes the folder
+    if config.reference_device is not None:
+        raise ValueError("a sharded run keeps its KL reference in shards over the ranks (reference_device is for "
+                         "one process)")
+    with (run_lock(config.out_dir) if dist.get_rank() == 0 else nullcontext(),  # rank 0 writes the folder
+          checkpointing(model, config.gradient_checkpointing)):
         run = ShardedRun(model, model_dir, forget, retain, config)
         run.resume(resume)
         run_steps(run, evaluate)
@@ -135,9 +141,12 @@ class ShardedRun(Run):
         super().__init__(model, forget, retain, config)
 
     def load_reference(self):
-        """A KL reference loaded into shards; reference log-probabilities of every forget sample computed now, by
-        the (sharded) starting model itself."""
-        reference = load_sharded(self.model_dir, self.device, trainable=False) if self.uses_kl else None
+        """A KL reference: the model with its adapters disabled (LoRA), else loaded into shards; reference
+        log-probabilities of every forget sample computed now, by the (sharded) starting model itself."""
+        reference = None
+        if self.uses_kl:
+            reference = (AdaptersDisabled(self.model) if is_lora(self.model)
+                         else load_sharded(self.model_dir, self.device, trainable=False))
         ref_cache = (_Precomputed(self.model, self.forget, self.config.batch_size, self.config.backend)
                      if OBJECTIVES[self.config.objective].needs_ref else None)
         return reference, ref_cache

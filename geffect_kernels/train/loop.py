@@ -37,8 +37,10 @@ from ..guidance.stop import fired, parse_stop_when
 from ..objectives import OBJECTIVES
 from .checkpoint import (CHECKPOINT, atomic_write_json, atomic_write_text, load_checkpoint, remove_orphans,
                          save_checkpoint)
-from .frozen_model import RefLogprobCache, frozen_copy
+from .frozen_model import StartingLogprobs, kl_reference
+from .gradient_checkpointing import checkpointing
 from .losses import NonFiniteLoss, kl_retain_loss, objective_loss
+from .precision import compute_autocast, float32_masters
 from .presets import resolve as resolve_preset
 from .resume import differences, run_settings, should_resume
 from .run_lock import run_lock
@@ -81,7 +83,8 @@ def train(model, forget, retain, config: TrainConfig, *, evaluate=None, resume: 
     """
     check_inputs(model, forget, retain, config)
     config = resolve_preset(config, model, len(forget))
-    with run_lock(config.out_dir):  # one writer per run folder, released however the run ends
+    # one writer per run folder, released however the run ends
+    with run_lock(config.out_dir), checkpointing(model, config.gradient_checkpointing):
         run = Run(model, forget, retain, config)
         run.resume(resume)
         run_steps(run, evaluate)
@@ -144,6 +147,7 @@ class Run:
         self.model, self.forget, self.retain, self.config = model, forget, retain, config
         self.device = next(model.parameters()).device
         self.reference, self.ref_cache = self.load_reference()
+        self.half = float32_masters(model)  # after the reference: it keeps the dtype the model was loaded in
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=config.weight_decay)
         self.lr_factor = warmup_linear_decay(config.warmup_steps, config.steps)  # step -> factor of config.lr
@@ -161,11 +165,14 @@ class Run:
     # -- the reference, the data, the losses ------------------------------------------------------------------
 
     def load_reference(self):
-        """(the frozen starting model a KL retain term compares with, the source of `reference_logprobs`): one
-        frozen copy of the starting model for both, its log-probabilities computed once per sample."""
-        needs_ref = OBJECTIVES[self.config.objective].needs_ref
-        reference = frozen_copy(self.model) if needs_ref or self.uses_kl else None
-        return reference, RefLogprobCache(reference, self.forget, backend=self.config.backend) if needs_ref else None
+        """(the starting model a KL retain term compares with, the source of `reference_logprobs`): the model with
+        its adapters disabled (LoRA) or a frozen copy (`frozen_model.kl_reference`); the starting model's
+        log-probabilities of the whole forget set, computed now, before the first update."""
+        config = self.config
+        reference = kl_reference(self.model, config.reference_device) if self.uses_kl else None
+        logprobs = (StartingLogprobs(self.model, self.forget, batch_size=config.batch_size, backend=config.backend)
+                    if OBJECTIVES[config.objective].needs_ref else None)
+        return reference, logprobs
 
     @property
     def uses_kl(self) -> bool:
@@ -177,8 +184,9 @@ class Run:
         return self.ref_cache.batch(indices, width, self.device) if self.ref_cache is not None else None
 
     def autocast(self):
-        """The precision of the forward passes: bf16 autocast on CUDA."""
-        return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
+        """The precision of the forward passes: bf16 autocast on CUDA, the weights' half dtype when they were
+        loaded in one (`precision`)."""
+        return compute_autocast(self.device, self.half)
 
     def rows(self, indices):
         """The samples of a global micro-batch that this process computes: all of them."""

@@ -33,10 +33,12 @@ def objective_loss(name, model, batch, *, backend, ref_logprobs=None, hparams=No
 
 
 def kl_retain_loss(model, reference, batch, *, normalization, backend):
-    """KL(model ‖ reference) on ``batch``, reduced as ``normalization`` says (`train_config.KL_NORMALIZATIONS`)."""
+    """KL(model ‖ reference) on ``batch``, reduced as ``normalization`` says (`train_config.KL_NORMALIZATIONS`);
+    ``reference`` a model or a `frozen_model` reference (its ``reference_inputs``)."""
     x = head_inputs(model, batch)
     with torch.no_grad():
-        r = head_inputs(reference, batch)
+        inputs = getattr(reference, "reference_inputs", None)
+        r = inputs(batch) if inputs is not None else head_inputs(reference, batch)
     # batchmean: every position counts, prompt and padding too, so no shift drops the last one
     return kl_loss(x.hidden, x.weight, r.hidden, r.weight, x.labels, bias=x.bias, ref_bias=r.bias, softcap=x.softcap,
                    shift=normalization == "tokens", backend=backend, reduction=normalization)

@@ -15,7 +15,8 @@ from ..catalog import resolve
 
 # Settings that change neither the weights nor the logged numbers; every other TrainConfig field does
 # (fields added later count as shaping until listed here).
-NOT_SHAPING = ("eval_every", "checkpoint_every", "out_dir", "backend", "progress")
+NOT_SHAPING = ("eval_every", "checkpoint_every", "out_dir", "backend", "progress", "gradient_checkpointing",
+               "reference_device")
 
 
 class ResumeMismatch(ValueError):

@@ -19,6 +19,7 @@ RETAIN_OBJECTIVES = tuple(name for name in catalog.RETAIN_OBJECTIVES if name not
 # KL retain term: mean over the answer tokens, or the official code's kl_div(reduction="batchmean") over every
 # position of the batch (prompt and padding included): kl_loss's reductions
 KL_NORMALIZATIONS = KL_REDUCTIONS
+REFERENCE_DEVICES = (None, "cpu")
 
 
 @dataclass
@@ -53,6 +54,8 @@ class TrainConfig:
     guidance: str | None = None  # "rectify" or "instance": a G-effect-guided step (guidance/, docs/guidance.md)
     guidance_temperature: float = TEMPERATURE  # instance weighting's temperature τ
     stop_when: str | None = None  # stop rules on the recorded G-effects, e.g. "retain_ratio<-0.5" (guidance.stop)
+    gradient_checkpointing: bool = False  # recompute each decoder block in the backward (non-reentrant)
+    reference_device: str | None = None  # "cpu": a full fine-tuning KL reference kept on the CPU
 
     def __new__(cls, *args, **kwargs):
         # remember which settings the caller gave, so that a preset fills exactly the others: a value given on
@@ -83,6 +86,11 @@ class TrainConfig:
         for name in ("warmup_steps", "geffect_every", "eval_every", "seed"):
             if not _is_int(getattr(self, name)) or getattr(self, name) < 0:
                 raise ValueError(f"{name} must be a non-negative integer, got {getattr(self, name)!r}")
+        if not isinstance(self.gradient_checkpointing, bool):
+            raise ValueError(f"gradient_checkpointing must be true or false, got {self.gradient_checkpointing!r}")
+        if self.reference_device not in REFERENCE_DEVICES:
+            raise ValueError(f"reference_device must be None (the model's device) or 'cpu', "
+                             f"got {self.reference_device!r}")
         check_number("lr", self.lr, POSITIVE)
         for name in ("weight_decay", "forget_weight", "retain_weight"):
             check_number(name, getattr(self, name), NON_NEGATIVE)
