@@ -24,7 +24,7 @@ _EXPORTS = {
     "unlearning_loss_from_logprobs": ".objectives",
     "available_backends": ".backends.registry",
     "kl_loss": ".retain", "rmu_direction": ".retain", "rmu_loss": ".retain", "rr_loss": ".retain",
-    "TokenStats": ".token_stats", "token_stats": ".token_stats",
+    "TokenStats": ".token_distribution", "token_stats": ".token_distribution",
 }
 
 if TYPE_CHECKING:
@@ -35,7 +35,7 @@ if TYPE_CHECKING:
     from .objectives import (IGNORE_INDEX, OBJECTIVES, token_weights, unlearning_loss, unlearning_loss_from_logits,
                              unlearning_loss_from_logprobs)
     from .retain import kl_loss, rmu_direction, rmu_loss, rr_loss
-    from .token_stats import TokenStats, token_stats
+    from .token_distribution import TokenStats, token_stats
 
 
 def __getattr__(name: str):

@@ -17,8 +17,8 @@ from .catalog import IGNORE_INDEX
 from .inputs import check_labels
 from .logprobs import token_logprobs as _token_logprobs
 from .objectives import unlearning_loss as _unlearning_loss
-from .token_stats import TokenStats
-from .token_stats import token_stats as _token_stats
+from .token_distribution import TokenStats
+from .token_distribution import token_stats as _token_stats
 
 # Config fields that change the logits beyond W h + b and soft-capping; we refuse rather than guess.
 _UNSUPPORTED_LOGIT_TRANSFORMS = ("logit_scale", "logits_scaling", "output_multiplier_scale")

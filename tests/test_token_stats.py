@@ -156,3 +156,14 @@ def test_empty_batch_and_bad_inputs():
         gk.token_stats(h, w, y[:, 1:])
     with pytest.raises(ValueError, match="softcap"):
         gk.token_stats(h, w, y, softcap=-1.0)
+
+
+def test_public_function_is_not_shadowed_by_a_module():
+    """Importing a submodule binds its name on the package, so an export named like a module of the package (other
+    than that module itself, as ``hf``) would turn into the module once anything imported it."""
+    import pkgutil
+
+    import geffect_kernels.hf  # noqa: F401 - imports the module that defines token_stats
+    modules = {m.name for m in pkgutil.iter_modules(gk.__path__)}
+    assert [name for name in gk.__all__ if name in modules and gk._EXPORTS[name] != f".{name}"] == []
+    assert callable(gk.token_stats) and gk.token_stats.__name__ == "token_stats"

@@ -14,7 +14,7 @@ import torch
 
 from .. import hf
 from ..data.prompts import IGNORE_INDEX, collate
-from ..token_stats import token_stats
+from ..token_distribution import token_stats
 
 _CHUNK_ELEMENTS = 1 << 24  # logits held at once by the argmax pass (rows × vocabulary)
 
