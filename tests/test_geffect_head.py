@@ -210,19 +210,19 @@ def test_frozen_head_or_frozen_decoder():
 def test_objective_multiple_of_nll_per_sample_skips_a_backward(objective, monkeypatch):
     """ga's coefficients are −1 × the forget NLL's, NPO's a per-sample multiple of them: one decoder backward
     fewer (the forget risk's, scaled sample by sample), same values as with the objective's own backward."""
-    from geffect_kernels.geffect import profiler
+    from geffect_kernels.geffect import unlearning
     model = tiny_model("gpt2")
     forget, retain = batch(seed=27), batch(seed=28)
     ref = hf.token_logprobs(model, forget).detach() + 0.3 * torch.randn(3, 6, dtype=torch.float64)
     calls = []
-    original = profiler._Forward.gradients
-    monkeypatch.setattr(profiler._Forward, "gradients",
+    original = unlearning._Forward.gradients
+    monkeypatch.setattr(unlearning._Forward, "gradients",
                         lambda self, coefs, *a, **k: calls.append(sorted(coefs)) or original(self, coefs, *a, **k))
     run = lambda: GEffectProfiler(model).measure_unlearning(objective, forget, retain, ref_logprobs=ref,
                                                             per_instance=True)
     fast = run()
     assert calls == [["forget", "retain"]]  # one stacked backward: forget risk and retain risk
-    monkeypatch.setattr(profiler, "_sample_multiples", lambda a, b: None)
+    monkeypatch.setattr(unlearning, "_sample_multiples", lambda a, b: None)
     full = run()
     assert calls[1:] == [["forget", "retain"], ["forget"]]  # objective with retain risk, then forget risk
     for risk in ("forget", "retain"):
@@ -235,13 +235,13 @@ def test_objective_multiple_of_nll_per_sample_skips_a_backward(objective, monkey
 def test_stacked_forward_equals_separate_forwards(kind, monkeypatch):
     """Forget and retain batches of one length run as one forward and backward; the values are the same as
     with a forward each (different lengths, or a parameter used outside the hooks, take that route)."""
-    from geffect_kernels.geffect import profiler
+    from geffect_kernels.geffect import unlearning
     model = tiny_model(kind)
     forget, retain = batch(seed=29, prompt=2), batch(batch_size=2, seed=30, pad_first=False)
     del retain["attention_mask"]
     ref = hf.token_logprobs(model, forget).detach() + 0.3
     stacked = GEffectProfiler(model).measure_unlearning("npo", forget, retain, ref_logprobs=ref, per_instance=True)
-    monkeypatch.setattr(profiler, "_stackable", lambda a, b: False)
+    monkeypatch.setattr(unlearning, "_stackable", lambda a, b: False)
     separate = GEffectProfiler(model).measure_unlearning("npo", forget, retain, ref_logprobs=ref,
                                                          per_instance=True)
     assert stacked.losses == pytest.approx(separate.losses, rel=1e-12)
@@ -250,27 +250,27 @@ def test_stacked_forward_equals_separate_forwards(kind, monkeypatch):
         for group, values in separate.by_group.items():
             assert stacked.by_group[group][risk] == pytest.approx(values[risk], rel=1e-10, abs=1e-15)
         assert stacked.retain_term.total[risk] == pytest.approx(separate.retain_term.total[risk], rel=1e-10)
-    assert profiler._stackable.__name__ == "<lambda>"
+    assert unlearning._stackable.__name__ == "<lambda>"
     monkeypatch.undo()
-    assert not profiler._stackable(forget, batch(length=9))
-    assert profiler._stackable(forget, retain)
+    assert not unlearning._stackable(forget, batch(length=9))
+    assert unlearning._stackable(forget, retain)
 
 
 def test_batches_stack_only_for_a_single_backward(monkeypatch):
     """GA's gradient is the forget risk's scaled: one backward, batches stacked. WGA takes a backward of its
     own, which would run over the retain rows too: a forward per batch, with the values of a stacked one."""
-    from geffect_kernels.geffect import profiler
+    from geffect_kernels.geffect import unlearning
     model = tiny_model("llama")
     forget, retain = batch(seed=33), batch(seed=34)
     forwards = []
-    original = profiler._Forward.__init__
-    monkeypatch.setattr(profiler._Forward, "__init__",
+    original = unlearning._Forward.__init__
+    monkeypatch.setattr(unlearning._Forward, "__init__",
                         lambda self, m, batches, p: forwards.append(list(batches)) or original(self, m, batches, p))
     GEffectProfiler(model).measure_unlearning("ga", forget, retain)
     separate = GEffectProfiler(model).measure_unlearning("wga", forget, retain)
     assert forwards == [["forget", "retain"], ["forget"], ["retain"]]
-    forwards_of = profiler.GEffectProfiler._forwards
-    monkeypatch.setattr(profiler.GEffectProfiler, "_forwards",
+    forwards_of = unlearning.UnlearningPass._forwards
+    monkeypatch.setattr(unlearning.UnlearningPass, "_forwards",
                         lambda self, batches, params, stack: forwards_of(self, batches, params, stack=True))
     stacked = GEffectProfiler(model).measure_unlearning("wga", forget, retain)
     assert forwards[3:] == [["forget", "retain"]]
@@ -280,20 +280,20 @@ def test_batches_stack_only_for_a_single_backward(monkeypatch):
 
 def test_batches_stack_on_the_cpu_only_under_the_block_limit(monkeypatch):
     """A stacked forward whose widest activation would pass `CPU_STACKED_BYTES` runs as a forward per batch."""
-    from geffect_kernels.geffect import profiler
+    from geffect_kernels.geffect import unlearning
     model = tiny_model("llama")
-    widest = profiler._widest_row(model)
+    widest = unlearning._widest_row(model)
     assert widest == max(model.config.intermediate_size, model.config.hidden_size)
     forget, retain = batch(seed=33), batch(seed=34)
     stacked_bytes = (forget["input_ids"].numel() + retain["input_ids"].numel()) * widest * \
         model.lm_head.weight.element_size()
     forwards = []
-    original = profiler._Forward.__init__
-    monkeypatch.setattr(profiler._Forward, "__init__",
+    original = unlearning._Forward.__init__
+    monkeypatch.setattr(unlearning._Forward, "__init__",
                         lambda self, m, batches, p: forwards.append(list(batches)) or original(self, m, batches, p))
     values = []
     for limit in (stacked_bytes, stacked_bytes - 1):
-        monkeypatch.setattr(profiler, "CPU_STACKED_BYTES", limit)
+        monkeypatch.setattr(unlearning, "CPU_STACKED_BYTES", limit)
         values.append(GEffectProfiler(model).measure_unlearning("ga", forget, retain).total)
     assert forwards == [["forget", "retain"], ["forget"], ["retain"]]
     assert values[0] == pytest.approx(values[1], rel=1e-10)
@@ -301,7 +301,7 @@ def test_batches_stack_on_the_cpu_only_under_the_block_limit(monkeypatch):
 
 def test_parameter_used_outside_hooks_takes_separate_forwards(monkeypatch):
     """A dense gradient cannot be split by samples: such a model runs a forward per batch, still exact."""
-    from geffect_kernels.geffect import profiler
+    from geffect_kernels.geffect import unlearning
 
     class Rescale(torch.nn.Module):  # not a recognised layer: its weight's gradient is taken densely
         def __init__(self, n):
@@ -315,8 +315,8 @@ def test_parameter_used_outside_hooks_takes_separate_forwards(monkeypatch):
     model.model.norm = Rescale(model.config.hidden_size)
     forget, retain = batch(seed=31), batch(seed=32)
     forwards = []
-    original = profiler._Forward.__init__
-    monkeypatch.setattr(profiler._Forward, "__init__",
+    original = unlearning._Forward.__init__
+    monkeypatch.setattr(unlearning._Forward, "__init__",
                         lambda self, m, batches, p: forwards.append(list(batches)) or original(self, m, batches, p))
     result = GEffectProfiler(model, groups="parameter").measure_unlearning("ga", forget, retain)
     assert forwards == [["forget", "retain"], ["forget"], ["retain"]]

@@ -14,10 +14,13 @@ A gradient is held per parameter as a list of *uses*, each one call of a layer i
 - `SampleScaled`: another use with every sample's rows multiplied by that sample's factor (an objective
   whose coefficients are a per-sample multiple of the forget NLL's reuses that gradient's uses).
 
-`row_dots(a, b)` returns, for every row of the use ``a``, that row's share of ⟨∇_a, ∇_b⟩ (float64),
-where ``b`` is another use of the same parameter or a dense gradient: the Gram form, or the sparse rows
-of embeddings. `sample_dense` gives a use's dense gradient per sample, the projection form's factor
-(`products` picks the form per parameter).
+Each is a `Use` and carries its own operations: ``row_dots(other)``, each of its rows' share of
+⟨∇_self, ∇_other⟩ (float64) against a dense gradient or another use of the same parameter (the Gram form, or
+the sparse rows of embeddings); ``dense(n_samples, shape)``, its dense gradient per sample (the projection form's
+factor); and, where its rows are samples' rows, ``split`` (a stacked batch's side) and ``scale_rows``. A new kind
+of use is one class.
+The module functions `row_dots`, `sample_dense` and `sample_rows` take dense gradients too (`products` picks the
+form per parameter).
 """
 from __future__ import annotations
 
@@ -32,8 +35,51 @@ from ..backends.cpp import ghost
 TILE_ELEMENTS = 1 << 22
 
 
+def _c(t):
+    return t.to(compute_dtype(t.dtype))
+
+
+def _row_sums(t):
+    return t.reshape(t.shape[0], -1).sum(1, dtype=torch.float64)
+
+
+class Use:
+    """One call's part of a parameter's gradient, held in factored form; ``n_rows`` rows, its samples' rows one
+    after the other."""
+
+    n_rows: int
+
+    def partner(self):
+        """How this use enters another's ``row_dots``: itself, or its dense gradient where that is cheaper."""
+        return self
+
+    def row_dots(self, other) -> torch.Tensor:
+        """Each row's share of ⟨∇_self, ∇_other⟩, float64 ``[n_rows]``; ``other`` is a dense gradient or a
+        use's `partner`."""
+        raise TypeError(f"no inner product between {type(self).__name__} and {type(other).__name__}")
+
+    def rows_at(self, ids) -> torch.Tensor:
+        """Rows ``ids`` (sorted, unique) of the gradient, ``[len(ids), q]`` (an embedding's partner)."""
+        raise TypeError(f"cannot take rows of a {type(self).__name__} gradient")
+
+    def dense(self, n_samples: int, shape) -> torch.Tensor:
+        """The dense gradient per sample, ``[n_samples, *shape]`` (``n_samples=1``: the whole gradient)."""
+        raise TypeError(f"cannot materialize a {type(self).__name__} use")
+
+    def split(self, start: int, stop: int, n_samples: int) -> Use:
+        """The part that samples ``start:stop`` of its ``n_samples`` contributed."""
+        raise TypeError(f"cannot split a {type(self).__name__} use by samples")
+
+    def scale_rows(self, factor: torch.Tensor) -> Use:
+        """The same kind of use with row i times ``factor[i]`` (one more buffer of rows)."""
+        raise TypeError(f"cannot scale a {type(self).__name__} use by samples")
+
+    def _per_sample(self, n_samples: int) -> int:
+        return self.n_rows // n_samples
+
+
 @dataclass
-class Factored:
+class Factored(Use):
     left: torch.Tensor  # [N, p]
     right: torch.Tensor  # [N, q]; gradient = leftᵀ @ right, shape [p, q]
 
@@ -41,9 +87,35 @@ class Factored:
     def n_rows(self):
         return self.left.shape[0]
 
+    def row_dots(self, other):
+        if isinstance(other, torch.Tensor):
+            return _row_sums((_c(self.left) @ _c(other)) * _c(self.right))
+        if isinstance(other, Factored):
+            return gram_rows(self.left, self.right, other.left, other.right)
+        if isinstance(other, Gathered):
+            # row i: Σ_k left_i[k] ⟨right_i, grad_other[k]⟩ over the rows k that other touches
+            ids, rows = other.unique_rows()
+            return _row_sums(_c(self.left[:, ids]) * (_c(self.right) @ rows.t()))
+        return super().row_dots(other)
+
+    def rows_at(self, ids):
+        return _c(self.left[:, ids]).t() @ _c(self.right)
+
+    def dense(self, n_samples, shape):
+        per = self._per_sample(n_samples)
+        left, right = _c(self.left), _c(self.right)
+        return torch.bmm(left.reshape(n_samples, per, -1).transpose(1, 2), right.reshape(n_samples, per, -1))
+
+    def split(self, start, stop, n_samples):
+        per = self._per_sample(n_samples)
+        return Factored(self.left[start * per:stop * per], self.right[start * per:stop * per])
+
+    def scale_rows(self, factor):
+        return Factored(self.left * factor.to(self.left.dtype).unsqueeze(1), self.right)
+
 
 @dataclass
-class Gathered:
+class Gathered(Use):
     ids: torch.Tensor  # [N] int64
     rows: torch.Tensor  # [N, q]
 
@@ -51,18 +123,67 @@ class Gathered:
     def n_rows(self):
         return self.ids.shape[0]
 
+    def unique_rows(self):
+        """The gradient rows this use touches, as (sorted unique ids, summed rows [U, q])."""
+        ids, inverse = torch.unique(self.ids, return_inverse=True)
+        rows = torch.zeros(ids.shape[0], self.rows.shape[1], dtype=compute_dtype(self.rows.dtype),
+                           device=self.rows.device)
+        return ids, rows.index_add_(0, inverse, _c(self.rows))
+
+    def row_dots(self, other):
+        ids, inverse = torch.unique(self.ids, return_inverse=True)
+        return _row_sums(_c(self.rows) * _rows_of(other, ids)[inverse])
+
+    def rows_at(self, ids):
+        own_ids, own_rows = self.unique_rows()
+        pos = torch.searchsorted(own_ids, ids).clamp_max(own_ids.shape[0] - 1)
+        hit = (own_ids[pos] == ids).unsqueeze(1)
+        return torch.where(hit, own_rows[pos], 0)
+
+    def dense(self, n_samples, shape):
+        vocab = shape[0]
+        sample = torch.arange(self.n_rows, device=self.ids.device) // self._per_sample(n_samples)
+        out = torch.zeros(n_samples * vocab, self.rows.shape[1], dtype=compute_dtype(self.rows.dtype),
+                          device=self.rows.device)
+        return out.index_add_(0, sample * vocab + self.ids, _c(self.rows)).reshape(n_samples, vocab, -1)
+
+    def split(self, start, stop, n_samples):
+        per = self._per_sample(n_samples)
+        return Gathered(self.ids[start * per:stop * per], self.rows[start * per:stop * per])
+
+    def scale_rows(self, factor):
+        return Gathered(self.ids, self.rows * factor.to(self.rows.dtype).unsqueeze(1))
+
 
 @dataclass
-class Summed:
+class Summed(Use):
     rows: torch.Tensor  # [N, *shape]
 
     @property
     def n_rows(self):
         return self.rows.shape[0]
 
+    def partner(self):
+        return self.rows.sum(0, dtype=compute_dtype(self.rows.dtype))
+
+    def row_dots(self, other):
+        if not isinstance(other, torch.Tensor):
+            raise TypeError(f"a vector parameter cannot pair with a {type(other).__name__} use")
+        return _row_sums(_c(self.rows) * _c(other).unsqueeze(0))
+
+    def dense(self, n_samples, shape):
+        return _c(self.rows).reshape(n_samples, self._per_sample(n_samples), *shape).sum(1)
+
+    def split(self, start, stop, n_samples):
+        per = self._per_sample(n_samples)
+        return Summed(self.rows[start * per:stop * per])
+
+    def scale_rows(self, factor):
+        return Summed(self.rows * factor.to(self.rows.dtype).reshape(-1, *([1] * (self.rows.dim() - 1))))
+
 
 @dataclass
-class HeadRows:
+class HeadRows(Use):
     """The head ``z = W h + b`` (soft-capped) under a loss with ∂loss/∂ℓ_t = ``coef`` (0 where ignored);
     ``gram`` (a `head.HeadGram`) holds the pass's results for ``side``."""
     gram: object
@@ -74,19 +195,66 @@ class HeadRows:
     def n_rows(self):
         return self.coef.shape[0]
 
+    def row_dots(self, other):
+        g = self.gram
+        if isinstance(other, HeadRows):  # row t: c_t Σ_j c_j (m_t·m_j) [(h_t·h_j)] from the pass's M_a M_bᵀ
+            if g is not other.gram or self.part != other.part:
+                raise TypeError("two head uses pair only within one head pass and for one parameter")
+            mm = g.mm.get((self.side, other.side))
+            if mm is None and (other.side, self.side) in g.mm:
+                mm = g.mm[(other.side, self.side)].t()
+            if mm is None:
+                raise ValueError(f"the head pass holds no Gram matrix for the sides ({self.side}, {other.side})")
+            if self.part == "weight":
+                mm = mm * (g.hidden[self.side] @ g.hidden[other.side].t())
+            return g.scatter_valid(self.side, g.valid_coef(self.side, self.coef)
+                                   * (mm @ g.valid_coef(other.side, other.coef)))
+        if isinstance(other, Gathered) and self.part == "weight":
+            # the weight tied to an embedding: row t is c_t Σ_k m_t[k] ⟨h_t, grad_other[k]⟩ over the rows k
+            ids, rows = other.unique_rows()
+            cols = g.columns(self.side, ids)  # [n, U]
+            return g.scatter_valid(self.side, g.valid_coef(self.side, self.coef)
+                                   * (cols * (g.hidden[self.side] @ rows.t())).sum(1))
+        if isinstance(other, torch.Tensor):
+            return g.rows_against(self.side, self.coef, self.part, _c(other))
+        raise TypeError(f"the head's uses pair with dense gradients and head uses, not {type(other).__name__}")
+
+    def rows_at(self, ids):
+        if self.part != "weight":
+            return super().rows_at(ids)
+        return self.gram.weight_rows(self.side, self.coef, ids)
+
+    def dense(self, n_samples, shape):
+        return self.gram.gradient(self.side, self.coef, self.part, n_samples)
+
 
 @dataclass
-class SampleGrads:
+class SampleGrads(Use):
     grads: torch.Tensor  # [S, *shape]: sample s's gradient (S = 1: the whole gradient)
 
     @property
     def n_rows(self):
         return self.grads.shape[0]
 
+    def partner(self):
+        return self.grads.sum(0)
+
+    def row_dots(self, other):
+        if not isinstance(other, torch.Tensor):
+            other = other.dense(1, self.grads.shape[1:])[0]
+        return _row_sums(_c(self.grads) * _c(other).unsqueeze(0))
+
+    def dense(self, n_samples, shape):
+        if self.grads.shape[0] == n_samples:
+            return _c(self.grads)
+        if n_samples == 1:
+            return _c(self.grads).sum(0, keepdim=True)
+        raise ValueError(f"a gradient held for {self.grads.shape[0]} samples cannot be split into {n_samples}")
+
 
 @dataclass
-class SampleScaled:
-    base: object  # a use whose rows are [n_samples, rows per sample] flattened
+class SampleScaled(Use):
+    base: Use  # a use whose rows are [n_samples, rows per sample] flattened
     scale: torch.Tensor  # [n_samples] float64
 
     @property
@@ -97,24 +265,17 @@ class SampleScaled:
         """The factor of each row of ``base``."""
         return self.scale.to(dtype).repeat_interleave(self.base.n_rows // self.scale.shape[0])
 
-    def explicit(self):
+    def explicit(self) -> Use:
         """The same gradient as a use of the base's kind, its rows scaled (one more buffer of rows)."""
-        b = self.base
-        if isinstance(b, Factored):
-            return Factored(b.left * self.row_scale(b.left.dtype).unsqueeze(1), b.right)
-        if isinstance(b, Gathered):
-            return Gathered(b.ids, b.rows * self.row_scale(b.rows.dtype).unsqueeze(1))
-        if isinstance(b, Summed):
-            return Summed(b.rows * self.row_scale(b.rows.dtype).reshape(-1, *([1] * (b.rows.dim() - 1))))
-        raise TypeError(f"cannot scale a {type(b).__name__} use by samples")
+        return self.base.scale_rows(self.row_scale(torch.float64))
 
+    def row_dots(self, other):
+        return self.base.row_dots(other) * self.row_scale(torch.float64)
 
-def _c(t):
-    return t.to(compute_dtype(t.dtype))
-
-
-def _row_sums(t):
-    return t.reshape(t.shape[0], -1).sum(1, dtype=torch.float64)
+    def dense(self, n_samples, shape):
+        base = self.base.dense(self.scale.shape[0], shape)
+        scaled = base * self.scale.to(base.dtype).reshape(-1, *([1] * (base.dim() - 1)))
+        return scaled if n_samples == self.scale.shape[0] else scaled.sum(0, keepdim=True)
 
 
 def _ghost_kernel(device):
@@ -135,110 +296,21 @@ def gram_rows(la, ra, lb, rb):
     return gram(la, ra, lb, rb, torch.arange(la.shape[0], device=la.device), la.shape[0])
 
 
-def _unique_rows(use):
-    """The gradient rows a use touches, as (sorted unique ids, summed rows [U, q]); uses are Gathered."""
-    ids, inverse = torch.unique(use.ids, return_inverse=True)
-    rows = torch.zeros(ids.shape[0], use.rows.shape[1], dtype=compute_dtype(use.rows.dtype), device=use.rows.device)
-    return ids, rows.index_add_(0, inverse, _c(use.rows))
-
-
 def _rows_of(b, ids):
-    """Rows ``ids`` (sorted, unique) of the gradient ``b`` (dense, Factored, Gathered or head), [len(ids), q]."""
+    """Rows ``ids`` (sorted, unique) of the gradient ``b``, a dense tensor or a use, ``[len(ids), q]``."""
     if isinstance(b, torch.Tensor):
         return _c(b[ids])
-    if isinstance(b, Factored):
-        return _c(b.left[:, ids]).t() @ _c(b.right)
-    if isinstance(b, HeadRows) and b.part == "weight":
-        return b.gram.weight_rows(b.side, b.coef, ids)
-    if isinstance(b, Gathered):
-        b_ids, b_rows = _unique_rows(b)
-        pos = torch.searchsorted(b_ids, ids).clamp_max(b_ids.shape[0] - 1)
-        hit = (b_ids[pos] == ids).unsqueeze(1)
-        return torch.where(hit, b_rows[pos], 0)
-    raise TypeError(f"cannot take rows of a {type(b).__name__} gradient")
+    return b.rows_at(ids)
 
 
-def _gathered_rows(a: Gathered, b):
-    ids, inverse = torch.unique(a.ids, return_inverse=True)
-    return _row_sums(_c(a.rows) * _rows_of(b, ids)[inverse])
-
-
-def _factored_rows_gathered(a: Factored, b: Gathered):
-    """Row i: Σ_k left_i[k] ⟨right_i, grad_b[k]⟩ over the rows k that b touches."""
-    ids, rows = _unique_rows(b)
-    return _row_sums(_c(a.left[:, ids]) * (_c(a.right) @ rows.t()))
-
-
-def _head_rows_gathered(a: HeadRows, b: Gathered):
-    """Row t of a (weight, tied to an embedding): c_t Σ_k m_t[k] ⟨h_t, grad_b[k]⟩ over the rows k b touches."""
-    ids, rows = _unique_rows(b)
-    g = a.gram
-    cols = g.columns(a.side, ids)  # [n, U]
-    return g.scatter_valid(a.side, g.valid_coef(a.side, a.coef) * (cols * (g.hidden[a.side] @ rows.t())).sum(1))
-
-
-def _head_rows_head(a: HeadRows, b: HeadRows):
-    """Row t of a: c_t Σ_j c_j (m_t·m_j) [(h_t·h_j)] from the pass's M_a M_bᵀ."""
-    g = a.gram
-    if g is not b.gram or a.part != b.part:
-        raise TypeError("two head uses pair only within one head pass and for one parameter")
-    mm = g.mm.get((a.side, b.side))
-    if mm is None and (b.side, a.side) in g.mm:
-        mm = g.mm[(b.side, a.side)].t()
-    if mm is None:
-        raise ValueError(f"the head pass holds no Gram matrix for the sides ({a.side}, {b.side})")
-    if a.part == "weight":
-        mm = mm * (g.hidden[a.side] @ g.hidden[b.side].t())
-    return g.scatter_valid(a.side, g.valid_coef(a.side, a.coef) * (mm @ g.valid_coef(b.side, b.coef)))
-
-
-def row_dots(a, b) -> torch.Tensor:
+def row_dots(a: Use, b) -> torch.Tensor:
     """Each row's share of ⟨∇_a, ∇_b⟩, float64 ``[a.n_rows]``; ``b`` is a dense gradient or a use."""
-    if isinstance(b, Summed):
-        b = b.rows.sum(0, dtype=compute_dtype(b.rows.dtype))
-    if isinstance(b, SampleGrads):
-        b = b.grads.sum(0)
-    if isinstance(a, SampleScaled):
-        return row_dots(a.base, b) * a.row_scale(torch.float64)
-    if isinstance(a, SampleGrads):
-        if not isinstance(b, torch.Tensor):
-            b = sample_dense(b, 1, a.grads.shape[1:])[0]
-        return _row_sums(_c(a.grads) * _c(b).unsqueeze(0))
-    if isinstance(a, Summed):
-        if not isinstance(b, torch.Tensor):
-            raise TypeError(f"a vector parameter cannot pair with a {type(b).__name__} use")
-        return _row_sums(_c(a.rows) * _c(b).unsqueeze(0))
-    if isinstance(a, HeadRows):
-        if isinstance(b, HeadRows):
-            return _head_rows_head(a, b)
-        if isinstance(b, Gathered) and a.part == "weight":
-            return _head_rows_gathered(a, b)
-        if isinstance(b, torch.Tensor):
-            return a.gram.rows_against(a.side, a.coef, a.part, _c(b))
-        raise TypeError(f"the head's uses pair with dense gradients and head uses, not {type(b).__name__}")
-    if isinstance(a, Gathered):
-        return _gathered_rows(a, b)
-    if isinstance(a, Factored):
-        if isinstance(b, torch.Tensor):
-            return _row_sums((_c(a.left) @ _c(b)) * _c(a.right))
-        if isinstance(b, Factored):
-            return gram_rows(a.left, a.right, b.left, b.right)
-        if isinstance(b, Gathered):
-            return _factored_rows_gathered(a, b)
-    raise TypeError(f"no inner product between {type(a).__name__} and {type(b).__name__}")
+    return a.row_dots(b.partner() if isinstance(b, Use) else b)
 
 
-def sample_rows(use, start: int, stop: int, n_samples: int):
+def sample_rows(use: Use, start: int, stop: int, n_samples: int) -> Use:
     """The part of ``use`` that samples ``start:stop`` of its ``n_samples`` contributed (a stacked batch's side)."""
-    per = use.n_rows // n_samples
-    rows = slice(start * per, stop * per)
-    if isinstance(use, Factored):
-        return Factored(use.left[rows], use.right[rows])
-    if isinstance(use, Gathered):
-        return Gathered(use.ids[rows], use.rows[rows])
-    if isinstance(use, Summed):
-        return Summed(use.rows[rows])
-    raise TypeError(f"cannot split a {type(use).__name__} use by samples")
+    return use.split(start, stop, n_samples)
 
 
 def dense_dot(dense, b) -> torch.Tensor:
@@ -249,34 +321,10 @@ def dense_dot(dense, b) -> torch.Tensor:
 
 
 def sample_dense(use, n_samples: int, shape) -> torch.Tensor:
-    """The use's dense gradient per sample, ``[n_samples, *shape]`` (``n_samples=1``: the whole gradient);
-    the use's rows are its samples' rows one after the other."""
+    """The dense gradient per sample of a use or a dense gradient, ``[n_samples, *shape]`` (``n_samples=1``: the
+    whole gradient); a use's rows are its samples' rows one after the other."""
     if isinstance(use, torch.Tensor):
         if n_samples != 1:
             raise ValueError("a dense gradient cannot be split by samples")
         return _c(use).unsqueeze(0)
-    if isinstance(use, SampleGrads):
-        if use.grads.shape[0] == n_samples:
-            return _c(use.grads)
-        if n_samples == 1:
-            return _c(use.grads).sum(0, keepdim=True)
-        raise ValueError(f"a gradient held for {use.grads.shape[0]} samples cannot be split into {n_samples}")
-    if isinstance(use, SampleScaled):
-        base = sample_dense(use.base, use.scale.shape[0], shape)
-        scaled = base * use.scale.to(base.dtype).reshape(-1, *([1] * (base.dim() - 1)))
-        return scaled if n_samples == use.scale.shape[0] else scaled.sum(0, keepdim=True)
-    if isinstance(use, HeadRows):
-        return use.gram.gradient(use.side, use.coef, use.part, n_samples)
-    per = use.n_rows // n_samples
-    if isinstance(use, Factored):
-        left, right = _c(use.left), _c(use.right)
-        return torch.bmm(left.reshape(n_samples, per, -1).transpose(1, 2), right.reshape(n_samples, per, -1))
-    if isinstance(use, Gathered):
-        vocab = shape[0]
-        sample = torch.arange(use.n_rows, device=use.ids.device) // per
-        out = torch.zeros(n_samples * vocab, use.rows.shape[1], dtype=compute_dtype(use.rows.dtype),
-                          device=use.rows.device)
-        return out.index_add_(0, sample * vocab + use.ids, _c(use.rows)).reshape(n_samples, vocab, -1)
-    if isinstance(use, Summed):
-        return _c(use.rows).reshape(n_samples, per, *shape).sum(1)
-    raise TypeError(f"cannot materialize a {type(use).__name__} use")
+    return use.dense(n_samples, shape)
