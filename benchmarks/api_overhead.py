@@ -1,4 +1,4 @@
-"""Per-call cost of the public API over the raw backend call (issue 10.7), forward+backward of GA.
+"""Per-call cost of the public API over the raw backend call, forward+backward of GA.
 
 Three ways to the same loss: the backend's `weighted_loss` called directly (already-flat inputs, the scale
 given), `unlearning_loss` (shape/dtype/device checks, flattening, 1/n_valid on the device) and

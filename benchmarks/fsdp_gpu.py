@@ -1,4 +1,4 @@
-"""One training step of FSDP2 on one GPU next to the same step in a single process (issue 13.6), the second
+"""One training step of FSDP2 on one GPU next to the same step in a single process, the second
 part of `run_gpu_large.sh`: step time and peak memory of each, one CSV row each, appended as measured.
 
 The step is the loop's: NPO on the forget batch + NLL on the retain batch (4 sequences each), backward, AdamW

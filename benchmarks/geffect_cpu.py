@@ -1,4 +1,4 @@
-"""CPU benchmark of the G-effect profiler against the materialized method (issue 5).
+"""CPU benchmark of the G-effect profiler against the materialized method.
 
 Tiny Llama (4 layers, H = 256, V = 32000, random weights, float32), 2×64 tokens per side. After a warm-up,
 the methods run in interleaved rounds (median time per method; a shared machine's load then hits them

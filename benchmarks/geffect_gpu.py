@@ -68,7 +68,7 @@ def _npo_via_model(model, batch, ref, beta=0.1):
 
 def check(rec, shape, device, dtype, layers):
     """``dtype`` measure_unlearning vs materialized gradients in a wider type, per layer: one row per risk with the
-    largest |difference| over layers relative to the largest |value| (issue 5: within 5e-3 in bf16)."""
+    largest |difference| over layers relative to the largest |value| (bf16 is expected within 5e-3)."""
     wide = torch.float64 if dtype == torch.float32 else torch.float32
     forget, retain = token_batches(shape, 512 if shape != "tiny" else 16, device)
     model_wide = build(shape, wide, device, layers=layers)

@@ -135,7 +135,7 @@ def measure(shape, tokens, dtype, device, rounds):
 
 def measure_in_fresh_process(*args):
     """`measure` in a process of its own: on the CPU the allocator's state left by one configuration (heap
-    size, which blocks are mapped) otherwise changes the page faults of the next, by up to ±10% per method."""
+    size, which blocks are mapped) otherwise changes the page faults of the next."""
     context = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(1, mp_context=context, initializer=torch.set_num_threads,
                                                 initargs=(torch.get_num_threads(),)) as pool:

@@ -19,7 +19,7 @@ from geffect_kernels.backends.triton.kl_fast import fast_kl_rows
 BF16, FP16, FP32 = torch.bfloat16, torch.float16, torch.float32
 NAMES = {BF16: "bf16", FP16: "fp16", FP32: "fp32", torch.float64: "fp64"}
 GiB = 2**30
-FAST_BUDGET = 3 * GiB  # fast mode at N 8192, V 128256 in one chunk (issue 3)
+FAST_BUDGET = 3 * GiB  # fast mode at N 8192, V 128256 in one chunk
 KL_FAST_BUDGET = 8 * GiB  # fast KL at N 8192, V 128256 in one chunk: two float32 logit rows per token, 7.8 GiB
 NPO_SEQUENCES = 8
 
@@ -98,7 +98,7 @@ class Check:
 
     @property
     def tolerance(self):
-        """(loss, gradients) relative to float64 on the same rounded inputs (issue 10)."""
+        """(loss, gradients) relative to float64 on the same rounded inputs."""
         return 1e-3, 5e-3 if self.dtype == BF16 else 3e-3
 
     def smoke(self):
@@ -205,7 +205,7 @@ def with_budget(fn, budget):
 
 
 def no_sync_calls(inputs, backend):
-    """Forward+backward calls that must not make the host wait on the device (issue 10.7)."""
+    """Forward+backward calls that must not make the host wait on the device."""
     logits = (inputs.hidden.float() @ inputs.weight.float().T).to(inputs.hidden.dtype)
     calls = {
         "wga": loss_fn("wga", inputs, backend),

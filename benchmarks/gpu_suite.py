@@ -1,4 +1,4 @@
-"""One part of the GPU suite (issue 10), run by benchmarks/run_gpu_suite.sh under its own timeout:
+"""One part of the GPU suite, run by benchmarks/run_gpu_suite.sh under its own timeout:
 
     python benchmarks/gpu_suite.py correctness|speed|overhead|logits|stats --csv FILE [--smoke]
     python benchmarks/gpu_suite.py table --csv FILE [--parts PARTS_CSV]
@@ -64,8 +64,7 @@ def correctness(rec):
 
 
 def no_sync(rec, dev):
-    """Fused losses on the triton and cpp_cuda backends under `set_sync_debug_mode("error")`: a host sync raises
-    (issue 10.7)."""
+    """Fused losses on the triton and cpp_cuda backends under `set_sync_debug_mode("error")`: a host sync raises."""
     n, h, v = (48, 32, 301) if SMOKE else (1024, 1024, 32000)
     dtype = torch.float32 if SMOKE else torch.bfloat16
     inputs = cases.make_inputs(n, h, v, "flat", dtype, dev)

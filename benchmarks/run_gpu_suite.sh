@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU suite in one bounded device call (issue 10): correctness first, then speed; nothing installed.
+# The GPU suite in one bounded device call: correctness first, then speed; nothing installed.
 #
 #   GEFFECT_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/run_gpu_suite.sh   # on the lent GPU machine
 #   bash benchmarks/run_gpu_suite.sh --smoke        # CPU: the same plumbing, Triton interpreter, tiny shapes (CI)

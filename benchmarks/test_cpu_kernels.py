@@ -162,8 +162,8 @@ def test_logits_loss_fwd_bwd(benchmark, logits_data, variant, fn):
 
 
 # -- Gram inner product ----------------------------------------------------------------------------
-# (rows per side, feature size): the projection form is ~3x cheaper at the first (and is what the profiler picks
-# there), the Gram form ~8x cheaper at the second; 3072 rows span more than one 2048-row kernel tile.
+# (rows per side, feature size): the projection form takes fewer flops at the first (and is what the profiler picks
+# there), the Gram form at the second; 3072 rows span more than one 2048-row kernel tile.
 GRAM_SHAPES = [(3072, 1024), (512, 4096)]
 
 

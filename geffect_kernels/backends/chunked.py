@@ -23,11 +23,10 @@ _MM_TO_FLOAT32 = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 
 def _linear(h, weight, bias):
     """h Wᵀ + b in the compute dtype. 16-bit inputs are multiplied into float32 logits: rounded to 16 bits (8
     significant bits for bfloat16) before the softmax, the logits lose up to 2⁻⁸|z|, and a KL gradient p_θ − p_ref, a
-    difference of nearly equal numbers, came out 2.4e-2 (flat) to 7.7e-2 (peaky) off float64 that way (issue 10;
-    tests/test_half_precision.py), peaky GA and WGA gradients 6.4e-3 to 1.7e-2. On CUDA the
-    product stays on bf16/fp16 tensor cores; on a CPU with bf16 dot products (AVX512-BF16) a float32 GEMM runs at
-    about half their rate: bf16 GA forward+backward took 1.5× (fused) to 1.8× (generic) as long at N 4096, H 512,
-    V 32000 on 2 cores (benchmarks/results/cpu_token_loss_bf16.csv)."""
+    difference of nearly equal numbers, loses most of its digits (docs/backends.md; tests/test_half_precision.py
+    bounds the errors). On CUDA the product stays on bf16/fp16 tensor cores; on a CPU with bf16 dot products
+    (AVX512-BF16) the float32 GEMM trades their speed for that precision (``python benchmarks/cpu_token_loss.py
+    --dtype bfloat16``, benchmarks/results/cpu_token_loss_bf16.csv)."""
     dtype = compute_dtype(h.dtype)
     if h.dtype == dtype:
         return F.linear(h, weight, bias)

@@ -3,9 +3,9 @@
 The projection form's head pass writes V×H gradients (one per forget sample and one per retain batch) and a
 logits chunk: hundreds of MiB, allocated afresh by every measurement. On the CPU a block that large is mapped
 fresh by the allocator and every 4 KiB page of it faults on first write; since their size does not depend on
-the tokens, those faults weigh most on short batches. Lent from a pool instead (2 cores, NPO, ratios to a
-training step in one in-process A/B run, 5 rounds: H 256, T 128: 0.94× → 0.89×; H 256, T 256: 0.92× → 0.88×;
-H 512, T 256: 0.94× → 0.92×). A GPU's caching allocator already reuses its blocks: there nothing is kept.
+the tokens, those faults weigh most on short batches. They are lent from a pool instead, at the price of the
+memory it keeps between measurements (benchmarks/geffect_scaling.py; docs/DESIGN.md §4). A GPU's caching
+allocator already reuses its blocks: there nothing is kept.
 """
 from __future__ import annotations
 

@@ -31,21 +31,20 @@ from ..backends.cpp import build
 from . import inner
 from .buffers import BufferPool
 
-# Logits per vocabulary chunk on the CPU: a cache-sized chunk, whose exp two matmuls then read (D and the Gram),
-# runs ~20% faster than a 4M-element one (2 cores, H 256, V 32000, 2×126 rows).
+# Logits per vocabulary chunk on the CPU: small enough to stay in cache while two matmuls read its exp (D and the
+# Gram), large enough to keep those matmuls efficient (benchmarks/geffect_scaling.py; docs/DESIGN.md §4).
 CPU_CHUNK_ELEMENTS = 1 << 20
-# Logits per row chunk of the projection pass: the fused losses' budget (64 MiB of float32). Each chunk adds
-# its rows into V×H per-sample gradients, a memory-bound update: 4× larger chunks than 16 MiB took the pass
-# from 3.0 s to 2.5 s (2 cores, H 512, V 32000, 2×2044 rows), at the three-matmul floor.
+# Logits per row chunk of the projection pass: the fused losses' budget (64 MiB of float32). Each chunk adds its
+# rows into V×H per-sample gradients, a memory-bound update that larger chunks amortize, for a larger buffer
+# (benchmarks/geffect_scaling.py; docs/DESIGN.md §4, "The rest is the allocator").
 ROW_CHUNK_ELEMENTS = CHUNK_BYTES // 4
 # Largest per-sample dense head gradient held (elements): beyond it the forget side's is held whole.
 SAMPLE_GRAD_ELEMENTS = 1 << 29
 # What one element of a dense head gradient held by the projection form costs, in flops: it is written by
-# memory-bound updates (a chunk's rows of one sample, often few) and read back by the inner products. Fitted
-# on the 2-core CPU (float32, V 32000, the buffers from the profiler's pool): the measured crossover lies
-# between 110 (equal costs at H 256, T 64, where the Gram form is faster: 0.93-0.97× a step against 1.03×)
-# and 230 (equal at H 512, T 128, where the projection form is: 0.91-0.96× against 0.97-0.99×). Before the
-# pool each element was also a fresh page, and 230 put the crossover there.
+# memory-bound updates (a chunk's rows of one sample, often few) and read back by the inner products. It sets
+# where the cost model leaves the Gram form for the projection form: fitted on the CPU, with the buffers from the
+# profiler's pool, between the shapes where each form was the faster (benchmarks/geffect_scaling.py;
+# docs/DESIGN.md §4); unmeasured on a GPU.
 HELD_ELEMENT_FLOPS = 150
 
 
@@ -185,9 +184,8 @@ def _row_kernels(z):
 def logits_scratch(chunks, gram):
     """A reusable buffer for `unit_cotangent`'s logits of the longest of ``chunks`` (row slices), or None where
     there are none or the logits come out of a 16-bit matmul (converted, a fresh buffer each time). Reusing
-    one buffer matters on the CPU: a fresh 64 MiB buffer per chunk is fresh pages from the OS each time (in
-    the profiler at H 512, T 512 the pass went from 2.9 s and 208k page faults to 2.6 s and 96k, most of
-    them its held gradients', which the profiler's `buffers.BufferPool` now keeps too)."""
+    one buffer matters on the CPU: a fresh 64 MiB buffer per chunk is fresh pages from the OS each time, whose
+    faults cost the pass time (docs/DESIGN.md §4; the held gradients come from `buffers.BufferPool`)."""
     rows, weight = max((r.stop - r.start for r in chunks), default=0), gram.weight
     if rows == 0 or compute_dtype(weight.dtype) != weight.dtype:
         return None

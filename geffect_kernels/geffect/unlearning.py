@@ -31,9 +31,8 @@ from .inner import HeadRows, SampleGrads, SampleScaled, sample_rows
 from .streaming import StreamedProducts
 
 # CPU only: a stacked forward's activations are twice one batch's. glibc serves blocks up to 32 MiB from its
-# heap, reused; larger ones are fresh mmapped pages on every allocation, whose faults cost more than one
-# stacked forward saves (2 cores, H 512, I 1376, 2×4×1024 tokens, NPO, streamed, each in a fresh process:
-# 0.86× and 0.90× a step unstacked, 1.06× and 0.99× stacked; at H 256, 22.5 MiB blocks, stacking wins).
+# heap, reused; larger ones are fresh mmapped pages on every allocation, whose faults can cost more than one
+# stacked forward saves (benchmarks/geffect_scaling.py; docs/DESIGN.md §4).
 CPU_STACKED_BYTES = 32 << 20
 NLL = resolve("nll", {})
 OBJECTIVE = ("objective",)  # the key of the objective's gradient (risks are keyed by their names)
@@ -101,8 +100,7 @@ class UnlearningPass:
         """One stacked forward for both batches where asked, they fit together and split by samples (and, on
         the CPU, its activations stay under `CPU_STACKED_BYTES`); else one each. Stacking pays only with a
         single backward: the objective's own backward, and then the forget risk's, would each run over the
-        retain rows too, with zero cotangents (2 cores, WGA: 1.57× a step stacked, 1.33× not at H 512,
-        T 512; 1.18× and 1.15× at H 256, T 64)."""
+        retain rows too, with zero cotangents (docs/DESIGN.md §4)."""
         if stack and len(batches) == 2 and _stackable(*batches.values()) and self._stack_fits(batches):
             forward = _Forward(self.model, batches, params)
             if forward.by_samples:

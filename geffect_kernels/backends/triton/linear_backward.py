@@ -64,7 +64,7 @@ def normalized(coef, dtype):
     """(k · c, 1/k) with k = GRAD_UNIT / max |c| for 16-bit inputs, (c, None) for float32.
 
     The logit gradient c_t (onehot − softmax) dz/du is stored in the input dtype between the passes, and
-    c_t carries w_t / n_valid: in float16 its entries c_t · p would mostly flush to zero (issue 10.2). Stored
+    c_t carries w_t / n_valid: in float16 its entries c_t · p would mostly flush to zero. Stored
     as k·G instead, with the matmuls multiplying by 1/k in float32 before their store, nothing is lost
     beyond tokens whose c_t is ~1e-9 of the largest. k stays on the device (no synchronization).
     """
@@ -77,13 +77,13 @@ def normalized(coef, dtype):
 
 def lean_chunk_width(n_rows, vocab, hidden_size, dtype, sms):
     """Vocabulary columns per lean-mode chunk, chosen from the vocabulary and the SM count, not from a byte
-    budget alone (a fixed budget shrank the chunks as N grew: 512 columns at N 65536, the dh accumulator then
+    budget alone (a fixed budget shrinks the chunks as N grows: 512 columns at N 65536, the dh accumulator then
     re-read 250 times and the dW product 64 tiles for 132 SMs).
 
     At least what LEAN_CHUNK_BYTES holds, LEAN_MIN_WIDTH, and enough for the chunk's dW product
     (width × H, in matmul tiles) to give every SM two tiles; then as narrow as the fewest chunks of that
-    width allow, in whole tiles, at most the padded V. Memory: N · width input-dtype entries (at N 8192 and
-    4096 columns the 64 MiB of before; 256 MiB at N 32768).
+    width allow, in whole tiles, at most the padded V. Memory: N · width input-dtype entries (64 MiB at N 8192
+    and 4096 columns; 256 MiB at N 32768).
     """
     tiles = matmul_tiles(dtype)
     block = tiles.block_n
