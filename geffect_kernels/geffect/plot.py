@@ -5,6 +5,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..atomic_files import atomic_write
+
 
 def pyplot():
     """matplotlib's pyplot on the file-only Agg backend (shared with `eval.report`)."""
@@ -20,7 +22,6 @@ HEATMAP_TITLE = "{objective}G-effect on the {risk} risk\n(red < 0: that NLL rise
 
 def _save(fig, path):
     """A PNG written atomically: a link planted at ``path`` is replaced, never written through."""
-    from ..train.checkpoint import atomic_write
     atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
 
 

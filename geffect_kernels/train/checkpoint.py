@@ -1,4 +1,4 @@
-"""Atomic files and the run folder's checkpoint.
+"""The run folder's checkpoint, written atomically (`atomic_files`, whose writers are re-exported here).
 
 A file written here is either the old complete file or the new complete file, never half of one, whenever
 the process is killed; what a kill can leave is a temporary ``.NAME.*.tmp`` beside it, which the next run
@@ -7,14 +7,15 @@ in the folder removes (`remove_orphans`). A checkpoint is loaded as tensors and 
 """
 from __future__ import annotations
 
-import json
-import os
 import pickle
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
+
+from ..atomic_files import atomic_write as atomic_write
+from ..atomic_files import atomic_write_json as atomic_write_json
+from ..atomic_files import atomic_write_text as atomic_write_text
 
 CHECKPOINT = "checkpoint.pt"
 KEYS = ("step", "model", "optimizer", "rng", "settings")  # what every checkpoint holds
@@ -22,30 +23,6 @@ KEYS = ("step", "model", "optimizer", "rng", "settings")  # what every checkpoin
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used; the message names the file."""
-
-
-def atomic_write(path, write) -> None:
-    """Call ``write(file_object)`` on a temporary file next to ``path``, then rename it over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(path, text: str) -> None:
-    atomic_write(path, lambda f: f.write(text.encode("utf-8")))
-
-
-def atomic_write_json(path, obj) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=1))
 
 
 def remove_orphans(folder) -> list[Path]:
