@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import signal
 import sys
 import traceback
 from pathlib import Path
@@ -86,6 +88,8 @@ def _device(name):
 
 def _out_dir(path) -> Path:
     """``--out`` checked before anything is computed: a folder (or a path that can become one) we may write."""
+    if not str(path).strip():
+        raise CLIError("--out must name a folder, got an empty path")
     path = Path(path)
     existing = next(p for p in (path, *path.parents) if p.exists() or p == Path(p.anchor))
     if not existing.is_dir():
@@ -101,7 +105,7 @@ def _quiet_transformers():
     hf_logging.disable_progress_bar()
 
 
-def _load_model(path, device="cpu", dtype=None):
+def _load_model(path, device="cpu", dtype=None, _adapters=()):
     """The causal LM (or LoRA adapter on its base) in ``path`` on ``device``, its weights in ``dtype`` (a torch
     dtype name; None: float32)."""
     import torch
@@ -111,7 +115,11 @@ def _load_model(path, device="cpu", dtype=None):
 
     path = Path(path)
     if is_adapter_dir(path):  # a LoRA adapter written by `geffect train --lora-r`: its base model plus it
-        return load_adapter(path, lambda base: _load_model(base, device, dtype)).to(device)
+        chain = (*_adapters, path.resolve())
+        if path.resolve() in _adapters:
+            raise CLIError(f"{_adapters[0]}: LoRA adapters whose base models lead back to themselves "
+                           f"({' -> '.join(map(str, chain))}); the chain must end in a full model folder")
+        return load_adapter(path, lambda base: _load_model(base, device, dtype, chain)).to(device)
     _check_model_dir(path)
     try:
         AutoConfig.from_pretrained(path)
@@ -170,11 +178,18 @@ def _train_settings(args):
              "gradient_checkpointing": True if args.gradient_checkpointing else None}
     values.update({k: v for k, v in flags.items() if v is not None})
     files = {k: values.pop(k, None) for k in ("model", "forget", "retain")}
+    for key, value in files.items():
+        if value is not None and not isinstance(value, (str, Path)):
+            raise CLIError(f"{key} must be a path, got {value!r:.60}")
     for key in ("model", "forget"):
         if not files[key]:
             raise CLIError(f"--{key} is required (on the command line or in --config)")
     objectives = values.pop("objective", None) or ["ga"]
-    return files, [objectives] if isinstance(objectives, str) else list(objectives), values
+    objectives = [objectives] if isinstance(objectives, str) else objectives
+    if not isinstance(objectives, list) or not all(isinstance(o, str) for o in objectives):
+        raise CLIError(f"objective must be a name or a list of names ({', '.join(OBJECTIVE_NAMES)}), got "
+                       f"{objectives!r:.60}")
+    return files, list(objectives), values
 
 
 EVAL_ONLY_FLAGS = ("retain_eval_set", "holdout", "retain_model", "retain_eval", "eval_size", "real_authors", "world")
@@ -226,8 +241,12 @@ def cmd_train(args):
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
         raise CLIError(f"--max-new-tokens must be a positive integer, got {args.max_new_tokens}")
     files, objectives, settings = _train_settings(args)
-    if (args.lora_alpha is not None or args.lora_targets) and not args.lora_r:
+    if (args.lora_alpha is not None or args.lora_targets) and args.lora_r is None:
         raise CLIError("--lora-alpha and --lora-targets need --lora-r RANK")
+    if args.lora_r is not None and args.lora_r < 1:
+        raise CLIError(f"--lora-r must be a positive integer, got {args.lora_r}")
+    if args.lora_alpha is not None and not (math.isfinite(args.lora_alpha) and args.lora_alpha > 0):
+        raise CLIError(f"--lora-alpha must be a finite number > 0, got {args.lora_alpha}")
     if args.plan:  # a plan for the device asked for, usable here or not
         args.device = args.device or "cuda"
     out, device = _out_dir(args.out), None if args.plan else _device(args.device)
@@ -265,11 +284,13 @@ def cmd_train(args):
     tokenizer = _load_tokenizer(args.tokenizer or files["model"])
     forget = encode_pairs(tokenizer, forget_pairs, max_length=args.max_length)
     retain = encode_pairs(tokenizer, retain_pairs, max_length=args.max_length) if retain_pairs else None
+    model_config = start.config if start is not None else _model_config(files["model"])
+    for path, data in ((files["forget"], forget), (files["retain"], retain)):
+        _check_lengths(data, model_config, path)
     for config in configs.values() if world == 1 else ():  # sharded runs check their checkpoints themselves
         check_resumable(start, forget, retain, config, resume)
     if args.eval and is_rank_zero():
-        _note_generation_limit(start.config if start is not None else _model_config(files["model"]),
-                               args.max_new_tokens or MAX_NEW_TOKENS)
+        _note_generation_limit(model_config, args.max_new_tokens or MAX_NEW_TOKENS)
     if plan and plan.retain_model:  # whole on every rank: evaluated once, before any unlearning
         plan, retain_scores = plan.with_retain_model(_load_model(plan.retain_model, device), tokenizer,
                                                      plan.retain_model)
@@ -303,10 +324,46 @@ def cmd_train(args):
         for name, summary in summaries.items():
             for metric, why in summary.get("missing", {}).items():
                 print(f"{name}: {metric.replace('_', ' ')} not computed: {why}")
+    if is_rank_zero() and not summaries:
+        _drop_stale_summaries(out, configs)
     if is_rank_zero():
         print(f"report: {make_report(args.out)}")
     if world > 1:
         distributed.finish()
+
+
+def _drop_stale_summaries(out: Path, trained):
+    """Without --eval, the rows of ``results/summary.json`` that describe no model of this folder any more: those
+    of the runs just trained (their models changed) and of names that are no run of ``OUT/runs`` (not ours)."""
+    path = out / "results" / "summary.json"
+    try:
+        rows = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+    except (OSError, ValueError):
+        return  # the report names the file
+    if not isinstance(rows, dict):
+        return
+    kept = {name: row for name, row in rows.items()
+            if name not in trained and "/" not in str(name) and (out / "runs" / str(name) / "metrics.jsonl").is_file()}
+    if kept != rows:
+        from .train.checkpoint import atomic_write_json
+
+        atomic_write_json(path, kept) if kept else path.unlink()
+
+
+def _check_lengths(data, model_config, source, truncate=True):
+    """CLIError when an encoded example is longer than the positions of a model with learned position embeddings
+    (it would index past them at the first step); a rotary model runs past them (extrapolated), and a length
+    too large for memory ends as `OutOfMemory`."""
+    limit = getattr(model_config, "max_position_embeddings", None) or getattr(model_config, "n_positions", None)
+    longest = max((len(e["input_ids"]) for e in data.examples), default=0) if data is not None else 0
+    if not limit or longest <= limit:
+        return
+    rotary = any(getattr(model_config, key, None) for key in ("rope_parameters", "rope_theta", "rope_scaling"))
+    if rotary:
+        return
+    raise CLIError(f"{source}: an example (question and answer) has {longest} tokens, more than the model's "
+                   f"{limit} positions; " + (f"pass --max-length {limit} to truncate them" if truncate else
+                                             "shorten them"))
 
 
 def _model_config(path):
@@ -381,11 +438,15 @@ def cmd_profile(args):
     model = _load_model(args.model, device)
     tokenizer = _load_tokenizer(args.tokenizer or args.model)
     pairs = load_qa(args.forget)[: args.samples]
-    forget = {k: v.to(device) for k, v in encode_pairs(tokenizer, pairs).batch(range(len(pairs))).items()}
+    encoded = encode_pairs(tokenizer, pairs)
+    _check_lengths(encoded, model.config, args.forget, False)
+    forget = {k: v.to(device) for k, v in encoded.batch(range(len(pairs))).items()}
     retain = None
     if args.retain:
         r_pairs = load_qa(args.retain)[: args.samples]
-        retain = {k: v.to(device) for k, v in encode_pairs(tokenizer, r_pairs).batch(range(len(r_pairs))).items()}
+        encoded = encode_pairs(tokenizer, r_pairs)
+        _check_lengths(encoded, model.config, args.retain, False)
+        retain = {k: v.to(device) for k, v in encoded.batch(range(len(r_pairs))).items()}
     ref = None
     if needs_ref:
         with torch.no_grad():
@@ -551,6 +612,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class OutOfMemory(RuntimeError):
+    """torch ran out of memory (host or device): bad input for this machine, not a bug."""
+
+
+def _out_of_memory(err) -> OutOfMemory | None:
+    """``err`` as an OutOfMemory when it is one (torch raises RuntimeError subclasses or MemoryError)."""
+    text = str(err)
+    if isinstance(err, MemoryError) or type(err).__name__ == "OutOfMemoryError" or \
+            isinstance(err, RuntimeError) and ("not enough memory" in text or "out of memory" in text.lower()):
+        return OutOfMemory(f"out of memory ({_first_line(err)}); lower --batch-size or --max-length, or use a "
+                           f"machine with more memory")
+    return None
+
+
 def _user_errors() -> tuple:
     """The exceptions that are bad input, printed as one line. ValueError covers bad data (DataError), settings,
     checkpoints (CheckpointError, ResumeMismatch). The package's own are looked up only where their module was
@@ -565,22 +640,54 @@ def _user_errors() -> tuple:
     return tuple(errors)
 
 
+class Stopped(KeyboardInterrupt):
+    """SIGTERM (what ``timeout``, systemd and Slurm send) raised where the program is, like Ctrl-C: the run folder
+    keeps its last complete checkpoint and the lock is released on the way out."""
+
+
+def _stop_on_sigterm(signum, frame):
+    raise Stopped()
+
+
+def _stopped_line(err) -> str:
+    what = "SIGTERM" if isinstance(err, Stopped) else "Ctrl-C (SIGINT)"
+    return (f"geffect: stopped by {what}; a run folder keeps its last checkpoint: the same command resumes from "
+            f"it")
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     debug = "--debug" in argv or os.environ.get("GEFFECT_DEBUG", "0") not in ("", "0")
+    previous = signal.signal(signal.SIGTERM, _stop_on_sigterm) if _main_thread() else None
     try:
         args = build_parser().parse_args(argv)
         args.argv = argv  # `train --nproc` relaunches the same command under torchrun
         args.func(args)
+    except KeyboardInterrupt as err:  # Ctrl-C or SIGTERM: one line, the conventional 128 + signal status
+        if debug:
+            traceback.print_exc()
+        if os.environ.get("RANK", "0") == "0":
+            print(_stopped_line(err), file=sys.stderr)
+        return 128 + (signal.SIGTERM if isinstance(err, Stopped) else signal.SIGINT)
     except Exception as err:
-        if not isinstance(err, _user_errors()):
+        err = _out_of_memory(err) or err
+        if not isinstance(err, (*_user_errors(), OutOfMemory)):
             raise
         if debug:
             traceback.print_exc()
         if os.environ.get("RANK", "0") == "0":  # under torchrun every rank meets the same bad input: say it once
             print(f"geffect: error: {_first_line(err)}", file=sys.stderr)
         return EXIT_ERROR
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     return 0
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
 
 
 if __name__ == "__main__":

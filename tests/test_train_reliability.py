@@ -131,11 +131,12 @@ def test_a_planted_lock_file_is_never_written_through(setup, tmp_path):
 def test_a_killed_runs_temporary_files_are_removed(setup, tmp_path):
     tokenizer, forget, retain = setup
     train(model_of(tokenizer), forget, retain, config(tmp_path, steps=2))
-    (tmp_path / f".{CHECKPOINT}.abc123.tmp").write_bytes(b"x" * 1000)  # killed inside the checkpoint write
-    (tmp_path / ".metrics.jsonl.def456.tmp").write_text("{")
+    (tmp_path / f".{CHECKPOINT}.abc123_z.tmp").write_bytes(b"x" * 1000)  # killed inside the checkpoint write
+    (tmp_path / ".metrics.jsonl.def45678.tmp").write_text("{")
     (tmp_path / ".model.tmp").mkdir()
+    (tmp_path / ".notes.md.abcdefgh.tmp").write_text("someone's")  # not a name a run writes: not ours to remove
     train(model_of(tokenizer), forget, retain, config(tmp_path, steps=2))
-    assert not list(tmp_path.glob(".*.tmp"))
+    assert [p.name for p in tmp_path.glob(".*.tmp")] == [".notes.md.abcdefgh.tmp"]
 
 
 @pytest.mark.parametrize("bad, message", [

@@ -7,7 +7,9 @@ in the folder removes (`remove_orphans`). A checkpoint is loaded as tensors and 
 """
 from __future__ import annotations
 
+import json
 import pickle
+import re
 import shutil
 from pathlib import Path
 
@@ -25,14 +27,45 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be used; the message names the file."""
 
 
-def remove_orphans(folder) -> list[Path]:
-    """Delete the temporary files (and the temporary model folder) a killed run left in ``folder``.
+# What a run writes in its folder: the files (each through `atomic_write`) and the model folder (written as
+# ``.model.tmp``, then renamed). Only their temporaries are a killed run's orphans; anything else is not ours.
+RUN_FILES = (CHECKPOINT, "config.json", "metrics.jsonl", "geffects.json")
+RUN_FOLDERS = ("model",)
+_MKSTEMP_PART = r"[a-z0-9_]{8}"  # the random middle of a `tempfile.mkstemp` name
+
+
+def remove_orphans(folder, files=RUN_FILES, folders=RUN_FOLDERS) -> list[Path]:
+    """Delete the temporary files (and the temporary model folder) a killed run left in ``folder``: only those of
+    the names a run writes (``files``, ``folders``), never another ``.*.tmp``.
 
     Only safe while holding the folder's lock (`run_lock`): another writer's are in flight otherwise."""
-    orphans = sorted(Path(folder).glob(".*.tmp"))
+    names = re.compile("|".join([rf"\.{re.escape(name)}\.{_MKSTEMP_PART}\.tmp" for name in files]
+                                + [rf"\.{re.escape(name)}\.tmp" for name in folders]))
+    orphans = sorted(p for p in Path(folder).glob(".*.tmp") if names.fullmatch(p.name))
     for path in orphans:
-        shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+        shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink(missing_ok=True)
     return orphans
+
+
+def check_own_folder(folder) -> None:
+    """ValueError when ``folder`` holds a ``model/`` that no run wrote: a run replaces its ``model/`` at the end
+    (and ``--overwrite`` removes it at the start), so a folder holding one must show a run's own files (a
+    checkpoint, its log, or a ``config.json`` with an objective)."""
+    folder = Path(folder)
+    if not any((folder / name).exists() or (folder / name).is_symlink() for name in RUN_FOLDERS):
+        return
+    if (folder / CHECKPOINT).is_file() or (folder / "metrics.jsonl").is_file() or \
+            (folder / "checkpoint" / "latest.json").is_file() or _has_objective(folder / "config.json"):
+        return
+    raise ValueError(f"{folder} holds a model/ that no geffect run wrote there: move it or choose another --out "
+                     f"(nothing was removed)")
+
+
+def _has_objective(path: Path) -> bool:
+    try:
+        return "objective" in json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, TypeError):
+        return False
 
 
 def save_checkpoint(out_dir, state: dict) -> Path:

@@ -35,8 +35,8 @@ from ..geffect import GEffectHistory, GEffectProfiler
 from ..guidance import step as guided
 from ..guidance.stop import fired, parse_stop_when
 from ..objectives import OBJECTIVES
-from .checkpoint import (CHECKPOINT, atomic_write_json, atomic_write_text, load_checkpoint, remove_orphans,
-                         save_checkpoint)
+from .checkpoint import (CHECKPOINT, atomic_write_json, atomic_write_text, check_own_folder, load_checkpoint,
+                         remove_orphans, save_checkpoint)
 from .frozen_model import StartingLogprobs, kl_reference
 from .gradient_checkpointing import checkpointing
 from .losses import NonFiniteLoss, kl_retain_loss, objective_loss
@@ -105,6 +105,8 @@ def check_resumable(model, forget, retain, config: TrainConfig, resume: bool | N
     """Raise now what `train` would raise on meeting ``config.out_dir``'s checkpoint (CheckpointError,
     ResumeMismatch): a command that trains several runs checks them all before it starts the first."""
     config = resolve_preset(config, model, len(forget))
+    if config.out_dir is not None:
+        check_own_folder(config.out_dir)
     if config.out_dir is not None and resume is not False:
         should_resume(Path(config.out_dir), load_checkpoint(config.out_dir), run_settings(config, forget, retain),
                       resume)
@@ -318,6 +320,7 @@ class Run:
         if self.out is None:
             return
         if self.writer:
+            check_own_folder(self.out)  # before anything is removed
             remove_orphans(self.out)
             if resume is False:
                 self.remove_checkpoints()

@@ -20,8 +20,11 @@ def add_lora(model, r: int, alpha: float | None = None, targets: list[str] | Non
     initialization). ValueError (one line) when no module matches."""
     from peft import LoraConfig, get_peft_model
 
-    if not isinstance(r, int) or r < 1:
+    if not isinstance(r, int) or isinstance(r, bool) or r < 1:
         raise ValueError(f"the LoRA rank must be a positive integer, got {r!r}")
+    if alpha is not None:
+        from ..ranges import POSITIVE, check_number
+        check_number("the LoRA alpha", alpha, POSITIVE)
     config = LoraConfig(r=r, lora_alpha=2 * r if alpha is None else alpha, lora_dropout=0.0,
                         target_modules=list(targets) if targets else None, task_type="CAUSAL_LM")
     if targets:
