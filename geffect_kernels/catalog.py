@@ -137,8 +137,10 @@ class TokenWeighting:
     eps: float = 0.0
 
     @property
-    def code(self) -> int:
-        return int(self.objective.kernel_code)
+    def code(self) -> int | None:
+        """The kernels' formula (`KernelWeight`, as an int); None: none, the weights are taken in torch."""
+        code = self.objective.kernel_code
+        return None if code is None else int(code)
 
     @property
     def needs_ref(self) -> bool:

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import geffect_kernels as gk
+from geffect_kernels.catalog import resolve
 from formulas import IGNORE, kl, logprobs, objective, token_weight
 
 BACKENDS = ["oracle", "torch"]
@@ -122,7 +123,7 @@ def test_from_logprobs_matches_formula(name, shift):
     (g_got,), (g_exp,) = grads(got, [lp]), grads(expected, [lp])
     assert_close(g_got, g_exp, 1e-13)
     assert torch.all(g_got[~valid] == 0)
-    resolved = gk.catalog.resolve(name, HPARAMS[name])
+    resolved = resolve(name, HPARAMS[name])
     again = gk.unlearning_loss_from_logprobs(resolved, lp, y, ref_logprobs=ref, shift=shift)
     assert again.item() == got.item()
 
@@ -140,7 +141,7 @@ def test_from_logprobs_bad_input():
     with pytest.raises(ValueError, match="needs batched input"):
         gk.unlearning_loss_from_logprobs("simnpo", lp[0], labels[0])
     with pytest.raises(ValueError, match="already resolved"):
-        gk.unlearning_loss_from_logprobs(gk.catalog.resolve("wga", {}), lp, labels, alpha=2.0)
+        gk.unlearning_loss_from_logprobs(resolve("wga", {}), lp, labels, alpha=2.0)
     with pytest.raises(ValueError, match="unknown objective"):
         gk.unlearning_loss_from_logprobs("foo", lp, labels)
 

@@ -100,3 +100,33 @@ def test_cpp_refuses_an_unknown_code(code):
     assert torch.equal(coef, (labels != IGNORE).double())  # a known code runs: weight 1 where valid
     with pytest.raises(RuntimeError, match=f"unknown token-weight code {code}"):
         ext.row_weighted_loss(logits, None, labels, -lp.abs(), *args, code, 1.0, 1.0, 1.0, 0.0, one)
+
+
+@pytest.mark.parametrize("backend", ["oracle", "torch", "cpp_cpu", "triton"])
+@pytest.mark.parametrize("from_logits", [False, True])
+def test_a_token_objective_without_a_code_runs_on_every_backend(backend, from_logits, monkeypatch):
+    """An objective the kernels have no formula for: the backend's log-probabilities, its weights in torch."""
+    import geffect_kernels as gk
+    from geffect_kernels import catalog
+    import formulas
+
+    if backend == "cpp_cpu":
+        require_extension("cpu")
+    if backend == "triton" and not config.interpreting():
+        pytest.skip("CPU tensors run only under TRITON_INTERPRET=1")
+    monkeypatch.setitem(catalog.OBJECTIVES, "half_wga", catalog.Objective(
+        "half_wga", "mean_t p_t^½ ℓ_t", "a test", token_weight=lambda lp, ref, hp: torch.exp(0.5 * lp)))
+    dtype = torch.float32 if backend == "triton" else torch.float64
+    g = torch.Generator().manual_seed(7)
+    h = torch.randn(2, 7, 12, dtype=torch.float64, generator=g)
+    w = torch.randn(37, 12, dtype=torch.float64, generator=g) / 12 ** 0.5
+    y = torch.randint(0, 37, (2, 7), generator=g)
+    y[0, :3] = IGNORE
+    lp, valid = formulas.logprobs(h, w, y)
+    expected = (torch.exp(0.5 * lp) * lp * valid).sum() / valid.sum()
+    if from_logits:
+        got = gk.unlearning_loss_from_logits("half_wga", (h @ w.T).to(dtype), y, backend=backend)
+    else:
+        got = gk.unlearning_loss("half_wga", h.to(dtype), w.to(dtype), y, backend=backend)
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    assert abs(got.item() - expected.item()) <= tol * abs(expected.item())

@@ -109,6 +109,8 @@ class _CsrcBackend(Backend):
         return token_logprobs(_Logprobs(self.ext, opts), hidden, weight, bias, labels)
 
     def weighted_loss(self, hidden, weight, bias, labels, ref_logprobs, opts):
+        if opts.weighting.code is None:  # no kernel formula: the kernels' log-probabilities, torch's weights
+            return super().weighted_loss(hidden, weight, bias, labels, ref_logprobs, opts)
         ext = self.ext
         weighting = _weighting_args(opts, hidden.device)
 
@@ -153,6 +155,8 @@ class _CsrcBackend(Backend):
         return token_logprobs(_Logprobs(self.ext, opts), logits, labels)
 
     def weighted_loss_from_logits(self, logits, labels, ref_logprobs, opts):
+        if opts.weighting.code is None:
+            return super().weighted_loss_from_logits(logits, labels, ref_logprobs, opts)
         ext = self.ext
 
         def compute(wanted, logits):

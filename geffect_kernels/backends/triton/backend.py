@@ -55,6 +55,8 @@ class TritonBackend(Backend):
 
     @_on_inputs_device
     def weighted_loss(self, hidden, weight, bias, labels, ref_logprobs, opts):
+        if opts.weighting.code is None:  # no kernel formula: the kernels' log-probabilities, torch's weights
+            return super().weighted_loss(hidden, weight, bias, labels, ref_logprobs, opts)
         return weighted_head_loss(_rowmajor(hidden), _rowmajor(weight), _rowmajor(bias), labels.contiguous(),
                                   _float32(ref_logprobs), opts)
 
@@ -75,6 +77,8 @@ class TritonBackend(Backend):
 
     @_on_inputs_device
     def weighted_loss_from_logits(self, logits, labels, ref_logprobs, opts):
+        if opts.weighting.code is None:
+            return super().weighted_loss_from_logits(logits, labels, ref_logprobs, opts)
         # a row-major copy made here cannot be the caller's buffer: in place only without one
         return logits_weighted_loss(_rowmajor(logits), labels.contiguous(), _float32(ref_logprobs), opts)
 
