@@ -192,7 +192,8 @@ def _train_settings(args):
     return files, list(objectives), values
 
 
-EVAL_ONLY_FLAGS = ("retain_eval_set", "holdout", "retain_model", "retain_eval", "eval_size", "real_authors", "world")
+EVAL_ONLY_FLAGS = ("retain_eval_set", "holdout", "retain_model", "retain_eval", "eval_size", "real_authors", "world",
+                   "muse")
 
 
 def _eval_plan(args, forget_pairs, retain_pairs):
@@ -214,7 +215,7 @@ def _eval_plan(args, forget_pairs, retain_pairs):
     return EvalPlan.from_files(forget_pairs, retain_pairs, retain_eval_set=args.retain_eval_set,
                                real_authors=args.real_authors, world=args.world, holdout=args.holdout,
                                size=args.eval_size, max_new_tokens=args.max_new_tokens,
-                               retain_model=args.retain_model, retain_eval=args.retain_eval)
+                               retain_model=args.retain_model, retain_eval=args.retain_eval, muse=args.muse)
 
 
 def _write_result(out: Path, name: str, value) -> None:
@@ -563,6 +564,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "results/retain_model_eval.json, or TOFU's eval_log_forget.json)")
     p.add_argument("--eval-size", type=int, metavar="N",
                    help="for --eval: score the first N items of each set (TOFU scores 300; default: all)")
+    p.add_argument("--muse", metavar="DIR", help="for --eval: MUSE's verbmem, knowmem and privleak on a corpus folder "
+                                                 "in MUSE's layout (verbmem/, knowmem/, privleak/)")
     p.add_argument("--max-new-tokens", type=int,
                    help=f"greedy generation length for --eval's ROUGE-L, at most the model's positions after the "
                         f"prompt (default: {MAX_NEW_TOKENS}, as TOFU)")

@@ -46,6 +46,15 @@ def tofu(tmp_path_factory):
     pq.write_table(pa.Table.from_pylist([{"question": p.question, "answer": p.answer,
                                           "perturbed_answer": list(p.perturbed_answers)} for p in data.world[:5]]),
                    root / "world_facts_perturbed" / "train-00000-of-00001.parquet")
+    muse = root / "muse"
+    for part in ("verbmem", "knowmem", "privleak"):
+        (muse / part).mkdir(parents=True)
+    (muse / "verbmem" / "forget.json").write_text(json.dumps([{"prompt": p.question, "gt": p.answer}
+                                                              for p in data.forget[:3]]))
+    (muse / "knowmem" / "forget_qa.json").write_text(json.dumps([{"question": p.question, "answer": p.answer}
+                                                                 for p in data.forget[3:6]]))
+    (muse / "privleak" / "forget.json").write_text(json.dumps([p.answer for p in data.forget[:5]]))
+    (muse / "privleak" / "holdout.json").write_text(json.dumps([p.answer for p in data.holdout[:5]]))
     return root
 
 
@@ -69,7 +78,7 @@ def test_retain_model_gives_forget_quality_and_privleak_on_tofus_files(capsys, t
                                     "--holdout", tofu / "holdout10.json", "--retain-eval-set",
                                     tofu / "retain_perturbed.json", "--real-authors",
                                     tofu / "real_authors_perturbed.json", "--world", tofu / "world_facts_perturbed",
-                                    "--eval-size", 4)
+                                    "--eval-size", 4, "--muse", tofu / "muse")
     assert "missing" not in summary, summary.get("missing")
     assert {len(per_sample[s]["probability"]) for s in ("forget", "retain", "real_authors", "world")} == {4}
     assert len(per_sample["holdout"]["mia_loss"]) == 4 and "model_utility" in summary
@@ -83,6 +92,15 @@ def test_retain_model_gives_forget_quality_and_privleak_on_tofus_files(capsys, t
     muse = 1 - summary["mia_auc"]["min_k"]
     muse_retain = 1 - _auc(reference["forget"]["mia_min_k"], reference["holdout"]["mia_min_k"])
     assert summary["privleak"] == pytest.approx((muse - muse_retain) / muse_retain * 100)
+    # MUSE's files alongside: privleak against the retain model's scores on the same texts
+    muse = (summary["muse"], per_sample["muse"], reference["muse_privleak"])
+    assert {"verbmem_f", "knowmem_f", "privleak"} <= set(muse[0]) and "knowmem_r" in muse[0]["missing"]
+    auc = _auc(muse[1]["privleak"]["forget"]["mia_min_k"], muse[1]["privleak"]["holdout"]["mia_min_k"])
+    muse_retain = 1 - _auc(muse[2]["forget"]["mia_min_k"], muse[2]["holdout"]["mia_min_k"])
+    assert muse[0]["privleak"] == pytest.approx(((1 - auc) - muse_retain) / muse_retain * 100)
+    assert len(muse[1]["privleak"]["forget"]["mia_loss"]) == 4  # --eval-size applies to MUSE's parts too
+    report = (tmp_path / "a" / "report.md").read_text()
+    assert "## MUSE" in report and "- muse knowmem\\_r not computed for ga: no knowmem/retain\\_qa." in report
     # the saved evaluation stands in for the model, with the same numbers
     again, _, _ = _train(capsys, tofu, tmp_path / "b", "--retain-eval", tmp_path / "a" / "results" /
                          "retain_model_eval.json", "--holdout", tofu / "holdout10.json", "--eval-size", 4)

@@ -57,8 +57,8 @@ def greedy_answers(model, tokenizer, questions, *, max_new_tokens=200, batch_siz
 
 
 @torch.no_grad()
-def greedy_continuations(model, tokenizer, prompts, *, max_new_tokens=200, batch_size=64) -> list[str]:
-    """Greedy continuations of token-id prompts, decoded without special tokens and stripped; a continuation
+def greedy_continuations(model, tokenizer, prompts, *, max_new_tokens=200, batch_size=64, strip=True) -> list[str]:
+    """Greedy continuations of token-id prompts, decoded without special tokens (and stripped); a continuation
     stops at the model's last position (``config.max_position_embeddings``) when that comes before
     ``max_new_tokens``."""
     pad = _pad_id(tokenizer)
@@ -79,4 +79,4 @@ def greedy_continuations(model, tokenizer, prompts, *, max_new_tokens=200, batch
                                    do_sample=False, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id,
                                    synced_gpus=is_sharded(model))
         texts += tokenizer.batch_decode(generated[:, width:], skip_special_tokens=True)
-    return [t.strip() for t in texts]
+    return [t.strip() for t in texts] if strip else texts

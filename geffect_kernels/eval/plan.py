@@ -1,11 +1,12 @@
-"""What ``geffect train --eval`` scores, decided before any model loads: the sets (forget, utility, holdout),
-how many items of each (``--eval-size``, TOFU's ``ds_size``: the first N), and the retain model's reference
+"""What ``geffect train --eval`` scores, decided before any model loads: the sets (forget, utility, holdout, a MUSE
+corpus), how many items of each (``--eval-size``, TOFU's ``ds_size``: the first N), and the retain model's reference
 (``--retain-model`` evaluated here, or ``--retain-eval`` read from a file)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
 from ..data import load_qa
+from .muse import MuseData, evaluate_muse, load_muse, privleak_scores
 from .retain_reference import RetainReference, from_per_sample, read_retain_reference
 from .tofu import evaluate_model, score_memorization, score_set
 
@@ -21,10 +22,11 @@ class EvalPlan:
     max_new_tokens: int | None = None
     retain_model: str | None = None  # a model folder to evaluate on the same forget (and holdout) set
     reference: RetainReference | None = None
+    muse: MuseData | None = None
 
     @classmethod
     def from_files(cls, forget, retain=None, *, retain_eval_set=None, real_authors=None, world=None, holdout=None,
-                   size=None, max_new_tokens=None, retain_model=None, retain_eval=None) -> EvalPlan:
+                   size=None, max_new_tokens=None, retain_model=None, retain_eval=None, muse=None) -> EvalPlan:
         """Pairs already loaded (``forget``, ``retain``) and file paths for the rest; ValueError on bad input."""
         if size is not None and size < 1:
             raise ValueError(f"--eval-size must be a positive integer, got {size}")
@@ -35,7 +37,8 @@ class EvalPlan:
         utility = load_qa(retain_eval_set) if retain_eval_set else retain
         return cls(first(forget), first(utility), first(load_qa(real_authors) if real_authors else None),
                    first(load_qa(world) if world else None), first(load_qa(holdout) if holdout else None), size,
-                   max_new_tokens, str(retain_model) if retain_model else None, reference)
+                   max_new_tokens, str(retain_model) if retain_model else None, reference,
+                   load_muse(muse) if muse else None)
 
     def _kwargs(self):
         return {"max_new_tokens": self.max_new_tokens} if self.max_new_tokens else {}
@@ -49,6 +52,10 @@ class EvalPlan:
             per_sample = {"forget": score_set(model, tokenizer, self.forget, generate=False, memorization=True)}
             if self.holdout:
                 per_sample["holdout"] = score_memorization(model, tokenizer, self.holdout)
+            if self.muse:
+                muse = privleak_scores(model, tokenizer, self.muse, size=self.size)
+                if muse:
+                    per_sample["muse_privleak"] = muse
         finally:
             model.train(was_training)
         return replace(self, reference=from_per_sample(per_sample, f"retain model {source}")), per_sample
@@ -59,6 +66,10 @@ class EvalPlan:
                                              real_authors=self.real_authors, holdout=self.holdout,
                                              **(self.reference.as_kwargs() if self.reference else {}),
                                              **self._kwargs())
+        if self.muse:
+            summary["muse"], per_sample["muse"] = evaluate_muse(
+                model, tokenizer, self.muse, size=self.size,
+                retain_model_mia_auc=self.reference.muse_mia_auc if self.reference else None)
         if self.reference:
             summary["retain_reference"] = self.reference.source
         return summary, per_sample

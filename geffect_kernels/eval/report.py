@@ -194,12 +194,12 @@ def _observations(runs, histories, trajectories):
 
 
 def flat_summary(summary) -> dict:
-    """A summary's numbers as one flat mapping: ``mia_auc`` as ``mia_auc_<attack>``; reasons (``missing``) and
-    anything else that is not a number left out."""
+    """A summary's numbers as one flat mapping: ``mia_auc`` as ``mia_auc_<attack>``, ``muse`` as ``muse_<metric>``;
+    reasons (``missing``) and anything else that is not a number left out."""
     out = {}
     for key, value in summary.items():
         if isinstance(value, dict) and key != "missing":
-            out.update({f"{key}_{k}": v for k, v in value.items() if isinstance(v, (int, float))})
+            out.update({f"{key}_{k}": v for k, v in flat_summary(value).items()})
         elif isinstance(value, (int, float)) and not isinstance(value, bool):
             out[key] = value
     return out
@@ -217,11 +217,13 @@ def _missing_lines(raw):
     """One bullet per metric that some model lacks, with the reason its summary gives."""
     reasons = {}
     for name, summary in raw.items():
-        for metric, why in (summary.get("missing") or {}).items():
-            reasons.setdefault((metric, why), []).append(markdown(split_run_name(name)[0]))
-    return [f"- {markdown(metric.replace('_', ' '))} not computed for {', '.join(dict.fromkeys(models))}: "
-            f"{markdown(why)}."
-            for (metric, why), models in reasons.items()]
+        labels = [(metric.replace("_", " "), why) for metric, why in (summary.get("missing") or {}).items()]
+        labels += [(f"{key} {metric}", why) for key, part in summary.items() if isinstance(part, dict)
+                   for metric, why in (part.get("missing") or {}).items()]  # e.g. "muse knowmem_r"
+        for label in labels:
+            reasons.setdefault(label, []).append(markdown(split_run_name(name)[0]))
+    return [f"- {markdown(label)} not computed for {', '.join(dict.fromkeys(models))}: {markdown(why)}."
+            for (label, why), models in reasons.items()]
 
 
 def _summary_section(raw, results):
@@ -231,7 +233,8 @@ def _summary_section(raw, results):
     extra = [k for s in summaries.values() for k in s if k not in SUMMARY_COLUMNS + PRIVACY_COLUMNS]
     columns = [c for c in [*SUMMARY_COLUMNS, *dict.fromkeys(extra), *PRIVACY_COLUMNS]
                if any(c in s for s in summaries.values())]
-    tofu_columns = [c for c in columns if c not in PRIVACY_COLUMNS]
+    muse_columns = [c for c in columns if c.startswith("muse_")]
+    tofu_columns = [c for c in columns if c not in PRIVACY_COLUMNS and c not in muse_columns]
     privacy_columns = [c for c in columns if c in PRIVACY_COLUMNS]
     means = [{"model": model, "seeds": len(names),
               **{c: float(np.mean([summaries[n][c] for n in names if c in summaries[n]]))
@@ -260,6 +263,12 @@ def _summary_section(raw, results):
                   "min-k% AUC (k = 0.4), relative to the retain-only model: near 0 is what retraining gives, "
                   "negative means the forget set still looks memorized. Exact memorization and extraction strength: "
                   "open-unlearning's, from the teacher-forced argmax on the forget answers. Details: "
+                  "docs/evaluation.md.", ""]
+    if muse_columns:
+        lines += ["## MUSE", ""]
+        lines += _table(summaries, muse_columns, groups)
+        lines += ["", "MUSE's metrics on its corpus files (× 100 for verbmem and knowmem: mean ROUGE-L F1 of greedy "
+                  "continuations and few-shot answers); privleak and AUCs on its privleak texts as above. Details: "
                   "docs/evaluation.md.", ""]
     missing = _missing_lines(raw)
     if missing:

@@ -6,6 +6,7 @@ Saved evaluations read:
 - this project's per-sample evaluation of one model (``{"forget": {"truth_ratio": [...], "mia_loss": [...], ...},
   "holdout": {...}}``, what ``geffect train --eval --retain-model`` writes to ``results/retain_model_eval.json``),
   or a file of several (``{name: per-sample}``, the demo's ``results/per_sample.json``: its ``retain_only``);
+  with ``muse_privleak`` (scores on MUSE's privleak texts) where the evaluation had ``--muse``;
 - TOFU's ``eval_log_forget.json`` (``avg_paraphrased_loss`` and ``average_perturb_loss`` per index; truth ratio
   exp(paraphrased loss − mean perturbed loss), as ``aggregate_eval_stat.get_forget_quality`` computes it), or an
   ``eval_log_aggregated.json`` holding it under that name. TOFU's logs carry no membership scores.
@@ -13,12 +14,13 @@ Saved evaluations read:
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
 from .membership import ATTACKS, mia_auc
+from .muse import privleak_auc
 
 RETAIN_NAMES = ("retain_only", "retain_model", "retain")  # what a file of several models calls the retain model
 
@@ -29,12 +31,13 @@ class RetainReference:
     forget_truth_ratios: list | None = None
     mia_auc: dict | None = None
     missing: dict = field(default_factory=dict)  # metric -> why it cannot be computed against this reference
+    muse_mia_auc: dict | None = None  # on MUSE's privleak forget and holdout texts
 
     def truncated(self, size: int | None) -> RetainReference:
         """The reference on the first ``size`` forget items, as the evaluation scores them."""
         if size is None or self.forget_truth_ratios is None:
             return self
-        return RetainReference(self.source, self.forget_truth_ratios[:size], self.mia_auc, self.missing)
+        return replace(self, forget_truth_ratios=self.forget_truth_ratios[:size])
 
     def as_kwargs(self) -> dict:
         return {"retain_model_forget_ratios": self.forget_truth_ratios, "retain_model_mia_auc": self.mia_auc,
@@ -54,7 +57,9 @@ def from_per_sample(per_sample: dict, source: str) -> RetainReference:
         auc = mia_auc(scores, {name: holdout[f"mia_{name}"] for name in ATTACKS if f"mia_{name}" in holdout})
     else:
         missing["privleak"] = f"{source} has no membership scores on a forget and a holdout set"
-    return RetainReference(source, None if ratios is None else [float(r) for r in ratios], auc, missing)
+    muse = per_sample.get("muse_privleak")
+    return RetainReference(source, None if ratios is None else [float(r) for r in ratios], auc, missing,
+                           privleak_auc(muse) if muse else None)
 
 
 def _tofu_ratios(log: dict, path) -> list:
