@@ -153,3 +153,17 @@ def test_bad_eval_flags_fail_before_training(capsys, tofu, tmp_path, extra, mess
                        "--retain", tofu / "retain90.json", "--steps", 1, "--out", tmp_path / "o", *extra)
     assert code == 1 and message in err, err
     assert not (tmp_path / "o").exists()
+
+
+def test_summary_files_are_checked_at_every_depth():
+    from geffect_kernels.eval.run_files import check_summaries
+    good = {"ga": {"forget_quality": 0.5, "mia_auc": {"loss": 0.6}, "retain_reference": "retain model m",
+                   "muse": {"verbmem_f": 12.0, "mia_auc": {"min_k": 0.5}, "missing": {"knowmem_r": "why"}},
+                   "missing": {"privleak": "why"}}}
+    assert check_summaries(good, "s.json") == good
+    with pytest.raises(ValueError, match="ga.muse.mia_auc.min_k must be a number"):
+        check_summaries({"ga": {"muse": {"mia_auc": {"min_k": "high"}}}}, "s.json")
+    with pytest.raises(ValueError, match="ga.muse.missing must map metrics to reasons"):
+        check_summaries({"ga": {"muse": {"missing": {"knowmem_r": 3}}}}, "s.json")
+    with pytest.raises(ValueError, match="ga.retain_reference must be text"):
+        check_summaries({"ga": {"retain_reference": 1.0}}, "s.json")

@@ -51,20 +51,30 @@ def read_json(path, default=None):
         raise ValueError(f"{path}: not JSON ({type(err).__name__}: {str(err).splitlines()[0]})") from None
 
 
+TEXT_METRICS = ("retain_reference",)  # where a summary's reference numbers came from
+
+
+def _check_metrics(metrics, what, source):
+    for key, value in metrics.items():
+        if key == "missing":
+            if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
+                raise ValueError(f"{source}: {what}.missing must map metrics to reasons")
+        elif key in TEXT_METRICS:
+            if not isinstance(value, str):
+                raise ValueError(f"{source}: {what}.{key} must be text")
+        elif isinstance(value, dict):
+            _check_metrics(value, f"{what}.{key}", source)
+        else:
+            check_number(value, f"{what}.{key}", source, optional=True)
+
+
 def check_summaries(summaries, source) -> dict:
-    """``{run name: {metric: number or None or {name: number}}}``; a metric's ``missing`` reasons are text."""
+    """``{run name: {metric: number or None or {name: ...}}}``, nested as deep as a summary goes (``mia_auc``,
+    ``muse``); ``missing`` reasons and ``retain_reference`` are text."""
     if not isinstance(summaries, dict) or not all(isinstance(s, dict) for s in summaries.values()):
         raise ValueError(f"{source}: must map each model's name to its metrics")
     for name, summary in summaries.items():
-        for key, value in summary.items():
-            if key == "missing":
-                if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
-                    raise ValueError(f"{source}: {name}.missing must map metrics to reasons")
-            elif isinstance(value, dict):
-                for sub, number in value.items():
-                    check_number(number, f"{name}.{key}.{sub}", source, optional=True)
-            else:
-                check_number(value, f"{name}.{key}", source, optional=True)
+        _check_metrics(summary, name, source)
     return summaries
 
 
