@@ -272,7 +272,8 @@ def cmd_train(args):
     world = args.nproc or world_size()
     for config in configs.values():  # before anything runs or is written
         check_world(world, config, forget_pairs, retain_pairs if config.uses_retain else None)
-        check_resume(config.out_dir, world, args.allow_reshard)
+        if resume is not False:  # --overwrite: the checkpoint is replaced, whoever wrote it
+            check_resume(config.out_dir, world, args.allow_reshard)
     if world > 1 and any(c.guidance == "instance" for c in configs.values()):
         raise CLIError("--guidance instance runs in one process only; --guidance rectify runs sharded")
     if world > 1:
@@ -303,7 +304,7 @@ def cmd_train(args):
                        base_path=files["model"], seed=config.seed) if args.lora_r else None
         if world > 1:
             result = distributed.train_sharded(files["model"], forget, retain, config, device=device, wrap=lora,
-                                               allow_reshard=args.allow_reshard)
+                                               resume=resume, allow_reshard=args.allow_reshard)
         else:
             model = copy.deepcopy(start)
             result = train(lora(model) if lora else model, forget, retain, config, resume=resume)

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from geffect_kernels.data import demo_data, encode_pairs, qa_texts, train_tokenizer
-from geffect_kernels.train import (TrainConfig, TrainingDiverged, batch_indices, load_checkpoint, tiny_llama, train,
-                                   warmup_linear_decay)
+from geffect_kernels.train import (Run, TrainConfig, TrainingDiverged, batch_indices, load_checkpoint, run_steps,
+                                   tiny_llama, train, warmup_linear_decay)
 from geffect_kernels.train.checkpoint import atomic_write_text
 
 
@@ -72,6 +72,39 @@ def test_resume_after_interruption_equals_uninterrupted_run(setup, tmp_path):
     logged = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in logged] == list(range(1, 7))
     assert (tmp_path / "b" / "model" / "config.json").is_file()
+
+
+class Recording(Run):
+    """A `Run` that records what `run_steps` asks of its extension points and changes nothing."""
+
+    def __init__(self, *args):
+        self.seen = {"micro": [], "checkpoints": [], "reference": 0}
+        super().__init__(*args)
+
+    def micro_step_losses(self, micro):
+        self.seen["micro"].append(micro)
+        return super().micro_step_losses(micro)
+
+    def reference_logprobs(self, indices, width):
+        self.seen["reference"] += 1
+        return super().reference_logprobs(indices, width)
+
+    def write_checkpoint(self, number):
+        self.seen["checkpoints"].append(number)
+        super().write_checkpoint(number)
+
+
+def test_run_and_run_steps_are_train_and_a_subclass_plugs_in(setup, tmp_path):
+    tokenizer, forget, retain = setup
+    expected = train(model_of(tokenizer), forget, retain, config(tmp_path / "a", steps=5))
+    run = Recording(model_of(tokenizer), forget, retain, config(tmp_path / "b", steps=5))
+    run.resume(None)
+    run_steps(run)
+    got = run.finish()
+    untimed = lambda metrics: [{k: v for k, v in m.items() if k != "seconds"} for m in metrics]
+    assert untimed(got.metrics) == untimed(expected.metrics) and len(got.metrics) == 5
+    assert run.seen == {"micro": list(range(10)), "checkpoints": [2, 4, 5], "reference": 10}  # grad_accum 2
+    assert load_checkpoint(tmp_path / "b")["step"] == 5 and (tmp_path / "b" / "model").is_dir()
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(setup, tmp_path):

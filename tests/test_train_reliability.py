@@ -88,8 +88,12 @@ def test_extending_steps_continues_on_the_new_schedule(setup, tmp_path):
 def test_overwrite_starts_over(setup, tmp_path):
     tokenizer, forget, retain = setup
     train(model_of(tokenizer), forget, retain, config(tmp_path, steps=2, lr=1e-2))
+    sharded = tmp_path / "checkpoint"  # what a sharded run at another world size left: it goes too
+    (sharded / "step-2").mkdir(parents=True)
+    (sharded / "latest.json").write_text('{"step": 2, "world_size": 2}')
     again = train(model_of(tokenizer), forget, retain, config(tmp_path, steps=2), resume=False)
     assert again.resumed_from == 0 and [m["step"] for m in again.metrics] == [1, 2]
+    assert not sharded.exists()
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["lr"] for line in lines] == [m["lr"] for m in again.metrics]
     assert load_checkpoint(tmp_path)["settings"]["lr"] == 1e-3

@@ -19,7 +19,8 @@ from ..atomic_files import atomic_write as atomic_write
 from ..atomic_files import atomic_write_json as atomic_write_json
 from ..atomic_files import atomic_write_text as atomic_write_text
 
-CHECKPOINT = "checkpoint.pt"
+CHECKPOINT = "checkpoint.pt"  # one process's checkpoint: one file
+SHARDED_CHECKPOINTS = "checkpoint"  # a sharded run's: a folder per step and latest.json (`distributed`)
 KEYS = ("step", "model", "optimizer", "rng", "settings")  # what every checkpoint holds
 
 
@@ -55,7 +56,7 @@ def check_own_folder(folder) -> None:
     if not any((folder / name).exists() or (folder / name).is_symlink() for name in RUN_FOLDERS):
         return
     if (folder / CHECKPOINT).is_file() or (folder / "metrics.jsonl").is_file() or \
-            (folder / "checkpoint" / "latest.json").is_file() or _has_objective(folder / "config.json"):
+            (folder / SHARDED_CHECKPOINTS / "latest.json").is_file() or _has_objective(folder / "config.json"):
         return
     raise ValueError(f"{folder} holds a model/ that no geffect run wrote there: move it or choose another --out "
                      f"(nothing was removed)")

@@ -32,10 +32,11 @@ import torch
 import torch.distributed as dist
 
 from .. import hf
+from ..catalog import IGNORE_INDEX
 from ..data_parallel import mean_part, objective_part, rank_rows
 from ..geffect.sharded import reshard
 from ..objectives import OBJECTIVES
-from .checkpoint import CHECKPOINT, atomic_write_json
+from .checkpoint import CHECKPOINT, SHARDED_CHECKPOINTS, atomic_write_json
 from .frozen_model import AdaptersDisabled, is_lora
 from .gradient_checkpointing import checkpointing
 from .hf_shards import load_sharded, save_sharded
@@ -43,7 +44,7 @@ from .loop import Run, TrainResult, check_inputs, run_steps
 from .presets import resolve as resolve_preset
 from .run_lock import run_lock
 
-CHECKPOINTS = "checkpoint"
+CHECKPOINTS = SHARDED_CHECKPOINTS
 LATEST = "latest.json"
 
 
@@ -164,8 +165,14 @@ class ShardedRun(Run):
 
     def kl_retain_loss(self, batch):
         local = super().kl_retain_loss(batch)
-        part, value = mean_part(local, int((hf.batch_labels(batch)[:, 1:] != -100).sum()))
+        part, value = mean_part(local, int((hf.batch_labels(batch)[:, 1:] != IGNORE_INDEX).sum()))
         return _valued(part, value)
+
+    def evaluate(self, evaluate):
+        try:
+            return super().evaluate(evaluate)
+        finally:
+            reshard(self.model)  # the root keeps its gathered parameters after a forward without backward
 
     def sync(self):
         dist.barrier()
@@ -221,9 +228,6 @@ class ShardedRun(Run):
             torch.set_rng_state(rng["rng"])
             if rng["cuda_rng"] is not None:
                 torch.cuda.set_rng_state(rng["cuda_rng"])
-
-    def remove_checkpoints(self):
-        shutil.rmtree(self.out / CHECKPOINTS, ignore_errors=True)
 
     def save_model(self, folder):
         save_sharded(self.model, folder)

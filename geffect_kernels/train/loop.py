@@ -35,8 +35,8 @@ from ..geffect import GEffectHistory, GEffectProfiler
 from ..guidance import step as guided
 from ..guidance.stop import fired, parse_stop_when
 from ..objectives import OBJECTIVES
-from .checkpoint import (CHECKPOINT, atomic_write_json, atomic_write_text, check_own_folder, load_checkpoint,
-                         remove_orphans, save_checkpoint)
+from .checkpoint import (CHECKPOINT, SHARDED_CHECKPOINTS, atomic_write_json, atomic_write_text, check_own_folder,
+                         load_checkpoint, remove_orphans, save_checkpoint)
 from .frozen_model import StartingLogprobs, kl_reference
 from .gradient_checkpointing import checkpointing
 from .losses import NonFiniteLoss, kl_retain_loss, objective_loss
@@ -382,7 +382,9 @@ class Run:
             torch.cuda.set_rng_state_all(state["cuda_rng"])
 
     def remove_checkpoints(self):
+        """Starting over: the folder's checkpoints of either kind (one process's or a sharded run's) go."""
         (self.out / CHECKPOINT).unlink(missing_ok=True)
+        shutil.rmtree(self.out / SHARDED_CHECKPOINTS, ignore_errors=True)
 
     def finish(self) -> TrainResult:
         """The trained model into ``out/model`` (written beside it, then renamed) and the G-effect history."""

@@ -1,4 +1,4 @@
-"""`geffect demo`: the whole experiment, offline, on a CPU, in a few minutes.
+"""`geffect demo`: the whole experiment, offline, on a CPU (its report says how long it took, and on what).
 
 1. Generate the demo data (fictitious authors, real authors, world facts) and train a tokenizer on it.
 2. Fine-tune a tiny Llama on every fictitious author plus the general knowledge (real authors, world facts):
