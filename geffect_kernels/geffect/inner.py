@@ -17,8 +17,8 @@ A gradient is held per parameter as a list of *uses*, each one call of a layer i
 Each is a `Use` and carries its own operations: ``row_dots(other)``, each of its rows' share of
 ⟨∇_self, ∇_other⟩ (float64) against a dense gradient or another use of the same parameter (the Gram form, or
 the sparse rows of embeddings); ``dense(n_samples, shape)``, its dense gradient per sample (the projection form's
-factor); and, where its rows are samples' rows, ``split`` (a stacked batch's side) and ``scale_rows``. A new kind
-of use is one class.
+factor); where its rows are samples' rows, ``split`` (a stacked batch's side) and ``scale_rows``; and the costs
+`products` weighs the forms by (``gram_flops``, ``dense_flops``). A new kind of use is one class.
 The module functions `row_dots`, `sample_dense` and `sample_rows` take dense gradients too (`products` picks the
 form per parameter).
 """
@@ -74,6 +74,15 @@ class Use:
         """The same kind of use with row i times ``factor[i]`` (one more buffer of rows)."""
         raise TypeError(f"cannot scale a {type(self).__name__} use by samples")
 
+    def gram_flops(self, other: Use) -> int:
+        """Flops of `row_dots` against ``other`` (another use of the parameter) in the Gram or sparse form, for
+        `products`' cost model."""
+        raise TypeError(f"no Gram-form cost for {type(self).__name__} against {type(other).__name__}")
+
+    def dense_flops(self, numel: int) -> int:
+        """Flops of materializing the dense gradient (``numel`` elements), for `products`' cost model."""
+        raise TypeError(f"no materialization cost for a {type(self).__name__} use")
+
     def _per_sample(self, n_samples: int) -> int:
         return self.n_rows // n_samples
 
@@ -112,6 +121,14 @@ class Factored(Use):
 
     def scale_rows(self, factor):
         return Factored(self.left * factor.to(self.left.dtype).unsqueeze(1), self.right)
+
+    def gram_flops(self, other):
+        if isinstance(other, Factored):
+            return 2 * self.n_rows * other.n_rows * (self.left.shape[1] + self.right.shape[1])
+        return other.gram_flops(self)
+
+    def dense_flops(self, numel):
+        return 2 * self.n_rows * self.left.shape[1] * self.right.shape[1]
 
 
 @dataclass
@@ -153,6 +170,12 @@ class Gathered(Use):
 
     def scale_rows(self, factor):
         return Gathered(self.ids, self.rows * factor.to(self.rows.dtype).unsqueeze(1))
+
+    def gram_flops(self, other):  # the other's rows against this use's distinct rows
+        return 2 * (self.n_rows + other.n_rows) * self.rows.shape[1]
+
+    def dense_flops(self, numel):  # scatter the rows into a zeroed buffer
+        return self.rows.numel() + numel
 
 
 @dataclass

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .inner import Factored, Gathered, HeadRows, SampleGrads, SampleScaled, Summed, dense_dot, row_dots, sample_dense
+from .inner import Gathered, HeadRows, SampleGrads, SampleScaled, Summed, dense_dot, row_dots, sample_dense
 
 # Largest per-sample materialized gradient (elements) of one parameter: B × p × q.
 SAMPLE_ELEMENTS = 1 << 28
@@ -62,17 +62,7 @@ def _base(use):
 
 
 def _pair_gram_flops(a, b):
-    a, b = _base(a), _base(b)
-    if isinstance(a, Factored) and isinstance(b, Factored):
-        return 2 * a.n_rows * b.n_rows * (a.left.shape[1] + a.right.shape[1])
-    width = (a.rows if isinstance(a, Gathered) else b.rows).shape[1]
-    return 2 * (a.n_rows + b.n_rows) * width
-
-
-def _materialize_flops(use, numel):
-    if isinstance(use, Factored):
-        return 2 * use.n_rows * use.left.shape[1] * use.right.shape[1]
-    return use.rows.numel() + numel  # Gathered: scatter the rows into a zeroed buffer
+    return _base(a).gram_flops(_base(b))
 
 
 def _distinct_pairs(parts, pairs):
@@ -90,7 +80,7 @@ def _costs(parts: dict, pairs, numel: int, per_sample: dict) -> dict:
     """Gram and projection flops of a parameter whose uses are Factored (and Gathered, tied embeddings)."""
     gram = sum(_pair_gram_flops(ua, ub) for ua, ub in _distinct_pairs(parts, pairs))
     held, _ = _holding(parts, list(parts), per_sample, numel)
-    projection = sum(_materialize_flops(_base(base), numel) for base, _ in held.values())
+    projection = sum(_base(base).dense_flops(numel) for base, _ in held.values())
     n_rows = sum(n for _, n in held.values())
     projection += 2 * numel * n_rows * len({b for _, b in pairs})  # a block of rows against each b
     if any(n * numel > SAMPLE_ELEMENTS for n in per_sample.values()):
