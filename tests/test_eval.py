@@ -151,3 +151,13 @@ def test_summary_names_what_it_could_not_compute_and_gives_mia_and_privleak(tiny
     assert summary["privleak"] == pytest.approx(expected)
     assert len(per_sample["holdout"]["mia_loss"]) == 5
     assert summary["forget_exact_memorization"] == pytest.approx(np.mean(per_sample["forget"]["exact_memorization"]))
+
+
+def test_privleak_against_a_retain_model_with_nothing_to_divide_by_is_reported():
+    from geffect_kernels.eval import summarize
+    forget = {"probability": [0.5, 0.4], "mia_loss": [1.0, 2.0], "mia_min_k": [1.0, 2.0]}
+    holdout = {"mia_loss": [3.0, 4.0], "mia_min_k": [3.0, 4.0]}
+    summary = summarize(forget, holdout=holdout, retain_model_mia_auc={"min_k": 1.0})
+    assert summary["mia_auc"] == {"loss": 1.0, "min_k": 1.0} and "undefined" in summary["missing"]["privleak"]
+    summary = summarize(forget, holdout={**holdout, "mia_loss": [float("nan"), 1.0]})
+    assert "NaN" in summary["missing"]["mia_auc"] and "mia_auc" not in summary

@@ -171,16 +171,21 @@ def evaluate_muse(model, tokenizer, data: MuseData, *, retain_model_mia_auc=None
             else:
                 missing[key] = f"no knowmem/{'forget' if key == 'knowmem_f' else 'retain'}_qa"
         scores = privleak_scores(model, tokenizer, data, size=size)
-        if scores is not None:
-            per_sample["privleak"] = scores
-            summary["mia_auc"] = privleak_auc(scores)
-            if retain_model_mia_auc is not None:
-                summary["privleak"] = privleak(summary["mia_auc"][PRIVLEAK_ATTACK],
-                                               retain_model_mia_auc[PRIVLEAK_ATTACK])
-            else:
-                missing["privleak"] = "no retain model's MUSE AUC was given"
-        else:
+        if scores is None:
             missing["mia_auc"] = missing["privleak"] = "no privleak/forget and privleak/holdout texts"
+        else:
+            per_sample["privleak"] = scores
+            try:
+                summary["mia_auc"] = privleak_auc(scores)
+                if retain_model_mia_auc is None:
+                    missing["privleak"] = "no retain model's MUSE AUC was given"
+                else:
+                    summary["privleak"] = privleak(summary["mia_auc"][PRIVLEAK_ATTACK],
+                                                   retain_model_mia_auc[PRIVLEAK_ATTACK])
+            except ValueError as err:  # NaN scores, or a retain model's AUC that leaves nothing to divide by
+                if "mia_auc" not in summary:
+                    missing["mia_auc"] = str(err)
+                missing["privleak"] = str(err)
     finally:
         model.train(was_training)
     if missing:

@@ -171,11 +171,19 @@ def summarize(forget, retain=None, world=None, *, real_authors=None, holdout=Non
     if holdout is None:
         missing["mia_auc"] = missing["privleak"] = NO_HOLDOUT
     else:
-        summary["mia_auc"] = mia_auc(_attack_scores(forget), _attack_scores(holdout))
-        if retain_model_mia_auc is None or PRIVLEAK_ATTACK not in retain_model_mia_auc:
+        try:
+            summary["mia_auc"] = mia_auc(_attack_scores(forget), _attack_scores(holdout))
+        except ValueError as err:  # NaN scores of a diverged model: reported, not fatal after a finished run
+            missing["mia_auc"] = missing["privleak"] = str(err)
+    if "mia_auc" in summary:
+        reference = (retain_model_mia_auc or {}).get(PRIVLEAK_ATTACK)
+        if reference is None:
             missing["privleak"] = (retain_model_missing or {}).get("privleak", NO_RETAIN_MODEL)
         else:
-            summary["privleak"] = privleak(summary["mia_auc"][PRIVLEAK_ATTACK], retain_model_mia_auc[PRIVLEAK_ATTACK])
+            try:
+                summary["privleak"] = privleak(summary["mia_auc"][PRIVLEAK_ATTACK], reference)
+            except ValueError as err:  # the retain model's own AUC leaves nothing to divide by
+                missing["privleak"] = str(err)
     if missing:
         summary["missing"] = missing
     return summary
