@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..train.checkpoint import atomic_write_text
+from ..atomic_files import atomic_write_text
 from .run_files import (check_name, check_number, check_summaries, check_timing, check_trajectories, folder_inside,
                         markdown, read_json, save_figure, write_csv, write_json)
 

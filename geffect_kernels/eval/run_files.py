@@ -15,7 +15,7 @@ import json
 import re
 from pathlib import Path
 
-from ..train.checkpoint import atomic_write, atomic_write_text
+from ..atomic_files import atomic_write, atomic_write_text
 
 SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,99}")
 _MARKDOWN_SPECIAL = re.compile(r"([\\`*_{}\[\]<>()#+!|~-])")
