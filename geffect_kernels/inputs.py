@@ -127,7 +127,8 @@ def prepare_rows(rows, labels, *, feature_name, ignore_index, shift, vocab_size,
     if shift:  # Hugging Face convention: position t predicts label t+1
         rows, labels = rows[..., :-1, :], labels[..., 1:]
     out_shape = labels.shape
-    return Prepared(rows.reshape(-1, rows.shape[-1]), labels.reshape(-1).long(), out_shape,
+    # contiguous: a strided view (every other label) flattens to a strided vector, which the kernels do not take
+    return Prepared(rows.reshape(-1, rows.shape[-1]), labels.reshape(-1).long().contiguous(), out_shape,
                     check_values=check_values)
 
 
