@@ -14,6 +14,7 @@ of `measure_unlearning` are the `unlearning` pass's; a sharded model's measureme
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 
 import torch
@@ -77,7 +78,10 @@ class GEffectProfiler:
             loss = fn(self.model)
         if not isinstance(loss, torch.Tensor) or loss.numel() != 1 or not loss.requires_grad:
             raise ValueError(f"the {what} must return a scalar tensor that depends on the model's parameters")
-        return capture.gradient(loss.reshape(())), float(loss.detach())
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            raise ValueError(f"the {what} is {value} at these parameters: no G-effect to measure")
+        return capture.gradient(loss.reshape(())), value
 
     # -- the structured fast path ---------------------------------------------------------------------
     def measure_unlearning(self, objective: str, forget_batch, retain_batch=None, *, ref_logprobs=None,
@@ -144,6 +148,9 @@ class GEffectProfiler:
                 for group, value in group_sums.items():
                     by_group.setdefault(group, {})[risk] = value
                 total[risk] = sum(group_sums.values())
+                if not math.isfinite(total[risk]):  # finite losses, yet a gradient holds NaN or inf
+                    raise ValueError(f"the G-effect of the {result_name} on risk {risk!r} is {total[risk]}: a "
+                                     f"gradient holds NaN or inf at these parameters")
                 instance[risk] = instance[risk].tolist()
             loss_values = losses if a == OBJECTIVE else {"objective": losses[a]}
             results[result_name] = GEffectResult(total, by_group, instance if a in per_sample else None,
