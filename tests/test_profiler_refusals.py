@@ -36,3 +36,21 @@ def test_nan_reference_logprobs_are_refused_without_check_values(objective):
     ref[1, 3] = float("nan")  # one answer token of the second sample
     with pytest.raises(ValueError, match=r"'objective': nan.*no G-effect to measure"):
         GEffectProfiler(model).measure_unlearning(objective, forget, retain, ref_logprobs=ref)
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_reentrant_gradient_checkpointing_is_refused_in_one_line(lora):
+    from geffect_kernels.train.lora import add_lora
+
+    model = tiny_model("llama")
+    if lora:
+        model = add_lora(model, r=2, targets=["q_proj", "v_proj"])
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    model.train()
+    with pytest.raises(ValueError, match=r"reentrant gradient checkpointing.*use_reentrant': False"):
+        GEffectProfiler(model).measure_unlearning("ga", batch(), batch(seed=2))
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    checkpointed = GEffectProfiler(model).measure_unlearning("ga", batch(), batch(seed=2))
+    model.gradient_checkpointing_disable()
+    plain = GEffectProfiler(model).measure_unlearning("ga", batch(), batch(seed=2))
+    assert checkpointed.total == pytest.approx(plain.total, rel=1e-10)

@@ -62,6 +62,7 @@ class GEffectProfiler:
                 or not all(callable(r) for r in risks.values()):
             raise TypeError("measure(objective, risks): objective is a callable fn(model) -> loss and risks a "
                             "non-empty dict of such callables")
+        _refuse_reentrant_checkpointing(self.model)
         if sharded.is_sharded(self.model):  # FSDP2: per-shard dot products of the reduce-scattered gradients
             _refuse_per_instance_when_sharded(per_instance)
             return sharded.measure(self, objective, risks)
@@ -100,6 +101,7 @@ class GEffectProfiler:
         ``per_instance=True`` adds values per forget sample.
         """
         objective = resolve(objective, hparams)  # once, and before any compute
+        _refuse_reentrant_checkpointing(self.model)
         retain_objective = "none" if retain_objective is None else retain_objective
         for name, batch in (("forget_batch", forget_batch), ("retain_batch", retain_batch)):
             if batch is not None:
@@ -203,3 +205,16 @@ def _batch_size(grad: FactoredGradient) -> int:
 def _parts(grad: FactoredGradient, name):
     """Parameter ``name``'s gradient as a list of parts that sum to it: a dense tensor and/or uses."""
     return ([grad.dense[name]] if name in grad.dense else []) + grad.uses.get(name, [])
+
+
+def _refuse_reentrant_checkpointing(model):
+    """ValueError when ``model`` would run reentrant gradient checkpointing (a Hugging Face module with it enabled,
+    in training mode): its blocks' backward runs inside a second backward the profiler's gradients cannot reach."""
+    for module in model.modules():
+        func = getattr(module, "_gradient_checkpointing_func", None)
+        if getattr(module, "gradient_checkpointing", False) and module.training and \
+                getattr(func, "keywords", {}).get("use_reentrant") is True:
+            raise ValueError("the model runs reentrant gradient checkpointing, which G-effects cannot be measured "
+                             "through: enable it non-reentrant, model.gradient_checkpointing_enable("
+                             "gradient_checkpointing_kwargs={'use_reentrant': False}) (the Hugging Face default), "
+                             "or measure in eval mode")
