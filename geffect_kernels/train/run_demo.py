@@ -177,7 +177,7 @@ def _run(out_dir, settings, quick, progress, echo):
             s = summaries[run]
             echo(f"{run}: forget quality {s['forget_quality']:.3g}, model utility {s['model_utility']:.3f}, "
                  f"forget probability {s['forget_probability']:.3f}, retain probability {s['retain_probability']:.3f}, "
-                 f"privleak {s['privleak']:.1f}")
+                 + (f"privleak {s['privleak']:.1f}" if "privleak" in s else f"privleak: {s['missing']['privleak']}"))
 
     results = out / "results"
     results.mkdir(parents=True, exist_ok=True)
