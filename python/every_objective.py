@@ -22,7 +22,7 @@ model.train()
 
 input_ids = torch.randint(0, config.vocab_size, (4, 32))
 batch = {"input_ids": input_ids, "labels": input_ids.clone()}
-batch["labels"][:, :8] = -100  # the prompt does not count; only the answer tokens are unlearned
+batch["labels"][:, :8] = gk.IGNORE_INDEX  # the prompt does not count; only the answer tokens are unlearned
 
 with torch.no_grad():
     ref_logprobs = hf.token_logprobs(reference, batch)  # [4, 31]: HF labels are shifted
@@ -37,7 +37,7 @@ for name in gk.OBJECTIVES:
     grad_norm = torch.sqrt(sum(p.grad.pow(2).sum() for p in model.parameters() if p.grad is not None))
     with torch.no_grad():
         logprobs = hf.token_logprobs(model, batch)
-    mask = batch["labels"][:, 1:] != -100
+    mask = batch["labels"][:, 1:] != gk.IGNORE_INDEX
     weights = gk.token_weights(name, logprobs, ref_logprobs if gk.OBJECTIVES[name].needs_ref else None, mask=mask)
     print(f"{name:<8} {loss.item():>10.4f} {grad_norm.item():>10.4f} {weights[mask].mean().item():>9.2e} {ms:>7.1f}")
 

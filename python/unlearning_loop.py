@@ -8,7 +8,7 @@ import sys
 
 import torch
 
-from geffect_kernels import hf
+from geffect_kernels import IGNORE_INDEX, hf
 from geffect_kernels.data import demo_data, encode_pairs, load_qa, qa_texts, train_tokenizer
 from geffect_kernels.geffect import GEffectHistory, GEffectProfiler
 from geffect_kernels.train import tiny_llama
@@ -48,7 +48,7 @@ for step in range(20):
 
 with torch.no_grad():
     after = hf.token_logprobs(model.eval(), forget_batch)
-valid = forget_batch["labels"][:, 1:] != -100
+valid = forget_batch["labels"][:, 1:] != IGNORE_INDEX
 print(f"forget-set mean token log-prob: {ref_logprobs[valid].mean():.3f} -> {after[valid].mean():.3f}")
 for step, result in zip(history.steps, history.results):
     print(f"step {step:2d}  e_forget {result.total['forget']:+.4g}  e_retain {result.total['retain']:+.4g}")

@@ -2,7 +2,7 @@
 
 A pair becomes ``<bos>Question: {q}\\nAnswer: {a}<eos>``. The prompt and the answer are tokenized
 separately and concatenated, so the boundary is exact whatever the tokenizer merges; labels copy the
-answer tokens (and the end-of-sequence token) and are -100 on the prompt and on padding. Labels are
+answer tokens (and the end-of-sequence token) and are `IGNORE_INDEX` on the prompt and on padding. Labels are
 aligned with ``input_ids`` (Hugging Face convention: the loss functions shift them).
 """
 from __future__ import annotations

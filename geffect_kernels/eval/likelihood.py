@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from .. import hf
+from ..catalog import IGNORE_INDEX
 from ..geffect.sharded import is_sharded
 from ..data.prompts import collate, encode_pair, prompt_ids
 from .membership import ATTACKS, attack_scores
@@ -28,7 +29,7 @@ def mean_answer_logprobs(model, tokenizer, questions, answers, *, batch_size=64)
     for start in range(0, len(examples), batch_size):
         batch = {k: v.to(_device(model)) for k, v in collate(examples[start:start + batch_size], pad).items()}
         logprobs = hf.token_logprobs(model, batch).double()
-        counts = (batch["labels"][:, 1:] != -100).sum(-1)
+        counts = (batch["labels"][:, 1:] != IGNORE_INDEX).sum(-1)
         out.append((logprobs.sum(-1) / counts.clamp_min(1)).cpu())
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
 

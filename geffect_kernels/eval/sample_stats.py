@@ -13,7 +13,8 @@ import numpy as np
 import torch
 
 from .. import hf
-from ..data.prompts import IGNORE_INDEX, collate
+from ..catalog import IGNORE_INDEX
+from ..data.prompts import collate
 from ..token_distribution import token_stats
 
 _CHUNK_ELEMENTS = 1 << 24  # logits held at once by the argmax pass (rows × vocabulary)
@@ -54,7 +55,8 @@ def head_stats(hidden, weight, labels, *, bias=None, softcap=None):
 
 @torch.no_grad()
 def sample_stats(model, examples, pad_id, *, batch_size=32) -> list[SampleStats]:
-    """`SampleStats` of each encoded example (``input_ids`` and ``labels`` lists, labels -100 where unscored)."""
+    """`SampleStats` of each encoded example (``input_ids`` and ``labels`` lists, labels `IGNORE_INDEX` where
+    unscored)."""
     device = next(model.parameters()).device
     out = []
     for start in range(0, len(examples), batch_size):

@@ -24,6 +24,7 @@ echo "== build.load('cuda') =="
 TORCH_EXTENSIONS_DIR="$WORK/ext" PYTHONPATH="$REPO" "$WORK/venv/bin/python" - <<'EOF'
 import torch
 from geffect_kernels.backends.cpp import build
+from geffect_kernels.catalog import IGNORE_INDEX
 
 print("torch", torch.__version__, "CUDA", torch.version.cuda)
 cuda, cpu = build.load("cuda", verbose=True), build.load("cpu")
@@ -31,8 +32,9 @@ assert cuda.has_cuda() and hasattr(cuda, "ghost_inner_product_cuda"), cuda
 # the CPU kernels of the cuda build are the CPU build's
 logits = torch.randn(6, 37, dtype=torch.float64)
 labels = torch.randint(0, 37, (6,))
-labels[2] = -100
-for a, b in zip(cuda.row_logprobs(logits, labels, -100, 0.0), cpu.row_logprobs(logits, labels, -100, 0.0)):
+labels[2] = IGNORE_INDEX
+for a, b in zip(cuda.row_logprobs(logits, labels, IGNORE_INDEX, 0.0),
+                cpu.row_logprobs(logits, labels, IGNORE_INDEX, 0.0)):
     assert torch.equal(a, b)
 print("OK:", cuda.__file__)
 EOF
