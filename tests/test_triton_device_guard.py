@@ -1,4 +1,4 @@
-"""Triton kernels launch on the inputs' GPU, not the current one (issue 10.8). Needs two GPUs."""
+"""Triton kernels launch on the inputs' GPU, not the current one. Needs two GPUs."""
 import pytest
 import torch
 

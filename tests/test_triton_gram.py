@@ -1,5 +1,5 @@
 """The Gram inner product on tensor cores (Triton; the interpreter on CPU) against float64, and the choice
-between it and the csrc kernel by measured time (issue 10.6)."""
+between it and the csrc kernel by measured time."""
 import pytest
 import torch
 

@@ -27,7 +27,7 @@ import numpy as np
 MIN_K = 0.4  # open-unlearning's and MUSE's k for min-k% and min-k%++
 ATTACKS = ("loss", "zlib", "min_k", "min_k++")
 PRIVLEAK_ATTACK = "min_k"  # MUSE's privleak: Min-40%
-VARIANCE_FLOOR = 1e-6
+VARIANCE_FLOOR = 1e-6  # keeps min-k%++'s σ_t above 0 where p_t is (numerically) one-hot
 
 
 def loss_score(logprobs) -> float:

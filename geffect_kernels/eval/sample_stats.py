@@ -17,7 +17,9 @@ from ..catalog import IGNORE_INDEX
 from ..data.prompts import collate
 from ..token_distribution import token_stats
 
-_CHUNK_ELEMENTS = 1 << 24  # logits held at once by the argmax pass (rows × vocabulary)
+# logits the argmax pass holds at once (rows × vocabulary): bounds its memory whatever the vocabulary; a larger
+# block only saves per-chunk matmul calls
+_CHUNK_ELEMENTS = 1 << 24
 
 
 @dataclass(frozen=True)
