@@ -108,8 +108,11 @@ def main():
     parser.add_argument("--tokens", default="64,256")
     parser.add_argument("--hidden", default="256,512")
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (one: a shared machine's load "
+                                                               "then disturbs every method alike)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "guidance_cost.csv"))
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     rows = []
     for hidden in map(int, args.hidden.split(",")):
         for tokens in map(int, args.tokens.split(",")):
