@@ -89,3 +89,18 @@ def test_run_names_carry_the_seed():
     assert split_run_name("wtnpo-seed12") == ("wtnpo", 12)
     assert split_run_name("target") == ("target", None)
     assert split_run_name("my-run") == ("my-run", None)
+
+
+def test_headline_gives_guided_variants_rows_and_one_verdict_line(tmp_path):
+    (tmp_path / "results").mkdir()
+    row = {"forget_quality": 0.5, "model_utility": 0.4, "forget_probability": 0.01, "retain_probability": 0.8}
+    (tmp_path / "results" / "summary.json").write_text(json.dumps(
+        {"ga-seed0": row, "ga+rectify-seed0": {**row, "retain_probability": 0.9}}))
+    (tmp_path / "results" / "observations.json").write_text(json.dumps(
+        {"a": "holds", "g ga+rectify": "holds", "g npo+instance": "does not hold"}))
+    lines = headline(tmp_path)
+    assert lines[1].startswith("ga+rectify: forget quality 0.500") and "retain probability 0.900" in lines[1]
+    assert lines[2].startswith("(a) ")
+    assert lines[3] == ("(g) G-effect guidance reaches its objective's forget level with less retain damage: "
+                        "ga+rectify holds; npo+instance does not hold")
+    assert len(lines) == 4

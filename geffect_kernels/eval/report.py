@@ -336,8 +336,10 @@ def headline(run_dir) -> list[str]:
                                       for key, label in shown)
              for model, names in _by_model(summaries).items() if model not in ("target", "retain_only")]
     note = quick_note(run_dir)
-    verdict_lines = [f"({letter}) {CLAIMS[letter]}: {v}" if letter in CLAIMS
-                     else f"(g) {letter[2:]}: {CLAIMS['g']}: {v}" for letter, v in verdicts.items()]
+    verdict_lines = [f"({letter}) {CLAIMS[letter]}: {v}" for letter, v in verdicts.items() if letter in CLAIMS]
+    guided = [f"{letter[2:]} {v}" for letter, v in verdicts.items() if letter.startswith("g ")]
+    if guided:  # one line for every guided variant
+        verdict_lines.append(f"(g) {CLAIMS['g']}: " + "; ".join(guided))
     return lines + verdict_lines + ([note] if note else [])
 
 
