@@ -43,8 +43,12 @@ def retain_gradient(model, b):
     return {n: torch.zeros_like(p) if g is None else g for (n, p), g in zip(params.items(), gs)}
 
 
+@pytest.mark.parametrize("held", [True, False], ids=["head-per-sample", "head-rows"])
 @pytest.mark.parametrize("objective", ["ga", "npo", "wga"])
-def test_geffects_and_weighted_gradient_match_autograd(objective):
+def test_geffects_and_weighted_gradient_match_autograd(objective, held, monkeypatch):
+    # the head's share: from its gradient held per sample, or (too large to hold) from its rows projected on r
+    from geffect_kernels.guidance import instance
+    monkeypatch.setattr(instance, "per_sample_fits", lambda *shape: held)
     model = tiny_model("llama")
     forget, retain = batch(batch_size=3, length=7, seed=11, prompt=2), batch(batch_size=2, length=9, seed=12)
     ref = None

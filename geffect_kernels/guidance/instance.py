@@ -12,13 +12,15 @@ unguided objective; the temperature τ (default `TEMPERATURE`) sets how hard dam
 τ → ∞ gives the unguided step, small τ keeps the least damaging samples only. Standardizing makes the weights
 independent of the G-effects' scale, which falls by orders of magnitude during unlearning.
 
-The e_s come from the training step's own passes, with no per-sample gradient (DESIGN §4): the decoder runs
-once with hooks recording each layer's inputs (`geffect.capture`), the head pass gives the log-probabilities
-and each token's hidden-state cotangent, one backward from the hidden states gives each layer's output
-gradients without forming any weight gradient, and each row's share of ⟨g, r⟩ against the dense retain
+The e_s come from the training step's own passes, with no per-sample gradient of the decoder (DESIGN §4): the
+decoder runs once with hooks recording each layer's inputs (`geffect.capture`), a pass over the head gives the
+log-probabilities and each token's hidden-state cotangent, one backward from the hidden states gives each layer's
+output gradients without forming any weight gradient, and each row's share of ⟨g, r⟩ against the dense retain
 gradient r (already in ``.grad`` from the retain term's backward) is one projection per layer
-(`inner.row_dots`). The weighted gradient is then formed from the same factors with each sample's rows
-scaled by w_s, the weight-gradient matmuls a plain backward would have run.
+(`inner.row_dots`). The weighted gradient is then formed from the same factors with each sample's rows scaled by
+w_s, the weight-gradient matmuls a plain backward would have run. The head's gradient is held per sample (B·V·H
+numbers, a second pass over the head, when it fits `head.per_sample_fits`; else its rows are projected on r and
+its weighted gradient is a third pass).
 """
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ from .. import hf
 from ..catalog import IGNORE_INDEX, resolve
 from ..geffect import products
 from ..geffect.capture import Capture
-from ..geffect.head import head_pass
+from ..geffect.head import head_projection_pass, per_sample_fits
 from ..geffect.inner import SampleScaled, row_dots, sample_dense
 from ..objectives import unlearning_loss_from_logprobs
 
@@ -60,7 +62,8 @@ class ForgetGEffects:
         labels = hf.batch_labels(batch)[:, 1:]
         valid = labels != IGNORE_INDEX
         self.samples = labels.shape[0]
-        gram = head_pass(head.weight, head.bias, head.softcap, {"forget": (hidden[:, :-1].detach(), labels, valid)})
+        gram = head_projection_pass(head.weight, head.bias, head.softcap,
+                                    {"forget": (hidden[:, :-1].detach(), labels, valid)}, {})
         logprobs = torch.zeros(labels.numel(), dtype=gram.logprobs["forget"].dtype, device=labels.device)
         logprobs = logprobs.index_copy_(0, gram.rows["forget"], gram.logprobs["forget"]).reshape(labels.shape)
         logprobs.requires_grad_()
@@ -82,6 +85,11 @@ class ForgetGEffects:
         names = {id(p): n for n, p in params.items()}
         self.head = {role: names[id(p)] for role, p in (("weight", head.weight), ("bias", head.bias))
                      if p is not None and id(p) in names}
+        self.head_per_sample = per_sample_fits(self.samples, *head.weight.shape)
+
+    def _head_gradient(self, role):
+        """The head's gradient per forget sample, ``[B, V, H]`` or ``[B, V]`` (one pass, both parts)."""
+        return self.gram.gradient("forget", self.coef, role, self.samples)
 
     def _per_sample(self, rows_values):
         return rows_values.reshape(self.samples, -1).sum(1)
@@ -97,8 +105,13 @@ class ForgetGEffects:
                         e += self._per_sample(row_dots(use, r)).cpu()
             for role, name in self.head.items():
                 r = retain_grads.get(name)
-                if r is not None:
-                    dense = r.to(self.gram.hidden["forget"].dtype)
+                if r is None:
+                    continue
+                dense = r.to(self.gram.hidden["forget"].dtype)
+                if self.head_per_sample:
+                    grads = self._head_gradient(role)
+                    e += torch.stack([(grads[s] * dense).sum(dtype=torch.float64) for s in range(self.samples)]).cpu()
+                else:
                     e += self._per_sample(self.gram.rows_against("forget", self.coef, role, dense)).cpu()
         return e
 
@@ -112,7 +125,12 @@ class ForgetGEffects:
                 for use in uses:
                     part = sample_dense(SampleScaled(use, w.to(self._device(use))).explicit(), 1, shape)[0]
                     out[name] = part if name not in out else out[name] + part
-            if self.head:
+            if self.head and self.head_per_sample:
+                for role, name in self.head.items():
+                    grads = self._head_gradient(role)
+                    part = (grads.reshape(self.samples, -1).t() @ w.to(grads.dtype)).reshape(grads.shape[1:])
+                    out[name] = part if name not in out else out[name] + part
+            elif self.head:
                 per_token = self.coef * w.to(self.coef.device, self.coef.dtype).repeat_interleave(
                     self.coef.numel() // self.samples)
                 for role, name in self.head.items():

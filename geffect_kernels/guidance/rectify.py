@@ -57,11 +57,23 @@ def group_products(objective_grads: Mapping, retain_grads: Mapping, group: Mappi
     device = next(iter(retain_grads.values())).device if retain_grads else "cpu"
     out = torch.zeros(len(names), 2, dtype=torch.float64, device=device)
     for name, g in objective_grads.items():
-        r = retain_grads[name].double()
+        r = retain_grads[name]
         row = out[index[group[name]]]
-        row[0] += (g.double() * r).sum()
-        row[1] += (r * r).sum()
+        row[0] += _dot(g, r)
+        row[1] += _dot(r, r)
     return names, out
+
+
+DOT_CHUNK = 1 << 16  # elements per BLAS dot product below float64: its round-off stays that of a short sum
+
+
+def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """⟨a, b⟩ as a float64 scalar: one dot product in float64; in lower precision, BLAS dot products over chunks
+    summed in float64 (a float64 copy of the gradients would cost more than the step's backward)."""
+    a, b = a.reshape(-1), b.reshape(-1)
+    if a.dtype == torch.float64 or a.numel() <= DOT_CHUNK:
+        return torch.dot(a.double(), b.double()) if a.dtype != torch.float64 else torch.dot(a, b)
+    return torch.stack([torch.dot(x, y) for x, y in zip(a.split(DOT_CHUNK), b.split(DOT_CHUNK))]).double().sum()
 
 
 def coefficients(products: torch.Tensor) -> torch.Tensor:
@@ -79,14 +91,15 @@ def apply_products(objective_grads: Mapping, retain_grads: Mapping, group: Mappi
     out = {}
     for name, g in objective_grads.items():
         c = coef[index[group[name]]]
-        out[name] = g if c == 0 else (g.double() - c * retain_grads[name].double()).to(g.dtype)
+        out[name] = g if c == 0 else g.add(retain_grads[name], alpha=-c)
     return out
 
 
 def rectify(objective_grads: Mapping[str, torch.Tensor], retain_grads: Mapping[str, torch.Tensor],
             groups: Mapping[str, str] | Callable[[str], str] | None = None) -> dict[str, torch.Tensor]:
     """The objective's gradients with, in every group where ⟨g, r⟩ < 0, the component along the retain risk's
-    gradient r removed: g − (⟨g, r⟩/‖r‖²) r (products and the update in float64; results in g's dtype).
+    gradient r removed: g − (⟨g, r⟩/‖r‖²) r (products summed in float64, the update in g's dtype: float64 gradients
+    give the float64 result).
 
     A pure function: ``objective_grads`` and ``retain_grads`` are dicts name -> tensor over the same names and
     shapes; ``groups`` maps a name to its group (a mapping or a callable; None: one group per layer, from the

@@ -56,10 +56,10 @@ def _retain_loss(run, micro):
 
 
 def _grads_taken(params):
-    """{name: local .grad} (zeros where none arrived), the parameters' .grad cleared."""
+    """{name: local .grad} (zeros where none arrived), the parameters' .grad cleared (handed over, not copied)."""
     out = {}
     for name, p in params.items():
-        out[name] = torch.zeros_like(_local(p.data)) if p.grad is None else _local(p.grad).clone()
+        out[name] = torch.zeros_like(_local(p.data)) if p.grad is None else _local(p.grad)
         p.grad = None
     return out
 
