@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from geffect_kernels.cli import main
+from geffect_kernels.train import launch
 
 from ranks import ROOT, rank_env, run_ranks
 from test_cli import make_workspace
@@ -139,6 +140,18 @@ def test_too_many_processes_and_another_world_size_are_one_line_errors(capsys, w
         assert code == 1 and err.count("\n") == 1, (extra, err)
         assert "written by 2 process(es)" in err or "between one process and several" in err, err
     # (--allow-reshard lets 2 -> 3 ranks through; 2 -> 1 never: one process keeps a single-file checkpoint)
+    assert {p: p.read_bytes() for p in two_ranks.rglob("*") if p.is_file()} == before
+
+
+def test_overwrite_launches_at_any_world_size(workspace, two_ranks, monkeypatch):
+    # the checkpoint is to be replaced: who wrote it does not matter (the ranks start over: test_distributed_loop)
+    launched = []
+    monkeypatch.setattr(launch, "launch", lambda argv, nproc: launched.append((argv, nproc)) or 0)
+    before = {p: p.read_bytes() for p in two_ranks.rglob("*") if p.is_file()}
+    with pytest.raises(SystemExit) as stop:
+        main([str(a) for a in train_args(workspace, two_ranks)] + ["--nproc", "3", "--overwrite"])
+    assert stop.value.code == 0 and len(launched) == 1
+    assert launched[0][1] == 3 and "--overwrite" in launched[0][0]
     assert {p: p.read_bytes() for p in two_ranks.rglob("*") if p.is_file()} == before
 
 
