@@ -22,7 +22,6 @@ The same loop as one process (`loop.run_steps`) on a `ShardedRun`, which differs
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from contextlib import nullcontext
@@ -36,16 +35,17 @@ from ..catalog import IGNORE_INDEX
 from ..data_parallel import mean_part, objective_part, rank_rows
 from ..geffect.sharded import reshard
 from ..objectives import OBJECTIVES
-from .checkpoint import CHECKPOINT, SHARDED_CHECKPOINTS, atomic_write_json
+from .checkpoint import CHECKPOINT, SHARDED_CHECKPOINTS, CheckpointError, atomic_write_json, remove_orphans
 from .frozen_model import AdaptersDisabled, is_lora
 from .gradient_checkpointing import checkpointing
 from .hf_shards import load_sharded, save_sharded
 from .loop import Run, TrainResult, check_inputs, run_steps
 from .presets import resolve as resolve_preset
 from .run_lock import run_lock
+from .sharded_checkpoint import (LATEST, load_shards, read_latest, read_loop_state, read_rng, write_loop_state,
+                                 write_rng)
 
 CHECKPOINTS = SHARDED_CHECKPOINTS
-LATEST = "latest.json"
 
 
 class WorldSizeChanged(ValueError):
@@ -74,9 +74,9 @@ def check_world(world: int, config, forget, retain=None):
 
 def saved_world_size(out_dir) -> int | None:
     """The number of processes that wrote the checkpoint in ``out_dir`` (1: `loop`'s), or None when none."""
-    latest = Path(out_dir) / CHECKPOINTS / LATEST
-    if latest.is_file():
-        return json.loads(latest.read_text())["world_size"]
+    info = read_latest(Path(out_dir) / CHECKPOINTS)
+    if info is not None:
+        return info["world_size"]
     return 1 if (Path(out_dir) / CHECKPOINT).is_file() else None
 
 
@@ -177,6 +177,22 @@ class ShardedRun(Run):
     def sync(self):
         dist.barrier()
 
+    def resume(self, resume):
+        """As `Run.resume`, after rank 0 cleared what a killed run left in ``checkpoint/``: a temporary
+        ``latest.json`` and step folders ``latest.json`` does not name (torn, or not yet removed)."""
+        root = self.out / CHECKPOINTS if self.out is not None else None
+        if self.writer and root is not None and root.is_dir():
+            remove_orphans(root, files=(LATEST,), folders=())
+            try:
+                keep = self.checkpoint_path((read_latest(root) or {}).get("step", 0))
+            except CheckpointError:
+                keep = None  # refused below, with its one line, unless starting over
+            if keep is not None:
+                for folder in root.glob("step-*"):
+                    if folder.is_dir() and not folder.is_symlink() and folder != keep:
+                        shutil.rmtree(folder)
+        super().resume(resume)
+
     def checkpoint_path(self, number) -> Path:
         return self.out / CHECKPOINTS / f"step-{number}"
 
@@ -190,44 +206,57 @@ class ShardedRun(Run):
             shutil.rmtree(step_dir, ignore_errors=True)  # a torn write of this step by an earlier, killed run
         dist.barrier()
         dcp.save(self._sharded_state(), checkpoint_id=str(step_dir))
-        torch.save({"rng": torch.get_rng_state(),
-                    "cuda_rng": torch.cuda.get_rng_state() if self.device.type == "cuda" else None},
-                   step_dir / f"rng-{self.rank}.pt")
+        write_rng(step_dir, self.rank, self.device)  # tensors and plain data only (`sharded_checkpoint`)
         if self.writer:
-            torch.save(self.loop_state(number), step_dir / "loop.pt")
+            write_loop_state(step_dir, self.loop_state(number))
         dist.barrier()  # every rank's files are on disk: now the step becomes the latest
         if self.writer:
-            previous = json.loads((root / LATEST).read_text())["step"] if (root / LATEST).is_file() else None
+            try:
+                previous = (read_latest(root) or {}).get("step")
+            except CheckpointError:
+                previous = None  # replaced now
             atomic_write_json(root / LATEST, {"step": number, "world_size": self.world})
             if previous is not None and previous != number:
                 shutil.rmtree(self.checkpoint_path(previous), ignore_errors=True)
 
     def read_checkpoint(self):
         """`loop_state` of the step ``latest.json`` names, with the world size that wrote it; None when none."""
-        latest = self.out / CHECKPOINTS / LATEST
-        if not latest.is_file():
+        info = read_latest(self.out / CHECKPOINTS)
+        if info is None:
             return None
-        info = json.loads(latest.read_text())
-        state = torch.load(self.checkpoint_path(info["step"]) / "loop.pt", weights_only=False)
-        return {**state, "world_size": info["world_size"]}
+        return {**read_loop_state(self.checkpoint_path(info["step"])), "step": info["step"],
+                "world_size": info["world_size"]}
 
     def restore(self, state):
         """The shards of the model and optimizer (resharded when the world size changed) and, at the same world
-        size, this rank's RNG state."""
-        import torch.distributed.checkpoint as dcp
+        size, this rank's RNG state; a file that cannot be read stops every rank with the same one line."""
         from torch.distributed.checkpoint.state_dict import set_state_dict
 
         step_dir = self.checkpoint_path(state["step"])
+        same_world = state["world_size"] == self.world
+        rng = self._on_every_rank(lambda: read_rng(step_dir, self.rank) if same_world else None)
         sharded = self._sharded_state()
-        dcp.load(sharded, checkpoint_id=str(step_dir))
+        load_shards(sharded, step_dir)
         set_state_dict(self.model, self.optimizer, model_state_dict=sharded["model"],
                        optim_state_dict=sharded["optimizer"])
-        rng_file = step_dir / f"rng-{self.rank}.pt"
-        if state["world_size"] == self.world and rng_file.is_file():
-            rng = torch.load(rng_file, weights_only=False)
+        if rng is not None:
             torch.set_rng_state(rng["rng"])
-            if rng["cuda_rng"] is not None:
+            if rng.get("cuda_rng") is not None:
                 torch.cuda.set_rng_state(rng["cuda_rng"])
+
+    def _on_every_rank(self, read):
+        """``read()`` on this rank; when it fails on any rank, every rank raises that rank's error (none is left
+        waiting in a collective for one that stopped)."""
+        try:
+            value, error = read(), None
+        except CheckpointError as err:
+            value, error = None, str(err)
+        errors = [None] * self.world
+        dist.all_gather_object(errors, error)
+        first = next((e for e in errors if e is not None), None)
+        if first is not None:
+            raise CheckpointError(first)
+        return value
 
     def save_model(self, folder):
         save_sharded(self.model, folder)
