@@ -1,9 +1,22 @@
-"""``geffect train --nproc N``: the same command under torchrun, N processes on this machine."""
+"""``geffect train --nproc N``: the same command under torchrun, N processes on this machine.
+
+torchrun and its ranks run in a process group of their own. Ctrl-C or SIGTERM to this launcher (what ``timeout``,
+systemd and Slurm send) goes to that whole group as SIGTERM, so every rank stops (each releases the run folder as
+one process does; the folder keeps its last complete checkpoint), and the launcher waits for them. Each rank's
+stderr goes to a log file; the launcher prints rank 0's, or on a failure the one ``geffect:`` line a rank printed
+(the first failing rank's), never torchrun's tracebacks.
+"""
 from __future__ import annotations
 
 import os
+import shutil
+import signal
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
+
+STOP_GRACE_SECONDS = 120  # after SIGTERM: how long the ranks get to stop before SIGKILL
 
 
 def world_size() -> int:
@@ -30,6 +43,66 @@ def without_nproc(argv: list[str]) -> list[str]:
 
 def launch(argv: list[str], nproc: int) -> int:
     """Run ``python -m geffect_kernels argv`` on ``nproc`` local processes (torchrun, a free port); its exit code."""
+    logs = Path(tempfile.mkdtemp(prefix="geffect-ranks-"))
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
-               "-m", "geffect_kernels", *without_nproc(argv)]
-    return subprocess.run(command, check=False).returncode
+               "--log-dir", str(logs), "--redirects", "2", "-m", "geffect_kernels", *without_nproc(argv)]
+    process = subprocess.Popen(command, start_new_session=True, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "GEFFECT_LAUNCHED": "1"})
+    stopped = None
+    try:
+        _, launcher_err = process.communicate()
+    except KeyboardInterrupt as signalled:  # Ctrl-C, or SIGTERM (raised the same way by `cli`)
+        stopped = signalled
+        _, launcher_err = _stop(process)
+    code = process.returncode
+    rank_errs = {rank: path.read_text(errors="replace") for rank, path in _rank_logs(logs).items()}
+    if stopped is not None:
+        shutil.rmtree(logs, ignore_errors=True)
+        raise stopped  # the caller says, once, how the run stopped
+    if code == 0:
+        sys.stderr.write(rank_errs.get(0, ""))
+        shutil.rmtree(logs, ignore_errors=True)
+        return 0
+    line = _one_line(rank_errs)
+    if line is None:
+        failed = next((rank for rank, text in sorted(rank_errs.items()) if "Traceback" in text), None)
+        line = (f"geffect: error: rank {failed} failed; its log: {logs}" if failed is not None else
+                f"geffect: error: torchrun ended with exit status {code} "
+                f"({(launcher_err.strip().splitlines() or ['no message'])[-1]})")
+    else:
+        shutil.rmtree(logs, ignore_errors=True)
+    print(line, file=sys.stderr)
+    return code if code > 0 else 128 - code
+
+
+def _stop(process):
+    """SIGTERM to torchrun's group (it and every rank), then wait; SIGKILL after `STOP_GRACE_SECONDS`."""
+    for sig in (signal.SIGINT, signal.SIGTERM):  # a second Ctrl-C while the ranks stop is not a traceback
+        signal.signal(sig, signal.SIG_IGN)
+    _signal_group(process.pid, signal.SIGTERM)
+    try:
+        return process.communicate(timeout=STOP_GRACE_SECONDS)
+    except subprocess.TimeoutExpired:
+        _signal_group(process.pid, signal.SIGKILL)
+        return process.communicate()
+
+
+def _signal_group(pid, sig):
+    try:
+        os.killpg(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def _rank_logs(logs: Path) -> dict[int, Path]:
+    """{local rank: its stderr log} under torchrun's ``--log-dir``."""
+    return {int(path.parent.name): path for path in logs.rglob("stderr.log") if path.parent.name.isdigit()}
+
+
+def _one_line(rank_errs: dict) -> str | None:
+    """The ``geffect:`` line of rank 0, else of the first rank that printed one."""
+    for _, text in sorted(rank_errs.items()):
+        lines = [line for line in text.splitlines() if line.startswith("geffect: ")]
+        if lines:
+            return lines[-1]
+    return None
