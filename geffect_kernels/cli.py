@@ -233,6 +233,7 @@ def cmd_train(args):
     from .eval.report import make_report
     from .train import TrainConfig, check_resumable, train
     from .train import distributed
+    from .train.checkpoint import check_own_folder
     from .train.distributed import check_resume, check_world
     from .train.launch import is_rank_zero, launch, world_size
     from .train.lora import add_lora
@@ -272,6 +273,7 @@ def cmd_train(args):
     world = args.nproc or world_size()
     for config in configs.values():  # before anything runs or is written
         check_world(world, config, forget_pairs, retain_pairs if config.uses_retain else None)
+        check_own_folder(config.out_dir)  # also before torchrun starts: nothing of anyone else's is removed
         if resume is not False:  # --overwrite: the checkpoint is replaced, whoever wrote it
             check_resume(config.out_dir, world, args.allow_reshard)
     if world > 1 and any(c.guidance == "instance" for c in configs.values()):
