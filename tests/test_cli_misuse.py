@@ -119,7 +119,8 @@ def test_overwrite_removes_only_what_a_run_wrote(capsys, workspace, tmp_path):
     strangers = out / "runs" / "ga"
     (strangers / "model").mkdir(parents=True)
     (strangers / "model" / "weights.bin").write_text("someone's")
-    for argv in (train_argv(workspace, out), train_argv(workspace, out, "--overwrite")):
+    for argv in (train_argv(workspace, out), train_argv(workspace, out, "--overwrite"),
+                 train_argv(workspace, out, "--overwrite", "--nproc", 2)):  # refused before torchrun starts
         err = one_line_error(capsys, *argv)
         assert "runs/ga holds a model/ that no geffect run wrote there" in err
     assert (strangers / "model" / "weights.bin").read_text() == "someone's"
