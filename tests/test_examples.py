@@ -1,12 +1,18 @@
-"""The example programs under python/ run as the README says and print what they promise, so they cannot rot.
-(python/sharded_geffects.py runs under torchrun in test_sharded_geffects.py.)"""
+"""The example programs under python/ run as the README says and print what they promise, so they cannot rot."""
+import ast
 import os
 import pathlib
 import re
 import subprocess
 import sys
 
-from geffect_kernels import OBJECTIVES
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from geffect_kernels import OBJECTIVES, hf
+from geffect_kernels.geffect import GEffectProfiler
+from ranks import run_ranks
 from test_cli import make_workspace
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -41,3 +47,22 @@ def test_profile_local_model_writes_its_csv_and_plot(tmp_path):
     assert (tmp_path / "out" / "profile.png").stat().st_size > 0
     header, *rows = (tmp_path / "out" / "profile.csv").read_text().splitlines()
     assert rows and all(name in "\n".join(rows) for name in ("ga", "npo", "wga", "tnpo", "wtnpo")), header
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_sharded_geffects_prints_one_process_geffects_on_rank_0():
+    rank0, rank1 = run_ranks([ROOT / "python" / "sharded_geffects.py"], world=2, timeout=300)
+    total, layer0 = map(ast.literal_eval, rank0.splitlines())
+    assert rank1 == ""
+    torch.manual_seed(0)  # the example's model and batches, unsharded in this process
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                         num_attention_heads=4)).eval()
+    forget = {"input_ids": torch.randint(0, 100, (6, 16))}
+    retain = {"input_ids": torch.randint(0, 100, (6, 16))}
+    with torch.no_grad():
+        ref = hf.token_logprobs(model, forget)
+    want = GEffectProfiler(model, groups="layer").measure_unlearning("npo", forget, retain, ref_logprobs=ref)
+    for got, expected in ((total, want.total), (layer0, want.by_group["layer.0"])):
+        assert got.keys() == expected.keys() == {"forget", "retain"}
+        for risk in got:  # float32 sums in another order on each rank
+            assert abs(got[risk] - expected[risk]) <= 1e-5 * abs(expected[risk]) + 1e-7 * abs(want.total["forget"])
