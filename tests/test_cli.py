@@ -2,25 +2,19 @@
 import json
 
 import pytest
-import torch
 
 from geffect_kernels.cli import main
-from geffect_kernels.data import demo_data, qa_texts, save_qa, train_tokenizer
+from geffect_kernels.data import save_qa
 from geffect_kernels.train import tiny_llama
+from demo_cases import tiny_demo
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_workspace(root):
     """A tiny model folder and TOFU files under ``root`` (the CLI tests' shared inputs)."""
-    data = demo_data(3, forget_fraction=0.34)
-    tokenizer = train_tokenizer(qa_texts(data.all_training), vocab_size=300)
+    data, tokenizer = tiny_demo()
     model = tiny_llama(tokenizer, hidden_size=32, layers=2, heads=2, intermediate_size=64)
     model.save_pretrained(root / "model")
     tokenizer.save_pretrained(root / "model")

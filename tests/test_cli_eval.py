@@ -4,7 +4,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 from scipy.stats import ks_2samp
 
 from geffect_kernels.data import QAPair, demo_data, qa_texts, save_qa, train_tokenizer
@@ -16,12 +15,7 @@ pa = pytest.importorskip("pyarrow")
 import pyarrow.parquet as pq  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

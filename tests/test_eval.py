@@ -5,10 +5,11 @@ import numpy as np
 import pytest
 import torch
 
-from geffect_kernels.data import QAPair, demo_data, qa_texts, train_tokenizer
+from geffect_kernels.data import QAPair
 from geffect_kernels.eval import (answer_probability, evaluate_model, forget_quality, greedy_answers, harmonic_mean,
                                   mean_answer_logprobs, rouge_l_recall, truth_ratio, truth_score)
 from geffect_kernels.train import tiny_llama
+from demo_cases import tiny_demo
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -16,8 +17,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def tiny():
-    data = demo_data(3, forget_fraction=0.34)
-    tokenizer = train_tokenizer(qa_texts(data.all_training), vocab_size=300)
+    data, tokenizer = tiny_demo()
     return data, tokenizer, tiny_llama(tokenizer, hidden_size=32, layers=2, heads=2, intermediate_size=64, seed=1)
 
 

@@ -3,19 +3,17 @@ reentrant checkpoint without input gradients does not do), and metrics and G-eff
 import pytest
 import torch
 
-from geffect_kernels.data import demo_data, encode_pairs, qa_texts, train_tokenizer
 from geffect_kernels.train import TrainConfig, tiny_llama, train
 from geffect_kernels.train import gradient_checkpointing
 from geffect_kernels.train.lora import add_lora
+from demo_cases import encoded_sets
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def setup():
-    data = demo_data(3, forget_fraction=0.34)
-    tokenizer = train_tokenizer(qa_texts(data.all_training), vocab_size=300)
-    return tokenizer, encode_pairs(tokenizer, data.forget), encode_pairs(tokenizer, data.retain)
+    return encoded_sets()
 
 
 def lora_model(tokenizer):

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from geffect_kernels import hf
-from geffect_kernels.data import demo_data, encode_pairs, qa_texts, train_tokenizer
 from geffect_kernels.train import TrainConfig, tiny_llama, train
 from geffect_kernels.train.schedule import batch_indices
 
+from demo_cases import encoded_sets
 from test_guidance_rectify import expected as rectified
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -18,9 +18,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def setup():
-    data = demo_data(3, forget_fraction=0.34)
-    tokenizer = train_tokenizer(qa_texts(data.all_training), vocab_size=300)
-    return tokenizer, encode_pairs(tokenizer, data.forget), encode_pairs(tokenizer, data.retain)
+    return encoded_sets()
 
 
 def model_of(tokenizer):

@@ -8,10 +8,11 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from geffect_kernels import hf
-from geffect_kernels.data import collate, demo_data, encode_pairs, qa_texts, train_tokenizer
+from geffect_kernels.data import collate
 from geffect_kernels.geffect import GEffectHistory, GEffectProfiler
 from geffect_kernels.hf_callback import GEffectCallback
 from geffect_kernels.train import tiny_llama
+from demo_cases import encoded_sets
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -20,9 +21,7 @@ STEPS, EVERY = 5, 2
 
 @pytest.fixture(scope="module")
 def setup():
-    data = demo_data(3, forget_fraction=0.34)
-    tokenizer = train_tokenizer(qa_texts(data.all_training), vocab_size=300)
-    forget, retain = encode_pairs(tokenizer, data.forget), encode_pairs(tokenizer, data.retain)
+    tokenizer, forget, retain = encoded_sets()
     return tokenizer, forget, retain, forget.batch(range(4)), retain.batch(range(4))
 
 

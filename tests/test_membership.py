@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from geffect_kernels.data import demo_data, encode_pair, qa_texts, train_tokenizer
+from geffect_kernels.data import encode_pair
 from geffect_kernels.eval import membership, memorization, sample_stats
 from geffect_kernels.eval.likelihood import memorization_scores
 from geffect_kernels.train import tiny_llama
+from demo_cases import tiny_demo
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -115,8 +116,7 @@ def test_extraction_strength_is_the_reproduced_suffix_share():
 
 
 def test_memorization_scores_of_a_model_match_its_logits():
-    data = demo_data(3, forget_fraction=0.34)
-    tokenizer = train_tokenizer(qa_texts(data.all_training), vocab_size=300)
+    data, tokenizer = tiny_demo()
     model = tiny_llama(tokenizer, hidden_size=32, layers=2, heads=2, intermediate_size=64, seed=1).eval()
     pairs = data.forget[:5]
     examples = [encode_pair(tokenizer, p.question, p.answer) for p in pairs]

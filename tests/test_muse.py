@@ -7,17 +7,17 @@ import numpy as np
 import pytest
 import torch
 
-from geffect_kernels.data import DataError, demo_data, qa_texts, train_tokenizer
+from geffect_kernels.data import DataError
 from geffect_kernels.eval.muse import evaluate_muse, load_muse
 from geffect_kernels.train import tiny_llama
+from demo_cases import tiny_demo
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def tiny():
-    data = demo_data(3, forget_fraction=0.34)
-    tokenizer = train_tokenizer(qa_texts(data.all_training), vocab_size=300)
+    data, tokenizer = tiny_demo()
     model = tiny_llama(tokenizer, hidden_size=32, layers=2, heads=2, intermediate_size=64, seed=2,
                        max_positions=512).eval()
     return data, tokenizer, model

@@ -7,10 +7,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from geffect_kernels.data import demo_data, encode_pairs, qa_texts, train_tokenizer
+from geffect_kernels.data import encode_pairs
 from geffect_kernels.train import TrainConfig, tiny_llama, train
 from geffect_kernels.train.losses import kl_retain_loss
 from geffect_kernels.train.presets import resolve
+from demo_cases import tiny_demo
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -67,8 +68,7 @@ def test_preset_resolves_epochs_warmup_and_the_learning_rate_of_the_model_family
 
 @pytest.fixture(scope="module")
 def tiny():
-    data = demo_data(3, forget_fraction=0.34)
-    tokenizer = train_tokenizer(qa_texts(data.all_training), vocab_size=300)
+    data, tokenizer = tiny_demo()
     return data, tokenizer
 
 

@@ -7,20 +7,18 @@ import pytest
 import torch
 
 from geffect_kernels import hf
-from geffect_kernels.data import demo_data, encode_pairs, qa_texts, train_tokenizer
 from geffect_kernels.train import TrainConfig, tiny_llama
 from geffect_kernels.train import frozen_model
 from geffect_kernels.train.lora import add_lora
 from geffect_kernels.train.loop import Run, run_steps
+from demo_cases import encoded_sets
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def setup():
-    data = demo_data(3, forget_fraction=0.34)
-    tokenizer = train_tokenizer(qa_texts(data.all_training), vocab_size=300)
-    return tokenizer, encode_pairs(tokenizer, data.forget), encode_pairs(tokenizer, data.retain)
+    return encoded_sets()
 
 
 class _PerBatchCache:

@@ -7,11 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from geffect_kernels.data import demo_data, encode_pairs, qa_texts, train_tokenizer
+from geffect_kernels.data import encode_pairs
 from geffect_kernels.eval.report import headline, make_report, split_run_name
 from geffect_kernels.train import TrainConfig, tiny_llama, train
 from geffect_kernels.train.demo_probes import NPOProbe, probability_probe
 from geffect_kernels.catalog import OBJECTIVES
+from demo_cases import tiny_demo
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -20,8 +21,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def two_seed_runs(tmp_path_factory):
     """ga and npo unlearned twice (seeds 0, 1) from one tiny model, with the demo's probes and G-effects."""
-    data = demo_data(3, forget_fraction=0.34)
-    tokenizer = train_tokenizer(qa_texts(data.all_training), vocab_size=300)
+    data, tokenizer = tiny_demo()
     forget, retain = encode_pairs(tokenizer, data.forget), encode_pairs(tokenizer, data.retain)
     start = tiny_llama(tokenizer, hidden_size=32, layers=2, heads=2, intermediate_size=64, seed=0)
     out = tmp_path_factory.mktemp("report")

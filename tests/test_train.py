@@ -5,10 +5,10 @@ import json
 import pytest
 import torch
 
-from geffect_kernels.data import demo_data, encode_pairs, qa_texts, train_tokenizer
 from geffect_kernels.train import (Run, TrainConfig, TrainingDiverged, batch_indices, load_checkpoint, run_steps,
                                    tiny_llama, train, warmup_linear_decay)
 from geffect_kernels.train.checkpoint import atomic_write_text
+from demo_cases import encoded_sets
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -16,9 +16,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def setup():
-    data = demo_data(3, forget_fraction=0.34)
-    tokenizer = train_tokenizer(qa_texts(data.all_training), vocab_size=300)
-    return tokenizer, encode_pairs(tokenizer, data.forget), encode_pairs(tokenizer, data.retain)
+    return encoded_sets()
 
 
 def model_of(tokenizer):
