@@ -92,6 +92,16 @@ def test_auc_and_privleak_by_formula():
         membership.privleak(0.3, 1.0)
 
 
+def test_attack_columns_of_a_per_sample_file_feed_mia_auc():
+    rng = np.random.default_rng(6)
+    forget = {"mia_loss": list(rng.normal(size=5)), "mia_min_k": list(rng.normal(size=5)), "probability": [0.5] * 5}
+    holdout = {"mia_loss": list(rng.normal(size=4)), "mia_zlib": list(rng.normal(size=4))}
+    assert membership.attack_columns(forget) == {"loss": forget["mia_loss"], "min_k": forget["mia_min_k"]}
+    assert membership.attack_columns({"probability": [1.0]}) == {}
+    got = membership.mia_auc(membership.attack_columns(forget), membership.attack_columns(holdout))
+    assert got == {"loss": membership.auc(forget["mia_loss"], holdout["mia_loss"])}  # the attack both sets hold
+
+
 @pytest.mark.parametrize("hits, em, es", [
     ([1, 1, 1, 1, 0], 1.0, 1.0),  # the last (end-of-sequence) token is left out
     ([0, 1, 0, 1, 1, 1], 0.6, 0.4),  # suffix from position 3 of 5: 1 − 3/5

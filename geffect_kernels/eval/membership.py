@@ -79,6 +79,12 @@ def auc(forget_scores, holdout_scores) -> float:
     return float((greater + 0.5 * ties) / (forget.size * holdout.size))
 
 
+def attack_columns(per_sample: dict) -> dict:
+    """``{attack: per-sample scores}`` from the ``mia_<attack>`` lists of a per-sample evaluation (as
+    `likelihood.memorization_scores` writes them), for the attacks it holds."""
+    return {name: per_sample[f"mia_{name}"] for name in ATTACKS if f"mia_{name}" in per_sample}
+
+
 def mia_auc(forget_scores: dict, holdout_scores: dict) -> dict:
     """``{attack: AUC}`` from per-sample score lists of each attack on both sets."""
     return {name: auc(forget_scores[name], holdout_scores[name]) for name in ATTACKS
@@ -93,5 +99,5 @@ def privleak(model_auc: float, retain_model_auc: float) -> float:
     return (model - reference) / reference * 100
 
 
-__all__ = ["ATTACKS", "MIN_K", "PRIVLEAK_ATTACK", "attack_scores", "auc", "loss_score", "mia_auc",
+__all__ = ["ATTACKS", "MIN_K", "PRIVLEAK_ATTACK", "attack_columns", "attack_scores", "auc", "loss_score", "mia_auc",
            "min_k_plus_plus_score", "min_k_score", "privleak", "zlib_score"]

@@ -27,7 +27,7 @@ import numpy as np
 
 from ..data import DataError, encode_text, read_records
 from .likelihood import greedy_continuations, memorization_scores
-from .membership import ATTACKS, PRIVLEAK_ATTACK, mia_auc, privleak
+from .membership import PRIVLEAK_ATTACK, attack_columns, mia_auc, privleak
 
 VERBMEM_MAX_NEW_TOKENS = 128
 KNOWMEM_MAX_NEW_TOKENS = 32
@@ -147,8 +147,7 @@ def privleak_scores(model, tokenizer, data: MuseData, *, size=None) -> dict | No
 
 def privleak_auc(scores) -> dict:
     """``{attack: AUC}`` from `privleak_scores`."""
-    return mia_auc({a: scores["forget"][f"mia_{a}"] for a in ATTACKS},
-                   {a: scores["holdout"][f"mia_{a}"] for a in ATTACKS})
+    return mia_auc(attack_columns(scores["forget"]), attack_columns(scores["holdout"]))
 
 
 def evaluate_muse(model, tokenizer, data: MuseData, *, retain_model_mia_auc=None, size=None):

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .membership import ATTACKS, mia_auc
+from .membership import attack_columns, mia_auc
 from .muse import privleak_auc
 
 RETAIN_NAMES = ("retain_only", "retain_model", "retain")  # what a file of several models calls the retain model
@@ -52,9 +52,9 @@ def from_per_sample(per_sample: dict, source: str) -> RetainReference:
     if ratios is None:
         missing["forget_quality"] = f"{source} has no forget truth ratios (the forget set had no perturbed answers)"
     auc = None
-    scores = {name: forget[f"mia_{name}"] for name in ATTACKS if f"mia_{name}" in forget}
+    scores = attack_columns(forget)
     if holdout and scores:
-        auc = mia_auc(scores, {name: holdout[f"mia_{name}"] for name in ATTACKS if f"mia_{name}" in holdout})
+        auc = mia_auc(scores, attack_columns(holdout))
     else:
         missing["privleak"] = f"{source} has no membership scores on a forget and a holdout set"
     muse = per_sample.get("muse_privleak")

@@ -22,7 +22,7 @@ from scipy.stats import ks_2samp
 
 from ..data.prompts import encode_pair
 from .likelihood import greedy_answers, mean_answer_logprobs, memorization_scores
-from .membership import ATTACKS, PRIVLEAK_ATTACK, mia_auc, privleak
+from .membership import PRIVLEAK_ATTACK, attack_columns, mia_auc, privleak
 from .rouge import rouge_l_recall
 
 UTILITY_SETS = ("retain", "real_authors", "world")
@@ -172,7 +172,7 @@ def summarize(forget, retain=None, world=None, *, real_authors=None, holdout=Non
         missing["mia_auc"] = missing["privleak"] = NO_HOLDOUT
     else:
         try:
-            summary["mia_auc"] = mia_auc(_attack_scores(forget), _attack_scores(holdout))
+            summary["mia_auc"] = mia_auc(attack_columns(forget), attack_columns(holdout))
         except ValueError as err:  # NaN scores of a diverged model: reported, not fatal after a finished run
             missing["mia_auc"] = missing["privleak"] = str(err)
     if "mia_auc" in summary:
@@ -187,10 +187,6 @@ def summarize(forget, retain=None, world=None, *, real_authors=None, holdout=Non
     if missing:
         summary["missing"] = missing
     return summary
-
-
-def _attack_scores(scores) -> dict:
-    return {name: scores[f"mia_{name}"] for name in ATTACKS if f"mia_{name}" in scores}
 
 
 def evaluate_model(model, tokenizer, forget, retain=None, world=None, *, real_authors=None, holdout=None,
