@@ -1,7 +1,15 @@
 """``python -m geffect_kernels COMMAND ...`` (the ``geffect`` command), e.g. under
 ``torchrun --nproc-per-node N -m geffect_kernels train ...`` for a sharded run."""
+import os
 import sys
 
 from .cli import main
 
-sys.exit(main())
+code = main()
+if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    # A rank ends without the interpreter's finalization: gloo's worker threads, destroyed there, can abort a
+    # process that has finished its work (or stopped on a signal before destroying its group).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+sys.exit(code)
