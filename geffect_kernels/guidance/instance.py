@@ -33,6 +33,7 @@ from ..geffect.capture import Capture
 from ..geffect.head import head_projection_pass, per_sample_fits
 from ..geffect.inner import SampleScaled, row_dots, sample_dense
 from ..objectives import unlearning_loss_from_logprobs
+from .rectify import dot
 
 TEMPERATURE = 1.0
 
@@ -49,9 +50,11 @@ def sample_weights(geffects: torch.Tensor, temperature: float = TEMPERATURE) -> 
 
 class ForgetGEffects:
     """One forget batch's forward, head pass and unweighted backward: per-sample retaining G-effects against a
-    dense retain gradient (`geffects`), then the gradient of any per-sample weighting (`weighted_gradient`)."""
+    dense retain gradient (`geffects`), then the gradient of any per-sample weighting (`weighted_gradient`).
+    ``pool``: a `geffect.buffers.BufferPool` lending the head's V-sized buffers (kept from one step to the next,
+    reclaimed by the caller once this object's gradients are used)."""
 
-    def __init__(self, model, params: dict, batch, objective, ref_logprobs=None, hparams=None):
+    def __init__(self, model, params: dict, batch, objective, ref_logprobs=None, hparams=None, pool=None):
         objective = resolve(objective, hparams or {}) if isinstance(objective, str) else objective
         self.params, self.model = params, model
         self.device_types = {p.device.type for p in params.values()}
@@ -63,7 +66,7 @@ class ForgetGEffects:
         valid = labels != IGNORE_INDEX
         self.samples = labels.shape[0]
         gram = head_projection_pass(head.weight, head.bias, head.softcap,
-                                    {"forget": (hidden[:, :-1].detach(), labels, valid)}, {})
+                                    {"forget": (hidden[:, :-1].detach(), labels, valid)}, {}, pool=pool)
         logprobs = torch.zeros(labels.numel(), dtype=gram.logprobs["forget"].dtype, device=labels.device)
         logprobs = logprobs.index_copy_(0, gram.rows["forget"], gram.logprobs["forget"]).reshape(labels.shape)
         logprobs.requires_grad_()
@@ -110,7 +113,7 @@ class ForgetGEffects:
                 dense = r.to(self.gram.hidden["forget"].dtype)
                 if self.head_per_sample:
                     grads = self._head_gradient(role)
-                    e += torch.stack([(grads[s] * dense).sum(dtype=torch.float64) for s in range(self.samples)]).cpu()
+                    e += torch.stack([dot(grads[s], dense) for s in range(self.samples)]).cpu()
                 else:
                     e += self._per_sample(self.gram.rows_against("forget", self.coef, role, dense)).cpu()
         return e

@@ -59,15 +59,15 @@ def group_products(objective_grads: Mapping, retain_grads: Mapping, group: Mappi
     for name, g in objective_grads.items():
         r = retain_grads[name]
         row = out[index[group[name]]]
-        row[0] += _dot(g, r)
-        row[1] += _dot(r, r)
+        row[0] += dot(g, r)
+        row[1] += dot(r, r)
     return names, out
 
 
 DOT_CHUNK = 1 << 16  # elements per BLAS dot product below float64: its round-off stays that of a short sum
 
 
-def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """⟨a, b⟩ as a float64 scalar: one dot product in float64; in lower precision, BLAS dot products over chunks
     summed in float64 (a float64 copy of the gradients would cost more than the step's backward)."""
     a, b = a.reshape(-1), b.reshape(-1)

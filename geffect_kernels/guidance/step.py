@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from ..geffect.buffers import BufferPool
 from ..geffect.groups import layer_of, parameter_groups
 from .instance import ForgetGEffects, sample_weights
 from .rectify import rectify_sharded
@@ -22,6 +23,13 @@ def _local(t):
 def _autocast(run):
     # a context manager, or (`train.loop.Run`) a method that returns one
     return run.autocast if hasattr(run.autocast, "__enter__") else run.autocast()
+
+
+def _pool(run):
+    """The run's pool of the head's large CPU buffers, kept between steps (`geffect.buffers`)."""
+    if getattr(run, "guidance_buffers", None) is None:
+        run.guidance_buffers = BufferPool()
+    return run.guidance_buffers
 
 
 def _named_params(run):
@@ -106,18 +114,25 @@ def instance_gradients(run, step, temperature, non_finite=ArithmeticError) -> di
         sums["retain_loss"] += float(loss.detach()) / accum
     retain = {n: p.grad.detach().clone() for n, p in params.items() if p.grad is not None}
     low, high = float("inf"), float("-inf")
+    pool = _pool(run)
     for k in range(accum):
         batch, ref = run.forget_batch(step * accum + k)
-        with _autocast(run):
-            part = ForgetGEffects(run.model, params, batch, config.objective, ref_logprobs=ref, hparams=config.hparams)
-        _checked(part.loss, non_finite)
-        weights = sample_weights(part.geffects(retain), temperature)
-        low, high = min(low, float(weights.min())), max(high, float(weights.max()))
-        for name, g in part.weighted_gradient(weights).items():
-            p = params[name]
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            p.grad.add_(g, alpha=config.forget_weight / accum)
-        sums["forget_loss"] += float(part.loss) / accum
+        part = None
+        try:
+            with _autocast(run):
+                part = ForgetGEffects(run.model, params, batch, config.objective, ref_logprobs=ref,
+                                      hparams=config.hparams, pool=pool)
+            part_loss = _checked(part.loss, non_finite)
+            weights = sample_weights(part.geffects(retain), temperature)
+            low, high = min(low, float(weights.min())), max(high, float(weights.max()))
+            for name, g in part.weighted_gradient(weights).items():
+                p = params[name]
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                p.grad.add_(g, alpha=config.forget_weight / accum)
+        finally:
+            part = None  # its buffers go back to the pool
+            pool.reclaim()  # nothing of this micro-batch is left to hold them
+        sums["forget_loss"] += float(part_loss) / accum
     sums["loss"] = config.forget_weight * sums["forget_loss"] + config.retain_weight * sums["retain_loss"]
     return {**sums, "weight_min": low, "weight_max": high}
