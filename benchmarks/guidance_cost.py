@@ -114,18 +114,18 @@ def main():
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     rows = []
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     for hidden in map(int, args.hidden.split(",")):
         for tokens in map(int, args.tokens.split(",")):
             got = measure(hidden, tokens, args.rounds)
             for row in got:
                 print(f"H {hidden} T {tokens} {row['method']:9s} {row['ms_median']:8.1f} ms  "
-                      f"{row['vs_step_median']:.3f}x [{row['vs_step_min']:.3f}, {row['vs_step_max']:.3f}]")
+                      f"{row['vs_step_median']:.3f}x [{row['vs_step_min']:.3f}, {row['vs_step_max']:.3f}]", flush=True)
             rows += got
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    with open(args.out, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+            with open(args.out, "w", newline="") as f:  # after every configuration: a long sweep keeps what it measured
+                writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+                writer.writeheader()
+                writer.writerows(rows)
     print(f"wrote {args.out}")
 
 
