@@ -1,11 +1,13 @@
 """Data: TOFU-format loading and its errors, answer-only labels, the demo generator and tokenizer."""
+import copy
 import json
 
 import pytest
 import torch
 
 from geffect_kernels.data import (IGNORE_INDEX, DataError, QAPair, collate, demo_data, encode_pair, encode_pairs,
-                                  load_qa, qa_texts, save_qa, train_tokenizer)
+                                  load_qa, prompt_ids, qa_texts, save_qa, train_tokenizer)
+from geffect_kernels.data.prompts import padding_id, text_ids
 
 
 @pytest.fixture(scope="module")
@@ -59,6 +61,25 @@ def test_labels_cover_exactly_the_answer_and_eos(tokenizer):
     assert tokenizer.decode(answer) == " Ada Belholm was born in Redfern.</s>"
     prompt = tokenizer.decode([t for t, l in zip(ids, labels) if l == IGNORE_INDEX])
     assert prompt == "<s>Question: Where was Ada Belholm born?\nAnswer:"
+
+
+
+def test_text_ids_start_with_the_bos_token_only_where_there_is_one(tokenizer):
+    words = tokenizer("Ada wrote.", add_special_tokens=False)["input_ids"]
+    assert text_ids(tokenizer, "Ada wrote.") == [tokenizer.bos_token_id] + words
+    no_bos = copy.deepcopy(tokenizer)
+    no_bos.bos_token = None
+    assert no_bos.bos_token_id is None and text_ids(no_bos, "Ada wrote.") == words
+    assert tokenizer.decode(prompt_ids(tokenizer, "Who?")) == "<s>Question: Who?\nAnswer:"
+
+
+def test_padding_id_is_the_pad_token_else_the_eos_token(tokenizer):
+    assert padding_id(tokenizer) == tokenizer.pad_token_id != tokenizer.eos_token_id
+    no_pad = copy.deepcopy(tokenizer)
+    no_pad.pad_token = None
+    assert padding_id(no_pad) == tokenizer.eos_token_id
+    no_pad.eos_token = None
+    assert padding_id(no_pad) is None
 
 
 def test_collate_pads_right_and_ignores_padding(tokenizer):

@@ -18,10 +18,24 @@ def format_prompt(question: str) -> str:
     return f"Question: {question}\nAnswer:"
 
 
+def bos_ids(tokenizer) -> list[int]:
+    """``[bos_token_id]`` when the tokenizer has a BOS token, else ``[]``."""
+    return [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+
+
+def text_ids(tokenizer, text: str) -> list[int]:
+    """Token ids of ``text`` after the BOS token when the tokenizer has one (no EOS): what generation starts from."""
+    return bos_ids(tokenizer) + tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
 def prompt_ids(tokenizer, question: str) -> list[int]:
     """Token ids of the prompt (with the BOS token when the tokenizer has one): what generation starts from."""
-    ids = tokenizer(format_prompt(question), add_special_tokens=False)["input_ids"]
-    return ([tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []) + ids
+    return text_ids(tokenizer, format_prompt(question))
+
+
+def padding_id(tokenizer) -> int | None:
+    """The id batches are padded with: the pad token's, else the EOS token's (None when it has neither)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
 def encode_pair(tokenizer, question: str, answer: str, *, max_length: int | None = None) -> dict:
@@ -41,7 +55,7 @@ def encode_pair(tokenizer, question: str, answer: str, *, max_length: int | None
 def encode_text(tokenizer, text: str, *, max_length: int | None = None) -> dict:
     """A plain text scored whole (MUSE's privleak and verbmem texts): ``<bos>`` text ``<eos>``, every token
     after the BOS labeled."""
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    bos = bos_ids(tokenizer)
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     if tokenizer.eos_token_id is not None:
         ids = ids + [tokenizer.eos_token_id]
@@ -68,7 +82,7 @@ class EncodedSet:
 def encode_pairs(tokenizer, pairs, *, field: str = "answer", max_length: int | None = None) -> EncodedSet:
     """Encode every pair with the answer taken from ``field`` (``answer`` or ``paraphrased_answer``)."""
     examples = [encode_pair(tokenizer, p.question, getattr(p, field), max_length=max_length) for p in pairs]
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = padding_id(tokenizer)
     if pad is None:
         raise ValueError("the tokenizer has neither a pad nor an eos token")
     return EncodedSet(examples, pad)

@@ -8,7 +8,7 @@ import torch
 from .. import hf
 from ..catalog import IGNORE_INDEX
 from ..geffect.sharded import is_sharded
-from ..data.prompts import collate, encode_pair, prompt_ids
+from ..data.prompts import collate, encode_pair, padding_id, prompt_ids
 from .membership import ATTACKS, attack_scores
 from .memorization import exact_memorization, extraction_strength
 from .sample_stats import sample_stats
@@ -23,7 +23,7 @@ def mean_answer_logprobs(model, tokenizer, questions, answers, *, batch_size=64)
     """log P(a | q) / |a| for each pair: the mean log-probability of the answer tokens (and EOS)."""
     if len(questions) != len(answers):
         raise ValueError(f"{len(questions)} questions but {len(answers)} answers")
-    pad = _pad_id(tokenizer)
+    pad = padding_id(tokenizer)
     examples = [encode_pair(tokenizer, q, a) for q, a in zip(questions, answers)]
     out = []
     for start in range(0, len(examples), batch_size):
@@ -34,14 +34,10 @@ def mean_answer_logprobs(model, tokenizer, questions, answers, *, batch_size=64)
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
 
 
-def _pad_id(tokenizer):
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-
-
 def memorization_scores(model, tokenizer, examples, *, batch_size=32) -> dict:
     """Per-sample lists for encoded ``examples``: each membership attack's score (``mia_loss``, ``mia_zlib``,
     ``mia_min_k``, ``mia_min_k++``; see `membership`), ``exact_memorization`` and ``extraction_strength``."""
-    stats = sample_stats(model, examples, _pad_id(tokenizer), batch_size=batch_size)
+    stats = sample_stats(model, examples, padding_id(tokenizer), batch_size=batch_size)
     texts = tokenizer.batch_decode([s.target_ids for s in stats], skip_special_tokens=True)
     scores = [attack_scores(s, text) for s, text in zip(stats, texts)]
     out = {f"mia_{name}": [s[name] for s in scores] for name in ATTACKS}
@@ -62,7 +58,7 @@ def greedy_continuations(model, tokenizer, prompts, *, max_new_tokens=200, batch
     """Greedy continuations of token-id prompts, decoded without special tokens (and stripped); a continuation
     stops at the model's last position (``config.max_position_embeddings``) when that comes before
     ``max_new_tokens``."""
-    pad = _pad_id(tokenizer)
+    pad = padding_id(tokenizer)
     limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     texts = []
     for start in range(0, len(prompts), batch_size):

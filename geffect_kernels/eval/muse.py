@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from ..data import DataError, encode_text, read_records
+from ..data.prompts import text_ids  # as MUSE tokenizes, with special tokens: the BOS token first
 from .likelihood import greedy_continuations, memorization_scores
 from .membership import PRIVLEAK_ATTACK, attack_columns, mia_auc, privleak
 
@@ -92,17 +93,11 @@ def load_muse(root) -> MuseData:
     return data
 
 
-def _ids(tokenizer, text):
-    """MUSE tokenizes with the tokenizer's special tokens: the BOS token first where there is one."""
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    return bos + tokenizer(text, add_special_tokens=False)["input_ids"]
-
-
 def verbmem(model, tokenizer, records, *, max_new_tokens=VERBMEM_MAX_NEW_TOKENS, batch_size=16):
     """``(mean ROUGE-L F1 × 100, per-sample rows)`` of the continuations of ``records`` (``prompt``, ``gt``)."""
-    outputs = greedy_continuations(model, tokenizer, [_ids(tokenizer, r["prompt"]) for r in records],
+    outputs = greedy_continuations(model, tokenizer, [text_ids(tokenizer, r["prompt"]) for r in records],
                                    max_new_tokens=max_new_tokens, batch_size=batch_size)
-    truths = tokenizer.batch_decode([_ids(tokenizer, r["gt"])[:max_new_tokens] for r in records],
+    truths = tokenizer.batch_decode([text_ids(tokenizer, r["gt"])[:max_new_tokens] for r in records],
                                     skip_special_tokens=True)
     rows = [{"gt": gt, "response": out, "rougeL": rouge_l_f1(gt, out)} for gt, out in zip(truths, outputs)]
     return float(np.mean([r["rougeL"] for r in rows]) * 100), rows
@@ -121,7 +116,7 @@ def cut_at_stops(text: str, stops=KNOWMEM_STOPS) -> str:
 
 def knowmem(model, tokenizer, qa, icl=(), *, max_new_tokens=KNOWMEM_MAX_NEW_TOKENS, batch_size=16):
     """``(mean ROUGE-L F1 × 100, per-sample rows)`` of the few-shot answers to ``qa`` (``question``, ``answer``)."""
-    prompts = [_ids(tokenizer, knowmem_prompt(r["question"], icl)) for r in qa]
+    prompts = [text_ids(tokenizer, knowmem_prompt(r["question"], icl)) for r in qa]
     outputs = [cut_at_stops(o) for o in greedy_continuations(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
                                                              batch_size=batch_size, strip=False)]
     rows = [{"question": r["question"], "gt": r["answer"], "response": out, "rougeL": rouge_l_f1(r["answer"], out)}
@@ -136,13 +131,17 @@ def text_memorization_scores(model, tokenizer, texts, *, batch_size=8) -> dict:
                                batch_size=batch_size)
 
 
+def _first(items, size):
+    """The first ``size`` items (all when ``size`` is None)."""
+    return items if items is None or size is None else items[:size]
+
+
 def privleak_scores(model, tokenizer, data: MuseData, *, size=None) -> dict | None:
     """Per-sample membership scores on the privleak forget and holdout texts (None without them)."""
     if not (data.privleak_forget and data.privleak_holdout):
         return None
-    first = (lambda items: items if size is None else items[:size])
-    return {"forget": text_memorization_scores(model, tokenizer, first(data.privleak_forget)),
-            "holdout": text_memorization_scores(model, tokenizer, first(data.privleak_holdout))}
+    return {"forget": text_memorization_scores(model, tokenizer, _first(data.privleak_forget, size)),
+            "holdout": text_memorization_scores(model, tokenizer, _first(data.privleak_holdout, size))}
 
 
 def privleak_auc(scores) -> dict:
@@ -154,19 +153,18 @@ def evaluate_muse(model, tokenizer, data: MuseData, *, retain_model_mia_auc=None
     """``(summary, per_sample)``: ``verbmem_f``, ``knowmem_f``, ``knowmem_r`` (× 100), ``mia_auc`` and
     ``privleak`` where their parts (and the retain model's ``mia_auc``) are given; ``missing`` says why not.
     ``size``: the first N items of each part."""
-    first = (lambda items: items if items is None or size is None else items[:size])
     was_training = model.training
     model.eval()
     summary, per_sample, missing = {}, {}, {}
     try:
         if data.verbmem_forget:
-            summary["verbmem_f"], per_sample["verbmem_f"] = verbmem(model, tokenizer, first(data.verbmem_forget))
+            summary["verbmem_f"], per_sample["verbmem_f"] = verbmem(model, tokenizer, _first(data.verbmem_forget, size))
         else:
             missing["verbmem_f"] = "no verbmem/forget"
         for key, qa, icl in (("knowmem_f", data.knowmem_forget_qa, data.knowmem_forget_qa_icl),
                              ("knowmem_r", data.knowmem_retain_qa, data.knowmem_retain_qa_icl)):
             if qa:
-                summary[key], per_sample[key] = knowmem(model, tokenizer, first(qa), icl or ())
+                summary[key], per_sample[key] = knowmem(model, tokenizer, _first(qa, size), icl or ())
             else:
                 missing[key] = f"no knowmem/{'forget' if key == 'knowmem_f' else 'retain'}_qa"
         scores = privleak_scores(model, tokenizer, data, size=size)
