@@ -27,6 +27,7 @@ import numpy as np
 
 from ..data import DataError, encode_text, read_records
 from ..data.prompts import text_ids  # as MUSE tokenizes, with special tokens: the BOS token first
+from ..model_mode import eval_mode
 from .likelihood import greedy_continuations, memorization_scores
 from .membership import PRIVLEAK_ATTACK, attack_columns, mia_auc, privleak
 
@@ -153,10 +154,8 @@ def evaluate_muse(model, tokenizer, data: MuseData, *, retain_model_mia_auc=None
     """``(summary, per_sample)``: ``verbmem_f``, ``knowmem_f``, ``knowmem_r`` (× 100), ``mia_auc`` and
     ``privleak`` where their parts (and the retain model's ``mia_auc``) are given; ``missing`` says why not.
     ``size``: the first N items of each part."""
-    was_training = model.training
-    model.eval()
     summary, per_sample, missing = {}, {}, {}
-    try:
+    with eval_mode(model):
         if data.verbmem_forget:
             summary["verbmem_f"], per_sample["verbmem_f"] = verbmem(model, tokenizer, _first(data.verbmem_forget, size))
         else:
@@ -183,8 +182,6 @@ def evaluate_muse(model, tokenizer, data: MuseData, *, retain_model_mia_auc=None
                 if "mia_auc" not in summary:
                     missing["mia_auc"] = str(err)
                 missing["privleak"] = str(err)
-    finally:
-        model.train(was_training)
     if missing:
         summary["missing"] = missing
     return summary, per_sample

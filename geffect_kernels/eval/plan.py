@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from ..data import load_qa
+from ..model_mode import eval_mode
 from .muse import MuseData, evaluate_muse, load_muse, privleak_scores
 from .retain_reference import RetainReference, from_per_sample, read_retain_reference
 from .tofu import evaluate_model, score_memorization, score_set
@@ -46,9 +47,7 @@ class EvalPlan:
     def with_retain_model(self, model, tokenizer, source) -> tuple[EvalPlan, dict]:
         """Score the retain model on the forget set (truth ratios, membership) and the holdout set; returns the plan
         with that reference and the per-sample scores (to save and reuse with ``--retain-eval``)."""
-        was_training = model.training
-        model.eval()
-        try:
+        with eval_mode(model):
             per_sample = {"forget": score_set(model, tokenizer, self.forget, generate=False, memorization=True)}
             if self.holdout:
                 per_sample["holdout"] = score_memorization(model, tokenizer, self.holdout)
@@ -56,8 +55,6 @@ class EvalPlan:
                 muse = privleak_scores(model, tokenizer, self.muse, size=self.size)
                 if muse:
                     per_sample["muse_privleak"] = muse
-        finally:
-            model.train(was_training)
         return replace(self, reference=from_per_sample(per_sample, f"retain model {source}")), per_sample
 
     def evaluate(self, model, tokenizer):

@@ -21,6 +21,7 @@ import numpy as np
 from scipy.stats import ks_2samp
 
 from ..data.prompts import encode_pair
+from ..model_mode import eval_mode
 from .likelihood import greedy_answers, mean_answer_logprobs, memorization_scores
 from .membership import PRIVLEAK_ATTACK, attack_columns, mia_auc, privleak
 from .rouge import rouge_l_recall
@@ -197,9 +198,7 @@ def evaluate_model(model, tokenizer, forget, retain=None, world=None, *, real_au
     membership attacks and memorization, and ``holdout`` (pairs the model never saw) with the attacks only;
     ``kwargs`` go to `score_set` (``max_new_tokens``: greedy generation length for ROUGE-L, 200 by default).
     """
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         per_sample = {"forget": score_set(model, tokenizer, forget, memorization=True, **kwargs)}
         for name, pairs in (("retain", retain), ("real_authors", real_authors), ("world", world)):
             if pairs:
@@ -208,7 +207,5 @@ def evaluate_model(model, tokenizer, forget, retain=None, world=None, *, real_au
             per_sample["holdout"] = score_memorization(model, tokenizer, holdout,
                                                        **({"batch_size": kwargs["batch_size"]}
                                                           if "batch_size" in kwargs else {}))
-    finally:
-        model.train(was_training)
     return summarize(**per_sample, retain_model_forget_ratios=retain_model_forget_ratios,
                      retain_model_mia_auc=retain_model_mia_auc, retain_model_missing=retain_model_missing), per_sample

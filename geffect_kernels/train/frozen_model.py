@@ -16,6 +16,7 @@ import itertools
 import torch
 
 from .. import hf
+from ..model_mode import eval_mode
 from .losses import head_inputs
 
 
@@ -81,19 +82,13 @@ class StartingLogprobs:
     def __init__(self, model, data, *, batch_size, backend="auto"):
         self.rows: list[torch.Tensor] = []
         device = next(model.parameters()).device
-        modes = {module: module.training for module in model.modules()}
-        model.eval()
-        try:
-            with torch.no_grad():
-                for start in range(0, len(data), batch_size):
-                    indices = range(start, min(start + batch_size, len(data)))
-                    batch = {k: v.to(device) for k, v in data.batch(indices).items()}
-                    logprobs = hf.token_logprobs(model, batch, backend=backend).float().cpu()
-                    self.rows += [logprobs[row, : len(data.examples[i]["input_ids"]) - 1].clone()
-                                  for row, i in enumerate(indices)]
-        finally:
-            for module, training in modes.items():
-                module.training = training
+        with eval_mode(model), torch.no_grad():
+            for start in range(0, len(data), batch_size):
+                indices = range(start, min(start + batch_size, len(data)))
+                batch = {k: v.to(device) for k, v in data.batch(indices).items()}
+                logprobs = hf.token_logprobs(model, batch, backend=backend).float().cpu()
+                self.rows += [logprobs[row, : len(data.examples[i]["input_ids"]) - 1].clone()
+                              for row, i in enumerate(indices)]
 
     def batch(self, indices, width: int, device) -> torch.Tensor:
         """``[B, width - 1]`` reference log-probabilities (HF shift), zero past each sample's end."""
