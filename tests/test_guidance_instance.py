@@ -111,3 +111,25 @@ def test_weights_equal_when_effects_are_equal_and_bad_temperature():
     assert sample_weights(torch.tensor([3.0], dtype=torch.float64)).tolist() == [1.0]
     with pytest.raises(ValueError, match="temperature"):
         sample_weights(torch.ones(3), 0.0)
+
+
+def test_lora_adapters_geffects_and_weighted_gradient_match_autograd():
+    from geffect_kernels.train.lora import add_lora
+    model = add_lora(tiny_model("llama"), r=2, targets=["q_proj", "down_proj"]).double()
+    with torch.no_grad():  # peft starts lora_B at 0, which would leave lora_A without a gradient
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(0.3 * torch.randn(p.shape, generator=torch.Generator().manual_seed(3), dtype=p.dtype))
+    forget, retain = batch(batch_size=3, length=7, seed=21, prompt=1), batch(batch_size=2, length=8, seed=22)
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert params and all("lora_" in n for n in params)
+    r = retain_gradient(model, retain)
+    g = per_sample_gradients(model, forget, "ga")
+    want_e = torch.tensor([sum(float((gs[n] * r[n]).sum()) for n in r) for gs in g], dtype=torch.float64)
+    step = ForgetGEffects(model, params, forget, "ga")
+    torch.testing.assert_close(step.geffects(r), want_e, rtol=1e-9, atol=1e-12 * float(want_e.abs().max()))
+    w = torch.tensor([1.4, 0.2, 1.4], dtype=torch.float64)
+    got = step.weighted_gradient(w)
+    for n in params:
+        want = sum(ws * gs[n] for ws, gs in zip(w.tolist(), g))
+        torch.testing.assert_close(got[n], want, rtol=1e-9, atol=1e-12 * (float(want.abs().max()) + 1e-30), msg=n)
