@@ -2,6 +2,7 @@
 
     python benchmarks/train_memory.py plan-check   # scaled Llamas: measured peak vs `memory_plan` (within 20%)
     python benchmarks/train_memory.py references   # the reference's cost: LoRA/full, GA/NPO/GA+KL, checkpointing
+    python benchmarks/train_memory.py references --code DIR --label "COMMIT, before" --append   # another checkout
 
 A case's process builds a random-weight Llama from its config, makes random forget and retain sequences, notes its
 resident memory (the baseline: torch, transformers and the data), restarts the kernel's peak counter (VmHWM) and
@@ -13,12 +14,14 @@ import argparse
 import csv
 import datetime
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path[:0] = [str(HERE.parent), str(HERE)]
+# --code DIR: measure another checkout's geffect_kernels (e.g. a commit before a change) with these cases
+sys.path[:0] = [os.environ.get("GEFFECT_CODE", str(HERE.parent)), str(HERE)]
 
 # layers, hidden, intermediate, heads, vocabulary
 ISSUE_SHAPE = (8, 1024, 2816, 16, 32000)  # 642 MiB in float32
@@ -94,9 +97,10 @@ def planned_mib(case: dict) -> float:
     return round(plan(shape, settings).peak / 2**20, 1)
 
 
-def run_case(case: dict) -> dict:
+def run_case(case: dict, code=None) -> dict:
+    env = {**os.environ, **({"GEFFECT_CODE": str(Path(code).resolve())} if code else {})}
     done = subprocess.run([sys.executable, __file__, "worker", json.dumps(case)], capture_output=True, text=True,
-                          timeout=1800)
+                          timeout=1800, env=env)
     if done.returncode:
         raise RuntimeError(f"case {case['name']} failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -131,6 +135,9 @@ def main():
     parser.add_argument("mode", choices=["plan-check", "references"])
     parser.add_argument("--only", help="run the cases whose name contains this")
     parser.add_argument("--csv", help="default: benchmarks/results/train_memory_<mode>.csv")
+    parser.add_argument("--code", help="the geffect_kernels checkout to measure (default: this one)")
+    parser.add_argument("--label", default="", help="the code column: what --code is (e.g. 'a7da2b4, before')")
+    parser.add_argument("--append", action="store_true", help="add the rows to the CSV instead of replacing it")
     args = parser.parse_args()
     from provenance import stamp
 
@@ -139,17 +146,23 @@ def main():
     for case in cases(args.mode):
         if args.only and args.only not in case["name"]:
             continue
-        result = run_case(case)
+        try:
+            result = run_case(case, args.code)
+        except RuntimeError as err:  # e.g. a setting the --code checkout does not have
+            print(f"skipped: {str(err).splitlines()[0]} {str(err).strip().splitlines()[-1]}", flush=True)
+            continue
         plan_mib = planned_mib(case)
-        row = {"case": case["name"], "shape": "x".join(map(str, case["shape"])), "sequences": case["batch"],
+        row = {"case": case["name"], "code": args.label or "this commit", "shape": "x".join(map(str, case["shape"])), "sequences": case["batch"],
                "tokens": case["tokens"], **result, "plan_mib": plan_mib,
                "plan_vs_measured": round(plan_mib / result["peak_mib"], 3), **stamp(),
                "utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}
         print(json.dumps(row), flush=True)
         rows.append(row)
-    with open(path, "w", newline="") as f:
+    append = args.append and path.is_file()
+    with open(path, "a" if append else "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
+        if not append:
+            writer.writeheader()
         writer.writerows(rows)
     print(f"wrote {path}")
 
