@@ -9,6 +9,11 @@ resident memory (the baseline: torch, transformers and the data), restarts the k
 runs `train` (float32, no run folder). It reports the peak above the baseline with the model (``peak_mib``: what
 the plan counts) and above the model already built (``above_start_mib``: the issue's "peak above start"), and
 whether every LoRA ``lora_B`` moved from zero. Rows go to benchmarks/results/<mode>.csv with the provenance.
+
+glibc raises its mmap threshold (up to 32 MiB) as mapped blocks are freed, after which freed blocks below it stay
+in the heap and in the resident set: the peak then counts memory no tensor holds. The workers fix the threshold at
+``MMAP_THRESHOLD`` (``MALLOC_MMAP_THRESHOLD_``), so the resident set follows the live tensors as the plan counts them;
+``--glibc-default`` measures with glibc's own (the ``malloc`` column says which).
 """
 import argparse
 import csv
@@ -25,6 +30,7 @@ sys.path[:0] = [os.environ.get("GEFFECT_CODE", str(HERE.parent)), str(HERE)]
 
 # layers, hidden, intermediate, heads, vocabulary
 ISSUE_SHAPE = (8, 1024, 2816, 16, 32000)  # 642 MiB in float32
+MMAP_THRESHOLD = 1 << 20
 SCALED = {"L4-H512": (4, 512, 1408, 8, 32000), "L8-H1024": ISSUE_SHAPE, "L12-H768-V8k": (12, 768, 2048, 12, 8000)}
 
 
@@ -97,8 +103,10 @@ def planned_mib(case: dict) -> float:
     return round(plan(shape, settings).peak / 2**20, 1)
 
 
-def run_case(case: dict, code=None) -> dict:
+def run_case(case: dict, code=None, glibc_default=False) -> dict:
     env = {**os.environ, **({"GEFFECT_CODE": str(Path(code).resolve())} if code else {})}
+    if not glibc_default:
+        env["MALLOC_MMAP_THRESHOLD_"] = str(MMAP_THRESHOLD)
     done = subprocess.run([sys.executable, __file__, "worker", json.dumps(case)], capture_output=True, text=True,
                           timeout=1800, env=env)
     if done.returncode:
@@ -137,6 +145,7 @@ def main():
     parser.add_argument("--csv", help="default: benchmarks/results/train_memory_<mode>.csv")
     parser.add_argument("--code", help="the geffect_kernels checkout to measure (default: this one)")
     parser.add_argument("--label", default="", help="the code column: what --code is (e.g. 'a7da2b4, before')")
+    parser.add_argument("--glibc-default", action="store_true", help="glibc's dynamic mmap threshold in the workers")
     parser.add_argument("--append", action="store_true", help="add the rows to the CSV instead of replacing it")
     args = parser.parse_args()
     from provenance import stamp
@@ -147,12 +156,14 @@ def main():
         if args.only and args.only not in case["name"]:
             continue
         try:
-            result = run_case(case, args.code)
+            result = run_case(case, args.code, args.glibc_default)
         except RuntimeError as err:  # e.g. a setting the --code checkout does not have
             print(f"skipped: {str(err).splitlines()[0]} {str(err).strip().splitlines()[-1]}", flush=True)
             continue
         plan_mib = planned_mib(case)
-        row = {"case": case["name"], "code": args.label or "this commit", "shape": "x".join(map(str, case["shape"])), "sequences": case["batch"],
+        row = {"case": case["name"], "code": args.label or "this commit",
+               "malloc": "glibc default" if args.glibc_default else f"mmap threshold {MMAP_THRESHOLD >> 20} MiB",
+               "shape": "x".join(map(str, case["shape"])), "sequences": case["batch"],
                "tokens": case["tokens"], **result, "plan_mib": plan_mib,
                "plan_vs_measured": round(plan_mib / result["peak_mib"], 3), **stamp(),
                "utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}
