@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Large models on the lent GPU (issues 13.6, 14.2): the second device call, after run_gpu_suite.sh, in the minutes
-# left (every part under its own timeout; the limits sum to 330 s). Nothing installed; rows appended as measured.
+# left (every part under its own timeout; the limits sum to 360 s). Nothing installed; rows appended as measured.
 #
 #   GEFFECT_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/run_gpu_large.sh   # on the lent GPU machine
 #   bash benchmarks/run_gpu_large.sh --smoke        # CPU: the same plumbing, the tiny shape (CI)
@@ -20,5 +20,5 @@ TOKENS=128,512 FSDP_TOKENS=512 REPEATS=2
 part geffect 170 "$PY" benchmarks/geffect_gpu.py --csv "$CSV" --shapes 1.1b,6.7b --tokens "$TOKENS" \
   --repeats "$REPEATS" --check $SMOKE
 part fsdp 70 "$PY" benchmarks/fsdp_gpu.py --csv "$CSV" --shape 1.1b --tokens "$FSDP_TOKENS" --repeats "$REPEATS" $SMOKE
-part memory 90 "$PY" benchmarks/memory_gpu.py --csv "$OUT/gpu_large_memory.csv" --shape 6.7b --tokens 512 $SMOKE
+part memory 120 "$PY" benchmarks/memory_gpu.py --csv "$OUT/gpu_large_memory.csv" --shape 6.7b --tokens 512 $SMOKE
 timeout 10 "$PY" benchmarks/gpu_suite.py table --csv "$CSV" --parts "$PARTS" | tee "$OUT/gpu_large_table.txt"
