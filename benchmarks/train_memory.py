@@ -3,6 +3,7 @@
     python benchmarks/train_memory.py plan-check   # scaled Llamas: measured peak vs `memory_plan` (within 20%)
     python benchmarks/train_memory.py references   # the reference's cost: LoRA/full, GA/NPO/GA+KL, checkpointing
     python benchmarks/train_memory.py references --code DIR --label "COMMIT, before" --append   # another checkout
+    python benchmarks/train_memory.py replan CSV   # a CSV's plan columns from this checkout's plan
 
 A case's process builds a random-weight Llama from its config, makes random forget and retain sequences, notes its
 resident memory (the baseline: torch, transformers and the data), restarts the kernel's peak counter (VmHWM) and
@@ -135,9 +136,31 @@ def cases(mode: str) -> list[dict]:
     return out
 
 
+def replan(path: Path):
+    """Recompute a CSV's plan columns with this checkout's plan (the measured columns stay; ``plan_commit`` says
+    which plan)."""
+    from provenance import commit
+
+    by_name = {case["name"]: case for mode in ("plan-check", "references") for case in cases(mode)}
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    for row in rows:
+        case = {**by_name[row["case"]], "tokens": int(row["tokens"]), "batch": int(row["sequences"])}
+        row["plan_mib"] = planned_mib(case)
+        row["plan_vs_measured"] = round(row["plan_mib"] / float(row["peak_mib"]), 3)
+        row["plan_commit"] = commit()
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
 def main():
     if sys.argv[1] == "worker":
         print(json.dumps(worker(json.loads(sys.argv[2]))))
+        return
+    if sys.argv[1] == "replan":  # replan CSV
+        replan(Path(sys.argv[2]))
         return
     parser = argparse.ArgumentParser()
     parser.add_argument("mode", choices=["plan-check", "references"])

@@ -187,14 +187,15 @@ def plan(shape: ModelShape, settings: PlanSettings) -> Plan:
     acts += sides * tokens * m.hidden * (2 * residual + 4)
     t["activations"] = acts
     # a fused loss takes its gradients in its forward: each side holds its hidden states' gradient (and the head's,
-    # gathered whole under FSDP2, when the head trains) until the backward; one chunk of float32 logits and its
-    # gradient come and go; a KL term keeps the reference's hidden states (and its head, from a CPU reference)
+    # gathered whole under FSDP2, when the head trains) until the backward; one chunk of float32 logits, overwritten
+    # by their gradient, comes and goes; a KL term keeps the reference's hidden states (and its head, from a CPU
+    # reference)
     held = sides * tokens * m.hidden * 4 + (0 if lora else sides * 4 * m.vocab * m.hidden)
     if kl:
         held += tokens * m.hidden * c + (c * m.vocab * m.hidden if s.reference_device == "cpu" and gpu else 0)
     t["fused head"] = held
     chunk_rows = min(tokens, max(1, CHUNK_BYTES // (4 * m.vocab)))
-    t["logits chunk"] = 2 * chunk_rows * m.vocab * 4
+    t["logits chunk"] = chunk_rows * m.vocab * 4
     if s.geffect:
         t["profiler"] = PROFILED_GRADIENTS * 4 * trainable // ranks
 
