@@ -84,16 +84,11 @@ def _starting_logprobs(model, batch):
 
     from . import hf
     from .geffect.sharded import is_sharded, reshard
+    from .model_mode import eval_mode
 
-    modes = {module: module.training for module in model.modules()}
     device = next(model.parameters()).device
-    model.eval()
-    try:
-        with torch.no_grad():
-            logprobs = hf.token_logprobs(model, {k: v.to(device) for k, v in batch.items()}).cpu()
-    finally:
-        for module, training in modes.items():
-            module.training = training
+    with eval_mode(model), torch.no_grad():
+        logprobs = hf.token_logprobs(model, {k: v.to(device) for k, v in batch.items()}).cpu()
     if is_sharded(model):
         reshard(model)  # the root keeps its gathered parameters after a forward without backward
     return logprobs
