@@ -93,6 +93,9 @@ def test_table_and_bad_settings():
     table = format_plan({"1 device": plan(shape_of(), PlanSettings()), "4 ranks": plan(shape_of(),
                                                                                        PlanSettings(world=4))})
     assert "peak per device" in table and "4 ranks" in table and "gathered blocks" in table
+    assert table.endswith("(MiB)")  # a small model's figures in MiB
+    peak = plan(shape_of(), PlanSettings()).peak
+    assert f"{peak / 2**20:.2f}" in next(line for line in table.splitlines() if line.startswith("peak per device"))
     with pytest.raises(ValueError, match="not linear layers"):
         plan(shape_of(), PlanSettings(lora_r=2, lora_targets=("c_attn",)))
     with pytest.raises(ValueError, match="unknown dtype"):

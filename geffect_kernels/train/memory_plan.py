@@ -238,7 +238,8 @@ def _layer_activation_bytes(m: ModelShape, c: int, residual: int, lora: bool, ta
 
 
 def format_plan(plans: dict) -> str:
-    """A table: one column per plan (``{label: Plan}``), rows the terms, the moments and the peak, in GiB."""
+    """A table: one column per plan (``{label: Plan}``), rows the terms, the moments and the peak, in GiB (MiB when
+    every peak is under 1 GiB)."""
     labels = list(plans)
     rows = []
     names = []
@@ -253,15 +254,12 @@ def format_plan(plans: dict) -> str:
     host = sorted({n for pl in plans.values() for n in pl.host})
     for name in host:
         rows.append((f"on the host: {name}", [pl.host.get(name) for pl in plans.values()]))
+    unit, size = ("GiB", GIB) if max(pl.peak for pl in plans.values()) >= GIB else ("MiB", MIB)
     width = max(len(r[0]) for r in rows)
     cols = [max(len(label), 9) for label in labels]
     lines = [" " * width + "  " + "  ".join(f"{label:>{w}}" for label, w in zip(labels, cols))]
     for name, values in rows:
-        cells = "  ".join(f"{_gib(v):>{w}}" for v, w in zip(values, cols))
+        cells = "  ".join(f"{'-' if v is None else f'{v / size:.2f}':>{w}}" for v, w in zip(values, cols))
         lines.append(f"{name:<{width}}  {cells}")
-    lines.append("(GiB)")
+    lines.append(f"({unit})")
     return "\n".join(lines)
-
-
-def _gib(value) -> str:
-    return "-" if value is None else f"{value / GIB:.2f}"
