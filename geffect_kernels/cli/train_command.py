@@ -1,0 +1,244 @@
+"""``geffect train``: check every input, then train (one process, or a rank of several), evaluate and
+report."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from .defaults import MAX_NEW_TOKENS, OBJECTIVE_NAMES
+from .errors import CLIError
+from .inputs import (check_lengths, check_model_dir, check_shardable, checked_out_dir, hparams_per_objective,
+                     load_model, load_tokenizer, read_model_config, parse_hparams, quiet_transformers,
+                     usable_device)
+
+
+def _train_settings(args):
+    """Files, objectives and TrainConfig fields from the YAML config, overridden by the flags given."""
+    from ..train.train_config import read_yaml
+
+    values = read_yaml(args.config) if args.config else {}
+    flags = {"model": args.model, "forget": args.forget, "retain": args.retain, "objective": args.objective,
+             "steps": args.steps, "lr": args.lr, "batch_size": args.batch_size, "grad_accum": args.grad_accum,
+             "warmup_steps": args.warmup_steps, "seed": args.seed, "geffect_every": args.geffect_every,
+             "retain_objective": args.retain_objective, "hparams": parse_hparams(args.hparam) or None,
+             "preset": args.preset, "guidance": args.guidance, "guidance_temperature": args.guidance_temperature,
+             "stop_when": args.stop_when, "reference_device": args.reference_device,
+             "gradient_checkpointing": True if args.gradient_checkpointing else None}
+    values.update({k: v for k, v in flags.items() if v is not None})
+    files = {k: values.pop(k, None) for k in ("model", "forget", "retain")}
+    for key, value in files.items():
+        if value is not None and not isinstance(value, (str, Path)):
+            raise CLIError(f"{key} must be a path, got {value!r:.60}")
+    for key in ("model", "forget"):
+        if not files[key]:
+            raise CLIError(f"--{key} is required (on the command line or in --config)")
+    objectives = values.pop("objective", None) or ["ga"]
+    objectives = [objectives] if isinstance(objectives, str) else objectives
+    if not isinstance(objectives, list) or not all(isinstance(o, str) for o in objectives):
+        raise CLIError(f"objective must be a name or a list of names ({', '.join(OBJECTIVE_NAMES)}), got "
+                       f"{objectives!r:.60}")
+    return files, list(objectives), values
+
+
+EVAL_ONLY_FLAGS = ("retain_eval_set", "holdout", "retain_model", "retain_eval", "eval_size", "real_authors", "world",
+                   "muse")
+
+
+def _eval_plan(args, forget_pairs, retain_pairs):
+    """`EvalPlan` of ``--eval`` and the flags that go with it, checked before anything runs (None without it)."""
+    from ..eval.plan import EvalPlan
+
+    if not args.eval:
+        given = [f"--{flag.replace('_', '-')}" for flag in EVAL_ONLY_FLAGS if getattr(args, flag) is not None]
+        if given:
+            raise CLIError(f"{given[0]} is for the evaluation: add --eval")
+        return None
+    if args.retain_model and args.retain_eval:
+        raise CLIError("give the retain model either as --retain-model DIR or as --retain-eval FILE, not both")
+    if args.retain_model:
+        path = Path(args.retain_model)
+        from ..train.lora import is_adapter_dir
+        if not is_adapter_dir(path):
+            check_model_dir(path)
+    return EvalPlan.from_files(forget_pairs, retain_pairs, retain_eval_set=args.retain_eval_set,
+                               real_authors=args.real_authors, world=args.world, holdout=args.holdout,
+                               size=args.eval_size, max_new_tokens=args.max_new_tokens,
+                               retain_model=args.retain_model, retain_eval=args.retain_eval, muse=args.muse)
+
+
+def _write_result(out: Path, name: str, value) -> None:
+    results = out / "results"
+    results.mkdir(parents=True, exist_ok=True)
+    (results / name).write_text(json.dumps(value, indent=1))
+
+
+def cmd_train(args):
+    import copy
+    from functools import partial
+
+    from ..backends.registry import check_backend
+    from ..data import encode_pairs, load_qa
+    from ..eval.report import make_report
+    from ..train import TrainConfig, check_resumable, train
+    from ..train import distributed
+    from ..train.checkpoint import check_own_folder
+    from ..train.distributed import check_resume, check_world
+    from ..train.launch import is_rank_zero, launch, world_size
+    from ..train.lora import add_lora
+
+    quiet_transformers()
+    # everything that can be checked is checked before the model loads and before any file is written
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
+        raise CLIError(f"--max-new-tokens must be a positive integer, got {args.max_new_tokens}")
+    files, objectives, settings = _train_settings(args)
+    if (args.lora_alpha is not None or args.lora_targets) and args.lora_r is None:
+        raise CLIError("--lora-alpha and --lora-targets need --lora-r RANK")
+    if args.lora_r is not None and args.lora_r < 1:
+        raise CLIError(f"--lora-r must be a positive integer, got {args.lora_r}")
+    if args.lora_alpha is not None and not (math.isfinite(args.lora_alpha) and args.lora_alpha > 0):
+        raise CLIError(f"--lora-alpha must be a finite number > 0, got {args.lora_alpha}")
+    if args.plan:  # a plan for the device asked for, usable here or not
+        args.device = args.device or "cuda"
+    out, device = checked_out_dir(args.out), None if args.plan else usable_device(args.device)
+    args.device = args.device or device.type  # the ranks of a sharded run take the same device
+    resume = True if args.resume else False if args.overwrite else None
+    hparams = hparams_per_objective(objectives, settings.pop("hparams", None) or {})
+    configs = {name: TrainConfig.from_dict({**settings, "objective": name, "hparams": hparams[name],
+                                            "progress": not args.no_progress,
+                                            "out_dir": str(out / "runs" / name)}) for name in objectives}
+    if any(c.uses_retain for c in configs.values()) and not files["retain"]:
+        raise CLIError("--retain FILE is required unless --retain-objective none")
+    if args.plan:  # trains nothing, writes nothing
+        print(_memory_plans(args, files, configs))
+        return
+    if args.dtype not in (None, "float32") and (args.nproc or world_size()) > 1:
+        raise CLIError(f"--dtype {args.dtype} is for one process: a sharded run keeps float32 shards (computing in "
+                       f"bf16 on CUDA)")
+    check_backend("auto", device)
+    forget_pairs = load_qa(files["forget"])
+    retain_pairs = load_qa(files["retain"]) if files["retain"] else None
+    plan = _eval_plan(args, forget_pairs, retain_pairs)
+    world = args.nproc or world_size()
+    for config in configs.values():  # before anything runs or is written
+        check_world(world, config, forget_pairs, retain_pairs if config.uses_retain else None)
+        check_own_folder(config.out_dir)  # also before torchrun starts: nothing of anyone else's is removed
+        if resume is not False:  # --overwrite: the checkpoint is replaced, whoever wrote it
+            check_resume(config.out_dir, world, args.allow_reshard)
+    if world > 1 and any(c.guidance == "instance" for c in configs.values()):
+        raise CLIError("--guidance instance runs in one process only; --guidance rectify runs sharded")
+    if world > 1:
+        check_shardable(Path(files["model"]))
+    if args.nproc and args.nproc > 1:
+        raise SystemExit(launch(args.argv, args.nproc))
+    device = distributed.init(args.device) if world > 1 else device
+    # several processes: each rank reads its shards
+    start = load_model(files["model"], device, args.dtype) if world == 1 else None
+    tokenizer = load_tokenizer(args.tokenizer or files["model"])
+    forget = encode_pairs(tokenizer, forget_pairs, max_length=args.max_length)
+    retain = encode_pairs(tokenizer, retain_pairs, max_length=args.max_length) if retain_pairs else None
+    model_config = start.config if start is not None else read_model_config(files["model"])
+    for path, data in ((files["forget"], forget), (files["retain"], retain)):
+        check_lengths(data, read_model_config, path)
+    for config in configs.values() if world == 1 else ():  # sharded runs check their checkpoints themselves
+        check_resumable(start, forget, retain, config, resume)
+    if args.eval and is_rank_zero():
+        _note_generation_limit(model_config, args.max_new_tokens or MAX_NEW_TOKENS)
+    if plan and plan.retain_model:  # whole on every rank: evaluated once, before any unlearning
+        plan, retain_scores = plan.with_retain_model(load_model(plan.retain_model, device), tokenizer,
+                                                     plan.retain_model)
+        if is_rank_zero():
+            _write_result(out, "retain_model_eval.json", retain_scores)
+    summaries, per_sample = {}, {}
+    for name, config in configs.items():
+        lora = partial(add_lora, r=args.lora_r, alpha=args.lora_alpha, targets=args.lora_targets,
+                       base_path=files["model"], seed=config.seed) if args.lora_r else None
+        if world > 1:
+            result = distributed.train_sharded(files["model"], forget, retain, config, device=device, wrap=lora,
+                                               resume=resume, allow_reshard=args.allow_reshard)
+        else:
+            model = copy.deepcopy(start)
+            result = train(lora(model) if lora else model, forget, retain, config, resume=resume)
+        if plan:  # on every rank: a sharded model's forward passes take all of them
+            summaries[name], per_sample[name] = plan.evaluate(result.model, tokenizer)
+        if not is_rank_zero():
+            continue
+        tokenizer.save_pretrained(Path(config.out_dir) / "model")
+        resumed = f" (resumed from step {result.resumed_from})" if result.resumed_from else ""
+        if result.stopped_at is not None:
+            print(f"{name}: stopped by {result.metrics[-1]['stopped']} at step {result.stopped_at + 1}, after "
+                  f"{result.stopped_at} updates{resumed}; model in {config.out_dir}/model")
+        else:
+            print(f"{name}: {config.steps} steps{resumed}, final loss "
+                  f"{result.metrics[-1]['loss']:.4f}; model in {config.out_dir}/model")
+    if summaries and is_rank_zero():
+        _write_result(out, "summary.json", summaries)
+        _write_result(out, "per_sample.json", per_sample)
+        for name, summary in summaries.items():
+            for metric, why in summary.get("missing", {}).items():
+                print(f"{name}: {metric.replace('_', ' ')} not computed: {why}")
+    if is_rank_zero() and not summaries:
+        _drop_stale_summaries(out, configs)
+    if is_rank_zero():
+        print(f"report: {make_report(args.out)}")
+    if world > 1:
+        distributed.finish()
+
+
+def _drop_stale_summaries(out: Path, trained):
+    """Without --eval, the rows of ``results/summary.json`` that describe no model of this folder any more: those
+    of the runs just trained (their models changed) and of names that are no run of ``OUT/runs`` (not ours)."""
+    path = out / "results" / "summary.json"
+    try:
+        rows = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+    except (OSError, ValueError):
+        return  # the report names the file
+    if not isinstance(rows, dict):
+        return
+    kept = {name: row for name, row in rows.items()
+            if name not in trained and "/" not in str(name) and (out / "runs" / str(name) / "metrics.jsonl").is_file()}
+    if kept != rows:
+        from ..train.checkpoint import atomic_write_json
+
+        atomic_write_json(path, kept) if kept else path.unlink()
+
+
+def _note_generation_limit(config, max_new_tokens):
+    """Say when --eval's answers will be shorter than asked: generation stops at the model's last position
+    (`eval.likelihood.greedy_answers`)."""
+    limit = getattr(config, "max_position_embeddings", None)
+    if limit is not None and max_new_tokens >= limit:
+        print(f"note: --eval generates up to {max_new_tokens} new tokens, but the model has {limit} positions: "
+              f"each answer stops where the prompt and the answer fill them")
+
+
+def _memory_plans(args, files, configs) -> str:
+    """`memory_plan` tables of the runs ``configs`` would make: per objective, one GPU and --nproc (else 8) ranks."""
+    from ..data import encode_pairs, load_qa
+    from ..train.memory_plan import LORA_DEFAULT_TARGETS, ModelShape, PlanSettings, format_plan, plan
+
+    shape = ModelShape.from_config(Path(files["model"]))
+    forget_pairs = load_qa(files["forget"])
+    seq_len = args.max_length
+    if seq_len is None:  # the longest encoded example
+        tokenizer = load_tokenizer(args.tokenizer or files["model"])
+        sets = [forget_pairs] + ([load_qa(files["retain"])] if files["retain"] else [])
+        seq_len = max(len(e["input_ids"]) for pairs in sets for e in encode_pairs(tokenizer, pairs).examples)
+    ranks = args.nproc if args.nproc and args.nproc > 1 else 8
+    device = "cpu" if str(args.device).startswith("cpu") else "cuda"
+    lines = []
+    for name, config in configs.items():
+        settings = PlanSettings(
+            objective=name, retain_objective=config.retain_objective if config.uses_retain else "none",
+            batch_size=config.batch_size, seq_len=seq_len, n_forget=len(forget_pairs), dtype=args.dtype or "float32",
+            lora_r=args.lora_r, lora_targets=tuple(args.lora_targets or LORA_DEFAULT_TARGETS),
+            gradient_checkpointing=config.gradient_checkpointing, reference_device=config.reference_device,
+            geffect=config.geffect_every > 0, device=device)
+        what = f"LoRA r {args.lora_r} on {','.join(settings.lora_targets)}" if args.lora_r else "full fine-tuning"
+        lines.append(f"memory plan of {name} ({what}, {settings.dtype} weights, {config.batch_size} × {seq_len} "
+                     f"tokens per side, checkpointing {'on' if settings.gradient_checkpointing else 'off'}, "
+                     f"{device}):")
+        one = plan(shape, settings)
+        sharded = plan(shape, PlanSettings(**{**settings.__dict__, "world": ranks, "dtype": "float32"}))
+        lines.append(format_plan({"1 device": one, f"{ranks} ranks": sharded}))
+    return "\n".join(lines)
