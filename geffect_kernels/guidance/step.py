@@ -63,6 +63,17 @@ def _retain_loss(run, micro):
         return run.objective_loss("nll", run.retain_batch(micro))
 
 
+def _backward_over_micro_batches(run, step, loss_of, weight, non_finite) -> float:
+    """backward(weight · loss / grad_accum) for each micro-batch of ``step``; the loss's mean over them."""
+    accum = run.config.grad_accum
+    total = 0.0
+    for k in range(accum):
+        loss = _checked(loss_of(run, step * accum + k), non_finite)
+        (weight * loss / accum).backward()
+        total += float(loss.detach()) / accum
+    return total
+
+
 def _grads_taken(params):
     """{name: local .grad} (zeros where none arrived), the parameters' .grad cleared (handed over, not copied)."""
     out = {}
@@ -77,17 +88,10 @@ def rectified_gradients(run, step, non_finite=ArithmeticError, sharded=False, gr
     per-group products of a sharded run are summed over its ranks with one all-reduce. Returns the step's loss
     sums and the number of groups rectified."""
     config, params = run.config, _named_params(run)
-    accum = config.grad_accum
-    sums = {"loss": 0.0, "forget_loss": 0.0, "retain_loss": 0.0}
-    for k in range(accum):
-        loss = _checked(_forget_loss(run, step * accum + k), non_finite)
-        (config.forget_weight * loss / accum).backward()
-        sums["forget_loss"] += float(loss.detach()) / accum
+    sums = {"loss": 0.0, "forget_loss": 0.0, "retain_loss": 0.0}  # the order of the step's log record
+    sums["forget_loss"] = _backward_over_micro_batches(run, step, _forget_loss, config.forget_weight, non_finite)
     objective = _grads_taken(params)
-    for k in range(accum):
-        loss = _checked(_retain_loss(run, step * accum + k), non_finite)
-        (config.retain_weight * loss / accum).backward()
-        sums["retain_loss"] += float(loss.detach()) / accum
+    sums["retain_loss"] = _backward_over_micro_batches(run, step, _retain_loss, config.retain_weight, non_finite)
     retain = {n: torch.zeros_like(_local(p.data)) if p.grad is None else _local(p.grad) for n, p in params.items()}
     group = groups if groups is not None else layer_grouping(run.model)
     group = {n: group.get(n, layer_of(n)) for n in params}
@@ -108,10 +112,7 @@ def instance_gradients(run, step, temperature, non_finite=ArithmeticError) -> di
     config, params = run.config, _named_params(run)
     accum = config.grad_accum
     sums = {"loss": 0.0, "forget_loss": 0.0, "retain_loss": 0.0}
-    for k in range(accum):
-        loss = _checked(_retain_loss(run, step * accum + k), non_finite)
-        (config.retain_weight * loss / accum).backward()
-        sums["retain_loss"] += float(loss.detach()) / accum
+    sums["retain_loss"] = _backward_over_micro_batches(run, step, _retain_loss, config.retain_weight, non_finite)
     retain = {n: p.grad.detach().clone() for n, p in params.items() if p.grad is not None}
     low, high = float("inf"), float("-inf")
     pool = _pool(run)
