@@ -139,7 +139,7 @@ def cmd_train(args):
     retain = encode_pairs(tokenizer, retain_pairs, max_length=args.max_length) if retain_pairs else None
     model_config = start.config if start is not None else read_model_config(files["model"])
     for path, data in ((files["forget"], forget), (files["retain"], retain)):
-        check_lengths(data, read_model_config, path)
+        check_lengths(data, model_config, path)
     for config in configs.values() if world == 1 else ():  # sharded runs check their checkpoints themselves
         check_resumable(start, forget, retain, config, resume)
     if args.eval and is_rank_zero():
