@@ -25,6 +25,14 @@ def make_workspace(root):
     return root
 
 
+def write_run_yaml(root, **settings):
+    """``root/run.yaml``: the workspace's model and files, then ``settings`` (the several-process tests' runs)."""
+    lines = [f"model: {root / 'model'}", f"forget: {root / 'forget.json'}", f"retain: {root / 'retain.json'}",
+             *(f"{key}: {value}" for key, value in settings.items())]
+    (root / "run.yaml").write_text("\n".join(lines) + "\n")
+    return root
+
+
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     return make_workspace(tmp_path_factory.mktemp("cli"))

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from ranks import ROOT, rank_env
-from test_cli import make_workspace
+from test_cli import make_workspace, write_run_yaml
 
 TIMEOUT = 600  # a hang, not a slow machine: CI shares its cores
 STEPS = 6
@@ -21,10 +21,7 @@ STEPS = 6
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     root = make_workspace(tmp_path_factory.mktemp("signals"))
-    (root / "run.yaml").write_text(f"model: {root / 'model'}\nforget: {root / 'forget.json'}\n"
-                                   f"retain: {root / 'retain.json'}\nobjective: ga\nsteps: {STEPS}\nlr: 0.01\n"
-                                   f"batch_size: 4\ncheckpoint_every: 2\nbackend: torch\n")
-    return root
+    return write_run_yaml(root, objective="ga", steps=STEPS, lr=0.01, batch_size=4, checkpoint_every=2, backend="torch")
 
 
 def start(workspace, out):

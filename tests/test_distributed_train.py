@@ -17,7 +17,7 @@ from geffect_kernels.cli import main
 from geffect_kernels.train import launch
 
 from ranks import ROOT, rank_env, run_ranks
-from test_cli import make_workspace
+from test_cli import make_workspace, write_run_yaml
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 TIMEOUT = 600  # a hang, not a slow machine: CI shares its cores
@@ -26,10 +26,8 @@ TIMEOUT = 600  # a hang, not a slow machine: CI shares its cores
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     root = make_workspace(tmp_path_factory.mktemp("dist"))
-    (root / "run.yaml").write_text(f"model: {root / 'model'}\nforget: {root / 'forget.json'}\n"
-                                   f"retain: {root / 'retain.json'}\nobjective: npo\nsteps: 6\nlr: 0.01\n"
-                                   f"batch_size: 5\ngeffect_every: 2\ncheckpoint_every: 2\nbackend: torch\n")
-    return root
+    return write_run_yaml(root, objective="npo", steps=6, lr=0.01, batch_size=5, geffect_every=2, checkpoint_every=2,
+                          backend="torch")
 
 
 def train_args(workspace, out):

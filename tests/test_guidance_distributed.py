@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 from geffect_kernels.cli import main
 
 from ranks import run_ranks
-from test_cli import make_workspace
+from test_cli import make_workspace, write_run_yaml
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 TIMEOUT = 600  # a hang, not a slow machine: CI shares its cores
@@ -19,11 +19,8 @@ TIMEOUT = 600  # a hang, not a slow machine: CI shares its cores
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     root = make_workspace(tmp_path_factory.mktemp("guided"))
-    (root / "run.yaml").write_text(f"model: {root / 'model'}\nforget: {root / 'forget.json'}\n"
-                                   f"retain: {root / 'retain.json'}\nobjective: ga\nsteps: 2\nlr: 0.01\n"
-                                   f"batch_size: 5\ngeffect_every: 0\ncheckpoint_every: 2\nbackend: torch\n"
-                                   f"guidance: rectify\n")
-    return root
+    return write_run_yaml(root, objective="ga", steps=2, lr=0.01, batch_size=5, geffect_every=0, checkpoint_every=2,
+                          backend="torch", guidance="rectify")
 
 
 def metrics(out):
