@@ -72,3 +72,28 @@ def test_cli_dtype(tmp_path, capsys):
     assert "final loss" in capsys.readouterr().out
     assert main([str(a) for a in common + ["--dtype", "bfloat16", "--nproc", "2", "--out", tmp_path / "p"]]) == 1
     assert "--dtype bfloat16 is for one process" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_full_fine_tuning_of_a_half_model_with_a_kl_retain_term(setup, dtype):
+    # the frozen reference keeps the loaded dtype while the trained weights become float32 masters: the KL term
+    # compares the two heads in the trained one's dtype
+    tokenizer, forget, retain = setup
+    model = bf16_model(tokenizer).to(dtype)
+    result = train(model, forget, retain, config(objective="ga", retain_objective="kl", steps=2))
+    assert all(torch.isfinite(torch.tensor(m["retain_loss"])) for m in result.metrics)
+    assert result.metrics[0]["retain_loss"] == pytest.approx(0.0, abs=1e-6)  # step 1 starts at the reference
+    assert result.metrics[1]["retain_loss"] > 0
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_cli_dtype_with_a_kl_retain_term(tmp_path, capsys, dtype):
+    from geffect_kernels.cli import main
+    from test_cli import make_workspace
+
+    w = make_workspace(tmp_path)
+    argv = ["train", "--model", w / "model", "--forget", w / "forget.json", "--retain", w / "retain.json",
+            "--steps", "1", "--batch-size", "2", "--no-progress", "--device", "cpu", "--dtype", dtype,
+            "--retain-objective", "kl", "--out", tmp_path / "o"]
+    assert main([str(a) for a in argv]) == 0, capsys.readouterr().err
+    assert "final loss" in capsys.readouterr().out

@@ -39,6 +39,10 @@ def kl_retain_loss(model, reference, batch, *, normalization, backend):
     with torch.no_grad():
         inputs = getattr(reference, "reference_inputs", None)
         r = inputs(batch) if inputs is not None else head_inputs(reference, batch)
+    # a frozen reference keeps the dtype the model was loaded in while the trained weights are float32 masters
+    # (`precision`): the two heads are compared in the trained one's dtype
+    r = r._replace(hidden=r.hidden.to(x.hidden.dtype), weight=r.weight.to(x.weight.dtype),
+                   bias=None if r.bias is None else r.bias.to(x.weight.dtype))
     # batchmean: every position counts, prompt and padding too, so no shift drops the last one
     return kl_loss(x.hidden, x.weight, r.hidden, r.weight, x.labels, bias=x.bias, ref_bias=r.bias, softcap=x.softcap,
                    shift=normalization == "tokens", backend=backend, reduction=normalization)
