@@ -20,9 +20,27 @@ def atomic_write(path, write) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
-        raise
+        failed = _os_error(err)
+        if failed is None or isinstance(err, (KeyboardInterrupt, SystemExit)):
+            raise
+        # a full disk (or another failed write) inside torch.save surfaces as a RuntimeError about its zip
+        # stream, the OSError only as its context: one OSError that names the file and what is left
+        raise OSError(failed.errno, f"cannot write {path}: {failed.strerror or failed}; "
+                                    f"{'the previous file is unchanged' if path.exists() else 'nothing was written'}"
+                      ) from None
+
+
+def _os_error(err: BaseException) -> OSError | None:
+    """The first OSError of ``err``'s chain (itself, its cause or context), or None."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, OSError):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
 
 
 def atomic_write_text(path, text: str) -> None:
