@@ -98,8 +98,12 @@ def load_model(path, device="cpu", dtype=None, _adapters=()):
 
 
 def check_model_dir(path: Path):
-    if not (path / "config.json").is_file():
+    if not (path / "config.json").exists():
         raise CLIError(f"{path} is not a Hugging Face model directory (no config.json)")
+    from ..structured_files import read_json
+
+    if not isinstance(read_json(path / "config.json"), dict):  # one line for a file transformers cannot parse
+        raise CLIError(f"{path / 'config.json'}: not a JSON object")
 
 
 def check_shardable(path: Path):

@@ -188,10 +188,12 @@ def cmd_train(args):
 def _drop_stale_summaries(out: Path, trained):
     """Without --eval, the rows of ``results/summary.json`` that describe no model of this folder any more: those
     of the runs just trained (their models changed) and of names that are no run of ``OUT/runs`` (not ours)."""
+    from ..structured_files import read_json
+
     path = out / "results" / "summary.json"
     try:
-        rows = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
-    except (OSError, ValueError):
+        rows = read_json(path) if path.is_file() else None
+    except ValueError:
         return  # the report names the file
     if not isinstance(rows, dict):
         return

@@ -18,6 +18,8 @@ import json
 import re
 from pathlib import Path
 
+from ..structured_files import (UnreadableFile, check_depth, parse_json, parse_jsonl_line, read_bytes, read_json,
+                                read_text)
 from .errors import DataError
 
 DATA_SUFFIXES = (".parquet", ".arrow", ".jsonl", ".json")
@@ -35,10 +37,7 @@ def _pyarrow(path):
 
 
 def _json_records(path: Path) -> list:
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as err:
-        raise DataError(f"{path}: not UTF-8 text (byte {err.start}: {err.reason})") from None
+    text = _checked(read_text, path)
     try:
         data = json.loads(text)
     except json.JSONDecodeError as whole:
@@ -47,7 +46,12 @@ def _json_records(path: Path) -> list:
             json.loads(lines[0][1]) if lines else None
         except json.JSONDecodeError:  # not even its first line is JSON: report it as one JSON document
             raise DataError(f"{path}: not valid JSON ({whole.msg} at line {whole.lineno})") from None
+        except RecursionError:
+            pass  # deeply nested: parse_jsonl_line below says so
         return _json_lines(path, lines)
+    except RecursionError:
+        _checked(parse_json, text, path)  # raises: nested too deep
+    check_depth_or_refuse(data, path)
     if isinstance(data, dict) and isinstance(data.get("data"), list):
         data = data["data"]
     if not isinstance(data, list):
@@ -62,7 +66,22 @@ def _json_lines(path, lines) -> list:
             records.append(json.loads(line))
         except json.JSONDecodeError as err:
             raise DataError(f"{path}: line {number} is not valid JSON ({err.msg})") from None
+        except RecursionError:
+            _checked(parse_jsonl_line, line, path, number)  # raises: nested too deep
+        check_depth_or_refuse(records[-1], f"{path} line {number}")
     return records
+
+
+def _checked(read, *args):
+    """``read(*args)`` with its UnreadableFile (not a regular file, not UTF-8, nested too deep) as a DataError."""
+    try:
+        return read(*args)
+    except UnreadableFile as err:
+        raise DataError(str(err)) from None
+
+
+def check_depth_or_refuse(value, source):
+    _checked(check_depth, value, source)
 
 
 def _arrow_records(path: Path) -> list:
@@ -98,12 +117,21 @@ def _file_records(path: Path) -> list:
 
 def _saved_dataset(folder: Path) -> list:
     """A ``Dataset.save_to_disk`` folder: its Arrow files in the order ``state.json`` lists them."""
+    state = _checked(read_json, folder / "state.json")
     try:
-        state = json.loads((folder / "state.json").read_text(encoding="utf-8"))
         files = [entry["filename"] for entry in state["_data_files"]]
-    except (OSError, ValueError, KeyError, TypeError) as err:
+    except (KeyError, TypeError) as err:
         raise DataError(f"{folder}: state.json does not list the data files ({type(err).__name__}: {err})") from None
-    return [record for name in files for record in _arrow_records(folder / name)]
+    return [record for name in files for record in _arrow_records(_inside(folder, name, "state.json"))]
+
+
+def _inside(folder: Path, name, listed_in: str) -> Path:
+    """``folder / name`` for a name that ``listed_in`` gives: text naming something inside ``folder`` (a crafted
+    file must not make the reader open files elsewhere)."""
+    if not isinstance(name, str) or not name or Path(name).is_absolute() or \
+            not (folder / name).resolve().is_relative_to(folder.resolve()):
+        raise DataError(f"{folder / listed_in}: {str(name)[:80]!r} is not a name inside {folder}: refused")
+    return folder / name
 
 
 def _split_files(folder: Path) -> dict[str, list[Path]]:
@@ -125,13 +153,15 @@ def _one_split(folder: Path, splits, what) -> str:
 
 
 def _folder_records(folder: Path) -> list:
-    if (folder / "dataset_dict.json").is_file():  # DatasetDict.save_to_disk: one saved Dataset per split
-        try:
-            splits = json.loads((folder / "dataset_dict.json").read_text(encoding="utf-8"))["splits"]
-        except (OSError, ValueError, KeyError, TypeError) as err:
-            raise DataError(f"{folder}: dataset_dict.json does not list the splits ({err})") from None
-        return _saved_dataset(folder / _one_split(folder, dict.fromkeys(splits), "splits"))
-    if (folder / "state.json").is_file():
+    if (folder / "dataset_dict.json").exists():  # DatasetDict.save_to_disk: one saved Dataset per split
+        listed = _checked(read_json, folder / "dataset_dict.json")
+        splits = listed.get("splits") if isinstance(listed, dict) else None
+        if not isinstance(splits, list) or not splits or not all(isinstance(s, str) for s in splits):
+            raise DataError(f"{folder / 'dataset_dict.json'}: 'splits' must be a list of split names, got "
+                            f"{str(splits)[:60]!r}")
+        split = _one_split(folder, dict.fromkeys(splits), "splits")
+        return _saved_dataset(_inside(folder, split, "dataset_dict.json"))
+    if (folder / "state.json").exists():
         return _saved_dataset(folder)
     splits = _split_files(folder)
     if splits:
@@ -159,6 +189,8 @@ def read_records(path) -> list:
         return _file_records(path)
     if path.is_dir():
         return _folder_records(path)
+    if path.exists():  # a FIFO would block, a device (/dev/zero) never ends
+        _checked(read_bytes, path, 0)  # raises: not a regular file
     files = _named_split(path)
     if files is None:
         raise DataError(f"{path}: no such file, folder or split")

@@ -6,7 +6,6 @@ optionally ``geffects.json`` and ``eval.json``). Everything here only reads thos
 """
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
@@ -328,8 +327,8 @@ def headline(run_dir) -> list[str]:
     from .observations import CLAIMS
 
     results = Path(run_dir) / "results"
-    summaries = {name: flat_summary(s) for name, s in json.loads((results / "summary.json").read_text()).items()}
-    verdicts = json.loads((results / "observations.json").read_text())
+    summaries = {name: flat_summary(s) for name, s in read_json(results / "summary.json").items()}
+    verdicts = read_json(results / "observations.json")
     shown = [(key, label) for key, label in HEADLINE
              if key in dict(HEADLINE[:4]) or any(key in s for s in summaries.values())]
     lines = [f"{model}: " + ", ".join(f"{label} {_spread([summaries[n].get(key) for n in names])}"

@@ -13,7 +13,6 @@ Saved evaluations read:
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -21,6 +20,7 @@ import numpy as np
 
 from .membership import attack_columns, mia_auc
 from .muse import privleak_auc
+from ..structured_files import read_json
 
 RETAIN_NAMES = ("retain_only", "retain_model", "retain")  # what a file of several models calls the retain model
 
@@ -84,12 +84,7 @@ def _tofu_ratios(log: dict, path) -> list:
 def read_retain_reference(path) -> RetainReference:
     """The reference from a saved evaluation (see the module docstring); ValueError naming the file otherwise."""
     path = Path(path)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except OSError as err:
-        raise ValueError(f"{path}: cannot read ({err.strerror or err})") from None
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: not valid JSON ({err.msg} at line {err.lineno})") from None
+    data = read_json(path)
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a JSON object (a per-sample evaluation or TOFU's eval log)")
     if isinstance(data.get("eval_log_forget.json"), dict):

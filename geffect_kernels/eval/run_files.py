@@ -16,6 +16,7 @@ import re
 from pathlib import Path
 
 from ..atomic_files import atomic_write, atomic_write_text
+from .. import structured_files
 
 SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,99}")
 _MARKDOWN_SPECIAL = re.compile(r"([\\`*_{}\[\]<>()#+!|~-])")
@@ -41,14 +42,12 @@ def check_number(value, what: str, source, *, optional=False):
 
 
 def read_json(path, default=None):
-    """``path``'s JSON (``default`` when there is no such file); ValueError naming it when it is not JSON."""
+    """``path``'s JSON (``default`` when there is no such file); ValueError naming it when it is not JSON or not
+    a regular file."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         return default
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"{path}: not JSON ({type(err).__name__}: {str(err).splitlines()[0]})") from None
+    return structured_files.read_json(path)
 
 
 TEXT_METRICS = ("retain_reference",)  # where a summary's reference numbers came from

@@ -11,6 +11,7 @@ import csv
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from ..structured_files import UnreadableFile, read_json
 
 
 @dataclass
@@ -147,8 +148,10 @@ class GEffectHistory:
     @classmethod
     def from_json(cls, path) -> GEffectHistory:
         try:
-            return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
-        except (ValueError, KeyError, TypeError, AttributeError) as err:  # JSON, UTF-8, or not a history
+            return cls.from_dict(read_json(path))
+        except UnreadableFile as err:
+            raise ValueError(f"{path}: not a G-effect history ({err.reason})") from None
+        except (ValueError, KeyError, TypeError, AttributeError) as err:  # not a history
             raise ValueError(f"{path}: not a G-effect history ({type(err).__name__}: {err})") from None
 
     def plot(self, out_dir, *, prefix: str | None = None) -> list[Path]:

@@ -7,7 +7,6 @@ in the folder removes (`remove_orphans`). A checkpoint is loaded as tensors and 
 """
 from __future__ import annotations
 
-import json
 import pickle
 import re
 import shutil
@@ -18,6 +17,7 @@ import torch
 from ..atomic_files import atomic_write as atomic_write
 from ..atomic_files import atomic_write_json as atomic_write_json
 from ..atomic_files import atomic_write_text as atomic_write_text
+from ..structured_files import UnreadableFile, read_json
 
 CHECKPOINT = "checkpoint.pt"  # one process's checkpoint: one file
 SHARDED_CHECKPOINTS = "checkpoint"  # a sharded run's: a folder per step and latest.json (`distributed`)
@@ -64,8 +64,8 @@ def check_own_folder(folder) -> None:
 
 def _has_objective(path: Path) -> bool:
     try:
-        return "objective" in json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError, TypeError):
+        return "objective" in read_json(path)
+    except (UnreadableFile, TypeError):
         return False
 
 

@@ -31,6 +31,7 @@ from safetensors.torch import save_file
 
 from .. import hf
 from .sharding import decoder_blocks, shard
+from ..structured_files import read_json
 
 WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
@@ -61,7 +62,10 @@ def load_sharded(path, device: torch.device, *, wrap=None, trainable: bool = Tru
 def weight_files(path: Path) -> dict[str, Path]:
     """``{checkpoint key: its safetensors file}`` of the model in ``path``."""
     if (path / INDEX).is_file():
-        weight_map = json.loads((path / INDEX).read_text())["weight_map"]
+        index = read_json(path / INDEX)
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        if not isinstance(weight_map, dict) or not all(isinstance(n, str) for n in weight_map.values()):
+            raise ValueError(f"{path / INDEX}: weight_map must map weight names to file names")
         return {key: path / name for key, name in weight_map.items()}
     if (path / WEIGHTS).is_file():
         from safetensors import safe_open

@@ -46,6 +46,7 @@ from .resume import differences, run_settings, should_resume
 from .run_lock import run_lock
 from .schedule import batch_indices, warmup_linear_decay
 from .train_config import TrainConfig
+from ..structured_files import UnreadableFile, parse_jsonl_line, read_text
 
 METRICS = "metrics.jsonl"
 GEFFECTS = "geffects.json"
@@ -413,10 +414,10 @@ def _read_metrics(path: Path, up_to_step: int) -> list[dict]:
     """Logged lines of steps ≤ ``up_to_step`` (what the checkpoint covers); a torn last line is dropped."""
     lines = []
     if path.is_file():
-        for line in path.read_text(encoding="utf-8").splitlines():
+        for number, line in enumerate(read_text(path).splitlines(), 1):
             try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
+                record = parse_jsonl_line(line, path, number)
+            except UnreadableFile:
                 continue
             if record.get("step", 0) <= up_to_step:
                 lines.append(record)

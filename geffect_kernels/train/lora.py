@@ -7,8 +7,8 @@ adapters as one loaded whole.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
+from ..structured_files import read_json
 
 ADAPTER_CONFIG = "adapter_config.json"
 
@@ -80,7 +80,8 @@ def load_adapter(path, load_base, trainable=True):
     trainable by default (G-effects are taken over the trainable parameters: here the adapter's)."""
     from peft import PeftModel
 
-    base_path = json.loads((Path(path) / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
-    if not base_path:
+    config = read_json(Path(path) / ADAPTER_CONFIG)
+    base_path = config.get("base_model_name_or_path") if isinstance(config, dict) else None
+    if not base_path or not isinstance(base_path, str):
         raise ValueError(f"{path}/{ADAPTER_CONFIG} names no base model (base_model_name_or_path)")
     return PeftModel.from_pretrained(load_base(base_path), path, is_trainable=trainable)

@@ -18,13 +18,13 @@ measured peak resident memory of CPU runs.
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..backends.autograd import CHUNK_BYTES
 from ..objectives import OBJECTIVES
+from ..structured_files import read_json
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 REFERENCE_DEVICES = (None, "cpu")
@@ -50,10 +50,9 @@ class ModelShape:
         """From a transformers config, its dict, or a model folder (its config.json)."""
         if isinstance(config, (str, Path)):
             path = Path(config) / "config.json" if Path(config).is_dir() else Path(config)
-            try:
-                config = json.loads(path.read_text(encoding="utf-8"))
-            except (OSError, json.JSONDecodeError) as err:
-                raise ValueError(f"{path}: cannot read the model's config ({err})") from None
+            config = read_json(path)
+            if not isinstance(config, dict):
+                raise ValueError(f"{path}: the model's config must be a JSON object")
         values = config if isinstance(config, dict) else config.to_dict()
         values = values.get("text_config", values) if "hidden_size" not in values else values
         needed = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads", "vocab_size")

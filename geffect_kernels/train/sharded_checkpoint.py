@@ -10,7 +10,6 @@ with a `CheckpointError` naming the file.
 """
 from __future__ import annotations
 
-import json
 import logging
 import pickle
 from pathlib import Path
@@ -19,6 +18,7 @@ import torch
 
 from ..atomic_files import atomic_write, atomic_write_json
 from .checkpoint import CheckpointError
+from ..structured_files import UnreadableFile, read_json
 
 LATEST = "latest.json"
 LOOP_STATE = "loop.json"
@@ -189,10 +189,9 @@ def _load_weights_only(path: Path):
 
 def _read_json(path: Path):
     try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"{path} cannot be read ({type(err).__name__}: {_first_line(err)}); "
-                              f"{_OVERWRITE}") from None
+        return read_json(path)
+    except UnreadableFile as err:
+        raise CheckpointError(f"{path} cannot be read ({err.reason}); {_OVERWRITE}") from None
 
 
 def _positive_int(value) -> bool:

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import dataclasses
-import functools
 from dataclasses import dataclass, field
 
 from ..geffect.groups import MODES as GROUPINGS
@@ -10,6 +9,7 @@ from ..guidance import GUIDANCES, TEMPERATURE, parse_stop_when
 from .. import catalog
 from ..catalog import OBJECTIVES, resolve
 from ..ranges import NON_NEGATIVE, POSITIVE, check_number
+from ..structured_files import read_yaml  # noqa: F401  (the settings file reader, used with TrainConfig)
 from ..retain import KL_REDUCTIONS
 from .presets import check_preset, fill_settings
 
@@ -146,66 +146,3 @@ def _short(value) -> str:
 
 def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
-
-
-YAML_MAX_BYTES = 1 << 20  # a settings file is a few hundred bytes
-YAML_MAX_NODES = 10_000  # values after aliases are expanded: an alias bomb is refused before it is built
-
-
-def read_yaml(path) -> dict:
-    """A YAML mapping of settings; ValueError naming the file when it is unreadable, not a mapping, larger than
-    `YAML_MAX_BYTES`, or would expand (through aliases) into more than `YAML_MAX_NODES` values."""
-    import yaml
-
-    try:
-        with open(path, "rb") as f:
-            data = f.read(YAML_MAX_BYTES + 1)
-        if len(data) > YAML_MAX_BYTES:
-            raise ValueError(f"{path}: larger than {YAML_MAX_BYTES} bytes: not a settings file")
-        loader = _bounded_loader()(data.decode("utf-8"))
-        try:
-            values = loader.get_single_data() or {}
-        finally:
-            loader.dispose()
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
-        raise ValueError(f"{path}: cannot read the YAML config ({str(err).splitlines()[0]})") from None
-    except _TooLarge:
-        raise ValueError(f"{path}: expands to more than {YAML_MAX_NODES} values (aliases): refused") from None
-    if not isinstance(values, dict):
-        raise ValueError(f"{path}: the YAML config must be a mapping of settings")
-    return values
-
-
-class _TooLarge(Exception):
-    pass
-
-
-@functools.lru_cache(maxsize=1)
-def _bounded_loader():
-    import yaml
-
-    class BoundedLoader(yaml.SafeLoader):
-        """`yaml.SafeLoader` that counts the nodes of the document with every alias expanded, from the composed
-        graph (before any Python object is built), and stops past `YAML_MAX_NODES`."""
-
-        def compose_document(self):
-            node = super().compose_document()
-            sizes = {}
-
-            def size(n):  # memoized: a node reached through many aliases is counted each time, computed once
-                if sizes.get(id(n), 0) < 0:
-                    raise _TooLarge  # a recursive alias: infinitely many values
-                if id(n) not in sizes:
-                    sizes[id(n)] = -1
-                    children = (n.value if isinstance(n, yaml.SequenceNode) else
-                                [x for pair in n.value for x in pair] if isinstance(n, yaml.MappingNode) else [])
-                    sizes[id(n)] = 1 + sum(min(size(c), YAML_MAX_NODES + 1) for c in children)
-                if sizes[id(n)] > YAML_MAX_NODES:
-                    raise _TooLarge
-                return sizes[id(n)]
-
-            if node is not None:
-                size(node)
-            return node
-
-    return BoundedLoader
