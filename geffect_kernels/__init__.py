@@ -25,6 +25,7 @@ _EXPORTS = {
     "available_backends": ".backends.registry",
     "kl_loss": ".retain", "rmu_direction": ".retain", "rmu_loss": ".retain", "rr_loss": ".retain",
     "TokenStats": ".token_distribution", "token_stats": ".token_distribution",
+    "undial_loss": ".undial",
 }
 
 if TYPE_CHECKING:
@@ -36,6 +37,7 @@ if TYPE_CHECKING:
                              unlearning_loss_from_logprobs)
     from .retain import kl_loss, rmu_direction, rmu_loss, rr_loss
     from .token_distribution import TokenStats, token_stats
+    from .undial import undial_loss
 
 
 def __getattr__(name: str):
@@ -55,6 +57,6 @@ def __dir__():
 __all__ = [
     "GEffectHistory", "GEffectProfiler", "GEffectResult", "IGNORE_INDEX", "OBJECTIVES", "TokenStats",
     "available_backends", "hf", "kl_loss", "rmu_direction", "rmu_loss", "rr_loss", "token_logprobs",
-    "token_logprobs_from_logits", "token_stats", "token_weights", "unlearning_loss", "unlearning_loss_from_logits",
-    "unlearning_loss_from_logprobs",
+    "token_logprobs_from_logits", "token_stats", "token_weights", "undial_loss", "unlearning_loss",
+    "unlearning_loss_from_logits", "unlearning_loss_from_logprobs",
 ]

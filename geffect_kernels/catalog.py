@@ -60,6 +60,18 @@ def _wtnpo(lp, ref, hp):
     return torch.exp(hp["alpha"] * lp) * _sigmoid_weight(lp, ref, hp)
 
 
+def _ceu_weight(lp, ref, hp):
+    """p/(1 − p) = e^ℓ / (−expm1(ℓ)): CE-U's gradient is this times ∇ℓ_t (infinite where ℓ rounded to 0; the fused
+    head losses take it from the logits instead, exp(z_y − LSE_{v≠y}), which stays finite)."""
+    return torch.exp(lp - torch.log(-torch.expm1(lp)))
+
+
+def _ceu_token_loss(lp, hp):
+    """−log(1 − p_t): the part of CE-U's per-token loss H(q_t) − log(1 − p_t) that a function of ℓ_t can give; q_t
+    is detached, so its gradient is CE-U's (p/(1 − p) ∇ℓ_t). H(q_t) needs the distribution (`unlearning_loss`)."""
+    return -torch.log(-torch.expm1(lp))
+
+
 def _npo_loss(seq, ref_seq, counts, hp):
     return -(2.0 / hp["beta"]) * F.logsigmoid(-hp["beta"] * (seq - ref_seq))
 
@@ -90,6 +102,12 @@ class Objective:
     kernel_code: KernelWeight | None = None  # the kernels' formula for token_weight
     sequence_loss: Callable | None = None  # (ℓ_seq, ℓ_ref,seq, n_seq, hp) -> per-sequence loss
     sequence_weight: Callable | None = None  # (ℓ_seq, ℓ_ref,seq, n_seq, hp) -> per-sequence weight
+    # A token-level objective whose per-token loss is not w_t·ℓ_t: the differentiable part of its value as a function
+    # of ℓ_t, (ℓ, hp) -> per-token loss whose gradient is w_t (`objectives.unlearning_loss_from_logprobs`)
+    token_loss: Callable | None = None
+    # a cross-entropy to the model's own detached distribution (CE-U): over a head it needs the whole distribution
+    # (`Backend.target_cross_entropy`), not ℓ_t alone; its ``ignore_first`` drops each row's first answer tokens
+    own_distribution: bool = False
 
     @property
     def level(self) -> str:
@@ -113,6 +131,9 @@ OBJECTIVES = {o.name: o for o in [
               {"beta": 0.1}, needs_ref=True, sequence_loss=_npo_loss, sequence_weight=_npo_weight),
     Objective("simnpo", "−(2/β) mean_seq log σ(−β ℓ_seq/n_seq − βδ)", "Fan et al., 2024, SimNPO",
               {"beta": 2.5, "delta": 0.0}, sequence_loss=_simnpo_loss, sequence_weight=_simnpo_weight),
+    Objective("ceu", "mean_t −Σ_v q_t,v log p_t,v, q_t = sg softmax(z_t with z_t,y = −∞)",
+              "CE-U; Yang, 2025, Cross Entropy Unlearning (arXiv:2503.01224); open-unlearning's ceu.py",
+              {"ignore_first": 1}, token_weight=_ceu_weight, token_loss=_ceu_token_loss, own_distribution=True),
     Objective("nll", "−mean_t ℓ_t", "maximum likelihood (GD's retain term; PO/IdkPO on substitute answers)",
               sign=-1.0, token_weight=_one, kernel_code=KernelWeight.ONE),
 ]}

@@ -111,6 +111,16 @@ def check_labels(labels, vocab_size, ignore_index, *, values=True):
         raise ValueError(f"labels must be in [0, {vocab_size}) or ignore_index={ignore_index}; found {value}")
 
 
+def drop_first_answer_tokens(labels, count, ignore_index):
+    """``labels`` with the first ``count`` non-ignored labels of each row (the last dimension) set to
+    ``ignore_index``: CE-U's ``ignore_first``, applied as open-unlearning's ``compute_batch_ceu`` does (to the labels
+    as given, before any shift)."""
+    if count == 0:
+        return labels
+    valid = labels != ignore_index
+    return labels.masked_fill(valid & (valid.cumsum(-1) <= count), ignore_index)
+
+
 def prepare_rows(rows, labels, *, feature_name, ignore_index, shift, vocab_size, check_values=False):
     """Check ``rows`` ([B, T, F] or [N, F]) against ``labels`` ([B, T] or [N]), apply the shift, flatten."""
     if rows.dim() not in (2, 3):

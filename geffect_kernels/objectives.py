@@ -10,12 +10,14 @@ data-parallel objectives differentiate.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 
 import torch
 
 from .catalog import IGNORE_INDEX, OBJECTIVES, Resolved, resolve
-from .inputs import check_mask, check_tensor, prepare_head, prepare_logits, prepare_logprobs, prepare_ref
+from .inputs import (check_mask, check_tensor, drop_first_answer_tokens, prepare_head, prepare_logits,
+                     prepare_logprobs, prepare_ref)
 
 
 def unlearning_loss_from_logprobs(name, logprobs, labels, *, ref_logprobs=None, ignore_index=IGNORE_INDEX,
@@ -37,11 +39,25 @@ def unlearning_loss_from_logprobs(name, logprobs, labels, *, ref_logprobs=None, 
     (the first dropped); ``ref_logprobs`` are shaped like ``logprobs``. Values at ignored positions are ignored.
     """
     objective = _resolved(name, hparams)
+    labels = _own_distribution_labels(objective, labels, ignore_index)
     labels = prepare_logprobs(logprobs, labels, ignore_index=ignore_index, shift=shift, check_values=check_values)
     ref = prepare_ref(ref_logprobs, labels.reshape(-1), logprobs.shape, logprobs.dtype, ignore_index=ignore_index,
                       required_by=objective.name if objective.objective.needs_ref else None, check_values=check_values)
     ref = None if ref is None else ref.reshape(logprobs.shape)
     return _from_logprobs(objective, logprobs, labels != ignore_index, ref)
+
+
+def _own_distribution_labels(objective: Resolved, labels, ignore_index):
+    """CE-U's labels: without each row's first ``ignore_first`` answer tokens (before any shift, as open-unlearning)."""
+    if not objective.objective.own_distribution or not isinstance(labels, torch.Tensor):
+        return labels
+    return drop_first_answer_tokens(labels, objective.hparams["ignore_first"], ignore_index)
+
+
+def _check_own_distribution(objective: Resolved, vocab):
+    if objective.objective.own_distribution and vocab < 2:
+        raise ValueError(f"objective {objective.name!r} needs a vocabulary of at least 2 entries (its target is the "
+                         f"distribution without the label), got {vocab}")
 
 
 def _resolved(name, hparams) -> Resolved:
@@ -57,6 +73,9 @@ def _from_logprobs(objective: Resolved, logprobs, valid, ref=None):
     elsewhere."""
     o, hp = objective.objective, objective.hparams
     if o.level == "token":
+        if o.token_loss is not None:  # a per-token loss whose gradient is w_t ∇ℓ_t (CE-U's, less its constant)
+            per_token = o.token_loss(torch.where(valid, logprobs, -1.0), hp)
+            return o.sign * torch.where(valid, per_token, 0).sum() / max(int(valid.sum()), 1)
         w = objective.weighting.weights(logprobs, ref)
         return o.sign * torch.where(valid, w * logprobs, 0).sum() / max(int(valid.sum()), 1)
     if logprobs.dim() != 2:
@@ -69,11 +88,14 @@ def _from_logprobs(objective: Resolved, logprobs, valid, ref=None):
     return torch.where(present, losses, 0).sum() / present.sum().clamp_min(1)
 
 
-def _loss(objective, prep, ref, *, weighted, logprobs):
-    """A token-level objective through the backend's fused ``weighted(opts)``; a sequence-level one from
+def _loss(objective, prep, ref, *, weighted, logprobs, own_target=None):
+    """A token-level objective through the backend's fused ``weighted(opts)``; CE-U through ``own_target(opts,
+    β = inf)``, the cross-entropy to the model's own distribution without the label; a sequence-level one from
     the backend's ``logprobs(opts)`` and `_from_logprobs`."""
     opts = prep.opts
     valid = prep.labels != opts.ignore_index
+    if objective.objective.own_distribution:
+        return own_target(replace(opts, scale=1.0 / valid.sum().clamp_min(1).double()), math.inf)
     if objective.objective.level == "token":
         # 1/n_valid stays on the device (a 0-d tensor): no synchronization
         scale = objective.objective.sign / valid.sum().clamp_min(1).double()
@@ -89,17 +111,22 @@ def unlearning_loss(name, hidden, weight, labels, *, ref_logprobs=None, bias=Non
 
     ``ref_logprobs`` are the reference model's `token_logprobs` on the same batch (same arguments),
     required by ``tnpo``, ``wtnpo`` and ``npo``. Hyper-parameters: ``alpha``, ``beta``, ``gamma``,
-    ``delta``, ``eps`` as the objective takes them. Returns float64 for float64 inputs, else float32.
+    ``delta``, ``eps`` as the objective takes them; ``ceu``: ``ignore_first`` (leading answer tokens of each row
+    left out, open-unlearning's default 1). Returns float64 for float64 inputs, else float32.
     ``check_values=True`` (or GEFFECT_CHECK_VALUES=1) also refuses NaN/inf inputs and out-of-range labels,
     at the price of a host-device synchronization; by default a call never waits for the device.
     """
     objective = resolve(name, hparams)
+    labels = _own_distribution_labels(objective, labels, ignore_index)
     prep = prepare_head(hidden, weight, labels, bias, ignore_index=ignore_index, shift=shift, softcap=softcap,
                         backend=backend, check_values=check_values)
+    _check_own_distribution(objective, weight.shape[0])
     ref = prep.reference(ref_logprobs, required_by=name if objective.objective.needs_ref else None)
     args = (prep.hidden, weight, bias, prep.labels)
     return _loss(objective, prep, ref, weighted=lambda o: prep.backend.weighted_loss(*args, ref, o),
-                 logprobs=lambda o: prep.backend.token_logprobs(*args, o))
+                 logprobs=lambda o: prep.backend.token_logprobs(*args, o),
+                 own_target=lambda o, beta: prep.backend.target_cross_entropy(*args[:3], None, None, None,
+                                                                              prep.labels, o, beta))
 
 
 def unlearning_loss_from_logits(name, logits, labels, *, ref_logprobs=None, ignore_index=IGNORE_INDEX, softcap=None,
@@ -110,12 +137,16 @@ def unlearning_loss_from_logits(name, logits, labels, *, ref_logprobs=None, igno
     the logits are then unusable after the call. Backends without such a kernel ignore it.
     """
     objective = resolve(name, hparams)
+    labels = _own_distribution_labels(objective, labels, ignore_index)
     prep = prepare_logits(logits, labels, ignore_index=ignore_index, shift=shift, softcap=softcap, backend=backend,
                           inplace=inplace, check_values=check_values)
+    _check_own_distribution(objective, logits.shape[-1])
     ref = prep.reference(ref_logprobs, required_by=name if objective.objective.needs_ref else None)
     return _loss(objective, prep, ref,
                  weighted=lambda o: prep.backend.weighted_loss_from_logits(prep.hidden, prep.labels, ref, o),
-                 logprobs=lambda o: prep.backend.token_logprobs_from_logits(prep.hidden, prep.labels, o))
+                 logprobs=lambda o: prep.backend.token_logprobs_from_logits(prep.hidden, prep.labels, o),
+                 own_target=lambda o, beta: prep.backend.target_cross_entropy_from_logits(prep.hidden, prep.labels,
+                                                                                          o, beta))
 
 
 def token_weights(name, logprobs, ref_logprobs=None, *, mask=None, **hparams):

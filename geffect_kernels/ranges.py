@@ -25,7 +25,10 @@ class Range(NamedTuple):
 POSITIVE, NON_NEGATIVE, FINITE = Range(0, low_open=True), Range(0), Range()
 
 # the objectives' hyper-parameters (catalog.py): p^α, σ(β·), (1−p)^γ, SimNPO's margin δ, TNPO's ε
-HPARAMS = {"alpha": NON_NEGATIVE, "beta": POSITIVE, "gamma": NON_NEGATIVE, "delta": FINITE, "eps": NON_NEGATIVE}
+# and CE-U's number of leading answer tokens left out per row (an integer)
+HPARAMS = {"alpha": NON_NEGATIVE, "beta": POSITIVE, "gamma": NON_NEGATIVE, "delta": FINITE, "eps": NON_NEGATIVE,
+           "ignore_first": NON_NEGATIVE}
+INTEGER_HPARAMS = ("ignore_first",)
 
 
 def check_number(name: str, value, allowed: Range = FINITE) -> float:
@@ -40,6 +43,12 @@ def check_number(name: str, value, allowed: Range = FINITE) -> float:
 
 
 def check_hparams(values: dict) -> dict:
-    """Every hyper-parameter of ``values`` checked against its range (`HPARAMS`)."""
-    return {key: check_number(f"hyper-parameter {key}", value, HPARAMS.get(key, FINITE))
-            for key, value in values.items()}
+    """Every hyper-parameter of ``values`` checked against its range (`HPARAMS`); the integer ones as ints."""
+    checked = {key: check_number(f"hyper-parameter {key}", value, HPARAMS.get(key, FINITE))
+               for key, value in values.items()}
+    for key in INTEGER_HPARAMS:
+        if key in checked:
+            if not checked[key].is_integer():
+                raise ValueError(f"hyper-parameter {key} must be an integer ≥ 0, got {values[key]!r}")
+            checked[key] = int(checked[key])
+    return checked

@@ -32,6 +32,8 @@ def token_weight(name, lp, ref, hp):
     p = torch.exp(lp.detach())
     if name in ("ga", "nll"):
         return torch.ones_like(p)
+    if name == "ceu":
+        return p / (1 - p)
     if name == "wga":
         return p ** hp.get("alpha", 1.0)
     if name == "satimp":
@@ -60,6 +62,9 @@ def objective(name, lp, valid, ref=None, **hp):
             per = (2 / beta) * torch.log1p(torch.exp(beta * x + beta * delta))
         return (per * has).sum() / max(int(has.sum()), 1)
     n = max(int(valid.sum()), 1)
+    if name == "ceu":  # from ℓ alone: −log(1 − p), whose gradient p/(1 − p) is CE-U's (its H(q) is detached)
+        per = -torch.log(1 - torch.exp(torch.where(valid, lp, -1.0)))
+        return torch.where(valid, per, torch.zeros_like(per)).sum() / n
     w = token_weight(name, lp, ref, hp)
     sign = -1.0 if name == "nll" else 1.0
     return sign * (w * lp * valid).sum() / n
@@ -87,3 +92,45 @@ def token_stats(h, w, y, b=None, softcap=None, shift=False):
     lp = torch.gather(log_p, -1, torch.where(valid, y, 0).unsqueeze(-1)).squeeze(-1)
     zero = torch.zeros_like(entropy)
     return tuple(torch.where(valid, t, zero) for t in (lp, entropy, var)), valid
+
+
+def label_shifted_cross_entropy(z, z_target, y, beta):
+    """Per-position −Σ_v t_v log softmax(z)_v with t = softmax(z_target − β·onehot(y)), written with a one-hot matrix
+    (β = inf: the target logit at the label is −∞); 0 where y is ignored."""
+    valid = y != IGNORE
+    onehot = torch.nn.functional.one_hot(torch.where(valid, y, 0), z.shape[-1]).double() * valid.unsqueeze(-1)
+    if beta == float("inf"):
+        shifted = z_target.double().masked_fill(onehot.bool(), float("-inf"))
+    else:
+        shifted = z_target.double() - beta * onehot
+    t = torch.softmax(shifted, -1).detach()
+    per = -(t * torch.log_softmax(z.double(), -1)).sum(-1)
+    return torch.where(valid, per, torch.zeros_like(per))
+
+
+def undial(h, w, h_ref, w_ref, y, beta, b=None, b_ref=None, softcap=None, shift=False):
+    """UNDIAL: mean over valid positions of the cross-entropy to softmax(z_ref − β·onehot(y)), reference detached."""
+    if shift:
+        h, h_ref, y = h[..., :-1, :], h_ref[..., :-1, :], y[..., 1:]
+    z_ref = logits(h_ref, w_ref, b_ref, softcap).detach()
+    per = label_shifted_cross_entropy(logits(h, w, b, softcap), z_ref, y, beta)
+    return per.sum() / max(int((y != IGNORE).sum()), 1)
+
+
+def ceu(h, w, y, ignore_first=1, b=None, softcap=None, shift=False):
+    """CE-U: each row's first ``ignore_first`` valid labels dropped (before the shift), then the mean over valid
+    positions of −Σ_{v≠y} q_v log p_v, q = sg softmax over v ≠ y."""
+    y = y.clone()
+    rows = y.reshape(-1, y.shape[-1])
+    for row in rows:
+        seen = 0
+        for i in range(row.shape[0]):
+            if row[i] != IGNORE and seen < ignore_first:
+                row[i] = IGNORE
+                seen += 1
+    y = rows.reshape(y.shape)
+    if shift:
+        h, y = h[..., :-1, :], y[..., 1:]
+    z = logits(h, w, b, softcap)
+    per = label_shifted_cross_entropy(z, z.detach(), y, float("inf"))
+    return per.sum() / max(int((y != IGNORE).sum()), 1)

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from .autograd import (UPCAST_ROWS, GradBuffers, compute_dtype, fused_head_pass, fused_logits_loss, fused_loss,
                        logits_grad_, own_storage, row_chunks, soft_cap_, token_logprobs)
 from .interface import Backend
+from .target_rows import target_cross_entropy_rows
 
 
 # torch ≥ 2.8 multiplies 16-bit CUDA matrices straight into a float32 result (cuBLAS, `out_dtype`)
@@ -182,6 +183,46 @@ class ChunkedBackend(Backend):
 
         return fused_loss(lambda wanted, *head: fused_head_pass(*head, wanted, chunk_loss, compute_dtype(hidden.dtype)),
                           hidden, weight, bias)
+
+    def target_cross_entropy(self, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, opts, beta):
+        safe, valid = _targets(labels, opts)
+        own = ref_hidden is None
+        if not own:
+            ref_hidden, ref_weight = ref_hidden.detach(), ref_weight.detach()
+            ref_bias = None if ref_bias is None else ref_bias.detach()
+
+        def chunk_loss(sl, want_grad):
+            z, slope = _logits(hidden[sl], weight, bias, opts.softcap)
+            zt = z.detach() if own else _logits(ref_hidden[sl], ref_weight, ref_bias, opts.softcap)[0]
+            ce, g = target_cross_entropy_rows(z, zt, safe[sl], valid[sl], beta, own, want_grad)
+            coef = valid[sl].to(z.dtype) * opts.scale
+            if g is not None:
+                g.mul_(coef.unsqueeze(1))
+                if slope is not None:
+                    g.mul_(slope)
+            return (coef * ce).sum(), g
+
+        return fused_loss(lambda wanted, *head: fused_head_pass(*head, wanted, chunk_loss, compute_dtype(hidden.dtype)),
+                          hidden, weight, bias)
+
+    def target_cross_entropy_from_logits(self, logits, labels, opts, beta):
+        """`target_cross_entropy` of the model's own given logits (CE-U over logits the caller holds)."""
+        safe, valid = _targets(labels, opts)
+
+        def compute(wanted, logits):
+            grad = own_storage(logits, opts.inplace) if wanted else None
+            loss = torch.zeros((), dtype=compute_dtype(logits.dtype), device=logits.device)
+            for sl in row_chunks(*logits.shape):
+                z, slope = _logits_copy(logits[sl], opts.softcap)
+                ce, g = target_cross_entropy_rows(z, z, safe[sl], valid[sl], beta, True, grad is not None)
+                coef = valid[sl].to(z.dtype) * opts.scale
+                loss += (coef * ce).sum()
+                if grad is not None:
+                    g.mul_(coef.unsqueeze(1))
+                    grad[sl] = g if slope is None else g.mul_(slope)
+            return loss, grad
+
+        return fused_logits_loss(compute, logits)
 
     def token_logprobs_from_logits(self, logits, labels, opts):
         return token_logprobs(_Logprobs(opts), logits, labels)

@@ -66,5 +66,16 @@ class OracleBackend(Backend):
         kl = (log_q.exp() * (log_q - log_p)).sum(-1)
         return torch.where(labels != opts.ignore_index, kl, 0).sum() * opts.scale
 
+    def target_cross_entropy(self, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, opts, beta):
+        z = logits(hidden, weight, bias, opts.softcap)
+        valid = labels != opts.ignore_index
+        with torch.no_grad():
+            zt = z.clone() if ref_hidden is None else logits(ref_hidden, ref_weight, ref_bias, opts.softcap)
+            rows = torch.arange(len(labels), device=labels.device)[valid]
+            zt[rows, labels[valid]] -= beta
+            target = torch.softmax(zt, dim=-1)
+        ce = -(target * torch.log_softmax(z, dim=-1)).sum(-1)
+        return torch.where(valid, ce, 0).sum() * opts.scale
+
 
 BACKENDS = {"oracle": OracleBackend()}
