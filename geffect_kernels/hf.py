@@ -175,3 +175,11 @@ def unlearning_loss(name, model, batch, *, ref_logprobs=None, backend="auto", **
     x = head_inputs(model, batch)
     return _unlearning_loss(name, x.hidden, x.weight, x.labels, ref_logprobs=ref_logprobs, **x.as_kwargs(),
                             backend=backend, **hparams)
+
+
+def __getattr__(name):
+    # the Trainer needs transformers and accelerate (the hf extra): imported only when asked for
+    if name == "UnlearningTrainer":
+        from .hf_trainer import UnlearningTrainer
+        return UnlearningTrainer
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,9 @@
+"""A Hugging Face ``Trainer`` for unlearning (`UnlearningTrainer`), its paired data set and its callbacks; needs
+``transformers`` and ``accelerate`` (the ``hf`` extra). Also reachable as ``geffect_kernels.hf.UnlearningTrainer``."""
+from .collator import PairCollator
+from .pairs import ForgetRetainPairs, retain_index, tokenized_examples
+from .stop_callback import StopWhenCallback
+from .trainer import UnlearningTrainer
+
+__all__ = ["ForgetRetainPairs", "PairCollator", "StopWhenCallback", "UnlearningTrainer", "retain_index",
+           "tokenized_examples"]

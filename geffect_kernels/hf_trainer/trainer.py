@@ -1,0 +1,241 @@
+"""`UnlearningTrainer`: a ``transformers.Trainer`` that unlearns a forget set while keeping a retain set.
+
+    trainer = UnlearningTrainer(model=model, args=TrainingArguments(...), forget_dataset=forget,
+                                retain_dataset=retain, objective="npo", retain_objective="nll", hparams={"beta": 0.1})
+    trainer.train()
+
+Each step's loss is ``forget_weight · L_objective(forget batch) + retain_weight · L_retain(retain batch)`` on the fused
+LM head (the model's logits are never formed). The training set is the forget set, each example paired with a
+seeded random retain example (`pairs`); the reference log-probabilities are computed once, before the first update
+(`reference`). Everything else is the Trainer's: gradient accumulation (a micro-batch's loss is its mean, as
+Trainer and open-unlearning average them), DDP under torchrun, mixed precision, checkpoints and
+``resume_from_checkpoint`` (this class adds the reference and the G-effect history to each checkpoint), logging
+through ``report_to``.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+from transformers import Trainer, TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
+
+from ..backends.registry import check_backend
+from ..data.prompts import padding_id
+from .collator import PairCollator
+from .pairs import ForgetRetainPairs, tokenized_examples
+from .reference import StartingModel, checked_logprobs, starting_logprobs
+from .step_geffects import StepGEffects
+from .stop_callback import StopWhenCallback
+from .terms import objective_term, retain_term
+from .wrapped_forward import run_as_forward
+
+STATE_FILE = "unlearning_state.pt"  # in each checkpoint folder: what resuming needs besides the Trainer's files
+_OWN_ARGUMENTS = ("train_dataset", "data_collator")
+
+
+class UnlearningTrainer(Trainer):
+    """A Trainer over forget-retain pairs with one of the package's objectives.
+
+    Args beyond the Trainer's (``model``, ``args``, ``processing_class``, ``callbacks``, ... pass through):
+        forget_dataset, retain_dataset: lists or ``datasets``-style sequences of tokenized examples (``input_ids``,
+            ``labels``) or of TOFU-format records (``question``, ``answer``; then pass the tokenizer as
+            ``processing_class``). ``retain_dataset`` may be None with ``retain_objective="none"``.
+        objective, hparams: an unlearning objective of the catalog and its hyper-parameters.
+        retain_objective: the retain term ("nll", "kl", "none").
+        forget_weight, retain_weight: the terms' weights.
+        ref_logprobs: the reference log-probabilities of each forget example (one 1-D sequence each, HF shift),
+            in place of the starting model's.
+        geffect_every: measure G-effects every this many updates (0: never); they are logged as ``e_forget`` and
+            ``e_retain`` (``state.log_history``, ``report_to``) and kept in ``self.geffects``.
+        stop_when: stop rules on those G-effects (``--stop-when``'s, `guidance.stop`), a `StopWhenCallback`.
+        backend: the kernels' backend ("auto").
+        max_length: the longest encoded TOFU-format example.
+    """
+
+    def __init__(self, model=None, args=None, *, forget_dataset=None, retain_dataset=None, objective="npo",
+                 retain_objective="nll", hparams=None, forget_weight=1.0, retain_weight=1.0, ref_logprobs=None,
+                 geffect_every=0, geffect_groups="layer", stop_when=None, guidance=None, backend="auto",
+                 max_length=None, **kwargs):
+        for name in _OWN_ARGUMENTS:
+            if kwargs.get(name) is not None:
+                raise ValueError(f"{name}: UnlearningTrainer builds it from forget_dataset and retain_dataset")
+            kwargs.pop(name, None)
+        if guidance is not None:
+            raise ValueError(f"guidance={guidance!r}: not supported by UnlearningTrainer yet (use geffect train)")
+        self.forget_term = objective_term(objective, hparams or {})
+        self.retain_term = retain_term(retain_objective)
+        for name, value in (("forget_weight", forget_weight), ("retain_weight", retain_weight)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise ValueError(f"{name} must be a finite number ≥ 0, got {value!r}")
+        if isinstance(geffect_every, bool) or not isinstance(geffect_every, int) or geffect_every < 0:
+            raise ValueError(f"geffect_every must be an integer ≥ 0, got {geffect_every!r}")
+        if stop_when and not geffect_every:
+            raise ValueError("stop_when: its rules read the G-effects; set geffect_every > 0")
+        tokenizer = kwargs.get("processing_class")
+        forget = tokenized_examples("forget_dataset", forget_dataset, tokenizer, max_length=max_length)
+        retain = None
+        if self.retain_term is not None:
+            if retain_dataset is None:
+                raise ValueError(f"retain_dataset: retain_objective {retain_objective!r} needs one "
+                                 f"(or retain_objective='none')")
+            retain = tokenized_examples("retain_dataset", retain_dataset, tokenizer, max_length=max_length)
+        self.given_logprobs = None if ref_logprobs is None else checked_logprobs(ref_logprobs, forget)
+        self.objective, self.hparams, self.retain_objective = objective, dict(hparams or {}), retain_objective
+        self.forget_weight, self.retain_weight, self.backend = float(forget_weight), float(retain_weight), backend
+        self.forget_examples = forget
+        pad = padding_id(tokenizer) if tokenizer is not None else None
+        self.pad_id = pad if pad is not None else (getattr(getattr(model, "config", None), "pad_token_id", None) or 0)
+        callbacks = list(kwargs.pop("callbacks", None) or [])
+        if stop_when:
+            callbacks.append(StopWhenCallback(stop_when))
+        super().__init__(model=model, args=args, train_dataset=None, data_collator=PairCollator(self.pad_id),
+                         callbacks=callbacks, **kwargs)
+        self.train_dataset = ForgetRetainPairs(forget, retain, seed=self._pairing_seed())
+        check_backend(backend, next(self.model.parameters()).device)
+        self.model_accepts_loss_kwargs = False  # each micro-batch's loss is its mean: the Trainer averages them
+        self.geffects = None
+        self.step_geffects = (StepGEffects(objective, self.hparams, self._profiled_retain(),
+                                           every=geffect_every, groups=geffect_groups) if geffect_every else None)
+        self.reference = None  # made at the start of train(), from the starting model
+        self._term_sums = None
+        self.add_callback(_EpochPairing(self))
+
+    # -- setup ------------------------------------------------------------------------------------------------
+
+    def _profiled_retain(self):
+        return None if self.retain_term is None else self.retain_objective
+
+    def _pairing_seed(self) -> int:
+        return self.args.data_seed if self.args.data_seed is not None else self.args.seed
+
+    def _make_reference(self, saved: dict | None):
+        """The starting model's reference, from a checkpoint's saved state, the user's values, or the model now
+        (before the Trainer loads a checkpoint's weights into it)."""
+        terms = [t for t in (self.forget_term, self.retain_term) if t is not None]
+        rows = None
+        if any(t.needs_logprobs for t in terms):
+            if saved is not None and saved.get("ref_rows") is not None:
+                rows = saved["ref_rows"]
+            elif self.given_logprobs is not None:
+                rows = self.given_logprobs
+            else:
+                rows = starting_logprobs(self.model, self.forget_examples, pad_id=self.pad_id,
+                                         batch_size=self.args.per_device_train_batch_size, backend=self.backend)
+        return StartingModel(self.model, rows, whole_model=any(t.needs_model for t in terms))
+
+    def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None, **kwargs):
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
+            if resume_from_checkpoint is None:
+                raise ValueError(f"resume_from_checkpoint: no checkpoint in output_dir {self.args.output_dir}")
+        saved = None
+        if resume_from_checkpoint:
+            path = os.path.join(resume_from_checkpoint, STATE_FILE)
+            if not os.path.isfile(path):
+                raise ValueError(f"resume_from_checkpoint: {resume_from_checkpoint} has no {STATE_FILE} "
+                                 f"(not written by UnlearningTrainer)")
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+        if self.reference is None or saved is not None:
+            self.reference = self._make_reference(saved)
+        if self.step_geffects is not None and saved is not None and saved.get("geffects") is not None:
+            from ..geffect import GEffectHistory
+            self.step_geffects.history = GEffectHistory.from_dict(saved["geffects"])
+        self.geffects = None if self.step_geffects is None else self.step_geffects.history
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial,
+                             ignore_keys_for_eval=ignore_keys_for_eval, **kwargs)
+
+    # -- the data ---------------------------------------------------------------------------------------------
+
+    def _get_collator_with_removed_columns(self, data_collator, description=None):
+        # the pairs' fields are the loss's, whatever model.forward's signature says
+        return data_collator if description == "Training" else super()._get_collator_with_removed_columns(
+            data_collator, description)
+
+    # -- one step ---------------------------------------------------------------------------------------------
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        """The update's micro-batches; first its G-effects (when due), and none when a stop rule then fired (the
+        update is skipped: the model stays after the updates before it)."""
+        batches, count = super().get_batch_samples(epoch_iterator, num_batches, device)
+        if self.step_geffects is not None and batches and self.step_geffects.due(self.state.global_step):
+            values = self.step_geffects.measure(self.model, self._prepare_inputs(batches[0]), self.reference,
+                                                self.state.global_step)
+            self.log(values)
+            if self.control.should_training_stop:
+                return [], None
+        return batches, count
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if "forget" not in inputs:  # evaluation on plain examples: the model's own loss
+            return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                        num_items_in_batch=num_items_in_batch)
+        module = self.accelerator.unwrap_model(model)
+        terms = {}
+
+        def step_loss():
+            with self.accelerator.autocast():
+                terms["forget_loss"] = self.forget_term.loss(module, inputs["forget"], self.reference, self.backend)
+                loss = self.forget_weight * terms["forget_loss"]
+                if self.retain_term is not None:
+                    terms["retain_loss"] = self.retain_term.loss(module, _batch(inputs["retain"]), self.reference,
+                                                                 self.backend)
+                    loss = loss + self.retain_weight * terms["retain_loss"]
+            return loss
+
+        loss = run_as_forward(model, module, step_loss)
+        self._add_terms(terms)
+        return (loss, terms) if return_outputs else loss
+
+    def floating_point_ops(self, inputs):
+        if "forget" not in inputs:
+            return super().floating_point_ops(inputs)
+        return sum(super(UnlearningTrainer, self).floating_point_ops(_batch(inputs[side]))
+                   for side in ("forget", "retain") if side in inputs)
+
+    # -- logging and checkpoints ------------------------------------------------------------------------------
+
+    def _add_terms(self, terms):
+        values = torch.stack([terms["forget_loss"].detach().float(),
+                              terms.get("retain_loss", torch.zeros(())).detach().float().to(
+                                  terms["forget_loss"].device), torch.ones((), device=terms["forget_loss"].device)])
+        self._term_sums = values if self._term_sums is None else self._term_sums + values
+
+    def log(self, logs, start_time=None):
+        """The Trainer's log; with its training loss, the mean forget and retain terms since the last one (over
+        the micro-batches of every rank)."""
+        if "loss" in logs and self._term_sums is not None:
+            sums = self._term_sums
+            if self.args.world_size > 1:
+                sums = self.accelerator.reduce(sums, reduction="sum")
+            logs = {**logs, "forget_loss": float(sums[0] / sums[2])}
+            if self.retain_term is not None:
+                logs["retain_loss"] = float(sums[1] / sums[2])
+            self._term_sums = None
+        super().log(logs, start_time)
+
+    def _save_checkpoint(self, model, trial):
+        super()._save_checkpoint(model, trial)
+        if self.args.should_save:
+            folder = os.path.join(self._get_output_dir(trial=trial),
+                                  f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+            state = {"ref_rows": None if self.reference is None else self.reference.rows,
+                     "geffects": None if self.step_geffects is None else self.step_geffects.history.to_dict()}
+            torch.save(state, os.path.join(folder, STATE_FILE))
+
+
+class _EpochPairing(TrainerCallback):
+    """Each epoch its own pairs (`ForgetRetainPairs.set_epoch`); on resume the Trainer restores ``state.epoch``
+    (mid-epoch: its whole part is the epoch)."""
+
+    def __init__(self, trainer):
+        self.pairs = trainer.train_dataset
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        self.pairs.set_epoch(int(state.epoch or 0))
+
+
+def _batch(batch):
+    """The fields a loss reads (the forget side's ``index`` is the reference's)."""
+    return {k: v for k, v in batch.items() if k != "index"}
