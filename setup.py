@@ -54,9 +54,10 @@ setup(
         "rouge-score>=0.1.2",  # TOFU's ROUGE-L (Porter stemming)
     ],
     extras_require={"triton": ["triton>=3.0"], "hf": ["accelerate>=1.1"], "peft": ["peft>=0.13"],
-                    "data": ["pyarrow>=14"],  # parquet, Arrow and save_to_disk folders (data/records.py)
+                    # parquet, Arrow, save_to_disk folders (data/records.py); 14.0.0 unpickles files (CVE-2023-47248)
+                    "data": ["pyarrow>=14.0.1"],
                     "test": ["pytest>=8", "pytest-benchmark>=4", "accelerate>=1.1", "setuptools>=70.1",
-                             "peft>=0.13", "pyarrow>=14"]},
+                             "peft>=0.13", "pyarrow>=14.0.1"]},
     entry_points={"console_scripts": ["geffect = geffect_kernels.cli:main"]},
     **(extension_build() if os.environ.get("GEFFECT_BUILD_EXT") == "1" else {}),
 )

@@ -7,6 +7,7 @@ import pytest
 
 from geffect_kernels.data import DataError, read_records
 from geffect_kernels.structured_files import UnreadableFile, read_json, read_yaml
+from test_cli import run, workspace  # noqa: F401  (workspace is a fixture)
 
 DEEP_JSON = "[" * 100_000 + "]" * 100_000  # the parsers recursed into this until RecursionError
 
@@ -69,8 +70,6 @@ def test_deep_lines_of_a_run_folder_are_skipped_not_a_traceback(tmp_path):
 
 
 def test_deep_nesting_through_the_cli_is_one_line(capsys, tmp_path):
-    from test_cli import run
-
     config = _write(tmp_path / "deep.yaml", "steps: " + "[" * 5000)
     code, _, err = run(capsys, "train", "--config", config, "--out", tmp_path / "out")
     assert code == 1 and err.count("\n") == 1 and f"{config}: nested more than" in err, err
@@ -133,3 +132,182 @@ def test_state_json_files_outside_the_folder_are_refused(tmp_path, name):
 def test_unreadable_file_carries_the_source_and_the_reason(tmp_path):
     err = UnreadableFile(tmp_path / "x.json", "not valid JSON")
     assert str(err) == f"{tmp_path / 'x.json'}: not valid JSON" and err.reason == "not valid JSON"
+
+
+# --- Arrow and parquet files whose schema declares a Python extension type (CVE-2023-47248) -----------------------
+
+PY_EXTENSION = b"arrow.py_extension_type"
+
+
+class _CreatesMarker:
+    """A pickle whose loading creates the file ``marker``: proof that something unpickled it."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
+
+
+@pytest.fixture
+def unpickling_pyarrow():
+    """pyarrow as 14.0.0 was: a registered ``arrow.py_extension_type`` that unpickles the field's extension
+    metadata while the schema is read. Newer pyarrow has none, so the refusal is tested against the old one."""
+    pa = pytest.importorskip("pyarrow")
+    import pickle
+
+    class UnpicklingExtension(pa.ExtensionType):
+        def __init__(self, storage=pa.string()):
+            super().__init__(storage, PY_EXTENSION.decode())
+
+        def __arrow_ext_serialize__(self):
+            return b""
+
+        @classmethod
+        def __arrow_ext_deserialize__(cls, storage_type, serialized):
+            pickle.loads(serialized)  # what pyarrow < 14.0.1 did (PyExtensionType)
+            return cls(storage_type)
+
+    pa.register_extension_type(UnpicklingExtension())
+    try:
+        yield pa
+    finally:
+        pa.unregister_extension_type(PY_EXTENSION.decode())
+
+
+def _crafted_table(pa, marker, where):
+    """TOFU records whose schema declares the Python extension type ``where``: on a column, on a field nested in
+    a struct, on a list's items, or in the schema's own metadata."""
+    import pickle
+
+    declared = {b"ARROW:extension:name": PY_EXTENSION, b"ARROW:extension:metadata": pickle.dumps(
+        _CreatesMarker(marker))}
+    question = pa.field("question", pa.string(), metadata=declared if where == "column" else None)
+    inner = pa.field("x", pa.string(), metadata=declared if where == "nested" else None)
+    item = pa.field("item", pa.string(), metadata=declared if where == "list item" else None)
+    schema = pa.schema([question, pa.field("answer", pa.string()), pa.field("extra", pa.struct([inner])),
+                        pa.field("tags", pa.list_(item))], metadata=declared if where == "schema" else None)
+    columns = [pa.array(["Q1?", "Q2?"]), pa.array(["A1.", "A2."]), pa.array([{"x": "a"}, {"x": "b"}]),
+               pa.array([["t"], []])]
+    return pa.Table.from_arrays([c.cast(f.type) for c, f in zip(columns, schema)], schema=schema)
+
+
+def _write_ipc(pa, table, path, file_format=False):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with pa.OSFile(str(path), "wb") as sink:
+        with (pa.ipc.new_file if file_format else pa.ipc.new_stream)(sink, table.schema) as writer:
+            writer.write_table(table)
+    return path
+
+
+def _six_layouts(pa, table, root):
+    """(layout, what read_records is given) with ``table`` written in each layout --forget takes."""
+    import pyarrow.parquet as pq
+
+    root.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, root / "forget.parquet")
+    _write_ipc(pa, table, root / "stream.arrow")
+    _write_ipc(pa, table, root / "file.arrow", file_format=True)
+    _write_ipc(pa, table, root / "saved" / "data-00000-of-00001.arrow")
+    (root / "saved" / "state.json").write_text(json.dumps({"_data_files": [{"filename":
+                                                                              "data-00000-of-00001.arrow"}]}))
+    (root / "hub" / "data").mkdir(parents=True)
+    pq.write_table(table, root / "hub" / "data" / "train-00000-of-00001.parquet")
+    pq.write_table(table, root / "hub" / "data" / "test-00000-of-00001.parquet")
+    return [("parquet", root / "forget.parquet"), ("Arrow stream", root / "stream.arrow"),
+            ("Arrow file", root / "file.arrow"), ("save_to_disk folder", root / "saved"),
+            ("Hub folder", root / "hub"), ("FOLDER/train", root / "hub" / "train")]
+
+
+@pytest.mark.parametrize("where", ["column", "nested", "list item", "schema"])
+def test_a_python_extension_type_is_refused_in_every_layout_before_anything_unpickles_it(
+        tmp_path, unpickling_pyarrow, where):
+    pa = unpickling_pyarrow
+    marker = tmp_path / "marker"
+    layouts = _six_layouts(pa, _crafted_table(pa, marker, where), tmp_path / "data")
+    for layout, path in layouts:
+        with pytest.raises(DataError, match="declares a Python extension type") as refused:
+            read_records(path)
+        assert "\n" not in str(refused.value) and str(tmp_path) in str(refused.value), layout
+        assert not marker.exists(), f"{layout}: the payload ran"
+    if where == "column":  # the test's pyarrow does unpickle: reading the file itself runs the payload
+        pa.ipc.open_stream(str(tmp_path / "data" / "stream.arrow")).read_all()
+        assert marker.exists()
+
+
+def test_a_python_extension_type_is_one_line_from_geffect_train(capsys, workspace, tmp_path, unpickling_pyarrow):
+    import pyarrow.parquet as pq
+
+    marker = tmp_path / "marker"
+    pq.write_table(_crafted_table(unpickling_pyarrow, marker, "column"), tmp_path / "forget.parquet")
+    code, _, err = run(capsys, "train", "--model", workspace / "model", "--forget", tmp_path / "forget.parquet",
+                       "--retain", workspace / "retain.json", "--out", tmp_path / "out", "--steps", 1,
+                       "--no-progress")
+    assert code == 1 and err.count("\n") == 1 and "declares a Python extension type" in err, err
+    assert not marker.exists() and not (tmp_path / "out").exists()
+
+
+def test_ordinary_arrow_and_parquet_files_still_read(tmp_path):
+    """The schema reader passes what pyarrow writes: nested types, dictionaries, several row groups, statistics,
+    a parquet file without its Arrow schema, an IPC file."""
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    rows = [{"question": f"Q{i}?", "answer": f"A{i}.", "n": i, "extra": {"x": [i, i + 1]}} for i in range(7)]
+    table = pa.Table.from_pylist(rows).append_column("kind", pa.array(["a", "b"] * 3 + ["a"]).dictionary_encode())
+    expected = [{**r, "kind": "ab"[i % 2]} for i, r in enumerate(rows)]
+    pq.write_table(table, tmp_path / "groups.parquet", row_group_size=2)
+    pq.write_table(table, tmp_path / "bare.parquet", store_schema=False)
+    _write_ipc(pa, table, tmp_path / "file.arrow", file_format=True)
+    for name in ("groups.parquet", "bare.parquet", "file.arrow"):
+        assert read_records(tmp_path / name) == expected, name
+
+
+@pytest.mark.parametrize("offsets", [(0, 100_000_000, 4, 6), (0, 2, 4, 100_000_000)])
+def test_string_offsets_past_their_data_are_one_line_not_a_crash(tmp_path, offsets):
+    pa = pytest.importorskip("pyarrow")
+    import struct
+
+    table = pa.table({"question": ["ab", "cd", "ef"], "answer": ["x", "y", "z"]})
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    good, bad = struct.pack("<4i", 0, 2, 4, 6), struct.pack("<4i", *offsets)
+    data = sink.getvalue().to_pybytes()
+    assert data.count(good) == 1
+    (tmp_path / "forget.arrow").write_bytes(data.replace(good, bad))
+    with pytest.raises(DataError, match="forget.arrow: damaged Arrow data .*offset"):
+        read_records(tmp_path / "forget.arrow")
+
+
+@pytest.mark.parametrize("damage", ["truncated", "no footer magic", "footer length", "flipped"])
+def test_damaged_schemas_are_one_line(tmp_path, damage):
+    """Whatever the schema reader meets, it answers with DataError: bytes cut, lengths past the end, bits flipped."""
+    pa = pytest.importorskip("pyarrow")
+    import random
+
+    import pyarrow.parquet as pq
+
+    table = pa.table({"question": ["ab", "cd"], "answer": ["x", "y"]})
+    pq.write_table(table, tmp_path / "x.parquet")
+    _write_ipc(pa, table, tmp_path / "x.arrow", file_format=True)
+    rng = random.Random(0)
+    for name in ("x.parquet", "x.arrow"):
+        data = bytearray((tmp_path / name).read_bytes())
+        if damage == "truncated":
+            data = data[:len(data) // 2]
+        elif damage == "no footer magic":
+            data[-1] ^= 0xFF
+        elif damage == "footer length":
+            data[-10 if name.endswith("arrow") else -8] = 0x7F
+        out = tmp_path / f"damaged-{name}"
+        for trial in range(60 if damage == "flipped" else 1):
+            copy = bytearray(data)
+            if damage == "flipped":
+                for _ in range(3):
+                    copy[rng.randrange(len(copy))] ^= 1 << rng.randrange(8)
+            out.write_bytes(bytes(copy))
+            try:
+                read_records(out)
+            except DataError as err:
+                assert "\n" not in str(err) and str(out) in str(err)

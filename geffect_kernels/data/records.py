@@ -20,6 +20,8 @@ from pathlib import Path
 
 from ..structured_files import (UnreadableFile, check_depth, parse_json, parse_jsonl_line, read_bytes, read_json,
                                 read_text)
+from .arrow_schema import (MalformedSchema, UnsafeSchema, arrow_metadata, check_no_python_extension, is_ipc_file,
+                           parquet_metadata)
 from .errors import DataError
 
 DATA_SUFFIXES = (".parquet", ".arrow", ".jsonl", ".json")
@@ -84,27 +86,53 @@ def check_depth_or_refuse(value, source):
     _checked(check_depth, value, source)
 
 
+def _checked_bytes(path: Path, schema_metadata, what: str) -> bytes:
+    """The bytes of ``path`` once its schema's metadata, read by ``schema_metadata`` (`arrow_schema`) without
+    pyarrow, declares no Python extension type; pyarrow then reads these same bytes, so the file cannot change
+    in between."""
+    data = _checked(read_bytes, path)
+    try:
+        check_no_python_extension(schema_metadata(data))
+    except MalformedSchema as err:
+        raise DataError(f"{path}: not a readable {what} file ({err})") from None
+    except UnsafeSchema as err:
+        raise DataError(f"{path}: {err}") from None
+    return data
+
+
+def _validated_records(pa, table, path: Path, what: str) -> list:
+    """The rows of ``table`` once every buffer is checked (offsets past their data crashed the process)."""
+    try:
+        table.validate(full=True)
+    except (pa.ArrowInvalid, pa.ArrowException) as err:
+        raise DataError(f"{path}: damaged {what} data ({_first_line(err)})") from None
+    return table.to_pylist()
+
+
+def _first_line(err) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
+
+
 def _arrow_records(path: Path) -> list:
     pa = _pyarrow(path)
+    data = _checked_bytes(path, arrow_metadata, "Arrow")
     try:
-        with pa.memory_map(str(path)) as source:
-            try:
-                table = pa.ipc.open_stream(source).read_all()  # what save_to_disk writes
-            except pa.ArrowInvalid:
-                source.seek(0)
-                table = pa.ipc.open_file(source).read_all()
-    except (pa.ArrowInvalid, OSError) as err:
-        raise DataError(f"{path}: not a readable Arrow file ({err})") from None
-    return table.to_pylist()
+        source = pa.BufferReader(data)
+        reader = pa.ipc.open_file(source) if is_ipc_file(data) else pa.ipc.open_stream(source)
+        table = reader.read_all()  # the stream is what save_to_disk writes
+    except (pa.ArrowException, OSError) as err:
+        raise DataError(f"{path}: not a readable Arrow file ({_first_line(err)})") from None
+    return _validated_records(pa, table, path, "Arrow")
 
 
 def _parquet_records(path: Path) -> list:
     pa = _pyarrow(path)
+    data = _checked_bytes(path, parquet_metadata, "parquet")
     try:
-        table = pa.parquet.read_table(path)
-    except (pa.ArrowInvalid, OSError) as err:
-        raise DataError(f"{path}: not a readable parquet file ({err})") from None
-    return table.to_pylist()
+        table = pa.parquet.read_table(pa.BufferReader(data))
+    except (pa.ArrowException, OSError) as err:
+        raise DataError(f"{path}: not a readable parquet file ({_first_line(err)})") from None
+    return _validated_records(pa, table, path, "parquet")
 
 
 def _file_records(path: Path) -> list:
