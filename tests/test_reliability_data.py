@@ -311,3 +311,39 @@ def test_damaged_schemas_are_one_line(tmp_path, damage):
                 read_records(out)
             except DataError as err:
                 assert "\n" not in str(err) and str(out) in str(err)
+
+
+# --- out of the host's memory -------------------------------------------------------------------------------------
+
+def _host_out_of_memory() -> RuntimeError:
+    """The RuntimeError torch raises when the host cannot give an allocation (an adapter of r = 1e9 asked for
+    128 GB): this machine's own, else the text Linux builds of torch give."""
+    import torch
+
+    try:
+        torch.empty(1 << 62, dtype=torch.uint8)
+    except RuntimeError as err:
+        return err
+    return RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: "
+                        "you tried to allocate 137438953472 bytes. Error code 12 (Cannot allocate memory)")
+
+
+@pytest.mark.parametrize("error", [
+    _host_out_of_memory,
+    lambda: RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: "
+                         "you tried to allocate 137438953472 bytes. Error code 12 (Cannot allocate memory)"),
+])
+def test_the_host_out_of_memory_is_one_line_that_says_what_to_lower(capsys, workspace, tmp_path, monkeypatch,
+                                                                     error):
+    from geffect_kernels.train import loop
+    from test_cli_misuse import one_line_error, train_argv
+
+    raised = error()
+
+    def no_memory(run, evaluate=None):
+        raise raised
+
+    monkeypatch.setattr(loop, "run_steps", no_memory)
+    err = one_line_error(capsys, *train_argv(workspace, tmp_path / "out"))
+    assert err.startswith("geffect: error: out of memory (") and "lower --batch-size or --max-length" in err, err
+    assert "--lora-r" in err and "enforce fail" not in err, err

@@ -1,6 +1,7 @@
 """What the command says on bad input: one line ``geffect: error: ...`` and exit status 1."""
 from __future__ import annotations
 
+import re
 import sys
 
 EXIT_ERROR = 1
@@ -18,14 +19,30 @@ class OutOfMemory(RuntimeError):
     """torch ran out of memory (host or device): bad input for this machine, not a bug."""
 
 
+# what torch says when an allocation fails: the device's "out of memory", the host's DefaultCPUAllocator
+# "can't allocate memory" (Linux) or "not enough memory" (Windows)
+_OUT_OF_MEMORY = ("out of memory", "can't allocate memory", "cannot allocate memory", "not enough memory")
+_HOST_REQUEST = re.compile(r"DefaultCPUAllocator: .*?you tried to allocate (\d+) bytes")
+
+
 def out_of_memory(err) -> OutOfMemory | None:
     """``err`` as an OutOfMemory when it is one (torch raises RuntimeError subclasses or MemoryError)."""
     text = str(err)
-    if isinstance(err, MemoryError) or type(err).__name__ == "OutOfMemoryError" or \
-            isinstance(err, RuntimeError) and ("not enough memory" in text or "out of memory" in text.lower()):
-        return OutOfMemory(f"out of memory ({first_line(err)}); lower --batch-size or --max-length, or use a "
-                           f"machine with more memory")
-    return None
+    if not (isinstance(err, MemoryError) or type(err).__name__ == "OutOfMemoryError" or
+            isinstance(err, RuntimeError) and any(words in text.lower() for words in _OUT_OF_MEMORY)):
+        return None
+    host = _HOST_REQUEST.search(text)
+    what = f"the CPU's memory cannot hold {_size(int(host.group(1)))} more" if host else first_line(err)
+    return OutOfMemory(f"out of memory ({what}); lower --batch-size or --max-length (with an adapter, --lora-r), "
+                       f"or use a machine with more memory")
+
+
+def _size(count: int) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if count < 1024:
+            return f"{count:.4g} {unit}"
+        count /= 1024
+    return f"{count:.4g} TiB"
 
 
 def user_errors() -> tuple:
