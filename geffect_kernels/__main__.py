@@ -5,6 +5,10 @@ import sys
 
 from .cli import main
 
+if os.environ.get("GEFFECT_LAUNCHED") and "RANK" in os.environ:  # a rank of `geffect train --nproc`
+    from .parent_death import end_with_torchrun
+
+    end_with_torchrun()  # a launcher killed with SIGKILL takes torchrun, and torchrun its ranks, along
 code = main()
 if int(os.environ.get("WORLD_SIZE", "1")) > 1:
     # A rank ends without the interpreter's finalization: gloo's worker threads, destroyed there, can abort a

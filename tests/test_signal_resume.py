@@ -18,9 +18,12 @@ def test_sigterm_and_ctrl_c_resume_bit_identical(workspace, tmp_path):
     run = out / "runs" / "npo"
     for sig, after_step, status, said in [(signal.SIGTERM, 3, 143, "geffect: stopped by SIGTERM; "),
                                           (signal.SIGINT, 5, 130, "geffect: stopped by Ctrl-C (SIGINT); ")]:
-        process = start(workspace, out, **threads)
-        assert wait_until(lambda: last_logged_step(run) >= after_step, process, f"step {after_step}"), \
-            process.communicate()[0]
+        # the run waits after step `after_step` until the signal comes: it cannot end first on a fast machine
+        paused = tmp_path / f"paused-{sig.name}"
+        paused.mkdir()
+        process = start(workspace, out, **threads, GEFFECT_TEST_PAUSE=f"{after_step}:{paused}")
+        assert wait_until((paused / "paused-0").exists, process, f"step {after_step}"), process.communicate()[0]
+        assert last_logged_step(run) == after_step
         process.send_signal(sig)
         log, _ = process.communicate(timeout=TIMEOUT)
         assert process.returncode == status and log.splitlines()[-1].startswith(said), log

@@ -2,7 +2,9 @@
 
 torchrun and its ranks run in a process group of their own. Ctrl-C or SIGTERM to this launcher (what ``timeout``,
 systemd and Slurm send) goes to that whole group as SIGTERM, so every rank stops (each releases the run folder as
-one process does; the folder keeps its last complete checkpoint), and the launcher waits for them. Each rank's
+one process does; the folder keeps its last complete checkpoint), and the launcher waits for them. A launcher
+that dies without a word (``kill -9``, the OOM killer) takes them along: torchrun receives SIGTERM at its death,
+each rank at torchrun's (`parent_death`). Each rank's
 stderr goes to a log file; the launcher prints rank 0's, or on a failure the one ``geffect:`` line a rank printed
 (the first failing rank's), never torchrun's tracebacks.
 """
@@ -15,6 +17,8 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from ..parent_death import ending_with_this_process
 
 STOP_GRACE_SECONDS = 120  # after SIGTERM: how long the ranks get to stop before SIGKILL
 
@@ -46,8 +50,9 @@ def launch(argv: list[str], nproc: int) -> int:
     logs = Path(tempfile.mkdtemp(prefix="geffect-ranks-"))
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
                "--log-dir", str(logs), "--redirects", "2", "-m", "geffect_kernels", *without_nproc(argv)]
+    # torchrun receives SIGTERM when this process dies, even by SIGKILL (its ranks, likewise, when it does)
     process = subprocess.Popen(command, start_new_session=True, stderr=subprocess.PIPE, text=True,
-                               env={**os.environ, "GEFFECT_LAUNCHED": "1"})
+                               env={**os.environ, "GEFFECT_LAUNCHED": "1"}, preexec_fn=ending_with_this_process())
     stopped = None
     try:
         _, launcher_err = process.communicate()

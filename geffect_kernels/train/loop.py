@@ -41,6 +41,7 @@ from .frozen_model import StartingLogprobs, kl_reference
 from .gradient_checkpointing import checkpointing
 from .losses import NonFiniteLoss, kl_retain_loss, objective_loss
 from .precision import compute_autocast, float32_masters
+from .pause_hook import pause_if_asked
 from .presets import resolve as resolve_preset
 from .resume import differences, run_settings, should_resume
 from .run_lock import run_lock
@@ -134,6 +135,7 @@ def run_steps(run: Run, evaluate=None) -> None:
         bar.set_postfix(loss=f"{record['loss']:.4f}")
         if run.out is not None and (number % config.checkpoint_every == 0 or number == config.steps):
             run.checkpoint(number)
+        pause_if_asked(number)
     bar.close()
 
 
