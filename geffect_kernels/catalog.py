@@ -4,7 +4,7 @@ Token-level objectives are ``sign · mean_t w_t ℓ_t`` with detached weights w_
 the kernels implement the same weight formulas under ``kernel_code``, a `KernelWeight`. Sequence-level objectives
 are ``mean_seq sequence_loss(ℓ_seq, ℓ_ref,seq, n_seq)``. Adding an objective means one entry here, plus, for a new
 token weight, a `KernelWeight` and its formula in the kernels (backends/triton/weights.py,
-backends/cpp/csrc/include/geffect/math.h). Every backend,
+csrc/include/geffect/math.h at the top of the repository). Every backend,
 the profiler and `token_weights` read these entries; nothing else lists objectives. The objective as a function
 of log-probabilities is `objectives.unlearning_loss_from_logprobs`.
 """

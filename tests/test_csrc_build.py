@@ -1,9 +1,12 @@
 """Building the extension: failures are cached and reported (never raised by import or availability
 checks), the CUDA sources compile with plain nvcc, and the CPU kernel's hot loops vectorize."""
+import os
 import re
 import shutil
 import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -40,6 +43,12 @@ def test_failed_build_is_cached_reported_and_falls_back(no_sources, monkeypatch)
     assert "binding.cpp" in build.build_error("cpu")
     with pytest.raises(RuntimeError, match="'cpp_cpu' is not available"):
         dispatch.get_backend("cpu", torch.zeros(1, 1))  # the alias of cpp_cpu
+
+
+def test_the_sources_are_the_top_level_csrc_only():
+    repo = Path(__file__).resolve().parents[1]
+    assert build.SOURCE_DIR == repo / "csrc" and (repo / "csrc" / "binding.cpp").is_file()
+    assert not (repo / "geffect_kernels" / "backends" / "cpp" / "csrc").exists()  # no second copy
 
 
 def test_missing_prerequisites_mean_unavailable_quietly(no_sources):
@@ -131,3 +140,28 @@ def test_every_simd_loop_of_the_cpu_kernels_vectorizes(tmp_path):
     assert len(simd_loops) >= 6
     missed = [line for line in simd_loops if not set(range(line, line + 4)) & vectorized]
     assert not missed, f"loops not vectorized after the pragmas on lines {missed}"
+
+
+FAKE_CUDA_TORCH = """
+import torch
+torch.version.cuda = "12.8"  # a torch built with CUDA (the PyPI wheel) on a machine without a GPU
+torch.cuda._is_compiled = lambda: True
+torch.cuda.is_available = lambda: False
+"""
+
+
+def _stderr_of(code, tmp_path):
+    env = {**os.environ, "CUDA_HOME": str(tmp_path)}  # a toolkit for torch to find
+    done = subprocess.run([sys.executable, "-c", FAKE_CUDA_TORCH + code], capture_output=True, text=True, env=env,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stderr
+
+
+def test_a_cpu_build_says_nothing_of_cuda(tmp_path):
+    """torch.utils.cpp_extension logs "No CUDA runtime is found, using CUDA_HOME=..." when it is imported by a torch
+    built with CUDA on a machine without a GPU; the CPU extension's build must not pass that on."""
+    assert build.NO_CUDA_RUNTIME in _stderr_of("import torch.utils.cpp_extension", tmp_path)  # what torch does
+    stderr = _stderr_of("from geffect_kernels.backends.cpp import build\nprint(build.available('cpu'))\n"
+                        "import torch.utils.cpp_extension as c\nassert c.CUDA_HOME, c.CUDA_HOME", tmp_path)
+    assert build.NO_CUDA_RUNTIME not in stderr, stderr

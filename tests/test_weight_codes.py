@@ -16,7 +16,7 @@ from geffect_kernels.catalog import OBJECTIVES, KernelWeight
 from csrc_cases import IGNORE, require_extension
 
 MATH_H = (pathlib.Path(__file__).resolve().parents[1]
-          / "geffect_kernels/backends/cpp/csrc/include/geffect/math.h").read_text(encoding="utf-8")
+          / "csrc/include/geffect/math.h").read_text(encoding="utf-8")
 UNKNOWN = (max(KernelWeight) + 1, -2, 99)
 
 

@@ -39,7 +39,7 @@ def test_wheel_installs_with_its_cpp_sources(tmp_path):
     wheel, = (tmp_path / "dist").glob("geffect_kernels-*.whl")
     site = tmp_path / "site"
     _run(sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site), str(wheel), timeout=300)
-    assert (site / "geffect_kernels" / "backends" / "cpp" / "csrc" / "binding.cpp").is_file()
+    assert (site / "geffect_kernels" / "backends" / "cpp" / "csrc" / "binding.cpp").is_file()  # a copy of csrc/
     assert (site / "geffect_kernels" / "py.typed").is_file()  # type checkers read the package's annotations
     # a fresh process that sees only the install (not the checkout), with its own extension cache
     env = {**os.environ, "PYTHONPATH": str(site), "TORCH_EXTENSIONS_DIR": str(tmp_path / "extensions")}

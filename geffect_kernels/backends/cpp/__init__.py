@@ -1,4 +1,4 @@
-"""C++ (OpenMP) and CUDA kernels from ./csrc, built with ninja on first use (see `build`).
+"""C++ (OpenMP) and CUDA kernels from the top-level csrc/, built with ninja on first use (see `build`).
 
 Importing this package compiles nothing; `build_extensions` builds ahead of time, the ``cpu``/``cuda``
 backends (`backend`) and `ghost_inner_product` build on first use and report unavailability instead

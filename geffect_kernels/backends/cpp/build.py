@@ -1,8 +1,9 @@
 """Builds and loads the C++/CUDA extension: torch.utils.cpp_extension with ninja, on first use, cached.
 
-The C++/CUDA sources live next to this file (``csrc/``, shipped inside the wheel). Two extensions share
-csrc/binding.cpp: ``cpu`` (the OpenMP kernels) and ``cuda`` (the same plus the CUDA kernels, built only
-where torch has CUDA and nvcc exists). ``setup.py`` can build both ahead of
+The C++/CUDA sources live in ``csrc/`` at the top of the repository. A wheel carries a copy of them inside the
+package, next to this file (setup.py's build_py puts it there), so an installed wheel builds on first use too.
+Two extensions share csrc/binding.cpp: ``cpu`` (the OpenMP kernels) and ``cuda`` (the same plus the CUDA
+kernels, built only where torch has CUDA and nvcc exists). ``setup.py`` can build both ahead of
 time (GEFFECT_BUILD_EXT=1) as ``geffect_kernels.backends.cpp._cpu`` / ``._cuda``; otherwise the first use
 compiles them into torch's extension cache (``TORCH_EXTENSIONS_DIR``, default ~/.cache/torch_extensions),
 and later processes only load the cached library. A failed build is remembered for the process and
@@ -17,12 +18,25 @@ from __future__ import annotations
 
 import glob
 import importlib
+import logging
 import os
 import shutil
+import sys
 import warnings
 from pathlib import Path
 
-SOURCE_DIR = Path(__file__).resolve().parent / "csrc"  # shipped in the wheel (setup.py package_data)
+
+def _source_dir() -> Path:
+    """The C++/CUDA sources: the checkout's top-level csrc/ (a source tree or an editable install), else the
+    copy an installed wheel carries inside the package."""
+    here = Path(__file__).resolve().parent
+    root = here.parents[2]
+    if (root / "setup.py").is_file() and (root / "csrc" / "binding.cpp").is_file():
+        return root / "csrc"
+    return here / "csrc"
+
+
+SOURCE_DIR = _source_dir()
 KINDS = ("cpu", "cuda")
 
 _modules: dict[str, object] = {}
@@ -63,6 +77,29 @@ def extension_spec(kind: str) -> dict:
     return spec
 
 
+# torch.utils.cpp_extension looks for the CUDA toolkit when it is imported, whenever torch was built with CUDA,
+# and on a machine without a GPU it logs this; a CPU build has no use for the toolkit, so the line is noise.
+NO_CUDA_RUNTIME = "No CUDA runtime is found"
+
+
+class _WithoutNoCudaRuntimeWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(NO_CUDA_RUNTIME)
+
+
+def cpp_extension():
+    """``torch.utils.cpp_extension``, imported without its "No CUDA runtime is found, using CUDA_HOME=..." warning
+    (every other message of torch's is kept). The CUDA build still finds the toolkit: see _cuda_home."""
+    if "torch.utils.cpp_extension" not in sys.modules:
+        logger, quiet = logging.getLogger("torch.utils.cpp_extension"), _WithoutNoCudaRuntimeWarning()
+        logger.addFilter(quiet)
+        try:
+            importlib.import_module("torch.utils.cpp_extension")
+        finally:
+            logger.removeFilter(quiet)
+    return sys.modules["torch.utils.cpp_extension"]
+
+
 # Where to look for the CUDA toolkit when torch's guess has no headers (see _cuda_home); {cuda} is
 # torch.version.cuda, so the toolkit torch was built with is preferred over other versions.
 CUDA_HOME_FALLBACKS = ("/usr/local/cuda", "/usr/local/cuda-{cuda}", "/usr/local/cuda-*")
@@ -82,15 +119,15 @@ def _cuda_home() -> str | None:
     ``cpp_extension.CUDA_HOME``, which torch reads for nvcc, the include path and the library path.
     """
     import torch
-    from torch.utils import cpp_extension
 
-    home = cpp_extension.CUDA_HOME
+    extension = cpp_extension()
+    home = extension.CUDA_HOME
     if home is None or _is_cuda_toolkit(home) or os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
         return home
     for pattern in CUDA_HOME_FALLBACKS:
         for candidate in sorted(glob.glob(pattern.format(cuda=torch.version.cuda)), reverse=True):
             if _is_cuda_toolkit(candidate):
-                cpp_extension.CUDA_HOME = candidate
+                extension.CUDA_HOME = candidate
                 return candidate
     return home
 
@@ -124,9 +161,7 @@ def _build(kind: str, verbose: bool):
     reason = _why_not_buildable(kind)
     if reason:
         raise Unbuildable(reason)
-    from torch.utils import cpp_extension
-
-    return cpp_extension.load(**extension_spec(kind), verbose=verbose)
+    return cpp_extension().load(**extension_spec(kind), verbose=verbose)
 
 
 def load(kind: str, verbose: bool = False):

@@ -4,7 +4,7 @@
 # own paths: build.load("cuda") (torch's extension cache) and setup.py's ahead-of-time build_ext.
 # Compiling, linking and importing the library need no GPU (torch loads libcuda lazily).
 #
-#   geffect_kernels/backends/cpp/csrc/check_cuda_build.sh [TORCH_SPEC]
+#   csrc/check_cuda_build.sh [TORCH_SPEC]
 #   (default torch==2.11.0, cu130 on PyPI; needs ~6 GB in /tmp)
 #
 # Leave CUDA_HOME unset to also check build.py's toolkit lookup (see _cuda_home there). The venv, the
@@ -12,7 +12,7 @@
 # unless KEEP=1.
 set -euo pipefail
 TORCH_SPEC=${1:-torch==2.11.0}
-REPO=$(cd "$(dirname "$0")/../../../.." && pwd)  # this file is geffect_kernels/backends/cpp/csrc/
+REPO=$(cd "$(dirname "$0")/.." && pwd)  # this file is csrc/check_cuda_build.sh
 WORK=${WORK:-/tmp/geffect_cuda_check}
 [ "${KEEP:-0}" = 1 ] || trap 'rm -rf "$WORK"' EXIT
 mkdir -p "$WORK"
