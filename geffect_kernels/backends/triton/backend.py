@@ -11,7 +11,7 @@ import torch
 from ..interface import Backend
 from .config import interpreting
 from .fused_weighted import head_logprobs_op, weighted_head_loss
-from .kl import fused_kl
+from .kl import fused_kl, fused_target_ce
 from .logits_rowwise import logits_logprobs, logits_weighted_loss
 from .token_stats import head_token_stats
 
@@ -70,6 +70,14 @@ class TritonBackend(Backend):
         ref_bias = None if ref_bias is None else _rowmajor(ref_bias.detach())
         return fused_kl(_rowmajor(hidden), _rowmajor(weight), _rowmajor(bias), _rowmajor(ref_hidden.detach()),
                         _rowmajor(ref_weight.detach()), ref_bias, labels.contiguous(), opts)
+
+    @_on_inputs_device
+    def target_cross_entropy(self, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, opts, beta):
+        if ref_hidden is not None:
+            ref_hidden, ref_weight = _rowmajor(ref_hidden.detach()), _rowmajor(ref_weight.detach())
+            ref_bias = None if ref_bias is None else _rowmajor(ref_bias.detach())
+        return fused_target_ce(_rowmajor(hidden), _rowmajor(weight), _rowmajor(bias), ref_hidden, ref_weight, ref_bias,
+                               labels.contiguous(), opts, beta)
 
     @_on_inputs_device
     def token_logprobs_from_logits(self, logits, labels, opts):

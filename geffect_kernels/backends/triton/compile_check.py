@@ -65,6 +65,17 @@ def _flag_sets(names, needs=()):
             yield flags
 
 
+KL_TARGETS = (0, 1, 2)  # kl.KL, SHIFTED (UNDIAL), OWN (CE-U)
+
+
+def _target_flag_sets(names, needs=()):
+    """`_flag_sets` for each reference side of the fused KL kernels (TARGET); OWN has no reference bias."""
+    for target in KL_TARGETS:
+        for flags in _flag_sets(names, needs):
+            if not (target == 2 and flags.get("HAS_REF_BIAS")):
+                yield {**flags, "TARGET": target}
+
+
 def _label(kernel, dtype, flags):
     on = [k for k, v in flags.items() if v is True] + [f"{k}={v}" for k, v in flags.items() if not isinstance(v, bool)]
     return f"{kernel} {_TYPES[dtype]} " + (",".join(on) or "-")
@@ -108,10 +119,11 @@ def variants():
                opts_acc, {"c_ptr": "*fp32"})
         yield (f"matmul {_TYPES[dtype]} dW", matmul.matmul_kernel, dtype,
                {"ACCUMULATE": False, "stride_am": 1, "stride_bn": 1, "stride_cn": 1, **prec, **blocks}, opts, {})
-        for flags in _flag_sets(("HAS_BIAS", "HAS_REF_BIAS", "SOFTCAP")):
+        for flags in _target_flag_sets(("HAS_BIAS", "HAS_REF_BIAS", "SOFTCAP")):
             yield (_label("kl_partials", dtype, flags), kl.kl_partials_kernel, dtype, {**flags, **prec, **blocks2},
                    opts2, {})
-        for flags in _flag_sets(("HAS_BIAS", "HAS_REF_BIAS", "SOFTCAP", "NEED_DB"), needs=(("NEED_DB", "HAS_BIAS"),)):
+        for flags in _target_flag_sets(("HAS_BIAS", "HAS_REF_BIAS", "SOFTCAP", "NEED_DB"),
+                                       needs=(("NEED_DB", "HAS_BIAS"),)):
             yield (_label("kl_grad", dtype, flags), kl.kl_grad_kernel, dtype, {**flags, **prec, **blocks2}, opts2,
                    {})
         # the fast modes: dh of a token chunk written once in the input dtype, dW summed over token chunks in float32
@@ -125,7 +137,8 @@ def variants():
                {"ACCUMULATE": False, "stride_ak": 1, "stride_bk": 1, "stride_cn": 1, **prec, **blocks}, opts,
                {"c_ptr": "*fp32"})
         rows, block, warps = kl_row_tiles(128256)
-        for flags in _flag_sets(("HAS_BIAS", "HAS_REF_BIAS", "SOFTCAP", "NEED_DB"), needs=(("NEED_DB", "HAS_BIAS"),)):
+        for flags in _target_flag_sets(("HAS_BIAS", "HAS_REF_BIAS", "SOFTCAP", "NEED_DB"),
+                                       needs=(("NEED_DB", "HAS_BIAS"),)):
             yield (_label("kl_rows", dtype, flags), kl_fast.kl_rows_kernel, dtype,
                    {**flags, "ROWS": rows, "BLOCK": block}, {"num_warps": warps}, {})
         block_a, block_b, block_k, warps, stages = gram.gram_tiles(dtype)
@@ -148,7 +161,9 @@ def variants():
     for flags in _flag_sets(("SOFTCAP",)):
         yield (_label("logits_grad", bf16, flags), logits_rowwise.logits_grad_kernel, bf16, {**flags, "BLOCK": block},
                {"num_warps": warps}, {})
-    yield "kl_combine fp32", kl.kl_combine_kernel, fp32, {"BLOCK": 1024}, {"num_warps": 4}, {}
+    for target in KL_TARGETS:
+        yield (_label("kl_combine", fp32, {"TARGET": target}), kl.kl_combine_kernel, fp32,
+               {"TARGET": target, "BLOCK": 1024}, {"num_warps": 4}, {})
     yield "stats_combine fp32", token_stats.stats_combine_kernel, fp32, {"BLOCK": 1024}, {"num_warps": 4}, {}
     for flags in _flag_sets(("SOFTCAP", "NEED_DB")):
         yield (_label("exp_to_grad", bf16, flags), fast_path.exp_to_grad_kernel, bf16,

@@ -25,7 +25,11 @@ import triton.language as tl
 from .config import kl_row_tiles
 from .fast_path import chunk_products, dw_accumulator, padded_width, rows_within
 from .matmul import matmul
-from .tiles import add_bias, online_lse, reference_fold, soft_cap
+from .tiles import add_bias, online_lse, reference_fold, soft_cap, target_fold
+
+KL = tl.constexpr(0)  # the TARGET codes of `kl` (imported from there would be circular)
+SHIFTED = tl.constexpr(1)
+OWN = tl.constexpr(2)
 
 
 @triton.jit
@@ -39,10 +43,25 @@ def _row_logits(u_ptrs, b_ptr, cols_in, mask, softcap, HAS_BIAS: tl.constexpr, S
 
 
 @triton.jit
-def kl_rows_kernel(u_ptr, ur_ptr, g_ptr, b_ptr, br_ptr, coef_ptr, kl_ptr, db_ptr, N, V, stride_u, stride_g, softcap,
-                   HAS_BIAS: tl.constexpr, HAS_REF_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, NEED_DB: tl.constexpr,
-                   ROWS: tl.constexpr, BLOCK: tl.constexpr):
-    """KL_t of ROWS tokens and their logit gradient G (``g_ptr``: the θ logits' memory, in the input dtype).
+def _target_logits(ur_rows, br_ptr, cols, cols_in, mask, softcap, z, label, beta, HAS_REF_BIAS: tl.constexpr,
+                   SOFTCAP: tl.constexpr, TARGET: tl.constexpr):
+    """The target's logits for a piece of rows: the reference's (KL), shifted by −β at the label (SHIFTED), or θ's
+    ``z`` with −∞ at the label (OWN: nothing read)."""
+    if TARGET == OWN:
+        zr = tl.where(cols[None, :] == label[:, None], float("-inf"), z)
+    else:
+        zr, _ = _row_logits(ur_rows + cols[None, :], br_ptr, cols_in, mask, softcap, HAS_REF_BIAS, SOFTCAP)
+        if TARGET == SHIFTED:
+            zr = tl.where(cols[None, :] == label[:, None], zr - beta, zr)
+    return zr
+
+
+@triton.jit
+def kl_rows_kernel(u_ptr, ur_ptr, g_ptr, b_ptr, br_ptr, labels_ptr, coef_ptr, kl_ptr, db_ptr, N, V, stride_u,
+                   stride_g, softcap, beta, HAS_BIAS: tl.constexpr, HAS_REF_BIAS: tl.constexpr, SOFTCAP: tl.constexpr,
+                   TARGET: tl.constexpr, NEED_DB: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    """KL_t (CE_t for a cross-entropy TARGET, `kl`) of ROWS tokens and their logit gradient G (``g_ptr``: the θ
+    logits' memory, in the input dtype).
 
     A row of G lies over the first half (16-bit) or the whole (float32) of the same row of u, so a block of G
     covers only columns of u that this program has already read; the barrier makes every warp's reads of the
@@ -53,49 +72,77 @@ def kl_rows_kernel(u_ptr, ur_ptr, g_ptr, b_ptr, br_ptr, coef_ptr, kl_ptr, db_ptr
     r64 = rows.to(tl.int64)
     u_rows = u_ptr + r64[:, None] * stride_u
     ur_rows = ur_ptr + r64[:, None] * stride_u
+    if TARGET == KL:
+        label = tl.full((ROWS,), -1, tl.int64)
+    else:
+        label = tl.load(labels_ptr + rows, mask=row_ok, other=-1)
     m = tl.full((ROWS,), -3.0e38, tl.float32)
     s = tl.zeros((ROWS,), tl.float32)
     m_r = tl.full((ROWS,), -3.0e38, tl.float32)
     s_r = tl.zeros((ROWS,), tl.float32)
     t_r = tl.zeros((ROWS,), tl.float32)
+    a_r = tl.zeros((ROWS,), tl.float32)
+    z_y = tl.zeros((ROWS,), tl.float32)
     for v0 in range(0, V, BLOCK):
         cols = v0 + tl.arange(0, BLOCK)
         col_ok = cols[None, :] < V
         mask = row_ok[:, None] & col_ok  # padding rows read as zeros: finite, never stored
         z, _ = _row_logits(u_rows + cols[None, :], b_ptr, cols % V, mask, softcap, HAS_BIAS, SOFTCAP)
-        zr, _ = _row_logits(ur_rows + cols[None, :], br_ptr, cols % V, mask, softcap, HAS_REF_BIAS, SOFTCAP)
-        diff = tl.where(col_ok, zr - z, 0.0)
+        zr = _target_logits(ur_rows, br_ptr, cols, cols % V, mask, softcap, z, label, beta, HAS_REF_BIAS, SOFTCAP,
+                            TARGET)
         m, s = online_lse(m, s, tl.where(col_ok, z, float("-inf")))
-        m_r, s_r, t_r = reference_fold(m_r, s_r, t_r, tl.where(col_ok, zr, float("-inf")), diff)
+        if TARGET == KL:
+            m_r, s_r, t_r = reference_fold(m_r, s_r, t_r, tl.where(col_ok, zr, float("-inf")),
+                                           tl.where(col_ok, zr - z, 0.0))
+        else:
+            diff = tl.zeros(z.shape, tl.float32) if TARGET == OWN else tl.where(col_ok, zr - z, 0.0)
+            if TARGET == OWN:  # ℓ_y for OWN's gradient
+                z_y += tl.sum(tl.where((cols[None, :] == label[:, None]) & col_ok, z, 0.0), axis=1)
+            m_r, s_r, t_r, a_r = target_fold(m_r, s_r, t_r, a_r, tl.where(col_ok, zr, float("-inf")), diff)
     lse = m + tl.log(s)
     lse_r = m_r + tl.log(s_r)
-    tl.store(kl_ptr + rows, t_r / s_r + lse - lse_r, mask=row_ok)
+    value = t_r / s_r + lse - lse_r
+    if TARGET != KL:
+        value += tl.log(s_r) - a_r / s_r  # the target's entropy
+    tl.store(kl_ptr + rows, value, mask=row_ok)
+    lp = z_y - lse
     coef = tl.load(coef_ptr + rows, mask=row_ok, other=0.0)
     g_rows = g_ptr + r64[:, None] * stride_g
     for v0 in range(0, V, BLOCK):
         cols = v0 + tl.arange(0, BLOCK)
         mask = row_ok[:, None] & (cols[None, :] < V)
         z, dz = _row_logits(u_rows + cols[None, :], b_ptr, cols % V, mask, softcap, HAS_BIAS, SOFTCAP)
-        zr, _ = _row_logits(ur_rows + cols[None, :], br_ptr, cols % V, mask, softcap, HAS_REF_BIAS, SOFTCAP)
-        g = tl.where(mask, coef[:, None] * (tl.exp(z - lse[:, None]) - tl.exp(zr - lse_r[:, None])) * dz, 0.0)
+        if TARGET == OWN:  # p_y at the label, −q_v p_y elsewhere (`kl.own_target_grad`)
+            off = -tl.exp(z - lse_r[:, None] + lp[:, None])
+            diff_p = tl.where(cols[None, :] == label[:, None], tl.exp(z - lse[:, None]), off)
+            diff_p = tl.where(label[:, None] >= 0, diff_p, 0.0)
+        else:
+            zr = _target_logits(ur_rows, br_ptr, cols, cols % V, mask, softcap, z, label, beta, HAS_REF_BIAS, SOFTCAP,
+                                TARGET)
+            diff_p = tl.exp(z - lse[:, None]) - tl.exp(zr - lse_r[:, None])
+        g = tl.where(mask, coef[:, None] * diff_p * dz, 0.0)
         tl.debug_barrier()
         tl.store(g_rows + cols[None, :], g.to(g_ptr.dtype.element_ty), mask=mask)
         if NEED_DB:
             tl.atomic_add(db_ptr + cols, tl.sum(g, axis=0), mask=cols < V)
 
 
-def fast_kl_rows(hidden, weight, budget):
-    """Tokens per chunk the logits budget allows the fast KL (two float32 logit rows each), or 0 for lean."""
-    return rows_within(budget, hidden.shape[0], weight, 8 * padded_width(weight.shape[0]))
+def fast_kl_rows(hidden, weight, budget, own=False):
+    """Tokens per chunk the logits budget allows the fast KL (two float32 logit rows each; one for a target that is
+    θ's own), or 0 for lean."""
+    return rows_within(budget, hidden.shape[0], weight, (4 if own else 8) * padded_width(weight.shape[0]))
 
 
-def fast_kl_grads(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, coef, unscale, wanted, softcap, rows):
+def fast_kl_grads(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, coef, unscale, wanted, softcap, rows, *,
+                  labels=None, beta=0.0, target=0):
     """(KL_t [N] float32, [dh, dW, db]) in chunks of ``rows`` tokens; ``coef``: k · c_t per token (0 where
-    ignored), ``unscale``: 1/k or None (`normalized`), ``wanted``: which of dh, dW, db."""
+    ignored), ``unscale``: 1/k or None (`normalized`), ``wanted``: which of dh, dW, db. With ``target`` a
+    cross-entropy TARGET of `kl`: CE_t, ``labels`` −1 where ignored (OWN: no reference logits formed)."""
     n, v = hidden.shape[0], weight.shape[0]
     want_h, want_w, want_b = wanted[0], wanted[1], wanted[2] and bias is not None
     device = hidden.device
-    logits = torch.empty((2, rows, padded_width(v)), dtype=torch.float32, device=device)  # θ, reference
+    own = target == OWN.value
+    logits = torch.empty((1 if own else 2, rows, padded_width(v)), dtype=torch.float32, device=device)  # θ, ref
     kl = torch.empty(n, dtype=torch.float32, device=device)
     dh = torch.empty_like(hidden) if want_h else None
     dw = torch.empty_like(weight) if want_w else None
@@ -104,15 +151,17 @@ def fast_kl_grads(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, coef, 
     block_rows, block, warps = kl_row_tiles(v)
     for r0 in range(0, n, rows):
         r1 = min(n, r0 + rows)
-        u, ur = logits[0, :r1 - r0, :v], logits[1, :r1 - r0, :v]
+        u, ur = logits[0, :r1 - r0, :v], logits[-1, :r1 - r0, :v]
         matmul(hidden[r0:r1], weight.t(), u)
-        matmul(ref_hidden[r0:r1], ref_weight.t(), ur)
+        if not own:
+            matmul(ref_hidden[r0:r1], ref_weight.t(), ur)
         g = logits[0].view(hidden.dtype)[:r1 - r0, :v]  # G over u's memory, row stride unchanged in bytes
         kl_rows_kernel[(triton.cdiv(r1 - r0, block_rows),)](
             u, ur, g, weight if bias is None else bias, ref_weight if ref_bias is None else ref_bias,
-            coef[r0:r1], kl[r0:r1], kl if db is None else db, r1 - r0, v, u.stride(0), g.stride(0), softcap or 1.0,
-            HAS_BIAS=bias is not None, HAS_REF_BIAS=ref_bias is not None, SOFTCAP=softcap is not None,
-            NEED_DB=db is not None, ROWS=block_rows, BLOCK=block, num_warps=warps)
+            coef if labels is None else labels[r0:r1], coef[r0:r1], kl[r0:r1], kl if db is None else db, r1 - r0, v,
+            u.stride(0), g.stride(0), softcap or 1.0, float(beta), HAS_BIAS=bias is not None,
+            HAS_REF_BIAS=ref_bias is not None, SOFTCAP=softcap is not None, TARGET=target, NEED_DB=db is not None,
+            ROWS=block_rows, BLOCK=block, num_warps=warps)
         chunk_products(g, weight, hidden[r0:r1], dh[r0:r1] if want_h else None, dw_acc, r0 == 0, unscale)
     if dw_acc is not dw:
         dw.copy_(dw_acc)

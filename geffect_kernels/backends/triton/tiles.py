@@ -81,3 +81,15 @@ def reference_fold(m_r, s_r, t_r, zr, diff):
     rescale = tl.exp(m_r - m_new)
     e_r = tl.exp(zr - m_new[:, None])
     return m_new, s_r * rescale + tl.sum(e_r, axis=1), t_r * rescale + tl.sum(e_r * diff, axis=1)
+
+
+@triton.jit
+def target_fold(m_r, s_r, t_r, a_r, zr, diff):
+    """`reference_fold` that also keeps A = Σ exp(zr − m_r)(zr − m_r) (≤ 0), so that the target's entropy is
+    log s_r − A/s_r with nothing cancelling; rescaled with the running max (from m_old: A + (m_old − m_new)·s)."""
+    m_new = tl.maximum(m_r, tl.max(zr, axis=1))
+    rescale = tl.exp(m_r - m_new)
+    e_r = tl.exp(zr - m_new[:, None])
+    x = tl.where(e_r > 0, zr - m_new[:, None], 0.0)  # 0 where zr is −inf (masked, or CE-U's label)
+    a_r = (a_r + (m_r - m_new) * s_r) * rescale + tl.sum(e_r * x, axis=1)
+    return m_new, s_r * rescale + tl.sum(e_r, axis=1), t_r * rescale + tl.sum(e_r * diff, axis=1), a_r
