@@ -139,7 +139,7 @@ def test_without_a_retain_model_the_summary_says_why(capsys, tofu, tmp_path):
     (["--holdout", "x.json"], "--holdout is for the evaluation: add --eval"),
     (["--eval", "--eval-size", "0"], "--eval-size must be a positive integer, got 0"),
     (["--eval", "--retain-model", "m", "--retain-eval", "f.json"], "either as --retain-model DIR or as --retain-eval"),
-    (["--eval", "--retain-eval", "missing.json"], "missing.json: cannot read"),
+    (["--eval", "--retain-eval", "missing.json"], "missing.json: no such file"),
     (["--eval", "--retain-model", "nowhere"], "nowhere is not a Hugging Face model directory"),
 ])
 def test_bad_eval_flags_fail_before_training(capsys, tofu, tmp_path, extra, message):

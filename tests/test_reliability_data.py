@@ -347,3 +347,77 @@ def test_the_host_out_of_memory_is_one_line_that_says_what_to_lower(capsys, work
     err = one_line_error(capsys, *train_argv(workspace, tmp_path / "out"))
     assert err.startswith("geffect: error: out of memory (") and "lower --batch-size or --max-length" in err, err
     assert "--lora-r" in err and "enforce fail" not in err, err
+
+
+# --- --retain-eval: content checked, items matched -----------------------------------------------------------------
+
+def _tofu_log(indices, paraphrased=None):
+    """TOFU's eval_log_forget.json over ``indices``: random losses (a fixed seed), or ``paraphrased`` ones."""
+    import random
+
+    rng = random.Random(len(indices))
+    para = paraphrased or [rng.uniform(0.5, 3.0) for _ in indices]
+    return {"avg_paraphrased_loss": {str(i): p for i, p in zip(indices, para)},
+            "average_perturb_loss": {str(i): [rng.uniform(0.5, 3.0) for _ in range(3)] for i in indices}}
+
+
+@pytest.mark.parametrize("content, message", [
+    ({"avg_paraphrased_loss": [1.0, 2.0], "average_perturb_loss": [[1.0], [2.0]]},
+     "avg_paraphrased_loss must map each forget index"),
+    ({"avg_paraphrased_loss": {"0": [1.0]}, "average_perturb_loss": {"0": [1.0]}}, "to a loss"),
+    ({"avg_paraphrased_loss": {"a": 1.0}, "average_perturb_loss": {"a": [1.0]}}, "must map each forget index"),
+    ({"forget": {"truth_ratio": 5}}, "forget.truth_ratio must be a list of numbers, got '5'"),
+    ({"forget": {"truth_ratio": [1.0, "x"]}}, "forget.truth_ratio must be a list of numbers"),
+    ({"forget": {"truth_ratio": [1.0], "mia_loss": 3}, "holdout": {"mia_loss": [1.0]}},
+     "forget.mia_loss must be a list of numbers"),
+    ({"forget": {"truth_ratio": [1.0], "mia_loss": [1.0]}, "holdout": [1.0]}, "holdout must map metrics"),
+    ({"forget": {"truth_ratio": [1.0]}, "muse_privleak": [1]}, "muse_privleak is not the scores"),
+])
+def test_retain_eval_content_of_the_wrong_type_is_one_line_naming_the_file(tmp_path, content, message):
+    from geffect_kernels.eval.retain_reference import read_retain_reference
+
+    path = _write(tmp_path / "retain_eval.json", json.dumps(content))
+    with pytest.raises(ValueError, match=message) as refused:
+        read_retain_reference(path)
+    assert str(refused.value).startswith(str(path)) and "\n" not in str(refused.value)
+
+
+def test_retain_eval_nan_losses_or_an_empty_log_give_a_missing_reason_not_nan(tmp_path):
+    from geffect_kernels.eval.retain_reference import read_retain_reference
+    from geffect_kernels.eval.tofu import summarize
+
+    forget = {"probability": [0.3, 0.5, 0.2], "truth_ratio": [0.9, 1.1, 0.7]}
+    nan_log = _tofu_log(range(3), paraphrased=[1.0, float("nan"), 2.0])
+    cases = {"nan": (json.dumps(nan_log), "NaN or infinite on 1 forget item(s) (the first: 1)"),
+             "empty": (json.dumps({"avg_paraphrased_loss": {}, "average_perturb_loss": {}}), "holds no forget"),
+             "nan per-sample": (json.dumps({"forget": {"truth_ratio": [1.0, float("inf"), float("nan")]}}),
+                                "NaN or infinite on 2 forget item(s)")}
+    for name, (text, reason) in cases.items():
+        path = _write(tmp_path / f"{name}.json", text)
+        reference = read_retain_reference(path).for_forget_set(3)
+        summary = summarize(forget, **reference.as_kwargs())
+        assert "forget_quality" not in summary, name
+        assert reason in summary["missing"]["forget_quality"] and str(path) in summary["missing"]["forget_quality"]
+
+
+@pytest.mark.parametrize("indices, size", [(range(3), None), (range(400), None), (range(11, 22), None),
+                                           (range(400), 11), ([0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 12], None)])
+def test_a_retain_eval_of_other_items_says_the_items_do_not_match(tmp_path, indices, size):
+    from geffect_kernels.eval.plan import EvalPlan
+
+    path = _write(tmp_path / "eval_log_forget.json", json.dumps(_tofu_log(list(indices))))
+    with pytest.raises(ValueError, match="the items do not match") as refused:
+        EvalPlan.from_files([object()] * 11, retain_eval=path, size=size)
+    assert str(path) in str(refused.value)
+
+
+def test_a_retain_eval_of_the_same_items_is_used(tmp_path):
+    from geffect_kernels.eval.plan import EvalPlan
+    from geffect_kernels.eval.retain_reference import read_retain_reference
+
+    path = _write(tmp_path / "eval_log_forget.json", json.dumps(_tofu_log(list(range(11)))))
+    full = read_retain_reference(path).forget_truth_ratios
+    assert EvalPlan.from_files([object()] * 11, retain_eval=path).reference.forget_truth_ratios == full
+    assert EvalPlan.from_files([object()] * 11, retain_eval=path, size=4).reference.forget_truth_ratios == full[:4]
+    first4 = _write(tmp_path / "first4.json", json.dumps({"forget": {"truth_ratio": full[:4]}}))  # --eval-size 4
+    assert EvalPlan.from_files([object()] * 11, retain_eval=first4, size=4).reference.forget_truth_ratios == full[:4]

@@ -22,7 +22,8 @@ def test_this_projects_per_sample_files(tmp_path):
     assert one.forget_truth_ratios == [0.5, 2.0, 1.5] and not one.missing
     # holdout above forget: loss 2.5 beats 1 and 2, 0.5 none -> 2 of 6; min-k 3 beats 1 and 2, twice -> 4 of 6
     assert one.mia_auc == pytest.approx({"loss": 2 / 6, "min_k": 4 / 6})
-    assert one.truncated(2).forget_truth_ratios == [0.5, 2.0] and one.truncated(None) is one
+    assert one.for_forget_set(3, 2).forget_truth_ratios == [0.5, 2.0]
+    assert one.for_forget_set(3).forget_truth_ratios == [0.5, 2.0, 1.5]
     several = {"target": {"forget": {}}, "retain_only": PER_SAMPLE}  # the demo's per_sample.json
     demo = read_retain_reference(_write(tmp_path, "per_sample.json", several))
     assert demo.forget_truth_ratios == one.forget_truth_ratios and "retain_only" in demo.source
@@ -50,7 +51,7 @@ def test_tofus_eval_logs(tmp_path):
     ("{oops", "not valid JSON"),
     (json.dumps({"avg_paraphrased_loss": {"0": 1.0}, "average_perturb_loss": {"0": "x"}}), "list of losses"),
     (json.dumps({"avg_paraphrased_loss": {"0": 1.0, "1": 2.0}, "average_perturb_loss": {"0": [1.0]}}),
-     "2 paraphrased but 1 perturbed"),
+     "different forget indices"),
 ])
 def test_bad_saved_evaluations(tmp_path, content, message):
     path = tmp_path / "bad.json"

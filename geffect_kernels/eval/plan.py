@@ -34,7 +34,7 @@ class EvalPlan:
         if retain_model and retain_eval:
             raise ValueError("give the retain model either as --retain-model DIR or as --retain-eval FILE, not both")
         first = (lambda pairs: pairs if pairs is None or size is None else pairs[:size])
-        reference = read_retain_reference(retain_eval).truncated(size) if retain_eval else None
+        reference = read_retain_reference(retain_eval).for_forget_set(len(forget), size) if retain_eval else None
         utility = load_qa(retain_eval_set) if retain_eval_set else retain
         return cls(first(forget), first(utility), first(load_qa(real_authors) if real_authors else None),
                    first(load_qa(world) if world else None), first(load_qa(holdout) if holdout else None), size,
