@@ -1,4 +1,4 @@
-"""Every objective, defined once: its loss, its source, its defaults and its weight or sequence function.
+"""Every objective, defined once: its loss, its source, its defaults, what it reads and its loss function.
 
 Token-level objectives are ``sign · mean_t w_t ℓ_t`` with detached weights w_t = ``token_weight(ℓ_t, ℓ_ref,t)``;
 the kernels implement the same weight formulas under ``kernel_code``, a `KernelWeight`. Sequence-level objectives
@@ -7,6 +7,10 @@ token weight, a `KernelWeight` and its formula in the kernels (backends/triton/w
 csrc/include/geffect/math.h at the top of the repository). Every backend,
 the profiler and `token_weights` read these entries; nothing else lists objectives. The objective as a function
 of log-probabilities is `objectives.unlearning_loss_from_logprobs`.
+
+Each entry declares its *inputs* (`INPUT_KINDS`): what it reads of a model and a batch. `objective_inputs` holds one
+function per kind that turns (model, batch, reference state) into the entry's loss; the loop, the profiler and the
+Trainer callback call that function and never an objective's name.
 """
 from __future__ import annotations
 
@@ -20,6 +24,16 @@ import torch.nn.functional as F
 from .ranges import check_hparams
 
 IGNORE_INDEX = -100  # the label of a position no objective scores (Hugging Face's)
+
+
+# What an objective reads (`Objective.inputs`); `objective_inputs.KIND_LOSSES` maps each to its one function.
+LOGPROBS = "logprobs"  # the token log-probabilities of one batch: token and sequence objectives, PO, NLL
+LOGPROB_PAIR = "logprob_pair"  # those of a pair of batches (win = the substitute answers, lose = the forget ones)
+REFERENCE_DISTRIBUTION = "reference_distribution"  # the full next-token distribution against a reference's
+OWN_DISTRIBUTION = "own_distribution"  # the full next-token distribution against its own, detached
+HIDDEN = "hidden"  # the hidden states of a chosen layer against a target (RMU's c·u, RR's reference states)
+INPUT_KINDS = (LOGPROBS, LOGPROB_PAIR, REFERENCE_DISTRIBUTION, OWN_DISTRIBUTION, HIDDEN)
+FORGET, ALTERNATE = "forget", "alternate"  # which answers of a forget batch a LOGPROBS entry reads (`Objective.reads`)
 
 
 class KernelWeight(enum.IntEnum):
@@ -90,6 +104,28 @@ def _simnpo_weight(seq, ref_seq, counts, hp):
     return 2 * torch.sigmoid(hp["beta"] * seq / counts + hp["beta"] * hp["delta"])
 
 
+def _dpo_loss(win, win_ref, lose, lose_ref, hp):
+    return -(2.0 / hp["beta"]) * F.logsigmoid(hp["beta"] * ((win - win_ref) - (lose - lose_ref)))
+
+
+def _steering_target(state, batch, layer, hidden, hp):
+    """RMU's target c·u: u the run's fixed random unit vector (`ReferenceState.direction`)."""
+    return hp["coeff"] * state.direction(hidden.shape[-1], hidden.dtype, hidden.device)
+
+
+def _reference_target(state, batch, layer, hidden, hp):
+    """RR's target: the starting model's activations at the same layer."""
+    return state.reference_hidden(batch, layer).to(hidden.dtype)
+
+
+def _kl_head_loss(x, r, hp, *, backend, kl_normalization="tokens", **_):
+    from .retain import kl_loss  # retain imports this module
+
+    # batchmean: every position counts, prompt and padding too, so no shift drops the last one
+    return kl_loss(x.hidden, x.weight, r.hidden, r.weight, x.labels, bias=x.bias, ref_bias=r.bias, softcap=x.softcap,
+                   shift=kl_normalization == "tokens", backend=backend, reduction=kl_normalization)
+
+
 @dataclass(frozen=True)
 class Objective:
     name: str
@@ -108,10 +144,31 @@ class Objective:
     # a cross-entropy to the model's own detached distribution (CE-U): over a head it needs the whole distribution
     # (`Backend.target_cross_entropy`), not ℓ_t alone; its ``ignore_first`` drops each row's first answer tokens
     own_distribution: bool = False
+    inputs: str = LOGPROBS  # what it reads (INPUT_KINDS): which function of `objective_inputs` computes it
+    reads: str = FORGET  # LOGPROBS: the forget answers, or the substitute (ALTERNATE) answers paired with them
+    pair_loss: Callable | None = None  # LOGPROB_PAIR: (ℓ_win, ℓ_win,ref, ℓ_lose, ℓ_lose,ref, hp) per pair of sequences
+    head_loss: Callable | None = None  # *_DISTRIBUTION: (head inputs, reference's or None, hp, backend=...) -> loss
+    needs_reference_model: bool = False  # reads the starting model itself (its head inputs or hidden states)
+    hidden_target: Callable | None = None  # HIDDEN: (state, batch, layer, hidden, hp) -> the target of the MSE
+    trains: Callable | None = None  # (model, hp) -> {names of the only parameters it trains}; None: every one
 
     @property
     def level(self) -> str:
-        return "token" if self.sequence_loss is None else "sequence"
+        """How it is computed from its inputs: "token", "sequence" (LOGPROBS), "pair", "distribution", "hidden"."""
+        if self.inputs == LOGPROBS:
+            return "token" if self.sequence_loss is None else "sequence"
+        return {LOGPROB_PAIR: "pair", HIDDEN: "hidden"}.get(self.inputs, "distribution")
+
+    @property
+    def reads_alternate(self) -> bool:
+        """Whether it reads substitute answers for the forget questions (PO, DPO)."""
+        return self.reads == ALTERNATE or self.inputs == LOGPROB_PAIR
+
+    @property
+    def on_forget_logprobs(self) -> bool:
+        """Whether it is a function of the forget answers' token log-probabilities alone (the profiler's structured
+        path, the fused token losses, the data-parallel objectives)."""
+        return self.inputs == LOGPROBS and self.reads == FORGET
 
 
 _G_EFFECT = "Wang et al., ICLR 2025, Rethinking LLM Unlearning Objectives (G-effect)"
@@ -136,11 +193,32 @@ OBJECTIVES = {o.name: o for o in [
               {"ignore_first": 1}, token_weight=_ceu_weight, token_loss=_ceu_token_loss, own_distribution=True),
     Objective("nll", "−mean_t ℓ_t", "maximum likelihood (GD's retain term; PO/IdkPO on substitute answers)",
               sign=-1.0, token_weight=_one, kernel_code=KernelWeight.ONE),
+    Objective("po", "−mean_t ℓ_t on the substitute answers", "preference optimization (IdkPO); Maini et al., 2024, "
+              "TOFU", sign=-1.0, token_weight=_one, kernel_code=KernelWeight.ONE, reads=ALTERNATE),
+    Objective("dpo", "−(2/β) mean_seq log σ(β((ℓ_win − ℓ_win,ref) − (ℓ_lose − ℓ_lose,ref)))",
+              "Rafailov et al., NeurIPS 2023, DPO (IdkDPO: win = a refusal); open-unlearning's compute_dpo_loss",
+              {"beta": 0.1}, needs_ref=True, inputs=LOGPROB_PAIR, pair_loss=_dpo_loss),
+    Objective("rmu", "mean_{t, units} (h_ℓ,t − c·u)²", "Li et al., ICML 2024, WMDP/RMU",
+              {"layer": -1.0, "coeff": 6.5}, inputs=HIDDEN, hidden_target=_steering_target,
+              trains=lambda model, hp: _rmu_trained(model, hp)),
 ]}
 
 # Retain terms of a training step, one vocabulary for the loop, the profiler and the command line
-# ("none": no retain term). `retain.py` holds kl_loss, rmu_loss, rr_loss.
-RETAIN_OBJECTIVES = ("nll", "kl", "rmu", "rr", "none")
+# ("none": no retain term); each an entry read through `objective_inputs` like the objectives above.
+RETAIN_TERMS = {o.name: o for o in [
+    OBJECTIVES["nll"],
+    Objective("kl", "mean_t KL(p_ref,t ‖ p_θ,t)", "the retain term of KL-regularized unlearning (TOFU)",
+              inputs=REFERENCE_DISTRIBUTION, head_loss=_kl_head_loss, needs_reference_model=True),
+    Objective("rr", "mean_{t, units} (h_ℓ,t − h_ℓ,ref,t)²", f"representation retention; {_G_EFFECT}",
+              {"layer": -1.0}, inputs=HIDDEN, hidden_target=_reference_target, needs_reference_model=True),
+]}
+RETAIN_OBJECTIVES = (*RETAIN_TERMS, "none")
+
+
+def _rmu_trained(model, hp):
+    from .layers import rmu_trained_parameters  # layers imports hf, which imports this module
+
+    return rmu_trained_parameters(model, hp["layer"])
 
 
 _WEIGHT_HPARAMS = ("alpha", "beta", "gamma", "eps")  # what the token-weight formulas (and kernels) read

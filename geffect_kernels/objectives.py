@@ -15,7 +15,7 @@ from dataclasses import replace
 
 import torch
 
-from .catalog import IGNORE_INDEX, OBJECTIVES, Resolved, resolve
+from .catalog import IGNORE_INDEX, LOGPROB_PAIR, LOGPROBS, OBJECTIVES, Resolved, resolve
 from .inputs import (check_mask, check_tensor, drop_first_answer_tokens, prepare_head, prepare_logits,
                      prepare_logprobs, prepare_ref)
 
@@ -60,12 +60,20 @@ def _check_own_distribution(objective: Resolved, vocab):
                          f"distribution without the label), got {vocab}")
 
 
-def _resolved(name, hparams) -> Resolved:
+def _resolved(name, hparams, kind=LOGPROBS) -> Resolved:
+    """``name`` resolved, refused unless it reads inputs of ``kind``: the others are computed from what they read
+    (`objective_inputs.loss`)."""
     if isinstance(name, Resolved):
         if hparams:
             raise ValueError(f"objective {name.name!r} is already resolved; pass its hyper-parameters to resolve")
-        return name
-    return resolve(name, hparams)
+        objective = name
+    else:
+        objective = resolve(name, hparams)
+    if objective.objective.inputs != kind:
+        hint = "pair_loss_from_logprobs" if objective.objective.inputs == LOGPROB_PAIR else "objective_inputs.loss"
+        raise ValueError(f"objective {objective.name!r} reads {objective.objective.inputs}, not one batch's token "
+                         f"log-probabilities: compute it with {hint}")
+    return objective
 
 
 def _from_logprobs(objective: Resolved, logprobs, valid, ref=None):
@@ -116,12 +124,12 @@ def unlearning_loss(name, hidden, weight, labels, *, ref_logprobs=None, bias=Non
     ``check_values=True`` (or GEFFECT_CHECK_VALUES=1) also refuses NaN/inf inputs and out-of-range labels,
     at the price of a host-device synchronization; by default a call never waits for the device.
     """
-    objective = resolve(name, hparams)
+    objective = _resolved(name, hparams)
     labels = _own_distribution_labels(objective, labels, ignore_index)
     prep = prepare_head(hidden, weight, labels, bias, ignore_index=ignore_index, shift=shift, softcap=softcap,
                         backend=backend, check_values=check_values)
     _check_own_distribution(objective, weight.shape[0])
-    ref = prep.reference(ref_logprobs, required_by=name if objective.objective.needs_ref else None)
+    ref = prep.reference(ref_logprobs, required_by=objective.name if objective.objective.needs_ref else None)
     args = (prep.hidden, weight, bias, prep.labels)
     return _loss(objective, prep, ref, weighted=lambda o: prep.backend.weighted_loss(*args, ref, o),
                  logprobs=lambda o: prep.backend.token_logprobs(*args, o),
@@ -136,17 +144,48 @@ def unlearning_loss_from_logits(name, logits, labels, *, ref_logprobs=None, igno
     ``inplace=True`` lets a backend overwrite ``logits`` with their gradient (no second N×V buffer);
     the logits are then unusable after the call. Backends without such a kernel ignore it.
     """
-    objective = resolve(name, hparams)
+    objective = _resolved(name, hparams)
     labels = _own_distribution_labels(objective, labels, ignore_index)
     prep = prepare_logits(logits, labels, ignore_index=ignore_index, shift=shift, softcap=softcap, backend=backend,
                           inplace=inplace, check_values=check_values)
     _check_own_distribution(objective, logits.shape[-1])
-    ref = prep.reference(ref_logprobs, required_by=name if objective.objective.needs_ref else None)
+    ref = prep.reference(ref_logprobs, required_by=objective.name if objective.objective.needs_ref else None)
     return _loss(objective, prep, ref,
                  weighted=lambda o: prep.backend.weighted_loss_from_logits(prep.hidden, prep.labels, ref, o),
                  logprobs=lambda o: prep.backend.token_logprobs_from_logits(prep.hidden, prep.labels, o),
                  own_target=lambda o, beta: prep.backend.target_cross_entropy_from_logits(prep.hidden, prep.labels,
                                                                                           o, beta))
+
+
+def pair_loss_from_logprobs(name, win_logprobs, win_labels, lose_logprobs, lose_labels, *, win_ref=None,
+                            lose_ref=None, ignore_index=IGNORE_INDEX, shift=False, check_values=None, **hparams):
+    """A pair objective (``dpo``) from the token log-probabilities of the preferred (win: the substitute answers) and
+    the dispreferred (lose: the forget answers) sequences of each pair, row b of one with row b of the other:
+
+        L = mean_b pair_loss(Σ_t ℓ_win,b,t, Σ_t ℓ_win,ref,b,t, Σ_t ℓ_lose,b,t, Σ_t ℓ_lose,ref,b,t)
+
+    with sums over each row's valid positions (summed, not averaged, log-likelihoods: open-unlearning's
+    ``compute_batch_nll``). ``[B, T_win]`` and ``[B, T_lose]`` inputs; labels, shift and ignored positions as in
+    `unlearning_loss_from_logprobs`; both references are required when the entry ``needs_ref``.
+    """
+    objective = _resolved(name, hparams, kind=LOGPROB_PAIR)
+    sums = []
+    for what, lp, labels, ref in (("win", win_logprobs, win_labels, win_ref),
+                                  ("lose", lose_logprobs, lose_labels, lose_ref)):
+        if lp.dim() != 2:
+            raise ValueError(f"{what}_logprobs must be [B, T], got {tuple(lp.shape)}")
+        labels = prepare_logprobs(lp, labels, ignore_index=ignore_index, shift=shift, check_values=check_values)
+        flat = labels.reshape(-1)
+        r = prepare_ref(ref, flat, lp.shape, lp.dtype, ignore_index=ignore_index,
+                        required_by=objective.name if objective.objective.needs_ref else None,
+                        check_values=check_values)
+        valid = labels != ignore_index
+        ref_sum = None if r is None else torch.where(valid, r.reshape(lp.shape), 0).sum(-1)
+        sums += [torch.where(valid, lp, 0).sum(-1), ref_sum]
+    if sums[0].shape != sums[2].shape:
+        raise ValueError(f"win and lose rows must pair up: {sums[0].shape[0]} vs {sums[2].shape[0]} sequences")
+    win, win_ref, lose, lose_ref = (torch.zeros_like(sums[0]) if s is None else s for s in sums)
+    return objective.objective.pair_loss(win, win_ref, lose, lose_ref, objective.hparams).mean()
 
 
 def token_weights(name, logprobs, ref_logprobs=None, *, mask=None, **hparams):
@@ -185,5 +224,5 @@ def token_weights(name, logprobs, ref_logprobs=None, *, mask=None, **hparams):
     return torch.where(valid, w, 0)
 
 
-__all__ = ["IGNORE_INDEX", "OBJECTIVES", "token_weights", "unlearning_loss", "unlearning_loss_from_logits",
-           "unlearning_loss_from_logprobs"]
+__all__ = ["IGNORE_INDEX", "OBJECTIVES", "pair_loss_from_logprobs", "token_weights", "unlearning_loss",
+           "unlearning_loss_from_logits", "unlearning_loss_from_logprobs"]

@@ -27,7 +27,9 @@ POSITIVE, NON_NEGATIVE, FINITE = Range(0, low_open=True), Range(0), Range()
 # the objectives' hyper-parameters (catalog.py): p^α, σ(β·), (1−p)^γ, SimNPO's margin δ, TNPO's ε
 # and CE-U's number of leading answer tokens left out per row (an integer)
 HPARAMS = {"alpha": NON_NEGATIVE, "beta": POSITIVE, "gamma": NON_NEGATIVE, "delta": FINITE, "eps": NON_NEGATIVE,
-           "ignore_first": NON_NEGATIVE}
+           "ignore_first": NON_NEGATIVE,
+           # RMU's and RR's layer (−1: scaled with the model's depth, `layers.default_layer`) and steering coefficient c
+           "layer": Range(-1), "coeff": NON_NEGATIVE}
 INTEGER_HPARAMS = ("ignore_first",)
 
 

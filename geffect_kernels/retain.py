@@ -45,7 +45,7 @@ def kl_loss(hidden, weight, ref_hidden, ref_weight, labels, *, bias=None, ref_bi
                                       replace(opts, scale=1.0 / n))
 
 
-def _masked_mean_squared_error(diff, mask):
+def masked_mean_squared_error(diff, mask):
     """Mean of ``diff²`` over the valid positions and every hidden unit (a mean squared error, as the RMU
     paper's code, open-unlearning and the official G-effect code compute it: a sum over the units would be H
     times larger, and learning rates and G-effect sizes would not transfer)."""
@@ -82,7 +82,7 @@ def rmu_loss(hidden, direction, *, coeff=6.5, mask=None):
     coeff = check_number("coeff", coeff)
     mask = check_mask(mask, hidden.shape[:-1], "hidden positions")
     u = direction.to(hidden.dtype) / direction.norm()
-    return _masked_mean_squared_error(hidden - coeff * u, mask)
+    return masked_mean_squared_error(hidden - coeff * u, mask)
 
 
 def rr_loss(hidden, ref_hidden, *, mask=None):
@@ -91,4 +91,4 @@ def rr_loss(hidden, ref_hidden, *, mask=None):
     check_tensor("hidden", hidden)
     check_tensor("ref_hidden", ref_hidden, like=hidden, like_name="hidden")
     mask = check_mask(mask, hidden.shape[:-1], "hidden positions")
-    return _masked_mean_squared_error(hidden - ref_hidden.detach(), mask)
+    return masked_mean_squared_error(hidden - ref_hidden.detach(), mask)

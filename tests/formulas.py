@@ -30,7 +30,7 @@ def logprobs(h, w, y, b=None, softcap=None, shift=False):
 
 def token_weight(name, lp, ref, hp):
     p = torch.exp(lp.detach())
-    if name in ("ga", "nll"):
+    if name in ("ga", "nll", "po"):
         return torch.ones_like(p)
     if name == "ceu":
         return p / (1 - p)
@@ -66,7 +66,7 @@ def objective(name, lp, valid, ref=None, **hp):
         per = -torch.log(1 - torch.exp(torch.where(valid, lp, -1.0)))
         return torch.where(valid, per, torch.zeros_like(per)).sum() / n
     w = token_weight(name, lp, ref, hp)
-    sign = -1.0 if name == "nll" else 1.0
+    sign = -1.0 if name in ("nll", "po") else 1.0
     return sign * (w * lp * valid).sum() / n
 
 

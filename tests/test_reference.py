@@ -46,7 +46,8 @@ class CopiedReference(Run):
     def load_reference(self):
         reference = copy.deepcopy(self.model).eval().requires_grad_(False)
         needs_ref = self.config.objective in ("npo", "tnpo", "wtnpo")
-        return (reference if self.uses_kl else None), (_PerBatchCache(reference, self.forget) if needs_ref else None)
+        return ((reference if self.uses_reference_model else None),
+                (_PerBatchCache(reference, self.forget) if needs_ref else None))
 
 
 def model_of(tokenizer, lora):

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 
 from .commands import cmd_build, cmd_demo, cmd_profile, cmd_report
-from .defaults import MAX_NEW_TOKENS, OBJECTIVE_NAMES, TRAIN_DEFAULTS
+from .defaults import MAX_NEW_TOKENS, OBJECTIVE_NAMES, RETAIN_NAMES, TRAIN_DEFAULTS
 from .errors import CLIError
 from .train_command import cmd_train
 
@@ -44,8 +44,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--retain", help="retain set (TOFU-format .json/.jsonl)")
     p.add_argument("--objective", nargs="+", choices=OBJECTIVE_NAMES, metavar="NAME",
                    help=f"{objective_help} (default: {d['objective']})")
-    p.add_argument("--retain-objective", choices=["nll", "kl", "none"],
-                   help=f"retain term: nll, kl or none (default: {d['retain_objective']})")
+    p.add_argument("--retain-objective", choices=RETAIN_NAMES,
+                   help=f"retain term: nll, kl, rr (the activations of the objective's layer, else one scaled with "
+                        f"depth, kept at the starting model's) or none (default: {d['retain_objective']})")
+    p.add_argument("--alternate", metavar="FILE",
+                   help="substitute answers for the forget questions (po, dpo): TOFU's idontknow.jsonl (a refusal "
+                        "per line, one drawn per question with --seed) or a TOFU-format file with an answer per "
+                        "question")
+    p.add_argument("--primal-dual", type=float, metavar="EPS",
+                   help="PDU: keep the retain loss at most EPS, its weight a dual variable (starting at the retain "
+                        "weight, λ ← max(0, λ + (retain loss − EPS)) after each step; logged as 'dual')")
     p.add_argument("--config", help="YAML file with any of these settings (model, forget, retain, objective, "
                                     "steps, lr, batch_size, ...)")
     p.add_argument("--out", default="geffect-run", help="output folder (default: %(default)s)")

@@ -24,6 +24,7 @@ def _train_settings(args):
              "retain_objective": args.retain_objective, "hparams": parse_hparams(args.hparam) or None,
              "preset": args.preset, "guidance": args.guidance, "guidance_temperature": args.guidance_temperature,
              "stop_when": args.stop_when, "reference_device": args.reference_device,
+             "alternate": args.alternate, "primal_dual": args.primal_dual,
              "gradient_checkpointing": True if args.gradient_checkpointing else None}
     values.update({k: v for k, v in flags.items() if v is not None})
     files = {k: values.pop(k, None) for k in ("model", "forget", "retain")}
@@ -79,8 +80,10 @@ def cmd_train(args):
 
     from ..backends.registry import check_backend
     from ..data import encode_pairs, load_qa
+    from ..data.alternates import alternate_answers
     from ..eval.report import make_report
     from ..train import TrainConfig, check_resumable, train
+    from ..train.loop import check_entries
     from ..train import distributed
     from ..train.checkpoint import check_own_folder
     from ..train.distributed import check_resume, check_world
@@ -118,6 +121,12 @@ def cmd_train(args):
     check_backend("auto", device)
     forget_pairs = load_qa(files["forget"])
     retain_pairs = load_qa(files["retain"]) if files["retain"] else None
+    for config in configs.values():  # substitute answers for PO and DPO: readable, one for every question
+        if config.resolved_objective.objective.reads_alternate:
+            if config.alternate is None:
+                raise CLIError(f"objective {config.objective!r} reads substitute answers: pass --alternate FILE "
+                               f"(e.g. TOFU's idontknow.jsonl)")
+            alternate_answers(config.alternate, [p.question for p in forget_pairs], seed=config.seed)
     plan = _eval_plan(args, forget_pairs, retain_pairs)
     world = args.nproc or world_size()
     for config in configs.values():  # before anything runs or is written
@@ -141,6 +150,7 @@ def cmd_train(args):
     for path, data in ((files["forget"], forget), (files["retain"], retain)):
         check_lengths(data, model_config, path)
     for config in configs.values() if world == 1 else ():  # sharded runs check their checkpoints themselves
+        check_entries(start, forget, config)  # RMU's layer and parameters, before any run writes
         check_resumable(start, forget, retain, config, resume)
     if args.eval and is_rank_zero():
         _note_generation_limit(model_config, args.max_new_tokens or MAX_NEW_TOKENS)

@@ -7,7 +7,7 @@ aligned with ``input_ids`` (Hugging Face convention: the loss functions shift th
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -67,25 +67,59 @@ def encode_text(tokenizer, text: str, *, max_length: int | None = None) -> dict:
 
 @dataclass
 class EncodedSet:
-    """Encoded examples plus the padding id: indexable by sample, batchable by index list."""
+    """Encoded examples plus the padding id: indexable by sample, batchable by index list.
+
+    ``alternates``: each question again with a substitute answer (PO, DPO), batched beside the examples under
+    ``alternate_*`` keys (`objective_inputs.side`); ``questions``, ``tokenizer`` and ``max_length``: what
+    `with_alternates` needs to encode them later.
+    """
 
     examples: list[dict]
     pad_id: int
+    alternates: list[dict] | None = None
+    questions: list[str] | None = None
+    tokenizer: object = field(default=None, repr=False, compare=False)
+    max_length: int | None = None
 
     def __len__(self):
         return len(self.examples)
 
     def batch(self, indices) -> dict:
-        return collate([self.examples[i] for i in indices], self.pad_id)
+        batch = collate([self.examples[i] for i in indices], self.pad_id)
+        if self.alternates is not None:
+            alternate = collate([self.alternates[i] for i in indices], self.pad_id)
+            batch.update({"alternate_" + k: v for k, v in alternate.items()})
+        return batch
+
+    def alternate_set(self) -> EncodedSet:
+        """The substitute answers as a set of their own."""
+        if self.alternates is None:
+            raise ValueError("this set has no substitute answers")
+        return EncodedSet(self.alternates, self.pad_id)
+
+    def with_alternates(self, answers) -> EncodedSet:
+        """This set with ``answers[i]`` as the substitute answer of question i."""
+        if self.questions is None or self.tokenizer is None:
+            raise ValueError("substitute answers need the set's questions and tokenizer: encode it with encode_pairs")
+        if len(answers) != len(self.examples):
+            raise ValueError(f"{len(answers)} substitute answers for {len(self.examples)} questions")
+        alternates = [encode_pair(self.tokenizer, q, a, max_length=self.max_length)
+                      for q, a in zip(self.questions, answers)]
+        return replace(self, alternates=alternates)
 
 
-def encode_pairs(tokenizer, pairs, *, field: str = "answer", max_length: int | None = None) -> EncodedSet:
-    """Encode every pair with the answer taken from ``field`` (``answer`` or ``paraphrased_answer``)."""
+def encode_pairs(tokenizer, pairs, *, field: str = "answer", max_length: int | None = None,
+                 alternates=None) -> EncodedSet:
+    """Encode every pair with the answer taken from ``field`` (``answer`` or ``paraphrased_answer``);
+    ``alternates``: a substitute answer per pair (PO, DPO)."""
+    pairs = list(pairs)
     examples = [encode_pair(tokenizer, p.question, getattr(p, field), max_length=max_length) for p in pairs]
     pad = padding_id(tokenizer)
     if pad is None:
         raise ValueError("the tokenizer has neither a pad nor an eos token")
-    return EncodedSet(examples, pad)
+    encoded = EncodedSet(examples, pad, questions=[p.question for p in pairs], tokenizer=tokenizer,
+                         max_length=max_length)
+    return encoded if alternates is None else encoded.with_alternates(list(alternates))
 
 
 def collate(examples, pad_id: int) -> dict:

@@ -20,7 +20,9 @@ from collections.abc import Callable, Mapping
 import torch
 
 from .. import hf
-from ..catalog import RETAIN_OBJECTIVES, resolve
+from .. import objective_inputs
+from ..catalog import ALTERNATE, FORGET, RETAIN_OBJECTIVES, RETAIN_TERMS, resolve
+from ..objective_inputs import ReferenceState
 from . import products, sharded
 from .buffers import BufferPool
 from .capture import Capture, FactoredGradient
@@ -87,7 +89,7 @@ class GEffectProfiler:
     # -- the structured fast path ---------------------------------------------------------------------
     def measure_unlearning(self, objective: str, forget_batch, retain_batch=None, *, ref_logprobs=None,
                            retain_objective: str | None = "nll", per_instance: bool = False,
-                           **hparams) -> GEffectResult:
+                           reference: ReferenceState | None = None, **hparams) -> GEffectResult:
         """G-effects of unlearning objective ``objective`` (DESIGN §3, with ``hparams``) on the risks
         ``"forget"`` (e_u: NLL on ``forget_batch``) and ``"retain"`` (e_r: NLL on ``retain_batch``).
 
@@ -99,26 +101,73 @@ class GEffectProfiler:
         retain risk's, so ``result.retain_term`` also gets the retain term's own G-effects on both risks from
         gradients already computed (no extra backward). ``retain_batch=None`` measures the forget risk only.
         ``per_instance=True`` adds values per forget sample.
+
+        Objectives that read more than the forget answers' log-probabilities (PO and DPO the substitute answers
+        ``forget_batch`` carries, `objective_inputs.side`; RMU a layer's activations) and retain terms other than
+        ``"nll"`` (KL, RR: ``result.retain_term``) are measured on the generic path (`measure`) from their
+        `objective_inputs.loss`; ``reference`` (a `objective_inputs.ReferenceState`) holds what they compare with
+        (the substitute answers' reference log-probabilities, the starting model, RMU's seed).
         """
         objective = resolve(objective, hparams)  # once, and before any compute
         _refuse_reentrant_checkpointing(self.model)
         retain_objective = "none" if retain_objective is None else retain_objective
+        vocab = hf.lm_head(self.model).weight.shape[0]
         for name, batch in (("forget_batch", forget_batch), ("retain_batch", retain_batch)):
             if batch is not None:
-                hf.check_batch(name, batch, hf.lm_head(self.model).weight.shape[0])
+                hf.check_batch(name, objective_inputs.side(batch, FORGET), vocab)
+        if objective.objective.reads_alternate:
+            hf.check_batch("forget_batch's substitute answers", objective_inputs.side(forget_batch, ALTERNATE), vocab)
         if retain_objective not in RETAIN_OBJECTIVES:
             raise ValueError(f"retain_objective must be one of {RETAIN_OBJECTIVES}, got {retain_objective!r}")
-        if sharded.is_sharded(self.model):  # FSDP2: each rank passes its slice of the batches
+        state = reference if reference is not None else ReferenceState()
+        if ref_logprobs is not None:
+            state = ReferenceState(ref_logprobs, state.alternate_logprobs, state.model, state.seed)
+        if not objective.objective.on_forget_logprobs:
+            result = self._measure_generic(objective, forget_batch, retain_batch, state, per_instance)
+        elif sharded.is_sharded(self.model):  # FSDP2: each rank passes its slice of the batches
             _refuse_per_instance_when_sharded(per_instance)
-            return sharded.measure_unlearning(self, objective, forget_batch, retain_batch, ref_logprobs=ref_logprobs,
-                                              retain_objective=retain_objective, **hparams)
-        try:
-            measured = UnlearningPass(self.model, self._params(), self.groups, self._buffers).run(
-                objective, forget_batch, retain_batch, ref_logprobs, retain_objective, per_instance)
-            return self._results(measured.grads, measured.products_of, measured.losses, per_instance,
-                                 measured.head_entry, measured.streamed)
-        finally:
-            self._buffers.reclaim()  # nothing of that measurement is left to hold them
+            result = sharded.measure_unlearning(self, objective, forget_batch, retain_batch,
+                                                ref_logprobs=state.logprobs, retain_objective=retain_objective,
+                                                **hparams)
+        else:
+            try:
+                measured = UnlearningPass(self.model, self._params(), self.groups, self._buffers).run(
+                    objective, forget_batch, retain_batch, state.logprobs, retain_objective, per_instance)
+                result = self._results(measured.grads, measured.products_of, measured.losses, per_instance,
+                                       measured.head_entry, measured.streamed)
+            finally:
+                self._buffers.reclaim()  # nothing of that measurement is left to hold them
+        term = RETAIN_TERMS.get(retain_objective)
+        if retain_batch is not None and term is not None and getattr(result, "retain_term", None) is None:
+            result.retain_term = self.measure_retain_term(retain_objective, forget_batch, retain_batch, state,
+                                                          layer=objective.hparams.get("layer"))
+        return result
+
+    def _risks(self, forget_batch, retain_batch) -> dict:
+        """The NLL risks on the forget answers and the retain batch, as callables."""
+        nll = resolve("nll", {})
+        risks = {"forget": lambda m: objective_inputs.loss(nll, m, objective_inputs.side(forget_batch, FORGET))}
+        if retain_batch is not None:
+            risks["retain"] = lambda m: objective_inputs.loss(nll, m, objective_inputs.side(retain_batch, FORGET))
+        return risks
+
+    def _measure_generic(self, objective, forget_batch, retain_batch, state, per_instance) -> GEffectResult:
+        """`measure` of the objective's `objective_inputs.loss` on the NLL risks."""
+        result = self.measure(lambda m: objective_inputs.loss(objective, m, forget_batch, state),
+                              self._risks(forget_batch, retain_batch), per_instance=per_instance)
+        result.retain_term = None
+        return result
+
+    def measure_retain_term(self, retain_objective: str, forget_batch, retain_batch, reference=None, *,
+                            layer=None) -> GEffectResult:
+        """G-effects of retain term ``retain_objective`` (`catalog.RETAIN_TERMS`: nll, kl, rr) on retain
+        ``retain_batch`` on the NLL risks of both batches; ``reference``: its `ReferenceState` (KL and RR: the starting
+        model), ``layer``: RR's layer when it is the objective's (else scaled with depth)."""
+        if retain_objective not in RETAIN_TERMS:
+            raise ValueError(f"retain term must be one of {tuple(RETAIN_TERMS)}, got {retain_objective!r}")
+        state = reference if reference is not None else ReferenceState()
+        return self.measure(lambda m: objective_inputs.loss(retain_objective, m, retain_batch, state, layer=layer),
+                            self._risks(forget_batch, retain_batch))
 
     def _device_types(self):
         return {p.device.type for p in self.model.parameters()}

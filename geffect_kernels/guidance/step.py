@@ -121,7 +121,7 @@ def instance_gradients(run, step, temperature, non_finite=ArithmeticError) -> di
         part = None
         try:
             with _autocast(run):
-                part = ForgetGEffects(run.model, params, batch, config.objective, ref_logprobs=ref,
+                part = ForgetGEffects(run.model, params, batch, config.objective, ref_logprobs=ref.logprobs,
                                       hparams=config.hparams, pool=pool)
             part_loss = _checked(part.loss, non_finite)
             weights = sample_weights(part.geffects(retain), temperature)

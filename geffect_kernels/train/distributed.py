@@ -34,7 +34,7 @@ from .. import hf
 from ..catalog import IGNORE_INDEX
 from ..data_parallel import mean_part, objective_part, rank_rows
 from ..geffect.sharded import reshard
-from ..objectives import OBJECTIVES
+from ..objective_inputs import ReferenceState
 from .checkpoint import CHECKPOINT, SHARDED_CHECKPOINTS, CheckpointError, atomic_write_json, remove_orphans
 from .frozen_model import AdaptersDisabled, is_lora
 from .gradient_checkpointing import checkpointing
@@ -65,7 +65,13 @@ def init(device_type: str | None = None) -> torch.device:
 
 
 def check_world(world: int, config, forget, retain=None):
-    """ValueError when some rank would get no sample of a global batch."""
+    """ValueError when some rank would get no sample of a global batch, or the run reads what the ranks do not
+    share yet (substitute answers, a layer's activations)."""
+    objective = config.resolved_objective.objective
+    if world > 1 and (not objective.on_forget_logprobs or config.retain_term.level == "hidden"):
+        what = objective.name if not objective.on_forget_logprobs else f"retain term {config.retain_term.name}"
+        raise ValueError(f"{what} reads {objective.inputs if not objective.on_forget_logprobs else 'hidden'} inputs, "
+                         f"which run in one process only (not with --nproc > 1)")
     sizes = [min(config.batch_size, len(forget))] + ([min(config.batch_size, len(retain))] if retain else [])
     if world > min(sizes):
         raise ValueError(f"{world} processes but a global batch holds {min(sizes)} samples: each process needs "
@@ -145,11 +151,11 @@ class ShardedRun(Run):
         """A KL reference: the model with its adapters disabled (LoRA), else loaded into shards; reference
         log-probabilities of every forget sample computed now, by the (sharded) starting model itself."""
         reference = None
-        if self.uses_kl:
+        if self.uses_reference_model:
             reference = (AdaptersDisabled(self.model) if is_lora(self.model)
                          else load_sharded(self.model_dir, self.device, trainable=False))
         ref_cache = (_Precomputed(self.model, self.forget, self.config.batch_size, self.config.backend)
-                     if OBJECTIVES[self.config.objective].needs_ref else None)
+                     if self.objective.objective.needs_ref else None)
         return reference, ref_cache
 
     def autocast(self):
@@ -159,12 +165,16 @@ class ShardedRun(Run):
         return indices[rank_rows(len(indices), self.rank, self.world)]
 
     def objective_loss(self, name, batch, ref_logprobs=None, hparams=None):
-        part, value = objective_part(name, self.model, batch, ref_logprobs=ref_logprobs,
-                                     backend=self.config.backend, **(hparams or {}))
+        ref = ref_logprobs.logprobs if isinstance(ref_logprobs, ReferenceState) else ref_logprobs
+        part, value = objective_part(name, self.model, batch, ref_logprobs=ref, backend=self.config.backend,
+                                     **(hparams or {}))
         return _valued(part, value)
 
-    def kl_retain_loss(self, batch):
-        local = super().kl_retain_loss(batch)
+    def retain_loss(self, batch):
+        """The retain term of the global batch: a token mean's part (NLL) or the local KL mean's share of it."""
+        if self.config.retain_term.on_forget_logprobs:
+            return self.objective_loss(self.config.retain_term.name, batch)
+        local = super().retain_loss(batch)
         part, value = mean_part(local, int((hf.batch_labels(batch)[:, 1:] != IGNORE_INDEX).sum()))
         return _valued(part, value)
 

@@ -16,8 +16,9 @@ import itertools
 import torch
 
 from .. import hf
+from ..layers import layer_hidden
 from ..model_mode import eval_mode
-from .losses import head_inputs
+from ..objective_inputs import head_inputs
 
 
 def frozen_copy(model, device=None):
@@ -50,6 +51,10 @@ class AdaptersDisabled:
         with torch.no_grad(), self.model.disable_adapter():
             return head_inputs(self.model, batch)
 
+    def layer_hidden(self, batch, layer):
+        with torch.no_grad(), self.model.disable_adapter():
+            return layer_hidden(self.model, batch, layer)
+
 
 class FrozenCopy:
     """A frozen copy of the starting model, on its own device; its head inputs come back on the batch's."""
@@ -67,9 +72,15 @@ class FrozenCopy:
         return x._replace(hidden=x.hidden.to(device), weight=x.weight.to(device), labels=x.labels.to(device),
                           bias=None if x.bias is None else x.bias.to(device))
 
+    def layer_hidden(self, batch, layer):
+        device = batch["input_ids"].device
+        with torch.no_grad():
+            return layer_hidden(self.model, {k: v.to(self.device) for k, v in batch.items()}, layer).to(device)
+
 
 def kl_reference(model, reference_device=None):
-    """The KL retain term's reference for a run starting from ``model``."""
+    """The starting model a KL or RR retain term (or an objective that reads it) compares with, for a run starting
+    from ``model``."""
     if is_lora(model):
         return AdaptersDisabled(model)
     return FrozenCopy(model, reference_device)

@@ -34,12 +34,13 @@ from ..backends.registry import check_backend
 from ..geffect import GEffectHistory, GEffectProfiler
 from ..guidance import step as guided
 from ..guidance.stop import fired, parse_stop_when
-from ..objectives import OBJECTIVES
+from ..layers import layer_index
+from ..objective_inputs import ReferenceState, trained_parameters
 from .checkpoint import (CHECKPOINT, SHARDED_CHECKPOINTS, atomic_write_json, atomic_write_text, check_own_folder,
                          load_checkpoint, remove_orphans, save_checkpoint)
 from .frozen_model import StartingLogprobs, kl_reference
 from .gradient_checkpointing import checkpointing
-from .losses import NonFiniteLoss, kl_retain_loss, objective_loss
+from .losses import NonFiniteLoss, objective_loss, retain_loss
 from .precision import compute_autocast, float32_masters
 from .pause_hook import pause_if_asked
 from .presets import resolve as resolve_preset
@@ -101,6 +102,18 @@ def check_inputs(model, forget, retain, config):
     if config.uses_retain and (retain is None or len(retain) == 0):
         raise ValueError(f"retain objective {config.retain_objective!r} needs a non-empty retain set")
     check_backend(config.backend, next(model.parameters()).device)
+    check_entries(model, forget, config)
+
+
+def check_entries(model, forget, config):
+    """What the objective and the retain term read, checked on ``model`` and ``forget``: the substitute answers
+    (PO, DPO), the layer (RMU, RR) and the parameters RMU trains."""
+    objective = config.resolved_objective
+    if objective.objective.reads_alternate:
+        substitute_answers(forget, config)
+    if objective.objective.level == "hidden" or (config.uses_retain and config.retain_term.level == "hidden"):
+        layer_index(model, objective.hparams.get("layer", -1.0))
+    trained_parameters(objective, model)
 
 
 def check_resumable(model, forget, retain, config: TrainConfig, resume: bool | None = None) -> None:
@@ -149,11 +162,15 @@ class Run:
 
     def __init__(self, model, forget, retain, config: TrainConfig):
         torch.manual_seed(config.seed)
+        self.objective = config.resolved_objective
+        if self.objective.objective.reads_alternate:
+            forget = substitute_answers(forget, config)
         self.model, self.forget, self.retain, self.config = model, forget, retain, config
         self.device = next(model.parameters()).device
         self.reference, self.ref_cache = self.load_reference()
+        self.alternate_cache = self.load_alternate_reference()
         self.half = float32_masters(model)  # after the reference: it keeps the dtype the model was loaded in
-        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.params = trained_params(model, self.objective)
         self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=config.weight_decay)
         self.lr_factor = warmup_linear_decay(config.warmup_steps, config.steps)  # step -> factor of config.lr
         self.settings = run_settings(config, forget, retain)  # what shapes the run, stored in every checkpoint
@@ -166,6 +183,8 @@ class Run:
         self.setting_changes: list[dict] = []  # settings changed by resume=True: {"step", "before"}
         self.stop_rules = parse_stop_when(config.stop_when)
         self.stopped_at: int | None = None  # the updates made when a stop rule ended the run
+        # PDU (open-unlearning's pdu.py): the retain term's weight is a dual variable λ, starting at retain_weight
+        self.dual = float(config.retain_weight) if config.primal_dual is not None else None
 
     # -- the reference, the data, the losses ------------------------------------------------------------------
 
@@ -174,14 +193,23 @@ class Run:
         its adapters disabled (LoRA) or a frozen copy (`frozen_model.kl_reference`); the starting model's
         log-probabilities of the whole forget set, computed now, before the first update."""
         config = self.config
-        reference = kl_reference(self.model, config.reference_device) if self.uses_kl else None
+        reference = kl_reference(self.model, config.reference_device) if self.uses_reference_model else None
         logprobs = (StartingLogprobs(self.model, self.forget, batch_size=config.batch_size, backend=config.backend)
-                    if OBJECTIVES[config.objective].needs_ref else None)
+                    if self.objective.objective.needs_ref else None)
         return reference, logprobs
 
+    def load_alternate_reference(self):
+        """The starting model's log-probabilities of the substitute answers, when the objective compares them (DPO)."""
+        o = self.objective.objective
+        if not (o.needs_ref and o.reads_alternate):
+            return None
+        return StartingLogprobs(self.model, self.forget.alternate_set(), batch_size=self.config.batch_size,
+                                backend=self.config.backend)
+
     @property
-    def uses_kl(self) -> bool:
-        return self.config.uses_retain and self.config.retain_objective == "kl"
+    def uses_reference_model(self) -> bool:
+        """Whether the retain term or the objective reads the starting model itself (KL, RR)."""
+        return self.config.retain_term.needs_reference_model or self.objective.objective.needs_reference_model
 
     def reference_logprobs(self, indices, width):
         """``[len(indices), width - 1]`` reference log-probabilities of forget samples ``indices`` (HF shift) on
@@ -198,10 +226,15 @@ class Run:
         return indices
 
     def forget_batch(self, micro):
-        """Forget micro-batch ``micro`` (this process's rows) and its reference log-probabilities."""
+        """Forget micro-batch ``micro`` (this process's rows) and its `ReferenceState` (the starting model's
+        log-probabilities of its answers, the starting model, RMU's seed)."""
         idx = self.rows(batch_indices(len(self.forget), self.config.batch_size, self.config.seed, micro))
         batch = _to(self.forget.batch(idx), self.device)
-        return batch, self.reference_logprobs(idx, batch["input_ids"].shape[1])
+        alternate = None
+        if self.alternate_cache is not None:
+            alternate = self.alternate_cache.batch(idx, batch["alternate_input_ids"].shape[1], self.device)
+        return batch, ReferenceState(self.reference_logprobs(idx, batch["input_ids"].shape[1]), alternate,
+                                     self.reference, self.config.seed)
 
     def retain_batch(self, micro):
         idx = self.rows(batch_indices(len(self.retain), self.config.batch_size, self.config.seed + 1, micro))
@@ -211,9 +244,13 @@ class Run:
         return objective_loss(name, self.model, batch, backend=self.config.backend, ref_logprobs=ref_logprobs,
                               hparams=hparams)
 
-    def kl_retain_loss(self, batch):
-        return kl_retain_loss(self.model, self.reference, batch, normalization=self.config.kl_normalization,
-                              backend=self.config.backend)
+    def retain_loss(self, batch):
+        """The retain term (`TrainConfig.retain_term`) on retain ``batch``; RR reads the objective's layer when it
+        has one."""
+        config = self.config
+        return retain_loss(config.retain_term, self.model, batch,
+                           ReferenceState(model=self.reference, seed=config.seed), backend=config.backend,
+                           normalization=config.kl_normalization, layer=self.objective.hparams.get("layer"))
 
     def micro_step_losses(self, micro) -> dict:
         """The weighted total ("loss", backpropagated) and its terms on micro-batch ``micro`` (forward only);
@@ -223,11 +260,12 @@ class Run:
         with self.autocast():
             forget_loss = self.objective_loss(config.objective, f_batch, f_ref, config.hparams)
             retain_loss = torch.zeros((), device=self.device)
-            if config.uses_retain and config.retain_objective == "nll":
-                retain_loss = self.objective_loss("nll", self.retain_batch(micro))
-            elif config.uses_retain:
-                retain_loss = self.kl_retain_loss(self.retain_batch(micro))
-            loss = config.forget_weight * forget_loss + config.retain_weight * retain_loss
+            if config.uses_retain:
+                retain_loss = self.retain_loss(self.retain_batch(micro))
+            if self.dual is None:
+                loss = config.forget_weight * forget_loss + config.retain_weight * retain_loss
+            else:  # the Lagrangian L_u + λ (L_r − ε)
+                loss = config.forget_weight * forget_loss + self.dual * (retain_loss - config.primal_dual)
         if not torch.isfinite(loss):
             raise NonFiniteLoss(f"the loss is {loss.item()}")
         return {"loss": loss, "forget_loss": forget_loss, "retain_loss": retain_loss}
@@ -249,7 +287,7 @@ class Run:
         r_batch = self.retain_batch(step * config.grad_accum) if self.retain is not None else None
         with self.autocast():
             result = self.profiler.measure_unlearning(
-                config.objective, f_batch, r_batch, ref_logprobs=f_ref,
+                config.objective, f_batch, r_batch, reference=f_ref,
                 retain_objective=config.retain_objective if config.uses_retain else None, **config.hparams)
         while self.history.steps and self.history.steps[-1] >= number:  # recorded before a stop rule ended a run
             self.history.steps.pop()
@@ -277,7 +315,11 @@ class Run:
             raise TrainingDiverged(f"{err} at step {number}; stopped, {where}") from None
         norm = torch.nn.utils.clip_grad_norm_(self.params, config.max_grad_norm or float("inf"))
         self.optimizer.step()
-        return {**sums, "grad_norm": float(norm), "seconds": time.perf_counter() - t0}
+        dual = {}
+        if self.dual is not None:  # the step's λ, then the dual ascent on the constraint retain loss ≤ ε
+            dual = {"dual": self.dual}
+            self.dual = max(0.0, self.dual + config.dual_step * (sums["retain_loss"] - config.primal_dual))
+        return {**sums, **dual, "grad_norm": float(norm), "seconds": time.perf_counter() - t0}
 
     def guided_gradients(self, step) -> dict:
         """``.grad`` of a G-effect-guided step (`guidance.step`) and its loss sums."""
@@ -334,6 +376,8 @@ class Run:
         state = self.read_checkpoint()
         if should_resume(self.out, state, self.settings, resume):
             self.restore(state)
+            if self.dual is not None and state.get("dual") is not None:
+                self.dual = state["dual"]
             self.start = self.last_good = state["step"]
             self.setting_changes = list(state.get("setting_changes", []))
             changed = differences(state["settings"], self.settings)
@@ -360,7 +404,7 @@ class Run:
         """What every checkpoint holds besides the weights, optimizer and RNG: the step, the settings and the
         G-effect history (in the checkpoint, so that both always describe the same step)."""
         return {"step": number, "settings": self.settings, "setting_changes": self.setting_changes,
-                "geffects": self.history.to_dict() if self.history is not None else None}
+                "geffects": self.history.to_dict() if self.history is not None else None, "dual": self.dual}
 
     def checkpoint_path(self, number) -> Path:
         return self.out / CHECKPOINT
@@ -428,3 +472,27 @@ def _read_metrics(path: Path, up_to_step: int) -> list[dict]:
 
 def _to(batch, device):
     return {k: v.to(device) for k, v in batch.items()}
+
+
+def trained_params(model, objective) -> list:
+    """The parameters the optimizer updates: every trainable one, or only those the objective trains (RMU), the
+    others then frozen (``requires_grad=False``)."""
+    only = trained_parameters(objective, model)
+    if only is not None:
+        for name, p in model.named_parameters():
+            if name not in only:
+                p.requires_grad_(False)
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def substitute_answers(forget, config):
+    """``forget`` with substitute answers for its questions: its own, else those of ``config.alternate``
+    (`data.alternates`); ValueError when there are none."""
+    if getattr(forget, "alternates", None) is not None:
+        return forget
+    if config.alternate is None:
+        raise ValueError(f"objective {config.objective!r} reads substitute answers for the forget questions: set "
+                         f"TrainConfig(alternate=FILE) (--alternate FILE), e.g. TOFU's idontknow.jsonl")
+    from ..data.alternates import with_alternates
+
+    return with_alternates(forget, config.alternate, seed=config.seed)

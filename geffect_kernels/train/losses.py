@@ -1,48 +1,39 @@
-"""A micro-step's two losses on the fused LM head: an unlearning objective and the KL retain term.
+"""A micro-step's two losses: an unlearning objective and a retain term, each a catalog entry computed by the one
+function of its kind of input (`objective_inputs`).
 
-Both start from the decoder's final hidden states and the LM head (`hf.head_inputs`); the model's logits are
-never formed. A rank of a sharded run wraps these in its global-batch parts (`distributed.ShardedRun`).
+Log-probability and distribution entries start from the decoder's final hidden states and the LM head
+(`hf.head_inputs`); the model's logits are never formed. A rank of a sharded run wraps these in its global-batch parts
+(`distributed.ShardedRun`).
 """
 from __future__ import annotations
 
-import torch
+from .. import objective_inputs
+from ..objective_inputs import NonFiniteLoss, ReferenceState, head_inputs
 
-from .. import hf
-from ..objectives import unlearning_loss
-from ..retain import kl_loss
-
-
-class NonFiniteLoss(ArithmeticError):
-    """A loss, or the hidden states it starts from, holds NaN or inf."""
+__all__ = ["NonFiniteLoss", "head_inputs", "kl_retain_loss", "objective_loss", "retain_loss"]
 
 
-def head_inputs(model, batch):
-    """``hf.head_inputs`` with the hidden states checked finite and cast to the head's dtype."""
-    x = hf.head_inputs(model, batch)
-    if not bool(torch.isfinite(x.hidden).all()):
-        raise NonFiniteLoss("the hidden states hold NaN or inf")
-    # under autocast the decoder may hand back another dtype than the head's; the kernels need one
-    return x._replace(hidden=x.hidden.to(x.weight.dtype))
+def _state(reference):
+    """A `ReferenceState` from what a caller passes: one, a tensor of reference log-probabilities, or None."""
+    return reference if isinstance(reference, ReferenceState) else ReferenceState(logprobs=reference)
 
 
 def objective_loss(name, model, batch, *, backend, ref_logprobs=None, hparams=None):
-    """Unlearning objective ``name`` of ``model`` on ``batch`` (`objectives.unlearning_loss`)."""
-    x = head_inputs(model, batch)
-    return unlearning_loss(name, x.hidden, x.weight, x.labels, ref_logprobs=ref_logprobs, **x.as_kwargs(),
-                           backend=backend, **(hparams or {}))
+    """Unlearning objective ``name`` of ``model`` on ``batch``; ``ref_logprobs``: a `ReferenceState` or the
+    reference log-probabilities of the forget answers."""
+    return objective_inputs.loss(objective_inputs.resolved(name, hparams), model, batch, _state(ref_logprobs),
+                                 backend=backend)
+
+
+def retain_loss(name, model, batch, reference, *, backend, normalization="tokens", layer=None):
+    """Retain term ``name`` (`catalog.RETAIN_TERMS`) of ``model`` on ``batch``; ``reference``: a `ReferenceState`
+    (the starting model for KL and RR), ``layer``: RR's layer when it is the objective's."""
+    return objective_inputs.loss(name, model, batch, _state(reference), backend=backend,
+                                 kl_normalization=normalization, layer=layer)
 
 
 def kl_retain_loss(model, reference, batch, *, normalization, backend):
     """KL(model ‖ reference) on ``batch``, reduced as ``normalization`` says (`train_config.KL_NORMALIZATIONS`);
     ``reference`` a model or a `frozen_model` reference (its ``reference_inputs``)."""
-    x = head_inputs(model, batch)
-    with torch.no_grad():
-        inputs = getattr(reference, "reference_inputs", None)
-        r = inputs(batch) if inputs is not None else head_inputs(reference, batch)
-    # a frozen reference keeps the dtype the model was loaded in while the trained weights are float32 masters
-    # (`precision`): the two heads are compared in the trained one's dtype
-    r = r._replace(hidden=r.hidden.to(x.hidden.dtype), weight=r.weight.to(x.weight.dtype),
-                   bias=None if r.bias is None else r.bias.to(x.weight.dtype))
-    # batchmean: every position counts, prompt and padding too, so no shift drops the last one
-    return kl_loss(x.hidden, x.weight, r.hidden, r.weight, x.labels, bias=x.bias, ref_bias=r.bias, softcap=x.softcap,
-                   shift=normalization == "tokens", backend=backend, reduction=normalization)
+    return retain_loss("kl", model, batch, ReferenceState(model=reference), backend=backend,
+                       normalization=normalization)

@@ -36,7 +36,7 @@ def run_settings(config, forget, retain) -> dict:
 def fingerprint(data) -> str:
     """A short hash of an EncodedSet's token ids, labels and padding id."""
     digest = hashlib.sha256(str(data.pad_id).encode())
-    for example in data.examples:
+    for example in data.examples + (getattr(data, "alternates", None) or []):
         digest.update(json.dumps([list(example["input_ids"]), list(example["labels"])]).encode())
     return digest.hexdigest()[:16]
 

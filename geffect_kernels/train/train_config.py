@@ -13,9 +13,10 @@ from ..structured_files import read_yaml  # noqa: F401  (the settings file reade
 from ..retain import KL_REDUCTIONS
 from .presets import check_preset, fill_settings
 
-# The retain terms this loop trains with, in the one vocabulary of catalog.RETAIN_OBJECTIVES (rmu and rr act on a
-# chosen layer's activations, which the loop does not capture).
-RETAIN_OBJECTIVES = tuple(name for name in catalog.RETAIN_OBJECTIVES if name not in ("rmu", "rr"))
+# The retain terms this loop trains with: catalog.RETAIN_OBJECTIVES (nll, kl, rr, none)
+RETAIN_OBJECTIVES = catalog.RETAIN_OBJECTIVES
+# open-unlearning's PDU (configs/trainer/PDU.yaml at d3d7cf9): dual_step_size 1.0
+DUAL_STEP_SIZE = 1.0
 # KL retain term: mean over the answer tokens, or the official code's kl_div(reduction="batchmean") over every
 # position of the batch (prompt and padding included): kl_loss's reductions
 KL_NORMALIZATIONS = KL_REDUCTIONS
@@ -30,8 +31,11 @@ class TrainConfig:
     """
 
     objective: str = "ga"
-    hparams: dict = field(default_factory=dict)  # the objective's alpha/beta/gamma/delta
-    retain_objective: str = "nll"  # nll, kl or none
+    hparams: dict = field(default_factory=dict)  # the objective's alpha/beta/gamma/delta/layer/coeff
+    retain_objective: str = "nll"  # nll, kl, rr or none
+    alternate: str | None = None  # substitute answers (PO, DPO): TOFU's idontknow.jsonl or a TOFU-format file
+    primal_dual: float | None = None  # PDU: keep the retain loss ≤ this ε, its weight λ a dual variable
+    dual_step_size: float | None = None  # PDU's η (None: DUAL_STEP_SIZE): λ ← max(0, λ + η (retain loss − ε))
     forget_weight: float = 1.0
     retain_weight: float = 1.0
     steps: int = 30  # optimizer steps
@@ -79,6 +83,7 @@ class TrainConfig:
         if self.retain_objective not in RETAIN_OBJECTIVES:
             raise ValueError(f"unknown retain objective {self.retain_objective!r}; valid: "
                              f"{', '.join(RETAIN_OBJECTIVES)}")
+        self._check_primal_dual()
         if self.geffect_groups not in GROUPINGS:
             raise ValueError(f"unknown geffect_groups {self.geffect_groups!r}; valid: {', '.join(GROUPINGS)}")
         for name in ("steps", "batch_size", "grad_accum", "checkpoint_every"):
@@ -99,9 +104,24 @@ class TrainConfig:
             check_number("max_grad_norm (or None)", self.max_grad_norm, POSITIVE)
         self._check_guidance()
 
+    def _check_primal_dual(self):
+        if self.primal_dual is None:
+            return
+        check_number("primal_dual (the retain loss bound ε)", self.primal_dual, NON_NEGATIVE)
+        if self.dual_step_size is not None:
+            check_number("dual_step_size", self.dual_step_size, POSITIVE)
+        if not self.uses_retain:
+            raise ValueError("primal_dual bounds the retain loss: it needs a retain term (retain_objective nll, kl "
+                             "or rr) with retain_weight > 0, the dual variable's starting value")
+        if self.guidance is not None:
+            raise ValueError("primal_dual and guidance both set the retain term's part of the step: choose one")
+
     def _check_guidance(self):
         if self.guidance is not None and self.guidance not in GUIDANCES:
             raise ValueError(f"unknown guidance {self.guidance!r}; valid: {', '.join(GUIDANCES)} (or None)")
+        if self.guidance is not None and not self.resolved_objective.objective.on_forget_logprobs:
+            raise ValueError(f"guidance {self.guidance!r} weighs the forget answers' per-sample gradients; objective "
+                             f"{self.objective!r} reads {self.resolved_objective.objective.inputs} inputs")
         if self.guidance is not None and not (self.uses_retain and self.retain_objective == "nll"):
             raise ValueError(f"guidance {self.guidance!r} needs the nll retain term with retain_weight > 0 (it steers "
                              f"the forget gradient by the retain risk's), got retain_objective="
@@ -113,6 +133,20 @@ class TrainConfig:
     @property
     def uses_retain(self) -> bool:
         return self.retain_objective != "none" and self.retain_weight != 0
+
+    @property
+    def dual_step(self) -> float:
+        return DUAL_STEP_SIZE if self.dual_step_size is None else float(self.dual_step_size)
+
+    @property
+    def resolved_objective(self) -> catalog.Resolved:
+        """The objective with its hyper-parameters checked and defaults filled in."""
+        return resolve(self.objective, self.hparams)
+
+    @property
+    def retain_term(self) -> catalog.Objective:
+        """The retain term's catalog entry (`catalog.RETAIN_TERMS`; ``none``: NLL's, unused)."""
+        return catalog.RETAIN_TERMS.get(self.retain_objective, catalog.RETAIN_TERMS["nll"])
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
