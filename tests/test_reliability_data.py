@@ -421,3 +421,19 @@ def test_a_retain_eval_of_the_same_items_is_used(tmp_path):
     assert EvalPlan.from_files([object()] * 11, retain_eval=path, size=4).reference.forget_truth_ratios == full[:4]
     first4 = _write(tmp_path / "first4.json", json.dumps({"forget": {"truth_ratio": full[:4]}}))  # --eval-size 4
     assert EvalPlan.from_files([object()] * 11, retain_eval=first4, size=4).reference.forget_truth_ratios == full[:4]
+
+
+def test_a_retain_model_with_a_smaller_vocabulary_is_one_line(capsys, workspace, tmp_path):
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(workspace / "model")
+    config = LlamaConfig(vocab_size=len(tokenizer) - 40, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64)
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "small")
+    capsys.readouterr()  # save_pretrained's progress bar
+    code, _, err = run(capsys, "train", "--model", workspace / "model", "--forget", workspace / "forget.json",
+                       "--retain", workspace / "retain.json", "--out", tmp_path / "out", "--steps", 1,
+                       "--batch-size", 2, "--no-progress", "--eval", "--retain-model", tmp_path / "small")
+    assert code == 1 and err.count("\n") == 1, err
+    assert f"--retain-model {tmp_path / 'small'}: its vocabulary has {len(tokenizer) - 40} tokens" in err, err
+    assert not (tmp_path / "out" / "results").exists()

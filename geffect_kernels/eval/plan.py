@@ -47,6 +47,10 @@ class EvalPlan:
     def with_retain_model(self, model, tokenizer, source) -> tuple[EvalPlan, dict]:
         """Score the retain model on the forget set (truth ratios, membership) and the holdout set; returns the plan
         with that reference and the per-sample scores (to save and reuse with ``--retain-eval``)."""
+        vocabulary = model.get_input_embeddings().num_embeddings
+        if vocabulary < len(tokenizer):  # its embedding would be indexed past its end
+            raise ValueError(f"--retain-model {source}: its vocabulary has {vocabulary} tokens, the tokenizer "
+                             f"{len(tokenizer)}: the retain model must use the tokenizer of the model unlearned")
         with eval_mode(model):
             per_sample = {"forget": score_set(model, tokenizer, self.forget, generate=False, memorization=True)}
             if self.holdout:
