@@ -437,3 +437,31 @@ def test_a_retain_model_with_a_smaller_vocabulary_is_one_line(capsys, workspace,
     assert code == 1 and err.count("\n") == 1, err
     assert f"--retain-model {tmp_path / 'small'}: its vocabulary has {len(tokenizer) - 40} tokens" in err, err
     assert not (tmp_path / "out" / "results").exists()
+
+
+# --- NaN G-effects (a diverged run) -------------------------------------------------------------------------------
+
+def test_nan_numbers_give_observations_that_cannot_be_decided_not_does_not_hold():
+    from geffect_kernels.eval import observations as obs
+
+    nan = float("nan")
+
+    def probes(retain):
+        return [{"objective": name, "step": step, "probe_forget_probability": forget,
+                 "probe_retain_probability": 0.9 if step == 0 else retain.get(name, 0.6)}
+                for name in (*obs.TOKEN_WEIGHTED, *obs.BASELINES, "ga+rectify")
+                for step, forget in ((0, 0.9), (2, 0.1))]
+
+    checks = {
+        "a": obs.ga_retaining_negative([-0.2, nan, -0.1]),
+        "b": obs.shallow_layers_dominate({"ga": [[-3, 2], [1, nan], [0.1, 0.2], [0.3, -0.1]]}, "forget"),
+        "c": obs.shallow_layers_dominate({"ga": [[1], [2], [float("inf")]]}, "retain"),
+        "d": obs.npo_weights_shrink([0, 2, 4], [1.0, nan, 0.3]),
+        "e": obs.npo_spares_damaging_instances([([0.9, 0.2, 0.6], [0.1, nan, 0.4])]),
+        "f": obs.token_weighted_damage_less(probes({"wga": nan})),
+        "g": obs.guidance_damage_less(probes({"ga+rectify": nan}), "ga+rectify"),
+    }
+    for letter, check in checks.items():
+        assert check.holds is None and check.nan and "NaN or infinite" in check.evidence, (letter, check)
+        assert obs.verdict([check]) == "cannot be decided: NaN or infinite numbers", letter
+        assert obs.verdict([obs.ga_retaining_negative([-1.0]), check]).startswith("cannot be decided"), letter

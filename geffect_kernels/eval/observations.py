@@ -45,6 +45,17 @@ class Check:
     claim: str
     holds: bool | None  # None: the numbers cannot decide (see evidence)
     evidence: str
+    nan: bool = False  # undecided because numbers it rests on are NaN or infinite (a diverged run)
+
+
+def _not_finite(claim: str, what: str, values) -> Check | None:
+    """The undecided Check when any of ``values`` is NaN or infinite (every comparison with NaN is false, which
+    read as "does not hold"), else None."""
+    values = [float(v) for v in values]
+    bad = sum(not math.isfinite(v) for v in values)
+    if not bad:
+        return None
+    return Check(claim, None, f"{what} NaN or infinite at {bad} of {len(values)} values: cannot be decided", nan=True)
 
 
 def _fmt(value) -> str:
@@ -62,6 +73,9 @@ def _rank_correlation(x, y) -> float:
 def ga_retaining_negative(e_retain_per_step) -> Check:
     """(a) from GA's retaining G-effect at each recorded step."""
     values = [float(v) for v in e_retain_per_step]
+    undecided = _not_finite(CLAIMS["a"], "GA's retaining G-effect is", values)
+    if undecided:
+        return undecided
     total = sum(values)
     return Check(CLAIMS["a"], total < 0,
                  f"Σ e_retain = {_fmt(total)} over {len(values)} recorded steps, negative at "
@@ -72,6 +86,11 @@ def shallow_layers_dominate(per_layer, risk: str) -> Check:
     """(b)/(c): ``per_layer[objective]`` lists, per block in model order, its G-effect at each recorded step.
 
     Holds when, for every objective, mean |e| over the shallow half of the blocks exceeds the deep half's."""
+    claim = CLAIMS["b" if risk == "forget" else "c"]
+    undecided = _not_finite(claim, f"the {risk} G-effects per block are",
+                            [v for layers in per_layer.values() for values in layers for v in np.ravel(values)])
+    if undecided:
+        return undecided
     parts, holds = [], True
     for name, layers in per_layer.items():
         if len(layers) < 2:
@@ -81,7 +100,7 @@ def shallow_layers_dominate(per_layer, risk: str) -> Check:
         shallow, deep = float(np.mean(size[:half])), float(np.mean(size[-half:]))
         holds &= shallow > deep
         parts.append(f"{name} {_fmt(shallow)} vs {_fmt(deep)}")
-    return Check(CLAIMS["b" if risk == "forget" else "c"], holds and bool(parts),
+    return Check(claim, holds and bool(parts),
                  "mean |e| per block, shallow half vs deep half: " + ", ".join(parts))
 
 
@@ -89,6 +108,9 @@ def npo_weights_shrink(steps, mean_weights) -> Check:
     """(d) from the mean NPO weight over the forget set at each probe (step 0: the reference, weight 1)."""
     if len(steps) != len(mean_weights) or len(steps) < 2:
         raise ValueError("need the mean NPO weight at two probes or more, one per step")
+    undecided = _not_finite(CLAIMS["d"], "the mean NPO weight is", mean_weights)
+    if undecided:
+        return undecided
     rho = _rank_correlation(steps, mean_weights)
     holds = mean_weights[-1] < mean_weights[0] and rho < 0
     return Check(CLAIMS["d"], bool(holds),
@@ -100,6 +122,10 @@ def npo_spares_damaging_instances(probes) -> Check:
     """(e) from ``[(weights, damage), ...]``, one pair of per-instance lists per probe; damage = minus the
     instance's GA retaining G-effect (larger: its gradient raises the retain NLL more). Probes where every
     weight is equal (the reference itself) rank nothing and are skipped."""
+    undecided = _not_finite(CLAIMS["e"], "the NPO weights or instance damages are",
+                            [v for w, d in probes for v in (*np.ravel(w), *np.ravel(d))])
+    if undecided:
+        return undecided
     rhos = [r for r in (_rank_correlation(d, w) for w, d in probes) if not math.isnan(r)]
     if not rhos:
         raise ValueError("no probe where the NPO weights differ between instances")
@@ -132,6 +158,9 @@ def token_weighted_damage_less(trajectories) -> Check:
     missing = [n for n in TOKEN_WEIGHTED + BASELINES if n not in names]
     if missing:
         raise ValueError(f"observation (f) needs runs of {', '.join(missing)}")
+    undecided = _not_finite(CLAIMS["f"], "the probes' forget or retain probabilities are", _probabilities(trajectories))
+    if undecided:
+        return undecided
     start = max(t["probe_forget_probability"] for t in trajectories if t["step"] == 0)
     level = max(min(t["probe_forget_probability"] for t in trajectories if t["objective"] == n) for n in names)
     at = retain_at_forget_level(trajectories, level)
@@ -151,6 +180,10 @@ def guidance_damage_less(trajectories, variant: str) -> Check:
     names = set(t["objective"] for t in runs)
     if names != {base, variant}:
         raise ValueError(f"observation (g) needs runs of {base} and {variant}")
+    undecided = _not_finite(f"{variant}: {CLAIMS['g']}", "the probes' forget or retain probabilities are",
+                            _probabilities(runs))
+    if undecided:
+        return undecided
     start = max(t["probe_forget_probability"] for t in runs if t["step"] == 0)
     level = max(min(t["probe_forget_probability"] for t in runs if t["objective"] == n) for n in (base, variant))
     at = retain_at_forget_level(runs, level)
@@ -160,8 +193,15 @@ def guidance_damage_less(trajectories, variant: str) -> Check:
                  f"{_fmt(at[variant])}, {base} {_fmt(at[base])}")
 
 
+def _probabilities(trajectories) -> list:
+    return [t[key] for t in trajectories for key in ("probe_forget_probability", "probe_retain_probability")]
+
+
 def verdict(checks) -> str:
-    """"holds" when every seed's check holds, "does not hold" when none does, else "depends on the seed"."""
+    """"holds" when every seed's check holds, "does not hold" when none does, else "depends on the seed"; not
+    decided when a check is not, saying so when NaN or infinite numbers are why."""
+    if any(c.nan for c in checks):
+        return "cannot be decided: NaN or infinite numbers"
     if any(c.holds is None for c in checks):
         return "not decided by these numbers"
     held = sum(c.holds for c in checks)
