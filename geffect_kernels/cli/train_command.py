@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 from .defaults import MAX_NEW_TOKENS, OBJECTIVE_NAMES
@@ -75,23 +76,54 @@ def _write_result(out: Path, name: str, value) -> None:
 
 
 def cmd_train(args):
-    import copy
-    from functools import partial
-
-    from ..backends.registry import check_backend
-    from ..data import encode_pairs, load_qa
-    from ..data.alternates import alternate_answers
-    from ..eval.report import make_report
-    from ..train import TrainConfig, check_resumable, train
-    from ..train.loop import check_entries
-    from ..train import distributed
-    from ..train.checkpoint import check_own_folder
-    from ..train.distributed import check_resume, check_world
-    from ..train.launch import is_rank_zero, launch, world_size
-    from ..train.lora import add_lora
+    """Check every input, then train each objective, then write the results and the report. Nothing is written (no
+    run folder, no result, no rank started) before every check has passed."""
+    from ..train.launch import launch
 
     quiet_transformers()
-    # everything that can be checked is checked before the model loads and before any file is written
+    job = _plan(args)  # check: flags, config, objectives
+    if args.plan:  # a memory plan for the device asked for: trains nothing, writes nothing
+        print(_memory_plans(args, job.files, job.configs))
+        return
+    _check_before_launch(job)  # check: data, evaluation, processes, run folders
+    if args.nproc and args.nproc > 1:
+        raise SystemExit(launch(args.argv, args.nproc))
+    inputs = _load_and_check(job)  # check: the model, the encoded data, the checkpoints to resume
+    summaries, per_sample = _run(job, inputs)
+    _report(job, summaries, per_sample)
+
+
+@dataclass
+class TrainJob:
+    """What ``geffect train`` will do, from its flags and config: one TrainConfig per objective and where it goes."""
+
+    args: object
+    files: dict
+    configs: dict
+    out: Path
+    device: object
+    resume: bool | None
+    world: int = 1
+    forget_pairs: object = None
+    retain_pairs: object = None
+    eval_plan: object = None
+
+
+@dataclass
+class TrainInputs:
+    """The model to start from (None for a sharded run: each rank reads its shards), the tokenizer and the data."""
+
+    start: object
+    tokenizer: object
+    forget: object
+    retain: object
+    model_config: object
+
+
+def _plan(args) -> TrainJob:
+    """Flags, config and objectives checked and made into one TrainConfig per objective; nothing is loaded."""
+    from ..train import TrainConfig
+
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
         raise CLIError(f"--max-new-tokens must be a positive integer, got {args.max_new_tokens}")
     files, objectives, settings = _train_settings(args)
@@ -112,86 +144,134 @@ def cmd_train(args):
                                             "out_dir": str(out / "runs" / name)}) for name in objectives}
     if any(c.uses_retain for c in configs.values()) and not files["retain"]:
         raise CLIError("--retain FILE is required unless --retain-objective none")
-    if args.plan:  # trains nothing, writes nothing
-        print(_memory_plans(args, files, configs))
-        return
+    return TrainJob(args, files, configs, out, device, resume)
+
+
+def _check_before_launch(job: TrainJob) -> None:
+    """The data, the evaluation plan, the number of processes and every run folder (whose it is, whether it
+    resumes), before any rank starts or anything is written; sets the job's world, pairs and eval_plan."""
+    from ..backends.registry import check_backend
+    from ..data import load_qa
+    from ..data.alternates import alternate_answers
+    from ..train.checkpoint import check_own_folder
+    from ..train.distributed import check_resume, check_world
+    from ..train.launch import world_size
+
+    args, files, configs = job.args, job.files, job.configs
     if args.dtype not in (None, "float32") and (args.nproc or world_size()) > 1:
         raise CLIError(f"--dtype {args.dtype} is for one process: a sharded run keeps float32 shards (computing in "
                        f"bf16 on CUDA)")
-    check_backend("auto", device)
-    forget_pairs = load_qa(files["forget"])
-    retain_pairs = load_qa(files["retain"]) if files["retain"] else None
+    check_backend("auto", job.device)
+    job.forget_pairs = load_qa(files["forget"])
+    job.retain_pairs = load_qa(files["retain"]) if files["retain"] else None
     for config in configs.values():  # substitute answers for PO and DPO: readable, one for every question
         if config.resolved_objective.objective.reads_alternate:
             if config.alternate is None:
                 raise CLIError(f"objective {config.objective!r} reads substitute answers: pass --alternate FILE "
                                f"(e.g. TOFU's idontknow.jsonl)")
-            alternate_answers(config.alternate, [p.question for p in forget_pairs], seed=config.seed)
-    plan = _eval_plan(args, forget_pairs, retain_pairs)
-    world = args.nproc or world_size()
-    for config in configs.values():  # before anything runs or is written
-        check_world(world, config, forget_pairs, retain_pairs if config.uses_retain else None)
+            alternate_answers(config.alternate, [p.question for p in job.forget_pairs], seed=config.seed)
+    job.eval_plan = _eval_plan(args, job.forget_pairs, job.retain_pairs)
+    job.world = world = args.nproc or world_size()
+    for config in configs.values():
+        check_world(world, config, job.forget_pairs, job.retain_pairs if config.uses_retain else None)
         check_own_folder(config.out_dir)  # also before torchrun starts: nothing of anyone else's is removed
-        if resume is not False:  # --overwrite: the checkpoint is replaced, whoever wrote it
+        if job.resume is not False:  # --overwrite: the checkpoint is replaced, whoever wrote it
             check_resume(config.out_dir, world, args.allow_reshard)
     if world > 1 and any(c.guidance == "instance" for c in configs.values()):
         raise CLIError("--guidance instance runs in one process only; --guidance rectify runs sharded")
     if world > 1:
         check_shardable(Path(files["model"]))
-    if args.nproc and args.nproc > 1:
-        raise SystemExit(launch(args.argv, args.nproc))
-    device = distributed.init(args.device) if world > 1 else device
+
+
+def _load_and_check(job: TrainJob) -> TrainInputs:
+    """The model (one process), the tokenizer and the encoded data, checked against the model (lengths) and
+    against the checkpoints a run resumes from; still nothing written."""
+    from ..data import encode_pairs
+    from ..train import check_resumable, distributed
+    from ..train.launch import is_rank_zero
+    from ..train.loop import check_entries
+
+    args, files, world = job.args, job.files, job.world
+    job.device = distributed.init(args.device) if world > 1 else job.device
     # several processes: each rank reads its shards
-    start = load_model(files["model"], device, args.dtype) if world == 1 else None
+    start = load_model(files["model"], job.device, args.dtype) if world == 1 else None
     tokenizer = load_tokenizer(args.tokenizer or files["model"])
-    forget = encode_pairs(tokenizer, forget_pairs, max_length=args.max_length)
-    retain = encode_pairs(tokenizer, retain_pairs, max_length=args.max_length) if retain_pairs else None
+    forget = encode_pairs(tokenizer, job.forget_pairs, max_length=args.max_length)
+    retain = encode_pairs(tokenizer, job.retain_pairs, max_length=args.max_length) if job.retain_pairs else None
     model_config = start.config if start is not None else read_model_config(files["model"])
     for path, data in ((files["forget"], forget), (files["retain"], retain)):
         check_lengths(data, model_config, path)
-    for config in configs.values() if world == 1 else ():  # sharded runs check their checkpoints themselves
+    for config in job.configs.values() if world == 1 else ():  # sharded runs check their checkpoints themselves
         check_entries(start, forget, config)  # RMU's layer and parameters, before any run writes
-        check_resumable(start, forget, retain, config, resume)
+        check_resumable(start, forget, retain, config, job.resume)
     if args.eval and is_rank_zero():
         _note_generation_limit(model_config, args.max_new_tokens or MAX_NEW_TOKENS)
+    return TrainInputs(start, tokenizer, forget, retain, model_config)
+
+
+def _run(job: TrainJob, inputs: TrainInputs) -> tuple[dict, dict]:
+    """Trains (and with --eval evaluates) each objective from the same start; returns the evaluation's summaries
+    and per-sample scores by objective (empty without --eval)."""
+    import copy
+    from functools import partial
+
+    from ..train import distributed, train
+    from ..train.launch import is_rank_zero
+    from ..train.lora import add_lora
+
+    args, files, plan, tokenizer = job.args, job.files, job.eval_plan, inputs.tokenizer
     if plan and plan.retain_model:  # whole on every rank: evaluated once, before any unlearning
-        plan, retain_scores = plan.with_retain_model(load_model(plan.retain_model, device), tokenizer,
+        plan, retain_scores = plan.with_retain_model(load_model(plan.retain_model, job.device), tokenizer,
                                                      plan.retain_model)
         if is_rank_zero():
-            _write_result(out, "retain_model_eval.json", retain_scores)
+            _write_result(job.out, "retain_model_eval.json", retain_scores)
     summaries, per_sample = {}, {}
-    for name, config in configs.items():
+    for name, config in job.configs.items():
         lora = partial(add_lora, r=args.lora_r, alpha=args.lora_alpha, targets=args.lora_targets,
                        base_path=files["model"], seed=config.seed) if args.lora_r else None
-        if world > 1:
-            result = distributed.train_sharded(files["model"], forget, retain, config, device=device, wrap=lora,
-                                               resume=resume, allow_reshard=args.allow_reshard)
+        if job.world > 1:
+            result = distributed.train_sharded(files["model"], inputs.forget, inputs.retain, config,
+                                               device=job.device, wrap=lora, resume=job.resume,
+                                               allow_reshard=args.allow_reshard)
         else:
-            model = copy.deepcopy(start)
-            result = train(lora(model) if lora else model, forget, retain, config, resume=resume)
+            model = copy.deepcopy(inputs.start)
+            result = train(lora(model) if lora else model, inputs.forget, inputs.retain, config, resume=job.resume)
         if plan:  # on every rank: a sharded model's forward passes take all of them
             summaries[name], per_sample[name] = plan.evaluate(result.model, tokenizer)
-        if not is_rank_zero():
-            continue
-        tokenizer.save_pretrained(Path(config.out_dir) / "model")
-        resumed = f" (resumed from step {result.resumed_from})" if result.resumed_from else ""
-        if result.stopped_at is not None:
-            print(f"{name}: stopped by {result.metrics[-1]['stopped']} at step {result.stopped_at + 1}, after "
-                  f"{result.stopped_at} updates{resumed}; model in {config.out_dir}/model")
-        else:
-            print(f"{name}: {config.steps} steps{resumed}, final loss "
-                  f"{result.metrics[-1]['loss']:.4f}; model in {config.out_dir}/model")
-    if summaries and is_rank_zero():
-        _write_result(out, "summary.json", summaries)
-        _write_result(out, "per_sample.json", per_sample)
-        for name, summary in summaries.items():
-            for metric, why in summary.get("missing", {}).items():
-                print(f"{name}: {metric.replace('_', ' ')} not computed: {why}")
-    if is_rank_zero() and not summaries:
-        _drop_stale_summaries(out, configs)
+        if is_rank_zero():
+            tokenizer.save_pretrained(Path(config.out_dir) / "model")
+            _print_outcome(name, config, result)
+    return summaries, per_sample
+
+
+def _print_outcome(name, config, result) -> None:
+    resumed = f" (resumed from step {result.resumed_from})" if result.resumed_from else ""
+    if result.stopped_at is not None:
+        print(f"{name}: stopped by {result.metrics[-1]['stopped']} at step {result.stopped_at + 1}, after "
+              f"{result.stopped_at} updates{resumed}; model in {config.out_dir}/model")
+    else:
+        print(f"{name}: {config.steps} steps{resumed}, final loss "
+              f"{result.metrics[-1]['loss']:.4f}; model in {config.out_dir}/model")
+
+
+def _report(job: TrainJob, summaries: dict, per_sample: dict) -> None:
+    """The evaluation's results (or, without --eval, the summary rows that no longer describe a model dropped),
+    then the report; a sharded run's ranks end together."""
+    from ..eval.report import make_report
+    from ..train import distributed
+    from ..train.launch import is_rank_zero
+
     if is_rank_zero():
-        print(f"report: {make_report(args.out)}")
-    if world > 1:
+        if summaries:
+            _write_result(job.out, "summary.json", summaries)
+            _write_result(job.out, "per_sample.json", per_sample)
+            for name, summary in summaries.items():
+                for metric, why in summary.get("missing", {}).items():
+                    print(f"{name}: {metric.replace('_', ' ')} not computed: {why}")
+        else:
+            _drop_stale_summaries(job.out, job.configs)
+        print(f"report: {make_report(job.args.out)}")
+    if job.world > 1:
         distributed.finish()
 
 
