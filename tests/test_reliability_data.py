@@ -21,6 +21,7 @@ def _write(path, text):
 def _deep_readers(tmp_path):
     """(what, the file written deep, a call that reads it) for every place JSON or YAML is read."""
     from geffect_kernels.cli.inputs import check_model_dir
+    from geffect_kernels.data.alternates import alternate_answers
     from geffect_kernels.eval.retain_reference import read_retain_reference
     from geffect_kernels.eval.run_files import read_json as report_json
     from geffect_kernels.geffect.result import GEffectHistory
@@ -49,6 +50,8 @@ def _deep_readers(tmp_path):
         ("weights index", _write(t / "sharded" / "model.safetensors.index.json", DEEP_JSON),
          lambda p: weight_files(p.parent)),
         ("--retain-eval", _write(t / "eval_log_forget.json", DEEP_JSON), read_retain_reference),
+        ("--alternate", _write(t / "alternates.jsonl", '{"a": ' + DEEP_JSON + "}\n"),
+         lambda p: alternate_answers(p, ["Q?"])),
     ]
 
 

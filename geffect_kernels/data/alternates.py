@@ -13,15 +13,16 @@ import json
 import random
 from pathlib import Path
 
+from ..structured_files import UnreadableFile, read_text
 from .errors import DataError
 from .qa import load_qa
 
 
 def _lines(path: Path) -> list[str]:
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as err:
-        raise DataError(f"{path}: cannot read the substitute answers ({err})") from None
+        text = read_text(path)
+    except UnreadableFile as err:
+        raise DataError(f"{path}: cannot read the substitute answers ({err.reason})") from None
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 
@@ -35,6 +36,8 @@ def _is_records(lines: list[str]) -> bool:
         return isinstance(json.loads(lines[0]), dict)
     except json.JSONDecodeError:
         return False
+    except RecursionError:  # nested deeply: JSON all the same, which the records' reader refuses in one line
+        return True
 
 
 def _refusal(line: str) -> str:
