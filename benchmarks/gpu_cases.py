@@ -68,6 +68,9 @@ def loss_fn(objective, inputs, backend, *, softcap=None):
     if objective == "kl":
         return lambda h, w, b: gk.kl_loss(h, w, x.ref_hidden, x.ref_weight, x.labels, bias=b, softcap=softcap,
                                           backend=backend)
+    if objective == "undial":
+        return lambda h, w, b: gk.undial_loss(h, w, x.ref_hidden, x.ref_weight, x.labels, bias=b, softcap=softcap,
+                                              backend=backend)
     if objective in ("npo", "simnpo"):  # sequence level: NPO_SEQUENCES sequences
         def seq(h, w, b):
             return gk.unlearning_loss(objective, h.reshape(NPO_SEQUENCES, -1, h.shape[-1]), w,
@@ -134,20 +137,26 @@ def correctness_checks():
         Check("kl fast peaky", "triton", "kl", BF16, dist="peaky", budget=KL_FAST_BUDGET),
         Check("kl fast float16", "triton", "kl", FP16, n=2048, budget=KL_FAST_BUDGET),
         Check("kl fast float32", "triton", "kl", FP32, budget=KL_FAST_BUDGET),
+        Check("undial", "triton", "undial", BF16),
+        Check("undial fast softcap+bias", "triton", "undial", BF16, softcap=30.0, bias=True, budget=KL_FAST_BUDGET),
+        Check("ceu", "triton", "ceu", BF16),
+        Check("ceu fast peaky", "triton", "ceu", BF16, dist="peaky", budget=KL_FAST_BUDGET),
         Check("N*V>2^31 lean", "triton", "ga", BF16, **big),
         Check("N*V>2^31 fast", "triton", "wga", BF16, **big, budget=8 * GiB),
         Check("torch chunked float16", "torch", "ga", FP16, n=2048),
         Check("csrc cuda bf16", "cpp_cuda", "wga", BF16),
         Check("csrc cuda float16", "cpp_cuda", "ga", FP16, n=2048),
         Check("csrc cuda kl softcap", "cpp_cuda", "kl", BF16, softcap=30.0),
+        Check("csrc cuda undial", "cpp_cuda", "undial", BF16),
+        Check("csrc cuda ceu softcap", "cpp_cuda", "ceu", BF16, softcap=30.0),
     ]
 
 
 def _budget(check, inputs):
     if check.chunks > 1:  # room for ~N/chunks rows of what fast mode holds and the float32 dW accumulator
         rows = -(-check.n // check.chunks)
-        if check.objective == "kl":  # both heads' float32 logits
-            per_row = 8 * (check.v + 64)
+        if check.objective in ("kl", "undial", "ceu"):  # both heads' float32 logits (CE-U: its own only)
+            per_row = (4 if check.objective == "ceu" else 8) * (check.v + 64)
         else:  # stored exponentials and tile maxima
             per_row = (check.v + 64) * inputs.weight.element_size() + (check.v // 64 + 2) * 4
         return inputs.weight.numel() * 4 + rows * per_row
@@ -156,7 +165,9 @@ def _budget(check, inputs):
 
 def fast_chunk_rows(objective, inputs, budget):
     """Tokens per fast-mode chunk that ``budget`` gives ``objective`` (0: lean)."""
-    return (fast_kl_rows if objective == "kl" else fast_rows)(inputs.hidden, inputs.weight, budget)
+    if objective in ("kl", "undial", "ceu"):
+        return fast_kl_rows(inputs.hidden, inputs.weight, budget, own=objective == "ceu")
+    return fast_rows(inputs.hidden, inputs.weight, budget)
 
 
 def _rel(a, b):

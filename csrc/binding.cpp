@@ -197,6 +197,39 @@ Tensor row_kl(const Tensor& logits, const Tensor& ref_logits, const OptTensor& g
   return kl;
 }
 
+// Cross-entropy per row to softmax(target − β·onehot(y)) (UNDIAL), or, without target_logits, to the row's own
+// distribution without the label (CE-U); gradient into `grad` when given.
+Tensor row_target_ce(const Tensor& logits, const OptTensor& target_logits, const OptTensor& grad, const Tensor& labels,
+                     int64_t ignore_index, double softcap, const Tensor& scale, double beta) {
+  check_batch(logits, grad, labels);
+  check_scale(scale, logits);
+  const bool own = !target_logits.has_value();
+  if (!own) {
+    check_rows(*target_logits, "target_logits");
+    TORCH_CHECK(target_logits->sizes() == logits.sizes() && target_logits->scalar_type() == logits.scalar_type() &&
+                    target_logits->device() == logits.device(),
+                "target_logits must match the logits in shape, dtype and device");
+  }
+  const int64_t target_stride = own ? 0 : target_logits->stride(0);
+  Tensor ce = at::empty({logits.size(0)}, logits.options().dtype(compute_dtype(logits)));
+#ifdef GEFFECT_WITH_CUDA
+  if (logits.is_cuda()) {
+    GEFFECT_CUDA_GUARD(logits);
+    geffect::cuda::row_target_ce(cuda_batch(logits, grad, labels, ignore_index, softcap),
+                                 own ? nullptr : target_logits->data_ptr(), target_stride, beta,
+                                 scale.data_ptr<double>(), ce.data_ptr());
+    return ce;
+  }
+#endif
+  cpu_dispatch(logits, [&](auto tag) {
+    using T = decltype(tag);
+    geffect::cpu::row_target_ce<T>(cpu_batch<T>(logits, grad, labels, ignore_index, softcap),
+                                   own ? nullptr : target_logits->data_ptr<T>(), target_stride, beta,
+                                   scale.item<double>(), ce.data_ptr<T>());
+  });
+  return ce;
+}
+
 // token_stats per row: {ℓ, entropy, Var_p[log p]} in the compute dtype.
 std::vector<Tensor> row_token_stats(const Tensor& logits, const Tensor& labels, int64_t ignore_index, double softcap) {
   check_batch(logits, c10::nullopt, labels);
@@ -275,6 +308,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("beta"), py::arg("gamma"), py::arg("eps"), py::arg("scale"));
   m.def("row_kl", &row_kl, py::arg("logits"), py::arg("ref_logits"), py::arg("grad"), py::arg("labels"),
         py::arg("ignore_index"), py::arg("softcap"), py::arg("scale"));
+  m.def("row_target_ce", &row_target_ce, py::arg("logits"), py::arg("target_logits"), py::arg("grad"),
+        py::arg("labels"), py::arg("ignore_index"), py::arg("softcap"), py::arg("scale"), py::arg("beta"));
   m.def("row_token_stats", &row_token_stats, py::arg("logits"), py::arg("labels"), py::arg("ignore_index"),
         py::arg("softcap"));
   m.def("rowwise_dot", &rowwise_dot, py::arg("a"), py::arg("b"), py::arg("row_sums"));

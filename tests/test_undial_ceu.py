@@ -131,6 +131,25 @@ def test_undial_gradient_is_p_minus_target(backend):
     torch.testing.assert_close(z.grad, (torch.softmax(z.detach(), -1) - target) * valid[:, None] / 8, **F64)
 
 
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "oracle"])
+def test_float32_against_float64(backend):
+    """The float32 kernels (float32 logits, float32 sums) against the float64 formulas, both losses."""
+    h, w, b, hr, wr, br, y = head(14, bias=True)
+    theta32 = leaves(*(t.float() for t in (h, w, b)))
+    theta64 = leaves(h, w, b)
+    for got, expected in [
+        (gk.undial_loss(theta32[0], theta32[1], hr.float(), wr.float(), y, beta=10.0, bias=theta32[2],
+                        ref_bias=br.float(), shift=True, backend=backend),
+         undial(theta64[0], theta64[1], hr, wr, y, 10.0, theta64[2], br, shift=True)),
+        (gk.unlearning_loss("ceu", theta32[0], theta32[1], y, bias=theta32[2], shift=True, backend=backend),
+         ceu(theta64[0], theta64[1], y, 1, theta64[2], shift=True)),
+    ]:
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got.double(), expected, rtol=2e-6, atol=1e-7)
+        for g32, g64 in zip(grads_of(got, theta32), grads_of(expected, theta64)):
+            torch.testing.assert_close(g32.double(), g64, rtol=1e-5, atol=1e-6)
+
+
 def test_undial_refusals():
     h, w, _, hr, wr, _, y = head(6)
     with pytest.raises(ValueError, match="beta"):

@@ -187,6 +187,56 @@ void row_kl(const RowBatch<T>& b, const T* ref_logits, int64_t ref_stride, doubl
 }
 
 template <typename T>
+void row_target_ce(const RowBatch<T>& b, const T* target_logits, int64_t target_stride, double beta, double scale,
+                   T* ce) {
+  const bool own = target_logits == nullptr;
+#pragma omp parallel
+  {
+    RowReader<T> read(b.logits, b.logits_stride, b.vocab, b.softcap);
+    RowReader<T> read_target(own ? b.logits : target_logits, own ? b.logits_stride : target_stride, b.vocab,
+                             b.softcap);
+    std::vector<T> target(b.vocab);  // the target's logits, shifted at the label
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < b.rows; ++r) {
+      T* out = grad_row(b, r);
+      if (ignored(b, r)) {
+        ce[r] = T(0);
+        zero_row(out, b.vocab);
+        continue;
+      }
+      const int64_t label = b.labels[r];
+      const T* z = read(r);
+      const T* zt = own ? z : read_target(r);
+      std::copy(zt, zt + b.vocab, target.data());
+      target[label] = own ? -std::numeric_limits<T>::infinity() : target[label] - T(beta);
+      const T lse = row_lse(z, b.vocab).value(), lse_t = row_lse(target.data(), b.vocab).value();
+      const T logprob = z[label] - lse;
+      T sum = T(0);  // Σ t_v (LSE − z_v): non-negative terms
+#pragma omp simd reduction(+ : sum)
+      for (int64_t i = 0; i < b.vocab; ++i) sum += vexp(target[i] - lse_t) * (lse - z[i]);
+      ce[r] = sum;
+      if (!out) continue;
+      const T s = T(scale), cap = read.softcap(), inv = cap > T(0) ? T(1) / cap : T(0);
+      if (own) {  // p − q = −q_v p_y off the label (no cancellation as p_y → 0), p_y at it
+#pragma omp simd
+        for (int64_t i = 0; i < b.vocab; ++i) {
+          const T t = z[i] * inv;
+          out[i] = -s * vexp(z[i] - lse_t + logprob) * (T(1) - t * t);
+        }
+        const T t = z[label] * inv;  // in place only without a cap (inv 0): z[label], overwritten, is not used
+        out[label] = s * vexp(logprob) * (T(1) - t * t);
+      } else {
+#pragma omp simd
+        for (int64_t i = 0; i < b.vocab; ++i) {
+          const T t = z[i] * inv;
+          out[i] = s * (vexp(z[i] - lse) - vexp(target[i] - lse_t)) * (T(1) - t * t);
+        }
+      }
+    }
+  }
+}
+
+template <typename T>
 void rowwise_dot(const T* a, const T* b, int64_t rows, int64_t cols, int64_t ld, double* row_sums) {
 #pragma omp parallel for schedule(static)
   for (int64_t r = 0; r < rows; ++r) {
@@ -205,6 +255,7 @@ void rowwise_dot(const T* a, const T* b, int64_t rows, int64_t cols, int64_t ld,
   template void row_weighted_loss<T>(const RowBatch<T>&, const T*, const WeightParams&, double, T*, \
                                      T*);                                                           \
   template void row_kl<T>(const RowBatch<T>&, const T*, int64_t, double, T*);                       \
+  template void row_target_ce<T>(const RowBatch<T>&, const T*, int64_t, double, double, T*);         \
   template void rowwise_dot<T>(const T*, const T*, int64_t, int64_t, int64_t, double*);
 GEFFECT_INSTANTIATE(float)
 GEFFECT_INSTANTIATE(double)

@@ -29,6 +29,19 @@ __device__ __forceinline__ void lse_add(Lse<C>& acc, const C* values, int count,
   for (int k = 0; k < count; ++k) acc.sum += Storage<T>::exp(z[k] - acc.max);
 }
 
+// Adds `count` already soft-capped values (−∞ allowed) to a thread's running LSE.
+template <typename T, typename C>
+__device__ __forceinline__ void lse_add_capped(Lse<C>& acc, const C* z, int count) {
+  C m = -INFINITY;
+  for (int k = 0; k < count; ++k) m = z[k] > m ? z[k] : m;
+  if (m == C(-INFINITY)) return;  // nothing to add (CE-U's label alone), and exp(−∞ − −∞) would be NaN
+  if (m > acc.max) {
+    acc.sum *= Storage<T>::exp(acc.max - m);
+    acc.max = m;
+  }
+  for (int k = 0; k < count; ++k) acc.sum += Storage<T>::exp(z[k] - acc.max);
+}
+
 template <typename T, typename C>
 __device__ C row_lse(const T* row, int64_t vocab, C softcap) {
   Lse<C> acc{C(-INFINITY), C(0)};
@@ -127,6 +140,77 @@ kl_kernel(RowBatchAny b, const T* ref_logits, int64_t ref_stride, const double* 
   if (threadIdx.x == 0) kl[r] = sum;
 }
 
+// LSE of a target row with the label's entry lowered by β, or set to −∞ (own).
+template <typename T, typename C>
+__device__ C shifted_lse(const T* row, int64_t vocab, C softcap, int64_t label, C beta, bool own) {
+  Lse<C> acc{C(-INFINITY), C(0)};
+  visit_row(row, vocab, [&](int64_t i, const C* v, int count) {
+    C z[16 / sizeof(T)];
+    for (int k = 0; k < count; ++k) {
+      C unused;
+      z[k] = softcapped(v[k], softcap, &unused);
+      if (i + k == label) z[k] = own ? C(-INFINITY) : z[k] - beta;
+    }
+    lse_add_capped<T>(acc, z, count);
+  });
+  return block_lse(acc).value();
+}
+
+// Cross-entropy to softmax(target − β·onehot(y)), or under `own` (target null) to the row's own distribution
+// without the label; the gradient p − t, under `own` as p_y at the label and −exp(z_v − LSE_{v≠y} + ℓ_y) elsewhere.
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+target_ce_kernel(RowBatchAny b, const T* target_logits, int64_t target_stride, double beta_, const double* scale,
+                 typename Storage<T>::C* ce) {
+  using C = typename Storage<T>::C;
+  const int64_t r = blockIdx.x;
+  const T* row = static_cast<const T*>(b.logits) + r * b.logits_stride;
+  const bool own = target_logits == nullptr;
+  const T* target = own ? row : target_logits + r * target_stride;
+  T* grad = b.grad ? static_cast<T*>(b.grad) + r * b.grad_stride : nullptr;
+  const C softcap = C(b.softcap), beta = C(beta_);
+  const int64_t label = b.labels[r];
+  if (label == b.ignore_index) {
+    if (threadIdx.x == 0) ce[r] = C(0);
+    if (grad) zero_row(grad, b.vocab);
+    return;
+  }
+  const C lse = row_lse(row, b.vocab, softcap), lse_t = shifted_lse(target, b.vocab, softcap, label, beta, own);
+  C unused;
+  const C logprob = softcapped(Storage<T>::load(row[label]), softcap, &unused) - lse;
+  __syncthreads();  // row[label] is read by every thread before the gradient may overwrite it
+  C sum = C(0);
+  auto term = [&](int64_t i, C x, C* dzdx) {  // accumulates t (LSE − z); returns p − t
+    const C z = softcapped(x, softcap, dzdx);
+    if (own) {
+      if (i == label) return Storage<T>::exp(logprob);
+      const C q = Storage<T>::exp(z - lse_t);
+      sum += q * (lse - z);
+      return -Storage<T>::exp(z - lse_t + logprob);
+    }
+    C zt = softcapped(Storage<T>::load(target[i]), softcap, &unused);
+    if (i == label) zt -= beta;
+    const C t = Storage<T>::exp(zt - lse_t);
+    sum += t * (lse - z);
+    return Storage<T>::exp(z - lse) - t;
+  };
+  if (grad) {
+    const C s = C(*scale);
+    map_row(row, grad, b.vocab, [&](int64_t i, C x) {
+      C dzdx;
+      const C p_minus_t = term(i, x, &dzdx);
+      return s * p_minus_t * dzdx;
+    });
+  } else {
+    visit_row(row, b.vocab, [&](int64_t i, const C* v, int count) {
+      C dzdx;
+      for (int k = 0; k < count; ++k) term(i + k, v[k], &dzdx);
+    });
+  }
+  sum = block_sum(sum);
+  if (threadIdx.x == 0) ce[r] = sum;
+}
+
 template <Op op>
 void launch_row(const RowBatchAny& b, const void* lse_in, const void* coef_in, const void* ref, const WeightParams& w,
                 const double* scale, void* logprobs, void* lse, void* coef) {
@@ -165,6 +249,18 @@ void row_kl(const RowBatchAny& b, const void* ref_logits, int64_t ref_stride, co
         b, static_cast<const T*>(ref_logits), ref_stride, scale, static_cast<typename Storage<T>::C*>(kl));
   });
   check_launch("geffect KL kernel");
+}
+
+void row_target_ce(const RowBatchAny& b, const void* target_logits, int64_t target_stride, double beta,
+                   const double* scale, void* ce) {
+  if (b.rows == 0) return;
+  dispatch(b.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    target_ce_kernel<T><<<b.rows, kThreads, 0, static_cast<cudaStream_t>(b.stream)>>>(
+        b, static_cast<const T*>(target_logits), target_stride, beta, scale,
+        static_cast<typename Storage<T>::C*>(ce));
+  });
+  check_launch("geffect target cross-entropy kernel");
 }
 
 }  // namespace geffect::cuda

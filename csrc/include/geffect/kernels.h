@@ -44,6 +44,13 @@ void row_weighted_loss(const RowBatch<T>& b, const T* ref, const WeightParams& w
 template <typename T>
 void row_kl(const RowBatch<T>& b, const T* ref_logits, int64_t ref_stride, double scale, T* kl);
 
+// ce_r = −Σ_v t_v log softmax(z_r)_v, t = softmax(target_r − β·onehot(y_r)) detached (0 for ignored rows);
+// target_logits null: the row's own logits with the label's at −∞ (CE-U; β unused). b.grad gets scale · (p − t) ·
+// dz/dx, written under CE-U as p_y at the label and −exp(z_v − LSE_{v≠y} + ℓ_y) elsewhere.
+template <typename T>
+void row_target_ce(const RowBatch<T>& b, const T* target_logits, int64_t target_stride, double beta, double scale,
+                   T* ce);
+
 // token_stats per row: ℓ_r, the entropy of softmax(z_r) and Var_{softmax(z_r)}[log softmax(z_r)] (all 0 for
 // ignored rows). b.grad is not used.
 template <typename T>
@@ -81,6 +88,8 @@ void row_grad(const RowBatchAny& b, const void* lse, const void* coef);
 void row_weighted_loss(const RowBatchAny& b, const void* ref, const WeightParams& w, const double* scale,
                        void* logprobs, void* coef);
 void row_kl(const RowBatchAny& b, const void* ref_logits, int64_t ref_stride, const double* scale, void* kl);
+void row_target_ce(const RowBatchAny& b, const void* target_logits, int64_t target_stride, double beta,
+                   const double* scale, void* ce);
 void row_token_stats(const RowBatchAny& b, void* logprobs, void* entropy, void* variance);
 
 // Σ_{i,j} (ga gbᵀ)_ij (xa xbᵀ)_ij without forming either Gram matrix. With segment_ids (int64 [na]) the

@@ -142,6 +142,25 @@ class _CsrcBackend(Backend):
                                                                                   torch.float64), hidden),
                           hidden, weight, bias)
 
+    def target_cross_entropy(self, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, opts, beta):
+        ext = self.ext
+        own = ref_hidden is None
+        if not own:
+            ref_hidden, ref_weight = ref_hidden.detach(), ref_weight.detach()
+            ref_bias = None if ref_bias is None else ref_bias.detach()
+        scale = _scale_tensor(opts.scale, hidden.device)
+
+        def chunk_loss(sl, want_grad):  # the kernel overwrites the chunk's logits with their gradient
+            z = _head_logits(hidden[sl], weight, bias)
+            z_ref = None if own else _head_logits(ref_hidden[sl], ref_weight, ref_bias)
+            ce = ext.row_target_ce(z, z_ref, z if want_grad else None, labels[sl], opts.ignore_index,
+                                   _cap(opts.softcap), scale, float(beta))
+            return ce.double().sum() * opts.scale, z if want_grad else None
+
+        return fused_loss(lambda wanted, *head: _in_compute_dtype(fused_head_pass(*head, wanted, chunk_loss,
+                                                                                  torch.float64), hidden),
+                          hidden, weight, bias)
+
     def token_stats(self, hidden, weight, bias, labels, opts):
         ext = self.ext
         out = [torch.empty(labels.shape, dtype=compute_dtype(hidden.dtype), device=hidden.device) for _ in range(3)]
