@@ -1,6 +1,7 @@
-"""Llama shapes for the large-model GPU benchmarks, built from configs with random weights (nothing downloaded).
+"""Llama shapes for the model-level benchmarks, built from configs with random weights (nothing downloaded).
 
-``tiny`` is the CPU smoke shape of the same code (a CI test), never a result to quote.
+``1.1b``, ``6.7b``, ``13b``: the GPU shapes; ``L4-H256``, ``L4-H512``: the CPU shapes; ``tiny``: the smoke shape of
+the same code (CI), never a result to quote.
 """
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ SHAPES = {  # layers, hidden, intermediate, heads, kv heads, vocabulary
     "1.1b": (22, 2048, 5632, 32, 4, 32000),
     "6.7b": (32, 4096, 11008, 32, 32, 32000),
     "13b": (40, 5120, 13824, 40, 40, 32000),
+    "L4-H256": (4, 256, 688, 4, 4, 32000),
+    "L4-H512": (4, 512, 1376, 4, 4, 32000),
     "tiny": (2, 64, 128, 4, 2, 512),
 }
 SEQS = 4  # sequences per side of every batch

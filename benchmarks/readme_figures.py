@@ -1,27 +1,35 @@
-"""The benchmark figures of benchmarks/README.md, each tied to the CSV cell it shows.
+"""The benchmark figures of benchmarks/README.md and of the README's figures section, each tied to the result it
+shows.
 
-Every measured figure in benchmarks/README.md is followed by a tag naming its source:
+Every measured figure is followed by a tag naming its source:
 
+    1.08×<!-- fig cpu_suite.json extra_info.provider=cpp_cpu extra_info.objective=ga extra_info.vs_floor -->
     0.92×<!-- fig cpu_token_loss.csv provider=chunked-fused time_vs_naive -->
 
-a file under benchmarks/results/, ``column=value`` filters that select one row, and the column shown. The
-statistic is the column's (``ms_min``, ``speedup_median``, ...); the unit follows from its name (``*_mib``: MiB,
-``ms_*``: ms, ``speedup_*``, ``vs_*`` and ``*_vs_*``: ×) and must stand next to the number; the page shows the value
-rounded to the decimals it prints. A `code span`<!-- fig FILE[,FILE...] filters column --> instead shows a text
-column, which every selected row (of every file named) must share, e.g. the machine. tests/test_readme_figures.py
-checks all of this.
+a file under benchmarks/results/, ``key=value`` filters that select one row (a value with spaces in double quotes),
+and the key shown. A CSV row is its columns; a pytest-benchmark JSON result has one row per benchmark: its ``name``,
+``group`` and ``param``, ``extra_info.*``, ``stats.*`` (seconds) with ``stats.*_ms`` beside them, and the run's
+``machine_info.*`` and ``commit_info.*`` (nested keys joined by dots, lists by spaces). The unit follows from the
+key's last part (``*_mib``: MiB, ``*_ms``: ms, ``speedup_*``, ``vs_*`` and ``*_vs_*``: ×) and must stand next to
+the number; the page shows the value rounded to the decimals it prints. A `code span`<!-- fig FILE[,FILE...] filters
+key --> instead shows a text value, which every selected row (of every file named) must share, e.g. the machine.
+tests/test_readme_figures.py checks all of this.
 
-    python benchmarks/readme_figures.py      # rewrite the tagged figures from the current CSVs
+    python benchmarks/readme_figures.py      # rewrite the tagged figures from the current results
 """
 from __future__ import annotations
 
 import csv
+import json
 import re
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "benchmarks" / "README.md"  # the whole page is the tagged section
+TOP_README = ROOT / "README.md"  # its section between <!-- figures --> and <!-- /figures -->
+PAGES = (README, TOP_README)
 RESULTS = ROOT / "benchmarks" / "results"
 
 UNITS = r"×|ms|MiB|GiB|s"
@@ -29,6 +37,7 @@ TAG = re.compile(r"(?:`(?P<text>[^`]*)`|(?P<number>[-+]?\d+(?:\.\d+)?)(?P<space>
                  r"<!-- fig (?P<spec>[^>]*?) -->")
 # A measured figure: a number with a unit. On the page, each must carry a tag.
 FIGURE = re.compile(r"(?<![\w.])[-+]?\d+(?:\.\d+)?(?: ?)(?:" + UNITS + r")(?![\w])(?!<!-- fig)")
+SECTION = re.compile(r"<!-- figures -->(.*?)<!-- /figures -->", re.S)
 
 
 @dataclass
@@ -46,12 +55,19 @@ class Figure:
 def figures(text: str) -> list[Figure]:
     found = []
     for m in TAG.finditer(text):
-        file, *filters, column = m["spec"].split()
+        file, *filters, column = shlex.split(m["spec"])
         is_text = m["text"] is not None
         group = "text" if is_text else "number"
         found.append(Figure(m.start(group), m.end(group), m[group], m["unit"], is_text, file,
                             dict(f.split("=", 1) for f in filters), column))
     return found
+
+
+def tagged_text(path: Path) -> str:
+    """The part of a page whose figures must all be tagged: the whole of benchmarks/README.md, the figures section
+    of the README."""
+    text = path.read_text()
+    return text if path == README else "".join(SECTION.findall(text))
 
 
 def untagged(text: str) -> list[str]:
@@ -61,6 +77,7 @@ def untagged(text: str) -> list[str]:
 
 
 def expected_unit(column: str) -> str | None:
+    column = column.rsplit(".", 1)[-1]
     if column.endswith("_mib"):
         return "MiB"
     if column.startswith("ms_") or column.endswith("_ms"):
@@ -70,13 +87,38 @@ def expected_unit(column: str) -> str | None:
     return None
 
 
+def _flat(value, prefix, out):
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _flat(v, f"{prefix}.{k}" if prefix else k, out)
+    elif isinstance(value, list):
+        out[prefix] = " ".join(str(v) for v in value)
+    else:
+        out[prefix] = "" if value is None else str(value)
+    return out
+
+
+def json_rows(data: dict) -> list[dict]:
+    """One flat row per benchmark of a pytest-benchmark JSON result, with the run's machine and commit."""
+    run = _flat({"machine_info": data["machine_info"], "commit_info": data["commit_info"]}, "", {})
+    out = []
+    for b in data["benchmarks"]:
+        stats = {k: v for k, v in b["stats"].items() if k != "data"}
+        stats |= {f"{k}_ms": v * 1e3 for k, v in b["stats"].items() if k in ("min", "max", "mean", "median", "iqr")}
+        out.append(run | _flat({"name": b["name"], "group": b["group"], "param": b["param"],
+                                "extra_info": b["extra_info"], "stats": stats}, "", {}))
+    return out
+
+
 def rows(file: str) -> list[dict]:
+    if file.endswith(".json"):
+        return json_rows(json.loads((RESULTS / file).read_text()))
     with open(RESULTS / file, newline="") as f:
         return list(csv.DictReader(f))
 
 
 def source_value(fig: Figure) -> str:
-    """The CSV value the figure shows, formatted as the page prints it; AssertionError when it has no source."""
+    """The result's value the figure shows, formatted as the page prints it; AssertionError when it has no source."""
     selected = [r for file in fig.file.split(",") for r in rows(file)
                 if all(r.get(k) == v for k, v in fig.filters.items())]
     where = f"{fig.file} {fig.filters} {fig.column}"
@@ -92,7 +134,7 @@ def source_value(fig: Figure) -> str:
 
 
 def update(path: Path = README) -> int:
-    """Rewrite every tagged figure from its CSV cell; returns how many changed."""
+    """Rewrite every tagged figure of ``path`` from its source; returns how many changed."""
     text = path.read_text()
     changed = 0
     for fig in reversed(figures(text)):  # from the end: earlier offsets stay valid
@@ -107,4 +149,5 @@ def update(path: Path = README) -> int:
 
 
 if __name__ == "__main__":
-    print(f"{update()} figures updated in {README}")
+    for page in PAGES:
+        print(f"{update(page)} figures updated in {page.relative_to(ROOT)}")

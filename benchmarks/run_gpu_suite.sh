@@ -1,20 +1,20 @@
 #!/usr/bin/env bash
-# The GPU suite in one bounded device call: correctness first, then speed; nothing installed.
+# The GPU suite in one bounded device call: the gpu-marked benchmark tests, correctness first, then speed; nothing
+# installed.
 #
 #   GEFFECT_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/run_gpu_suite.sh   # on the lent GPU machine
-#   bash benchmarks/run_gpu_suite.sh --smoke        # CPU: the same plumbing, Triton interpreter, tiny shapes (CI)
+#   bash benchmarks/run_gpu_suite.sh --smoke        # CPU: the same tests, Triton interpreter, tiny shapes (CI)
 #
-# The package is imported from this checkout (PYTHONPATH), with whatever torch / triton / transformers / nvcc the
-# machine carries. Liger and CCE are timed only when importable; wheels for them may travel in .whl/ (installed
-# with --no-index into a temporary folder, never from a network). Every part runs under its own `timeout`; the
-# limits sum to at most 470 s of the 8 minutes a device call is given. Each measurement is appended to
-# $OUT/gpu_suite.csv as soon as it is taken (with the machine, the GPU and the commit), each failing case is
-# a row of its own, $OUT/gpu_suite_parts.csv has every part's exit code and time, and the compact table
-# (≤ 12,000 characters) is printed last and kept in $OUT/gpu_suite_table.txt. A real GPU run's CSVs belong under
-# benchmarks/results/ (copy them there from $OUT); a smoke run writes under $OUT only (default: a temp dir).
+# The package is imported from this checkout (PYTHONPATH), with whatever torch / triton / transformers / nvcc /
+# pytest-benchmark the machine carries. Liger and CCE are timed only when importable; wheels for them may travel in
+# .whl/ (installed with --no-index into a temporary folder, never from a network). Every part is one pytest run under
+# its own `timeout`; the limits sum to at most 470 s of the 8 minutes a device call is given. Each timed part saves
+# pytest-benchmark's JSON as $OUT/gpu_suite_<part>.json (machine, library versions, commit, each group's ratios in
+# extra_info), $OUT/gpu_suite_parts.csv has every part's exit code and time, $OUT/gpu_suite.log the output, and the
+# ratio table (≤ 12,000 characters) is printed last and kept in $OUT/gpu_suite_table.txt. A real GPU run's JSON
+# files belong under benchmarks/results/ (copy them there from $OUT); a smoke run writes under $OUT only.
 NAME=gpu_suite TITLE="geffect GPU suite"
 source "$(dirname "$0")/device_parts.sh"
-[[ -n "$SMOKE" ]] && export TRITON_INTERPRET=1
 [[ -z "$SMOKE" ]] && { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 | tee -a "$LOG"; }
 
 if compgen -G ".whl/*.whl" >/dev/null; then  # optional comparison packages carried as wheels
@@ -26,9 +26,16 @@ if [[ -n "$SMOKE" ]]; then  # the extension build takes minutes on a CI core: on
 else
   part build 90 "$PY" -c "import geffect_kernels.csrc as c; c.build_extensions()"
 fi
-part correctness 150 "$PY" benchmarks/gpu_suite.py correctness --csv "$CSV" $SMOKE
-part speed 115 "$PY" benchmarks/gpu_suite.py speed --csv "$CSV" $SMOKE
-part overhead 20 "$PY" benchmarks/gpu_suite.py overhead --csv "$CSV" $SMOKE
-part logits 40 "$PY" benchmarks/gpu_suite.py logits --csv "$CSV" $SMOKE
-part stats 25 "$PY" benchmarks/gpu_suite.py stats --csv "$CSV" $SMOKE
-timeout 10 "$PY" benchmarks/gpu_suite.py table --csv "$CSV" --parts "$PARTS" | tee "$OUT/gpu_suite_table.txt"
+B=benchmarks
+part correctness 150 "$PY" -m pytest -q -rfEs -p no:cacheprovider -m gpu -k "float64 or host_sync" \
+  $B/test_gpu_correctness.py $B/test_token_stats.py $B/test_logits_kernels.py
+if [[ -n "$SMOKE" ]]; then  # one tiny shape
+  bench_part fused 70 $B/test_fused_losses.py
+else  # two parts: a part cut by its timeout loses only its own JSON
+  bench_part fused 70 $B/test_fused_losses.py -k "V128256 and not N32768"
+  bench_part fused_32k 45 $B/test_fused_losses.py -k "V32000 or N32768"
+fi
+bench_part overhead 20 $B/test_api_overhead.py
+bench_part logits 40 $B/test_logits_kernels.py -k "not float64"
+bench_part stats 25 $B/test_token_stats.py -k "not float64"
+summary

@@ -26,8 +26,8 @@ def _linear(h, weight, bias):
     significant bits for bfloat16) before the softmax, the logits lose up to 2⁻⁸|z|, and a KL gradient p_θ − p_ref, a
     difference of nearly equal numbers, loses most of its digits (docs/backends.md; tests/test_half_precision.py
     bounds the errors). On CUDA the product stays on bf16/fp16 tensor cores; on a CPU with bf16 dot products
-    (AVX512-BF16) the float32 GEMM trades their speed for that precision (``python benchmarks/cpu_token_loss.py
-    --dtype bfloat16``, benchmarks/results/cpu_token_loss_bf16.csv)."""
+    (AVX512-BF16) the float32 GEMM trades their speed for that precision
+    (benchmarks/results/cpu_token_loss_bf16.csv)."""
     dtype = compute_dtype(h.dtype)
     if h.dtype == dtype:
         return F.linear(h, weight, bias)

@@ -4,7 +4,7 @@ The projection form's head pass writes V×H gradients (one per forget sample and
 logits chunk: hundreds of MiB, allocated afresh by every measurement. On the CPU a block that large is mapped
 fresh by the allocator and every 4 KiB page of it faults on first write; since their size does not depend on
 the tokens, those faults weigh most on short batches. They are lent from a pool instead, at the price of the
-memory it keeps between measurements (benchmarks/geffect_scaling.py; docs/DESIGN.md §4). A GPU's caching
+memory it keeps between measurements (benchmarks/test_geffect.py; docs/DESIGN.md §4). A GPU's caching
 allocator already reuses its blocks: there nothing is kept.
 """
 from __future__ import annotations

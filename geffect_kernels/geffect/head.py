@@ -32,18 +32,18 @@ from . import inner
 from .buffers import BufferPool
 
 # Logits per vocabulary chunk on the CPU: small enough to stay in cache while two matmuls read its exp (D and the
-# Gram), large enough to keep those matmuls efficient (benchmarks/geffect_scaling.py; docs/DESIGN.md §4).
+# Gram), large enough to keep those matmuls efficient (benchmarks/test_geffect.py; docs/DESIGN.md §4).
 CPU_CHUNK_ELEMENTS = 1 << 20
 # Logits per row chunk of the projection pass: the fused losses' budget (64 MiB of float32). Each chunk adds its
 # rows into V×H per-sample gradients, a memory-bound update that larger chunks amortize, for a larger buffer
-# (benchmarks/geffect_scaling.py; docs/DESIGN.md §4, "The rest is the allocator").
+# (benchmarks/test_geffect.py; docs/DESIGN.md §4, "The rest is the allocator").
 ROW_CHUNK_ELEMENTS = CHUNK_BYTES // 4
 # Largest per-sample dense head gradient held (elements): beyond it the forget side's is held whole.
 SAMPLE_GRAD_ELEMENTS = 1 << 29
 # What one element of a dense head gradient held by the projection form costs, in flops: it is written by
 # memory-bound updates (a chunk's rows of one sample, often few) and read back by the inner products. It sets
 # where the cost model leaves the Gram form for the projection form: fitted on the CPU, with the buffers from the
-# profiler's pool, between the shapes where each form was the faster (benchmarks/geffect_scaling.py;
+# profiler's pool, between the shapes where each form was the faster (benchmarks/test_geffect.py;
 # docs/DESIGN.md §4); unmeasured on a GPU.
 HELD_ELEMENT_FLOPS = 150
 

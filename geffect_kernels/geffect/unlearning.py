@@ -32,7 +32,7 @@ from .streaming import StreamedProducts
 
 # CPU only: a stacked forward's activations are twice one batch's. glibc serves blocks up to 32 MiB from its
 # heap, reused; larger ones are fresh mmapped pages on every allocation, whose faults can cost more than one
-# stacked forward saves (benchmarks/geffect_scaling.py; docs/DESIGN.md §4).
+# stacked forward saves (benchmarks/test_geffect.py; docs/DESIGN.md §4).
 CPU_STACKED_BYTES = 32 << 20
 NLL = resolve("nll", {})
 OBJECTIVE = ("objective",)  # the key of the objective's gradient (risks are keyed by their names)

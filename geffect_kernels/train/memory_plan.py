@@ -13,7 +13,7 @@ With FSDP2 over R ranks the weights, gradients and AdamW state are sharded (/R),
 batch, and two decoder blocks (the one running and the one prefetched) and the root are gathered in the compute
 dtype. The activation counts are those of a Llama-style decoder (RMSNorm, SDPA attention, gated MLP): the tensors
 autograd saves per token and layer, fewer with LoRA (a frozen linear keeps no input) and one layer input per layer
-plus one layer recomputed with gradient checkpointing. benchmarks/memory_plan_check.py compares the plan with the
+plus one layer recomputed with gradient checkpointing. benchmarks/train_memory.py compares the plan with the
 measured peak resident memory of CPU runs.
 """
 from __future__ import annotations

@@ -1,7 +1,7 @@
-"""What the GPU suite checks and times: inputs, the correctness cases (against float64 on the same rounded inputs)
-and the timed providers (this package's backends, the three-matmul floor, Liger and CCE where importable).
+"""The fused losses' cases: inputs, the GPU correctness cases (against float64 on the same rounded inputs) and the
+timed providers (this package's backends, the three-matmul floor, naive eager, Liger and CCE where importable).
 
-Shapes are the issue's (N 8192, H 4096, V 128256 / 32000, bf16, flat and peaky; DESIGN §6); ``smoke`` shrinks
+GPU shapes are the issue's (N 8192, H 4096, V 128256 / 32000, bf16, flat and peaky; DESIGN §6); ``smoke`` shrinks
 them so that the same code runs on CPU under the Triton interpreter.
 """
 from __future__ import annotations
@@ -260,45 +260,31 @@ def cce(filter_eps="auto"):
     return lambda x: lambda h, w, b: linear_cross_entropy(h, w, x.labels, **kwargs)
 
 
-def ours(objective, backend, budget=0):
-    """A factory: (budget to set, inputs -> loss)."""
-    return lambda: (budget, lambda x: loss_fn(objective, x, backend))
+def ours(backend, budget=0):
+    """A provider: objective -> (triton logits budget to set, inputs -> loss function)."""
+    return lambda objective: (budget, lambda x: loss_fn(objective, x, backend))
 
 
 def package(factory):
-    return lambda: (0, factory())
+    """A provider from another package: ``factory()`` raises ImportError when it is not installed."""
+    return lambda objective: (0, factory())
 
 
-def speed_providers(full_list=True):
-    """(provider, objective, factory) in the order they are timed; a factory raising ImportError is skipped."""
-    out = [("floor: 3 bf16 matmuls", "-", lambda: (0, floor)),
-           ("triton lean", "ga", ours("ga", "triton")),
-           ("triton fast", "ga", ours("ga", "triton", FAST_BUDGET))]
-    if not full_list:
-        return out
-    out += [("triton lean", "wga", ours("wga", "triton")),
-            ("triton lean", "tnpo", ours("tnpo", "triton")),
-            ("triton fast", "wga", ours("wga", "triton", FAST_BUDGET)),
-            ("triton lean", "npo", ours("npo", "triton")),
-            ("torch chunked", "ga", ours("ga", "torch")),
-            ("naive torch", "ga", ours("ga", "oracle")),
-            ("liger bf16 acc", "ga", package(liger_flce)),
-            ("liger fp32 acc", "ga", package(lambda: liger_flce(torch.float32))),
-            ("liger token scaling", "wga", package(lambda: liger_flce(token_scaling=True))),
-            ("cce default", "ga", package(cce)),
-            ("cce exact", "ga", package(lambda: cce(None))),
-            ("triton lean", "kl", ours("kl", "triton")),
-            ("triton fast", "kl", ours("kl", "triton", KL_FAST_BUDGET)),
-            ("torch chunked", "kl", ours("kl", "torch")),
-            ("naive torch", "kl", ours("kl", "oracle")),
-            ("liger jsd beta=1", "kl", package(liger_jsd))]
-    return out
-
-
-def speed_shapes(smoke):
-    """(N, H, V, dist, full provider list) in the order of importance: the headline shape first."""
-    if smoke:
-        return [(64, 32, 301, "flat", True)]
-    return [(8192, 4096, 128256, "flat", True), (8192, 4096, 128256, "peaky", True),
-            (8192, 4096, 32000, "flat", True), (8192, 4096, 32000, "peaky", True),
-            (32768, 4096, 128256, "flat", False)]
+# Every provider by name. The floor and naive eager (full logits and autograd: the `oracle` backend, as plain torch
+# writes it) are members of every group; the others are listed per group in test_fused_losses.py.
+PROVIDERS = {
+    "floor: 3 matmuls": lambda objective: (0, floor),
+    "naive eager": ours("oracle"),
+    "torch": ours("torch"),
+    "cpp_cpu": ours("cpp_cpu"),
+    "cpp_cuda": ours("cpp_cuda"),
+    "triton lean": ours("triton"),
+    "triton fast": lambda objective: ours("triton", KL_FAST_BUDGET if objective == "kl" else FAST_BUDGET)(objective),
+    "liger bf16 acc": package(liger_flce),
+    "liger fp32 acc": package(lambda: liger_flce(torch.float32)),
+    "liger token scaling": package(lambda: liger_flce(token_scaling=True)),
+    "cce default": package(cce),
+    "cce exact": package(lambda: cce(None)),
+    "liger jsd beta=1": package(liger_jsd),
+}
+OURS = {"naive eager", "torch", "cpp_cpu", "cpp_cuda", "triton lean", "triton fast"}  # compute the package's loss
