@@ -1,6 +1,8 @@
 """The benchmark suites' session: the ``gpu`` marker (skipped without CUDA, unless a smoke run puts those tests on
 the CPU), each group's ratios to its yardsticks written into every benchmark's ``extra_info`` before the results are
-saved, the library versions and load average in ``machine_info``, and the ratio table after the timings."""
+saved, the library versions in ``machine_info`` (what a comparison with a saved run checks: stable per machine), the
+load average at the start and the end and this checkout's commit in the JSON's ``run_info``, and the ratio table
+after the timings."""
 import os
 import pathlib
 import sys
@@ -44,7 +46,10 @@ def pytest_sessionfinish(session, exitstatus):
 
 def pytest_benchmark_update_machine_info(config, machine_info):
     machine_info.update(ratios.environment())
-    machine_info["load_average_at_start"] = _LOAD_AT_START[0] if _LOAD_AT_START else None
+
+
+def pytest_benchmark_update_json(config, benchmarks, output_json):
+    output_json["run_info"] = ratios.run_info(_LOAD_AT_START[0] if _LOAD_AT_START else None)
 
 
 def pytest_benchmark_update_commit_info(config, commit_info):

@@ -49,9 +49,17 @@ def load_average() -> list | None:
         return None
 
 
+def run_info(load_at_start) -> dict:
+    """What changes from run to run on one machine: the load average (1, 5, 15 min) at the start and the end, and
+    this checkout's commit ("+dirty" when tracked code differs from it)."""
+    import provenance
+    return {"load_average_at_start": load_at_start, "load_average": load_average(),
+            "geffect_commit": provenance.commit()}
+
+
 def environment() -> dict:
     """What the numbers depend on beside pytest-benchmark's machine_info: library versions, the instruction set
-    the kernels were built for, torch's threads, the GPU, the load average, this checkout's commit."""
+    the kernels were built for, torch's threads, the GPU."""
     import torch
 
     import provenance
@@ -63,8 +71,7 @@ def environment() -> dict:
             versions[name] = None
     versions["torch"] = torch.__version__  # the build, e.g. +cpu
     env = {"libraries": versions, "cpu_name": provenance.cpu_name(), "isa": provenance.isa(),
-           "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "load_average": load_average(),
-           "geffect_commit": provenance.commit(), "machine": provenance.machine(),
+           "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "machine": provenance.machine(),
            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
            "cuda": torch.version.cuda}
     return env

@@ -9,11 +9,11 @@ Every measured figure is followed by a tag naming its source:
 a file under benchmarks/results/, ``key=value`` filters that select one row (a value with spaces in double quotes),
 and the key shown. A CSV row is its columns; a pytest-benchmark JSON result has one row per benchmark: its ``name``,
 ``group`` and ``param``, ``extra_info.*``, ``stats.*`` (seconds) with ``stats.*_ms`` beside them, and the run's
-``machine_info.*`` and ``commit_info.*`` (nested keys joined by dots, lists by spaces). The unit follows from the
-key's last part (``*_mib``: MiB, ``*_ms``: ms, ``speedup_*``, ``vs_*`` and ``*_vs_*``: ×) and must stand next to
-the number; the page shows the value rounded to the decimals it prints. A `code span`<!-- fig FILE[,FILE...] filters
-key --> instead shows a text value, which every selected row (of every file named) must share, e.g. the machine.
-tests/test_readme_figures.py checks all of this.
+``machine_info.*``, ``commit_info.*`` and ``run_info.*`` (nested keys joined by dots, lists by spaces). The unit
+follows from the key's last part (``*_mib``: MiB, ``*_ms``: ms, ``speedup_*``, ``vs_*`` and ``*_vs_*``: ×) and
+must stand next to the number; the page shows the value rounded to the decimals it prints. A
+`code span`<!-- fig FILE[,FILE...] filters key --> instead shows a text value, which every selected row (of every
+file named) must share, e.g. the machine. tests/test_readme_figures.py checks all of this.
 
     python benchmarks/readme_figures.py      # rewrite the tagged figures from the current results
 """
@@ -100,7 +100,7 @@ def _flat(value, prefix, out):
 
 def json_rows(data: dict) -> list[dict]:
     """One flat row per benchmark of a pytest-benchmark JSON result, with the run's machine and commit."""
-    run = _flat({"machine_info": data["machine_info"], "commit_info": data["commit_info"]}, "", {})
+    run = _flat({k: data.get(k, {}) for k in ("machine_info", "commit_info", "run_info")}, "", {})
     out = []
     for b in data["benchmarks"]:
         stats = {k: v for k, v in b["stats"].items() if k != "data"}

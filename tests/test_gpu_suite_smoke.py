@@ -47,7 +47,7 @@ def test_correctness_cases_ran_and_passed(smoke):
 def test_timed_parts_carry_ratios_machine_and_versions(smoke):
     out, _ = smoke
     fused = results(out, "fused")
-    assert fused["machine_info"]["libraries"]["torch"] and fused["machine_info"]["geffect_commit"]
+    assert fused["machine_info"]["libraries"]["torch"] and fused["run_info"]["geffect_commit"]
     groups = {}
     for b in fused["benchmarks"]:
         groups.setdefault(b["group"], []).append(b)
