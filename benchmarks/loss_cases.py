@@ -279,7 +279,8 @@ PROVIDERS = {
     "cpp_cpu": ours("cpp_cpu"),
     "cpp_cuda": ours("cpp_cuda"),
     "triton lean": ours("triton"),
-    "triton fast": lambda objective: ours("triton", KL_FAST_BUDGET if objective == "kl" else FAST_BUDGET)(objective),
+    "triton fast": lambda objective: ours("triton", KL_FAST_BUDGET if objective in ("kl", "undial", "ceu")
+                                          else FAST_BUDGET)(objective),
     "liger bf16 acc": package(liger_flce),
     "liger fp32 acc": package(lambda: liger_flce(torch.float32)),
     "liger token scaling": package(lambda: liger_flce(token_scaling=True)),

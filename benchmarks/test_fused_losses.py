@@ -33,6 +33,8 @@ GPU_GROUPS = [
     ("tnpo", ["triton lean"]),
     ("npo", ["triton lean"]),
     ("kl", ["torch", "triton lean", "triton fast", "liger jsd beta=1"]),
+    ("undial", ["torch", "triton lean", "triton fast", "cpp_cuda"]),
+    ("ceu", ["torch", "triton lean", "triton fast", "cpp_cuda"]),
 ]
 # (N, H, V, logits distribution): the shapes; the last GPU one with the lean and fast GA kernels only
 CPU_SHAPES = [(64, 32, 301, "flat")] if bench.TINY else [(1024, 512, 32000, "flat")]

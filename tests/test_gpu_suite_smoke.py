@@ -51,7 +51,7 @@ def test_timed_parts_carry_ratios_machine_and_versions(smoke):
     groups = {}
     for b in fused["benchmarks"]:
         groups.setdefault(b["group"], []).append(b)
-    assert len(groups) == 5  # ga, wga, tnpo, npo, kl
+    assert len(groups) == 7  # ga, wga, tnpo, npo, kl, undial, ceu
     for members in groups.values():
         assert sum(b["extra_info"].get("role") == "floor" for b in members) == 1
         assert all(b["extra_info"]["vs_floor"] > 0 and "vs_naive" in b["extra_info"] for b in members)
