@@ -21,7 +21,9 @@ import torch
 import bench
 from geffect_kernels import hf
 from geffect_kernels.guidance import step as guided
+from geffect_kernels.objective_inputs import ReferenceState
 from geffect_kernels.train import TrainConfig
+from geffect_kernels.train.losses import objective_loss
 from large_shapes import SEQS, build, token_batches
 
 CONFIGS = [("tiny", 8)] if bench.TINY else [("L4-H256", 64), ("L4-H512", 64)]  # (shape, tokens per sequence)
@@ -39,9 +41,9 @@ def run_of(shape, tokens):
     config = TrainConfig(objective="npo", retain_objective="nll", batch_size=SEQS, progress=False)
     return SimpleNamespace(
         model=model, config=config, autocast=torch.autocast("cpu", enabled=False),
-        forget_batch=lambda micro: (forget, ref), retain_batch=lambda micro: retain,
-        objective_loss=lambda name, batch, ref_logprobs=None, hparams=None: hf.unlearning_loss(
-            name, model, batch, ref_logprobs=ref_logprobs, **(hparams or {})))
+        forget_batch=lambda micro: (forget, ReferenceState(logprobs=ref)), retain_batch=lambda micro: retain,
+        objective_loss=lambda name, batch, ref_logprobs=None, hparams=None: objective_loss(
+            name, model, batch, backend=config.backend, ref_logprobs=ref_logprobs, hparams=hparams))
 
 
 def method_of(run, name):
