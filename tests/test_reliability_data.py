@@ -233,6 +233,14 @@ def test_a_python_extension_type_is_refused_in_every_layout_before_anything_unpi
             read_records(path)
         assert "\n" not in str(refused.value) and str(tmp_path) in str(refused.value), layout
         assert not marker.exists(), f"{layout}: the payload ran"
+    legacy = pa.ipc.IpcWriteOptions(use_legacy_format=True)
+    table = _crafted_table(pa, marker, where)
+    with pa.OSFile(str(tmp_path / "legacy.arrow"), "wb") as sink, \
+            pa.ipc.new_stream(sink, table.schema, options=legacy) as writer:
+        writer.write_table(table)
+    with pytest.raises(DataError, match="declares a Python extension type"):
+        read_records(tmp_path / "legacy.arrow")
+    assert not marker.exists()
     if where == "column":  # the test's pyarrow does unpickle: reading the file itself runs the payload
         pa.ipc.open_stream(str(tmp_path / "data" / "stream.arrow")).read_all()
         assert marker.exists()
@@ -261,8 +269,14 @@ def test_ordinary_arrow_and_parquet_files_still_read(tmp_path):
     expected = [{**r, "kind": "ab"[i % 2]} for i, r in enumerate(rows)]
     pq.write_table(table, tmp_path / "groups.parquet", row_group_size=2)
     pq.write_table(table, tmp_path / "bare.parquet", store_schema=False)
+    pq.write_table(table, tmp_path / "options.parquet", write_page_index=True, use_dictionary=False,
+                   compression="zstd", data_page_version="2.0", write_statistics=False)
     _write_ipc(pa, table, tmp_path / "file.arrow", file_format=True)
-    for name in ("groups.parquet", "bare.parquet", "file.arrow"):
+    legacy = pa.ipc.IpcWriteOptions(use_legacy_format=True)  # no continuation marker before each message
+    with pa.OSFile(str(tmp_path / "legacy.arrow"), "wb") as sink, \
+            pa.ipc.new_stream(sink, table.schema, options=legacy) as writer:
+        writer.write_table(table)
+    for name in ("groups.parquet", "bare.parquet", "options.parquet", "file.arrow", "legacy.arrow"):
         assert read_records(tmp_path / name) == expected, name
 
 
