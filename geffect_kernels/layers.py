@@ -1,8 +1,8 @@
 """A decoder's blocks by index: the chosen layer of RMU and RR, its activations, and the parameters RMU trains.
 
 Layer ℓ's activations are the output of block ℓ (0-based), what the RMU paper's code hooks
-(``model.model.layers[layer_id]``) and ``output_hidden_states[ℓ + 1]`` of a Hugging Face model. The forward stops
-after that block: nothing above it reaches the loss.
+(``model.model.layers[layer_id]``): ``output_hidden_states[ℓ + 1]`` of a Hugging Face model, but for the last block,
+whose entry there is after the final norm. The forward stops after that block: nothing above it reaches the loss.
 """
 from __future__ import annotations
 

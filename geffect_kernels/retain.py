@@ -45,17 +45,30 @@ def kl_loss(hidden, weight, ref_hidden, ref_weight, labels, *, bias=None, ref_bi
                                       replace(opts, scale=1.0 / n))
 
 
-def masked_mean_squared_error(diff, mask):
+# How RMU's and RR's squared errors are averaged over positions: "tokens", over every valid position of the batch
+# (this project's default, the official G-effect code's); "samples", over each sequence's valid positions, then over
+# the sequences that have one (open-unlearning's compute_activation_loss)
+MSE_REDUCTIONS = ("tokens", "samples")
+
+
+def masked_mean_squared_error(diff, mask, reduction="tokens"):
     """Mean of ``diff²`` over the valid positions and every hidden unit (a mean squared error, as the RMU
     paper's code, open-unlearning and the official G-effect code compute it: a sum over the units would be H
-    times larger, and learning rates and G-effect sizes would not transfer)."""
+    times larger, and learning rates and G-effect sizes would not transfer), averaged as ``reduction`` says."""
+    if reduction not in MSE_REDUCTIONS:
+        raise ValueError(f"unknown reduction {reduction!r}; valid: {', '.join(MSE_REDUCTIONS)}")
     sq = diff.pow(2).mean(-1)
     if mask is None:
-        return sq.mean() if sq.numel() else sq.sum()
+        mask = torch.ones(sq.shape, dtype=torch.bool, device=sq.device)
     if mask.shape != sq.shape:
         raise ValueError(f"mask shape {tuple(mask.shape)} does not match hidden positions {tuple(sq.shape)}")
     mask = mask.to(torch.bool)
-    return torch.where(mask, sq, 0).sum() / mask.sum().clamp_min(1)
+    if reduction == "tokens" or sq.dim() < 2:
+        return torch.where(mask, sq, 0).sum() / mask.sum().clamp_min(1)
+    counts = mask.sum(-1)
+    per_sample = torch.where(mask, sq, 0).sum(-1) / counts.clamp_min(1)
+    present = counts > 0
+    return torch.where(present, per_sample, 0).sum() / present.sum().clamp_min(1)
 
 
 def rmu_direction(hidden_size, *, seed=0, dtype=torch.float32, device="cpu"):
@@ -65,12 +78,12 @@ def rmu_direction(hidden_size, *, seed=0, dtype=torch.float32, device="cpu"):
     return (u / u.norm()).to(dtype=dtype, device=device)
 
 
-def rmu_loss(hidden, direction, *, coeff=6.5, mask=None):
+def rmu_loss(hidden, direction, *, coeff=6.5, mask=None, reduction="tokens"):
     """RMU: mean over valid positions and hidden units of (h_t − c·u)², h the chosen layer's activations on
     forget data (``coeff`` 6.5: the RMU paper's value for Zephyr-7B).
 
     ``direction`` is u (normalized here); ``mask`` (shaped like ``hidden`` without its last
-    dimension) marks the positions that count, e.g. the attention mask.
+    dimension) marks the positions that count, e.g. the attention mask; ``reduction``: `MSE_REDUCTIONS`.
     """
     check_tensor("hidden", hidden)
     check_tensor("direction", direction)
@@ -82,13 +95,13 @@ def rmu_loss(hidden, direction, *, coeff=6.5, mask=None):
     coeff = check_number("coeff", coeff)
     mask = check_mask(mask, hidden.shape[:-1], "hidden positions")
     u = direction.to(hidden.dtype) / direction.norm()
-    return masked_mean_squared_error(hidden - coeff * u, mask)
+    return masked_mean_squared_error(hidden - coeff * u, mask, reduction)
 
 
-def rr_loss(hidden, ref_hidden, *, mask=None):
+def rr_loss(hidden, ref_hidden, *, mask=None, reduction="tokens"):
     """Representation retention: mean over valid positions and hidden units of (h_t − h_ref,t)² (no gradient
-    to the reference)."""
+    to the reference); ``reduction``: `MSE_REDUCTIONS`."""
     check_tensor("hidden", hidden)
     check_tensor("ref_hidden", ref_hidden, like=hidden, like_name="hidden")
     mask = check_mask(mask, hidden.shape[:-1], "hidden positions")
-    return masked_mean_squared_error(hidden - ref_hidden.detach(), mask)
+    return masked_mean_squared_error(hidden - ref_hidden.detach(), mask, reduction)

@@ -134,3 +134,23 @@ def ceu(h, w, y, ignore_first=1, b=None, softcap=None, shift=False):
     z = logits(h, w, b, softcap)
     per = label_shifted_cross_entropy(z, z.detach(), y, float("inf"))
     return per.sum() / max(int((y != IGNORE).sum()), 1)
+
+
+def dpo(win_lp, win_valid, win_ref, lose_lp, lose_valid, lose_ref, beta):
+    """DPO on summed log-likelihoods, one pair per row: −(2/β) mean_b log σ(β(Δ_win,b − Δ_lose,b)), Δ = Σ(ℓ − ℓ_ref)
+    over the row's valid positions, log σ(x) written as −log(1 + e^{−x})."""
+    rows = []
+    for b in range(win_lp.shape[0]):
+        d_win = sum(float(win_lp[b, t].detach() - win_ref[b, t])
+                    for t in range(win_lp.shape[1]) if win_valid[b, t])
+        d_lose = sum(float(lose_lp[b, t].detach() - lose_ref[b, t])
+                     for t in range(lose_lp.shape[1]) if lose_valid[b, t])
+        rows.append(torch.log1p(torch.exp(torch.tensor(-beta * (d_win - d_lose), dtype=torch.float64))))
+    return (2 / beta) * torch.stack(rows).mean()
+
+
+def mse_to(h, target, valid):
+    """Σ over valid positions of ‖h_t − target_t‖² / (number of valid positions × H): the token-mean squared error of
+    RMU (target c·u) and RR (target the reference's activations)."""
+    diff = (h - target.expand_as(h))[valid]
+    return (diff * diff).sum() / (max(int(valid.sum()), 1) * h.shape[-1])
