@@ -97,6 +97,7 @@ def _logprobs_loss(objective: Resolved, model, batch, state, *, backend="auto", 
     """A token or sequence objective on the answers it reads: the fused loss over the LM head."""
     rows = side(batch, objective.objective.reads)
     ref = state.alternate_logprobs if objective.objective.reads == ALTERNATE else state.logprobs
+    ref = ref if objective.objective.needs_ref else None  # a retain term's batch is not the one they describe
     x = head_inputs(model, rows)
     return unlearning_loss(objective, x.hidden, x.weight, x.labels, ref_logprobs=ref, **x.as_kwargs(),
                            backend=backend)
