@@ -20,7 +20,7 @@ import torch
 QUICK = os.environ.get("GEFFECT_BENCH_QUICK") == "1"
 GPU_SMOKE = os.environ.get("GEFFECT_BENCH_GPU_SMOKE") == "1"
 TINY = QUICK or GPU_SMOKE
-ROUNDS = 1 if TINY else 5
+ROUNDS = 1 if TINY else 3  # after one warm-up round; a group's members run one after another
 MMAP_THRESHOLD = 1 << 20  # glibc: freed blocks above it go back to the system, so the resident peak follows tensors
 
 # The device parameter of a suite: "gpu" cases carry the gpu marker (skipped without CUDA unless GPU_SMOKE).
