@@ -127,7 +127,7 @@ def test_fused_loss_forward_backward(benchmark, where, shape, objective, provide
 
 
 def _runs_here(provider, dev):
-    from geffect_kernels.backends.registry import _load
+    from geffect_kernels.backends.registry import load_backend
     backend = {"naive eager": "oracle", "triton lean": "triton", "triton fast": "triton"}.get(provider, provider)
-    loaded = _load(backend)
+    loaded = load_backend(backend)
     return loaded is not None and loaded.is_available(dev)

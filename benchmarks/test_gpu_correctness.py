@@ -14,11 +14,11 @@ import torch
 
 import bench
 import loss_cases as cases
-from geffect_kernels.backends.registry import ALIASES, _load
+from geffect_kernels.backends.registry import ALIASES, load_backend
 
 
 def runs_here(backend, dev):
-    loaded = _load(ALIASES.get(backend, backend))
+    loaded = load_backend(ALIASES.get(backend, backend))
     return loaded is not None and loaded.is_available(dev)
 
 

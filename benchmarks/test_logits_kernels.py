@@ -133,8 +133,8 @@ def test_logits_loss_forward_backward(benchmark, where, variant):
 def _available(backend, dev):
     if backend == "cpp_cpu":
         return build.available("cpu")
-    from geffect_kernels.backends.registry import _load
-    loaded = _load(backend)
+    from geffect_kernels.backends.registry import load_backend
+    loaded = load_backend(backend)
     return loaded is not None and loaded.is_available(dev)
 
 

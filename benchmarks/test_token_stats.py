@@ -18,7 +18,7 @@ import torch
 
 import bench
 import geffect_kernels as gk
-from geffect_kernels.backends.registry import _load
+from geffect_kernels.backends.registry import load_backend
 from loss_cases import BF16, FP16, FP32, NAMES, make_inputs
 
 SHAPES = {"cpu": (64, 32, 301) if bench.TINY else (1024, 512, 32000),
@@ -32,7 +32,7 @@ def dtype_of(where):
 
 def runs_here(backend, dev):
     """Whether ``backend`` runs on ``dev``, asking only that backend (no other extension is built)."""
-    loaded = _load(backend)
+    loaded = load_backend(backend)
     return loaded is not None and loaded.is_available(dev)
 
 

@@ -83,9 +83,9 @@ def _from_logprobs(objective: Resolved, logprobs, valid, ref=None):
     if o.level == "token":
         if o.token_loss is not None:  # a per-token loss whose gradient is w_t ∇ℓ_t (CE-U's, less its constant)
             per_token = o.token_loss(torch.where(valid, logprobs, -1.0), hp)
-            return o.sign * torch.where(valid, per_token, 0).sum() / max(int(valid.sum()), 1)
+            return o.sign * torch.where(valid, per_token, 0).sum() / valid.sum().clamp_min(1)
         w = objective.weighting.weights(logprobs, ref)
-        return o.sign * torch.where(valid, w * logprobs, 0).sum() / max(int(valid.sum()), 1)
+        return o.sign * torch.where(valid, w * logprobs, 0).sum() / valid.sum().clamp_min(1)
     if logprobs.dim() != 2:
         raise ValueError(f"objective {o.name!r} averages over sequences and needs batched input "
                          f"([B, T] log-probabilities, [B, T, H] hidden or [B, T, V] logits)")

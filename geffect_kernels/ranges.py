@@ -39,7 +39,8 @@ def check_number(name: str, value, allowed: Range = FINITE) -> float:
         raise ValueError(f"{name} must be {allowed}, got {value!r}")
     number = float(value)
     inside = number > allowed.low if allowed.low_open else number >= allowed.low
-    if not (math.isfinite(number) and inside and number <= allowed.high):
+    finite = -math.inf < number < math.inf  # not math.isfinite: torch.compile(dynamic=True) traces floats symbolically
+    if not (finite and inside and number <= allowed.high):
         raise ValueError(f"{name} must be {allowed}, got {value!r}")
     return number
 
@@ -54,3 +55,12 @@ def check_hparams(values: dict) -> dict:
                 raise ValueError(f"hyper-parameter {key} must be an integer ≥ 0, got {values[key]!r}")
             checked[key] = int(checked[key])
     return checked
+
+
+def check_label_range(labels, vocab_size: int, ignore_index: int) -> None:
+    """ValueError unless every label of the tensor ``labels`` is in ``[0, vocab_size)`` or ``ignore_index`` (reads
+    the values: a host-device synchronization for a GPU tensor)."""
+    bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab_size))
+    if bool(bad.any()):
+        value = labels[bad][0].item()
+        raise ValueError(f"labels must be in [0, {vocab_size}) or ignore_index={ignore_index}; found {value}")

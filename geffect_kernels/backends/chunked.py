@@ -94,10 +94,11 @@ class _Logprobs:
         lse = torch.empty_like(out)
         for sl, (z, _) in self._chunks(rows, head):
             out[sl], lse[sl], _ = _logprobs_(z, safe[sl], valid[sl])
-        return out, (rows, *head, safe, valid, lse)
+        return out, (rows, *head, labels, lse)
 
     def backward(self, saved, grad_out, wanted):
-        rows, *head, safe, valid, lse = saved
+        rows, *head, labels, lse = saved
+        safe, valid = _targets(labels, self.opts)
         coef = torch.where(valid, grad_out, 0)
         grads = GradBuffers(rows, *head, wanted) if head else None
         grad = None if head else torch.empty_like(rows)
@@ -143,6 +144,9 @@ class ChunkedBackend(Backend):
 
     def is_available(self, device):
         return True
+
+    def logprobs_kernels(self, opts):
+        return _Logprobs(opts)
 
     def token_logprobs(self, hidden, weight, bias, labels, opts):
         return token_logprobs(_Logprobs(opts), hidden, weight, bias, labels)

@@ -30,6 +30,7 @@ class LossOptions:
 
 class Backend:
     name = "abstract"
+    traceable = False  # plain torch operations that torch.compile traces itself (else: `custom_ops`)
 
     def is_available(self, device: torch.device) -> bool:
         """Whether this backend can run on tensors of ``device`` here and now."""
@@ -43,6 +44,12 @@ class Backend:
     # -- hidden states + LM head ------------------------------------------------------------
     def token_logprobs(self, hidden, weight, bias, labels, opts: LossOptions):
         """ℓ_t = z_t[y_t] − logsumexp(z_t) per position, 0 where ignored; differentiable."""
+        raise NotImplementedError
+
+    def logprobs_kernels(self, opts: LossOptions):
+        """What `token_logprobs` runs (`autograd.token_logprobs`): ``forward(hidden, weight, bias, labels) -> (ℓ,
+        (hidden, weight, bias, labels, lse))`` and ``backward(that tuple, ∂L/∂ℓ, wanted) -> (dh, dW, db, None)``;
+        the custom operators call them apart (`custom_ops`)."""
         raise NotImplementedError
 
     def weighted_loss(self, hidden, weight, bias, labels, ref_logprobs, opts: LossOptions):

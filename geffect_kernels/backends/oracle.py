@@ -43,6 +43,7 @@ def stats_from_logits(z, labels, ignore_index):
 
 class OracleBackend(Backend):
     name = "oracle"
+    traceable = True
 
     def is_available(self, device):
         return True
@@ -71,8 +72,9 @@ class OracleBackend(Backend):
         valid = labels != opts.ignore_index
         with torch.no_grad():
             zt = z.clone() if ref_hidden is None else logits(ref_hidden, ref_weight, ref_bias, opts.softcap)
-            rows = torch.arange(len(labels), device=labels.device)[valid]
-            zt[rows, labels[valid]] -= beta
+            # a mask, not the valid rows picked out: no data-dependent shape (torch.compile)
+            at_label = zt.new_zeros((len(labels), 1)).masked_fill_(valid.unsqueeze(1), -beta)
+            zt.scatter_add_(1, torch.where(valid, labels, 0).unsqueeze(1), at_label)
             target = torch.softmax(zt, dim=-1)
         ce = -(target * torch.log_softmax(z, dim=-1)).sum(-1)
         return torch.where(valid, ce, 0).sum() * opts.scale

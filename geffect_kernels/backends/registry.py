@@ -7,7 +7,6 @@ backend, which computes the same quantities.
 """
 from __future__ import annotations
 
-import importlib
 import os
 
 import torch
@@ -38,11 +37,25 @@ class BackendUnavailable(RuntimeError):
     """A backend that exists but cannot run here (no GPU, no compiler, a missing package)."""
 
 
-def _load(name: str) -> Backend | None:
+def _module(name: str):
+    """The module of backend ``name`` (`_MODULES`) by import statements, which torch.compile runs while it traces
+    (``importlib.import_module`` would break the graph on a first call)."""
+    if name == "oracle":
+        from . import oracle as module
+    elif name == "torch":
+        from . import chunked as module
+    elif name == "triton":
+        from .triton import backend as module
+    else:
+        from .cpp import backend as module
+    return module
+
+
+def load_backend(name: str) -> Backend | None:
+    """The backend registered as ``name`` (not an alias), or None when its module cannot be imported."""
     if name not in _loaded:
         try:
-            module = importlib.import_module(_MODULES[name])
-            _loaded[name] = module.BACKENDS[name]
+            _loaded[name] = _module(name).BACKENDS[name]
         except ImportError:
             _loaded[name] = None
     return _loaded[name]
@@ -51,14 +64,14 @@ def _load(name: str) -> Backend | None:
 def available_backends(device: torch.device | str = "cpu") -> list[str]:
     """Names of the backends that can run on ``device`` in this environment (aliases not repeated)."""
     device = torch.device(device)
-    return [n for n in _MODULES if (b := _load(n)) is not None and b.is_available(device)]
+    return [n for n in _MODULES if (b := load_backend(n)) is not None and b.is_available(device)]
 
 
 def _named(name: str, device: torch.device) -> Backend:
     name = ALIASES.get(name, name)
     if name not in _MODULES:
         raise ValueError(f"unknown backend {name!r}; valid: 'auto', " + ", ".join(map(repr, [*_MODULES, *ALIASES])))
-    backend = _load(name)
+    backend = load_backend(name)
     if backend is None or not backend.is_available(device):
         raise BackendUnavailable(f"backend {name!r} is not available for {device.type} tensors here; "
                            f"available: {available_backends(device)}")
@@ -74,17 +87,17 @@ def get_backend(name: str, rows: torch.Tensor) -> Backend:
         name = os.environ["GEFFECT_BACKEND"]
     if name == "auto":
         for candidate in AUTO_ORDER.get(device.type, (FALLBACK,)):
-            backend = _load(candidate)
+            backend = load_backend(candidate)
             if backend is not None and backend.is_available(device) and backend.accepts(rows):
                 return backend
-        return _load("oracle")
+        return load_backend("oracle")
     try:
         backend = _named(name, device)
     except (ValueError, BackendUnavailable) as err:
         if from_env:
             raise type(err)(f"GEFFECT_BACKEND={name}: {err}") from None
         raise
-    return backend if backend.accepts(rows) else _load(FALLBACK)
+    return backend if backend.accepts(rows) else load_backend(FALLBACK)
 
 
 def check_backend(name: str, device) -> None:

@@ -17,6 +17,7 @@ from ..autograd import (GradBuffers, compute_dtype, fused_head_pass, fused_logit
 from ..interface import Backend
 from . import build
 
+
 def _cap(softcap):
     return 0.0 if softcap is None else float(softcap)
 
@@ -95,15 +96,23 @@ class _Logprobs:
         return (*grads.result(*head), None) if head else (grad, None)
 
 
+@torch.compiler.assume_constant_result  # a first call builds the extension: torch.compile runs it while tracing
+def _extension_available(kind):
+    return build.available(kind)
+
+
 class _CsrcBackend(Backend):
     kind = "abstract"
 
     def is_available(self, device):
-        return torch.device(device).type == self.kind and build.available(self.kind)
+        return torch.device(device).type == self.kind and _extension_available(self.kind)
 
     @property
     def ext(self):
         return build.load(self.kind)
+
+    def logprobs_kernels(self, opts):
+        return _Logprobs(self.ext, opts)
 
     def token_logprobs(self, hidden, weight, bias, labels, opts):
         return token_logprobs(_Logprobs(self.ext, opts), hidden, weight, bias, labels)

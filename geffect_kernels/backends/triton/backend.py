@@ -10,7 +10,7 @@ import torch
 
 from ..interface import Backend
 from .config import interpreting
-from .fused_weighted import head_logprobs_op, weighted_head_loss
+from .fused_weighted import HeadLogprobs, head_logprobs_op, weighted_head_loss
 from .kl import fused_kl, fused_target_ce
 from .logits_rowwise import logits_logprobs, logits_weighted_loss
 from .token_stats import head_token_stats
@@ -48,6 +48,9 @@ class TritonBackend(Backend):
         if rows.device.type == "cuda":
             return rows.dtype in (torch.float16, torch.bfloat16, torch.float32)
         return rows.dtype == torch.float32  # the interpreter
+
+    def logprobs_kernels(self, opts):
+        return HeadLogprobs(opts)
 
     @_on_inputs_device
     def token_logprobs(self, hidden, weight, bias, labels, opts):

@@ -15,7 +15,7 @@ from .linear_backward import head_grads, normalized, token_grad_filler
 from .linear_forward import head_logprobs
 
 
-class _HeadLogprobs:
+class HeadLogprobs:
     def __init__(self, opts):
         self.opts = opts
 
@@ -33,7 +33,7 @@ class _HeadLogprobs:
 
 
 def head_logprobs_op(hidden, weight, bias, labels, opts):
-    return token_logprobs(_HeadLogprobs(opts), hidden, weight, bias, labels)
+    return token_logprobs(HeadLogprobs(opts), hidden, weight, bias, labels)
 
 
 def weighted_head_loss(hidden, weight, bias, labels, ref, opts):
