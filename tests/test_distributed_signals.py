@@ -146,13 +146,15 @@ def test_signals_stop_every_rank_and_the_run_resumes_then_crafted_files_are_one_
 
 
 def crafted_or_torn_files_are_one_line_after_launch(workspace, out, marker):
-    """A crafted index (its unpickling would create ``marker``), one rank's torn RNG state: every rank stops with the
-    same one line; latest.json without a world size is refused before launch."""
+    """A crafted index (its unpickling would create ``marker``), one rank's torn RNG state, settings of the wrong
+    type: every rank stops with the same one line; latest.json without a world size is refused before launch."""
     step = out / "runs" / "ga" / "checkpoint" / f"step-{STEPS}"
-    originals = {name: (step / name).read_bytes() for name in (".metadata", "rng-1.pt")}
+    originals = {name: (step / name).read_bytes() for name in (".metadata", "rng-1.pt", "loop.json")}
     for name, content, message in [
         (".metadata", pickle.dumps(_RunsCode(marker)), "holds objects other than tensors and plain data"),
         ("rng-1.pt", originals["rng-1.pt"][:40], "rng-1.pt cannot be read"),
+        ("loop.json", json.dumps({"step": STEPS, "settings": [1, 2]}).encode(),
+         "loop.json: settings must map each setting to its value, got [1, 2]"),
     ]:
         (step / name).write_bytes(content)
         process = start(workspace, out)

@@ -7,6 +7,7 @@ in the folder removes (`remove_orphans`). A checkpoint is loaded as tensors and 
 """
 from __future__ import annotations
 
+import contextlib
 import pickle
 import re
 import shutil
@@ -94,7 +95,85 @@ def load_checkpoint(out_dir) -> dict | None:
     if missing:
         raise CheckpointError(f"{path} is not a geffect checkpoint (no {', '.join(missing)}); delete it or pass "
                               f"--overwrite (resume=False)")
+    check_loop_state(path, state)
+    model = state["model"]
+    if not isinstance(model, dict) or not model or \
+            not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in model.items()):
+        _refuse(path, "model", "must map parameter names to tensors", model)
+    if not isinstance(state["optimizer"], dict):
+        _refuse(path, "optimizer", "must be an optimizer's state", state["optimizer"])
+    check_rng_state(path, "rng", state["rng"])
+    cuda = state.get("cuda_rng")
+    if cuda is not None and not (isinstance(cuda, list) and all(isinstance(t, torch.Tensor) for t in cuda)):
+        _refuse(path, "cuda_rng", "must be a list of RNG states", cuda)
     return state
+
+
+def check_loop_state(path, state: dict) -> None:
+    """CheckpointError naming ``path`` and the field when what every checkpoint holds besides its tensors (the
+    step, the settings, the settings changed on the way, the G-effect history) is not of its type."""
+    from ..geffect import GEffectHistory
+
+    step = state.get("step")
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        _refuse(path, "step", "must be an integer >= 0", step)
+    if not isinstance(state.get("settings"), dict) or not isinstance(state["settings"].get("steps", 0), int):
+        _refuse(path, "settings", "must map each setting to its value", state.get("settings"))
+    changes = state.get("setting_changes", [])
+    if not isinstance(changes, list) or not all(
+            isinstance(c, dict) and isinstance(c.get("step"), int) and isinstance(c.get("before"), dict)
+            for c in changes):
+        _refuse(path, "setting_changes", "must be a list of {step, before}", changes)
+    if state.get("geffects") is not None:
+        try:
+            GEffectHistory.from_dict(state["geffects"])
+        except (ValueError, KeyError, TypeError, AttributeError, IndexError) as err:
+            _refuse(path, "geffects", f"is not a G-effect history ({type(err).__name__}: {_first_line(err)})",
+                    state["geffects"])
+
+
+def check_rng_state(path, field: str, value) -> None:
+    """CheckpointError unless ``value`` is a state of torch's CPU generator (bytes of its size)."""
+    expected = torch.get_rng_state()
+    if not isinstance(value, torch.Tensor) or value.dtype != expected.dtype or value.shape != expected.shape:
+        _refuse(path, field, f"must be the CPU generator's state ({expected.numel()} bytes)", value)
+
+
+@contextlib.contextmanager
+def fitted(path, field: str):
+    """Loading field ``field`` of checkpoint ``path`` into this run: what fails (keys or shapes of another model, an
+    optimizer of other parameters) is a CheckpointError naming both."""
+    try:
+        yield
+    except CheckpointError:
+        raise
+    except (RuntimeError, ValueError, KeyError, TypeError, IndexError, AttributeError) as err:
+        raise CheckpointError(f"{path}: {field} does not fit this run ({type(err).__name__}: {_first_line(err)}); "
+                              f"delete it or pass --overwrite (resume=False)") from None
+
+
+def check_model_fits(model, saved: dict) -> None:
+    """ValueError naming the first parameter that ``saved`` (a state dict) lacks or holds in another shape."""
+    for name, tensor in model.state_dict().items():
+        if name not in saved:
+            raise ValueError(f"it has no {name}")
+        if saved[name].shape != tensor.shape:
+            raise ValueError(f"its {name} has shape {list(saved[name].shape)}, this model's {list(tensor.shape)}")
+
+
+def check_optimizer_fits(optimizer) -> None:
+    """ValueError when a loaded optimizer state holds a tensor of another shape than its parameter's."""
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            for name, value in optimizer.state.get(param, {}).items():
+                if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape != param.shape:
+                    raise ValueError(f"its {name} has shape {list(value.shape)} for a parameter of shape "
+                                     f"{list(param.shape)}")
+
+
+def _refuse(path, field: str, what: str, value):
+    shown = f"a tensor of shape {list(value.shape)}" if isinstance(value, torch.Tensor) else f"{value!r:.40}"
+    raise CheckpointError(f"{path}: {field} {what}, got {shown}; delete it or pass --overwrite (resume=False)")
 
 
 def _first_line(err) -> str:

@@ -6,7 +6,8 @@ one process does; the folder keeps its last complete checkpoint), and the launch
 that dies without a word (``kill -9``, the OOM killer) takes them along: torchrun receives SIGTERM at its death,
 each rank at torchrun's (`parent_death`). Each rank's
 stderr goes to a log file; the launcher prints rank 0's, or on a failure the one ``geffect:`` line a rank printed
-(the first failing rank's), never torchrun's tracebacks.
+(the first failing rank's), never torchrun's tracebacks; the logs are removed, unless a rank failed without such a
+line: then the line names the exception and the log it is kept in.
 """
 from __future__ import annotations
 
@@ -60,24 +61,38 @@ def launch(argv: list[str], nproc: int) -> int:
         stopped = signalled
         _, launcher_err = _stop(process)
     code = process.returncode
-    rank_errs = {rank: path.read_text(errors="replace") for rank, path in _rank_logs(logs).items()}
     if stopped is not None:
         shutil.rmtree(logs, ignore_errors=True)
         raise stopped  # the caller says, once, how the run stopped
     if code == 0:
-        sys.stderr.write(rank_errs.get(0, ""))
+        sys.stderr.write(_read(_rank_logs(logs).get(0)))
         shutil.rmtree(logs, ignore_errors=True)
         return 0
-    line = _one_line(rank_errs)
-    if line is None:
-        failed = next((rank for rank, text in sorted(rank_errs.items()) if "Traceback" in text), None)
-        line = (f"geffect: error: rank {failed} failed; its log: {logs}" if failed is not None else
-                f"geffect: error: torchrun ended with exit status {code} "
-                f"({(launcher_err.strip().splitlines() or ['no message'])[-1]})")
-    else:
-        shutil.rmtree(logs, ignore_errors=True)
-    print(line, file=sys.stderr)
+    print(failure_line(logs, code, launcher_err), file=sys.stderr)
     return code if code > 0 else 128 - code
+
+
+def failure_line(logs: Path, code: int, launcher_err: str) -> str:
+    """The one line a failed run says: a rank's ``geffect:`` line, else the last line of the first rank's
+    traceback and where its log is (the one case the logs are kept), else torchrun's last line. The logs folder
+    is removed unless the line points to it."""
+    paths = _rank_logs(logs)
+    rank_errs = {rank: _read(path) for rank, path in paths.items()}
+    line = _one_line(rank_errs)
+    failed = next((rank for rank, text in sorted(rank_errs.items()) if "Traceback" in text), None)
+    if line is None and failed is not None:
+        last = rank_errs[failed].strip().splitlines()[-1]
+        return f"geffect: error: rank {failed} failed: {last}; its log (kept): {paths[failed]}"
+    shutil.rmtree(logs, ignore_errors=True)
+    return line or (f"geffect: error: torchrun ended with exit status {code} "
+                    f"({(launcher_err.strip().splitlines() or ['no message'])[-1]})")
+
+
+def _read(path: Path | None) -> str:
+    try:
+        return path.read_text(errors="replace") if path is not None else ""
+    except OSError:
+        return ""
 
 
 def _stop(process):

@@ -36,8 +36,9 @@ from ..guidance import step as guided
 from ..guidance.stop import fired, parse_stop_when
 from ..layers import layer_index
 from ..objective_inputs import ReferenceState, trained_parameters
-from .checkpoint import (CHECKPOINT, SHARDED_CHECKPOINTS, atomic_write_json, atomic_write_text, check_own_folder,
-                         load_checkpoint, remove_orphans, save_checkpoint)
+from .checkpoint import (CHECKPOINT, SHARDED_CHECKPOINTS, CheckpointError, atomic_write_json, atomic_write_text,
+                         check_model_fits, check_optimizer_fits, check_own_folder, fitted, load_checkpoint,
+                         remove_orphans, save_checkpoint)
 from .frozen_model import StartingLogprobs, kl_reference
 from .gradient_checkpointing import checkpointing
 from .losses import NonFiniteLoss, objective_loss, retain_loss
@@ -422,8 +423,13 @@ class Run:
 
     def restore(self, state: dict):
         """Load the weights, optimizer and RNG state of checkpoint ``state`` (`read_checkpoint`)."""
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        path = self.checkpoint_path(state["step"])
+        with fitted(path, "model"):
+            check_model_fits(self.model, state["model"])
+            self.model.load_state_dict(state["model"])
+        with fitted(path, "optimizer"):
+            self.optimizer.load_state_dict(state["optimizer"])
+            check_optimizer_fits(self.optimizer)
         torch.set_rng_state(state["rng"])
         if state.get("cuda_rng") is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda_rng"])
@@ -465,7 +471,10 @@ def _read_metrics(path: Path, up_to_step: int) -> list[dict]:
                 record = parse_jsonl_line(line, path, number)
             except UnreadableFile:
                 continue
-            if record.get("step", 0) <= up_to_step:
+            if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+                raise CheckpointError(f"{path} line {number}: not a step's record (a JSON object with an integer "
+                                      f"step), got {line:.40}; delete the file or pass --overwrite (resume=False)")
+            if record["step"] <= up_to_step:
                 lines.append(record)
     return lines
 

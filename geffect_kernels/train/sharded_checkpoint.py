@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from ..atomic_files import atomic_write, atomic_write_json
-from .checkpoint import CheckpointError
+from .checkpoint import CheckpointError, check_loop_state, check_rng_state
 from ..structured_files import UnreadableFile, read_json
 
 LATEST = "latest.json"
@@ -50,6 +50,7 @@ def read_rng(step_dir: Path, rank: int) -> dict:
     state = _load_weights_only(path)
     if not isinstance(state, dict) or not isinstance(state.get("rng"), torch.Tensor):
         raise CheckpointError(f"{path} holds no RNG state; {_OVERWRITE}")
+    check_rng_state(path, "rng", state["rng"])
     return state
 
 
@@ -62,6 +63,7 @@ def read_loop_state(step_dir: Path) -> dict:
     state = _read_json(path)
     if not isinstance(state, dict) or any(key not in state for key in LOOP_KEYS):
         raise CheckpointError(f"{path} is not a run's loop state (no {', '.join(LOOP_KEYS)}); {_OVERWRITE}")
+    check_loop_state(path, state)
     return state
 
 
