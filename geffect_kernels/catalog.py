@@ -126,6 +126,19 @@ def _kl_head_loss(x, r, hp, *, backend, kl_normalization="tokens", **_):
                    shift=kl_normalization == "tokens", backend=backend, reduction=kl_normalization)
 
 
+def _ceu_head_loss(x, r, hp, *, backend, **_):
+    from .objectives import unlearning_loss  # objectives imports this module
+
+    return unlearning_loss("ceu", x.hidden, x.weight, x.labels, **x.as_kwargs(), backend=backend, **hp)
+
+
+def _undial_head_loss(x, r, hp, *, backend, **_):
+    from .undial import undial_loss  # undial imports this module
+
+    return undial_loss(x.hidden, x.weight, r.hidden, r.weight, x.labels, beta=hp["beta"], bias=x.bias,
+                       ref_bias=r.bias, softcap=x.softcap, shift=True, backend=backend)
+
+
 @dataclass(frozen=True)
 class Objective:
     name: str
@@ -138,12 +151,9 @@ class Objective:
     kernel_code: KernelWeight | None = None  # the kernels' formula for token_weight
     sequence_loss: Callable | None = None  # (ℓ_seq, ℓ_ref,seq, n_seq, hp) -> per-sequence loss
     sequence_weight: Callable | None = None  # (ℓ_seq, ℓ_ref,seq, n_seq, hp) -> per-sequence weight
-    # A token-level objective whose per-token loss is not w_t·ℓ_t: the differentiable part of its value as a function
-    # of ℓ_t, (ℓ, hp) -> per-token loss whose gradient is w_t (`objectives.unlearning_loss_from_logprobs`)
+    # An objective whose per-token loss is not w_t·ℓ_t but whose gradient is w_t ∇ℓ_t (CE-U): the differentiable part
+    # of its value as a function of ℓ_t, (ℓ, hp) -> per-token loss (`objectives.unlearning_loss_from_logprobs`)
     token_loss: Callable | None = None
-    # a cross-entropy to the model's own detached distribution (CE-U): over a head it needs the whole distribution
-    # (`Backend.target_cross_entropy`), not ℓ_t alone; its ``ignore_first`` drops each row's first answer tokens
-    own_distribution: bool = False
     inputs: str = LOGPROBS  # what it reads (INPUT_KINDS): which function of `objective_inputs` computes it
     reads: str = FORGET  # LOGPROBS: the forget answers, or the substitute (ALTERNATE) answers paired with them
     pair_loss: Callable | None = None  # LOGPROB_PAIR: (ℓ_win, ℓ_win,ref, ℓ_lose, ℓ_lose,ref, hp) per pair of sequences
@@ -170,6 +180,13 @@ class Objective:
         path, the fused token losses, the data-parallel objectives)."""
         return self.inputs == LOGPROBS and self.reads == FORGET
 
+    @property
+    def gradient_on_forget_logprobs(self) -> bool:
+        """Whether its gradient is a weighted log-likelihood gradient of the forget answers, Σ_t w_t ∇ℓ_t with w_t
+        a function of ℓ_t (`on_forget_logprobs`, and CE-U, whose value needs its distribution): the profiler's
+        structured path."""
+        return self.on_forget_logprobs or (self.inputs == OWN_DISTRIBUTION and self.token_weight is not None)
+
 
 _G_EFFECT = "Wang et al., ICLR 2025, Rethinking LLM Unlearning Objectives (G-effect)"
 OBJECTIVES = {o.name: o for o in [
@@ -190,7 +207,11 @@ OBJECTIVES = {o.name: o for o in [
               {"beta": 2.5, "delta": 0.0}, sequence_loss=_simnpo_loss, sequence_weight=_simnpo_weight),
     Objective("ceu", "mean_t −Σ_v q_t,v log p_t,v, q_t = sg softmax(z_t with z_t,y = −∞)",
               "CE-U; Yang, 2025, Cross Entropy Unlearning (arXiv:2503.01224); open-unlearning's ceu.py",
-              {"ignore_first": 1}, token_weight=_ceu_weight, token_loss=_ceu_token_loss, own_distribution=True),
+              {"ignore_first": 1}, token_weight=_ceu_weight, token_loss=_ceu_token_loss, inputs=OWN_DISTRIBUTION,
+              head_loss=_ceu_head_loss),
+    Objective("undial", "mean_t −Σ_v t_t,v log p_t,v, t_t = sg softmax(z_ref,t − β·onehot(y_t))",
+              "UNDIAL; Dong et al., NAACL 2025 (arXiv:2402.10052); open-unlearning's compute_undial_loss",
+              {"beta": 10.0}, inputs=REFERENCE_DISTRIBUTION, head_loss=_undial_head_loss, needs_reference_model=True),
     Objective("nll", "−mean_t ℓ_t", "maximum likelihood (GD's retain term; PO/IdkPO on substitute answers)",
               sign=-1.0, token_weight=_one, kernel_code=KernelWeight.ONE),
     Objective("po", "−mean_t ℓ_t on the substitute answers", "preference optimization (IdkPO); Maini et al., 2024, "

@@ -15,7 +15,7 @@ from dataclasses import replace
 
 import torch
 
-from .catalog import IGNORE_INDEX, LOGPROB_PAIR, LOGPROBS, OBJECTIVES, Resolved, resolve
+from .catalog import IGNORE_INDEX, LOGPROB_PAIR, LOGPROBS, OBJECTIVES, OWN_DISTRIBUTION, Resolved, resolve
 from .inputs import (check_mask, check_tensor, drop_first_answer_tokens, prepare_head, prepare_logits,
                      prepare_logprobs, prepare_ref)
 
@@ -49,13 +49,13 @@ def unlearning_loss_from_logprobs(name, logprobs, labels, *, ref_logprobs=None, 
 
 def _own_distribution_labels(objective: Resolved, labels, ignore_index):
     """CE-U's labels: without each row's first ``ignore_first`` answer tokens (before any shift, as open-unlearning)."""
-    if not objective.objective.own_distribution or not isinstance(labels, torch.Tensor):
+    if objective.objective.inputs != OWN_DISTRIBUTION or not isinstance(labels, torch.Tensor):
         return labels
     return drop_first_answer_tokens(labels, objective.hparams["ignore_first"], ignore_index)
 
 
 def _check_own_distribution(objective: Resolved, vocab):
-    if objective.objective.own_distribution and vocab < 2:
+    if objective.objective.inputs == OWN_DISTRIBUTION and vocab < 2:
         raise ValueError(f"objective {objective.name!r} needs a vocabulary of at least 2 entries (its target is the "
                          f"distribution without the label), got {vocab}")
 
@@ -69,7 +69,9 @@ def _resolved(name, hparams, kind=LOGPROBS) -> Resolved:
         objective = name
     else:
         objective = resolve(name, hparams)
-    if objective.objective.inputs != kind:
+    # CE-U reads its own distribution over a head, and its gradient is a weighted one of ℓ_t
+    inputs = objective.objective.inputs
+    if inputs != kind and not (kind == LOGPROBS and inputs == OWN_DISTRIBUTION):
         hint = "pair_loss_from_logprobs" if objective.objective.inputs == LOGPROB_PAIR else "objective_inputs.loss"
         raise ValueError(f"objective {objective.name!r} reads {objective.objective.inputs}, not one batch's token "
                          f"log-probabilities: compute it with {hint}")
@@ -80,7 +82,7 @@ def _from_logprobs(objective: Resolved, logprobs, valid, ref=None):
     """`unlearning_loss_from_logprobs` on checked inputs: ``valid`` marks the scored positions and ``ref`` is 0
     elsewhere."""
     o, hp = objective.objective, objective.hparams
-    if o.level == "token":
+    if o.token_weight is not None:  # token-level (and CE-U, whose level is its distribution's)
         if o.token_loss is not None:  # a per-token loss whose gradient is w_t ∇ℓ_t (CE-U's, less its constant)
             per_token = o.token_loss(torch.where(valid, logprobs, -1.0), hp)
             return o.sign * torch.where(valid, per_token, 0).sum() / valid.sum().clamp_min(1)
@@ -102,7 +104,7 @@ def _loss(objective, prep, ref, *, weighted, logprobs, own_target=None):
     the backend's ``logprobs(opts)`` and `_from_logprobs`."""
     opts = prep.opts
     valid = prep.labels != opts.ignore_index
-    if objective.objective.own_distribution:
+    if objective.objective.inputs == OWN_DISTRIBUTION:
         return own_target(replace(opts, scale=1.0 / valid.sum().clamp_min(1).double()), math.inf)
     if objective.objective.level == "token":
         # 1/n_valid stays on the device (a 0-d tensor): no synchronization
@@ -213,8 +215,11 @@ def token_weights(name, logprobs, ref_logprobs=None, *, mask=None, **hparams):
                              f"{tuple(lp.shape)}")
         ref = torch.where(valid, ref_logprobs.detach().to(lp.dtype), 0)  # the weights take logprobs' dtype
     lp = torch.where(valid, lp, 0)
-    if objective.level == "token":
+    if objective.token_weight is not None:
         w = resolved.weighting.weights(lp, ref)
+    elif objective.sequence_weight is None:
+        raise ValueError(f"objective {name!r} reads {objective.inputs}: its gradient is not a weighted one of the "
+                         f"token log-probabilities, so it has no token weights")
     else:
         if lp.dim() != 2:
             raise ValueError(f"objective {name!r} has per-sequence weights and needs [B, T] logprobs")

@@ -50,8 +50,10 @@ def assert_close(a, b, rtol):
 # the entries that read one batch's token log-probabilities (the others: tests/test_new_objectives.py), CE-U's
 # over a head reading the distribution (tests/test_undial_ceu.py)
 ONE_BATCH = [name for name, o in gk.OBJECTIVES.items() if o.inputs == "logprobs"]
-HEAD_FROM_LOGPROBS = [name for name in ONE_BATCH if not gk.OBJECTIVES[name].own_distribution]
-CASES = list(itertools.product(HEAD_FROM_LOGPROBS, BACKENDS, [False, True], [None, 7.5]))
+# and CE-U, whose loss over a head needs its distribution (tests/test_undial_ceu.py) but whose gradient is a weighted
+# one of ℓ_t: from log-probabilities, and its token weights, like the others
+WEIGHTED = [*ONE_BATCH, *(name for name, o in gk.OBJECTIVES.items() if o.inputs == "own_distribution")]
+CASES = list(itertools.product(ONE_BATCH, BACKENDS, [False, True], [None, 7.5]))
 
 
 @pytest.mark.parametrize("name,backend,shift,softcap", CASES)
@@ -69,7 +71,7 @@ def test_objective_matches_formula_float64(name, backend, shift, softcap):
         assert_close(g_got, g_exp, 1e-10)
 
 
-@pytest.mark.parametrize("name,backend", itertools.product(HEAD_FROM_LOGPROBS, BACKENDS))
+@pytest.mark.parametrize("name,backend", itertools.product(ONE_BATCH, BACKENDS))
 def test_objective_float32(name, backend):
     h64, w64, b64, y = make_inputs(5, B=4, T=13, H=40, V=333)
     h, w, b = (t.detach().float().requires_grad_() for t in (h64, w64, b64))
@@ -83,7 +85,7 @@ def test_objective_float32(name, backend):
         assert_close(g_got, g_exp, 5e-5)
 
 
-@pytest.mark.parametrize("name,backend", itertools.product(ONE_BATCH, BACKENDS))
+@pytest.mark.parametrize("name,backend", itertools.product(WEIGHTED, BACKENDS))
 def test_all_ignored_gives_zero_loss_and_zero_gradients(name, backend):
     h, w, b, y = make_inputs(11)
     y[:] = IGNORE
@@ -94,7 +96,7 @@ def test_all_ignored_gives_zero_loss_and_zero_gradients(name, backend):
         assert torch.all(g == 0)
 
 
-@pytest.mark.parametrize("name", HEAD_FROM_LOGPROBS)
+@pytest.mark.parametrize("name", ONE_BATCH)
 def test_from_logits_equals_hidden_path(name):
     h, w, b, y = make_inputs(21, bias=True)
     z = (h @ w.T + b).detach().requires_grad_()
@@ -111,7 +113,7 @@ def test_from_logits_equals_hidden_path(name):
         assert torch.all(g_z[:, -1] == 0)  # the shift drops the last position
 
 
-@pytest.mark.parametrize("name,shift", itertools.product(ONE_BATCH, [False, True]))
+@pytest.mark.parametrize("name,shift", itertools.product(WEIGHTED, [False, True]))
 def test_from_logprobs_matches_formula(name, shift):
     """Loss and gradient in ℓ; values at ignored positions (log-probabilities and reference) must not matter."""
     seed = zlib.crc32(f"logprobs {name} {shift}".encode()) % 1000
@@ -151,7 +153,7 @@ def test_from_logprobs_bad_input():
         gk.unlearning_loss_from_logprobs("foo", lp, labels)
 
 
-@pytest.mark.parametrize("name", ONE_BATCH)
+@pytest.mark.parametrize("name", WEIGHTED)
 def test_token_weights(name):
     h, w, b, y = make_inputs(31)
     lp, valid = logprobs(h, w, y, b)

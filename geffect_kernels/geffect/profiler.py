@@ -122,7 +122,7 @@ class GEffectProfiler:
         state = reference if reference is not None else ReferenceState()
         if ref_logprobs is not None:
             state = ReferenceState(ref_logprobs, state.alternate_logprobs, state.model, state.seed)
-        if not objective.objective.on_forget_logprobs:
+        if not objective.objective.gradient_on_forget_logprobs:
             result = self._measure_generic(objective, forget_batch, retain_batch, state, per_instance)
         elif sharded.is_sharded(self.model):  # FSDP2: each rank passes its slice of the batches
             _refuse_per_instance_when_sharded(per_instance)
