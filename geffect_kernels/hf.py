@@ -5,6 +5,9 @@
 
 Batches are Hugging Face style (``input_ids``, optional ``attention_mask`` and ``labels``; labels
 default to the input ids with padding ignored) and labels are shifted the Hugging Face way.
+
+A peft LoRA adapter on the LM head is applied through concatenated inputs (`LMHead.adapted`): the hidden states
+gain the adapter's r columns and the weight its B, so every fused loss runs unchanged and no logits are formed.
 """
 from __future__ import annotations
 
@@ -24,10 +27,45 @@ from .token_distribution import token_stats as _token_stats
 _UNSUPPORTED_LOGIT_TRANSFORMS = ("logit_scale", "logits_scaling", "output_multiplier_scale")
 
 
+class HeadAdapter(NamedTuple):
+    """One active peft LoRA adapter on the LM head: it adds ``scale · B A dropout(h)`` to the logits."""
+    lora_a: torch.nn.Module  # called as a module, so that hooks (the profiler's capture) see it
+    dropout: torch.nn.Module
+    weight_b: torch.Tensor  # [V, r]
+    scale: float
+
+
 class LMHead(NamedTuple):
-    weight: torch.Tensor
+    weight: torch.Tensor  # [V, H]: the base weight (without any adapter)
     bias: torch.Tensor | None
     softcap: float | None
+    adapters: tuple = ()  # `HeadAdapter`s of a LoRA-adapted head, applied by `adapted`
+
+    def adapted(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(hidden, weight) whose product is the adapted head's logits before bias and cap:
+        [h, s·A drop(h)] · [W, B]ᵀ = h Wᵀ + s (A drop(h))ᵀ Bᵀ, so that the fused kernels run unchanged and
+        autograd takes the gradients of A, B and h through the concatenation. It copies W (V × (H + r)) and
+        forms no N × V logits. Without adapters: ``(hidden, weight)`` as they are."""
+        if not self.adapters:
+            return hidden, self.weight
+        return (torch.cat([hidden, *(a.scale * a.lora_a(a.dropout(hidden.to(a.lora_a.weight.dtype))).to(hidden.dtype)
+                                     for a in self.adapters)], dim=-1),
+                self.adapted_weight())
+
+    def adapter_columns(self, weight_b) -> slice:
+        """The columns of `adapted_weight` that hold the adapter whose B is ``weight_b``."""
+        start = self.weight.shape[1]
+        for a in self.adapters:
+            if a.weight_b is weight_b:
+                return slice(start, start + a.weight_b.shape[1])
+            start += a.weight_b.shape[1]
+        raise ValueError("not an adapter of this head")
+
+    def adapted_weight(self) -> torch.Tensor:
+        """[W, B₁, B₂, ...]: ``[V, H + Σ r]`` (the base weight alone without adapters)."""
+        if not self.adapters:
+            return self.weight
+        return torch.cat([self.weight, *(a.weight_b.to(self.weight.dtype) for a in self.adapters)], dim=1)
 
 
 class HeadInputs(NamedTuple):
@@ -63,10 +101,9 @@ def lm_head(model) -> LMHead:
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if head is None or not hasattr(head, "weight"):
         raise ValueError(f"{type(model).__name__} has no output embedding (is it a causal LM?)")
-    if hasattr(head, "base_layer"):  # a peft adapter layer: its weight would be the base's, without the adapter
-        raise NotImplementedError("an adapter on the LM head is not supported (the head's logits are computed "
-                                  "from its weight); adapt the decoder's layers, or train the head itself "
-                                  "(peft modules_to_save)")
+    adapters = ()
+    if hasattr(head, "base_layer"):  # a peft adapter layer: its weight is the base's, without the adapter
+        head, adapters = head.get_base_layer(), _head_adapters(head)
     config = model.config
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
     for field in _UNSUPPORTED_LOGIT_TRANSFORMS:
@@ -75,7 +112,36 @@ def lm_head(model) -> LMHead:
             raise NotImplementedError(f"{type(model).__name__} scales its logits ({field}={value}); "
                                       f"not supported yet")
     softcap = getattr(text_config, "final_logit_softcapping", None)
-    return LMHead(head.weight, getattr(head, "bias", None), float(softcap) if softcap else None)
+    return LMHead(head.weight, getattr(head, "bias", None), float(softcap) if softcap else None, adapters)
+
+
+def _head_adapters(layer) -> tuple:
+    """The active LoRA adapters of a peft layer on the head, as its forward applies them (none when they are
+    disabled or merged into the base weight). Other adapter kinds, DoRA and LoRA biases are refused."""
+    from peft.tuners.lora import LoraLayer
+
+    if not isinstance(layer, LoraLayer) or not isinstance(layer.get_base_layer(), torch.nn.Linear):
+        raise NotImplementedError(f"an adapter on the LM head is supported for LoRA on a linear head, not "
+                                  f"{type(layer).__name__}; adapt the decoder's layers, or train the head itself "
+                                  f"(peft modules_to_save)")
+    if layer.disable_adapters:
+        if layer.merged:  # what the layer's own forward does
+            layer.unmerge()
+        return ()
+    if layer.merged:
+        return ()
+    adapters = []
+    for name in layer.active_adapters:
+        if name not in layer.lora_A:
+            continue
+        if name in getattr(layer, "lora_variant", {}) or layer.use_dora.get(name, False):
+            raise NotImplementedError(f"the LM head's adapter {name!r} is a LoRA variant (DoRA, ...); only plain "
+                                      f"LoRA is supported on the head")
+        if layer.lora_B[name].bias is not None:
+            raise NotImplementedError(f"the LM head's adapter {name!r} has a bias (lora_bias); not supported")
+        adapters.append(HeadAdapter(layer.lora_A[name], layer.lora_dropout[name], layer.lora_B[name].weight,
+                                    float(layer.scaling[name])))
+    return tuple(adapters)
 
 
 def final_hidden_states(model, input_ids, attention_mask=None, **kwargs) -> torch.Tensor:
@@ -153,7 +219,8 @@ def head_inputs(model, batch) -> HeadInputs:
         raise ValueError("batch needs input_ids")
     hidden = final_hidden_states(model, batch["input_ids"], batch.get("attention_mask"))
     head = lm_head(model)
-    return HeadInputs(hidden, head.weight, head.bias, head.softcap, batch_labels(batch))
+    hidden, weight = head.adapted(hidden)  # a LoRA adapter on the head: concatenated inputs
+    return HeadInputs(hidden, weight, head.bias, head.softcap, batch_labels(batch))
 
 
 def token_logprobs(model, batch, *, backend="auto") -> torch.Tensor:

@@ -63,9 +63,3 @@ def test_frozen_base_weights_are_not_captured():
     captured = [m for m, _ in Capture(model, params)._modules]
     assert captured and all(p.requires_grad for m in captured for p in m.parameters(recurse=False))
     assert len(captured) == 2 * 2 * 2  # lora_A and lora_B of q_proj and v_proj in two layers
-
-
-def test_adapter_on_the_head_is_refused():
-    model = lora_model(("q_proj", "lm_head"))
-    with pytest.raises(NotImplementedError, match="adapter on the LM head"):
-        hf.token_logprobs(model, batch())

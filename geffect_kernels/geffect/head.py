@@ -23,9 +23,11 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
+from .. import hf
 from ..backends.autograd import CHUNK_BYTES, compute_dtype, logits_grad_, soft_cap_
 from ..backends.cpp import build
 from . import inner
@@ -48,6 +50,40 @@ SAMPLE_GRAD_ELEMENTS = 1 << 29
 HELD_ELEMENT_FLOPS = 150
 
 
+class ProfiledHead(NamedTuple):
+    """The head as the passes see it: ``weight`` the one the logits come from ([W, B] with a LoRA adapter on the
+    head, `hf.LMHead.adapted`), ``columns`` its profiled columns, ``params`` {"weight"/"bias": (name, parameter)}
+    of the profiled parameters (the adapter's B stands for "weight")."""
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    softcap: float | None
+    columns: slice
+    params: dict
+
+
+def profiled_head(model, params: dict) -> ProfiledHead:
+    """``model``'s LM head and which of its parameters are among ``params`` ({name: parameter})."""
+    head = hf.lm_head(model)
+    names = {id(p): n for n, p in params.items()}
+    own = {role: (names[id(p)], p) for role, p in (("weight", head.weight), ("bias", head.bias))
+           if p is not None and id(p) in names}
+    if not head.adapters:
+        return ProfiledHead(head.weight, head.bias, head.softcap, slice(None), own)
+    adapted = [a.weight_b for a in head.adapters if id(a.weight_b) in names]
+    if own or len(adapted) > 1:
+        raise NotImplementedError("G-effects of a head with a LoRA adapter profile that adapter's B alone: "
+                                  "freeze the head's own weight and bias, and keep one adapter active on it")
+    columns = head.adapter_columns(adapted[0]) if adapted else slice(None)
+    return ProfiledHead(head.adapted_weight(), head.bias, head.softcap, columns,
+                        {"weight": (names[id(adapted[0])], adapted[0])} if adapted else {})
+
+
+def head_rows(model, input_ids, attention_mask=None) -> torch.Tensor:
+    """The rows the head multiplies: the decoder's final hidden states, with a LoRA adapter on the head the
+    concatenation [h, s·A h] (`hf.LMHead.adapted`; A runs here, under a capture, as any hooked layer)."""
+    return hf.lm_head(model).adapted(hf.final_hidden_states(model, input_ids, attention_mask))[0]
+
+
 @dataclass
 class HeadGram:
     """One head pass's results, shared by the `inner.HeadRows` uses that point at it (per side)."""
@@ -64,6 +100,9 @@ class HeadGram:
     mm: dict = field(default_factory=dict)  # (side, side) -> [n_x, n_y]: M_x M_yᵀ (Gram form)
     risk_grads: dict = field(default_factory=dict)  # side -> (weight [S, V, H], bias [S, V] | None) (projection)
     pool: BufferPool | None = None  # where the large buffers come from (`buffers`), else fresh ones
+    # the weight's columns whose gradient is profiled: all of them, or a LoRA adapter's B where the hidden rows
+    # and the weight are the concatenations of `hf.LMHead.adapted` (the hidden rows' matching columns are s·A h)
+    profiled_columns: slice = field(default_factory=lambda: slice(None))
     _grads: dict = field(default_factory=dict)  # gradient() cache: (side, id(coef), n_samples) -> (w, b)
 
     def empty(self, shape, dtype):
@@ -71,6 +110,10 @@ class HeadGram:
         if self.pool is None:
             return torch.empty(shape, dtype=dtype, device=self.weight.device)
         return self.pool.empty(shape, dtype, self.weight.device)
+
+    def profiled(self, side):
+        """The side's hidden rows in the profiled columns: the inputs of the profiled weight, ``[n, H]``."""
+        return self.hidden[side][:, self.profiled_columns]
 
     def logits(self, side, ids, per_row=False):
         """(z, dz/du or None) of ``side``'s rows at vocabulary entries ``ids``: ``[n, U]``, or ``[n]`` with
@@ -103,7 +146,7 @@ class HeadGram:
 
     def weight_rows(self, side, coef, ids):
         """Rows ``ids`` of the weight gradient with coefficients ``coef``: Σ_t c_t m_t[ids] h_t, ``[len(ids), H]``."""
-        return (self.columns(side, ids) * self.valid_coef(side, coef).unsqueeze(1)).t() @ self.hidden[side]
+        return (self.columns(side, ids) * self.valid_coef(side, coef).unsqueeze(1)).t() @ self.profiled(side)
 
     def rows_against(self, side, coef, part, dense):
         """Row t: c_t m_tᵀ D h_t (weight) or c_t m_tᵀ D (bias), a chunk of rows at a time."""
@@ -114,7 +157,7 @@ class HeadGram:
         for rows in chunks:
             m, _, _ = unit_cotangent(h[rows], self.weight, self.bias, self.softcap, self.labels[side][rows],
                                      self.lse[side][rows], scratch)
-            proj = h[rows] @ dense.t() if part == "weight" else dense.unsqueeze(0)
+            proj = h[rows][:, self.profiled_columns] @ dense.t() if part == "weight" else dense.unsqueeze(0)
             out[rows] = _row_sums_f64(m * proj) * c[rows].to(torch.float64)
         return self.scatter_valid(side, out)
 
@@ -232,8 +275,9 @@ def _accumulate(gram, targets, record=False):
     w = gram.weight
     cd = compute_dtype(w.dtype)
     out = {}
+    width = len(range(w.shape[1])[gram.profiled_columns])
     for side, (coef, n_samples) in targets.items():
-        shape = (n_samples, *w.shape)
+        shape = (n_samples, w.shape[0], width)
         out[side] = (gram.empty(shape, cd), None if gram.bias is None else gram.empty(shape[:2], cd))
     written = {side: set() for side in targets}  # samples whose gradient holds a first chunk (else unset)
     runs = {side: _sample_runs(gram.sample_ids(side, targets[side][1])) if side in targets else None
@@ -260,7 +304,7 @@ def _accumulate(gram, targets, record=False):
             if side not in targets:
                 continue
             coef = targets[side][0][rows]
-            weighted = (h[rows] * coef.unsqueeze(1)).to(w.dtype)
+            weighted = (h[rows][:, gram.profiled_columns] * coef.unsqueeze(1)).to(w.dtype)
             grad_w, grad_b = out[side]
             for k, seg in _runs_in(runs[side], rows):  # the chunk's rows of each sample
                 beta = 1 if k in written[side] else 0  # 0: the buffer's content is ignored (no zero fill)
@@ -295,14 +339,14 @@ def _valid_rows(gram, sides, dtype):
 
 @torch.no_grad()
 def head_projection_pass(weight, bias, softcap, sides: dict, risk_coefs: dict, per_sample=(),
-                         pool: BufferPool | None = None) -> HeadGram:
+                         pool: BufferPool | None = None, columns: slice = slice(None)) -> HeadGram:
     """The projection-form pass for ``sides`` ({name: (hidden rows [B, T, H], labels [B, T], valid [B, T])}):
     log-probabilities, directions, and the dense head gradients of ``risk_coefs`` ({name: coefficients
     [B, T], known before the pass}), per sample for the sides in ``per_sample``, whole for the others; the
-    V-sized buffers from ``pool`` where given."""
+    V-sized buffers from ``pool`` where given; ``columns``: the profiled columns of the weight (`HeadGram`)."""
     w = weight.detach()
     cd = compute_dtype(w.dtype)
-    gram = HeadGram(w, None if bias is None else bias.detach().to(cd), softcap, pool=pool)
+    gram = HeadGram(w, None if bias is None else bias.detach().to(cd), softcap, pool=pool, profiled_columns=columns)
     for name, block in zip(sides, _valid_rows(gram, sides, cd)):
         gram.hidden[name] = block
     targets = {name: (gram.valid_coef(name, coef), gram.samples[name][0] if name in per_sample else 1)
@@ -339,17 +383,18 @@ def head_costs(counts: dict, pairs, vocab: int, hidden: int, objective_rows: int
 
 
 @torch.no_grad()
-def head_pass(weight, bias, softcap, sides: dict, pairs=()) -> HeadGram:
+def head_pass(weight, bias, softcap, sides: dict, pairs=(), columns: slice = slice(None)) -> HeadGram:
     """The Gram-form pass for ``sides`` ({name: (hidden rows [B, T, H], labels [B, T], valid [B, T] bool)};
     ``[N, H]``, ``[N]``, ``[N]`` for one sample).
 
     Only valid rows enter; ``pairs`` lists the (side, side) pairs whose ``M_x M_yᵀ`` to accumulate.
-    Matmuls run in the weight's dtype, the softmax and the accumulators in float32 (float64 for float64).
+    Matmuls run in the weight's dtype, the softmax and the accumulators in float32 (float64 for float64);
+    ``columns``: the profiled columns of the weight (`HeadGram`).
     """
     w = weight.detach()
     cd = compute_dtype(w.dtype)
     b = None if bias is None else bias.detach().to(cd)
-    gram = HeadGram(w, None if bias is None else bias.detach(), softcap)
+    gram = HeadGram(w, None if bias is None else bias.detach(), softcap, profiled_columns=columns)
     names, blocks = list(sides), _valid_rows(gram, sides, w.dtype)
     h = torch.cat(blocks)
     offsets = dict(zip(names, torch.tensor([0] + [x.shape[0] for x in blocks]).cumsum(0).tolist()))

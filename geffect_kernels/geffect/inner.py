@@ -229,7 +229,7 @@ class HeadRows(Use):
             if mm is None:
                 raise ValueError(f"the head pass holds no Gram matrix for the sides ({self.side}, {other.side})")
             if self.part == "weight":
-                mm = mm * (g.hidden[self.side] @ g.hidden[other.side].t())
+                mm = mm * (g.profiled(self.side) @ g.profiled(other.side).t())
             return g.scatter_valid(self.side, g.valid_coef(self.side, self.coef)
                                    * (mm @ g.valid_coef(other.side, other.coef)))
         if isinstance(other, Gathered) and self.part == "weight":
@@ -237,7 +237,7 @@ class HeadRows(Use):
             ids, rows = other.unique_rows()
             cols = g.columns(self.side, ids)  # [n, U]
             return g.scatter_valid(self.side, g.valid_coef(self.side, self.coef)
-                                   * (cols * (g.hidden[self.side] @ rows.t())).sum(1))
+                                   * (cols * (g.profiled(self.side) @ rows.t())).sum(1))
         if isinstance(other, torch.Tensor):
             return g.rows_against(self.side, self.coef, self.part, _c(other))
         raise TypeError(f"the head's uses pair with dense gradients and head uses, not {type(other).__name__}")

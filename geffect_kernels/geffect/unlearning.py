@@ -26,7 +26,7 @@ from ..catalog import IGNORE_INDEX, resolve
 from ..objectives import unlearning_loss_from_logprobs
 from . import products
 from .capture import Capture, FactoredGradient, module_kind
-from .head import head_costs, head_pass, head_projection_pass, per_sample_fits
+from .head import head_costs, head_pass, head_projection_pass, head_rows, per_sample_fits, profiled_head
 from .inner import HeadRows, SampleGrads, SampleScaled, sample_rows
 from .streaming import StreamedProducts
 
@@ -115,16 +115,15 @@ class UnlearningPass:
         return tokens * _widest_row(self.model) * weight.element_size() <= CPU_STACKED_BYTES
 
     def _head_params(self, params):
-        """{"weight"/"bias": (name, parameter)} of the LM head's profiled parameters."""
-        head = hf.lm_head(self.model)
-        names = {id(p): n for n, p in params.items()}
-        return {role: (names[id(p)], p) for role, p in (("weight", head.weight), ("bias", head.bias))
-                if p is not None and id(p) in names}
+        """{"weight"/"bias": (name, parameter)} of the LM head's profiled parameters: with a LoRA adapter on the
+        head, its B ("weight": columns of the concatenated weight; its A is a hooked layer of the forward)."""
+        return profiled_head(self.model, params).params
 
     def _head_pass(self, sides, coefs, head_params, retain_term, multiple_expected) -> products.PlanEntry:
         """Run the head pass for every side in the form its cost model picks; returns that plan entry."""
-        head = hf.lm_head(self.model)
-        vocab, width = head.weight.shape
+        head = profiled_head(self.model, self.params)  # weight: [W, B] with a LoRA adapter on the head
+        weight, columns = head.weight, head.columns
+        vocab, width = weight.shape
         rows = {name: side.head_rows() for name, side in sides.items()}
         counts = {name: int(valid.sum()) for name, (_, _, valid) in rows.items()}
         pairs = [("forget", "forget")] + [("forget", "retain")] * ("retain" in sides) + \
@@ -137,10 +136,11 @@ class UnlearningPass:
         form = products.choose(costs) if head_params else "gram"
         with products.exact_arithmetic(self.device_types):
             if form == "gram":
-                gram = head_pass(head.weight, head.bias, head.softcap, rows, pairs if head_params else [])
+                gram = head_pass(weight, head.bias, head.softcap, rows, pairs if head_params else [], columns)
             else:
-                gram = head_projection_pass(head.weight, head.bias, head.softcap, rows, coefs,
-                                            per_sample=("forget",) if per_sample else (), pool=self.buffers)
+                gram = head_projection_pass(weight, head.bias, head.softcap, rows, coefs,
+                                            per_sample=("forget",) if per_sample else (), pool=self.buffers,
+                                            columns=columns)
         for side in sides.values():
             side.gram = gram
         return products.PlanEntry("(head pass)", "head", form, costs[form], costs)
@@ -209,14 +209,14 @@ class _Forward:
         self.capture = Capture(model, params, stream=True)
         try:
             with self.capture:
-                self.hidden = hf.final_hidden_states(model, ids, mask)
+                self.hidden = head_rows(model, ids, mask)
         except RuntimeError as error:
             if "custom Function" not in str(error):
                 raise
             # the model modifies a layer's output in place, which a streamed capture's view of it forbids
             self.capture = Capture(model, params)
             with self.capture:
-                self.hidden = hf.final_hidden_states(model, ids, mask)
+                self.hidden = head_rows(model, ids, mask)
         self.sides, start = {}, 0
         for name, batch in batches.items():
             n = batch["input_ids"].shape[0]

@@ -30,7 +30,7 @@ from .. import hf
 from ..catalog import IGNORE_INDEX, resolve
 from ..geffect import products
 from ..geffect.capture import Capture
-from ..geffect.head import head_projection_pass, per_sample_fits
+from ..geffect.head import head_projection_pass, head_rows, per_sample_fits, profiled_head
 from ..geffect.inner import SampleScaled, row_dots, sample_dense
 from ..objectives import unlearning_loss_from_logprobs
 from .rectify import dot
@@ -60,13 +60,14 @@ class ForgetGEffects:
         self.device_types = {p.device.type for p in params.values()}
         capture = Capture(model, params)
         with capture:
-            hidden = hf.final_hidden_states(model, batch["input_ids"], batch.get("attention_mask"))
-        head = hf.lm_head(model)
+            hidden = head_rows(model, batch["input_ids"], batch.get("attention_mask"))  # [h, s·A h] with a head adapter
+        head = profiled_head(model, params)
         labels = hf.batch_labels(batch)[:, 1:]
         valid = labels != IGNORE_INDEX
         self.samples = labels.shape[0]
         gram = head_projection_pass(head.weight, head.bias, head.softcap,
-                                    {"forget": (hidden[:, :-1].detach(), labels, valid)}, {}, pool=pool)
+                                    {"forget": (hidden[:, :-1].detach(), labels, valid)}, {}, pool=pool,
+                                    columns=head.columns)
         logprobs = torch.zeros(labels.numel(), dtype=gram.logprobs["forget"].dtype, device=labels.device)
         logprobs = logprobs.index_copy_(0, gram.rows["forget"], gram.logprobs["forget"]).reshape(labels.shape)
         logprobs.requires_grad_()
@@ -85,10 +86,9 @@ class ForgetGEffects:
         if self.decoder is not None and self.decoder.dense:
             raise ValueError("instance weighting needs every trainable parameter used through Linear, Conv1D, "
                              f"Embedding or affine norm layers; {', '.join(sorted(self.decoder.dense))} are not")
-        names = {id(p): n for n, p in params.items()}
-        self.head = {role: names[id(p)] for role, p in (("weight", head.weight), ("bias", head.bias))
-                     if p is not None and id(p) in names}
-        self.head_per_sample = per_sample_fits(self.samples, *head.weight.shape)
+        self.head = {role: name for role, (name, _) in head.params.items()}
+        self.head_per_sample = per_sample_fits(self.samples, head.weight.shape[0],
+                                               len(range(head.weight.shape[1])[head.columns]))
 
     def _head_gradient(self, role):
         """The head's gradient per forget sample, ``[B, V, H]`` or ``[B, V]`` (one pass, both parts)."""
