@@ -48,7 +48,7 @@ for name, objective in gk.OBJECTIVES.items():
     ms = 1e3 * (time.perf_counter() - start)
     grad_norm = torch.sqrt(sum(p.grad.pow(2).sum() for p in model.parameters() if p.grad is not None))
     mean_weight = "—"
-    if objective.on_forget_logprobs:  # token weights: the objectives of the forget answers' log-probabilities
+    if objective.gradient_on_forget_logprobs:  # token weights: gradients Σ_t w_t ∇ℓ_t of the forget answers
         with torch.no_grad():
             logprobs = hf.token_logprobs(model, batch)
         mask = batch["labels"][:, 1:] != gk.IGNORE_INDEX
