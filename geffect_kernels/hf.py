@@ -219,6 +219,9 @@ def head_inputs(model, batch) -> HeadInputs:
         raise ValueError("batch needs input_ids")
     hidden = final_hidden_states(model, batch["input_ids"], batch.get("attention_mask"))
     head = lm_head(model)
+    if head.adapters and _fsdp_root(model) is not None:
+        raise NotImplementedError("a LoRA adapter on the LM head of an FSDP2-sharded model is not supported: adapt "
+                                  "the decoder's layers, or train in one process")
     hidden, weight = head.adapted(hidden)  # a LoRA adapter on the head: concatenated inputs
     return HeadInputs(hidden, weight, head.bias, head.softcap, batch_labels(batch))
 

@@ -15,6 +15,8 @@ from geffect_kernels.geffect import GEffectProfiler
 
 from geffect_models import assert_matches_definition, batch, force, materialized, nll, tiny_model
 
+from test_cli import workspace  # noqa: F401  (workspace is a fixture)
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -198,3 +200,30 @@ def test_instance_guidance_with_a_head_adapter_matches_autograd(held, monkeypatc
     for n in params:
         want = sum(ws * gs[n] for ws, gs in zip(w.tolist(), g))
         torch.testing.assert_close(got[n], want, rtol=1e-9, atol=1e-12 * (float(want.abs().max()) + 1e-30), msg=n)
+
+
+@pytest.mark.filterwarnings("ignore:Setting `save_embedding_layers`")
+def test_geffect_train_lora_on_the_head_trains_profiles_and_saves_its_adapter(capsys, workspace, tmp_path):
+    """`geffect train --lora-targets ...,lm_head`: the loop's fused losses, its reference (adapters disabled) and
+    its G-effects take the head's adapter; the saved adapter holds it and `profile` reads it back."""
+    import json
+
+    from safetensors.torch import load_file
+    from test_cli import run
+
+    m, f, r = workspace / "model", workspace / "forget.json", workspace / "retain.json"
+    out = tmp_path / "run"
+    code, _, err = run(capsys, "train", "--model", m, "--forget", f, "--retain", r, "--objective", "npo",
+                       "--steps", 2, "--lr", 0.01, "--batch-size", 4, "--geffect-every", 1, "--lora-r", 2,
+                       "--lora-targets", "v_proj,lm_head", "--out", out, "--no-progress")
+    assert code == 0, err
+    saved = out / "runs" / "npo" / "model"
+    tensors = load_file(saved / "adapter_model.safetensors")
+    assert any("lm_head.lora_B" in k for k in tensors) and any("lm_head.lora_A" in k for k in tensors)
+    geffects = json.loads((out / "runs" / "npo" / "geffects.json").read_text())["records"]
+    assert "head" in geffects[0]["by_group"] and all(math.isfinite(v) for v in geffects[0]["by_group"]["head"].values())
+    code, _, err = run(capsys, "profile", "--model", saved, "--forget", f, "--retain", r, "--objective", "ga",
+                       "--samples", 4, "--groups", "component", "--out", tmp_path / "prof")
+    assert code == 0, err
+    rows = (tmp_path / "prof" / "profile.csv").read_text().splitlines()
+    assert any(row.startswith("ga,head,retain,") for row in rows), sorted({r.split(",")[1] for r in rows})
