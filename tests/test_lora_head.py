@@ -2,6 +2,7 @@
 (`hf.LMHead.adapted`), so their values and the gradients of A, B and h equal autograd on the model's materialized
 logits in float64, with tied embeddings too, and no N×V tensor is formed."""
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -227,3 +228,17 @@ def test_geffect_train_lora_on_the_head_trains_profiles_and_saves_its_adapter(ca
     assert code == 0, err
     rows = (tmp_path / "prof" / "profile.csv").read_text().splitlines()
     assert any(row.startswith("ga,head,retain,") for row in rows), sorted({r.split(",")[1] for r in rows})
+
+
+def test_the_gpu_suites_head_adapter_row_runs_on_the_cpu():
+    """benchmarks/head_adapter_case.py (the GPU suite's head-adapter row) at tiny sizes: its own float64 check."""
+    import sys
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from head_adapter_case import head_adapter_row
+
+    errors, step = head_adapter_row(torch.device("cpu"), n=37, h=16, v=53, r=3, dtype=torch.float64, backend="torch")
+    assert max(errors.values()) < 1e-10, errors
+    errors, step = head_adapter_row(torch.device("cpu"), n=37, h=16, v=53, r=3, dtype=torch.float32, backend="torch")
+    assert max(errors.values()) < 1e-4, errors
+    loss, grads = step()
+    assert [tuple(g.shape) for g in grads] == [(3, 16), (53, 3), (37, 16)]
