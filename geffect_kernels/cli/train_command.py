@@ -2,7 +2,6 @@
 report."""
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,10 +68,14 @@ def _eval_plan(args, forget_pairs, retain_pairs):
                                retain_model=args.retain_model, retain_eval=args.retain_eval, muse=args.muse)
 
 
+RESULT_FILES = ("summary.json", "per_sample.json", "retain_model_eval.json")  # what `_write_result` writes
+
+
 def _write_result(out: Path, name: str, value) -> None:
-    results = out / "results"
-    results.mkdir(parents=True, exist_ok=True)
-    (results / name).write_text(json.dumps(value, indent=1))
+    """``OUT/results/name``, written beside it and renamed (a link planted since the start is replaced)."""
+    from ..atomic_files import atomic_write_json
+
+    atomic_write_json(out / "results" / name, value)
 
 
 def cmd_train(args):
@@ -156,6 +159,7 @@ def _check_before_launch(job: TrainJob) -> None:
     from ..train.checkpoint import check_own_folder
     from ..train.distributed import check_resume, check_world
     from ..train.launch import world_size
+    from ..train.run_paths import refuse_links
 
     args, files, configs = job.args, job.files, job.configs
     if args.dtype not in (None, "float32") and (args.nproc or world_size()) > 1:
@@ -172,6 +176,9 @@ def _check_before_launch(job: TrainJob) -> None:
             alternate_answers(config.alternate, [p.question for p in job.forget_pairs], seed=config.seed)
     job.eval_plan = _eval_plan(args, job.forget_pairs, job.retain_pairs)
     job.world = world = args.nproc or world_size()
+    # no link below --out: what the run writes or deletes (runs, results, the report) stays in the folder
+    refuse_links(job.out, *(Path("runs") / name for name in configs), *(Path("results") / n for n in RESULT_FILES),
+                 "plots", "report.md")
     for config in configs.values():
         check_world(world, config, job.forget_pairs, job.retain_pairs if config.uses_retain else None)
         check_own_folder(config.out_dir)  # also before torchrun starts: nothing of anyone else's is removed

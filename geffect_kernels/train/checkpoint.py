@@ -19,6 +19,7 @@ from ..atomic_files import atomic_write as atomic_write
 from ..atomic_files import atomic_write_json as atomic_write_json
 from ..atomic_files import atomic_write_text as atomic_write_text
 from ..structured_files import UnreadableFile, read_json
+from .run_paths import refuse_links
 
 CHECKPOINT = "checkpoint.pt"  # one process's checkpoint: one file
 SHARDED_CHECKPOINTS = "checkpoint"  # a sharded run's: a folder per step and latest.json (`distributed`)
@@ -50,10 +51,13 @@ def remove_orphans(folder, files=RUN_FILES, folders=RUN_FOLDERS) -> list[Path]:
 
 
 def check_own_folder(folder) -> None:
-    """ValueError when ``folder`` holds a ``model/`` that no run wrote: a run replaces its ``model/`` at the end
-    (and ``--overwrite`` removes it at the start), so a folder holding one must show a run's own files (a
-    checkpoint, its log, or a ``config.json`` with an objective)."""
+    """ValueError when a path the run writes or deletes in ``folder`` is a symbolic link (`run_paths`), or when
+    ``folder`` holds a ``model/`` that no run wrote: a run replaces its ``model/`` at the end (and ``--overwrite``
+    removes it at the start), so a folder holding one must show a run's own files (a checkpoint, its log, or a
+    ``config.json`` with an objective)."""
     folder = Path(folder)
+    refuse_links(folder, *RUN_FILES, *RUN_FOLDERS, *(f".{name}.tmp" for name in RUN_FOLDERS), SHARDED_CHECKPOINTS,
+                 *(p.relative_to(folder) for p in _entries(folder / SHARDED_CHECKPOINTS)))
     if not any((folder / name).exists() or (folder / name).is_symlink() for name in RUN_FOLDERS):
         return
     if (folder / CHECKPOINT).is_file() or (folder / "metrics.jsonl").is_file() or \
@@ -61,6 +65,11 @@ def check_own_folder(folder) -> None:
         return
     raise ValueError(f"{folder} holds a model/ that no geffect run wrote there: move it or choose another --out "
                      f"(nothing was removed)")
+
+
+def _entries(folder: Path) -> list[Path]:
+    """What ``folder`` holds (nothing when it is no real folder)."""
+    return list(folder.iterdir()) if folder.is_dir() and not folder.is_symlink() else []
 
 
 def _has_objective(path: Path) -> bool:
