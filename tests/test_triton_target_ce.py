@@ -86,3 +86,31 @@ def test_ceu_as_the_label_takes_all_the_mass(fast_calls, mode):
     assert torch.isfinite(g32).all()
     nonzero = g64 != 0
     assert ((g32.double() - g64).abs()[nonzero] / g64.abs()[nonzero]).max() < 1e-4
+
+
+@pytest.mark.parametrize("own", [False, True])
+def test_fast_16bit_gradient_over_the_logits_rows(own):
+    """16-bit inputs, as `test_triton_kl`'s: G in the input dtype over each float32 θ-logit row, normalized, read by
+    the dh and dW products (CE-U: one logits buffer, the target read from the θ row itself)."""
+    from geffect_kernels.backends.triton import kl_fast
+
+    h, w, b, hr, wr, _, y = kl_inputs(24, bias=True, ref_bias=False)
+    h16, w16, b16, hr16, wr16 = (t.detach().half() for t in (h, w, b, hr, wr))
+    valid = y != IGNORE
+    coef = valid.float() / valid.sum()
+    normal, unscale = kl.normalized(coef, torch.float16)
+    safe = torch.where(valid, y, -1)
+    target = dict(labels=safe, beta=0.0 if own else 3.0, target=2 if own else 1)
+    ref = (h16, w16, None) if own else (hr16, wr16, None)
+    got, grads16 = kl_fast.fast_kl_grads(h16, w16, b16, *ref, normal, unscale, (True, True, True), None, 16, **target)
+    exact = [t.double().requires_grad_(i < 3) for i, t in enumerate((h16, w16, b16, hr16, wr16))]
+    if own:
+        expected = gk.unlearning_loss("ceu", exact[0], exact[1], y, bias=exact[2], ignore_first=0, backend="oracle")
+    else:
+        expected = gk.undial_loss(exact[0], exact[1], exact[3], exact[4], y, beta=3.0, bias=exact[2],
+                                  backend="oracle")
+    assert_close((got * coef).sum(), expected, 3e-3, "loss")
+    # db sums G's float16 entries of both signs over the tokens, which cancel: a little more than their rounding
+    for label, g_got, g_exp, tol in zip("hWb", grads16, grads(expected, exact[:3]), (3e-3, 3e-3, 5e-3)):
+        assert g_got.dtype == torch.float16
+        assert_close(g_got, g_exp, tol, f"d{label}")
