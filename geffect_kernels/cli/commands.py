@@ -22,6 +22,7 @@ def cmd_profile(args):
     from ..eval.report import write_profile
     from ..catalog import OBJECTIVES, resolve
     from ..geffect import GEffectProfiler
+    from ..objective_inputs import ReferenceState
 
     quiet_transformers()
     hparams = hparams_per_objective(args.objective, parse_hparams(args.hparam))
@@ -30,8 +31,10 @@ def cmd_profile(args):
     if args.samples < 1:
         raise CLIError(f"--samples must be a positive integer, got {args.samples}")
     needs_ref = [n for n in args.objective if OBJECTIVES[n].needs_ref]
-    if needs_ref and not args.reference:
-        raise CLIError(f"objective {needs_ref[0]!r} needs reference log-probabilities: pass --reference DIR "
+    needs_model = [n for n in args.objective if OBJECTIVES[n].needs_reference_model]  # its logits (UNDIAL)
+    if (needs_ref or needs_model) and not args.reference:
+        what = "reference log-probabilities" if needs_ref else "the reference model's distribution"
+        raise CLIError(f"objective {(needs_ref or needs_model)[0]!r} needs {what}: pass --reference DIR "
                        f"(the model before unlearning; may be the --model directory itself)")
     out, device = checked_out_dir(args.out), usable_device(args.device)
     check_backend("auto", device)
@@ -47,12 +50,15 @@ def cmd_profile(args):
         encoded = encode_pairs(tokenizer, r_pairs)
         check_lengths(encoded, model.config, args.retain, False)
         retain = {k: v.to(device) for k, v in encoded.batch(range(len(r_pairs))).items()}
-    ref = None
-    if needs_ref:
+    ref, state = None, None
+    if needs_ref or needs_model:
+        reference = load_model(args.reference, device).eval()
         with torch.no_grad():
-            ref = hf.token_logprobs(load_model(args.reference, device).eval(), forget)
+            ref = hf.token_logprobs(reference, forget)
+        state = ReferenceState(ref, model=reference if needs_model else None)
     profiler = GEffectProfiler(model, groups=args.groups)
-    results = {name: profiler.measure_unlearning(name, forget, retain, ref_logprobs=ref, **hparams[name])
+    results = {name: profiler.measure_unlearning(name, forget, retain, ref_logprobs=ref, reference=state,
+                                                 **hparams[name])
                for name in args.objective}
     print(write_profile(results, out))
 
