@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from ..catalog import resolve
+from ..objective_inputs import ReferenceState
 from ..train.losses import kl_retain_loss, objective_loss
 
 
@@ -25,9 +26,14 @@ def objective_term(name, hparams) -> Term:
         resolved = resolve(name, dict(hparams))
     except ValueError as err:
         raise ValueError(f"objective/hparams: {err}") from None
-    return Term(lambda model, batch, reference, backend: objective_loss(
-        resolved.name, model, batch, backend=backend, ref_logprobs=reference.logprobs(batch), hparams=resolved.hparams),
-        needs_logprobs=resolved.objective.needs_ref)
+    needs_model = resolved.objective.needs_reference_model  # UNDIAL: the starting model's logits
+
+    def loss(model, batch, reference, backend):
+        state = ReferenceState(reference.logprobs(batch), model=reference.model if needs_model else None)
+        return objective_loss(resolved.name, model, batch, backend=backend, ref_logprobs=state,
+                              hparams=resolved.hparams)
+
+    return Term(loss, needs_model=needs_model, needs_logprobs=resolved.objective.needs_ref)
 
 
 RETAIN_TERMS = {
