@@ -10,7 +10,7 @@ README = ROOT / "README.md"
 # docs pages with runnable examples -> what their output must contain (None: they may print nothing, e.g. the C++
 # example where no compiler is present)
 DOCS_WITH_EXAMPLES = {"large_models.md": "['layer.0', 'layer.1']", "backends.md": None,
-                      "evaluation.md": "mia_auc {'loss': "}
+                      "evaluation.md": "mia_auc {'loss': ", "trainer.md": "G-effects at steps [0, 2, 4]"}
 
 
 def run_blocks(path: pathlib.Path) -> int:
