@@ -87,6 +87,43 @@ def test_first_step_loss_and_update_match_the_formulas(demo, tmp_path):
         torch.testing.assert_close(moved[name].detach(), p.detach() - 0.5 * p.grad, rtol=1e-9, atol=1e-11)
 
 
+def test_rectify_guidance_step_matches_the_formula(demo, tmp_path):
+    """guidance="rectify": one SGD step is −lr (g' + r), with g the objective term's gradient, r the retain term's
+    and, in each layer where ⟨g, r⟩ < 0, g' = g − (⟨g, r⟩/‖r‖²) r, all from the model's logits in float64."""
+    from geffect_kernels.guidance.step import layer_grouping
+
+    forget, retain, tokenizer, forget_set, retain_set = demo
+    start = model_of(tokenizer)
+    model = model_of(tokenizer)
+    args = arguments(tmp_path, max_steps=1, per_device_train_batch_size=len(forget), optim="sgd", learning_rate=0.5,
+                     max_grad_norm=0.0, weight_decay=0.0, lr_scheduler_type="constant")
+    trainer = trainer_of(demo, tmp_path, model, args, objective="ga", guidance="rectify", retain_weight=0.7)
+    trainer.train()
+    f_batch = forget_set.batch(range(len(forget)))
+    r_batch = retain_set.batch([retain_index(3, 0, i, len(retain)) for i in range(len(forget))])
+    params = dict(start.named_parameters())
+    lp, valid = token_logprobs_by_logits(start, f_batch)
+    g = dict(zip(params, torch.autograd.grad(formulas.objective("ga", lp, valid), list(params.values()))))
+    lp_r, valid_r = token_logprobs_by_logits(start, r_batch)
+    r = dict(zip(params, torch.autograd.grad(0.7 * formulas.objective("nll", lp_r, valid_r), list(params.values()))))
+    group = layer_grouping(start)
+    conflicts = 0
+    for layer in set(group.values()):
+        names = [n for n in params if group[n] == layer]
+        dot = sum(float((g[n] * r[n]).sum()) for n in names)
+        norm = sum(float((r[n] * r[n]).sum()) for n in names)
+        if dot < 0 < norm:
+            conflicts += 1
+            for n in names:
+                g[n] = g[n] - dot / norm * r[n]
+    assert conflicts > 0  # the case rectify exists for occurs here
+    assert [rec["rectified_groups"] for rec in trainer.state.log_history if "loss" in rec] == [conflicts]
+    moved = dict(model.named_parameters())
+    for name, p in params.items():
+        torch.testing.assert_close(moved[name].detach(), p.detach() - 0.5 * (g[name] + r[name]), rtol=1e-9,
+                                   atol=1e-12)
+
+
 def test_pairs_are_seeded_per_epoch_and_match_open_unlearning_anchoring():
     forget = [{"input_ids": [1, 2, i], "labels": [1, 2, i]} for i in range(7)]
     retain = [{"input_ids": [3, 4, i], "labels": [3, 4, i]} for i in range(5)]
@@ -285,7 +322,8 @@ def test_tokenized_examples_in_a_datasets_style_sequence(demo, tmp_path):
     ({"retain_dataset": None}, "retain_dataset: retain_objective 'nll' needs one"),
     ({"train_dataset": [1]}, "train_dataset: UnlearningTrainer builds it"),
     ({"ref_logprobs": [[0.0]]}, "ref_logprobs has 1 rows for 11 forget examples"),
-    ({"guidance": "rectify"}, "guidance='rectify': not supported"),
+    ({"guidance": "instance"}, "guidance='instance': UnlearningTrainer takes 'rectify' or None"),
+    ({"guidance": "rectify", "retain_objective": "none"}, "guidance: rectify steers the objective"),
     ({"backend": "nope"}, "nope"),
 ])
 def test_bad_arguments_are_one_line_value_errors(demo, tmp_path, kwargs, message):

@@ -2,8 +2,9 @@
 ``transformers`` and ``accelerate`` (the ``hf`` extra). Also reachable as ``geffect_kernels.hf.UnlearningTrainer``."""
 from .collator import PairCollator
 from .pairs import ForgetRetainPairs, retain_index, tokenized_examples
+from .rectify_callback import RectifyCallback
 from .stop_callback import StopWhenCallback
 from .trainer import UnlearningTrainer
 
-__all__ = ["ForgetRetainPairs", "PairCollator", "StopWhenCallback", "UnlearningTrainer", "retain_index",
-           "tokenized_examples"]
+__all__ = ["ForgetRetainPairs", "PairCollator", "RectifyCallback", "StopWhenCallback", "UnlearningTrainer",
+           "retain_index", "tokenized_examples"]

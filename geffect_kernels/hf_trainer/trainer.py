@@ -25,6 +25,7 @@ from ..backends.registry import check_backend
 from ..data.prompts import padding_id
 from .collator import PairCollator
 from .pairs import ForgetRetainPairs, tokenized_examples
+from .rectify_callback import RectifyCallback
 from .reference import StartingModel, checked_logprobs, starting_logprobs
 from .step_geffects import StepGEffects
 from .stop_callback import StopWhenCallback
@@ -50,6 +51,7 @@ class UnlearningTrainer(Trainer):
         geffect_every: measure G-effects every this many updates (0: never); they are logged as ``e_forget`` and
             ``e_retain`` (``state.log_history``, ``report_to``) and kept in ``self.geffects``.
         stop_when: stop rules on those G-effects (``--stop-when``'s, `guidance.stop`), a `StopWhenCallback`.
+        guidance: "rectify" (`RectifyCallback`, one process) or None.
         backend: the kernels' backend ("auto").
         max_length: the longest encoded TOFU-format example.
     """
@@ -62,8 +64,9 @@ class UnlearningTrainer(Trainer):
             if kwargs.get(name) is not None:
                 raise ValueError(f"{name}: UnlearningTrainer builds it from forget_dataset and retain_dataset")
             kwargs.pop(name, None)
-        if guidance is not None:
-            raise ValueError(f"guidance={guidance!r}: not supported by UnlearningTrainer yet (use geffect train)")
+        if guidance not in (None, "rectify"):
+            raise ValueError(f"guidance={guidance!r}: UnlearningTrainer takes 'rectify' or None (instance weighting: "
+                             f"geffect train)")
         self.forget_term = objective_term(objective, hparams or {})
         self.retain_term = retain_term(retain_objective)
         for name, value in (("forget_weight", forget_weight), ("retain_weight", retain_weight)):
@@ -90,16 +93,26 @@ class UnlearningTrainer(Trainer):
         callbacks = list(kwargs.pop("callbacks", None) or [])
         if stop_when:
             callbacks.append(StopWhenCallback(stop_when))
+        if guidance == "rectify":
+            callbacks.append(RectifyCallback())
+        self.rectify = next((c for c in callbacks if isinstance(c, RectifyCallback)), None)
+        if self.rectify is not None and self.retain_term is None:
+            raise ValueError("guidance: rectify steers the objective by the retain term's gradient; set a "
+                             "retain_objective")
         super().__init__(model=model, args=args, train_dataset=None, data_collator=PairCollator(self.pad_id),
                          callbacks=callbacks, **kwargs)
         self.train_dataset = ForgetRetainPairs(forget, retain, seed=self._pairing_seed())
         check_backend(backend, next(self.model.parameters()).device)
+        if self.rectify is not None and self.args.world_size > 1:
+            raise ValueError("guidance: rectify runs in one process (under DDP each term's gradient would be "
+                             "all-reduced apart); use geffect train --nproc for several")
         self.model_accepts_loss_kwargs = False  # each micro-batch's loss is its mean: the Trainer averages them
         self.geffects = None
         self.step_geffects = (StepGEffects(objective, self.hparams, self._profiled_retain(),
                                            every=geffect_every, groups=geffect_groups) if geffect_every else None)
         self.reference = None  # made at the start of train(), from the starting model
         self._term_sums = None
+        self._objective_grads = None  # rectify: the objective term's gradient over the update's micro-batches
         self.add_callback(_EpochPairing(self))
 
     # -- setup ------------------------------------------------------------------------------------------------
@@ -171,22 +184,56 @@ class UnlearningTrainer(Trainer):
         if "forget" not in inputs:  # evaluation on plain examples: the model's own loss
             return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                         num_items_in_batch=num_items_in_batch)
-        module = self.accelerator.unwrap_model(model)
-        terms = {}
-
-        def step_loss():
-            with self.accelerator.autocast():
-                terms["forget_loss"] = self.forget_term.loss(module, inputs["forget"], self.reference, self.backend)
-                loss = self.forget_weight * terms["forget_loss"]
-                if self.retain_term is not None:
-                    terms["retain_loss"] = self.retain_term.loss(module, _batch(inputs["retain"]), self.reference,
-                                                                 self.backend)
-                    loss = loss + self.retain_weight * terms["retain_loss"]
-            return loss
-
-        loss = run_as_forward(model, module, step_loss)
+        terms = {"forget_loss": self._term_loss(model, self.forget_term, inputs["forget"])}
+        loss = self.forget_weight * terms["forget_loss"]
+        if self.retain_term is not None:
+            terms["retain_loss"] = self._term_loss(model, self.retain_term, _batch(inputs["retain"]))
+            loss = loss + self.retain_weight * terms["retain_loss"]
         self._add_terms(terms)
         return (loss, terms) if return_outputs else loss
+
+    def _term_loss(self, model, term, batch):
+        """``term``'s loss on ``batch``, run as ``model``'s forward (DDP's gradient sync), under the run's
+        autocast."""
+        module = self.accelerator.unwrap_model(model)
+
+        def forward():
+            with self.accelerator.autocast():
+                return term.loss(module, batch, self.reference, self.backend)
+
+        return run_as_forward(model, module, forward)
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        """The Trainer's step; with rectify guidance the two terms' backward apart, the objective's gradient held
+        aside until the update's last micro-batch (`RectifyCallback.combine`)."""
+        if self.rectify is None or "forget" not in inputs:
+            return super().training_step(model, inputs, num_items_in_batch)
+        model.train()
+        inputs = self._prepare_inputs(inputs)
+        scale = 1.0 / self.current_gradient_accumulation_steps
+        params = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+        retain_grads = {n: p.grad for n, p in params.items()}
+        for p in params.values():
+            p.grad = None
+        with self.compute_loss_context_manager():
+            forget_loss = self._term_loss(model, self.forget_term, inputs["forget"])
+        self.accelerator.backward(self.forget_weight * scale * forget_loss)
+        held = self._objective_grads or {}
+        self._objective_grads = {n: held.get(n, 0) + (p.grad if p.grad is not None else torch.zeros_like(p))
+                                 for n, p in params.items()}
+        for name, p in params.items():
+            p.grad = retain_grads[name]
+        with self.compute_loss_context_manager():
+            retain_loss = self._term_loss(model, self.retain_term, _batch(inputs["retain"]))
+        self.accelerator.backward(self.retain_weight * scale * retain_loss)
+        for p in params.values():
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        if self.accelerator.sync_gradients:  # the update's last micro-batch
+            self.rectify.combine(self.model, {n: g.detach() for n, g in self._objective_grads.items()})
+            self._objective_grads = None
+        self._add_terms({"forget_loss": forget_loss, "retain_loss": retain_loss})
+        return (scale * (self.forget_weight * forget_loss + self.retain_weight * retain_loss)).detach()
 
     def floating_point_ops(self, inputs):
         if "forget" not in inputs:
@@ -212,6 +259,8 @@ class UnlearningTrainer(Trainer):
             logs = {**logs, "forget_loss": float(sums[0] / sums[2])}
             if self.retain_term is not None:
                 logs["retain_loss"] = float(sums[1] / sums[2])
+            if self.rectify is not None:
+                logs["rectified_groups"] = self.rectify.rectified_groups
             self._term_sums = None
         super().log(logs, start_time)
 
