@@ -124,6 +124,23 @@ def test_rectify_guidance_step_matches_the_formula(demo, tmp_path):
                                    atol=1e-12)
 
 
+def test_primal_dual_raises_the_retain_weight_by_the_constraint(demo, tmp_path):
+    """PDU: λ_0 = retain_weight, λ_{k+1} = max(0, λ_k + η (retain loss of update k − ε)), and the loss carries
+    λ_k (retain loss − ε)."""
+    eps, eta = 5.7, 3.0
+    trainer = trainer_of(demo, tmp_path, args=arguments(tmp_path, max_steps=5, gradient_accumulation_steps=2),
+                         objective="ga", retain_weight=0.4, primal_dual=eps, dual_step=eta)
+    trainer.train()
+    records = [r for r in trainer.state.log_history if "loss" in r and "train_loss" not in r]
+    dual = 0.4
+    for record in records:
+        assert record["dual"] == pytest.approx(dual, rel=1e-12)
+        assert record["loss"] == pytest.approx(record["forget_loss"] + dual * (record["retain_loss"] - eps), rel=1e-6)
+        dual = max(0.0, dual + eta * (record["retain_loss"] - eps))
+    assert trainer.dual == pytest.approx(dual, rel=1e-6)
+    assert len({r["dual"] for r in records}) > 2
+
+
 def test_pairs_are_seeded_per_epoch_and_match_open_unlearning_anchoring():
     forget = [{"input_ids": [1, 2, i], "labels": [1, 2, i]} for i in range(7)]
     retain = [{"input_ids": [3, 4, i], "labels": [3, 4, i]} for i in range(5)]
@@ -193,7 +210,7 @@ def test_resume_from_checkpoint_ends_as_an_uninterrupted_run(demo, tmp_path):
     """Four steps in one go, and two, then a new Trainer (on a model with other weights: the checkpoint's weights,
     reference log-probabilities and G-effects are what count) resumed for the last two; the epoch changes on the
     way (a new pairing)."""
-    settings = dict(objective="tnpo", hparams={"beta": 2.0}, geffect_every=1)
+    settings = dict(objective="tnpo", hparams={"beta": 2.0}, geffect_every=1, primal_dual=5.7, dual_step=0.5)
     whole = trainer_of(demo, tmp_path, args=arguments(tmp_path / "whole", max_steps=4), **settings)
     whole.train()
     args = arguments(tmp_path / "parts", max_steps=4, save_strategy="steps", save_steps=2)
@@ -204,6 +221,7 @@ def test_resume_from_checkpoint_ends_as_an_uninterrupted_run(demo, tmp_path):
     for name, p in final_parameters(whole).items():
         torch.testing.assert_close(final_parameters(second)[name], p, rtol=1e-9, atol=1e-12)
     assert second.geffects.steps == whole.geffects.steps == [0, 1, 2, 3]
+    assert second.dual == whole.dual != 1.0  # PDU's dual variable came back from the checkpoint
     assert second.geffects.per_step("retain") == pytest.approx(whole.geffects.per_step("retain"), rel=1e-8)
     losses = lambda t: [r["loss"] for r in t.state.log_history if "loss" in r]  # noqa: E731
     assert losses(second)[-2:] == pytest.approx(losses(whole)[-2:], rel=1e-6)
@@ -322,6 +340,8 @@ def test_tokenized_examples_in_a_datasets_style_sequence(demo, tmp_path):
     ({"retain_dataset": None}, "retain_dataset: retain_objective 'nll' needs one"),
     ({"train_dataset": [1]}, "train_dataset: UnlearningTrainer builds it"),
     ({"ref_logprobs": [[0.0]]}, "ref_logprobs has 1 rows for 11 forget examples"),
+    ({"primal_dual": -1.0}, "primal_dual must be a finite number ≥ 0"),
+    ({"primal_dual": 1.0, "retain_objective": "none", "retain_dataset": None}, "primal_dual: the constraint is on"),
     ({"guidance": "instance"}, "guidance='instance': UnlearningTrainer takes 'rectify' or None"),
     ({"guidance": "rectify", "retain_objective": "none"}, "guidance: rectify steers the objective"),
     ({"backend": "nope"}, "nope"),

@@ -52,14 +52,15 @@ class UnlearningTrainer(Trainer):
             ``e_retain`` (``state.log_history``, ``report_to``) and kept in ``self.geffects``.
         stop_when: stop rules on those G-effects (``--stop-when``'s, `guidance.stop`), a `StopWhenCallback`.
         guidance: "rectify" (`RectifyCallback`, one process) or None.
+        primal_dual, dual_step: PDU: the retain weight becomes a dual variable for retain loss ≤ ``primal_dual``.
         backend: the kernels' backend ("auto").
         max_length: the longest encoded TOFU-format example.
     """
 
     def __init__(self, model=None, args=None, *, forget_dataset=None, retain_dataset=None, objective="npo",
                  retain_objective="nll", hparams=None, forget_weight=1.0, retain_weight=1.0, ref_logprobs=None,
-                 geffect_every=0, geffect_groups="layer", stop_when=None, guidance=None, backend="auto",
-                 max_length=None, **kwargs):
+                 geffect_every=0, geffect_groups="layer", stop_when=None, guidance=None, primal_dual=None,
+                 dual_step=1.0, backend="auto", max_length=None, **kwargs):
         for name in _OWN_ARGUMENTS:
             if kwargs.get(name) is not None:
                 raise ValueError(f"{name}: UnlearningTrainer builds it from forget_dataset and retain_dataset")
@@ -72,6 +73,12 @@ class UnlearningTrainer(Trainer):
         for name, value in (("forget_weight", forget_weight), ("retain_weight", retain_weight)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                 raise ValueError(f"{name} must be a finite number ≥ 0, got {value!r}")
+        for name, value in (("primal_dual", primal_dual), ("dual_step", dual_step)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                      or not math.isfinite(value) or value < 0):
+                raise ValueError(f"{name} must be a finite number ≥ 0, got {value!r}")
+        if primal_dual is not None and self.retain_term is None:
+            raise ValueError("primal_dual: the constraint is on the retain loss; set a retain_objective")
         if isinstance(geffect_every, bool) or not isinstance(geffect_every, int) or geffect_every < 0:
             raise ValueError(f"geffect_every must be an integer ≥ 0, got {geffect_every!r}")
         if stop_when and not geffect_every:
@@ -87,6 +94,12 @@ class UnlearningTrainer(Trainer):
         self.given_logprobs = None if ref_logprobs is None else checked_logprobs(ref_logprobs, forget)
         self.objective, self.hparams, self.retain_objective = objective, dict(hparams or {}), retain_objective
         self.forget_weight, self.retain_weight, self.backend = float(forget_weight), float(retain_weight), backend
+        # PDU (open-unlearning's pdu.py): the retain weight is a dual variable λ for the constraint retain loss ≤ ε,
+        # starting at retain_weight, raised by dual_step · (the update's retain loss − ε) after each update
+        self.primal_dual, self.dual_step = primal_dual, float(dual_step)
+        self.dual = self.retain_weight if primal_dual is not None else None
+        self.step_dual = self.dual
+        self._update_retain = None  # the retain loss's sum and count over the current update's micro-batches
         self.forget_examples = forget
         pad = padding_id(tokenizer) if tokenizer is not None else None
         self.pad_id = pad if pad is not None else (getattr(getattr(model, "config", None), "pad_token_id", None) or 0)
@@ -114,6 +127,7 @@ class UnlearningTrainer(Trainer):
         self._term_sums = None
         self._objective_grads = None  # rectify: the objective term's gradient over the update's micro-batches
         self.add_callback(_EpochPairing(self))
+        self.add_callback(_DualAscent(self))
 
     # -- setup ------------------------------------------------------------------------------------------------
 
@@ -152,6 +166,8 @@ class UnlearningTrainer(Trainer):
             saved = torch.load(path, map_location="cpu", weights_only=True)
         if self.reference is None or saved is not None:
             self.reference = self._make_reference(saved)
+        if self.dual is not None and saved is not None and saved.get("dual") is not None:
+            self.dual = float(saved["dual"])
         if self.step_geffects is not None and saved is not None and saved.get("geffects") is not None:
             from ..geffect import GEffectHistory
             self.step_geffects.history = GEffectHistory.from_dict(saved["geffects"])
@@ -188,7 +204,7 @@ class UnlearningTrainer(Trainer):
         loss = self.forget_weight * terms["forget_loss"]
         if self.retain_term is not None:
             terms["retain_loss"] = self._term_loss(model, self.retain_term, _batch(inputs["retain"]))
-            loss = loss + self.retain_weight * terms["retain_loss"]
+            loss = loss + self._retain_part(terms["retain_loss"])
         self._add_terms(terms)
         return (loss, terms) if return_outputs else loss
 
@@ -225,7 +241,7 @@ class UnlearningTrainer(Trainer):
             p.grad = retain_grads[name]
         with self.compute_loss_context_manager():
             retain_loss = self._term_loss(model, self.retain_term, _batch(inputs["retain"]))
-        self.accelerator.backward(self.retain_weight * scale * retain_loss)
+        self.accelerator.backward(scale * self._retain_part(retain_loss))
         for p in params.values():
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
@@ -233,7 +249,24 @@ class UnlearningTrainer(Trainer):
             self.rectify.combine(self.model, {n: g.detach() for n, g in self._objective_grads.items()})
             self._objective_grads = None
         self._add_terms({"forget_loss": forget_loss, "retain_loss": retain_loss})
-        return (scale * (self.forget_weight * forget_loss + self.retain_weight * retain_loss)).detach()
+        return (scale * (self.forget_weight * forget_loss + self._retain_part(retain_loss))).detach()
+
+    def _retain_part(self, retain_loss):
+        """The retain term in the step's loss: retain_weight · L, or with PDU λ · (L − ε)."""
+        if self.dual is None:
+            return self.retain_weight * retain_loss
+        return self.dual * (retain_loss - self.primal_dual)
+
+    def _dual_ascent(self):
+        """PDU after an update: λ ← max(0, λ + dual_step · (the update's mean retain loss − ε)), over every rank."""
+        if self.dual is None or self._update_retain is None:
+            return
+        sums = self._update_retain
+        if self.args.world_size > 1:
+            sums = self.accelerator.reduce(sums, reduction="sum")
+        self.step_dual = self.dual
+        self.dual = max(0.0, self.dual + self.dual_step * (float(sums[0] / sums[1]) - self.primal_dual))
+        self._update_retain = None
 
     def floating_point_ops(self, inputs):
         if "forget" not in inputs:
@@ -248,6 +281,9 @@ class UnlearningTrainer(Trainer):
                               terms.get("retain_loss", torch.zeros(())).detach().float().to(
                                   terms["forget_loss"].device), torch.ones((), device=terms["forget_loss"].device)])
         self._term_sums = values if self._term_sums is None else self._term_sums + values
+        if self.dual is not None:
+            part = values[1:]
+            self._update_retain = part if self._update_retain is None else self._update_retain + part
 
     def log(self, logs, start_time=None):
         """The Trainer's log; with its training loss, the mean forget and retain terms since the last one (over
@@ -261,6 +297,8 @@ class UnlearningTrainer(Trainer):
                 logs["retain_loss"] = float(sums[1] / sums[2])
             if self.rectify is not None:
                 logs["rectified_groups"] = self.rectify.rectified_groups
+            if self.dual is not None:
+                logs["dual"] = self.step_dual  # the λ of the last update (the next one's is `self.dual`)
             self._term_sums = None
         super().log(logs, start_time)
 
@@ -269,7 +307,7 @@ class UnlearningTrainer(Trainer):
         if self.args.should_save:
             folder = os.path.join(self._get_output_dir(trial=trial),
                                   f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
-            state = {"ref_rows": None if self.reference is None else self.reference.rows,
+            state = {"ref_rows": None if self.reference is None else self.reference.rows, "dual": self.dual,
                      "geffects": None if self.step_geffects is None else self.step_geffects.history.to_dict()}
             torch.save(state, os.path.join(folder, STATE_FILE))
 
@@ -283,6 +321,16 @@ class _EpochPairing(TrainerCallback):
 
     def on_epoch_begin(self, args, state, control, **kwargs):
         self.pairs.set_epoch(int(state.epoch or 0))
+
+
+class _DualAscent(TrainerCallback):
+    """PDU's dual step after each update (`UnlearningTrainer._dual_ascent`), before the update's log."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.trainer._dual_ascent()
 
 
 def _batch(batch):
