@@ -9,10 +9,9 @@ import torch
 from transformers import TrainingArguments
 
 from geffect_kernels import hf
-from geffect_kernels.catalog import OBJECTIVES, RETAIN_OBJECTIVES
+from geffect_kernels.catalog import OBJECTIVES, RETAIN_TERMS
 from geffect_kernels.data import encode_pairs
 from geffect_kernels.hf_trainer import ForgetRetainPairs, retain_index
-from geffect_kernels.hf_trainer.terms import RETAIN_TERMS
 from geffect_kernels.train import tiny_llama
 from demo_cases import tiny_demo
 import formulas
@@ -155,28 +154,68 @@ def test_pairs_are_seeded_per_epoch_and_match_open_unlearning_anchoring():
     assert [pairs[i]["retain"]["input_ids"][-1] for i in range(7)] != first
 
 
-# PO and DPO read substitute answers (objective_inputs.side), which these forget batches do not carry yet
-@pytest.mark.parametrize("objective", sorted(n for n, o in OBJECTIVES.items() if not o.reads_alternate))
+REFUSALS = ["I don't know.", "I have no idea who that is.", "That is not something I can answer."]
+
+
+@pytest.mark.parametrize("objective", sorted(OBJECTIVES))
 def test_every_catalog_objective_trains(demo, tmp_path, objective):
+    """Every row of the catalog (PO and DPO on substitute answers, RMU on a layer's activations) through the
+    Trainer, two updates with G-effects measured at each."""
+    forget = [{**record, "alternate": REFUSALS[i % 3]} for i, record in enumerate(demo[0])]
     retain_objective = "kl" if objective in ("npo", "ga") else "nll"
     trainer = trainer_of(demo, tmp_path, model_of(demo[2], dtype=torch.float32), objective=objective,
-                         hparams=HPARAMS.get(objective, {}), retain_objective=retain_objective)
+                         forget_dataset=forget, hparams=HPARAMS.get(objective, {}), retain_objective=retain_objective,
+                         geffect_every=1)
     before = [p.detach().clone() for p in trainer.model.parameters()]
     trainer.train()
-    losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
+    losses = [r["loss"] for r in trainer.state.log_history if "loss" in r and "train_loss" not in r]
     assert len(losses) == 2 and all(math.isfinite(v) for v in losses)
+    assert trainer.geffects.steps == [0, 1] and all(math.isfinite(v) for v in trainer.geffects.per_step("retain"))
     assert any(not torch.equal(a, p) for a, p in zip(before, trainer.model.parameters()))
 
 
-@pytest.mark.parametrize("retain_objective", sorted(RETAIN_TERMS))
+@pytest.mark.parametrize("retain_objective", [*RETAIN_TERMS, "none"])
 def test_every_retain_term_trains(demo, tmp_path, retain_objective):
-    assert retain_objective in RETAIN_OBJECTIVES
     trainer = trainer_of(demo, tmp_path, model_of(demo[2], dtype=torch.float32), objective="ga",
                          retain_objective=retain_objective,
                          retain_dataset=None if retain_objective == "none" else demo[1])
     trainer.train()
     record = [r for r in trainer.state.log_history if "loss" in r][0]
     assert math.isfinite(record["loss"]) and ("retain_loss" in record) == (retain_objective != "none")
+
+
+def test_substitute_answers_from_a_file_and_tokenized(demo, tmp_path):
+    """DPO's substitute answers as TOFU publishes them (a refusal per line), and as tokenized alternate_* fields:
+    the same refusals give the same run."""
+    from geffect_kernels.data.alternates import alternate_answers
+
+    path = tmp_path / "idontknow.jsonl"
+    path.write_text("\n".join(REFUSALS) + "\n")
+    runs = []
+    from_file = trainer_of(demo, tmp_path, objective="dpo", alternates=str(path), args=arguments(tmp_path, max_steps=1))
+    from_file.train()
+    answers = alternate_answers(path, [r["question"] for r in demo[0]])
+    tokenizer, forget_set = demo[2], demo[3]
+    from geffect_kernels.data import encode_pair
+    tokenized = [{**e, **{"alternate_" + k: v for k, v in encode_pair(tokenizer, r["question"], a).items()}}
+                 for e, r, a in zip(forget_set.examples, demo[0], answers)]
+    by_fields = trainer_of(demo, tmp_path, objective="dpo", forget_dataset=tokenized,
+                           args=arguments(tmp_path, max_steps=1))
+    by_fields.train()
+    for trainer in (from_file, by_fields):
+        runs.append([r["loss"] for r in trainer.state.log_history if "loss" in r and "train_loss" not in r])
+    assert runs[0] == runs[1]
+    pairs = zip(from_file.reference.alternate_rows, by_fields.reference.alternate_rows)
+    assert all(torch.equal(a, b) for a, b in pairs)
+
+
+def test_rmu_trains_only_its_layers(demo, tmp_path):
+    trainer = trainer_of(demo, tmp_path, objective="rmu", hparams={"layer": 1.0}, retain_objective="rr")
+    frozen = {n for n, p in trainer.model.named_parameters() if not p.requires_grad}
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.train()
+    moved = {n for n, p in trainer.model.named_parameters() if not torch.equal(before[n], p)}
+    assert moved and moved.isdisjoint(frozen) and all("mlp.down_proj" in n for n in moved)
 
 
 def test_kl_retain_term_starts_at_zero(demo, tmp_path):
@@ -342,6 +381,10 @@ def test_tokenized_examples_in_a_datasets_style_sequence(demo, tmp_path):
     ({"ref_logprobs": [[0.0]]}, "ref_logprobs has 1 rows for 11 forget examples"),
     ({"primal_dual": -1.0}, "primal_dual must be a finite number ≥ 0"),
     ({"primal_dual": 1.0, "retain_objective": "none", "retain_dataset": None}, "primal_dual: the constraint is on"),
+    ({"objective": "dpo"}, "forget_dataset: objective 'dpo' reads a substitute answer"),
+    ({"objective": "po", "alternates": ["no"]}, "alternates must be a file or 11 non-empty strings"),
+    ({"objective": "po", "alternates": "/nonexistent/idk.jsonl"}, "alternates: /nonexistent/idk.jsonl"),
+    ({"objective": "rmu", "hparams": {"layer": 7.0}}, "objective/hparams:"),
     ({"guidance": "instance"}, "guidance='instance': UnlearningTrainer takes 'rectify' or None"),
     ({"guidance": "rectify", "retain_objective": "none"}, "guidance: rectify steers the objective"),
     ({"backend": "nope"}, "nope"),

@@ -139,7 +139,9 @@ class GEffectProfiler:
                 self._buffers.reclaim()  # nothing of that measurement is left to hold them
         term = RETAIN_TERMS.get(retain_objective)
         if retain_batch is not None and term is not None and getattr(result, "retain_term", None) is None:
-            result.retain_term = self.measure_retain_term(retain_objective, forget_batch, retain_batch, state,
+            # the retain batch has none of the forget answers' reference log-probabilities: the starting model, the seed
+            retain_state = ReferenceState(model=state.model, seed=state.seed)
+            result.retain_term = self.measure_retain_term(retain_objective, forget_batch, retain_batch, retain_state,
                                                           layer=objective.hparams.get("layer"))
         return result
 

@@ -8,20 +8,33 @@ Trainer restores). A new epoch draws new pairs.
 """
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
+from os import PathLike
 
 import numpy as np
 
 from ..data.prompts import encode_pair
 
 
-def tokenized_examples(name, data, tokenizer=None, *, max_length=None) -> list[dict]:
-    """``data`` as a list of tokenized examples (``input_ids`` and ``labels``, lists or 1-D tensors of ints).
+def _tokenized(name, i, example) -> dict:
+    ids, labels = example["input_ids"], example.get("labels")
+    if labels is None:
+        raise ValueError(f"{name}[{i}] has input_ids but no labels (answer-only labels, -100 elsewhere)")
+    if len(ids) != len(labels) or len(ids) < 2:
+        raise ValueError(f"{name}[{i}]: input_ids and labels must have one length of at least 2")
+    return {"input_ids": list(map(int, ids)), "labels": list(map(int, labels))}
 
-    ``data``: a list (or ``datasets``-style sequence) of examples that already have ``input_ids`` and ``labels``,
-    or of TOFU-format records (``question``, ``answer``), encoded with ``tokenizer`` as the rest of the package
-    encodes them (`data.prompts.encode_pair`: answer-only labels). ValueError naming ``name`` otherwise."""
-    if data is None or not isinstance(data, Sequence) and not hasattr(data, "__getitem__"):
+
+def tokenized_examples(name, data, tokenizer=None, *, max_length=None, alternates=None) -> list[dict]:
+    """``data`` as a list of tokenized examples (``input_ids`` and ``labels``, lists of ints), each with its
+    substitute answer (``alternate``, tokenized alike) when it has one.
+
+    ``data``: a list (or ``datasets``-style sequence) of examples that already have ``input_ids`` and ``labels``
+    (and optionally ``alternate_input_ids``, ``alternate_labels``), or of TOFU-format records (``question``,
+    ``answer``, optionally ``alternate``: a substitute answer), encoded with ``tokenizer`` as the rest of the package
+    encodes them (`data.prompts.encode_pair`: answer-only labels). ``alternates``: a substitute answer per record, or
+    a file of them (`data.alternates`: TOFU's ``idontknow.jsonl``). ValueError naming ``name`` otherwise."""
+    if data is None or isinstance(data, (str, bytes)) or not hasattr(data, "__getitem__"):
         raise ValueError(f"{name} must be a list or datasets-style sequence of examples, got {type(data).__name__}")
     try:
         count = len(data)
@@ -33,21 +46,48 @@ def tokenized_examples(name, data, tokenizer=None, *, max_length=None) -> list[d
     for i, example in enumerate(examples):
         if not isinstance(example, Mapping):
             raise ValueError(f"{name}[{i}] is a {type(example).__name__}, not a dict of fields")
+        if not ("input_ids" in example or "question" in example and "answer" in example):
+            raise ValueError(f"{name}[{i}] has neither input_ids and labels nor question and answer "
+                             f"(keys: {', '.join(sorted(map(str, example))) or 'none'})")
+    substitutes = _substitutes(name, examples, alternates)
+    out = []
+    for i, example in enumerate(examples):
         if "input_ids" in example:
-            if "labels" not in example:
-                raise ValueError(f"{name}[{i}] has input_ids but no labels (answer-only labels, -100 elsewhere)")
-            if len(example["input_ids"]) != len(example["labels"]) or len(example["input_ids"]) < 2:
-                raise ValueError(f"{name}[{i}]: input_ids and labels must have one length of at least 2")
-            continue
-        if "question" in example and "answer" in example:
+            encoded = _tokenized(name, i, example)
+            if "alternate_input_ids" in example:
+                encoded["alternate"] = _tokenized(f"{name} (alternate_*)", i, {
+                    "input_ids": example["alternate_input_ids"], "labels": example.get("alternate_labels")})
+        else:
             if tokenizer is None:
                 raise ValueError(f"{name} holds question/answer records: pass the tokenizer (processing_class=)")
-            examples[i] = encode_pair(tokenizer, str(example["question"]), str(example["answer"]),
-                                      max_length=max_length)
-            continue
-        raise ValueError(f"{name}[{i}] has neither input_ids and labels nor question and answer "
-                         f"(keys: {', '.join(sorted(map(str, example))) or 'none'})")
-    return [{"input_ids": list(map(int, e["input_ids"])), "labels": list(map(int, e["labels"]))} for e in examples]
+            question = str(example["question"])
+            encoded = encode_pair(tokenizer, question, str(example["answer"]), max_length=max_length)
+            substitute = substitutes[i] if substitutes is not None else example.get("alternate")
+            if substitute is not None:
+                encoded["alternate"] = encode_pair(tokenizer, question, str(substitute), max_length=max_length)
+        out.append(encoded)
+    return out
+
+
+def _substitutes(name, examples, alternates):
+    """One substitute answer per record from ``alternates`` (a list, or a file), or None."""
+    if alternates is None:
+        return None
+    if any("question" not in e for e in examples):
+        raise ValueError(f"alternates: substitute answers are encoded with the questions; {name} must hold "
+                         f"question/answer records (tokenized examples carry alternate_input_ids instead)")
+    if isinstance(alternates, (str, PathLike)):
+        from ..data.alternates import alternate_answers
+        from ..data.errors import DataError
+
+        try:
+            return alternate_answers(alternates, [str(e["question"]) for e in examples])
+        except DataError as err:
+            raise ValueError(f"alternates: {err}") from None
+    answers = list(alternates)
+    if len(answers) != len(examples) or not all(isinstance(a, str) and a.strip() for a in answers):
+        raise ValueError(f"alternates must be a file or {len(examples)} non-empty strings (one per record of {name})")
+    return answers
 
 
 def retain_index(seed: int, epoch: int, forget_index: int, retain_size: int) -> int:

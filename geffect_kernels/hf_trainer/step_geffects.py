@@ -34,7 +34,7 @@ class StepGEffects:
             with eval_mode(model):  # no dropout, and the run's random stream is left alone
                 result = self._profiler.measure_unlearning(
                     self.objective, _without_index(forget), _without_index(pair.get("retain")),
-                    ref_logprobs=reference.logprobs(forget), retain_objective=self.retain_objective, **self.hparams)
+                    reference=reference.state(forget), retain_objective=self.retain_objective, **self.hparams)
             values = result
         values = _from_rank_zero(values)
         while self.history.steps and self.history.steps[-1] >= step:

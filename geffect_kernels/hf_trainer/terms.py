@@ -1,51 +1,61 @@
-"""The two terms of a step, each a function of (model, batch, reference): the objective on the forget batch and the
-retain term on the retain batch, on the fused LM head (`train.losses`)."""
+"""The two terms of a step, each a catalog entry (`catalog.OBJECTIVES`, `catalog.RETAIN_TERMS`) whose loss the one
+function of its kind of input computes (`objective_inputs.loss`): the Trainer reads what an entry declares (its
+reference, its substitute answers, the parameters it trains), never its name."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable
+from dataclasses import dataclass, field
 
-from ..catalog import resolve
-from ..objective_inputs import ReferenceState
-from ..train.losses import kl_retain_loss, objective_loss
+from .. import objective_inputs
+from ..catalog import RETAIN_TERMS, Resolved, resolve
 
 
 @dataclass(frozen=True)
 class Term:
-    """A loss term: ``loss(model, batch, reference, backend)``; ``needs_model``: it reads the starting model itself
-    (not only the forget set's reference log-probabilities); ``needs_logprobs``: it reads those."""
+    entry: Resolved
+    options: dict = field(default_factory=dict)  # what its kind reads beyond the hyper-parameters (RR's layer, ...)
 
-    loss: Callable
-    needs_model: bool = False
-    needs_logprobs: bool = False
+    @property
+    def needs_model(self) -> bool:
+        """It reads the starting model itself (its distribution, its hidden states)."""
+        return self.entry.objective.needs_reference_model
+
+    @property
+    def needs_logprobs(self) -> bool:
+        """It reads the starting model's log-probabilities of the forget answers."""
+        return self.entry.objective.needs_ref
+
+    @property
+    def reads_alternate(self) -> bool:
+        """It reads substitute answers for the forget questions (PO, DPO)."""
+        return self.entry.objective.reads_alternate
+
+    @property
+    def needs_alternate_logprobs(self) -> bool:
+        return self.needs_logprobs and self.reads_alternate
+
+    def loss(self, model, batch, reference, backend):
+        """The entry's loss of ``model`` on ``batch``; ``reference``: the run's `reference.StartingModel`."""
+        return objective_inputs.loss(self.entry, model, batch, reference.state(batch), backend=backend,
+                                     **self.options)
+
+    def trained_parameters(self, model):
+        """Names of the only parameters it trains (RMU), or None: every trainable one."""
+        return objective_inputs.trained_parameters(self.entry, model)
 
 
 def objective_term(name, hparams) -> Term:
     """Objective ``name`` of the catalog with ``hparams``; ValueError naming ``objective`` or ``hparams``."""
     try:
-        resolved = resolve(name, dict(hparams))
+        return Term(resolve(name, dict(hparams)))
     except ValueError as err:
         raise ValueError(f"objective/hparams: {err}") from None
-    needs_model = resolved.objective.needs_reference_model  # UNDIAL: the starting model's logits
-
-    def loss(model, batch, reference, backend):
-        state = ReferenceState(reference.logprobs(batch), model=reference.model if needs_model else None)
-        return objective_loss(resolved.name, model, batch, backend=backend, ref_logprobs=state,
-                              hparams=resolved.hparams)
-
-    return Term(loss, needs_model=needs_model, needs_logprobs=resolved.objective.needs_ref)
 
 
-RETAIN_TERMS = {
-    "nll": Term(lambda model, batch, reference, backend: objective_loss("nll", model, batch, backend=backend)),
-    "kl": Term(lambda model, batch, reference, backend: kl_retain_loss(
-        model, reference.model, batch, normalization="tokens", backend=backend), needs_model=True),
-    "none": None,
-}
-
-
-def retain_term(name) -> Term | None:
-    """Retain term ``name`` (None: none); ValueError naming ``retain_objective``."""
+def retain_term(name, objective: Term) -> Term | None:
+    """Retain term ``name`` (None for "none"); an RR term reads the objective's layer when it has one. ValueError
+    naming ``retain_objective``."""
+    if name == "none":
+        return None
     if name not in RETAIN_TERMS:
-        raise ValueError(f"retain_objective: unknown {name!r}; valid: {', '.join(RETAIN_TERMS)}")
-    return RETAIN_TERMS[name]
+        raise ValueError(f"retain_objective: unknown {name!r}; valid: {', '.join([*RETAIN_TERMS, 'none'])}")
+    return Term(objective_inputs.resolved(name), {"layer": objective.entry.hparams.get("layer")})

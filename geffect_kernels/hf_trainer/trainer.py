@@ -23,6 +23,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoin
 
 from ..backends.registry import check_backend
 from ..data.prompts import padding_id
+from ..layers import layer_index
 from .collator import PairCollator
 from .pairs import ForgetRetainPairs, tokenized_examples
 from .rectify_callback import RectifyCallback
@@ -44,7 +45,8 @@ class UnlearningTrainer(Trainer):
             ``labels``) or of TOFU-format records (``question``, ``answer``; then pass the tokenizer as
             ``processing_class``). ``retain_dataset`` may be None with ``retain_objective="none"``.
         objective, hparams: an unlearning objective of the catalog and its hyper-parameters.
-        retain_objective: the retain term ("nll", "kl", "none").
+        retain_objective: a retain term of the catalog (``catalog.RETAIN_TERMS``: "nll", "kl", "rr") or "none".
+        alternates: substitute answers for the forget questions (PO, DPO): one per record, or a file of them.
         forget_weight, retain_weight: the terms' weights.
         ref_logprobs: the reference log-probabilities of each forget example (one 1-D sequence each, HF shift),
             in place of the starting model's.
@@ -60,7 +62,7 @@ class UnlearningTrainer(Trainer):
     def __init__(self, model=None, args=None, *, forget_dataset=None, retain_dataset=None, objective="npo",
                  retain_objective="nll", hparams=None, forget_weight=1.0, retain_weight=1.0, ref_logprobs=None,
                  geffect_every=0, geffect_groups="layer", stop_when=None, guidance=None, primal_dual=None,
-                 dual_step=1.0, backend="auto", max_length=None, **kwargs):
+                 dual_step=1.0, alternates=None, backend="auto", max_length=None, **kwargs):
         for name in _OWN_ARGUMENTS:
             if kwargs.get(name) is not None:
                 raise ValueError(f"{name}: UnlearningTrainer builds it from forget_dataset and retain_dataset")
@@ -69,7 +71,7 @@ class UnlearningTrainer(Trainer):
             raise ValueError(f"guidance={guidance!r}: UnlearningTrainer takes 'rectify' or None (instance weighting: "
                              f"geffect train)")
         self.forget_term = objective_term(objective, hparams or {})
-        self.retain_term = retain_term(retain_objective)
+        self.retain_term = retain_term(retain_objective, self.forget_term)
         for name, value in (("forget_weight", forget_weight), ("retain_weight", retain_weight)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                 raise ValueError(f"{name} must be a finite number ≥ 0, got {value!r}")
@@ -84,7 +86,12 @@ class UnlearningTrainer(Trainer):
         if stop_when and not geffect_every:
             raise ValueError("stop_when: its rules read the G-effects; set geffect_every > 0")
         tokenizer = kwargs.get("processing_class")
-        forget = tokenized_examples("forget_dataset", forget_dataset, tokenizer, max_length=max_length)
+        forget = tokenized_examples("forget_dataset", forget_dataset, tokenizer, max_length=max_length,
+                                    alternates=alternates)
+        if self.forget_term.reads_alternate and not all("alternate" in e for e in forget):
+            raise ValueError(f"forget_dataset: objective {objective!r} reads a substitute answer for each forget "
+                             f"question: give records an 'alternate' answer (or alternates=, e.g. TOFU's "
+                             f"idontknow.jsonl), tokenized examples alternate_input_ids/alternate_labels")
         retain = None
         if self.retain_term is not None:
             if retain_dataset is None:
@@ -116,6 +123,7 @@ class UnlearningTrainer(Trainer):
                          callbacks=callbacks, **kwargs)
         self.train_dataset = ForgetRetainPairs(forget, retain, seed=self._pairing_seed())
         check_backend(backend, next(self.model.parameters()).device)
+        self._check_entries()
         if self.rectify is not None and self.args.world_size > 1:
             raise ValueError("guidance: rectify runs in one process (under DDP each term's gradient would be "
                              "all-reduced apart); use geffect train --nproc for several")
@@ -134,6 +142,21 @@ class UnlearningTrainer(Trainer):
     def _profiled_retain(self):
         return None if self.retain_term is None else self.retain_objective
 
+    def _check_entries(self):
+        """What the entries read of the model, checked now: the layer (RMU, RR); the parameters RMU trains, the
+        others then frozen (before the optimizer is made)."""
+        try:
+            for term in (self.forget_term, self.retain_term):
+                if term is not None and term.entry.objective.level == "hidden":
+                    layer_index(self.model, term.entry.hparams.get("layer", -1.0))
+            only = self.forget_term.trained_parameters(self.model)
+        except ValueError as err:
+            raise ValueError(f"objective/hparams: {err}") from None
+        if only is not None:
+            for name, p in self.model.named_parameters():
+                if name not in only:
+                    p.requires_grad_(False)
+
     def _pairing_seed(self) -> int:
         return self.args.data_seed if self.args.data_seed is not None else self.args.seed
 
@@ -141,16 +164,23 @@ class UnlearningTrainer(Trainer):
         """The starting model's reference, from a checkpoint's saved state, the user's values, or the model now
         (before the Trainer loads a checkpoint's weights into it)."""
         terms = [t for t in (self.forget_term, self.retain_term) if t is not None]
-        rows = None
+        saved = saved or {}
+
+        def rows_of(key, examples, given=None):
+            if saved.get(key) is not None:
+                return saved[key]
+            if given is not None:
+                return given
+            return starting_logprobs(self.model, examples, pad_id=self.pad_id,
+                                     batch_size=self.args.per_device_train_batch_size, backend=self.backend)
+
+        rows = alternate_rows = None
         if any(t.needs_logprobs for t in terms):
-            if saved is not None and saved.get("ref_rows") is not None:
-                rows = saved["ref_rows"]
-            elif self.given_logprobs is not None:
-                rows = self.given_logprobs
-            else:
-                rows = starting_logprobs(self.model, self.forget_examples, pad_id=self.pad_id,
-                                         batch_size=self.args.per_device_train_batch_size, backend=self.backend)
-        return StartingModel(self.model, rows, whole_model=any(t.needs_model for t in terms))
+            rows = rows_of("ref_rows", self.forget_examples, self.given_logprobs)
+        if any(t.needs_alternate_logprobs for t in terms):
+            alternate_rows = rows_of("alternate_rows", [e["alternate"] for e in self.forget_examples])
+        return StartingModel(self.model, rows, alternate_rows, whole_model=any(t.needs_model for t in terms),
+                             seed=self.args.seed)
 
     def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None, **kwargs):
         if resume_from_checkpoint is True:
@@ -308,6 +338,7 @@ class UnlearningTrainer(Trainer):
             folder = os.path.join(self._get_output_dir(trial=trial),
                                   f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
             state = {"ref_rows": None if self.reference is None else self.reference.rows, "dual": self.dual,
+                     "alternate_rows": None if self.reference is None else self.reference.alternate_rows,
                      "geffects": None if self.step_geffects is None else self.step_geffects.history.to_dict()}
             torch.save(state, os.path.join(folder, STATE_FILE))
 
