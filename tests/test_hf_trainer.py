@@ -123,6 +123,40 @@ def test_rectify_guidance_step_matches_the_formula(demo, tmp_path):
                                    atol=1e-12)
 
 
+def test_instance_guidance_step_matches_the_formula(demo, tmp_path):
+    """guidance="instance": one SGD step is −lr (r + Σ_s w_s g_s), g_s forget sample s's part of the objective's
+    gradient, r the retain term's, w = B·softmax(z/τ) with z the standardized e_s = ⟨g_s, r⟩, from the model's logits
+    in float64."""
+    forget, retain, tokenizer, forget_set, retain_set = demo
+    start = model_of(tokenizer)
+    model = model_of(tokenizer)
+    args = arguments(tmp_path, max_steps=1, per_device_train_batch_size=len(forget), optim="sgd", learning_rate=0.5,
+                     max_grad_norm=0.0, weight_decay=0.0, lr_scheduler_type="constant")
+    trainer = trainer_of(demo, tmp_path, model, args, objective="wga", hparams={"alpha": 0.8}, guidance="instance",
+                         guidance_temperature=0.5, retain_weight=0.7)
+    trainer.train()
+    f_batch = forget_set.batch(range(len(forget)))
+    r_batch = retain_set.batch([retain_index(3, 0, i, len(retain)) for i in range(len(forget))])
+    params = dict(start.named_parameters())
+    lp_r, valid_r = token_logprobs_by_logits(start, r_batch)
+    r = torch.autograd.grad(0.7 * formulas.objective("nll", lp_r, valid_r), list(params.values()))
+    lp, valid = token_logprobs_by_logits(start, f_batch)
+    n = valid.sum()
+    weight = formulas.token_weight("wga", lp.detach(), None, {"alpha": 0.8})
+    parts = [torch.autograd.grad((weight[s] * lp[s] * valid[s]).sum() / n, list(params.values()), retain_graph=True,
+                                 allow_unused=True) for s in range(len(forget))]
+    parts = [[torch.zeros_like(p) if g is None else g for g, p in zip(part, params.values())] for part in parts]
+    e = torch.tensor([sum(float((g * q).sum()) for g, q in zip(part, r)) for part in parts], dtype=torch.float64)
+    z = (e - e.mean()) / e.std(unbiased=False)
+    w = len(forget) * torch.softmax(z / 0.5, 0)
+    record = [rec for rec in trainer.state.log_history if "loss" in rec][0]
+    assert (record["weight_min"], record["weight_max"]) == pytest.approx((float(w.min()), float(w.max())), rel=1e-9)
+    moved = dict(model.named_parameters())
+    for i, (name, p) in enumerate(params.items()):
+        grad = r[i] + sum(w[s] * parts[s][i] for s in range(len(forget)))
+        torch.testing.assert_close(moved[name].detach(), p.detach() - 0.5 * grad, rtol=1e-9, atol=1e-12)
+
+
 def test_primal_dual_raises_the_retain_weight_by_the_constraint(demo, tmp_path):
     """PDU: λ_0 = retain_weight, λ_{k+1} = max(0, λ_k + η (retain loss of update k − ε)), and the loss carries
     λ_k (retain loss − ε)."""
@@ -385,7 +419,10 @@ def test_tokenized_examples_in_a_datasets_style_sequence(demo, tmp_path):
     ({"objective": "po", "alternates": ["no"]}, "alternates must be a file or 11 non-empty strings"),
     ({"objective": "po", "alternates": "/nonexistent/idk.jsonl"}, "alternates: /nonexistent/idk.jsonl"),
     ({"objective": "rmu", "hparams": {"layer": 7.0}}, "objective/hparams:"),
-    ({"guidance": "instance"}, "guidance='instance': UnlearningTrainer takes 'rectify' or None"),
+    ({"guidance": "steer"}, "guidance: unknown 'steer'"),
+    ({"guidance": "instance", "retain_objective": "kl"}, "guidance: instance weighting needs the nll retain term"),
+    ({"guidance": "instance", "objective": "rmu"}, "guidance: instance weighting needs an objective of the forget"),
+    ({"guidance": "instance", "guidance_temperature": 0}, "guidance_temperature must be a positive number"),
     ({"guidance": "rectify", "retain_objective": "none"}, "guidance: rectify steers the objective"),
     ({"backend": "nope"}, "nope"),
 ])

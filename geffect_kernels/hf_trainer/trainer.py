@@ -23,9 +23,11 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoin
 
 from ..backends.registry import check_backend
 from ..data.prompts import padding_id
+from ..guidance import GUIDANCES, TEMPERATURE
 from ..layers import layer_index
 from .collator import PairCollator
 from .pairs import ForgetRetainPairs, tokenized_examples
+from .instance_callback import InstanceWeightingCallback
 from .rectify_callback import RectifyCallback
 from .reference import StartingModel, checked_logprobs, starting_logprobs
 from .step_geffects import StepGEffects
@@ -53,7 +55,8 @@ class UnlearningTrainer(Trainer):
         geffect_every: measure G-effects every this many updates (0: never); they are logged as ``e_forget`` and
             ``e_retain`` (``state.log_history``, ``report_to``) and kept in ``self.geffects``.
         stop_when: stop rules on those G-effects (``--stop-when``'s, `guidance.stop`), a `StopWhenCallback`.
-        guidance: "rectify" (`RectifyCallback`, one process) or None.
+        guidance: "rectify" (`RectifyCallback`) or "instance" (`InstanceWeightingCallback`, with
+            ``guidance_temperature``), one process; or None.
         primal_dual, dual_step: PDU: the retain weight becomes a dual variable for retain loss ≤ ``primal_dual``.
         backend: the kernels' backend ("auto").
         max_length: the longest encoded TOFU-format example.
@@ -62,14 +65,14 @@ class UnlearningTrainer(Trainer):
     def __init__(self, model=None, args=None, *, forget_dataset=None, retain_dataset=None, objective="npo",
                  retain_objective="nll", hparams=None, forget_weight=1.0, retain_weight=1.0, ref_logprobs=None,
                  geffect_every=0, geffect_groups="layer", stop_when=None, guidance=None, primal_dual=None,
-                 dual_step=1.0, alternates=None, backend="auto", max_length=None, **kwargs):
+                 dual_step=1.0, alternates=None, guidance_temperature=TEMPERATURE, backend="auto", max_length=None,
+                 **kwargs):
         for name in _OWN_ARGUMENTS:
             if kwargs.get(name) is not None:
                 raise ValueError(f"{name}: UnlearningTrainer builds it from forget_dataset and retain_dataset")
             kwargs.pop(name, None)
-        if guidance not in (None, "rectify"):
-            raise ValueError(f"guidance={guidance!r}: UnlearningTrainer takes 'rectify' or None (instance weighting: "
-                             f"geffect train)")
+        if guidance not in (None, *GUIDANCES):
+            raise ValueError(f"guidance: unknown {guidance!r}; valid: {', '.join(GUIDANCES)} (or None)")
         self.forget_term = objective_term(objective, hparams or {})
         self.retain_term = retain_term(retain_objective, self.forget_term)
         for name, value in (("forget_weight", forget_weight), ("retain_weight", retain_weight)):
@@ -115,18 +118,23 @@ class UnlearningTrainer(Trainer):
             callbacks.append(StopWhenCallback(stop_when))
         if guidance == "rectify":
             callbacks.append(RectifyCallback())
+        if guidance == "instance":
+            callbacks.append(InstanceWeightingCallback(guidance_temperature))
         self.rectify = next((c for c in callbacks if isinstance(c, RectifyCallback)), None)
+        self.instance = next((c for c in callbacks if isinstance(c, InstanceWeightingCallback)), None)
         if self.rectify is not None and self.retain_term is None:
             raise ValueError("guidance: rectify steers the objective by the retain term's gradient; set a "
                              "retain_objective")
+        if self.instance is not None:
+            self._check_instance_weighting(retain_objective, primal_dual)
         super().__init__(model=model, args=args, train_dataset=None, data_collator=PairCollator(self.pad_id),
                          callbacks=callbacks, **kwargs)
         self.train_dataset = ForgetRetainPairs(forget, retain, seed=self._pairing_seed())
         check_backend(backend, next(self.model.parameters()).device)
         self._check_entries()
-        if self.rectify is not None and self.args.world_size > 1:
-            raise ValueError("guidance: rectify runs in one process (under DDP each term's gradient would be "
-                             "all-reduced apart); use geffect train --nproc for several")
+        if (self.rectify or self.instance) is not None and self.args.world_size > 1:
+            raise ValueError("guidance: runs in one process (under DDP each term's gradient would be all-reduced "
+                             "apart); use geffect train --nproc for several")
         self.model_accepts_loss_kwargs = False  # each micro-batch's loss is its mean: the Trainer averages them
         self.geffects = None
         self.step_geffects = (StepGEffects(objective, self.hparams, self._profiled_retain(),
@@ -141,6 +149,18 @@ class UnlearningTrainer(Trainer):
 
     def _profiled_retain(self):
         return None if self.retain_term is None else self.retain_objective
+
+    def _check_instance_weighting(self, retain_objective, primal_dual):
+        """Instance weighting's conditions (the loop's): per-sample G-effects of an objective of the forget answers'
+        log-probabilities, against the NLL retain term's gradient, at a fixed retain weight."""
+        if not self.forget_term.entry.objective.on_forget_logprobs:
+            raise ValueError(f"guidance: instance weighting needs an objective of the forget answers' "
+                             f"log-probabilities, not {self.forget_term.entry.name!r}")
+        if retain_objective != "nll" or self.retain_weight == 0:
+            raise ValueError("guidance: instance weighting needs the nll retain term with retain_weight > 0 (the "
+                             "retain risk's gradient)")
+        if primal_dual is not None:
+            raise ValueError("guidance: instance weighting takes a fixed retain_weight, not primal_dual")
 
     def _check_entries(self):
         """What the entries read of the model, checked now: the layer (RMU, RR); the parameters RMU trains, the
@@ -224,6 +244,14 @@ class UnlearningTrainer(Trainer):
             self.log(values)
             if self.control.should_training_stop:
                 return [], None
+        if self.instance is not None and batches:
+            prepared = [self._prepare_inputs(batch) for batch in batches]
+            self.model.train()
+            sums = self.instance.guided_gradients(self, prepared)
+            self._guided_losses = sums
+            for _ in batches:  # the log's means count micro-batches
+                self._add_terms({"forget_loss": torch.tensor(sums["forget_loss"]),
+                                 "retain_loss": torch.tensor(sums["retain_loss"])})
         return batches, count
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -252,6 +280,9 @@ class UnlearningTrainer(Trainer):
     def training_step(self, model, inputs, num_items_in_batch=None):
         """The Trainer's step; with rectify guidance the two terms' backward apart, the objective's gradient held
         aside until the update's last micro-batch (`RectifyCallback.combine`)."""
+        if self.instance is not None and "forget" in inputs:  # the update's gradient is already in .grad
+            scale = 1.0 / self.current_gradient_accumulation_steps
+            return torch.tensor(scale * self._guided_losses["loss"], device=self.args.device)
         if self.rectify is None or "forget" not in inputs:
             return super().training_step(model, inputs, num_items_in_batch)
         model.train()
@@ -327,6 +358,8 @@ class UnlearningTrainer(Trainer):
                 logs["retain_loss"] = float(sums[1] / sums[2])
             if self.rectify is not None:
                 logs["rectified_groups"] = self.rectify.rectified_groups
+            if self.instance is not None:
+                logs["weight_min"], logs["weight_max"] = self.instance.weight_min, self.instance.weight_max
             if self.dual is not None:
                 logs["dual"] = self.step_dual  # the λ of the last update (the next one's is `self.dual`)
             self._term_sums = None
