@@ -26,8 +26,8 @@ from ..data.prompts import padding_id
 from ..guidance import GUIDANCES, TEMPERATURE
 from ..layers import layer_index
 from .collator import PairCollator
-from .pairs import ForgetRetainPairs, tokenized_examples
 from .instance_callback import InstanceWeightingCallback
+from .pairs import ForgetRetainPairs, tokenized_examples
 from .rectify_callback import RectifyCallback
 from .reference import StartingModel, checked_logprobs, starting_logprobs
 from .step_geffects import StepGEffects
@@ -132,7 +132,7 @@ class UnlearningTrainer(Trainer):
         self.train_dataset = ForgetRetainPairs(forget, retain, seed=self._pairing_seed())
         check_backend(backend, next(self.model.parameters()).device)
         self._check_entries()
-        if (self.rectify or self.instance) is not None and self.args.world_size > 1:
+        if (self.rectify is not None or self.instance is not None) and self.args.world_size > 1:
             raise ValueError("guidance: runs in one process (under DDP each term's gradient would be all-reduced "
                              "apart); use geffect train --nproc for several")
         self.model_accepts_loss_kwargs = False  # each micro-batch's loss is its mean: the Trainer averages them
