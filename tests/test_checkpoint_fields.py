@@ -36,6 +36,7 @@ BAD_FIELDS = [
     ("geffects", lambda s: "abc", "geffects is not a G-effect history"),
     ("setting_changes", lambda s: 3, "setting_changes must be a list of {step, before}, got 3"),
     ("cuda_rng", lambda s: "abc", "cuda_rng must be a list of RNG states"),
+    ("dual", lambda s: "abc", "dual must be a finite number (PDU's dual variable) or null, got 'abc'"),
 ]
 
 

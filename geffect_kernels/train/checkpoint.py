@@ -8,6 +8,7 @@ in the folder removes (`remove_orphans`). A checkpoint is loaded as tensors and 
 from __future__ import annotations
 
 import contextlib
+import math
 import pickle
 import re
 import shutil
@@ -120,7 +121,8 @@ def load_checkpoint(out_dir) -> dict | None:
 
 def check_loop_state(path, state: dict) -> None:
     """CheckpointError naming ``path`` and the field when what every checkpoint holds besides its tensors (the
-    step, the settings, the settings changed on the way, the G-effect history) is not of its type."""
+    step, the settings, the settings changed on the way, the G-effect history, PDU's dual variable) is not of its
+    type."""
     from ..geffect import GEffectHistory
 
     step = state.get("step")
@@ -133,6 +135,9 @@ def check_loop_state(path, state: dict) -> None:
             isinstance(c, dict) and isinstance(c.get("step"), int) and isinstance(c.get("before"), dict)
             for c in changes):
         _refuse(path, "setting_changes", "must be a list of {step, before}", changes)
+    dual = state.get("dual")
+    if dual is not None and (not isinstance(dual, (int, float)) or isinstance(dual, bool) or not math.isfinite(dual)):
+        _refuse(path, "dual", "must be a finite number (PDU's dual variable) or null", dual)
     if state.get("geffects") is not None:
         try:
             GEffectHistory.from_dict(state["geffects"])
