@@ -31,3 +31,11 @@ def test_without_a_rank_message_torchruns_last_line_is_said_and_the_logs_removed
     assert failure_line(logs, 1, "a\nRendezvousError: port taken\n") == \
         "geffect: error: torchrun ended with exit status 1 (RendezvousError: port taken)"
     assert not logs.exists()
+
+
+def test_a_ranks_error_comes_before_the_stop_of_a_rank_torchrun_ended_because_of_it(tmp_path):
+    stopped = "geffect: stopped by SIGTERM; a run folder keeps its last checkpoint: the same command resumes from it\n"
+    logs = rank_logs(tmp_path / "logs", {0: stopped, 1: "geffect: error: step-6 holds objects other than tensors\n"})
+    assert failure_line(logs, 1, "") == "geffect: error: step-6 holds objects other than tensors"
+    logs = rank_logs(tmp_path / "again", {0: stopped, 1: stopped})
+    assert failure_line(logs, 1, "") == stopped.strip()

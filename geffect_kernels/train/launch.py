@@ -4,10 +4,10 @@ torchrun and its ranks run in a process group of their own. Ctrl-C or SIGTERM to
 systemd and Slurm send) goes to that whole group as SIGTERM, so every rank stops (each releases the run folder as
 one process does; the folder keeps its last complete checkpoint), and the launcher waits for them. A launcher
 that dies without a word (``kill -9``, the OOM killer) takes them along: torchrun receives SIGTERM at its death,
-each rank at torchrun's (`parent_death`). Each rank's
-stderr goes to a log file; the launcher prints rank 0's, or on a failure the one ``geffect:`` line a rank printed
-(the first failing rank's), never torchrun's tracebacks; the logs are removed, unless a rank failed without such a
-line: then the line names the exception and the log it is kept in.
+each rank at torchrun's (`parent_death`). Each rank's stderr goes to a log file; the launcher prints rank 0's, or
+on a failure the one ``geffect:`` line a rank printed (an error before a "stopped by" of a rank torchrun stopped;
+rank 0's, else the first failing rank's), never torchrun's tracebacks. The logs are removed, unless a rank failed
+without such a line: then the line names the exception and the log it is kept in.
 """
 from __future__ import annotations
 
@@ -120,9 +120,12 @@ def _rank_logs(logs: Path) -> dict[int, Path]:
 
 
 def _one_line(rank_errs: dict) -> str | None:
-    """The ``geffect:`` line of rank 0, else of the first rank that printed one."""
-    for _, text in sorted(rank_errs.items()):
-        lines = [line for line in text.splitlines() if line.startswith("geffect: ")]
-        if lines:
-            return lines[-1]
+    """The ``geffect: error:`` line of rank 0, else of the first rank that printed one; else any ``geffect:`` line,
+    rank 0's first. An error comes before a stop: when one rank fails, torchrun stops the others with SIGTERM, and
+    each of those says it was stopped."""
+    for prefix in ("geffect: error: ", "geffect: "):
+        for _, text in sorted(rank_errs.items()):
+            lines = [line for line in text.splitlines() if line.startswith(prefix)]
+            if lines:
+                return lines[-1]
     return None
