@@ -228,6 +228,9 @@ class ChunkedBackend(Backend):
 
         return fused_logits_loss(compute, logits)
 
+    def logits_logprobs_kernels(self, opts):
+        return _Logprobs(opts)
+
     def token_logprobs_from_logits(self, logits, labels, opts):
         return token_logprobs(_Logprobs(opts), logits, labels)
 

@@ -10,6 +10,7 @@ Eager calls run the autograd Functions of `autograd` (gradients handed over in p
   the scalar loss and its gradients, produced in the forward as in eager; the backward scales them by the upstream
   scalar.
 - ``geffect::token_stats``: forward only.
+- ``..._from_logits`` versions of the first three over logits the caller holds.
 
 Every operator takes the backend by name (a string is part of the schema, a Python object is not) and checks the
 labels of CPU tensors against the vocabulary when it runs, as eager calls do before they start.
@@ -213,6 +214,101 @@ target_cross_entropy_op.register_autograd(lambda ctx, grad, *_: _scaled_grads(ct
                                           setup_context=_setup_fused)
 
 
+# -- the same over logits the caller holds [N, V] (in place never: the operators return fresh gradients) ----------
+
+@torch.library.custom_op("geffect::token_logprobs_from_logits", mutates_args=())
+def logits_logprobs_op(backend: str, logits: Tensor, labels: Tensor, ignore_index: int,
+                       softcap: Optional[float]) -> tuple[Tensor, Tensor]:
+    _check_labels(labels, logits.shape[1], ignore_index)
+    kernels = _backend(backend).logits_logprobs_kernels(LossOptions(ignore_index, softcap))
+    with _device_guard(logits):
+        logprobs, saved = kernels.forward(_rowmajor(logits), labels.contiguous())
+    return logprobs, saved[-1]
+
+
+@logits_logprobs_op.register_fake
+def _(backend, logits, labels, ignore_index, softcap):
+    out = logits.new_empty(labels.shape, dtype=compute_dtype(logits.dtype))
+    return out, torch.empty_like(out)
+
+
+@torch.library.custom_op("geffect::token_logprobs_from_logits_backward", mutates_args=())
+def logits_logprobs_backward_op(backend: str, logits: Tensor, labels: Tensor, lse: Tensor, grad: Tensor,
+                                ignore_index: int, softcap: Optional[float]) -> Tensor:
+    kernels = _backend(backend).logits_logprobs_kernels(LossOptions(ignore_index, softcap))
+    with _device_guard(logits):
+        grad_logits, _ = kernels.backward((_rowmajor(logits), labels.contiguous(), lse), grad.contiguous(),
+                                          (True, False))
+    return grad_logits.to(logits.dtype).contiguous()
+
+
+@logits_logprobs_backward_op.register_fake
+def _(backend, logits, labels, lse, grad, ignore_index, softcap):
+    return logits.new_empty(logits.shape)
+
+
+def _setup_logits_logprobs(ctx, inputs, output):
+    backend, logits, labels, ignore_index, softcap = inputs
+    ctx.save_for_backward(logits, labels, output[1])
+    ctx.args = (backend, ignore_index, softcap)
+    ctx.mark_non_differentiable(output[1])
+
+
+def _logits_logprobs_backward(ctx, grad_logprobs, _grad_lse):
+    if not ctx.needs_input_grad[1]:
+        return (None,) * 5
+    logits, labels, lse = ctx.saved_tensors
+    backend, ignore_index, softcap = ctx.args
+    return None, logits_logprobs_backward_op(backend, logits, labels, lse, grad_logprobs, ignore_index,
+                                             softcap), None, None, None
+
+
+logits_logprobs_op.register_autograd(_logits_logprobs_backward, setup_context=_setup_logits_logprobs)
+
+
+@torch.library.custom_op("geffect::weighted_loss_from_logits", mutates_args=())
+def logits_weighted_loss_op(backend: str, logits: Tensor, labels: Tensor, ref_logprobs: Optional[Tensor],
+                            scale: Tensor, ignore_index: int, softcap: Optional[float], objective: str,
+                            weight_hparams: list[float], wanted: list[bool]) -> tuple[Tensor, Tensor]:
+    _check_labels(labels, logits.shape[1], ignore_index)
+    weighting = TokenWeighting(OBJECTIVES[objective], *weight_hparams)
+    opts = LossOptions(ignore_index, softcap, weighting=weighting, scale=scale)
+    impl = _backend(backend)
+    loss, grads = _with_grads(lambda z: impl.weighted_loss_from_logits(z, labels, ref_logprobs, opts), (logits,),
+                              wanted)
+    return loss.to(compute_dtype(logits.dtype)), *_present(grads, (logits,), wanted)
+
+
+@logits_weighted_loss_op.register_fake
+def _(backend, logits, labels, ref_logprobs, scale, ignore_index, softcap, objective, weight_hparams, wanted):
+    return logits.new_empty((), dtype=compute_dtype(logits.dtype)), *_fake_grads((logits,), wanted)
+
+
+logits_weighted_loss_op.register_autograd(lambda ctx, grad, *_: _scaled_grads(ctx, grad, 1, 8),
+                                          setup_context=_setup_fused)
+
+
+@torch.library.custom_op("geffect::target_cross_entropy_from_logits", mutates_args=())
+def logits_target_cross_entropy_op(backend: str, logits: Tensor, labels: Tensor, scale: Tensor, ignore_index: int,
+                                   softcap: Optional[float], beta: float,
+                                   wanted: list[bool]) -> tuple[Tensor, Tensor]:
+    _check_labels(labels, logits.shape[1], ignore_index)
+    opts = LossOptions(ignore_index, softcap, scale=scale)
+    impl = _backend(backend)
+    loss, grads = _with_grads(lambda z: impl.target_cross_entropy_from_logits(z, labels, opts, beta), (logits,),
+                              wanted)
+    return loss.to(compute_dtype(logits.dtype)), *_present(grads, (logits,), wanted)
+
+
+@logits_target_cross_entropy_op.register_fake
+def _(backend, logits, labels, scale, ignore_index, softcap, beta, wanted):
+    return logits.new_empty((), dtype=compute_dtype(logits.dtype)), *_fake_grads((logits,), wanted)
+
+
+logits_target_cross_entropy_op.register_autograd(lambda ctx, grad, *_: _scaled_grads(ctx, grad, 1, 6),
+                                                 setup_context=_setup_fused)
+
+
 # -- (ℓ_t, entropy, Var_p[log p]) --------------------------------------------------------------------------
 
 @torch.library.custom_op("geffect::token_stats", mutates_args=())
@@ -245,8 +341,8 @@ def _wanted(*tensors):
 
 
 class CompiledBackend(Backend):
-    """A kernel backend as `torch.compile` sees it: its head operations through the custom operators above;
-    anything else (the logits-input methods) straight to the backend."""
+    """A kernel backend as `torch.compile` sees it: its operations through the custom operators above (``inplace``
+    has no effect there: an operator returns a fresh gradient); anything else straight to the backend."""
 
     def __init__(self, backend: Backend):
         self.backend = backend
@@ -280,6 +376,19 @@ class CompiledBackend(Backend):
         ref = [None if t is None else t.detach() for t in (ref_hidden, ref_weight, ref_bias)]
         return target_cross_entropy_op(self.name, hidden, weight, bias, *ref, labels, _scale(opts.scale, hidden),
                                        opts.ignore_index, opts.softcap, beta, _wanted(hidden, weight, bias))[0]
+
+    def token_logprobs_from_logits(self, logits, labels, opts):
+        return logits_logprobs_op(self.name, logits, labels, opts.ignore_index, opts.softcap)[0]
+
+    def weighted_loss_from_logits(self, logits, labels, ref_logprobs, opts):
+        w = opts.weighting
+        return logits_weighted_loss_op(self.name, logits, labels, ref_logprobs, _scale(opts.scale, logits),
+                                       opts.ignore_index, opts.softcap, w.objective.name, _weight_hparams(w),
+                                       _wanted(logits))[0]
+
+    def target_cross_entropy_from_logits(self, logits, labels, opts, beta):
+        return logits_target_cross_entropy_op(self.name, logits, labels, _scale(opts.scale, logits), opts.ignore_index,
+                                              opts.softcap, beta, _wanted(logits))[0]
 
     def token_stats(self, hidden, weight, bias, labels, opts):
         return token_stats_op(self.name, hidden, weight, bias, labels, opts.ignore_index, opts.softcap)

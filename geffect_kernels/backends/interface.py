@@ -77,6 +77,11 @@ class Backend:
                                                       opts, beta)
 
     # -- logits given ---------------------------------------------------------------------
+    def logits_logprobs_kernels(self, opts: LossOptions):
+        """`logprobs_kernels` over given logits: ``forward(logits, labels) -> (ℓ, (logits, labels, lse))``,
+        ``backward(that tuple, ∂L/∂ℓ, wanted) -> (dlogits, None)``."""
+        raise NotImplementedError
+
     def token_logprobs_from_logits(self, logits, labels, opts: LossOptions):
         raise NotImplementedError
 

@@ -179,6 +179,9 @@ class _CsrcBackend(Backend):
                 buffer[sl] = part
         return tuple(out)
 
+    def logits_logprobs_kernels(self, opts):
+        return _Logprobs(self.ext, opts)
+
     def token_logprobs_from_logits(self, logits, labels, opts):
         return token_logprobs(_Logprobs(self.ext, opts), logits, labels)
 

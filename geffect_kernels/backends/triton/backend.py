@@ -12,7 +12,7 @@ from ..interface import Backend
 from .config import interpreting
 from .fused_weighted import HeadLogprobs, head_logprobs_op, weighted_head_loss
 from .kl import fused_kl, fused_target_ce
-from .logits_rowwise import logits_logprobs, logits_weighted_loss
+from .logits_rowwise import LogitsLogprobs, logits_logprobs, logits_weighted_loss
 from .token_stats import head_token_stats
 
 
@@ -81,6 +81,9 @@ class TritonBackend(Backend):
             ref_bias = None if ref_bias is None else _rowmajor(ref_bias.detach())
         return fused_target_ce(_rowmajor(hidden), _rowmajor(weight), _rowmajor(bias), ref_hidden, ref_weight, ref_bias,
                                labels.contiguous(), opts, beta)
+
+    def logits_logprobs_kernels(self, opts):
+        return LogitsLogprobs(opts)
 
     @_on_inputs_device
     def token_logprobs_from_logits(self, logits, labels, opts):

@@ -102,7 +102,7 @@ def _rows(logits, labels, ref, grad, *, ignore_index, softcap, weighting=None, s
     return lp, lse, coef
 
 
-class _LogitsLogprobs:
+class LogitsLogprobs:
     def __init__(self, opts):
         self.opts = opts
 
@@ -124,7 +124,7 @@ class _LogitsLogprobs:
 
 
 def logits_logprobs(logits, labels, opts):
-    return token_logprobs(_LogitsLogprobs(opts), logits, labels)
+    return token_logprobs(LogitsLogprobs(opts), logits, labels)
 
 
 def logits_weighted_loss(logits, labels, ref, opts):
