@@ -242,3 +242,13 @@ def test_the_gpu_suites_head_adapter_row_runs_on_the_cpu():
     assert max(errors.values()) < 1e-4, errors
     loss, grads = step()
     assert [tuple(g.shape) for g in grads] == [(3, 16), (53, 3), (37, 16)]
+
+
+def test_a_head_adapter_in_a_sharded_run_is_one_line_before_anything_is_written(capsys, workspace, tmp_path):
+    from test_cli import run
+
+    m, f, r = workspace / "model", workspace / "forget.json", workspace / "retain.json"
+    code, _, err = run(capsys, "train", "--model", m, "--forget", f, "--retain", r, "--lora-r", 2, "--lora-targets",
+                       "q_proj,lm_head", "--nproc", 2, "--out", tmp_path / "run", "--no-progress")
+    assert code == 1 and err.count("\n") == 1 and "lm_head runs in one process only" in err, err
+    assert not (tmp_path / "run").exists()

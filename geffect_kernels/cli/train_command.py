@@ -184,6 +184,8 @@ def _check_before_launch(job: TrainJob) -> None:
         check_own_folder(config.out_dir)  # also before torchrun starts: nothing of anyone else's is removed
         if job.resume is not False:  # --overwrite: the checkpoint is replaced, whoever wrote it
             check_resume(config.out_dir, world, args.allow_reshard)
+    if world > 1 and args.lora_r and "lm_head" in (args.lora_targets or ()):
+        raise CLIError("--lora-targets lm_head runs in one process only: a sharded run adapts the decoder's layers")
     if world > 1 and any(c.guidance == "instance" for c in configs.values()):
         raise CLIError("--guidance instance runs in one process only; --guidance rectify runs sharded")
     if world > 1:
