@@ -16,7 +16,8 @@ from geffect_kernels.geffect import GEffectProfiler
 
 from geffect_models import assert_matches_definition, batch, force, materialized, nll, tiny_model
 
-from test_cli import workspace  # noqa: F401  (workspace is a fixture)
+from test_cli import workspace  # noqa: F401  (a fixture)
+from test_hf_trainer import demo  # noqa: F401  (a fixture)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -252,3 +253,23 @@ def test_a_head_adapter_in_a_sharded_run_is_one_line_before_anything_is_written(
                        "q_proj,lm_head", "--nproc", 2, "--out", tmp_path / "run", "--no-progress")
     assert code == 1 and err.count("\n") == 1 and "lm_head runs in one process only" in err, err
     assert not (tmp_path / "run").exists()
+
+
+def test_the_unlearning_trainer_trains_a_head_adapter(demo, tmp_path):
+    """`hf.UnlearningTrainer` on a PEFT model whose head carries an adapter: the reference is the model without its
+    adapters (the plain model's log-probabilities), G-effects are measured, and the head's adapter moves."""
+    from test_hf_trainer import arguments, model_of, trainer_of
+
+    config = LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "lm_head"], init_lora_weights=False)
+    model = get_peft_model(model_of(demo[2]), config)
+    head_b = [p for n, p in model.named_parameters() if "lm_head.lora_B" in n]
+    before = [p.detach().clone() for p in head_b]
+    trainer = trainer_of(demo, tmp_path, model, objective="npo", retain_objective="kl", geffect_every=1,
+                         args=arguments(tmp_path, max_steps=1))
+    trainer.train()
+    batch_ = demo[3].batch(range(len(demo[3])))
+    expected = hf.token_logprobs(model_of(demo[2]), batch_)
+    for i, row in enumerate(trainer.reference.rows):
+        torch.testing.assert_close(row.double(), expected[i, : len(row)].float().double(), rtol=0, atol=1e-6)
+    assert trainer.geffects.steps == [0] and all(math.isfinite(v) for v in trainer.geffects.per_step("retain"))
+    assert len(head_b) == 1 and not torch.equal(before[0], head_b[0])
