@@ -213,11 +213,21 @@ def test_dynamic_shapes(name):
             _assert_close(g_got, g_eager, 1e-12)
 
 
-def test_hf_unlearning_loss_compiles_whole_on_a_llama():
-    """The decoder, the head and the loss in one graph (fullgraph: a break would raise); every parameter's gradient
-    equal to eager's."""
+def _llama(adapted):
+    model = tiny("llama")
+    if adapted:  # B ≠ 0 (init_lora_weights=False): the head's adapter changes the logits and gets gradients
+        from peft import LoraConfig, get_peft_model
+        config = LoraConfig(r=3, lora_alpha=5, target_modules=["q_proj", "lm_head"], init_lora_weights=False)
+        model = get_peft_model(model, config)
+    return model.double().eval()
+
+
+@pytest.mark.parametrize("adapted", [False, True], ids=["llama", "llama-lora-on-head"])
+def test_hf_unlearning_loss_compiles_whole_on_a_llama(adapted):
+    """The decoder, the head (with a LoRA adapter: the concatenated inputs of `hf.LMHead.adapted`) and the loss in
+    one graph (fullgraph: a break would raise); every trainable parameter's gradient equal to eager's."""
     torch._dynamo.reset()
-    model = tiny("llama").double().eval()
+    model = _llama(adapted)
     data = batch()
     with torch.no_grad():
         ref = gk.hf.token_logprobs(model, data) - 0.1
@@ -226,6 +236,7 @@ def test_hf_unlearning_loss_compiles_whole_on_a_llama():
         return gk.hf.unlearning_loss("npo", model, data, ref_logprobs=ref, backend="torch")
 
     params = [p for p in model.parameters() if p.requires_grad]
+    assert not adapted or sum("lm_head" in n for n, p in model.named_parameters() if p.requires_grad) == 2
     got = torch.compile(loss, backend="aot_eager", fullgraph=True)(model, data)
     got_grads = torch.autograd.grad(got, params)
     eager = loss(model, data)
