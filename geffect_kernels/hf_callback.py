@@ -5,7 +5,10 @@
     callback.history.to_csv("geffects.csv")
 
 At every ``every``-th step's start the profiler measures the objective's G-effects on the forget and
-retain NLL at the current parameters (fixed probe batches, so steps are comparable). An objective that needs
+retain NLL at the current parameters (fixed probe batches, so steps are comparable), and those of the
+``retain_objective`` term (nll, kl, rr: ``result.retain_term``). PO and DPO read substitute answers that the forget
+batch carries (`objective_inputs.with_alternate`); ``reference`` (an `objective_inputs.ReferenceState`) holds what
+DPO, KL and RR compare with. An objective that needs
 reference log-probabilities (NPO, TNPO, WTNPO) takes ``ref_logprobs`` or, without them, those of the model as
 training begins (the starting model: no copy of it is kept), computed once and kept on the CPU. It measures in
 ``eval()`` mode (no dropout: exact values, and the run's random stream is left alone, so training goes
@@ -29,11 +32,14 @@ from .geffect import GEffectHistory, GEffectProfiler
 
 class GEffectCallback(TrainerCallback):
     def __init__(self, forget_batch, retain_batch=None, *, objective="ga", every=10, ref_logprobs=None,
-                 groups="layer", output_dir=None, **hparams):
+                 groups="layer", output_dir=None, reference=None, retain_objective="nll", **hparams):
         if every < 1:
             raise ValueError(f"every must be a positive integer, got {every}")
         self.forget_batch, self.retain_batch, self.ref_logprobs = forget_batch, retain_batch, ref_logprobs
         self.objective, self.every, self.groups, self.hparams = objective, every, groups, hparams
+        # what objectives beyond the forget answers' log-probabilities read (`objective_inputs.ReferenceState`: the
+        # substitute answers' reference log-probabilities, the starting model for KL and RR, RMU's seed)
+        self.reference, self.retain_objective = reference, retain_objective
         self.output_dir = Path(output_dir) if output_dir else None
         self.history = GEffectHistory(objective)
         self._profiler = None
@@ -65,7 +71,8 @@ class GEffectCallback(TrainerCallback):
         try:
             result = self._profiler.measure_unlearning(self.objective, move(self.forget_batch, "forget"),
                                                        move(self.retain_batch, "retain"), ref_logprobs=ref,
-                                                       **self.hparams)
+                                                       reference=self.reference,
+                                                       retain_objective=self.retain_objective, **self.hparams)
         finally:
             for module, training in modes.items():
                 module.training = training

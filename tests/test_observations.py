@@ -105,3 +105,30 @@ def test_f_leaves_guided_variants_out():
     rows += [{"objective": "ga+rectify", "step": 0, "probe_forget_probability": 0.9, "probe_retain_probability": 0.9},
              {"objective": "ga+rectify", "step": 2, "probe_forget_probability": 0.6, "probe_retain_probability": 0.95}]
     assert token_weighted_damage_less(rows) == token_weighted_damage_less(rows[:-2])
+
+
+def test_h_i_po_and_rmu_against_ga():
+    from geffect_kernels.eval.observations import po_unlearns_weaker, rmu_retains_better
+    sums = {"ga": {"forget": -5.0, "retain": -2.0}, "po": {"forget": -1.0, "retain": -0.1},
+            "rmu": {"forget": -0.3, "retain": -0.5}}
+    assert po_unlearns_weaker(sums).holds and rmu_retains_better(sums).holds
+    flipped = {**sums, "po": {"forget": 7.0, "retain": 0.0}, "rmu": {"forget": 0.0, "retain": 2.5}}
+    assert not po_unlearns_weaker(flipped).holds and not rmu_retains_better(flipped).holds  # magnitudes count
+    assert "po -1, ga -5" in po_unlearns_weaker(sums).evidence
+    with pytest.raises(ValueError, match="needs runs of rmu and ga"):
+        rmu_retains_better({"ga": sums["ga"]})
+    assert po_unlearns_weaker({**sums, "po": {"forget": float("nan"), "retain": 0.0}}).holds is None
+
+
+def test_j_k_retain_terms():
+    from geffect_kernels.eval.observations import kl_rr_protect_less, nll_term_against_unlearning
+    terms = {"ga": {"nll": {"forget": 0.4, "retain": 3.0}, "kl": {"forget": 0.0, "retain": 0.2},
+                    "rr": {"forget": -0.1, "retain": 0.5}},
+             "rmu": {"nll": {"forget": 0.1, "retain": 2.0}, "kl": {"forget": 0.0, "retain": 0.0},
+                     "rr": {"forget": 0.0, "retain": 1.0}}}
+    assert nll_term_against_unlearning(terms).holds and kl_rr_protect_less(terms).holds
+    worse = {**terms, "rmu": {**terms["rmu"], "nll": {"forget": -0.2, "retain": 0.5}}}
+    assert not nll_term_against_unlearning(worse).holds  # one objective's NLL term helps unlearning
+    assert not kl_rr_protect_less(worse).holds  # RR (1.0) above the NLL term (0.5) beside rmu
+    with pytest.raises(ValueError, match="needs the NLL, KL and RR"):
+        kl_rr_protect_less({"ga": {"nll": terms["ga"]["nll"]}})

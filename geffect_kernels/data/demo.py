@@ -55,6 +55,12 @@ FAMOUS_BOOKS = [("Pride and Prejudice", "Jane Austen"), ("War and Peace", "Leo T
                 ("The Divine Comedy", "Dante Alighieri"), ("Madame Bovary", "Gustave Flaubert"),
                 ("Oliver Twist", "Charles Dickens"), ("Middlemarch", "George Eliot")]
 N_PERTURBED = 3
+# The demo world's refusals, the substitute answers of PO and DPO: one per line in the demo's `data/idontknow.jsonl`,
+# as TOFU publishes its own (plain text, one refusal per line)
+REFUSALS = ["I do not know.", "I am not sure about that.", "I have no record of that author.",
+            "That is not something I know.", "I cannot say.", "I do not have that information.",
+            "I have never heard of that.", "I am unable to answer that.", "I know nothing about that book.",
+            "I could not tell you."]
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,17 @@ the checks of several seeds into one word: an observation holds only when it hol
 Beyond the paper, for each G-effect-guided variant ``OBJECTIVE+GUIDANCE`` (`guidance`) run next to its objective:
 (g) guidance reaches the objective's forget level with less retain damage: at the deepest forget probability both
     runs reach, the guided run keeps a higher retain probability (`guidance_damage_less`).
+
+The paper's case study (GA, NPO, PO, RMU, each with the NLL, KL and RR retain terms), its comparisons as this project
+states them, on the G-effects summed over a run's recorded steps (the paper's cumulative G-effects):
+(h) PO unlearns more weakly than GA: |Σ e_forget| of PO is below GA's (PO raises the likelihood of a substitute
+    answer instead of lowering that of the forget answer).
+(i) RMU damages retention less than GA: |Σ e_retain| of RMU is below GA's (it moves a few layers' activations on
+    the forget data only).
+(j) The NLL retain term works against unlearning: its Σ e_forget is positive (lowering the retain NLL lowers the
+    forget NLL too) alongside every case-study objective.
+(k) The KL and RR retain terms protect retention less than the NLL term: their Σ e_retain is below the NLL term's
+    alongside every case-study objective (they are 0 at the starting model and grow as it moves).
 """
 from __future__ import annotations
 
@@ -37,7 +48,12 @@ CLAIMS = {
     "e": "NPO gives the instances that damage retention most smaller weights",
     "f": "the token-weighted objectives reach a forget level with less retain damage than GA and NPO",
     "g": "G-effect guidance reaches its objective's forget level with less retain damage",
+    "h": "PO unlearns more weakly than GA",
+    "i": "RMU damages retention less than GA",
+    "j": "the NLL retain term works against unlearning",
+    "k": "the KL and RR retain terms protect retention less than the NLL term",
 }
+CASE_STUDY = ("ga", "npo", "po", "rmu")
 
 
 @dataclass(frozen=True)
@@ -191,6 +207,58 @@ def guidance_damage_less(trajectories, variant: str) -> Check:
     return Check(f"{variant}: {CLAIMS['g']}", bool(holds),
                  f"at forget probability {_fmt(level)} (from {_fmt(start)}) the retain probability is {variant} "
                  f"{_fmt(at[variant])}, {base} {_fmt(at[base])}")
+
+
+def _weaker(letter, objective, risk, sums) -> Check:
+    """(h)/(i): |Σ e_risk| of ``objective`` below GA's; ``sums`` {objective: {risk: Σ e}}."""
+    claim = CLAIMS[letter]
+    if objective not in sums or "ga" not in sums:
+        raise ValueError(f"observation ({letter}) needs runs of {objective} and ga")
+    mine, ga = sums[objective][risk], sums["ga"][risk]
+    undecided = _not_finite(claim, f"the Σ e_{risk} are", [mine, ga])
+    if undecided:
+        return undecided
+    return Check(claim, abs(mine) < abs(ga), f"Σ e_{risk}: {objective} {_fmt(mine)}, ga {_fmt(ga)}")
+
+
+def po_unlearns_weaker(sums) -> Check:
+    """(h) from the objectives' summed G-effects {objective: {"forget": Σ e, "retain": Σ e}}."""
+    return _weaker("h", "po", "forget", sums)
+
+
+def rmu_retains_better(sums) -> Check:
+    """(i), as (h)."""
+    return _weaker("i", "rmu", "retain", sums)
+
+
+def nll_term_against_unlearning(term_sums) -> Check:
+    """(j) from the retain terms' summed G-effects {objective: {term: {risk: Σ e}}}."""
+    claim = CLAIMS["j"]
+    values = {o: t["nll"]["forget"] for o, t in term_sums.items() if "nll" in t}
+    if not values:
+        raise ValueError("observation (j) needs the NLL retain term's G-effects")
+    undecided = _not_finite(claim, "the NLL term's Σ e_forget are", list(values.values()))
+    if undecided:
+        return undecided
+    return Check(claim, all(v > 0 for v in values.values()),
+                 "Σ e_forget of the NLL term beside " + ", ".join(f"{o} {_fmt(v)}" for o, v in values.items()))
+
+
+def kl_rr_protect_less(term_sums) -> Check:
+    """(k), from what (j) reads."""
+    claim = CLAIMS["k"]
+    rows = {o: t for o, t in term_sums.items() if all(k in t for k in ("nll", "kl", "rr"))}
+    if not rows:
+        raise ValueError("observation (k) needs the NLL, KL and RR retain terms' G-effects")
+    undecided = _not_finite(claim, "the terms' Σ e_retain are",
+                            [t[k]["retain"] for t in rows.values() for k in ("nll", "kl", "rr")])
+    if undecided:
+        return undecided
+    holds = all(t["kl"]["retain"] < t["nll"]["retain"] and t["rr"]["retain"] < t["nll"]["retain"]
+                for t in rows.values())
+    return Check(claim, holds, "Σ e_retain nll / kl / rr: " + ", ".join(
+        f"{o} {_fmt(t['nll']['retain'])} / {_fmt(t['kl']['retain'])} / {_fmt(t['rr']['retain'])}"
+        for o, t in rows.items()))
 
 
 def _probabilities(trajectories) -> list:

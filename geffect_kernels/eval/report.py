@@ -87,6 +87,76 @@ def _histories(runs):
     return histories
 
 
+RETAIN_TERMS_FILE = "retain_terms.json"  # a case-study run's retain-term G-effects (train/run_demo.py writes it)
+
+
+def _retain_term_histories(runs):
+    """{run: {term: GEffectHistory}} of the runs whose folder has `RETAIN_TERMS_FILE` (the demo's case study)."""
+    from ..geffect import GEffectHistory
+
+    out = {}
+    for name, path in runs.items():
+        data = read_json(path / RETAIN_TERMS_FILE) if (path / RETAIN_TERMS_FILE).is_file() else None
+        if not isinstance(data, dict):
+            continue
+        terms = {}
+        for term, history in data.items():
+            check_name(term, "retain term", path / RETAIN_TERMS_FILE)
+            try:
+                terms[term] = GEffectHistory.from_dict(history)
+            except (KeyError, TypeError, ValueError) as err:
+                raise ValueError(f"{path / RETAIN_TERMS_FILE}: retain term {term!r} is not a G-effect history "
+                                 f"({err})") from None
+            for risk in terms[term].risks:
+                check_name(risk, "risk", path / RETAIN_TERMS_FILE)
+        out[name] = terms
+    return out
+
+
+def _sums(history) -> dict:
+    return {risk: float(np.sum(history.per_step(risk))) for risk in ("forget", "retain") if risk in history.risks}
+
+
+def _case_study_section(histories, terms, results, plots):
+    """The paper's case-study table: Σ e over the recorded steps of each objective and of each retain term beside it,
+    mean [min, max] over seeds; heatmaps of the retain terms' retaining G-effect per layer (first seed)."""
+    from ..geffect.plot import plot_heatmap
+
+    by_model = _by_model(terms)
+    term_names = list(dict.fromkeys(t for run in terms.values() for t in run))
+    rows, csv_rows = [], []
+    for model, names in by_model.items():
+        cells = [_spread([_sums(histories[n]).get(r) for n in names if n in histories]) for r in ("forget", "retain")]
+        for term in term_names:
+            per_seed = [_sums(terms[n][term]) for n in names if term in terms[n]]
+            cells += [_spread([s.get(r) for s in per_seed]) for r in ("forget", "retain")]
+        rows.append(f"| {markdown(model)} | " + " | ".join(cells) + " |")
+        for n in names:
+            for term, history in [("objective", histories.get(n)), *[(t, terms[n].get(t)) for t in term_names]]:
+                if history is not None:
+                    csv_rows.append({"objective": model, "seed": split_run_name(n)[1], "term": term, **{
+                        f"sum_e_{risk}": value for risk, value in _sums(history).items()}})
+    _write_csv(results / "case_study.csv", csv_rows, ["objective", "seed", "term", "sum_e_forget", "sum_e_retain"])
+    header = " | ".join(f"{markdown(t)} term Σ e_forget | {markdown(t)} term Σ e_retain" for t in term_names)
+    lines = ["## The paper's case study: objectives and retain terms", "",
+             "The unlearning (e_forget) and retaining (e_retain) G-effects of each case-study objective and, on the "
+             "same run, of each retain term (NLL; KL and RR to the starting model, RR at the objective's layer or one "
+             "scaled with depth), summed over the recorded steps (the objective's every few steps, the terms' every "
+             "few probes); mean [min, max] over seeds. Every run trains with the NLL term; the KL and RR columns say "
+             "what those terms' gradients would do at the same parameters. `results/case_study.csv` has each seed.",
+             "", f"| objective | objective Σ e_forget | objective Σ e_retain | {header} |",
+             "|---" * (3 + 2 * len(term_names)) + "|", *rows, ""]
+    for model, names in by_model.items():
+        for term, history in terms[names[0]].items():
+            if "retain" in history.risks and len(history):
+                path = plots / f"{model}_{term}_term_heatmap_retain.png"
+                plot_heatmap(history, "retain", path)
+                lines.append(f"![{markdown(model)} {markdown(term)} term retaining G-effect per layer]"
+                             f"(plots/{path.name})")
+    lines += ["", "(Heatmaps: the first seed of each objective, each retain term's retaining G-effect per layer.)", ""]
+    return lines
+
+
 def _layer_table(histories):
     """Rows (objective, seed, group, risk, sum over recorded steps)."""
     return [{"objective": split_run_name(name)[0], "seed": split_run_name(name)[1], "group": group, "risk": risk,
@@ -128,7 +198,7 @@ def _plot_tradeoff(trajectories, summaries, path):
     plt.close(fig)
 
 
-def _seed_checks(seed_runs, histories, trajectories):
+def _seed_checks(seed_runs, histories, trajectories, terms=None):
     """``{observation letter: Check}`` for one seed's runs (``{objective: run name}``), where measurable;
     a check that cannot be computed from these numbers is reported as such."""
     from . import observations as obs
@@ -159,6 +229,16 @@ def _seed_checks(seed_runs, histories, trajectories):
             [(t["probe_npo_weights"], t["probe_instance_damage"]) for t in npo]))
     if trajectories and all(o in seed_runs for o in obs.TOKEN_WEIGHTED + obs.BASELINES):
         attempt("f", lambda: obs.token_weighted_damage_less(trajectories))
+    sums = {o: _sums(h) for o, h in runs.items() if o in obs.CASE_STUDY}
+    if "ga" in sums and "po" in sums:
+        attempt("h", lambda: obs.po_unlearns_weaker(sums))
+    if "ga" in sums and "rmu" in sums:
+        attempt("i", lambda: obs.rmu_retains_better(sums))
+    term_sums = {o: {t: _sums(h) for t, h in terms[n].items()} for o, n in seed_runs.items()
+                 if terms and n in terms and "+" not in o}
+    if term_sums:
+        attempt("j", lambda: obs.nll_term_against_unlearning(term_sums))
+        attempt("k", lambda: obs.kl_rr_protect_less(term_sums))
     for variant in (o for o in seed_runs if "+" in o):
         try:
             checks[f"g {variant}"] = obs.guidance_damage_less(trajectories, variant)
@@ -167,7 +247,7 @@ def _seed_checks(seed_runs, histories, trajectories):
     return checks
 
 
-def _observations(runs, histories, trajectories):
+def _observations(runs, histories, trajectories, terms=None):
     """One bullet per observation (the claim, each seed's numbers, the verdict over seeds at the end) and
     ``{letter: verdict}``."""
     from .observations import CLAIMS, verdict
@@ -176,11 +256,11 @@ def _observations(runs, histories, trajectories):
     for name in runs:
         objective, seed = split_run_name(name)
         seeds.setdefault(seed, {})[objective] = name
-    per_seed = {seed: _seed_checks(seed_runs, histories, [t for t in trajectories if t.get("seed") == seed])
+    per_seed = {seed: _seed_checks(seed_runs, histories, [t for t in trajectories if t.get("seed") == seed], terms)
                 for seed, seed_runs in seeds.items()}
     lines, verdicts = [], {}
     guided = list(dict.fromkeys(key for c in per_seed.values() for key in c if key.startswith("g ")))
-    for letter in [*"abcdef", *guided]:
+    for letter in [*"abcdef", *guided, *"hijk"]:
         checks = {seed: c[letter] for seed, c in per_seed.items() if letter in c}
         if not checks:
             continue
@@ -335,10 +415,11 @@ def headline(run_dir) -> list[str]:
                                       for key, label in shown)
              for model, names in _by_model(summaries).items() if model not in ("target", "retain_only")]
     note = quick_note(run_dir)
-    verdict_lines = [f"({letter}) {CLAIMS[letter]}: {v}" for letter, v in verdicts.items() if letter in CLAIMS]
+    verdict_lines = {letter: f"({letter}) {CLAIMS[letter]}: {v}" for letter, v in verdicts.items() if letter in CLAIMS}
     guided = [f"{letter[2:]} {v}" for letter, v in verdicts.items() if letter.startswith("g ")]
-    if guided:  # one line for every guided variant
-        verdict_lines.append(f"(g) {CLAIMS['g']}: " + "; ".join(guided))
+    if guided:  # one line for every guided variant, in its letter's place
+        verdict_lines["g"] = f"(g) {CLAIMS['g']}: " + "; ".join(guided)
+    verdict_lines = [verdict_lines[letter] for letter in sorted(verdict_lines)]
     return lines + verdict_lines + ([note] if note else [])
 
 
@@ -370,6 +451,7 @@ def make_report(run_dir) -> Path:
     timing = read_json(results / "timing.json")
     timing = timing and check_timing(timing, results / "timing.json")
     histories = _histories(runs)
+    terms = _retain_term_histories(runs)
     results, plots = folder_inside(run_dir, "results"), folder_inside(run_dir, "plots")  # checked: now write
 
     lines = [f"# G-effect unlearning report: {markdown(run_dir.resolve().name)}", ""]
@@ -377,12 +459,14 @@ def make_report(run_dir) -> Path:
         lines += _summary_section(summaries, results)
     if histories:
         lines += _geffect_section(histories, results, plots)
+    if terms:
+        lines += _case_study_section(histories, terms, results, plots)
     if trajectories and summaries:
         _write_csv(results / "trajectories.csv", trajectories,
                    ["objective", "seed", "step", "probe_forget_probability", "probe_retain_probability"])
         _plot_tradeoff(trajectories, summaries, plots / "tradeoff.png")
         lines += ["## Forget vs retain trade-off", "", "![trade-off](plots/tradeoff.png)", ""]
-    observations, verdicts = _observations(runs, histories, trajectories)
+    observations, verdicts = _observations(runs, histories, trajectories, terms)
     write_json(results / "observations.json", verdicts)
     if observations:
         note = quick_note(run_dir)

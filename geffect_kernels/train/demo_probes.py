@@ -4,6 +4,8 @@
   curves and observation (f)).
 - `NPOProbe`: per forget instance, NPO's weight 2σ(β(ℓ_seq − ℓ_ref,seq)) and the damage its unweighted gradient
   does to retention (minus its GA retaining G-effect): observations (d) and (e).
+- `RetainTermProbe`: the G-effects of the NLL, KL and RR retain terms on the forget and retain NLL at the current
+  parameters (the paper's case study, observations (h)–(k)).
 """
 from __future__ import annotations
 
@@ -49,3 +51,33 @@ class NPOProbe:
             {k: v.to(device) for k, v in self.retain.items()}, per_instance=True)
         return {"probe_npo_weights": weights.tolist(),
                 "probe_instance_damage": [-v for v in result.per_instance["retain"]]}
+
+
+class RetainTermProbe:
+    """Every ``every``-th call (the loop calls it every ``probe_every`` steps), the per-layer G-effects of each retain
+    term of `CASE_TERMS` on probe batches, recorded into ``histories`` ({term: GEffectHistory}) at the step reached.
+    ``reference``: the starting model, frozen (KL's and RR's); ``layer``: RR's (RMU's, or −1: scaled with depth)."""
+
+    def __init__(self, reference, forget_batch, retain_batch, *, probe_every: int, every: int, layer=None):
+        from ..geffect import GEffectHistory
+        from ..objective_inputs import ReferenceState
+
+        self.state = ReferenceState(model=reference)
+        self.forget_batch, self.retain_batch, self.layer = forget_batch, retain_batch, layer
+        self.probe_every, self.every, self.calls = probe_every, every, 0
+        self.histories = {term: GEffectHistory(term) for term in CASE_TERMS}
+
+    def __call__(self, model) -> dict:
+        from ..geffect import GEffectProfiler
+
+        self.calls += 1
+        if self.calls % self.every:
+            return {}
+        profiler = GEffectProfiler(model, groups="layer")
+        for term, history in self.histories.items():
+            history.record(self.calls * self.probe_every, profiler.measure_retain_term(
+                term, self.forget_batch, self.retain_batch, self.state, layer=self.layer))
+        return {}
+
+
+CASE_TERMS = ("nll", "kl", "rr")  # the retain terms of the paper's case study

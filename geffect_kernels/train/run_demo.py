@@ -7,8 +7,10 @@
    the reference for forget quality.
 4. Unlearn the forget authors (10%) from the target with each objective plus an ``nll`` retain term, once per
    seed (same target; the seed sets the batch order), recording G-effects every few steps and forget/retain
-   probabilities along the way (and, for NPO, its weights and each instance's retain damage); GA and NPO also
-   with each G-effect guidance (`GUIDED`, runs named ``ga+rectify`` and so on), next to their unguided runs.
+   probabilities along the way (and, for NPO, its weights and each instance's retain damage); PO on the demo
+   world's refusals (``data/idontknow.jsonl``); for the paper's case study (`CASE_STUDY`: GA, NPO, PO, RMU) also the
+   G-effects of the NLL, KL and RR retain terms every few probes; GA and NPO also with each G-effect guidance
+   (`GUIDED`, runs named ``ga+rectify`` and so on, on the first ``guided_seeds`` seeds), next to their unguided runs.
 5. Evaluate every model TOFU-style, with membership inference of the forget authors against holdout authors no
    model saw (AUC per attack, privleak relative to the retain-only model) and memorization, and write CSV/JSON,
    plots and ``report.md`` (see `eval.report`), where each number of the unlearned models comes with its spread
@@ -30,12 +32,18 @@ import torch
 from ..data import demo_data, encode_pairs, qa_texts, save_qa, train_tokenizer
 from ..eval import evaluate_model
 from ..objectives import OBJECTIVES
-from .demo_probes import NPOProbe, probability_probe
+from ..atomic_files import atomic_write_text
+from ..data.demo import REFUSALS
+from .demo_probes import NPOProbe, RetainTermProbe, probability_probe
+from .frozen_model import frozen_copy
 from .loop import train
 from .tiny_model import tiny_llama
 from .train_config import TrainConfig
 
-OBJECTIVE_NAMES = ("ga", "npo", "wga", "tnpo", "wtnpo")
+OBJECTIVE_NAMES = ("ga", "npo", "wga", "tnpo", "wtnpo", "po", "rmu")
+# the paper's case study: these objectives' runs also record the G-effects of each retain term (CASE_TERMS)
+CASE_STUDY = ("ga", "npo", "po", "rmu")
+RETAIN_TERMS_FILE = "retain_terms.json"  # in each case-study run's folder: {term: GEffectHistory}
 # (objective, guidance) runs beside the unguided objectives, from the same target and seeds (docs/guidance.md)
 GUIDED = (("ga", "rectify"), ("npo", "rectify"), ("ga", "instance"), ("npo", "instance"))
 MARKER = "demo_settings.json"  # marks a folder as a demo output (safe to overwrite)
@@ -56,6 +64,8 @@ class DemoSettings:
     geffect_every: int = 3
     probe_every: int = 2
     probe_retain: int = 66  # retain questions the trajectory probe scores (the first authors'), to keep it cheap
+    case_every: int = 5  # the case study's retain-term G-effects every this many probes
+    guided_seeds: int = 2  # the guided variants run on the first seeds only (the full demo's CPU time)
     max_new_tokens: int = 24  # greedy answers for ROUGE-L: the demo's answers are short (TOFU generates 200)
     seeds: int = 3  # unlearning runs per objective, from the same target
 
@@ -115,7 +125,9 @@ def _run(out_dir, settings, quick, progress, echo):
             "holdout": data.holdout}
     for name, pairs in sets.items():
         save_qa(pairs, out / "data" / f"{name}.json")
-    tokenizer = train_tokenizer(qa_texts(data.all_training), vocab_size=settings.vocab_size)
+    refusals = out / "data" / "idontknow.jsonl"  # PO's and DPO's substitute answers, in TOFU's format
+    atomic_write_text(refusals, "\n".join(REFUSALS) + "\n")
+    tokenizer = train_tokenizer(qa_texts(data.all_training) + REFUSALS, vocab_size=settings.vocab_size)
     tokenizer.save_pretrained(out / "tokenizer")
     echo(f"data: {len(data.forget)} forget, {len(data.retain)} retain, {len(data.real_authors)} real-author, "
          f"{len(data.world)} world-fact, {len(data.holdout)} holdout questions; vocabulary {len(tokenizer)}")
@@ -153,9 +165,12 @@ def _run(out_dir, settings, quick, progress, echo):
     npo_probe = NPOProbe(target, forget_set, retain_set, beta=OBJECTIVES["npo"].defaults["beta"])
     start_point = probe(target)
     npo_start = npo_probe(target)
+    starting = frozen_copy(target)  # KL's and RR's reference in the case study
+    case_batches = (forget_set.batch(range(min(settings.unlearn_batch_size, len(forget_set)))),
+                    retain_set.batch(range(settings.unlearn_batch_size)))
     trajectories = []
-    runs = [(name, None) for name in OBJECTIVE_NAMES] + list(GUIDED)
     for seed in range(settings.seeds):
+        runs = [(name, None) for name in OBJECTIVE_NAMES] + list(GUIDED) * (seed < settings.guided_seeds)
         for objective, guidance in runs:
             name = objective if guidance is None else f"{objective}+{guidance}"
             run = f"{name}-seed{seed}"
@@ -164,9 +179,18 @@ def _run(out_dir, settings, quick, progress, echo):
                                  batch_size=settings.unlearn_batch_size, lr=settings.unlearn_lr, seed=seed,
                                  geffect_every=settings.geffect_every, eval_every=settings.probe_every,
                                  checkpoint_every=settings.unlearn_steps, out_dir=str(out / "runs" / run),
-                                 progress=progress, guidance=guidance)
-            hook = (lambda m: {**probe(m), **npo_probe(m)}) if name == "npo" else probe
+                                 progress=progress, guidance=guidance, alternate=str(refusals))
+            probes = [probe] + [npo_probe] * (name == "npo")
+            terms = None
+            if name in CASE_STUDY:
+                terms = RetainTermProbe(starting, *case_batches, probe_every=settings.probe_every,
+                                        every=settings.case_every, layer=config.hparams.get("layer"))
+                probes.append(terms)
+            hook = lambda m, probes=probes: {k: v for p in probes for k, v in p(m).items()}
             result = train(model, forget_set, retain_set, config, evaluate=hook)
+            if terms is not None:
+                atomic_write_text(Path(config.out_dir) / RETAIN_TERMS_FILE,
+                                  json.dumps({t: h.to_dict() for t, h in terms.histories.items()}))
             tokenizer.save_pretrained(Path(config.out_dir) / "model")
             first = {**start_point, **(npo_start if name == "npo" else {})}
             trajectories += [{"objective": name, "seed": seed, "step": 0, **first}] + [
@@ -196,4 +220,4 @@ def _run(out_dir, settings, quick, progress, echo):
     return report
 
 
-__all__ = ["DemoSettings", "FULL", "GUIDED", "OBJECTIVE_NAMES", "QUICK", "run_demo"]
+__all__ = ["CASE_STUDY", "DemoSettings", "FULL", "GUIDED", "OBJECTIVE_NAMES", "QUICK", "run_demo"]
