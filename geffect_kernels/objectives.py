@@ -15,6 +15,7 @@ from dataclasses import replace
 
 import torch
 
+from .backends.registry import own_or_fallback
 from .catalog import IGNORE_INDEX, LOGPROB_PAIR, LOGPROBS, OBJECTIVES, OWN_DISTRIBUTION, Resolved, resolve
 from .inputs import (check_mask, check_tensor, drop_first_answer_tokens, prepare_head, prepare_logits,
                      prepare_logprobs, prepare_ref)
@@ -155,8 +156,8 @@ def unlearning_loss_from_logits(name, logits, labels, *, ref_logprobs=None, igno
     return _loss(objective, prep, ref,
                  weighted=lambda o: prep.backend.weighted_loss_from_logits(prep.hidden, prep.labels, ref, o),
                  logprobs=lambda o: prep.backend.token_logprobs_from_logits(prep.hidden, prep.labels, o),
-                 own_target=lambda o, beta: prep.backend.target_cross_entropy_from_logits(prep.hidden, prep.labels,
-                                                                                          o, beta))
+                 own_target=lambda o, beta: own_or_fallback(prep.backend, "target_cross_entropy_from_logits")(
+                     prep.hidden, prep.labels, o, beta))
 
 
 def pair_loss_from_logprobs(name, win_logprobs, win_labels, lose_logprobs, lose_labels, *, win_ref=None,

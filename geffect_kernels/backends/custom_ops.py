@@ -25,7 +25,7 @@ from ..catalog import OBJECTIVES, TokenWeighting
 from ..ranges import check_label_range
 from .autograd import compute_dtype
 from .interface import Backend, LossOptions
-from .registry import load_backend
+from .registry import load_backend, own_or_fallback
 
 def _backend(name: str) -> Backend:
     return load_backend(name)
@@ -197,9 +197,9 @@ def target_cross_entropy_op(backend: str, hidden: Tensor, weight: Tensor, bias: 
                             wanted: list[bool]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     _check_labels(labels, weight.shape[0], ignore_index)
     opts = LossOptions(ignore_index, softcap, scale=scale)
-    impl = _backend(backend)
+    impl = own_or_fallback(_backend(backend), "target_cross_entropy")
     loss, grads = _with_grads(
-        lambda *head: impl.target_cross_entropy(*head, ref_hidden, ref_weight, ref_bias, labels, opts, beta),
+        lambda *head: impl(*head, ref_hidden, ref_weight, ref_bias, labels, opts, beta),
         (hidden, weight, bias), wanted)
     return (loss.to(compute_dtype(hidden.dtype)), *_present(grads, (hidden, weight, bias), wanted))
 
@@ -294,8 +294,8 @@ def logits_target_cross_entropy_op(backend: str, logits: Tensor, labels: Tensor,
                                    wanted: list[bool]) -> tuple[Tensor, Tensor]:
     _check_labels(labels, logits.shape[1], ignore_index)
     opts = LossOptions(ignore_index, softcap, scale=scale)
-    impl = _backend(backend)
-    loss, grads = _with_grads(lambda z: impl.target_cross_entropy_from_logits(z, labels, opts, beta), (logits,),
+    impl = own_or_fallback(_backend(backend), "target_cross_entropy_from_logits")
+    loss, grads = _with_grads(lambda z: impl(z, labels, opts, beta), (logits,),
                               wanted)
     return loss.to(compute_dtype(logits.dtype)), *_present(grads, (logits,), wanted)
 

@@ -71,10 +71,8 @@ class Backend:
         """scale · Σ_valid CE(t_t, p_θ,t) = scale · Σ_valid −Σ_v t_t,v log p_θ,t,v with the detached target
         t_t = softmax(z_ref,t − β·onehot(y_t)) (`target_cross_entropy`: UNDIAL; ``ref_hidden`` None: z_ref is the
         model's own detached logits and β = inf is CE-U). Gradient (θ side only): scale · (p_θ − t) · dz/du.
-        A backend without its own runs it on the chunked torch backend."""
-        from .chunked import BACKENDS
-        return BACKENDS["torch"].target_cross_entropy(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels,
-                                                      opts, beta)
+        A backend without its own runs it on the chunked torch backend (`registry.own_or_fallback`)."""
+        raise NotImplementedError
 
     # -- logits given ---------------------------------------------------------------------
     def logits_logprobs_kernels(self, opts: LossOptions):
@@ -87,9 +85,8 @@ class Backend:
 
     def target_cross_entropy_from_logits(self, logits, labels, opts: LossOptions, beta: float):
         """`target_cross_entropy` of given logits against their own detached distribution (CE-U); run on the
-        chunked torch backend unless a backend has its own."""
-        from .chunked import BACKENDS
-        return BACKENDS["torch"].target_cross_entropy_from_logits(logits, labels, opts, beta)
+        chunked torch backend unless a backend has its own (`registry.own_or_fallback`)."""
+        raise NotImplementedError
 
     def weighted_loss_from_logits(self, logits, labels, ref_logprobs, opts: LossOptions):
         """As `weighted_loss`; ``opts.inplace`` allows overwriting ``logits`` with the gradient (ignored here)."""

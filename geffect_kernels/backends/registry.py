@@ -61,6 +61,14 @@ def load_backend(name: str) -> Backend | None:
     return _loaded[name]
 
 
+def own_or_fallback(backend: Backend, method: str):
+    """``backend``'s ``method``, or the chunked torch backend's where ``backend`` has none of its own (an optional
+    method of `Backend`, such as ``target_cross_entropy``)."""
+    if getattr(type(backend), method) is getattr(Backend, method):
+        backend = load_backend(FALLBACK)
+    return getattr(backend, method)
+
+
 def available_backends(device: torch.device | str = "cpu") -> list[str]:
     """Names of the backends that can run on ``device`` in this environment (aliases not repeated)."""
     device = torch.device(device)
