@@ -34,6 +34,7 @@ OWN_DISTRIBUTION = "own_distribution"  # the full next-token distribution agains
 HIDDEN = "hidden"  # the hidden states of a chosen layer against a target (RMU's c·u, RR's reference states)
 INPUT_KINDS = (LOGPROBS, LOGPROB_PAIR, REFERENCE_DISTRIBUTION, OWN_DISTRIBUTION, HIDDEN)
 FORGET, ALTERNATE = "forget", "alternate"  # which answers of a forget batch a LOGPROBS entry reads (`Objective.reads`)
+STEERED_MLPS = "steered_mlps"  # `Objective.trains`: the MLP output projections of the steered layer and two below
 
 
 class KernelWeight(enum.IntEnum):
@@ -118,27 +119,6 @@ def _reference_target(state, batch, layer, hidden, hp):
     return state.reference_hidden(batch, layer).to(hidden.dtype)
 
 
-def _kl_head_loss(x, r, hp, *, backend, kl_normalization="tokens", **_):
-    from .retain import kl_loss  # retain imports this module
-
-    # batchmean: every position counts, prompt and padding too, so no shift drops the last one
-    return kl_loss(x.hidden, x.weight, r.hidden, r.weight, x.labels, bias=x.bias, ref_bias=r.bias, softcap=x.softcap,
-                   shift=kl_normalization == "tokens", backend=backend, reduction=kl_normalization)
-
-
-def _ceu_head_loss(x, r, hp, *, backend, **_):
-    from .objectives import unlearning_loss  # objectives imports this module
-
-    return unlearning_loss("ceu", x.hidden, x.weight, x.labels, **x.as_kwargs(), backend=backend, **hp)
-
-
-def _undial_head_loss(x, r, hp, *, backend, **_):
-    from .undial import undial_loss  # undial imports this module
-
-    return undial_loss(x.hidden, x.weight, r.hidden, r.weight, x.labels, beta=hp["beta"], bias=x.bias,
-                       ref_bias=r.bias, softcap=x.softcap, shift=True, backend=backend)
-
-
 @dataclass(frozen=True)
 class Objective:
     name: str
@@ -157,10 +137,10 @@ class Objective:
     inputs: str = LOGPROBS  # what it reads (INPUT_KINDS): which function of `objective_inputs` computes it
     reads: str = FORGET  # LOGPROBS: the forget answers, or the substitute (ALTERNATE) answers paired with them
     pair_loss: Callable | None = None  # LOGPROB_PAIR: (ℓ_win, ℓ_win,ref, ℓ_lose, ℓ_lose,ref, hp) per pair of sequences
-    head_loss: Callable | None = None  # *_DISTRIBUTION: (head inputs, reference's or None, hp, backend=...) -> loss
+    head_loss: str | None = None  # *_DISTRIBUTION: its fused head loss, by its name in `head_losses.HEAD_LOSSES`
     needs_reference_model: bool = False  # reads the starting model itself (its head inputs or hidden states)
     hidden_target: Callable | None = None  # HIDDEN: (state, batch, layer, hidden, hp) -> the target of the MSE
-    trains: Callable | None = None  # (model, hp) -> {names of the only parameters it trains}; None: every one
+    trains: str | None = None  # the rule naming the only parameters it trains (objective_inputs.TRAINED); None: all
 
     @property
     def level(self) -> str:
@@ -208,10 +188,10 @@ OBJECTIVES = {o.name: o for o in [
     Objective("ceu", "mean_t −Σ_v q_t,v log p_t,v, q_t = sg softmax(z_t with z_t,y = −∞)",
               "CE-U; Yang, 2025, Cross Entropy Unlearning (arXiv:2503.01224); open-unlearning's ceu.py",
               {"ignore_first": 1}, token_weight=_ceu_weight, token_loss=_ceu_token_loss, inputs=OWN_DISTRIBUTION,
-              head_loss=_ceu_head_loss),
+              head_loss="ceu"),
     Objective("undial", "mean_t −Σ_v t_t,v log p_t,v, t_t = sg softmax(z_ref,t − β·onehot(y_t))",
               "UNDIAL; Dong et al., NAACL 2025 (arXiv:2402.10052); open-unlearning's compute_undial_loss",
-              {"beta": 10.0}, inputs=REFERENCE_DISTRIBUTION, head_loss=_undial_head_loss, needs_reference_model=True),
+              {"beta": 10.0}, inputs=REFERENCE_DISTRIBUTION, head_loss="undial", needs_reference_model=True),
     Objective("nll", "−mean_t ℓ_t", "maximum likelihood (GD's retain term; PO/IdkPO on substitute answers)",
               sign=-1.0, token_weight=_one, kernel_code=KernelWeight.ONE),
     Objective("po", "−mean_t ℓ_t on the substitute answers", "preference optimization (IdkPO); Maini et al., 2024, "
@@ -221,7 +201,7 @@ OBJECTIVES = {o.name: o for o in [
               {"beta": 0.1}, needs_ref=True, inputs=LOGPROB_PAIR, pair_loss=_dpo_loss),
     Objective("rmu", "mean_{t, units} (h_ℓ,t − c·u)²", "Li et al., ICML 2024, WMDP/RMU",
               {"layer": -1.0, "coeff": 6.5}, inputs=HIDDEN, hidden_target=_steering_target,
-              trains=lambda model, hp: _rmu_trained(model, hp)),
+              trains=STEERED_MLPS),
 ]}
 
 # Retain terms of a training step, one vocabulary for the loop, the profiler and the command line
@@ -229,17 +209,11 @@ OBJECTIVES = {o.name: o for o in [
 RETAIN_TERMS = {o.name: o for o in [
     OBJECTIVES["nll"],
     Objective("kl", "mean_t KL(p_ref,t ‖ p_θ,t)", "the retain term of KL-regularized unlearning (TOFU)",
-              inputs=REFERENCE_DISTRIBUTION, head_loss=_kl_head_loss, needs_reference_model=True),
+              inputs=REFERENCE_DISTRIBUTION, head_loss="kl", needs_reference_model=True),
     Objective("rr", "mean_{t, units} (h_ℓ,t − h_ℓ,ref,t)²", f"representation retention; {_G_EFFECT}",
               {"layer": -1.0}, inputs=HIDDEN, hidden_target=_reference_target, needs_reference_model=True),
 ]}
 RETAIN_OBJECTIVES = (*RETAIN_TERMS, "none")
-
-
-def _rmu_trained(model, hp):
-    from .layers import rmu_trained_parameters  # layers imports hf, which imports this module
-
-    return rmu_trained_parameters(model, hp["layer"])
 
 
 _WEIGHT_HPARAMS = ("alpha", "beta", "gamma", "eps")  # what the token-weight formulas (and kernels) read

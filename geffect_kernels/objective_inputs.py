@@ -20,8 +20,9 @@ import torch
 
 from . import hf
 from .catalog import (ALTERNATE, FORGET, HIDDEN, IGNORE_INDEX, LOGPROB_PAIR, LOGPROBS, OWN_DISTRIBUTION,
-                      REFERENCE_DISTRIBUTION, RETAIN_TERMS, Resolved, resolve)
-from .layers import layer_hidden, layer_index
+                      REFERENCE_DISTRIBUTION, RETAIN_TERMS, STEERED_MLPS, Resolved, resolve)
+from .head_losses import HEAD_LOSSES
+from .layers import layer_hidden, layer_index, rmu_trained_parameters
 from .objectives import pair_loss_from_logprobs, unlearning_loss
 from .retain import masked_mean_squared_error, rmu_direction
 
@@ -127,7 +128,7 @@ def _distribution_loss(objective: Resolved, model, batch, state, *, backend="aut
         # (`train.precision`): the two heads are compared in the trained one's dtype
         reference = r._replace(hidden=r.hidden.to(x.hidden.dtype), weight=r.weight.to(x.weight.dtype),
                                bias=None if r.bias is None else r.bias.to(x.weight.dtype))
-    return o.head_loss(x, reference, objective.hparams, backend=backend, **options)
+    return HEAD_LOSSES[o.head_loss](x, reference, objective.hparams, backend=backend, **options)
 
 
 def _hidden_loss(objective: Resolved, model, batch, state, *, layer=None, **_):
@@ -173,11 +174,15 @@ def loss(objective, model, batch, state: ReferenceState | None = None, *, backen
                                                    backend=backend, **options)
 
 
+# `Objective.trains` -> (model, hparams) -> names of the only parameters trained
+TRAINED = {STEERED_MLPS: lambda model, hp: rmu_trained_parameters(model, hp["layer"])}
+
+
 def trained_parameters(objective, model) -> set[str] | None:
     """Names of the only parameters ``objective`` trains (RMU: a few layers' MLP projections), or None: all."""
     objective = resolved(objective)
     trains = objective.objective.trains
-    return None if trains is None else trains(model, objective.hparams)
+    return None if trains is None else TRAINED[trains](model, objective.hparams)
 
 
 __all__ = ["ALTERNATE_PREFIX", "HIDDEN", "KIND_LOSSES", "NonFiniteLoss", "ReferenceState", "head_inputs", "loss",

@@ -1,5 +1,7 @@
 """The package's import graph has no cycle, counting imports inside functions too: a cycle that a deferred import
-hides today breaks the day someone moves that import to the top of its module."""
+hides today breaks the day someone moves that import to the top of its module. The one exception is a module's
+``__getattr__`` (PEP 562): a lazy attribute for an optional dependency, which by design never moves to the top
+(``hf.UnlearningTrainer``, which needs transformers' Trainer)."""
 import ast
 import pathlib
 
@@ -24,7 +26,12 @@ def import_graph(root: pathlib.Path, package: str) -> dict:
     for name, (path, is_package) in mods.items():
         here = name.split(".") if is_package else name.split(".")[:-1]
         targets = set()
-        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        lazy = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "__getattr__"]
+        skipped = {id(n) for f in lazy for n in ast.walk(f)}
+        for node in ast.walk(tree):
+            if id(node) in skipped:
+                continue
             if isinstance(node, ast.ImportFrom):
                 base = here[: len(here) - node.level + 1] if node.level else []
                 target = ".".join(base + ([node.module] if node.module else []))
