@@ -66,13 +66,14 @@ def run_with(run_type, tokenizer, forget, retain, lora, **settings):
 
 
 @pytest.mark.parametrize("lora, objective, retain_objective", [
-    (True, "npo", "kl"), (False, "wtnpo", "kl"), (False, "tnpo", "nll"), (True, "ga", "kl")])
+    (True, "npo", "kl"), (False, "wtnpo", "kl"), (False, "tnpo", "nll"), (True, "ga", "kl"),
+    (True, "ga", "rr"), (False, "npo", "rr")])  # rr: the layer's activations, LoRA's with the adapters disabled
 def test_same_metrics_geffects_and_weights_as_a_copied_reference(setup, lora, objective, retain_objective):
     tokenizer, forget, retain = setup
     settings = dict(objective=objective, retain_objective=retain_objective)
     _, before, before_params = run_with(CopiedReference, tokenizer, forget, retain, lora, **settings)
     run, now, now_params = run_with(Run, tokenizer, forget, retain, lora, **settings)
-    if retain_objective == "kl":
+    if retain_objective in ("kl", "rr"):
         expected = frozen_model.AdaptersDisabled if lora else frozen_model.FrozenCopy
         assert type(run.reference) is expected
     for a, b in zip(before.metrics, now.metrics):
