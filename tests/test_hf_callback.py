@@ -160,3 +160,29 @@ def test_npo_without_ref_logprobs_takes_the_starting_models(setup, tmp_path):
     torch.testing.assert_close(taken.ref_logprobs, ref, rtol=0, atol=0)
     assert taken.history.per_step("forget") == given.history.per_step("forget")
     assert taken.history.per_step("retain") == given.history.per_step("retain")
+
+
+def test_po_and_rmu_with_the_rr_and_kl_terms_inside_a_trainer(setup, tmp_path):
+    """Objectives that read substitute answers or a layer's activations, retain terms against the starting model:
+    recorded as `measure_unlearning` gives them at the same parameters."""
+    from geffect_kernels.objective_inputs import ReferenceState, with_alternate
+
+    tokenizer, forget, retain, forget_batch, retain_batch = setup
+    start = model_of(tokenizer, dropout=0.0)
+    reference = ReferenceState(model=copy.deepcopy(start).eval())
+    probe = with_alternate(forget_batch, retain.batch(range(4, 8)))  # other answers stand in for refusals
+    for objective, term in (("po", "kl"), ("rmu", "rr")):
+        model, snapshots = model_of(tokenizer, dropout=0.0), Snapshots()
+        callback = GEffectCallback(probe, retain_batch, objective=objective, every=EVERY, reference=reference,
+                                   retain_objective=term)
+        trainer_for(model, forget, tmp_path / objective, [snapshots, callback]).train()
+        assert callback.history.steps == [0, 2, 4]
+        for step, result in zip(callback.history.steps, callback.history.results):
+            again = model_of(tokenizer, dropout=0.0)
+            again.load_state_dict(snapshots.states[step])
+            expected = GEffectProfiler(again.eval()).measure_unlearning(objective, probe, retain_batch,
+                                                                        reference=reference, retain_objective=term)
+            assert result.total == pytest.approx(expected.total, rel=1e-6, abs=1e-9)
+            assert result.retain_term.total == pytest.approx(expected.retain_term.total, rel=1e-6, abs=1e-9)
+        assert callback.history.results[0].retain_term.total["retain"] == 0  # KL and RR: 0 at the start
+        assert callback.history.results[-1].retain_term.total["retain"] != 0
