@@ -1,6 +1,6 @@
 """The run that test_hf_trainer_distributed.py trains on two DDP ranks and in one process: a tiny float64 Llama,
 eight forget examples of the demo data (two updates an epoch at 2 ranks × 2), NPO with a KL retain term and
-G-effects."""
+G-effects, on the torch backend."""
 import torch
 from transformers import TrainingArguments
 
@@ -20,7 +20,8 @@ def trainer(out, *, accumulate):
     return hf.UnlearningTrainer(model=model, args=args, processing_class=tokenizer,
                                 forget_dataset=[p.to_record() for p in data.forget[:8]],
                                 retain_dataset=[p.to_record() for p in data.retain], objective="npo",
-                                retain_objective="kl", hparams={"beta": 0.5}, geffect_every=2)
+                                retain_objective="kl", hparams={"beta": 0.5}, geffect_every=2,
+                                backend="torch")  # DDP is what is tested: no C++ extension to build in each rank
 
 
 def summary(trained) -> dict:

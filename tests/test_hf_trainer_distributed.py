@@ -8,7 +8,7 @@ import hf_trainer_cases
 from ranks import TESTS, run_ranks
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-TIMEOUT = 300  # a hang, not a slow machine: CI shares its cores
+TIMEOUT = 600  # a hang, not a slow machine: CI shares its cores
 
 
 def test_two_ranks_give_one_process_losses(tmp_path):
