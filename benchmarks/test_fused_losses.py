@@ -25,6 +25,8 @@ CPU_GROUPS = [  # objective, providers (each a key of loss_cases.PROVIDERS)
     ("wga", ["torch", "cpp_cpu"]),
     ("npo", ["torch", "cpp_cpu"]),
     ("kl", ["torch", "cpp_cpu"]),
+    ("undial", ["torch", "cpp_cpu"]),
+    ("ceu", ["torch", "cpp_cpu"]),
 ]
 GPU_GROUPS = [
     ("ga", ["torch", "triton lean", "triton fast", "cpp_cuda", "liger bf16 acc", "liger fp32 acc", "cce default",
