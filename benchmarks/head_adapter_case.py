@@ -50,3 +50,24 @@ def head_adapter_row(device, *, n=4096, h=4096, v=32000, r=16, dtype=torch.bfloa
     errors = {"loss": abs(loss - expected) / max(abs(expected), 1e-30),
               **{k: rel(a, b) for k, a, b in zip(("dA", "dB", "dh"), grads, want)}}
     return errors, lambda: _loss_and_grads(hidden, weight, lora_a, weight_b, labels, scale, backend)
+
+
+def head_adapter_yardsticks(device, *, n=4096, h=4096, v=32000, r=16, dtype=torch.bfloat16, backend="auto"):
+    """{"floor", "naive"}: zero-argument callables on `head_adapter_row`'s inputs, forward + backward once each: the
+    fused loss on the head without its adapter (what the adapter's fused path cannot beat), and the adapted logits
+    materialized in ``dtype`` with autograd (what the fused path replaces)."""
+    hidden, weight, lora_a, weight_b, labels = _case(n, h, v, r, dtype, device)
+    scale = 2.0
+
+    def floor():
+        x = hidden.detach().requires_grad_()
+        loss = gk.unlearning_loss("wga", x, weight, labels, backend=backend)
+        return loss, torch.autograd.grad(loss, (x,))
+
+    def naive():
+        x, b = hidden.detach().requires_grad_(), weight_b.detach().requires_grad_()
+        logits = (x @ weight.t() + scale * (lora_a(x) @ b.t())).float()
+        lp = torch.log_softmax(logits, -1).gather(1, labels.clamp(min=0).unsqueeze(1)).squeeze(1)
+        loss = gk.unlearning_loss_from_logprobs("wga", torch.where(labels != -100, lp, 0), labels)
+        return loss, torch.autograd.grad(loss, (lora_a.weight, b, x))
+    return {"floor": floor, "naive": naive}

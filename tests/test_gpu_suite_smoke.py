@@ -31,7 +31,8 @@ def test_every_part_runs_and_exits_zero(smoke):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     with open(out / "gpu_suite_parts.csv", newline="") as f:
         parts = {r["part"]: r["exit"] for r in csv.DictReader(f)}
-    assert set(parts) == {"build", "correctness", "fused", "overhead", "logits", "stats"}
+    assert set(parts) == {"build", "correctness", "fused", "overhead", "logits", "stats", "compiled",
+                          "head_adapter"}
     assert all(code == "0" for code in parts.values()), (parts, (out / "gpu_suite.log").read_text()[-4000:])
 
 
@@ -59,6 +60,18 @@ def test_timed_parts_carry_ratios_machine_and_versions(smoke):
     assert providers >= {"floor: 3 matmuls", "naive eager", "torch", "triton lean", "triton fast"}
     for part in ("overhead", "logits", "stats"):
         assert results(out, part)["benchmarks"], part
+
+
+def test_compiled_and_head_adapter_rows_carry_their_ratios_and_errors(smoke):
+    out, _ = smoke
+    compiled = {b["extra_info"]["mode"]: b["extra_info"] for b in results(out, "compiled")["benchmarks"]}
+    assert set(compiled) == {"eager", "compiled"} and compiled["eager"]["role"] == "floor"
+    assert compiled["compiled"]["vs_floor"] > 0 and compiled["compiled"]["err_dW"] <= 1e-4
+    head = {b["extra_info"]["provider"]: b["extra_info"] for b in results(out, "head_adapter")["benchmarks"]}
+    assert len(head) == 3 and sorted(i.get("role", "") for i in head.values()) == ["", "floor", "naive"]
+    fused = head["fused, adapter on the head"]
+    assert fused["vs_floor"] > 0 and fused["vs_naive"] > 0 and max(fused[f"err_{k}"] for k in
+                                                                    ("loss", "dA", "dB", "dh")) <= 1e-4
 
 
 def test_table_fits_the_output_tail(smoke):
