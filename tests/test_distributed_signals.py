@@ -3,6 +3,7 @@ resumes; a crafted or torn checkpoint file after launch is one line too, and not
 import json
 import os
 import pickle
+import shutil
 import signal
 import subprocess
 import sys
@@ -94,6 +95,8 @@ def test_a_launcher_killed_with_sigkill_takes_torchrun_and_every_rank_along(work
     torchrun = children(process.pid)
     ranks = [pid for parent in torchrun for pid in children(parent)]
     assert len(torchrun) == 1 and len(ranks) == 2, (torchrun, ranks)
+    argv = Path(f"/proc/{torchrun[0]}/cmdline").read_bytes().decode().split("\0")
+    logs = Path(argv[argv.index("--log-dir") + 1])  # a launcher killed this way cannot remove its ranks' logs
     process.kill()  # what the OOM killer does: no handler runs, nothing is forwarded
     process.wait()
     deadline = time.monotonic() + 120  # torchrun gives its ranks 30 s after SIGTERM before it kills them
@@ -102,6 +105,7 @@ def test_a_launcher_killed_with_sigkill_takes_torchrun_and_every_rank_along(work
     left = [pid for pid in torchrun + ranks if running(pid)]
     for pid in left:  # not to leave them behind when the test fails
         os.kill(pid, signal.SIGKILL)
+    shutil.rmtree(logs, ignore_errors=True)
     assert not left, f"still running after the launcher's SIGKILL: {left} of torchrun {torchrun}, ranks {ranks}"
     run = out / "runs" / "ga"
     assert not (run / ".lock").exists() and not [p for p in run.rglob("*") if p.name.endswith(".tmp")]
