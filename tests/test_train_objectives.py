@@ -125,3 +125,15 @@ def test_primal_dual_settings_are_checked():
         TrainConfig(primal_dual=0.5, retain_objective="none")
     with pytest.raises(ValueError, match="guidance"):
         TrainConfig(objective="po", guidance="rectify")
+
+
+def test_several_processes_refuse_what_they_do_not_share_yet(setup):
+    from geffect_kernels.train.distributed import check_world
+    from geffect_kernels.train.memory_plan import PlanSettings
+
+    _, forget, retain = setup
+    for settings in (dict(objective="rmu"), dict(objective="po"), dict(retain_objective="rr")):
+        check_world(1, TrainConfig(**settings), forget, retain)  # one process: fine
+        with pytest.raises(ValueError, match="one process only"):
+            check_world(2, TrainConfig(**settings), forget, retain)
+    assert PlanSettings(objective="rmu", retain_objective="rr", batch_size=2, seq_len=8, n_forget=4)

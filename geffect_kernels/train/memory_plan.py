@@ -97,7 +97,7 @@ class ModelShape:
 class PlanSettings:
     """What a run's memory depends on besides the model (the `TrainConfig` and `geffect train` names)."""
     objective: str = "ga"
-    retain_objective: str = "nll"  # nll, kl or none
+    retain_objective: str = "nll"  # nll, kl, rr or none
     batch_size: int = 8  # samples per micro-batch per side, global (split over the ranks)
     seq_len: int = 512
     n_forget: int = 0  # forget samples (their reference log-probabilities are kept on the host)
@@ -113,8 +113,8 @@ class PlanSettings:
     def __post_init__(self):
         if self.objective not in OBJECTIVES:
             raise ValueError(f"unknown objective {self.objective!r}; valid: {', '.join(OBJECTIVES)}")
-        if self.retain_objective not in ("nll", "kl", "none"):
-            raise ValueError(f"unknown retain objective {self.retain_objective!r}; valid: nll, kl, none")
+        if self.retain_objective not in ("nll", "kl", "rr", "none"):
+            raise ValueError(f"unknown retain objective {self.retain_objective!r}; valid: nll, kl, rr, none")
         if self.dtype not in DTYPE_BYTES:
             raise ValueError(f"unknown dtype {self.dtype!r}; valid: {', '.join(DTYPE_BYTES)}")
         if self.reference_device not in REFERENCE_DEVICES:
@@ -165,7 +165,8 @@ def plan(shape: ModelShape, settings: PlanSettings) -> Plan:
     t["gradients"] = 4 * trainable // ranks
 
     needs_ref = OBJECTIVES[s.objective].needs_ref
-    kl = s.retain_objective == "kl"
+    # a retain term or objective that reads the starting model itself (KL, RR): a frozen copy in full fine-tuning
+    kl = s.retain_objective in ("kl", "rr") or OBJECTIVES[s.objective].needs_reference_model
     if kl and not lora:
         copy = w * m.params // ranks
         if s.reference_device == "cpu" and gpu:
