@@ -171,6 +171,22 @@ def prepare_head(hidden, weight, labels, bias, *, ignore_index, shift, softcap=N
     return _with_backend(prep, backend, ignore_index, softcap)
 
 
+def prepare_head_pair(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, *, ignore_index, shift,
+                      softcap=None, backend=None, check_values=None):
+    """`prepare_head` of a trained head and a reference head (KL, UNDIAL): both checked, the same vocabulary, dtype
+    and device; the backend is picked for the trained side. Returns (trained, reference)."""
+    prep = prepare_head(hidden, weight, labels, bias, ignore_index=ignore_index, shift=shift, softcap=softcap,
+                        backend=backend, check_values=check_values)
+    ref = prepare_head(ref_hidden, ref_weight, labels, ref_bias, ignore_index=ignore_index, shift=shift,
+                       check_values=check_values)
+    if ref_weight.shape[0] != weight.shape[0]:
+        raise ValueError(f"the two heads have different vocabularies: {weight.shape[0]} vs {ref_weight.shape[0]}")
+    if ref_hidden.dtype != hidden.dtype or ref_hidden.device != hidden.device:
+        raise ValueError(f"ref_hidden ({ref_hidden.dtype}, {ref_hidden.device}) must match hidden "
+                         f"({hidden.dtype}, {hidden.device})")
+    return prep, ref
+
+
 def prepare_logits(logits, labels, *, ignore_index, shift, softcap=None, backend=None, inplace=False,
                    check_values=None):
     _require_float("logits", logits)

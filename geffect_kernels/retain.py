@@ -6,7 +6,7 @@ from dataclasses import replace
 import torch
 
 from .catalog import IGNORE_INDEX
-from .inputs import check_mask, check_tensor, prepare_head
+from .inputs import check_mask, check_tensor, prepare_head_pair
 from .ranges import check_number
 
 # How kl_loss averages the per-position KL: "tokens" over the positions whose label is not ignored (the answer
@@ -28,15 +28,9 @@ def kl_loss(hidden, weight, ref_hidden, ref_weight, labels, *, bias=None, ref_bi
     """
     if reduction not in KL_REDUCTIONS:
         raise ValueError(f"unknown KL reduction {reduction!r}; valid: {', '.join(KL_REDUCTIONS)}")
-    prep = prepare_head(hidden, weight, labels, bias, ignore_index=ignore_index, shift=shift, softcap=softcap,
-                        backend=backend, check_values=check_values)
-    ref = prepare_head(ref_hidden, ref_weight, labels, ref_bias, ignore_index=ignore_index, shift=shift,
-                       check_values=check_values)
-    if ref_weight.shape[0] != weight.shape[0]:
-        raise ValueError(f"the two heads have different vocabularies: {weight.shape[0]} vs {ref_weight.shape[0]}")
-    if ref_hidden.dtype != hidden.dtype or ref_hidden.device != hidden.device:
-        raise ValueError(f"ref_hidden ({ref_hidden.dtype}, {ref_hidden.device}) must match hidden "
-                         f"({hidden.dtype}, {hidden.device})")
+    prep, ref = prepare_head_pair(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels,
+                                  ignore_index=ignore_index, shift=shift, softcap=softcap, backend=backend,
+                                  check_values=check_values)
     positions, opts = prep.labels, prep.opts
     if reduction == "batchmean":  # every position counts: labels no backend ignores
         positions, opts = torch.zeros_like(prep.labels), replace(opts, ignore_index=-1)

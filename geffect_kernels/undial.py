@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from .catalog import IGNORE_INDEX
-from .inputs import prepare_head
+from .inputs import prepare_head_pair
 from .ranges import POSITIVE, check_number
 
 # open-unlearning's configs/trainer/UNDIAL.yaml (its class default is 1; the paper sweeps 3, 10, 30)
@@ -24,15 +24,9 @@ def undial_loss(hidden, weight, ref_hidden, ref_weight, labels, *, beta=UNDIAL_B
     ignored position's vocabulary entry V − 100 (docs/conventions.md); the two agree when no position is ignored.
     """
     beta = check_number("beta", beta, POSITIVE)
-    prep = prepare_head(hidden, weight, labels, bias, ignore_index=ignore_index, shift=shift, softcap=softcap,
-                        backend=backend, check_values=check_values)
-    ref = prepare_head(ref_hidden, ref_weight, labels, ref_bias, ignore_index=ignore_index, shift=shift,
-                       check_values=check_values)
-    if ref_weight.shape[0] != weight.shape[0]:
-        raise ValueError(f"the two heads have different vocabularies: {weight.shape[0]} vs {ref_weight.shape[0]}")
-    if ref_hidden.dtype != hidden.dtype or ref_hidden.device != hidden.device:
-        raise ValueError(f"ref_hidden ({ref_hidden.dtype}, {ref_hidden.device}) must match hidden "
-                         f"({hidden.dtype}, {hidden.device})")
+    prep, ref = prepare_head_pair(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels,
+                                  ignore_index=ignore_index, shift=shift, softcap=softcap, backend=backend,
+                                  check_values=check_values)
     n = (prep.labels != prep.opts.ignore_index).sum().clamp_min(1).double()  # on the device: no synchronization
     return prep.backend.target_cross_entropy(prep.hidden, weight, bias, ref.hidden, ref_weight, ref_bias, prep.labels,
                                              replace(prep.opts, scale=1.0 / n), beta)
